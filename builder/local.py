@@ -1,0 +1,144 @@
+"""The local build strategy: code to a content-addressed folder, requirements to a cached virtualenv.
+
+A version's code is extracted once per content hash. Its ``requirements.txt`` is installed
+into a virtualenv named by the hash of the requirements and the Python version, so an
+unchanged requirements file costs nothing on the next deploy. The virtualenv reaches the
+platform's own packages (opbox, cloudpickle...) through a ``.pth`` file that adds them
+*after* its own site-packages: what the user pins wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import os
+import shutil
+import site
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from opbox.errors import BuildError
+from opbox.packaging import normalize_requirements
+
+from .extract import extract_to_content_dir
+
+PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
+READY_MARK = ".opbox-ready"
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    workspace: str
+    job_name: str
+    version: int
+    code_sha256: str
+    python: str  # the client's Python minor version, e.g. "3.11"
+
+
+def requirements_key(code_dir: Path, python: str) -> str:
+    """The environment's cache key: the Python version and the normalized requirements."""
+    req = code_dir / "requirements.txt"
+    text = req.read_text(errors="replace") if req.is_file() else ""
+    return hashlib.sha256(f"python{python}\n{normalize_requirements(text)}".encode()).hexdigest()
+
+
+def _uv() -> str | None:
+    try:
+        from uv import find_uv_bin
+
+        return find_uv_bin()
+    except Exception:
+        return shutil.which("uv")
+
+
+class LocalBuilder:
+    name = "local"
+
+    def __init__(self, home: Path, python: str = sys.executable):
+        self.code_root = home / "code"
+        self.env_root = home / "envs"
+        self.python = python
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def build(self, spec: BuildSpec, zip_bytes: bytes, log: Callable[[str], None]) -> dict:
+        if spec.python != PYTHON:
+            raise BuildError(
+                f"the local platform runs Python {PYTHON} but the client runs Python {spec.python}; pickled calls "
+                f"cannot cross Python minor versions. Deploy from Python {PYTHON}, or use the container backend "
+                f"with a Python {spec.python} base image."
+            )
+        started = time.monotonic()
+        code_dir = await asyncio.to_thread(extract_to_content_dir, zip_bytes, self.code_root, spec.code_sha256)
+        log(f"code {spec.code_sha256[:12]} in {code_dir}")
+        env_dir = await self._environment(Path(code_dir), spec.python, log)
+        log(f"build done in {time.monotonic() - started:.2f} s")
+        return {"code_dir": str(code_dir), "python": str(env_dir / "bin" / "python"), "env": str(env_dir)}
+
+    async def _environment(self, code_dir: Path, python: str, log: Callable[[str], None]) -> Path:
+        key = requirements_key(code_dir, python)
+        env_dir = self.env_root / f"py{python}-{key[:16]}"
+        if (env_dir / READY_MARK).exists():
+            log(f"requirements unchanged: reusing environment {env_dir.name}")
+            return env_dir
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            self.env_root.mkdir(parents=True, exist_ok=True)
+            with open(self.env_root / f".{key[:16]}.lock", "w") as lockfile:
+                await asyncio.to_thread(fcntl.flock, lockfile, fcntl.LOCK_EX)  # other platform processes
+                if (env_dir / READY_MARK).exists():
+                    log(f"requirements unchanged: reusing environment {env_dir.name}")
+                    return env_dir
+                try:
+                    await self._create(env_dir, code_dir, log)
+                except BaseException:
+                    shutil.rmtree(env_dir, ignore_errors=True)
+                    raise
+        return env_dir
+
+    async def _create(self, env_dir: Path, code_dir: Path, log: Callable[[str], None]) -> None:
+        shutil.rmtree(env_dir, ignore_errors=True)
+        uv = _uv()
+        lines: list[str] = []
+
+        def emit(line: str) -> None:
+            lines.append(line)
+            log(line)
+
+        if uv:
+            await _run([uv, "venv", "--quiet", "--python", self.python, str(env_dir)], code_dir, emit)
+        else:
+            await _run([self.python, "-m", "venv", str(env_dir)], code_dir, emit)
+        paths = [p for p in site.getsitepackages() if os.path.isdir(p)]
+        pth = "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in paths) + "\n"
+        for purelib in (env_dir / "lib").glob("python*/site-packages"):
+            (purelib / "_opbox_platform.pth").write_text(pth)
+        requirements = code_dir / "requirements.txt"
+        if requirements.is_file() and requirements.read_text(errors="replace").strip():
+            emit(f"installing {requirements.name} into {env_dir.name}")
+            py = str(env_dir / "bin" / "python")
+            cmd = [uv, "pip", "install", "--python", py, "-r", str(requirements)] if uv else [
+                py, "-m", "pip", "install", "--disable-pip-version-check", "-r", str(requirements)]
+            try:
+                await _run(cmd, code_dir, emit)
+            except BuildError as exc:
+                raise BuildError("installing requirements.txt failed", log="\n".join(lines)) from exc
+        (env_dir / READY_MARK).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+async def _run(cmd: list[str], cwd: Path, emit: Callable[[str], None]) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["UV_PYTHON_DOWNLOADS"] = "never"
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, cwd=str(cwd), env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    async for raw in proc.stdout:
+        emit(raw.decode(errors="replace").rstrip())
+    code = await proc.wait()
+    if code != 0:
+        raise BuildError(f"{Path(cmd[0]).name} {cmd[1]} exited with code {code}")

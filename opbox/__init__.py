@@ -1,0 +1,43 @@
+"""opbox: decorate a function, deploy it, call it remotely, map it over many inputs.
+
+    from opbox import operator
+
+    @operator()
+    def foo(i: int = 4):
+        return i * i
+
+    foo_remote = foo.deploy()
+    foo_remote(i=4)                 # 16, computed in a Job-Run
+    foo_remote.map([1, 2, 3])       # [1, 4, 9]
+
+Names are imported on first use, so the runtime and the platform, which import submodules
+of ``opbox``, do not pay for the SDK's HTTP client.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "operator": "decorator", "Operator": "decorator", "Resource": "resource", "Jobs": "jobs",
+    "RemoteFunction": "remote", "RunHandle": "remote", "Client": "client", "set_default_client": "client",
+    "OpboxError": "errors", "BuildError": "errors", "RemoteError": "errors", "RunError": "errors",
+    "RunFailed": "errors", "RunTimeout": "errors", "RunCancelled": "errors", "SerializationError": "errors",
+    "ValidationError": "errors",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'opbox' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

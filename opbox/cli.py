@@ -1,0 +1,196 @@
+"""The ``opbox`` command line: run the platform, deploy, list jobs and runs, follow logs, trigger, cancel."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import OpboxError
+
+
+def _client():
+    from .client import default_client
+
+    return default_client()
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    if not rows:
+        click.echo("(none)")
+        return
+    cells = [[str(fn(r) if callable(fn) else r.get(fn, "")) for _, fn in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _) in enumerate(columns)]
+    click.echo("  ".join(h.upper().ljust(w) for (h, _), w in zip(columns, widths)))
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OpboxError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="opbox")
+def main():
+    """opbox: self-hosted serverless functions. Settings: OPBOX_URL, OPBOX_TOKEN, OPBOX_WORKSPACE, OPBOX_HOME."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1, or OPBOX_HOST].")
+@click.option("--port", type=int, default=None, help="Port [default: 8000, or OPBOX_PORT]; 0 picks a free one.")
+@click.option("--home", type=click.Path(path_type=Path), default=None, help="State folder [default: OPBOX_HOME or ~/.opbox].")
+@click.option("--backend", type=click.Choice(["local"]), default=None, help="Where runs execute [default: local].")
+@click.option("--max-workers", type=int, default=None, help="Warm workers per job version at most.")
+def up(host, port, home, backend, max_workers):
+    """Start the platform: gateway, backend, state and object store."""
+    from .platform.server import main as serve  # the CLI is the one SDK module allowed to start the platform
+    from .platform.settings import Settings
+
+    serve(Settings.from_env(host=host, port=port, home=home, backend=backend, max_workers=max_workers))
+
+
+@main.command()
+@click.argument("target")
+@click.option("--name", default=None, help="Job name [default: the function's name].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def deploy(target, name, as_json):
+    """Deploy FILE:FUNCTION (e.g. moonshot/main.py:foo) as a new version of its job."""
+    path, _, attr = target.rpartition(":")
+    if not path or not attr:
+        raise click.UsageError("TARGET must look like path/to/file.py:function")
+    file = Path(path).resolve()
+    if not file.is_file():
+        raise click.UsageError(f"no such file: {path}")
+    sys.path.insert(0, str(file.parent))
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[file.stem] = module
+    spec.loader.exec_module(module)
+    op = getattr(module, attr, None)
+    if op is None or not hasattr(op, "deploy"):
+        raise click.UsageError(f"{attr} in {path} is not decorated with @operator()")
+    remote = op.deploy(name=name, quiet=as_json)
+    info = {"job_id": remote.job_id, "name": remote.name, "version": remote.version}
+    if as_json:
+        _print_json(info)
+    else:
+        click.echo(f"deployed {remote.name} version {remote.version} (job {remote.job_id})")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def jobs(as_json):
+    """List the workspace's jobs."""
+    rows = _client().get("/jobs").json()["jobs"]
+    if as_json:
+        return _print_json(rows)
+    _table(rows, [("id", "id"), ("name", "name"), ("kind", "kind"), ("latest", "latest_version"),
+                  ("created", lambda r: _when(r["created_at"]))])
+
+
+@main.command()
+@click.argument("job")
+@click.option("--status", default=None, help="Only runs in this state.")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def runs(job, status, limit, as_json):
+    """List the runs of JOB (id or name), newest first."""
+    from .jobs import Jobs
+
+    rows = Jobs(job, _client()).runs(limit=limit, status=status)
+    if as_json:
+        return _print_json(rows)
+
+    def took(r):
+        return f"{r['finished_at'] - r['started_at']:.3f}s" if r["finished_at"] and r["started_at"] else "-"
+
+    _table(rows, [("run", "id"), ("version", "version"), ("status", "status"), ("trigger", "trigger"),
+                  ("created", lambda r: _when(r["created_at"])), ("took", took),
+                  ("reason", lambda r: (r["exit_reason"] or "")[:60])])
+
+
+@main.command()
+@click.argument("run")
+@click.option("-f", "--follow", is_flag=True, help="Stream the output until the run ends.")
+def logs(run, follow):
+    """Print a run's output."""
+    from .remote import RunHandle
+
+    for chunk in RunHandle(run, _client()).logs(follow=follow):
+        click.echo(chunk, nl=False)
+
+
+@main.command()
+@click.argument("job")
+@click.option("--args", "args_json", default=None, help='JSON array of positional arguments, e.g. "[3]".')
+@click.option("--kwargs", "kwargs_json", default=None, help='JSON object of keyword arguments, e.g. \'{"i": 3}\'.')
+@click.option("--wait", is_flag=True, help="Wait for the run to end and print its result.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def trigger(job, args_json, kwargs_json, wait, as_json):
+    """Start a run of JOB's latest version (without arguments: the function's defaults)."""
+    body = {}
+    try:
+        if args_json:
+            body["args"] = json.loads(args_json)
+        if kwargs_json:
+            body["kwargs"] = json.loads(kwargs_json)
+    except ValueError as exc:
+        raise click.UsageError(f"--args/--kwargs must be JSON: {exc}") from None
+    client = _client()
+    answer = client.post(f"/job/{job}/trigger", json=body).json()
+    if wait:
+        answer = client.get(f"/runs/{answer['run_id']}/result", params={"wait": 300}).json()
+    if as_json:
+        return _print_json(answer)
+    if wait:
+        click.echo(f"{answer['run_id']} {answer['status']}: "
+                   + json.dumps(answer.get("result") if answer["status"] == "succeeded" else answer.get("error")))
+    else:
+        click.echo(f"{answer['run_id']} {answer['status']} (follow it: opbox logs -f {answer['run_id']})")
+
+
+@main.command()
+@click.argument("run")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cancel(run, as_json):
+    """Cancel a run."""
+    answer = _client().post(f"/runs/{run}/cancel").json()
+    if as_json:
+        return _print_json(answer)
+    click.echo(f"{answer['id']} {answer['status']}")
+
+
+@main.command()
+@click.argument("run")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(run, as_json):
+    """Show one run."""
+    answer = _client().get(f"/runs/{run}").json()
+    if as_json:
+        return _print_json(answer)
+    for key in ("id", "job_id", "version", "status", "trigger", "attempt", "exit_reason"):
+        click.echo(f"{key:12} {answer.get(key)}")
+    for key in ("created_at", "started_at", "finished_at"):
+        click.echo(f"{key:12} {_when(answer.get(key))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""``@operator()``: mark a function as deployable. Called locally, it is the same function."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import serialization
+from .client import Client, default_client
+from .errors import BuildError, ConfigError, OpboxError, ValidationError, from_response
+from .remote import RemoteFunction
+from .resource import Resource
+
+
+def operator(name: str | None = None, resource: Resource | None = None, *, timeout: float | None = None,
+             max_retries: int | None = None):
+    """Decorate a function to make it deployable with ``.deploy()``.
+
+    ``resource`` asks for compute (``Resource(cpu="1", memory="2Gi", ...)``); ``timeout``
+    (seconds) and ``max_retries`` apply to each run. All are checked here, at decoration.
+    """
+    if resource is not None and not isinstance(resource, Resource):
+        raise ValidationError(f"resource must be an opbox.Resource, got {type(resource).__name__}")
+    spec = (resource or Resource()).merge(timeout=timeout, max_retries=max_retries)
+
+    def wrap(obj):
+        if inspect.isclass(obj):
+            raise ValidationError("@operator() on a class (serving) is not available yet in this version")
+        if not callable(obj):
+            raise ValidationError(f"@operator() decorates a function, got {type(obj).__name__}")
+        return Operator(obj, name=name, resource=spec)
+
+    return wrap
+
+
+class Operator:
+    """A deployable function. ``Operator.from_job(ref)`` gives the remote handle of a deployed one."""
+
+    def __init__(self, fn, *, name: str | None = None, resource: Resource | None = None):
+        functools.update_wrapper(self, fn)
+        self.__opbox_target__ = fn  # what the runtime calls
+        self.fn = fn
+        self.name = name or fn.__name__
+        self.resource = resource or Resource()
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<opbox operator {self.name!r} of {self.fn!r}>"
+
+    @classmethod
+    def from_job(cls, ref: str, version: int | None = None, client: Client | None = None) -> RemoteFunction:
+        """The remote handle of a deployed job, by id or name (``version``: pin one; default the latest)."""
+        client = client or default_client()
+        job = client.get(f"/job/{ref}").json()
+        return RemoteFunction(job["id"], job["name"], version, client)
+
+    def deploy(self, *, name: str | None = None, resource: Resource | None = None, timeout: float | None = None,
+               max_retries: int | None = None, client: Client | None = None, quiet: bool = False) -> RemoteFunction:
+        """Pack the folder that holds this function's file, upload it, build it: a new version of the job.
+
+        Build output goes to stderr (unless ``quiet``). Returns the remote handle, pinned to
+        the new version. A failed build raises ``BuildError`` with the build log.
+        """
+        if os.environ.get("OPBOX_RUNTIME") == "1":
+            raise ConfigError(
+                f"{self.name}.deploy() was called while the opbox runtime imported your module; put deploy "
+                "calls under `if __name__ == \"__main__\":` so that importing the module does not deploy")
+        spec = (resource or self.resource).merge(timeout=timeout, max_retries=max_retries)
+        return deploy_function(self.fn, name or self.name, spec, client or default_client(), quiet)
+
+
+def source_of(fn) -> tuple[Path, str]:
+    """The folder to pack and the entry point (``module:qualname``) of a function."""
+    try:
+        path = inspect.getsourcefile(inspect.unwrap(fn))
+    except TypeError:
+        path = None
+    if not path or not path.endswith(".py") or not os.path.isfile(path):
+        raise ValidationError(f"{fn.__qualname__} must be defined in a .py file to be deployed (not a notebook "
+                              "cell or the interactive prompt)")
+    if "<locals>" in fn.__qualname__:
+        raise ValidationError(f"{fn.__qualname__} is defined inside a function; deploy a module-level function")
+    path = Path(path).resolve()
+    return path.parent, f"{path.stem}:{fn.__qualname__}"
+
+
+def deploy_function(fn, name: str, resource: Resource, client: Client, quiet: bool) -> RemoteFunction:
+    from .packaging import pack_folder
+
+    folder, entry = source_of(fn)
+    packed = pack_folder(folder)
+    slot = client.post("/uploads", json={"sha256": packed.sha256, "size": len(packed.data)}, ).json()
+    if not slot["exists"]:
+        upload = slot["upload"]
+        resp = client.http.request(upload["method"], upload["url"], content=packed.data, headers=upload["headers"],
+                                   timeout=300)
+        if resp.status_code >= 300:
+            try:
+                raise from_response(resp.status_code, resp.json())
+            except ValueError:
+                raise OpboxError(f"upload failed with HTTP {resp.status_code}: {resp.text[:300]}") from None
+    body = {"name": name, "kind": "function", "entry": entry, "code_sha256": packed.sha256,
+            "python": serialization.PYTHON, "cloudpickle": serialization.cloudpickle_version(),
+            "resource": resource.to_dict()}
+    for line in client.stream_lines("POST", "/jobs", json=body, timeout=None):
+        if "log" in line:
+            if not quiet:
+                print(f"[build] {line['log']}", file=sys.stderr, flush=True)
+        elif "error" in line:
+            error = line["error"]
+            details = dict(error.get("details") or {})
+            if error.get("error") == BuildError.code:
+                raise BuildError(error.get("message", "build failed"), log=details.pop("log", ""))
+            raise from_response(error.get("status", 422) if isinstance(error.get("status"), int) else 422, error)
+        elif line.get("done"):
+            job = line["job"]
+            return RemoteFunction(job["id"], job["name"], line["version"], client)
+    raise OpboxError("the deploy stream ended without a result; see `opbox jobs` and the build log")

@@ -1,0 +1,72 @@
+"""The payload envelope's framing: what the platform may read (never the pickled body).
+
+How arguments, results and errors travel between SDK and runtime:
+
+    b"OPBX" | format (1 byte) | header length (4 bytes, big-endian) | JSON header | body
+
+The header is plain JSON that the gateway may read (kind, versions, a JSON rendering of
+a result, an error's type and message). The body is cloudpickle (or JSON for calls made by
+non-Python clients) and is only ever decoded by the SDK and the runtime, never the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+
+from .errors import SerializationError
+
+MAGIC = b"OPBX"
+FORMAT = 1
+CONTENT_TYPE = "application/x-opbox-envelope"
+PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
+JSON_INLINE_LIMIT = 64 * 1024  # a result's JSON rendering goes in the header up to this size
+_PREFIX = struct.Struct(">4sBI")
+
+ARGS, RESULT, ERROR = "args", "result", "error"
+
+
+def pack(header: dict, body: bytes = b"") -> bytes:
+    raw = json.dumps(header, separators=(",", ":"), default=str).encode()
+    return _PREFIX.pack(MAGIC, FORMAT, len(raw)) + raw + body
+
+
+def unpack(data: bytes) -> tuple[dict, memoryview]:
+    """Split an envelope into its header and (undecoded) body."""
+    if len(data) < _PREFIX.size:
+        raise SerializationError("payload is not an opbox envelope (too short)")
+    magic, fmt, size = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise SerializationError("payload is not an opbox envelope (bad magic)")
+    if fmt != FORMAT:
+        raise SerializationError(f"envelope format {fmt} is not supported (this side speaks {FORMAT})")
+    end = _PREFIX.size + size
+    if end > len(data):
+        raise SerializationError("envelope header is truncated")
+    try:
+        header = json.loads(bytes(data[_PREFIX.size:end]))
+    except ValueError as exc:
+        raise SerializationError(f"envelope header is not JSON: {exc}") from None
+    if not isinstance(header, dict) or "kind" not in header:
+        raise SerializationError("envelope header lacks its kind")
+    return header, memoryview(data)[end:]
+
+
+def read_header(data: bytes) -> dict:
+    return unpack(data)[0]
+
+
+def json_args(args: list | None = None, kwargs: dict | None = None) -> bytes:
+    """An args envelope for calls made with JSON (curl, non-Python clients)."""
+    if args is not None and not isinstance(args, list):
+        raise SerializationError("'args' must be a JSON array")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise SerializationError("'kwargs' must be a JSON object")
+    body = json.dumps({"args": args or [], "kwargs": kwargs or {}}).encode()
+    return pack({"kind": ARGS, "fmt": "json"}, body)
+
+
+def error_envelope(type_name: str, message: str, traceback_text: str = "") -> bytes:
+    """An error made without pickling (by the runtime for its own failures, or by the platform)."""
+    return pack({"kind": ERROR, "type": type_name, "message": message, "traceback": traceback_text})

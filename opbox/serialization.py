@@ -1,0 +1,105 @@
+"""The pickle side of the envelope: dumping and loading arguments, results and errors.
+
+Only the SDK and the runtime import this module; the platform reads envelopes through
+``opbox.envelope`` and never decodes a pickled body (an import-linter contract keeps it so).
+"""
+
+from __future__ import annotations
+
+import json
+
+from .envelope import (  # noqa: F401  (re-exported for the SDK and runtime)
+    ARGS, CONTENT_TYPE, ERROR, JSON_INLINE_LIMIT, PYTHON, RESULT, error_envelope, json_args, pack, read_header,
+    unpack,
+)
+from .errors import SerializationError
+
+
+def _cloudpickle():
+    import cloudpickle
+
+    return cloudpickle
+
+
+def cloudpickle_version() -> str:
+    return _cloudpickle().__version__
+
+
+def _pickle_header(kind: str) -> dict:
+    return {"kind": kind, "fmt": "cloudpickle", "python": PYTHON, "cloudpickle": cloudpickle_version()}
+
+
+def dump_args(args: tuple = (), kwargs: dict | None = None) -> bytes:
+    try:
+        body = _cloudpickle().dumps((tuple(args), dict(kwargs or {})), protocol=5)
+    except Exception as exc:
+        raise SerializationError(f"arguments could not be pickled: {type(exc).__name__}: {exc}") from exc
+    return pack(_pickle_header(ARGS), body)
+
+
+def dump_result(value) -> bytes:
+    header = _pickle_header(RESULT)
+    try:
+        rendered = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        rendered = None
+    if rendered is not None and len(rendered) <= JSON_INLINE_LIMIT:
+        header["json"] = value
+    body = _cloudpickle().dumps(value, protocol=5)
+    return pack(header, body)
+
+
+def dump_error(exc: BaseException, traceback_text: str) -> bytes:
+    header = _pickle_header(ERROR)
+    header.update(type=f"{type(exc).__module__}.{type(exc).__qualname__}", message=str(exc), traceback=traceback_text)
+    try:
+        body = _cloudpickle().dumps(exc, protocol=5)
+    except Exception:
+        body = b""  # the header still names the type, the message and the traceback
+    return pack(header, body)
+
+
+def check_compatible(header: dict) -> None:
+    """Refuse a pickled body made by another Python minor or cloudpickle major version."""
+    if header.get("fmt") != "cloudpickle":
+        return
+    theirs, ours = header.get("python"), PYTHON
+    if theirs != ours:
+        raise SerializationError(
+            f"Python version mismatch: the payload was pickled by Python {theirs} and this side runs "
+            f"Python {ours}; pickled calls cannot cross Python minor versions. Use Python {ours} on the "
+            f"client, or deploy to a runtime built for Python {theirs}."
+        )
+    their_cp, our_cp = str(header.get("cloudpickle", "")), cloudpickle_version()
+    if their_cp.split(".")[0] != our_cp.split(".")[0]:
+        raise SerializationError(
+            f"cloudpickle version mismatch: the payload was made with cloudpickle {their_cp} and this side "
+            f"has {our_cp}; pin the same major version on both sides (requirements.txt)."
+        )
+
+
+def load_body(header: dict, body) -> object:
+    """Decode an envelope's body (SDK and runtime only)."""
+    fmt = header.get("fmt")
+    if fmt == "json":
+        return json.loads(bytes(body))
+    check_compatible(header)
+    try:
+        return _cloudpickle().loads(body)
+    except Exception as exc:
+        raise SerializationError(
+            f"could not unpickle the {header.get('kind')} payload (made by Python {header.get('python')}, "
+            f"cloudpickle {header.get('cloudpickle')}; this side: Python {PYTHON}, cloudpickle "
+            f"{cloudpickle_version()}): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def load_args(data: bytes) -> tuple[tuple, dict]:
+    header, body = unpack(data)
+    if header["kind"] != ARGS:
+        raise SerializationError(f"expected an args envelope, got {header['kind']!r}")
+    value = load_body(header, body)
+    if header.get("fmt") == "json":
+        return tuple(value.get("args") or ()), dict(value.get("kwargs") or {})
+    args, kwargs = value
+    return args, kwargs

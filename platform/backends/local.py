@@ -1,0 +1,156 @@
+"""The local backend: warm pools of runtime worker processes on this machine.
+
+Each worker is ``python -m opbox.runtime worker`` from the version's virtualenv, in its own
+session (so a kill reaches the processes it started) and tied to the gateway's life
+(PR_SET_PDEATHSIG). Memory limits are enforced by a watchdog that kills a worker whose
+resident memory passes its ``Resource.memory`` (as the kernel's OOM killer does in a pod);
+timeouts by the pool. CPU, disk and GPU requests are recorded for the cluster backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ..pools import PoolManager, Worker
+from .base import RunEvents, RunTicket, VersionInfo
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except Exception:  # not Linux: the worker notices the gateway is gone and exits by itself
+        pass
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class LocalProcess:
+    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path):
+        self.proc = proc
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def wait(self) -> int:
+        return await self.proc.wait()
+
+    def output_tail(self, size: int = 4000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - size))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+
+class ProcessSpawner:
+    def __init__(self, gateway_url: str, log_dir: Path):
+        self.gateway_url = gateway_url
+        self.log_dir = log_dir
+
+    async def spawn(self, worker: Worker) -> LocalProcess:
+        version = worker.pool.version
+        artifact = version.artifact
+        env = {
+            **os.environ,
+            **version.resource.env,
+            "PYTHONUNBUFFERED": "1",
+            "OPBOX_GATEWAY_URL": self.gateway_url,
+            "OPBOX_POOL": worker.pool.id,
+            "OPBOX_WORKER_ID": worker.id,
+            "OPBOX_WORKER_TOKEN": worker.pool.token,
+            "OPBOX_ENTRY": version.entry,
+            "OPBOX_CODE_DIR": artifact["code_dir"],
+        }
+        for secret in ("OPBOX_TOKEN", "OPBOX_SECRET"):
+            env.pop(secret, None)
+        log_path = self.log_dir / worker.pool.id / f"{worker.id}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                artifact.get("python") or sys.executable, "-m", "opbox.runtime", "worker",
+                cwd=artifact["code_dir"], env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_child_setup,
+            )
+        return LocalProcess(proc, log_path)
+
+    def signal(self, worker: Worker, signum: int) -> None:
+        handle = worker.handle
+        if handle is None or handle.proc.returncode is not None:
+            return
+        try:
+            os.killpg(handle.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, *, gateway_url: str, home: Path, token_for, max_workers: int,
+                 worker_idle: float = 60.0, pool_idle: float = 900.0, watchdog_interval: float = 0.2):
+        self.pools = PoolManager(
+            ProcessSpawner(gateway_url, home / "logs" / "workers"), max_workers=max_workers,
+            worker_idle=worker_idle, pool_idle=pool_idle, token_for=token_for,
+        )
+        self.watchdog_interval = watchdog_interval
+        self._watchdog: asyncio.Task | None = None
+
+    def set_gateway_url(self, url: str) -> None:
+        self.pools.spawner.gateway_url = url
+
+    async def start(self, events: RunEvents) -> None:
+        self.pools.events = events
+        self._watchdog = asyncio.ensure_future(self._watch_memory())
+
+    async def close(self) -> None:
+        if self._watchdog:
+            self._watchdog.cancel()
+        await self.pools.close()
+
+    async def prepare(self, version: VersionInfo) -> None:
+        self.pools.retire(keep={version.key} | {k for k, p in self.pools.pools.items() if p.version.job_id != version.job_id})
+        self.pools.warm_up(version, 1)
+
+    def submit(self, ticket: RunTicket, version: VersionInfo) -> None:
+        self.pools.submit(ticket, version)
+
+    async def cancel(self, run_id: str, grace: float) -> None:
+        await self.pools.cancel(run_id, grace)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "pools": self.pools.describe()}
+
+    async def _watch_memory(self) -> None:
+        while True:
+            await asyncio.sleep(self.watchdog_interval)
+            for pool in list(self.pools.pools.values()):
+                limit = pool.version.resource.memory_bytes
+                if not limit:
+                    continue
+                for worker in list(pool.workers.values()):
+                    if worker.handle is None or worker.run_id is None:
+                        continue
+                    rss = rss_bytes(worker.handle.pid)
+                    if rss is not None and rss > limit:
+                        self.pools.kill(
+                            worker, "failed",
+                            f"OOMKilled: memory use {rss / 2**20:.0f}Mi passed the limit {pool.version.resource.memory}",
+                        )

@@ -1,0 +1,112 @@
+"""The composition root: builds the platform's parts from Settings and wires them together."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from opbox.builder.local import LocalBuilder
+from opbox.config import credentials_path
+from opbox.errors import ConfigError
+
+from .auth import Auth, hash_token
+from .deploys import DeployService
+from .ids import check_workspace
+from .runs import Limits, RunService
+from .settings import Settings
+from .state import State
+
+log = logging.getLogger("opbox.platform")
+
+
+def _secret(home: Path) -> bytes:
+    path = home / "secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())
+
+
+def make_store(settings: Settings, secret: bytes):
+    from .store import LocalStore, open_store
+
+    if settings.store_url:
+        return open_store(settings.store_url, secret=secret, base_url=settings.url)
+    return LocalStore(settings.home / "store", secret=secret, base_url=settings.url)
+
+
+def make_backend(settings: Settings, auth: Auth):
+    if settings.backend == "local":
+        from .backends.local import LocalBackend
+
+        return LocalBackend(
+            gateway_url=settings.url, home=settings.home, max_workers=settings.max_workers,
+            worker_idle=settings.worker_idle, pool_idle=settings.pool_idle,
+            token_for=lambda pool_id: auth.internal_token(f"pool:{pool_id}"),
+        )
+    raise ConfigError(f"unknown backend {settings.backend!r}; this build knows: local")
+
+
+class Platform:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        home = settings.home
+        home.mkdir(parents=True, exist_ok=True)
+        self.secret = _secret(home)
+        self.state = State(home / "state.db")
+        self.auth = Auth(self.state, self.secret)
+        self.store = make_store(settings, self.secret)
+        self.backend = make_backend(settings, self.auth)
+        self.runs = RunService(self.state, self.backend, Limits(
+            max_payload=settings.max_payload, max_log_bytes=settings.max_log_bytes, cancel_grace=settings.cancel_grace))
+        self.deploys = DeployService(self.state, self.store, LocalBuilder(home), self.runs, settings.max_upload)
+
+    def bootstrap(self) -> dict | None:
+        """First start: make a workspace and an admin token. Uses OPBOX_WORKSPACE / OPBOX_TOKEN when set.
+
+        Returns the credentials when they were created now (the token is shown only then).
+        """
+        workspace = check_workspace(self.settings.workspace or "default")
+        token = self.settings.token
+        if token and self.state.token_by_hash(hash_token(token)):
+            self._save_credentials(workspace, token)
+            return None
+        if token is None and self.state.one("SELECT 1 FROM tokens WHERE workspace = ?", workspace):
+            return None
+        _, token = self.auth.create_token(workspace, name="bootstrap", role="admin", token=token)
+        return self._save_credentials(workspace, token)
+
+    def _save_credentials(self, workspace: str, token: str) -> dict:
+        creds = {"url": self.settings.url, "workspace": workspace, "token": token}
+        path = credentials_path(self.settings.home)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(creds, f)
+        return creds
+
+    def set_url(self, url: str) -> None:
+        """The gateway's real address, once bound (port 0 picks one)."""
+        self.settings = type(self.settings)(**{**self.settings.__dict__, "public_url": self.settings.public_url or url})
+        if hasattr(self.store, "base_url"):
+            self.store.base_url = self.settings.url
+        if hasattr(self.backend, "set_gateway_url"):
+            self.backend.set_gateway_url(url)
+        creds = credentials_path(self.settings.home)
+        if creds.exists():
+            data = json.loads(creds.read_text())
+            data["url"] = self.settings.url
+            self._save_credentials(data["workspace"], data["token"])
+
+    async def start(self) -> None:
+        await self.backend.start(self.runs)
+        requeued = self.runs.recover()
+        if requeued:
+            log.info("requeued %d runs after restart", requeued)
+
+    async def close(self) -> None:
+        await self.backend.close()
+        self.state.close()

@@ -1,0 +1,154 @@
+"""Deploying: code uploads, jobs and their versions, and handing versions to the builder.
+
+Code zips are content-addressed in the object store (``{workspace}/code/{sha256}.zip``),
+so uploading the same folder twice is skipped. Each deploy makes a new version of the job;
+the builder turns it into something the backend can run, and its output reaches the caller
+line by line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+from typing import Callable
+
+from opbox.builder.local import BuildSpec
+from opbox.errors import BuildError, Conflict, NotFound, OpboxError, PayloadTooLarge, ValidationError
+from opbox.resource import Resource
+
+from .ids import check_name, new_id
+from .runs import RunService
+from .state import State
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ENTRY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$")
+_PYTHON = re.compile(r"^3\.[0-9]{1,2}$")
+KINDS = ("function", "class")
+MAX_BUILD_LOG = 256 * 1024
+
+
+def code_key(workspace: str, sha256: str) -> str:
+    return f"{workspace}/code/{sha256}.zip"
+
+
+class DeployService:
+    def __init__(self, state: State, store, builder, runs: RunService, max_upload: int):
+        self.state = state
+        self.store = store
+        self.builder = builder
+        self.runs = runs
+        self.max_upload = max_upload
+
+    async def upload_slot(self, workspace: str, sha256: str, size: int) -> dict:
+        if not isinstance(sha256, str) or not _SHA256.match(sha256):
+            raise ValidationError("sha256 must be 64 lowercase hex digits")
+        if not isinstance(size, int) or size <= 0:
+            raise ValidationError("size must be a whole number of bytes > 0")
+        if size > self.max_upload:
+            raise PayloadTooLarge(f"the code archive is {size} bytes; the upload limit is {self.max_upload}")
+        key = code_key(workspace, sha256)
+        if await asyncio.to_thread(self.store.exists, key):
+            return {"key": key, "exists": True}
+        signed = self.store.upload_url(key, expires=900, max_size=size)
+        return {"key": key, "exists": False, "upload": {"url": signed.url, "method": signed.method,
+                                                        "headers": dict(signed.headers)}}
+
+    def parse_spec(self, workspace: str, body: dict) -> dict:
+        if not isinstance(body, dict):
+            raise ValidationError("expected a JSON object")
+        name = check_name(body.get("name"), "job name")
+        kind = body.get("kind", "function")
+        if kind not in KINDS:
+            raise ValidationError(f"kind must be one of {KINDS}, got {kind!r}")
+        entry = body.get("entry")
+        if not isinstance(entry, str) or not _ENTRY.match(entry):
+            raise ValidationError("entry must look like 'module:qualname', e.g. 'main:foo'")
+        sha = body.get("code_sha256")
+        if not isinstance(sha, str) or not _SHA256.match(sha):
+            raise ValidationError("code_sha256 must be 64 lowercase hex digits")
+        python = body.get("python")
+        if not isinstance(python, str) or not _PYTHON.match(python):
+            raise ValidationError("python must be a minor version such as '3.11'")
+        cloudpickle = body.get("cloudpickle", "")
+        if not isinstance(cloudpickle, str) or len(cloudpickle) > 32:
+            raise ValidationError("cloudpickle must be a version string")
+        resource = Resource.from_dict(body.get("resource"))
+        return {"name": name, "kind": kind, "entry": entry, "code_sha256": sha, "python": python,
+                "cloudpickle": cloudpickle, "resource": resource}
+
+    def _new_version(self, workspace: str, spec: dict) -> tuple[dict, int]:
+        now = time.time()
+        with self.state.tx() as db:
+            job = db.execute("SELECT * FROM jobs WHERE workspace = ? AND name = ?", (workspace, spec["name"])).fetchone()
+            if job is None:
+                job_id = new_id("j")
+                db.execute("INSERT INTO jobs(id, workspace, name, kind, created_at) VALUES (?,?,?,?,?)",
+                           (job_id, workspace, spec["name"], spec["kind"], now))
+            else:
+                job_id = job["id"]
+                if job["kind"] != spec["kind"]:
+                    raise Conflict(f"job {spec['name']!r} is a {job['kind']}; it cannot become a {spec['kind']}")
+            version = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE job_id = ?",
+                                 (job_id,)).fetchone()[0]
+            db.execute(
+                "INSERT INTO versions(job_id, version, status, entry, code_key, code_sha256, requirements_sha256, "
+                "python, cloudpickle, resource, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (job_id, version, "building", spec["entry"], code_key(workspace, spec["code_sha256"]),
+                 spec["code_sha256"], "", spec["python"], spec["cloudpickle"],
+                 json.dumps(spec["resource"].to_dict()), now))
+        return self.state.job(workspace, job_id), version
+
+    async def deploy(self, workspace: str, spec: dict, log: Callable[[str], None]) -> dict:
+        """Make and build a new version; returns the job with its new version. Raises BuildError."""
+        key = code_key(workspace, spec["code_sha256"])
+        try:
+            zip_bytes = await asyncio.to_thread(self.store.get, key)
+        except NotFound:
+            raise NotFound(f"no uploaded code with sha256 {spec['code_sha256']}; upload it first") from None
+        if hashlib.sha256(zip_bytes).hexdigest() != spec["code_sha256"]:
+            raise ValidationError("the uploaded code does not match its sha256")
+        job, version = self._new_version(workspace, spec)
+        lines: list[str] = []
+
+        def emit(line: str) -> None:
+            lines.append(line)
+            log(line)
+
+        emit(f"building {job['name']} version {version}")
+        build = BuildSpec(workspace=workspace, job_name=job["name"], version=version,
+                          code_sha256=spec["code_sha256"], python=spec["python"])
+        try:
+            artifact = await self.builder.build(build, zip_bytes, emit)
+        except Exception as exc:
+            error = exc if isinstance(exc, OpboxError) else BuildError(f"build failed: {type(exc).__name__}: {exc}")
+            text = "\n".join(lines + ([error.log] if isinstance(error, BuildError) and error.log else []))
+            self.state.db.execute(
+                "UPDATE versions SET status = 'failed', error = ?, build_log = ? WHERE job_id = ? AND version = ?",
+                (str(error.message), text[-MAX_BUILD_LOG:], job["id"], version))
+            if isinstance(error, BuildError):
+                error.log = text[-MAX_BUILD_LOG:]
+            raise error from exc
+        with self.state.tx() as db:
+            db.execute(
+                "UPDATE versions SET status = 'ready', artifact = ?, ready_at = ?, build_log = ?, "
+                "requirements_sha256 = ? WHERE job_id = ? AND version = ?",
+                (json.dumps(artifact), time.time(), "\n".join(lines)[-MAX_BUILD_LOG:],
+                 artifact.get("requirements_sha256", ""), job["id"], version))
+            db.execute("UPDATE jobs SET latest_version = ? WHERE id = ?", (version, job["id"]))
+        info = self.runs.version_info(job["id"], version)
+        await self.runs.backend.prepare(info)
+        return {**self.state.job(workspace, job["id"]), "version": version}
+
+    def resolve(self, workspace: str, ref: str, version: int | None = None):
+        """A job (by id or name) and the version to run: the given one or the latest ready one."""
+        job = self.state.job(workspace, ref)
+        if job is None:
+            raise NotFound(f"no job {ref!r} in workspace {workspace}")
+        if version is None:
+            version = job["latest_version"]
+            if version is None:
+                raise Conflict(f"job {job['name']!r} has no ready version yet")
+        return job, self.runs.version_info(job["id"], version)

@@ -1,0 +1,117 @@
+"""The starlette gateway: routes, error handling, the OpenAPI document."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.schemas import SchemaGenerator
+
+from opbox import __version__
+from opbox.errors import OpboxError
+
+from ..core import Platform
+from . import routes_internal as internal
+from . import routes_jobs as jobs
+from . import routes_runs as runs
+
+log = logging.getLogger("opbox.gateway")
+
+schemas = SchemaGenerator({
+    "openapi": "3.0.3",
+    "info": {"title": "opbox gateway", "version": __version__,
+             "description": "Every route but /healthz and /openapi.json needs 'Authorization: Bearer <token>' "
+                            "of the workspace in its path."},
+    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    "security": [{"bearer": []}],
+})
+
+
+async def healthz(request: Request):
+    """
+    summary: Liveness of the gateway (no token needed)
+    security: []
+    responses:
+      200: {description: OK}
+    """
+    return JSONResponse({"status": "ok", "version": __version__})
+
+
+async def openapi(request: Request):
+    """
+    summary: This document
+    security: []
+    responses:
+      200: {description: The OpenAPI document}
+    """
+    return schemas.OpenAPIResponse(request=request)
+
+
+async def opbox_error(request: Request, exc: OpboxError):
+    headers = {}
+    if exc.status == 429 and "retry_after" in exc.details:
+        headers["Retry-After"] = str(exc.details["retry_after"])
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+
+async def unexpected_error(request: Request, exc: Exception):
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse({"error": "internal_error", "message": f"internal error: {type(exc).__name__}"}, 500)
+
+
+W = "/{workspace}"
+ROUTES = [
+    Route("/healthz", healthz),
+    Route("/openapi.json", openapi, include_in_schema=False),
+    Route(W + "/jobs", jobs.list_jobs),
+    Route(W + "/jobs", jobs.deploy, methods=["POST"]),
+    Route(W + "/uploads", jobs.create_upload, methods=["POST"]),
+    Route(W + "/job/{job}", jobs.get_job),
+    Route(W + "/job/{job}/versions", jobs.list_versions),
+    Route(W + "/job/{job}/build-log", jobs.build_log),
+    Route(W + "/job/{job}/runs", jobs.list_runs),
+    Route(W + "/job/{job}/runs", jobs.call, methods=["POST"]),
+    Route(W + "/job/{job}/trigger", jobs.trigger, methods=["POST"]),
+    Route(W + "/job/{job}/batches", jobs.create_batch, methods=["POST"]),
+    Route(W + "/batches/{batch}", jobs.get_batch),
+    Route(W + "/batches/{batch}/items", jobs.add_items, methods=["POST"]),
+    Route(W + "/batches/{batch}/seal", jobs.seal_batch, methods=["POST"]),
+    Route(W + "/batches/{batch}/results", jobs.batch_results),
+    Route(W + "/batches/{batch}/cancel", jobs.cancel_batch, methods=["POST"]),
+    Route(W + "/runs/{run}", runs.get_run),
+    Route(W + "/runs/{run}/result", runs.get_result),
+    Route(W + "/runs/{run}/logs", runs.get_logs),
+    Route(W + "/runs/{run}/cancel", runs.cancel_run, methods=["POST"]),
+    Route(W + "/tokens", runs.list_tokens),
+    Route(W + "/tokens", runs.create_token, methods=["POST"]),
+    Route(W + "/tokens/{token}", runs.revoke_token, methods=["DELETE"]),
+    Route(W + "/status", runs.status),
+    Route("/_internal/pools/{pool}/next", internal.worker_next, methods=["POST"], include_in_schema=False),
+    Route("/_internal/pools/{pool}/runs/{run}/logs", internal.worker_logs, methods=["POST"], include_in_schema=False),
+    Route("/_internal/runs/{run}/args", internal.run_args, include_in_schema=False),
+    Route("/_internal/runs/{run}/logs", internal.run_logs, methods=["POST"], include_in_schema=False),
+    Route("/_internal/runs/{run}/result", internal.run_result, methods=["POST"], include_in_schema=False),
+]
+
+
+def create_app(platform: Platform) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app):
+        await platform.start()
+        try:
+            yield
+        finally:
+            await platform.close()
+
+    store_routes = platform.store.routes() if hasattr(platform.store, "routes") else []
+    app = Starlette(
+        routes=store_routes + ROUTES,
+        exception_handlers={OpboxError: opbox_error, Exception: unexpected_error},
+        lifespan=lifespan,
+    )
+    app.state.platform = platform
+    return app

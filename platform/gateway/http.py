@@ -1,0 +1,59 @@
+"""Small request/response helpers shared by the gateway's routes."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from opbox.errors import BadRequest, PayloadTooLarge, ValidationError
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+        except ValueError:
+            raise BadRequest("Content-Length is not a number") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def json_body(request: Request, limit: int = 1024 * 1024, required: bool = True) -> dict:
+    raw = await read_body(request, limit)
+    if not raw.strip():
+        if required:
+            raise BadRequest("expected a JSON object in the request body")
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("expected a JSON object in the request body")
+    return body
+
+
+def query_number(request: Request, name: str, default: float | None, low: float, high: float, kind=float):
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValidationError(f"query parameter {name!r} must be a {kind.__name__}, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ValidationError(f"query parameter {name!r} must be between {low:g} and {high:g}, got {raw!r}")
+    return value
+
+
+def ok(data, status: int = 200) -> JSONResponse:
+    return JSONResponse(data, status_code=status)

@@ -1,0 +1,90 @@
+"""Routes the runtime calls: warm workers pulling runs, and one-shot batch runs.
+
+Authenticated with tokens derived from the platform's secret and scoped to one pool or one
+run. Payloads pass through as bytes; nothing here decodes them.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from opbox import envelope as serialization
+from opbox.errors import Conflict, NotFound
+
+from ..pools import Completion, Lease
+from .http import query_number, read_body
+from .routes_jobs import platform
+
+
+def _pools(request: Request):
+    plat = platform(request)
+    pool_id = request.path_params["pool"]
+    plat.auth.check_internal(request.headers.get("authorization"), f"pool:{pool_id}")
+    pools = getattr(plat.backend, "pools", None)
+    if pools is None:
+        raise NotFound("this backend has no worker pools")
+    return plat, pools, pool_id
+
+
+async def worker_next(request: Request):
+    plat, pools, pool_id = _pools(request)
+    worker = pools.find(pool_id, request.headers.get("x-opbox-worker", ""))
+    if worker is None:
+        return Response(status_code=204, headers={"X-Opbox-Action": "exit"})
+    done = None
+    run_id = request.headers.get("x-opbox-done")
+    if run_id:
+        payload = await read_body(request, plat.settings.max_payload + 1024 * 1024)
+        done = Completion(run_id, request.headers.get("x-opbox-outcome", "failed"), payload)
+    wait = query_number(request, "wait", 10.0, 0, 60)
+    answer = await pools.next(worker, done, wait)
+    if isinstance(answer, Lease):
+        headers = {"X-Opbox-Run": answer.run_id}
+        if answer.timeout:
+            headers["X-Opbox-Timeout"] = str(answer.timeout)
+        return Response(answer.args, media_type=serialization.CONTENT_TYPE, headers=headers)
+    return Response(status_code=204, headers={"X-Opbox-Action": answer})
+
+
+async def worker_logs(request: Request):
+    plat, pools, pool_id = _pools(request)
+    run_id = request.path_params["run"]
+    run = plat.state.run(run_id)
+    if run is None or f"{run['job_id']}.v{run['version']}" != pool_id:
+        raise NotFound(f"run {run_id} is not one of this pool's")
+    plat.runs.append_log(run_id, await read_body(request, plat.settings.max_log_bytes))
+    return Response(status_code=204)
+
+
+# -- one-shot batch runs (python -m opbox.runtime run --run-id X) -----------------------
+def _run(request: Request):
+    plat = platform(request)
+    run_id = request.path_params["run"]
+    plat.auth.check_internal(request.headers.get("authorization"), f"run:{run_id}")
+    return plat, run_id
+
+
+async def run_args(request: Request):
+    plat, run_id = _run(request)
+    if not plat.runs.run_started(run_id, request.headers.get("x-opbox-worker", "batch")):
+        raise Conflict(f"run {run_id} is not queued (cancelled or already started)")
+    args = plat.runs.run_args(run_id)
+    if args is None:
+        raise NotFound(f"run {run_id} has no arguments")
+    run = plat.state.run(run_id)
+    headers = {"X-Opbox-Timeout": str(run["timeout"])} if run["timeout"] else {}
+    return Response(args, media_type=serialization.CONTENT_TYPE, headers=headers)
+
+
+async def run_logs(request: Request):
+    plat, run_id = _run(request)
+    plat.runs.append_log(run_id, await read_body(request, plat.settings.max_log_bytes))
+    return Response(status_code=204)
+
+
+async def run_result(request: Request):
+    plat, run_id = _run(request)
+    payload = await read_body(request, plat.settings.max_payload + 1024 * 1024)
+    plat.runs.run_finished(run_id, request.headers.get("x-opbox-outcome", "failed"), payload)
+    return Response(status_code=204)

@@ -1,0 +1,407 @@
+"""Routes for jobs: uploads, deploys, versions, calls, triggers and maps."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from opbox import envelope as serialization
+from opbox.errors import BadRequest, OpboxError, ValidationError
+
+from ..runs import run_json, version_json
+from ..state import TERMINAL
+from .http import json_body, ok, query_number, read_body
+
+_FRAME = struct.Struct(">I")
+
+
+def platform(request: Request):
+    return request.app.state.platform
+
+
+def workspace(request: Request) -> str:
+    ws = request.path_params["workspace"]
+    platform(request).auth.check(request.headers.get("authorization"), ws)
+    return ws
+
+
+def base_url(request: Request, ws: str) -> str:
+    return f"{platform(request).settings.url}/{ws}"
+
+
+def job_json(job: dict) -> dict:
+    return {k: job[k] for k in ("id", "name", "kind", "created_at", "latest_version")}
+
+
+async def list_jobs(request: Request):
+    """
+    summary: List the workspace's jobs
+    responses:
+      200: {description: Jobs, newest first}
+    """
+    ws = workspace(request)
+    rows = platform(request).state.all("SELECT * FROM jobs WHERE workspace = ? ORDER BY created_at DESC", ws)
+    return ok({"jobs": [job_json(r) for r in rows]})
+
+
+async def create_upload(request: Request):
+    """
+    summary: Ask where to upload a code archive
+    description: Answers a signed, expiring upload URL, or exists=true when an archive with that sha256 is stored already.
+    requestBody:
+      required: true
+      content:
+        application/json:
+          schema: {type: object, required: [sha256, size], properties: {sha256: {type: string}, size: {type: integer}}}
+    responses:
+      200: {description: Upload slot}
+      413: {description: Archive too large}
+    """
+    ws = workspace(request)
+    body = await json_body(request)
+    return ok(await platform(request).deploys.upload_slot(ws, body.get("sha256"), body.get("size")))
+
+
+async def deploy(request: Request):
+    """
+    summary: Deploy a new version of a job
+    description: Streams the build's output as NDJSON lines {"log"}, ending with {"done", "job", "version"} or {"error"}.
+    requestBody:
+      required: true
+      content:
+        application/json:
+          schema:
+            type: object
+            required: [name, entry, code_sha256, python]
+            properties:
+              name: {type: string}
+              kind: {type: string, enum: [function, class]}
+              entry: {type: string}
+              code_sha256: {type: string}
+              python: {type: string}
+              cloudpickle: {type: string}
+              resource: {type: object}
+    responses:
+      200: {description: NDJSON build stream}
+      422: {description: Invalid deploy request}
+    """
+    ws = workspace(request)
+    plat = platform(request)
+    spec = plat.deploys.parse_spec(ws, await json_body(request))
+    lines: asyncio.Queue = asyncio.Queue()
+    task = asyncio.ensure_future(plat.deploys.deploy(ws, spec, lines.put_nowait))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # the build goes on if the client leaves
+
+    async def stream():
+        while True:
+            getter = asyncio.ensure_future(lines.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield json.dumps({"log": getter.result()}) + "\n"
+                continue
+            getter.cancel()
+            while not lines.empty():
+                yield json.dumps({"log": lines.get_nowait()}) + "\n"
+            exc = task.exception()
+            if exc is None:
+                job = task.result()
+                yield json.dumps({"done": True, "job": job_json(job), "version": job["version"]}) + "\n"
+            else:
+                error = exc if isinstance(exc, OpboxError) else OpboxError(f"{type(exc).__name__}: {exc}")
+                body = error.to_dict()
+                if getattr(error, "log", None):
+                    body.setdefault("details", {})["log"] = error.log
+                yield json.dumps({"error": body}) + "\n"
+            return
+
+    return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+
+async def get_job(request: Request):
+    """
+    summary: A job, by id or name
+    responses:
+      200: {description: The job}
+      404: {description: No such job}
+    """
+    ws = workspace(request)
+    job, _ = _job(request, ws)
+    return ok(job_json(job))
+
+
+def _job(request: Request, ws: str):
+    plat = platform(request)
+    job = plat.state.job(ws, request.path_params["job"])
+    if job is None:
+        from opbox.errors import NotFound
+
+        raise NotFound(f"no job {request.path_params['job']!r} in workspace {ws}")
+    return job, plat
+
+
+async def list_versions(request: Request):
+    """
+    summary: The versions of a job
+    responses:
+      200: {description: Versions, newest first}
+    """
+    ws = workspace(request)
+    job, plat = _job(request, ws)
+    rows = plat.state.all("SELECT * FROM versions WHERE job_id = ? ORDER BY version DESC", job["id"])
+    return ok({"versions": [version_json(r) for r in rows]})
+
+
+async def build_log(request: Request):
+    """
+    summary: The build output of a job version
+    responses:
+      200: {description: Plain text}
+    """
+    ws = workspace(request)
+    job, plat = _job(request, ws)
+    version = query_number(request, "version", job["latest_version"], 1, 10**9, int)
+    row = plat.state.one("SELECT build_log FROM versions WHERE job_id = ? AND version = ?", job["id"], version)
+    if row is None:
+        from opbox.errors import NotFound
+
+        raise NotFound(f"job {job['name']} has no version {version}")
+    return Response(row["build_log"], media_type="text/plain")
+
+
+async def list_runs(request: Request):
+    """
+    summary: The runs of a job, newest first
+    parameters:
+      - {name: status, in: query, schema: {type: string}}
+      - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 1000}}
+      - {name: before, in: query, description: a run id; lists older runs, schema: {type: string}}
+    responses:
+      200: {description: Runs}
+    """
+    ws = workspace(request)
+    job, plat = _job(request, ws)
+    limit = query_number(request, "limit", 50, 1, 1000, int)
+    sql, params = "SELECT * FROM runs WHERE job_id = ?", [job["id"]]
+    status = request.query_params.get("status")
+    if status:
+        sql += " AND status = ?"
+        params.append(status)
+    before = request.query_params.get("before")
+    if before:
+        sql += " AND id < ?"
+        params.append(before)
+    rows = plat.state.all(sql + " ORDER BY id DESC LIMIT ?", *params, limit)
+    return ok({"runs": [run_json(r, base_url(request, ws)) for r in rows]})
+
+
+def _version_param(request: Request) -> int | None:
+    return query_number(request, "version", None, 1, 10**9, int)
+
+
+def envelope_response(run: dict, payload: bytes | None) -> Response:
+    headers = {"X-Opbox-Run-Id": run["id"], "X-Opbox-Status": run["status"], "X-Opbox-Version": str(run["version"])}
+    if run.get("exit_reason"):
+        headers["X-Opbox-Exit-Reason"] = json.dumps(run["exit_reason"][:1000])
+    return Response(payload or b"", media_type=serialization.CONTENT_TYPE, headers=headers)
+
+
+async def call(request: Request):
+    """
+    summary: Run a job with pickled arguments and wait for the result (the SDK's call path)
+    parameters:
+      - {name: wait, in: query, description: seconds to wait for the result, schema: {type: number, minimum: 0, maximum: 300}}
+      - {name: version, in: query, schema: {type: integer, minimum: 1}}
+    requestBody:
+      required: true
+      content:
+        application/x-opbox-envelope: {schema: {type: string, format: binary}}
+    responses:
+      200: {description: The result envelope (the run ended)}
+      202: {description: The run, still going}
+    """
+    ws = workspace(request)
+    plat = platform(request)
+    _, version = plat.deploys.resolve(ws, request.path_params["job"], _version_param(request))
+    payload = await read_body(request, plat.settings.max_payload)
+    run_id = plat.runs.create(version, payload, trigger="call")
+    wait = query_number(request, "wait", 0.0, 0, 300)
+    run = await plat.runs.wait(ws, run_id, wait)
+    if run["status"] in TERMINAL:
+        return envelope_response(run, plat.runs.result(run_id))
+    return JSONResponse(run_json(run, base_url(request, ws)), status_code=202)
+
+
+async def trigger(request: Request):
+    """
+    summary: Start a run of the job's latest version
+    description: >
+      The body is optional: JSON {"args": [...], "kwargs": {...}, "version": N}, or a pickled args envelope.
+      Without arguments the function runs with its defaults.
+    requestBody:
+      content:
+        application/json:
+          schema: {type: object, properties: {args: {type: array}, kwargs: {type: object}, version: {type: integer}}}
+    responses:
+      202: {description: The run's id and where to read its status, result and logs}
+    """
+    ws = workspace(request)
+    plat = platform(request)
+    ctype = request.headers.get("content-type", "")
+    version_no = _version_param(request)
+    if ctype.startswith(serialization.CONTENT_TYPE):
+        payload = await read_body(request, plat.settings.max_payload)
+    else:
+        body = await json_body(request, plat.settings.max_payload, required=False)
+        unknown = set(body) - {"args", "kwargs", "version"}
+        if unknown:
+            raise ValidationError(f"unknown field(s) {sorted(unknown)}; expected args, kwargs, version")
+        if body.get("version") is not None:
+            if isinstance(body["version"], bool) or not isinstance(body["version"], int) or body["version"] < 1:
+                raise ValidationError("version must be a whole number >= 1")
+            version_no = body["version"]
+        payload = serialization.json_args(body.get("args"), body.get("kwargs"))
+    _, version = plat.deploys.resolve(ws, request.path_params["job"], version_no)
+    run_id = plat.runs.create(version, payload, trigger="trigger")
+    run = plat.runs.get(ws, run_id)
+    return JSONResponse({"run_id": run_id, **run_json(run, base_url(request, ws))}, status_code=202)
+
+
+# -- map ------------------------------------------------------------------------------
+async def create_batch(request: Request):
+    """
+    summary: Start a map (a batch of runs); items are added with POST /batches/{id}/items
+    requestBody:
+      content:
+        application/json:
+          schema: {type: object, properties: {concurrency: {type: integer, minimum: 1}, version: {type: integer}}}
+    responses:
+      201: {description: The batch}
+    """
+    ws = workspace(request)
+    plat = platform(request)
+    body = await json_body(request, required=False)
+    version_no = body.get("version")
+    if version_no is not None and (isinstance(version_no, bool) or not isinstance(version_no, int)):
+        raise ValidationError("version must be a whole number")
+    _, version = plat.deploys.resolve(ws, request.path_params["job"], version_no)
+    batch_id = plat.runs.create_batch(version, body.get("concurrency"))
+    return ok({"batch_id": batch_id, "job_id": version.job_id, "version": version.version}, 201)
+
+
+def split_frames(data: bytes) -> list[bytes]:
+    """Length-prefixed frames: 4-byte big-endian length, then that many bytes; repeated."""
+    frames, pos = [], 0
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise BadRequest("truncated frame header in request body")
+        (size,) = _FRAME.unpack_from(data, pos)
+        pos += 4
+        if pos + size > len(data):
+            raise BadRequest("truncated frame in request body")
+        frames.append(data[pos:pos + size])
+        pos += size
+    return frames
+
+
+async def add_items(request: Request):
+    """
+    summary: Add items to a map, as length-prefixed args envelopes; idempotent per index
+    parameters:
+      - {name: start, in: query, required: true, schema: {type: integer, minimum: 0}}
+    requestBody:
+      required: true
+      content:
+        application/octet-stream: {schema: {type: string, format: binary}}
+    responses:
+      200: {description: How many items were new}
+    """
+    ws = workspace(request)
+    plat = platform(request)
+    start = query_number(request, "start", None, 0, 10**12, int)
+    if start is None:
+        raise ValidationError("query parameter 'start' is required")
+    frames = split_frames(await read_body(request, plat.settings.max_request_body))
+    added = plat.runs.add_items(ws, request.path_params["batch"], start, frames)
+    return ok({"added": added, "received": len(frames)})
+
+
+async def seal_batch(request: Request):
+    """
+    summary: Declare a map's total number of items
+    requestBody:
+      required: true
+      content:
+        application/json: {schema: {type: object, required: [total], properties: {total: {type: integer}}}}
+    responses:
+      200: {description: The batch}
+    """
+    ws = workspace(request)
+    body = await json_body(request)
+    return ok(platform(request).runs.seal_batch(ws, request.path_params["batch"], body.get("total")))
+
+
+async def get_batch(request: Request):
+    """
+    summary: A map's progress
+    responses:
+      200: {description: The batch}
+    """
+    ws = workspace(request)
+    return ok(platform(request).runs.batch(ws, request.path_params["batch"]))
+
+
+async def cancel_batch(request: Request):
+    """
+    summary: Cancel a map's remaining runs
+    responses:
+      200: {description: The batch}
+    """
+    ws = workspace(request)
+    return ok(await platform(request).runs.cancel_batch(ws, request.path_params["batch"]))
+
+
+async def batch_results(request: Request):
+    """
+    summary: Stream a map's results as they complete (NDJSON)
+    description: >
+      One line per finished item, {"index", "run_id", "status", "seq", "exit_reason", "payload" (base64 envelope)},
+      in completion order, from completion number after+1 on; ends when all items are done.
+    parameters:
+      - {name: after, in: query, schema: {type: integer, minimum: 0}}
+    responses:
+      200: {description: NDJSON stream}
+    """
+    ws = workspace(request)
+    runs = platform(request).runs
+    batch_id = request.path_params["batch"]
+    runs.batch(ws, batch_id)
+    after = query_number(request, "after", 0, 0, 10**12, int)
+    db = runs.state.db
+
+    async def stream():
+        nonlocal after
+        while True:
+            rows = db.execute(
+                "SELECT r.id, r.batch_index, r.status, r.done_seq, r.exit_reason, p.data FROM runs r "
+                "JOIN payloads p ON p.run_id = r.id AND p.kind = 'result' "
+                "WHERE r.batch_id = ? AND r.done_seq > ? ORDER BY r.done_seq LIMIT 1000", (batch_id, after)).fetchall()
+            if rows:
+                out = []
+                for run_id, index, status, seq, reason, data in rows:
+                    out.append(json.dumps({"index": index, "run_id": run_id, "status": status, "seq": seq,
+                                           "exit_reason": reason, "payload": base64.b64encode(data).decode()}))
+                    after = seq
+                yield "\n".join(out) + "\n"
+                continue
+            batch = db.execute("SELECT total, done FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if batch[0] is not None and after >= batch[0]:
+                return
+            if not await runs.notifier.wait(f"batch:{batch_id}", 15.0):
+                yield '{"heartbeat": true}\n'
+
+    return StreamingResponse(stream(), media_type="application/x-ndjson")

@@ -1,0 +1,175 @@
+"""Routes for runs (status, result, logs, cancel), tokens and the platform's status."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+from opbox import envelope as serialization
+from opbox.errors import Forbidden, ValidationError
+
+from ..ids import check_name
+from ..runs import run_json
+from ..state import TERMINAL
+from .http import json_body, ok, query_number
+from .routes_jobs import base_url, envelope_response, platform, workspace
+
+
+async def get_run(request: Request):
+    """
+    summary: A run's status; with wait=S, holds the answer until the run ends or S seconds pass
+    parameters:
+      - {name: wait, in: query, schema: {type: number, minimum: 0, maximum: 300}}
+    responses:
+      200: {description: The run}
+      404: {description: No such run}
+    """
+    ws = workspace(request)
+    wait = query_number(request, "wait", 0.0, 0, 300)
+    run = await platform(request).runs.wait(ws, request.path_params["run"], wait)
+    return ok(run_json(run, base_url(request, ws)))
+
+
+async def get_result(request: Request):
+    """
+    summary: A run's result
+    description: >
+      With Accept application/x-opbox-envelope, the raw result envelope (the SDK). Otherwise JSON:
+      {"status", "result"} when the result is JSON-serializable, or {"status", "error": {type, message, traceback}}.
+      202 with the run while it is not done.
+    parameters:
+      - {name: wait, in: query, schema: {type: number, minimum: 0, maximum: 300}}
+    responses:
+      200: {description: The result}
+      202: {description: Not done yet}
+    """
+    ws = workspace(request)
+    plat = platform(request)
+    wait = query_number(request, "wait", 0.0, 0, 300)
+    run = await plat.runs.wait(ws, request.path_params["run"], wait)
+    if run["status"] not in TERMINAL:
+        return JSONResponse(run_json(run, base_url(request, ws)), status_code=202)
+    payload = plat.runs.result(run["id"])
+    if serialization.CONTENT_TYPE in request.headers.get("accept", ""):
+        return envelope_response(run, payload)
+    header = serialization.read_header(payload) if payload else {}
+    body = {"run_id": run["id"], "status": run["status"], "exit_reason": run["exit_reason"]}
+    if run["status"] == "succeeded":
+        body["result"] = header.get("json")
+        body["result_is_json"] = "json" in header
+        if "json" not in header:
+            body["note"] = "the result is not JSON-serializable; read it with the Python SDK"
+    else:
+        body["error"] = {k: header.get(k) for k in ("type", "message", "traceback")}
+    return ok(body)
+
+
+async def get_logs(request: Request):
+    """
+    summary: A run's output (stdout and stderr), as plain text; follow=1 streams it until the run ends
+    parameters:
+      - {name: follow, in: query, schema: {type: boolean}}
+    responses:
+      200: {description: text/plain stream}
+    """
+    ws = workspace(request)
+    runs = platform(request).runs
+    run_id = request.path_params["run"]
+    runs.get(ws, run_id)
+    follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
+
+    async def stream():
+        after = -2
+        while True:
+            chunks = runs.logs_after(run_id, after)
+            for seq, data in chunks:
+                after = seq
+                yield bytes(data)
+            if chunks:
+                continue
+            if not follow or runs.state.run(run_id)["status"] in TERMINAL:
+                return
+            await runs.notifier.wait(f"logs:{run_id}", 15.0)
+
+    return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+
+
+async def cancel_run(request: Request):
+    """
+    summary: Cancel a run (SIGTERM, then SIGKILL after the grace period)
+    responses:
+      200: {description: The run}
+    """
+    ws = workspace(request)
+    run = await platform(request).runs.cancel(ws, request.path_params["run"])
+    return ok(run_json(run, base_url(request, ws)))
+
+
+def _admin(request: Request) -> str:
+    ws = request.path_params["workspace"]
+    row = platform(request).auth.check(request.headers.get("authorization"), ws)
+    if row["role"] != "admin":
+        raise Forbidden("only a workspace admin token may manage tokens")
+    return ws
+
+
+async def list_tokens(request: Request):
+    """
+    summary: The workspace's tokens (never their secret values)
+    responses:
+      200: {description: Tokens}
+      403: {description: Not an admin token}
+    """
+    ws = _admin(request)
+    rows = platform(request).state.all(
+        "SELECT id, name, role, created_at, revoked_at FROM tokens WHERE workspace = ? ORDER BY created_at", ws)
+    return ok({"tokens": rows})
+
+
+async def create_token(request: Request):
+    """
+    summary: Make a token; its value is shown only in this answer
+    requestBody:
+      content:
+        application/json:
+          schema: {type: object, properties: {name: {type: string}, role: {type: string, enum: [admin, member]}}}
+    responses:
+      201: {description: The new token}
+    """
+    ws = _admin(request)
+    body = await json_body(request, required=False)
+    name = check_name(body.get("name", "token"), "token name")
+    role = body.get("role", "member")
+    if role not in ("admin", "member"):
+        raise ValidationError("role must be 'admin' or 'member'")
+    token_id, token = platform(request).auth.create_token(ws, name=name, role=role)
+    return ok({"id": token_id, "name": name, "role": role, "token": token}, 201)
+
+
+async def revoke_token(request: Request):
+    """
+    summary: Revoke a token
+    responses:
+      200: {description: Revoked}
+      404: {description: No such active token}
+    """
+    ws = _admin(request)
+    platform(request).auth.revoke(ws, request.path_params["token"])
+    return ok({"revoked": request.path_params["token"]})
+
+
+async def status(request: Request):
+    """
+    summary: The backend's pools and workers, for this workspace
+    responses:
+      200: {description: Status}
+    """
+    ws = workspace(request)
+    plat = platform(request)
+    info = plat.backend.describe()
+    job_ids = {r["id"] for r in plat.state.all("SELECT id FROM jobs WHERE workspace = ?", ws)}
+    info["pools"] = [p for p in info.get("pools", []) if p["job_id"] in job_ids]
+    counts = plat.state.all("SELECT status, COUNT(*) AS n FROM runs WHERE workspace = ? AND status IN "
+                            "('queued', 'running') GROUP BY status", ws)
+    info["runs"] = {r["status"]: r["n"] for r in counts}
+    return ok(info)

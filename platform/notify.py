@@ -1,0 +1,29 @@
+"""Wake-ups for long-polls and streams: wait on a key until someone calls notify(key)."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class Notifier:
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def notify(self, key: str) -> None:
+        event = self._events.pop(key, None)
+        if event is not None:
+            event.set()
+
+    async def wait(self, key: str, timeout: float) -> bool:
+        """True when notified, False on timeout. Check the condition *before* calling."""
+        event = self._events.get(key)
+        if event is None:
+            event = self._events[key] = asyncio.Event()
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            if not event.is_set() and self._events.get(key) is event and not event._waiters:  # noqa: SLF001
+                self._events.pop(key, None)

@@ -1,0 +1,294 @@
+"""Warm worker pools: one per job version, for the backends that keep workers (local, container).
+
+Workers pull: each long-polls ``next`` on the gateway, carrying the result of the run it
+just finished, and gets its next run back in the same answer, so a busy worker costs one
+HTTP request per run. The pool starts workers as its queue grows (up to ``max_workers``),
+lets surplus ones go after ``worker_idle`` seconds and the last one after ``pool_idle``
+seconds (scale to zero). It also enforces each run's timeout and reports workers that die.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .backends.base import RunEvents, RunTicket, VersionInfo
+
+log = logging.getLogger("opbox.pools")
+
+IDLE, EXIT = "idle", "exit"
+
+
+@dataclass(frozen=True)
+class Lease:
+    run_id: str
+    args: bytes
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class Completion:
+    run_id: str
+    outcome: str  # "succeeded" or "failed"
+    payload: bytes
+    error_type: str | None = None
+
+
+@dataclass
+class Worker:
+    id: str
+    pool: "Pool"
+    handle: object = None  # the spawner's process handle
+    polled: bool = False
+    run_id: str | None = None
+    timer: asyncio.TimerHandle | None = None
+    kill_reason: tuple[str, str] | None = None  # (status, reason) when the platform killed it
+
+
+@dataclass
+class Pool:
+    version: VersionInfo
+    token: str
+    queue: deque = field(default_factory=deque)
+    parked: deque = field(default_factory=deque)  # futures of workers waiting for a run
+    workers: dict = field(default_factory=dict)
+    last_active: float = field(default_factory=time.monotonic)
+    warm: int = 1  # workers kept while idle, until pool_idle passes
+    failed_starts: int = 0  # workers in a row that died before asking for work
+
+    @property
+    def id(self) -> str:
+        return self.version.key
+
+    @property
+    def starting(self) -> int:
+        return sum(1 for w in self.workers.values() if not w.polled)
+
+
+class Spawner(Protocol):
+    async def spawn(self, worker: Worker) -> object:
+        """Start a worker process (or container) for ``worker.pool``; return its handle."""
+
+    def signal(self, worker: Worker, signum: int) -> None: ...
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "worker ended"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"worker process killed by {name}"
+    return f"worker process exited with code {returncode}"
+
+
+class PoolManager:
+    def __init__(self, spawner: Spawner, *, max_workers: int, worker_idle: float, pool_idle: float,
+                 token_for) -> None:
+        self.spawner = spawner
+        self.max_workers = max_workers
+        self.worker_idle = worker_idle
+        self.pool_idle = pool_idle
+        self.token_for = token_for
+        self.pools: dict[str, Pool] = {}
+        self.events: RunEvents | None = None
+        self._by_run: dict[str, Worker] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.closing = False
+
+    # -- platform side -----------------------------------------------------------------
+    def pool(self, version: VersionInfo) -> Pool:
+        pool = self.pools.get(version.key)
+        if pool is None:
+            pool = self.pools[version.key] = Pool(version=version, token=self.token_for(version.key))
+        return pool
+
+    def submit(self, ticket: RunTicket, version: VersionInfo) -> None:
+        pool = self.pool(version)
+        pool.last_active = time.monotonic()
+        while pool.parked:
+            fut = pool.parked.popleft()
+            if not fut.done():
+                fut.set_result(ticket)
+                return
+        pool.queue.append(ticket)
+        self._scale(pool)
+
+    def warm_up(self, version: VersionInfo, count: int = 1) -> None:
+        pool = self.pool(version)
+        for _ in range(max(0, min(count, self.max_workers) - len(pool.workers))):
+            self._start_worker(pool)
+
+    def retire(self, keep: set[str]) -> None:
+        """Let pools not in ``keep`` scale to zero once idle."""
+        for pool in self.pools.values():
+            if pool.id not in keep:
+                pool.warm = 0
+
+    async def cancel(self, run_id: str, grace: float) -> None:
+        worker = self._by_run.get(run_id)
+        if worker is None:
+            return  # queued runs are skipped at lease time (run_started says no)
+        worker.kill_reason = ("cancelled", "cancelled by request")
+        self.spawner.signal(worker, signal.SIGTERM)
+        await asyncio.sleep(grace)
+        if worker.handle is not None and worker.id in worker.pool.workers:
+            self.spawner.signal(worker, signal.SIGKILL)
+
+    async def close(self) -> None:
+        self.closing = True
+        for pool in self.pools.values():
+            for fut in pool.parked:
+                if not fut.done():
+                    fut.set_result(None)
+            for worker in list(pool.workers.values()):
+                self.spawner.signal(worker, signal.SIGTERM)
+        for task in list(self._tasks):
+            task.cancel()
+
+    def describe(self) -> list[dict]:
+        return [
+            {
+                "pool": p.id, "job_id": p.version.job_id, "version": p.version.version, "queued": len(p.queue),
+                "workers": len(p.workers), "busy": sum(1 for w in p.workers.values() if w.run_id),
+            }
+            for p in self.pools.values()
+        ]
+
+    # -- worker side (called by the gateway's internal routes) --------------------------
+    def find(self, pool_id: str, worker_id: str) -> Worker | None:
+        pool = self.pools.get(pool_id)
+        return pool.workers.get(worker_id) if pool else None
+
+    async def next(self, worker: Worker, done: Completion | None, wait: float) -> Lease | str:
+        worker.polled = True
+        worker.pool.failed_starts = 0
+        if done is not None:
+            self._complete(worker, done)
+        pool = worker.pool
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while not self.closing:
+            ticket = pool.queue.popleft() if pool.queue else None
+            if ticket is None:
+                if self._should_exit(pool, worker):
+                    return EXIT
+                fut = loop.create_future()
+                pool.parked.append(fut)
+                try:
+                    await asyncio.wait({fut}, timeout=max(0.0, deadline - loop.time()))
+                finally:
+                    if not fut.done():
+                        fut.cancel()
+                ticket = fut.result() if not fut.cancelled() else None
+                if ticket is None:
+                    return IDLE if not self.closing else EXIT
+            lease = self._lease(worker, ticket)
+            if lease is not None:
+                return lease
+        return EXIT
+
+    def worker_exited(self, worker: Worker, returncode: int | None, output: str = "") -> None:
+        pool = worker.pool
+        pool.workers.pop(worker.id, None)
+        if worker.timer:
+            worker.timer.cancel()
+        if worker.run_id is not None:
+            self._by_run.pop(worker.run_id, None)
+            status, reason = worker.kill_reason or ("failed", describe_exit(returncode))
+            self.events.run_lost(worker.run_id, reason, status)
+            worker.run_id = None
+        if self.closing:
+            return
+        pool.failed_starts = 0 if worker.polled else pool.failed_starts + 1
+        if pool.failed_starts >= 3:  # broken environment: fail what waits rather than respawn forever
+            reason = f"{describe_exit(returncode)} before taking work, 3 times in a row"
+            if output:
+                reason += f"; its output ends with:\n{output[-2000:]}"
+            self._fail_queue(pool, reason)
+            pool.failed_starts = 0
+            return
+        self._scale(pool)
+
+    def _fail_queue(self, pool: Pool, reason: str) -> None:
+        while pool.queue and not any(w.polled for w in pool.workers.values()):
+            self.events.run_lost(pool.queue.popleft().run_id, reason)
+
+    def kill(self, worker: Worker, status: str, reason: str) -> None:
+        """End a worker because of its current run (timeout, memory limit)."""
+        if worker.kill_reason is None:
+            worker.kill_reason = (status, reason)
+        self.spawner.signal(worker, signal.SIGKILL)
+
+    # -- internals ---------------------------------------------------------------------
+    def _lease(self, worker: Worker, ticket: RunTicket) -> Lease | None:
+        if not self.events.run_started(ticket.run_id, worker.id):
+            return None
+        args = self.events.run_args(ticket.run_id)
+        if args is None:
+            self.events.run_lost(ticket.run_id, "arguments missing from the store")
+            return None
+        worker.run_id = ticket.run_id
+        worker.kill_reason = None
+        self._by_run[ticket.run_id] = worker
+        if ticket.timeout:
+            worker.timer = asyncio.get_running_loop().call_later(
+                ticket.timeout, self.kill, worker, "timed_out", f"timed out after {ticket.timeout:g} s"
+            )
+        return Lease(ticket.run_id, args, ticket.timeout)
+
+    def _complete(self, worker: Worker, done: Completion) -> None:
+        if worker.run_id != done.run_id:
+            log.warning("ignoring a result for %s from %s: not its current run", done.run_id, worker.id)
+            return
+        if worker.timer:
+            worker.timer.cancel()
+            worker.timer = None
+        self._by_run.pop(done.run_id, None)
+        worker.run_id = None
+        worker.pool.last_active = time.monotonic()
+        self.events.run_finished(done.run_id, done.outcome, done.payload, done.error_type)
+
+    def _should_exit(self, pool: Pool, worker: Worker) -> bool:
+        idle = time.monotonic() - pool.last_active
+        if idle >= self.pool_idle or (pool.warm == 0 and idle >= self.worker_idle):
+            leave = True
+        else:
+            leave = idle >= self.worker_idle and len(pool.workers) > pool.warm
+        if leave:
+            pool.workers.pop(worker.id, None)
+        return leave
+
+    def _scale(self, pool: Pool) -> None:
+        missing = len(pool.queue) - len(pool.parked) - pool.starting
+        room = self.max_workers - len(pool.workers)
+        for _ in range(max(0, min(missing, room))):
+            self._start_worker(pool)
+
+    def _start_worker(self, pool: Pool) -> None:
+        worker = Worker(id=f"w{time.monotonic_ns():x}", pool=pool)
+        pool.workers[worker.id] = worker
+        task = asyncio.ensure_future(self._run_worker(worker))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_worker(self, worker: Worker) -> None:
+        returncode = None
+        try:
+            worker.handle = await self.spawner.spawn(worker)
+            returncode = await worker.handle.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # could not start: fail what waits, don't spin
+            log.error("worker for %s could not start: %s", worker.pool.id, exc)
+            worker.pool.workers.pop(worker.id, None)
+            self._fail_queue(worker.pool, f"worker could not start: {exc}")
+            return
+        self.worker_exited(worker, returncode, getattr(worker.handle, "output_tail", lambda: "")())

@@ -1,0 +1,70 @@
+"""The platform's settings: from the environment (OPBOX_*), overridable by ``opbox up`` flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from opbox.config import opbox_home
+from opbox.errors import ConfigError
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(default_factory=opbox_home)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None  # how clients reach the gateway; default http://host:port
+    backend: str = "local"
+    store_url: str | None = None  # default: a folder in home
+    workspace: str | None = None  # bootstrap workspace (OPBOX_WORKSPACE)
+    token: str | None = None  # bootstrap token (OPBOX_TOKEN)
+    max_workers: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
+    worker_idle: float = 60.0
+    pool_idle: float = 900.0
+    max_upload: int = 200 * 1024**2
+    max_request_body: int = 80 * 1024**2
+    max_payload: int = 64 * 1024**2
+    max_log_bytes: int = 8 * 1024**2
+    cancel_grace: float = 5.0
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        env = os.environ
+        base = cls(
+            home=opbox_home(),
+            host=env.get("OPBOX_HOST", "127.0.0.1"),
+            port=_int("OPBOX_PORT", 8000),
+            public_url=env.get("OPBOX_PUBLIC_URL") or None,
+            backend=env.get("OPBOX_BACKEND", "local"),
+            store_url=env.get("OPBOX_STORE_URL") or None,
+            workspace=env.get("OPBOX_WORKSPACE") or None,
+            token=env.get("OPBOX_TOKEN") or None,
+            max_workers=_int("OPBOX_MAX_WORKERS", max(2, os.cpu_count() or 2)),
+            worker_idle=_float("OPBOX_WORKER_IDLE", 60.0),
+            pool_idle=_float("OPBOX_POOL_IDLE", 900.0),
+            max_upload=_int("OPBOX_MAX_UPLOAD", 200 * 1024**2),
+            max_log_bytes=_int("OPBOX_MAX_LOG_BYTES", 8 * 1024**2),
+        )
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")

@@ -1,0 +1,38 @@
+"""The one runtime entrypoint: ``python -m opbox.runtime {worker,run} ...``.
+
+  worker            a warm worker: pull runs of one job version from the gateway (local and container pools)
+  run --run-id ID   run one Job-Run and exit (Kubernetes Jobs, one-shot mode)
+
+Both take their settings from the environment: OPBOX_GATEWAY_URL, OPBOX_ENTRY
+(module:qualname), OPBOX_CODE_DIR, and a scoped token (OPBOX_WORKER_TOKEN / OPBOX_RUN_TOKEN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m opbox.runtime", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    sub.add_parser("worker", help="pull runs of one job version from the gateway")
+    run = sub.add_parser("run", help="run one Job-Run and exit")
+    run.add_argument("--run-id", default=os.environ.get("OPBOX_RUN_ID"), help="default: $OPBOX_RUN_ID")
+    args = parser.parse_args(argv)
+    os.environ["OPBOX_RUNTIME"] = "1"  # user code can tell; deploy() refuses to run here
+    if args.mode == "worker":
+        from .worker import main as worker_main
+
+        return worker_main()
+    if not args.run_id:
+        parser.error("run needs --run-id or OPBOX_RUN_ID")
+    from .batch import main as batch_main
+
+    return batch_main(args.run_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The runtime's line to the gateway: one keep-alive HTTP connection (stdlib http.client, for speed).
+
+Requests are retried while the gateway is unreachable (restarting), up to ``patience``
+seconds, so a finished run's result is not lost to a short outage.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+from urllib.parse import urlsplit
+
+
+class GatewayGone(Exception):
+    pass
+
+
+class Channel:
+    def __init__(self, url: str, token: str, worker: str, patience: float = 60.0):
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        self.https = parts.scheme == "https"
+        self.base = parts.path.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}", "X-Opbox-Worker": worker}
+        self.patience = patience
+        self.conn: http.client.HTTPConnection | None = None
+
+    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=timeout)
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def request(self, method: str, path: str, body: bytes = b"", headers: dict | None = None,
+                timeout: float = 90.0) -> tuple[int, http.client.HTTPMessage, bytes]:
+        deadline = time.monotonic() + self.patience
+        delay = 0.05
+        while True:
+            try:
+                if self.conn is None:
+                    self.conn = self._connect(timeout)
+                self.conn.request(method, self.base + path, body=body, headers={**self.headers, **(headers or {})})
+                resp = self.conn.getresponse()
+                data = resp.read()
+                if resp.getheader("connection", "").lower() == "close":
+                    self.close()
+                return resp.status, resp.headers, data
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if time.monotonic() + delay > deadline:
+                    raise GatewayGone(f"gateway at {self.host}:{self.port} unreachable: {exc}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None

@@ -1,0 +1,63 @@
+"""Finding the user's function and running one call of it: args envelope in, result envelope out."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+
+from opbox import serialization
+from opbox.errors import SerializationError
+
+
+def load_target(entry: str, code_dir: str | None = None):
+    """Import ``module:qualname`` from the code folder; unwrap an @operator to the user's object."""
+    if code_dir and code_dir not in sys.path:
+        sys.path.insert(0, code_dir)
+    module_name, _, qualname = entry.partition(":")
+    module = importlib.import_module(module_name)
+    try:
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(module)  # user classes in results travel by value
+    except Exception:
+        pass
+    target = module
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return getattr(target, "__opbox_target__", target)
+
+
+def _user_traceback(exc: BaseException, skip: int) -> str:
+    tb = exc.__traceback__
+    for _ in range(skip):
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+class Executor:
+    """Runs calls of one entry point; imports it on first use so an import error fails the run, visibly."""
+
+    def __init__(self, entry: str, code_dir: str | None):
+        self.entry, self.code_dir = entry, code_dir
+        self.target = None
+
+    def __call__(self, args_payload: bytes) -> tuple[str, bytes]:
+        try:
+            if self.target is None:
+                self.target = load_target(self.entry, self.code_dir)
+            args, kwargs = serialization.load_args(args_payload)
+        except SerializationError as exc:
+            return "failed", serialization.dump_error(exc, "")
+        except Exception as exc:
+            return "failed", serialization.dump_error(exc, _user_traceback(exc, 1))
+        try:
+            value = self.target(*args, **kwargs)
+        except Exception as exc:
+            return "failed", serialization.dump_error(exc, _user_traceback(exc, 1))
+        try:
+            return "succeeded", serialization.dump_result(value)
+        except Exception as exc:
+            error = SerializationError(f"the result could not be pickled: {type(exc).__name__}: {exc}")
+            return "failed", serialization.dump_error(error, _user_traceback(exc, 0))

@@ -1,0 +1,54 @@
+"""Worker mode: a warm process that pulls runs of one job version from the gateway, one at a time.
+
+Each request both hands back the last run's result and asks for the next run, so a busy
+worker costs one round trip per run. The user's module is imported once and stays loaded
+between runs (as in a warm serverless container); each run's output is captured apart.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from .capture import OutputCapture
+from .channel import Channel, GatewayGone
+from .execute import Executor
+
+
+def _terminate(signum, frame):  # cancellation: unwind the user's code (finally blocks run), then exit
+    raise SystemExit(128 + signum)
+
+
+def main() -> int:
+    env = os.environ
+    pool, worker = env["OPBOX_POOL"], env["OPBOX_WORKER_ID"]
+    channel = Channel(env["OPBOX_GATEWAY_URL"], env["OPBOX_WORKER_TOKEN"], worker)
+    logs = Channel(env["OPBOX_GATEWAY_URL"], env["OPBOX_WORKER_TOKEN"], worker, patience=10)
+    execute = Executor(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR"))
+    capture = OutputCapture(lambda run_id, data: logs.request("POST", f"/_internal/pools/{pool}/runs/{run_id}/logs", data))
+    signal.signal(signal.SIGTERM, _terminate)
+    next_path = f"/_internal/pools/{pool}/next?wait=10"
+    done_headers, body = None, b""
+    while True:
+        try:
+            status, headers, data = channel.request("POST", next_path, body, done_headers)
+        except GatewayGone as exc:
+            print(f"opbox worker {worker}: {exc}; exiting", file=sys.stderr)
+            return 1
+        done_headers, body = None, b""
+        if status == 204:
+            if headers.get("X-Opbox-Action") == "exit":
+                return 0
+            continue
+        if status != 200:
+            print(f"opbox worker {worker}: gateway answered {status}: {data[:500]!r}; exiting", file=sys.stderr)
+            return 1
+        run_id = headers["X-Opbox-Run"]
+        capture.start(run_id)
+        try:
+            outcome, body = execute(data)
+        finally:
+            capture.stop()
+        done_headers = {"X-Opbox-Done": run_id, "X-Opbox-Outcome": outcome,
+                        "Content-Type": "application/x-opbox-envelope"}

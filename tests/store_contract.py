@@ -1,0 +1,164 @@
+"""The ObjectStore contract, as a mixin: subclass it in a Test* class that has a ``store``
+fixture yielding an empty store whose signed URLs are served (a live server)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import httpx
+import pytest
+
+from opbox.errors import NotFound, ValidationError
+from opbox.platform.store import ObjectStore, SignedRequest
+
+BAD_KEYS = [
+    "", "/abs", "a//b", "a/", "../up", "a/../b", "a/./b", ".", "..", "back\\slash", "nul\x00byte", "x" * 1025, "é" * 513,
+]  # fmt: skip
+LONG_KEY = "/".join(["k" * 99] * 10) + "/zzzzz"  # 1005 bytes: room for a short store prefix
+
+
+def send(request: SignedRequest, content: bytes | None = None) -> httpx.Response:
+    return httpx.request(request.method, request.url, headers=request.headers, content=content, timeout=30)
+
+
+class StoreContract:
+    def test_is_an_object_store(self, store):
+        assert isinstance(store, ObjectStore)
+
+    def test_put_get_overwrite(self, store):
+        store.put("a/b/c.bin", b"one")
+        assert store.get("a/b/c.bin") == b"one"
+        store.put("a/b/c.bin", b"two!")
+        assert store.get("a/b/c.bin") == b"two!"
+        store.put("empty", b"")
+        assert store.get("empty") == b""
+        assert store.size("empty") == 0
+
+    def test_binary_and_unicode_keys(self, store):
+        data = bytes(range(256)) * 10
+        key = "dir with space/ünïcødé +%&=?#.bin"
+        store.put(key, data)
+        assert store.get(key) == data
+        assert list(store.list("dir with space/")) == [key]
+        store.put(LONG_KEY, b"long")
+        assert store.get(LONG_KEY) == b"long"
+
+    def test_missing_raises_not_found(self, store, tmp_path):
+        with pytest.raises(NotFound, match="nope"):
+            store.get("nope")
+        with pytest.raises(NotFound):
+            store.open("no/such/key")
+        with pytest.raises(NotFound):
+            store.get_file("nope", tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        assert issubclass(NotFound, LookupError)
+
+    def test_exists_and_size(self, store):
+        assert not store.exists("k")
+        assert store.size("k") is None
+        store.put("k", b"12345")
+        assert store.exists("k")
+        assert store.size("k") == 5
+
+    def test_delete(self, store):
+        store.put("x/1", b"1")
+        store.delete("x/1")
+        assert not store.exists("x/1")
+        store.delete("x/1")  # missing: no error
+        store.delete("never/was")
+        assert list(store.list()) == []
+
+    def test_delete_prefix(self, store):
+        for key in ("job/1/a", "job/1/b", "job/10/a", "job/2/a", "other"):
+            store.put(key, b"x")
+        assert store.delete_prefix("job/1/") == 2
+        assert list(store.list()) == ["job/10/a", "job/2/a", "other"]
+        assert store.delete_prefix("job/") == 2
+        assert store.delete_prefix("job/") == 0
+        assert list(store.list()) == ["other"]
+        with pytest.raises(ValidationError):
+            store.delete_prefix("")
+
+    def test_list_is_sorted_string_prefix(self, store):
+        keys = ["a/b", "a/c/d", "a.txt", "a0", "ab/x", "b"]
+        for key in reversed(keys):
+            store.put(key, b"")
+        assert list(store.list()) == sorted(keys)
+        assert list(store.list("a/")) == ["a/b", "a/c/d"]
+        assert list(store.list("a")) == sorted(keys[:-1])
+        assert list(store.list("a/c")) == ["a/c/d"]
+        assert list(store.list("zzz/")) == []
+
+    def test_open_streams(self, store):
+        data = os.urandom(300_000)
+        store.put("blob", data)
+        with store.open("blob") as f:
+            first = f.read(1000)
+            rest = f.read()
+        assert first + rest == data
+
+    def test_put_file_get_file(self, store, tmp_path):
+        src = tmp_path / "src.bin"
+        src.write_bytes(os.urandom(1_000_000))
+        store.put_file("files/src.bin", src)
+        assert store.size("files/src.bin") == 1_000_000
+        dest = tmp_path / "deep" / "out.bin"
+        store.get_file("files/src.bin", dest)
+        assert dest.read_bytes() == src.read_bytes()
+        with pytest.raises(FileNotFoundError):
+            store.put_file("files/none", tmp_path / "missing")
+
+    @pytest.mark.parametrize("key", BAD_KEYS)
+    def test_bad_keys_rejected(self, store, key):
+        for call in (
+            lambda: store.put(key, b"x"),
+            lambda: store.get(key),
+            lambda: store.exists(key),
+            lambda: store.delete(key),
+            lambda: store.upload_url(key),
+            lambda: store.download_url(key),
+        ):
+            with pytest.raises(ValidationError):
+                call()
+
+    def test_bad_prefixes_rejected(self, store):
+        for prefix in ("/a", "a//", "../", "a/../b", "a\\b"):
+            with pytest.raises(ValidationError):
+                store.list(prefix)
+        with pytest.raises(ValidationError):
+            store.upload_url("ok", expires=0)
+
+    def test_signed_upload_then_download(self, store):
+        data = os.urandom(200_000)
+        up = store.upload_url("signed/obj.bin", expires=60, max_size=len(data))
+        assert up.method == "PUT"
+        assert send(up, data).status_code == 200
+        assert store.get("signed/obj.bin") == data
+
+        down = store.download_url("signed/obj.bin", expires=60)
+        assert down.method == "GET"
+        answer = send(down)
+        assert answer.status_code == 200
+        assert hashlib.sha256(answer.content).digest() == hashlib.sha256(data).digest()
+
+    def test_readers_never_see_half_an_object(self, store):
+        one, two = b"1" * 2_000_000, b"2" * 2_000_000
+        store.put("hot", one)
+        seen, stop = set(), threading.Event()
+
+        def read():
+            while not stop.is_set():
+                seen.add(hashlib.sha256(store.get("hot")).hexdigest())
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            for i in range(10):
+                store.put("hot", two if i % 2 else one)
+        finally:
+            stop.set()
+            reader.join()
+        assert seen <= {hashlib.sha256(one).hexdigest(), hashlib.sha256(two).hexdigest()}
+

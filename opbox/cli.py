@@ -59,12 +59,35 @@ def main():
 @click.option("--home", type=click.Path(path_type=Path), default=None, help="State folder [default: OPBOX_HOME or ~/.opbox].")
 @click.option("--backend", type=click.Choice(["local"]), default=None, help="Where runs execute [default: local].")
 @click.option("--max-workers", type=int, default=None, help="Warm workers per job version at most.")
-def up(host, port, home, backend, max_workers):
+@click.option("--isolation", type=click.Choice(["worker", "run"]), default=None,
+              help="worker: warm pools (fast); run: a fresh process per run [default: worker, or OPBOX_ISOLATION].")
+def up(host, port, home, backend, max_workers, isolation):
     """Start the platform: gateway, backend, state and object store."""
     from .platform.server import main as serve  # the CLI is the one SDK module allowed to start the platform
     from .platform.settings import Settings
 
-    serve(Settings.from_env(host=host, port=port, home=home, backend=backend, max_workers=max_workers))
+    serve(Settings.from_env(host=host, port=port, home=home, backend=backend, max_workers=max_workers,
+                            isolation=isolation))
+
+
+@main.group()
+def workspace():
+    """Administer workspaces on this machine's platform (writes its state in OPBOX_HOME directly)."""
+
+
+@workspace.command("create")
+@click.argument("name")
+@click.option("--home", type=click.Path(path_type=Path), default=None, help="The platform's OPBOX_HOME.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def workspace_create(name, home, as_json):
+    """Create workspace NAME with an admin token (shown once)."""
+    from .platform.admin import create_workspace
+
+    creds = create_workspace(home, name)
+    if as_json:
+        return _print_json(creds)
+    click.echo(f"workspace {name} created; its admin token (shown only now):\n  export OPBOX_WORKSPACE={name}\n"
+               f"  export OPBOX_TOKEN={creds['token']}")
 
 
 @main.command()

@@ -15,7 +15,7 @@ import json
 import struct
 import sys
 
-from .errors import SerializationError
+from .errors import SerializationError, ValidationError
 
 MAGIC = b"OPBX"
 FORMAT = 1
@@ -60,9 +60,9 @@ def read_header(data: bytes) -> dict:
 def json_args(args: list | None = None, kwargs: dict | None = None) -> bytes:
     """An args envelope for calls made with JSON (curl, non-Python clients)."""
     if args is not None and not isinstance(args, list):
-        raise SerializationError("'args' must be a JSON array")
+        raise ValidationError("'args' must be a JSON array")
     if kwargs is not None and not isinstance(kwargs, dict):
-        raise SerializationError("'kwargs' must be a JSON object")
+        raise ValidationError("'kwargs' must be a JSON object")
     body = json.dumps({"args": args or [], "kwargs": kwargs or {}}).encode()
     return pack({"kind": ARGS, "fmt": "json"}, body)
 

@@ -45,8 +45,8 @@ def make_backend(settings: Settings, auth: Auth):
 
         return LocalBackend(
             gateway_url=settings.url, home=settings.home, max_workers=settings.max_workers,
-            worker_idle=settings.worker_idle, pool_idle=settings.pool_idle,
-            token_for=lambda pool_id: auth.internal_token(f"pool:{pool_id}"),
+            worker_idle=settings.worker_idle, pool_idle=settings.pool_idle, isolation=settings.isolation,
+            token_for=auth.internal_token,
         )
     raise ConfigError(f"unknown backend {settings.backend!r}; this build knows: local")
 
@@ -106,6 +106,12 @@ class Platform:
         requeued = self.runs.recover()
         if requeued:
             log.info("requeued %d runs after restart", requeued)
+
+    def begin_shutdown(self) -> None:
+        """Called from the signal handler: let parked workers go before the server drains requests."""
+        pools = getattr(self.backend, "pools", None)
+        if pools is not None:
+            pools.release_parked()
 
     async def close(self) -> None:
         await self.backend.close()

@@ -101,15 +101,18 @@ class DeployService:
                  json.dumps(spec["resource"].to_dict()), now))
         return self.state.job(workspace, job_id), version
 
-    async def deploy(self, workspace: str, spec: dict, log: Callable[[str], None]) -> dict:
-        """Make and build a new version; returns the job with its new version. Raises BuildError."""
-        key = code_key(workspace, spec["code_sha256"])
+    async def load_code(self, workspace: str, sha256: str) -> bytes:
+        """The uploaded archive, checked against its hash (before any version is made)."""
         try:
-            zip_bytes = await asyncio.to_thread(self.store.get, key)
+            zip_bytes = await asyncio.to_thread(self.store.get, code_key(workspace, sha256))
         except NotFound:
-            raise NotFound(f"no uploaded code with sha256 {spec['code_sha256']}; upload it first") from None
-        if hashlib.sha256(zip_bytes).hexdigest() != spec["code_sha256"]:
+            raise NotFound(f"no uploaded code with sha256 {sha256}; upload it first") from None
+        if hashlib.sha256(zip_bytes).hexdigest() != sha256:
             raise ValidationError("the uploaded code does not match its sha256")
+        return zip_bytes
+
+    async def deploy(self, workspace: str, spec: dict, zip_bytes: bytes, log: Callable[[str], None]) -> dict:
+        """Make and build a new version; returns the job with its new version. Raises BuildError."""
         job, version = self._new_version(workspace, spec)
         lines: list[str] = []
 

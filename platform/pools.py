@@ -142,12 +142,17 @@ class PoolManager:
         if worker.handle is not None and worker.id in worker.pool.workers:
             self.spawner.signal(worker, signal.SIGKILL)
 
-    async def close(self) -> None:
+    def release_parked(self) -> None:
+        """Answer every parked worker now (with EXIT): the platform is stopping."""
         self.closing = True
         for pool in self.pools.values():
             for fut in pool.parked:
                 if not fut.done():
                     fut.set_result(None)
+
+    async def close(self) -> None:
+        self.release_parked()
+        for pool in self.pools.values():
             for worker in list(pool.workers.values()):
                 self.spawner.signal(worker, signal.SIGTERM)
         for task in list(self._tasks):

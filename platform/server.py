@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 import sys
 
@@ -44,11 +43,21 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     announce(platform.bootstrap(), platform)
     config = uvicorn.Config(create_app(platform), log_level="warning", access_log=False, lifespan="on",
                             timeout_keep_alive=75, loop="auto", http="auto")
-    server = uvicorn.Server(config)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    server = _Server(config, platform)
     await server.serve(sockets=[sock])
+
+
+class _Server(uvicorn.Server):
+    """Tells the platform first on SIGTERM/SIGINT, so parked worker long-polls end at once
+    instead of holding uvicorn's graceful shutdown open."""
+
+    def __init__(self, config: uvicorn.Config, platform: Platform):
+        super().__init__(config)
+        self.platform = platform
+
+    def handle_exit(self, sig, frame) -> None:
+        self.platform.begin_shutdown()
+        super().handle_exit(sig, frame)
 
 
 def main(settings: Settings) -> None:

@@ -33,6 +33,7 @@ class Settings:
     port: int = 8000
     public_url: str | None = None  # how clients reach the gateway; default http://host:port
     backend: str = "local"
+    isolation: str = "worker"  # local backend: "worker" (warm pools) or "run" (a fresh process per run)
     store_url: str | None = None  # default: a folder in home
     workspace: str | None = None  # bootstrap workspace (OPBOX_WORKSPACE)
     token: str | None = None  # bootstrap token (OPBOX_TOKEN)
@@ -54,6 +55,7 @@ class Settings:
             port=_int("OPBOX_PORT", 8000),
             public_url=env.get("OPBOX_PUBLIC_URL") or None,
             backend=env.get("OPBOX_BACKEND", "local"),
+            isolation=env.get("OPBOX_ISOLATION", "worker"),
             store_url=env.get("OPBOX_STORE_URL") or None,
             workspace=env.get("OPBOX_WORKSPACE") or None,
             token=env.get("OPBOX_TOKEN") or None,

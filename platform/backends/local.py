@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..pools import PoolManager, Worker
 from .base import RunEvents, RunTicket, VersionInfo
+from .oneshot import OneShotRunner
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _PR_SET_PDEATHSIG = 1
@@ -102,55 +103,74 @@ class ProcessSpawner:
 
 
 class LocalBackend:
+    """``isolation="worker"`` (default): warm pools, one interpreter serves many runs of a version.
+    ``isolation="run"``: a fresh process per run (the batch entrypoint, as in a Kubernetes Job)."""
+
     name = "local"
 
-    def __init__(self, *, gateway_url: str, home: Path, token_for, max_workers: int,
+    def __init__(self, *, gateway_url: str, home: Path, token_for, max_workers: int, isolation: str = "worker",
                  worker_idle: float = 60.0, pool_idle: float = 900.0, watchdog_interval: float = 0.2):
+        if isolation not in ("worker", "run"):
+            raise ValueError(f"isolation must be 'worker' or 'run', got {isolation!r}")
+        self.isolation = isolation
         self.pools = PoolManager(
             ProcessSpawner(gateway_url, home / "logs" / "workers"), max_workers=max_workers,
-            worker_idle=worker_idle, pool_idle=pool_idle, token_for=token_for,
+            worker_idle=worker_idle, pool_idle=pool_idle, token_for=lambda pool_id: token_for(f"pool:{pool_id}"),
         )
+        self.oneshot = OneShotRunner(gateway_url=gateway_url, log_dir=home / "logs" / "runs", token_for=token_for,
+                                     max_procs=max_workers, child_setup=_child_setup)
         self.watchdog_interval = watchdog_interval
         self._watchdog: asyncio.Task | None = None
 
     def set_gateway_url(self, url: str) -> None:
         self.pools.spawner.gateway_url = url
+        self.oneshot.gateway_url = url
 
     async def start(self, events: RunEvents) -> None:
-        self.pools.events = events
+        self.pools.events = self.oneshot.events = events
         self._watchdog = asyncio.ensure_future(self._watch_memory())
 
     async def close(self) -> None:
         if self._watchdog:
             self._watchdog.cancel()
         await self.pools.close()
+        await self.oneshot.close()
 
     async def prepare(self, version: VersionInfo) -> None:
+        if self.isolation == "run":
+            return
         self.pools.retire(keep={version.key} | {k for k, p in self.pools.pools.items() if p.version.job_id != version.job_id})
         self.pools.warm_up(version, 1)
 
     def submit(self, ticket: RunTicket, version: VersionInfo) -> None:
-        self.pools.submit(ticket, version)
+        if self.isolation == "run":
+            self.oneshot.submit(ticket, version)
+        else:
+            self.pools.submit(ticket, version)
 
     async def cancel(self, run_id: str, grace: float) -> None:
         await self.pools.cancel(run_id, grace)
+        await self.oneshot.cancel(run_id, grace)
 
     def describe(self) -> dict:
-        return {"backend": self.name, "pools": self.pools.describe()}
+        return {"backend": self.name, "isolation": self.isolation, "pools": self.pools.describe(),
+                "oneshot": {"running": len(self.oneshot.running), "queued": len(self.oneshot.queue)}}
+
+    def _busy(self):
+        """(pid, resource, kill) for every process that is running a run with a memory limit."""
+        for pool in list(self.pools.pools.values()):
+            if not pool.version.resource.memory_bytes:
+                continue
+            for worker in list(pool.workers.values()):
+                if worker.handle is not None and worker.run_id is not None:
+                    yield worker.handle.pid, pool.version.resource, (
+                        lambda reason, w=worker: self.pools.kill(w, "failed", reason))
+        yield from self.oneshot.busy()
 
     async def _watch_memory(self) -> None:
         while True:
             await asyncio.sleep(self.watchdog_interval)
-            for pool in list(self.pools.pools.values()):
-                limit = pool.version.resource.memory_bytes
-                if not limit:
-                    continue
-                for worker in list(pool.workers.values()):
-                    if worker.handle is None or worker.run_id is None:
-                        continue
-                    rss = rss_bytes(worker.handle.pid)
-                    if rss is not None and rss > limit:
-                        self.pools.kill(
-                            worker, "failed",
-                            f"OOMKilled: memory use {rss / 2**20:.0f}Mi passed the limit {pool.version.resource.memory}",
-                        )
+            for pid, resource, kill in list(self._busy()):
+                rss = rss_bytes(pid)
+                if rss is not None and rss > resource.memory_bytes:
+                    kill(f"OOMKilled: memory use {rss / 2**20:.0f}Mi passed the limit {resource.memory}")

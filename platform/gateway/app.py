@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -48,7 +49,20 @@ async def openapi(request: Request):
     responses:
       200: {description: The OpenAPI document}
     """
-    return schemas.OpenAPIResponse(request=request)
+    return JSONResponse(openapi_document(request.app.routes))
+
+
+def openapi_document(routes) -> dict:
+    """The schema from the routes' docstrings, with each path's {parameters} declared."""
+    doc = schemas.get_schema(routes=routes)
+    for path, operations in doc.get("paths", {}).items():
+        names = re.findall(r"{(\w+)}", path)
+        for operation in operations.values():
+            declared = {p["name"] for p in operation.get("parameters", []) if p.get("in") == "path"}
+            operation.setdefault("parameters", [])[:0] = [
+                {"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names if n not in declared]
+            operation["responses"] = {str(k): v for k, v in operation.get("responses", {}).items()}
+    return doc
 
 
 async def opbox_error(request: Request, exc: OpboxError):

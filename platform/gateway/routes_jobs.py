@@ -88,13 +88,15 @@ async def deploy(request: Request):
               resource: {type: object}
     responses:
       200: {description: NDJSON build stream}
+      404: {description: No uploaded code with that sha256}
       422: {description: Invalid deploy request}
     """
     ws = workspace(request)
     plat = platform(request)
     spec = plat.deploys.parse_spec(ws, await json_body(request))
+    code = await plat.deploys.load_code(ws, spec["code_sha256"])
     lines: asyncio.Queue = asyncio.Queue()
-    task = asyncio.ensure_future(plat.deploys.deploy(ws, spec, lines.put_nowait))
+    task = asyncio.ensure_future(plat.deploys.deploy(ws, spec, code, lines.put_nowait))
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # the build goes on if the client leaves
 
     async def stream():

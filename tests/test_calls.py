@@ -1,0 +1,207 @@
+"""Remote calls: values, exceptions with remote tracebacks, serialization checks, logs."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from opbox import RemoteError, RunHandle, SerializationError, serialization
+from opbox.outcome import RemoteTraceback
+
+CODE = """
+import time
+from dataclasses import dataclass
+
+from opbox import operator
+
+
+class Unpicklable(Exception):
+    def __init__(self, a, b):
+        super().__init__(a)
+        self.lock = __import__("threading").Lock()
+
+    def __reduce__(self):
+        raise TypeError("no pickling")
+
+
+class QuotaError(Exception):
+    pass
+
+
+@dataclass
+class Point:
+    x: int
+    y: int
+
+
+@operator()
+def add(a, b=10):
+    return a + b
+
+
+@operator()
+def make_point(x):
+    return Point(x, x * 2)
+
+
+@operator()
+def fail(kind):
+    if kind == "quota":
+        raise QuotaError("out of quota for model-x")
+    if kind == "value":
+        raise ValueError("bad value 42")
+    raise Unpicklable("cannot travel", 2)
+
+
+@operator()
+def chatty(n, pause=0.0):
+    import os, sys
+    for i in range(n):
+        print(f"line {i}", flush=True)
+        time.sleep(pause)
+    os.write(2, b"raw stderr from the fd\\n")
+    return n
+
+
+@operator()
+def numpy_like(data):
+    return {"n": len(data), "sum": sum(data), "blob": bytes(d % 256 for d in data)}
+"""
+
+
+@pytest.fixture(scope="module")
+def fns(plat, client, tmp_path_factory):
+    import importlib
+    import sys
+
+    folder = tmp_path_factory.mktemp("calls_proj")
+    (folder / "callsmod.py").write_text(CODE)
+    sys.path.insert(0, str(folder))
+    mod = importlib.import_module("callsmod")
+    deployed = {name: getattr(mod, name).deploy(client=client, quiet=True)
+                for name in ("add", "make_point", "fail", "chatty", "numpy_like")}
+    yield mod, deployed
+    sys.path.remove(str(folder))
+    sys.modules.pop("callsmod", None)
+
+
+def test_args_kwargs_defaults_and_values(fns):
+    _, f = fns
+    assert f["add"](1) == 11
+    assert f["add"](1, b=2) == 3
+    assert f["add"](a="x", b="y") == "xy"
+    big = list(range(100_000))
+    assert f["numpy_like"](big) == {"n": 100_000, "sum": sum(big), "blob": bytes(i % 256 for i in big)}
+
+
+def test_user_classes_come_back(fns):
+    mod, f = fns
+    point = f["make_point"](3)
+    assert (point.x, point.y) == (3, 6)
+    assert type(point).__name__ == "Point"
+
+
+def test_remote_exception_is_reraised_as_its_type_with_remote_traceback(fns):
+    mod, f = fns
+    with pytest.raises(ValueError, match="bad value 42") as info:
+        f["fail"]("value")
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert 'raise ValueError("bad value 42")' in cause.text and "callsmod.py" in cause.text
+    assert "opbox/runtime" not in cause.text, "the runtime's own frames are cut from the user's traceback"
+    with pytest.raises(Exception) as custom:
+        f["fail"]("quota")
+    assert type(custom.value).__name__ == "QuotaError" and "model-x" in str(custom.value)
+    assert info.value.run_id.startswith("r-")
+
+
+def test_unpicklable_exception_becomes_remote_error(fns):
+    _, f = fns
+    with pytest.raises(RemoteError) as info:
+        f["fail"]("other")
+    assert info.value.type_name.endswith("Unpicklable")
+    assert "cannot travel" in str(info.value) and "Remote traceback" in str(info.value)
+
+
+def test_python_version_mismatch_is_a_clear_error(fns, client):
+    _, f = fns
+    payload = serialization.dump_args((1,), {})
+    header, body = serialization.unpack(payload)
+    forged = serialization.pack({**header, "python": "3.99"}, bytes(body))
+    resp = client.post(f"/job/{f['add'].job_id}/runs", content=forged, params={"wait": 30},
+                       headers={"Content-Type": serialization.CONTENT_TYPE})
+    from opbox.outcome import decode
+
+    with pytest.raises(SerializationError, match=r"Python version mismatch.*3\.99"):
+        decode(resp.headers["x-opbox-status"], resp.content, resp.headers["x-opbox-run-id"])
+
+
+def test_gateway_refuses_non_envelopes(fns, client):
+    _, f = fns
+    with pytest.raises(SerializationError, match="not an opbox envelope"):
+        client.post(f"/job/{f['add'].job_id}/runs", content=b"garbage bytes here",
+                    headers={"Content-Type": serialization.CONTENT_TYPE})
+
+
+def test_output_is_the_runs_log(fns, client):
+    _, f = fns
+    handle = f["chatty"].submit(3)
+    assert handle.result(timeout=30) == 3
+    text = "".join(handle.logs())
+    assert "line 0\nline 1\nline 2\n" in text and "raw stderr from the fd" in text
+    # the next run's log is its own
+    other = f["chatty"].submit(1)
+    other.result(timeout=30)
+    assert "".join(other.logs()).count("line") == 1
+
+
+def test_logs_stream_while_the_run_goes_on(fns, client):
+    _, f = fns
+    handle = f["chatty"].submit(4, pause=0.6)
+    seen = []
+    first_at = None
+    for chunk in handle.logs(follow=True):
+        if first_at is None and "line 0" in chunk:
+            first_at = time.monotonic()
+            assert handle.status()["status"] == "running", "the first line arrived before the run ended"
+        seen.append(chunk)
+    assert "line 3" in "".join(seen)
+    assert handle.status()["status"] == "succeeded"
+
+
+def test_json_result_and_error_for_http_clients(fns, plat):
+    _, f = fns
+    with plat.http() as http:
+        run = http.post(f"/{plat.workspace}/job/add/trigger", json={"args": [2], "kwargs": {"b": 5}}).json()
+        result = http.get(run["links"]["result"], params={"wait": 30}).json()
+        assert result == {"run_id": run["run_id"], "status": "succeeded", "exit_reason": None, "result": 7,
+                          "result_is_json": True}
+        run = http.post(f"/{plat.workspace}/job/fail/trigger", json={"args": ["value"]}).json()
+        result = http.get(run["links"]["result"], params={"wait": 30}).json()
+        assert result["status"] == "failed"
+        assert result["error"]["type"] == "builtins.ValueError" and result["error"]["message"] == "bad value 42"
+        assert "Traceback" in result["error"]["traceback"]
+        run = http.post(f"/{plat.workspace}/job/make_point/trigger", json={"args": [1]}).json()
+        result = http.get(run["links"]["result"], params={"wait": 30}).json()
+        assert result["status"] == "succeeded" and result["result_is_json"] is False and result["result"] is None
+
+
+def test_concurrent_callers(fns):
+    _, f = fns
+    results, errors = {}, []
+
+    def call(i):
+        try:
+            results[i] = f["add"](i, b=i)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == {i: 2 * i for i in range(40)}

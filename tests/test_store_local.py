@@ -1,0 +1,196 @@
+"""LocalStore: the ObjectStore contract, and its signed URLs served by a real uvicorn server."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from opbox.errors import ConfigError, Conflict, ValidationError
+from opbox.platform.store import LocalStore, open_store
+from opbox.platform.store.local import TMP_PREFIX
+from servers import serve_app
+from store_contract import StoreContract, send
+
+SECRET = b"local-store-test-secret"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> tuple[Path, str]:
+    """A store folder and the base URL of a live server for it."""
+    root = tmp_path_factory.mktemp("local-store")
+    # The server side only needs the folder and the secret, as in a multi-process gateway.
+    app = Starlette(routes=LocalStore(root, SECRET, "http://unused").routes())
+    with serve_app(app) as base_url:
+        yield root, base_url
+
+
+@pytest.fixture
+def store(served) -> LocalStore:
+    root, base_url = served
+    for child in root.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    return LocalStore(root, SECRET, base_url)
+
+
+def leftovers(store: LocalStore) -> list[Path]:
+    return list(store.root.rglob(TMP_PREFIX + "*"))
+
+
+def with_query(url: str, **changes: str) -> str:
+    parts = urlsplit(url)
+    query = dict(item.split("=", 1) for item in parts.query.split("&"))
+    query.update(changes)
+    return parts._replace(query="&".join(f"{k}={v}" for k, v in query.items())).geturl()
+
+
+class TestLocalContract(StoreContract):
+    pass
+
+
+class TestSignedUrls:
+    def test_url_shape(self, store):
+        req = store.upload_url("a/b c.bin", expires=60, max_size=10)
+        parts = urlsplit(req.url)
+        assert req.url.startswith(store.base_url + "/_store/a/b%20c.bin?")
+        assert [p.split("=")[0] for p in parts.query.split("&")] == ["op", "exp", "max", "sig"]
+        assert abs(int(dict(p.split("=") for p in parts.query.split("&"))["exp"]) - time.time() - 60) < 5
+
+    def test_expired_url_is_forbidden(self, store, monkeypatch):
+        store.put("old", b"data")
+        with monkeypatch.context() as m:
+            m.setattr(time, "time", lambda real=time.time: real() - 3600)
+            up, down = store.upload_url("new", expires=60), store.download_url("old", expires=60)
+        for req, body in ((up, b"x"), (down, None)):
+            answer = send(req, body)
+            assert answer.status_code == 403
+            assert answer.json() == {"error": "forbidden", "message": "the signed URL has expired"}
+        assert not store.exists("new")
+
+    @pytest.mark.parametrize(
+        "tamper",
+        [
+            lambda url: url[:-1] + ("0" if url[-1] != "0" else "1"),  # signature
+            lambda url: url.replace("/_store/target", "/_store/other"),  # key
+            lambda url: with_query(url, op="get"),  # op
+            lambda url: with_query(url, max="100000000"),  # size limit
+            lambda url: with_query(url, exp=str(int(time.time()) + 99999)),  # expiry
+            lambda url: url.split("&sig=")[0],  # no signature
+            lambda url: url + "&sig=00",  # two signatures
+        ],
+        ids=["sig", "key", "op", "max", "exp", "nosig", "twosigs"],
+    )
+    def test_tampered_upload_is_forbidden(self, store, tamper):
+        req = store.upload_url("target", expires=60, max_size=1000)
+        answer = httpx.put(tamper(req.url), content=b"evil", headers=req.headers)
+        assert answer.status_code == 403, answer.text
+        assert answer.json()["error"] == "forbidden"
+        assert list(store.list()) == [] and leftovers(store) == []
+
+    def test_tampered_download_is_forbidden(self, store):
+        store.put("mine", b"1")
+        store.put("theirs", b"2")
+        url = store.download_url("mine").url
+        assert httpx.get(url.replace("/mine?", "/theirs?")).status_code == 403
+        assert httpx.get(url[:-2] + "00").status_code == 403
+        upload = store.upload_url("mine").url
+        assert httpx.get(upload).status_code == 403  # a PUT URL does not read
+        assert httpx.put(url, content=b"x").status_code == 403  # a GET URL does not write
+        assert store.get("mine") == b"1"
+
+    def test_oversize_upload_is_rejected(self, store):
+        req = store.upload_url("big", max_size=1000)
+        answer = send(req, b"x" * 1001)
+        assert answer.status_code == 413
+        assert answer.json()["error"] == "payload_too_large"
+        assert not store.exists("big") and leftovers(store) == []
+
+        def chunks():  # no Content-Length: the limit is enforced while streaming
+            for _ in range(10):
+                yield b"y" * 300
+
+        answer = httpx.put(req.url, content=chunks(), headers=req.headers)
+        assert answer.status_code == 413
+        assert not store.exists("big") and leftovers(store) == []
+        assert send(req, b"z" * 1000).status_code == 200  # exactly the limit is fine
+        assert store.size("big") == 1000
+
+    def test_upload_without_limit_and_overwrite(self, store):
+        store.put("obj", b"old")
+        assert send(store.upload_url("obj"), b"n" * 3_000_000).status_code == 200
+        assert store.get("obj") == b"n" * 3_000_000
+
+    def test_download_missing_is_404_and_head_works(self, store):
+        answer = send(store.download_url("absent"))
+        assert answer.status_code == 404
+        assert answer.json()["error"] == "not_found"
+        store.put("here", b"12345")
+        head = httpx.head(store.download_url("here").url)
+        assert head.status_code == 200 and head.headers["content-length"] == "5"
+
+    def test_broken_upload_leaves_nothing(self, store):
+        url = urlsplit(store.upload_url("partial").url)
+
+        def wait_for(condition) -> None:
+            deadline = time.monotonic() + 5
+            while not condition() and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+        with socket.create_connection((url.hostname, url.port)) as sock:
+            sock.sendall(
+                f"PUT {url.path}?{url.query} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode()
+                + b"a" * 5000
+            )
+            wait_for(lambda: leftovers(store))
+            assert leftovers(store), "the upload should be under way in a temp file"
+            assert not store.exists("partial")  # ... which no reader sees
+        wait_for(lambda: not leftovers(store))  # the client went away: the temp file goes too
+        assert not store.exists("partial") and leftovers(store) == []
+
+
+class TestLocalSpecifics:
+    def test_temp_names_are_not_keys(self, store):
+        with pytest.raises(ValidationError):
+            store.put(f"a/{TMP_PREFIX}x", b"")
+
+    def test_object_and_folder_clash(self, store):
+        store.put("a", b"file")
+        with pytest.raises(Conflict):
+            store.put("a/b", b"")
+        store.put("d/e", b"")
+        with pytest.raises(Conflict):
+            store.put("d", b"")
+        assert not store.exists("d")  # a folder of keys is no object
+        store.delete("d")
+
+    def test_list_is_in_string_order(self, store):
+        keys = ["a/b", "a/c/d", "a.txt", "a0", "ab/x", "b"]
+        for key in reversed(keys):
+            store.put(key, b"")
+        assert list(store.list()) == sorted(keys)  # as AWS S3 lists
+        assert list(store.list("a")) == sorted(keys[:-1])
+
+    def test_delete_prunes_empty_folders(self, store):
+        store.put("x/y/z", b"")
+        store.delete("x/y/z")
+        assert list(store.root.iterdir()) == []
+
+    def test_open_store(self, tmp_path):
+        by_url = open_store(f"file://{tmp_path}/s", secret="s", base_url="http://h/")
+        by_path = open_store(str(tmp_path / "s"), secret=b"s", base_url="http://h", endpoint_url="ignored")
+        assert isinstance(by_url, LocalStore) and by_url.root == by_path.root == tmp_path / "s"
+        by_url.put("k", b"v")
+        assert by_path.get("k") == b"v"
+        assert by_url.upload_url("k").url.startswith("http://h/_store/k?")
+        with pytest.raises(ConfigError, match="secret"):
+            open_store(str(tmp_path), base_url="http://h")
+        with pytest.raises(ConfigError, match="scheme"):
+            open_store("ftp://host/x", secret="s", base_url="http://h")
+        with pytest.raises(ConfigError, match="unknown"):
+            open_store(str(tmp_path), secret="s", base_url="http://h", colour="red")

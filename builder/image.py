@@ -1,0 +1,415 @@
+"""Job versions as container images: a Dockerfile rendered from a Jinja template, a build
+context assembled from the uploaded code and a host-side wheelhouse, and a builder.
+
+    spec = DockerContextSpec(base_image=..., python_version="3.11", requirements_hash=...,
+                             code_hash=..., opbox_version=...)
+    dockerfile = render_dockerfile(spec)
+    tag = image_tag("localhost", "my-job", spec.requirements_hash, spec.code_hash, spec.opbox_version,
+                    dockerfile=dockerfile)
+    prepare_context(code_dir, requirements, wheels, dest, runtime_wheels=...)
+    (dest / "Dockerfile").write_text(dockerfile)
+    PodmanBuilder().build(dest, tag, log=print)
+
+or all of it at once with ``build_job_image(...)``.
+
+Tags derive from content hashes (``<prefix>/opbox-<job>:<sha12>`` of the requirements, the
+code, the opbox runtime and the rendered Dockerfile), so an unchanged version is never
+rebuilt: the builder sees the tag exists and returns at once.
+
+How images get built is a strategy behind the ``ImageBuilder`` protocol: ``PodmanBuilder``
+builds on this machine; an in-cluster builder (kaniko, see ``KanikoJobSpec``) can stand
+beside it and take the same context folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Protocol, runtime_checkable
+
+import jinja2
+
+from opbox.errors import BuildError, ConfigError, ValidationError
+
+from .wheelhouse import Wheelhouse, iter_tree, requirements_hash, tree_hash
+
+Log = Callable[[str], None]
+
+DEFAULT_BASE_IMAGE = "localhost/opbox-base:bookworm-py3"
+DEFAULT_PYTHON_VERSION = "3.11"
+TEMPLATES_DIR = Path(__file__).parent.parent / "templates"
+#: bump when the tag recipe itself changes
+TAG_SCHEMA = "opbox-image-tag/1"
+
+_HASH = re.compile(r"[0-9a-f]{8,128}")
+_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+# docker/distribution reference grammar, simplified: [host[:port]/]path[:tag][@digest]
+_IMAGE_REF = re.compile(
+    r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
+_PREFIX = re.compile(
+    r"[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]+)?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+# --- the Dockerfile --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DockerContextSpec:
+    """Everything the Dockerfile of a job version depends on."""
+
+    base_image: str
+    python_version: str
+    requirements_hash: str
+    code_hash: str
+    opbox_version: str = ""
+    has_requirements: bool = True
+    labels: tuple[tuple[str, str], ...] = ()  # extra labels; a Mapping is accepted too
+
+    def __post_init__(self) -> None:
+        if isinstance(self.labels, Mapping):
+            object.__setattr__(self, "labels", tuple(sorted((str(k), str(v)) for k, v in self.labels.items())))
+        else:
+            object.__setattr__(self, "labels", tuple((str(k), str(v)) for k, v in self.labels))
+        if not _IMAGE_REF.fullmatch(self.base_image):
+            raise ValidationError(f"not an image reference: {self.base_image!r}")
+        if not re.fullmatch(r"\d+\.\d+", self.python_version):
+            raise ValidationError(f"python_version must look like 3.11, not {self.python_version!r}")
+        for name in ("requirements_hash", "code_hash"):
+            if not _HASH.fullmatch(getattr(self, name)):
+                raise ValidationError(f"{name} must be a lowercase hex digest, not {getattr(self, name)!r}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,127}|", self.opbox_version):
+            raise ValidationError(f"bad opbox_version {self.opbox_version!r}")
+        for key, value in self.labels:
+            if not _LABEL_KEY.fullmatch(key):
+                raise ValidationError(f"bad label key {key!r}")
+            if _CONTROL.search(value) or len(value) > 4096:
+                raise ValidationError(f"label {key!r} has control characters or is too long")
+
+    def all_labels(self) -> list[tuple[str, str]]:
+        own = [
+            ("opbox.version", self.opbox_version),
+            ("opbox.python-version", self.python_version),
+            ("opbox.requirements-hash", self.requirements_hash),
+            ("opbox.code-hash", self.code_hash),
+            ("opbox.base-image", self.base_image),
+        ]
+        taken = {key for key, _ in own}
+        return own + [(k, v) for k, v in self.labels if k not in taken]
+
+
+def _dockerfile_word(value: object) -> str:
+    """A double-quoted Dockerfile word that stays one literal string: quotes and backslashes
+    escaped, ``$`` escaped so no variable is expanded (LABEL and ENV expand them)."""
+    text = str(value)
+    if _CONTROL.search(text):
+        raise ValidationError(f"control character in a Dockerfile value: {text!r}")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+        autoescape=False,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=False,
+        lstrip_blocks=False,
+    )
+    env.filters["dq"] = _dockerfile_word
+    return env
+
+
+def render_dockerfile(ctx: DockerContextSpec, template: str = "docker/Dockerfile.j2") -> str:
+    """The Dockerfile of a job version (multi-stage: deps, then the final image)."""
+    return _environment().get_template(template).render(
+        base_image=ctx.base_image,
+        python_version=ctx.python_version,
+        requirements_hash=ctx.requirements_hash,
+        code_hash=ctx.code_hash,
+        opbox_version=ctx.opbox_version or "unknown",
+        has_requirements=ctx.has_requirements,
+        labels=ctx.all_labels(),
+    )
+
+
+# --- tags ------------------------------------------------------------------------------------
+
+
+def repository_name(job_name: str) -> str:
+    """``opbox-<job>``: the job name as an image repository component (lowercase, [a-z0-9-])."""
+    slug = re.sub(r"[^a-z0-9]+", "-", job_name.lower()).strip("-")[:100].strip("-")
+    if not slug:
+        raise ValidationError(f"job name {job_name!r} has nothing usable for an image name")
+    return f"opbox-{slug}"
+
+
+def image_tag(
+    registry_prefix: str,
+    job_name: str,
+    requirements_hash: str,
+    code_hash: str,
+    opbox_version: str,
+    *,
+    dockerfile: str = "",
+) -> str:
+    """``<prefix>/opbox-<job>:<sha12>``, the sha over everything that goes into the image.
+
+    ``dockerfile`` (the rendered text) brings in the base image, the Python version, the
+    labels and the template itself, so a change to any of them is a new tag too.
+    """
+    prefix = registry_prefix.strip().rstrip("/")
+    if not _PREFIX.fullmatch(prefix):
+        raise ValidationError(f"bad registry prefix {registry_prefix!r}")
+    payload = json.dumps([TAG_SCHEMA, job_name, requirements_hash, code_hash, opbox_version,
+                          hashlib.sha256(dockerfile.encode()).hexdigest()])
+    return f"{prefix}/{repository_name(job_name)}:{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+# --- the build context -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreparedContext:
+    path: Path
+    requirements_hash: str
+    code_hash: str
+    has_requirements: bool
+
+
+def code_hash(code_dir: Path) -> str:
+    return tree_hash(code_dir)
+
+
+def _copy_wheels(src: Path, dst: Path) -> int:
+    dst.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for wheel in sorted(Path(src).glob("*.whl")):
+        try:
+            os.link(wheel, dst / wheel.name)
+        except OSError:
+            shutil.copy2(wheel, dst / wheel.name)
+        count += 1
+    return count
+
+
+def prepare_context(
+    code_dir: Path,
+    requirements: Path | None,
+    wheelhouse: Path,
+    dest: Path,
+    *,
+    runtime_wheels: Path | None = None,
+) -> PreparedContext:
+    """Assemble the build context folder ``dest`` (created; must not exist or be empty):
+
+        dest/code/                  the job's code (caches left out), -> /app
+        dest/requirements.txt       the requirements (empty when there are none)
+        dest/wheels/requirements/   the wheels of ``wheelhouse``
+        dest/wheels/runtime/        opbox's wheel and its dependencies (``runtime_wheels``,
+                                    or ``wheelhouse`` again when that holds them too)
+
+    Wheels are hard-linked when the filesystem allows. The Dockerfile is written by the caller.
+    """
+    code_dir, dest = Path(code_dir), Path(dest)
+    if not code_dir.is_dir():
+        raise ValidationError(f"code folder {code_dir} does not exist")
+    if dest.exists() and any(dest.iterdir()):
+        raise ValidationError(f"build context folder {dest} is not empty")
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel, path in iter_tree(code_dir):
+        target = dest / "code" / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    (dest / "code").mkdir(exist_ok=True)
+    req_hash = requirements_hash(requirements)
+    has_requirements = requirements is not None and req_hash != requirements_hash(None)
+    if has_requirements:
+        shutil.copyfile(requirements, dest / "requirements.txt")
+    else:
+        (dest / "requirements.txt").write_text("")
+    _copy_wheels(Path(wheelhouse), dest / "wheels" / "requirements")
+    if not _copy_wheels(Path(runtime_wheels or wheelhouse), dest / "wheels" / "runtime"):
+        raise BuildError(f"no wheels for the opbox runtime in {runtime_wheels or wheelhouse}")
+    return PreparedContext(dest, req_hash, tree_hash(dest / "code"), has_requirements)
+
+
+# --- builders --------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class ImageBuilder(Protocol):
+    """A way to turn a context folder (with its Dockerfile) into an image ``tag``."""
+
+    def exists(self, tag: str) -> bool:
+        """Whether ``tag`` is already built (then ``build`` does nothing)."""
+
+    def build(self, context_dir: Path, tag: str, log: Log) -> str:
+        """Build (or find) ``tag``, handing each output line to ``log``; return the tag.
+        Raises ``BuildError`` (with the whole output as ``log``) on failure."""
+
+
+class PodmanBuilder:
+    """Builds on this machine with ``podman build``.
+
+    podman rather than ``buildah bud``: both are the same buildah code and storage, but
+    podman builds with ``--layers`` by default, and the one binary also answers
+    ``image exists`` and runs the images (the podman backend's ``podman run``), so a host
+    needs one tool configured, not two. The build runs with ``--network=none``: every
+    package comes from the wheelhouse in the context.
+    """
+
+    def __init__(self, podman: str = "podman", *, timeout: float | None = 1800.0,
+                 extra_args: Iterable[str] = (), lock_dir: Path | None = None):
+        self.podman = podman
+        self.timeout = timeout
+        self.extra_args = list(extra_args)
+        self.lock_dir = Path(lock_dir or Path(tempfile.gettempdir()) / "opbox-build-locks")
+
+    def _exe(self) -> str:
+        exe = shutil.which(self.podman)
+        if not exe:
+            raise ConfigError(f"{self.podman} not found: run scripts/setup-podman.sh")
+        return exe
+
+    def exists(self, tag: str) -> bool:
+        return subprocess.run([self._exe(), "image", "exists", tag], stdin=subprocess.DEVNULL,
+                              capture_output=True).returncode == 0
+
+    def remove(self, tag: str) -> None:
+        subprocess.run([self._exe(), "rmi", "--force", tag], stdin=subprocess.DEVNULL, capture_output=True)
+
+    def build(self, context_dir: Path, tag: str, log: Log = _quiet) -> str:
+        context_dir = Path(context_dir)
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = self.lock_dir / (hashlib.sha256(tag.encode()).hexdigest()[:24] + ".lock")
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one build per tag at a time; the second finds it built
+            if self.exists(tag):
+                log(f"image {tag} exists: nothing to build")
+                return tag
+            if not (context_dir / "Dockerfile").is_file():
+                raise BuildError(f"no Dockerfile in {context_dir}")
+            cmd = [self._exe(), "build", "--layers", "--network=none", "--pull=missing", "--force-rm",
+                   "--tag", tag, "--file", str(context_dir / "Dockerfile"), *self.extra_args, str(context_dir)]
+            log("$ " + " ".join(cmd))
+            code, output = self._stream(cmd, log)
+            if code != 0:
+                reason = "timed out" if code is None else f"exit {code}"
+                raise BuildError(f"building image {tag} failed ({reason})", log=output)
+            return tag
+
+    def _stream(self, cmd: list[str], log: Log) -> tuple[int | None, str]:
+        lines: list[str] = []
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, encoding="utf-8", errors="replace", bufsize=1,
+                                start_new_session=True)
+        timed_out = threading.Event()
+
+        def kill() -> None:
+            timed_out.set()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # podman and whatever it started
+            except OSError:
+                proc.kill()
+
+        timer = threading.Timer(self.timeout, kill) if self.timeout else None
+        if timer:
+            timer.daemon = True
+            timer.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                lines.append(line)
+                log(line)
+            proc.wait()
+        finally:
+            if timer:
+                timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        output = "\n".join(lines) + ("\n" if lines else "")
+        return (None if timed_out.is_set() else proc.returncode), output
+
+
+# --- all together ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    tag: str
+    built: bool  # False: the tag existed already
+    seconds: float
+    spec: DockerContextSpec
+    log: str = field(default="", repr=False)
+
+
+def build_job_image(
+    code_dir: Path,
+    requirements: Path | None,
+    *,
+    job_name: str,
+    wheelhouse: Wheelhouse,
+    builder: ImageBuilder,
+    registry_prefix: str = "localhost",
+    base_image: str = DEFAULT_BASE_IMAGE,
+    labels: Mapping[str, str] | None = None,
+    work_dir: Path | None = None,
+    log: Log = _quiet,
+) -> BuiltImage:
+    """Hash, tag, and build a job version's image unless that tag exists.
+
+    The no-op path hashes the code, the requirements and opbox's source and asks the builder;
+    it downloads and copies nothing.
+    """
+    start = time.monotonic()
+    lines: list[str] = []
+
+    def record(line: str) -> None:
+        lines.append(line)
+        log(line)
+
+    spec = DockerContextSpec(
+        base_image=base_image,
+        python_version=wheelhouse.python_version,
+        requirements_hash=requirements_hash(requirements),
+        code_hash=code_hash(code_dir),
+        opbox_version=wheelhouse.runtime_version(),
+        has_requirements=requirements is not None and requirements_hash(requirements) != requirements_hash(None),
+        labels=tuple(sorted((labels or {}).items())),
+    )
+    dockerfile = render_dockerfile(spec)
+    tag = image_tag(registry_prefix, job_name, spec.requirements_hash, spec.code_hash, spec.opbox_version,
+                    dockerfile=dockerfile)
+    if builder.exists(tag):
+        record(f"image {tag} exists: nothing to build")
+        return BuiltImage(tag, False, time.monotonic() - start, spec, "\n".join(lines))
+    req_wheels = wheelhouse.requirement_wheels(requirements if spec.has_requirements else None, record)
+    runtime = wheelhouse.runtime_wheels(record)
+    if runtime.version != spec.opbox_version:  # opbox's source changed under us
+        raise BuildError(f"opbox changed while building ({spec.opbox_version} -> {runtime.version}): try again")
+    with tempfile.TemporaryDirectory(prefix="opbox-context-", dir=work_dir) as tmp:
+        context = prepare_context(code_dir, requirements if spec.has_requirements else None, req_wheels,
+                                  Path(tmp) / "context", runtime_wheels=runtime.path)
+        (context.path / "Dockerfile").write_text(dockerfile)
+        builder.build(context.path, tag, record)
+    return BuiltImage(tag, True, time.monotonic() - start, spec, "\n".join(lines))

@@ -9,11 +9,14 @@ import os
 import sys
 from pathlib import Path
 
-from . import serialization
-from .client import Client, default_client
+from typing import TYPE_CHECKING
+
 from .errors import BuildError, ConfigError, OpboxError, ValidationError, from_response
-from .remote import RemoteFunction
 from .resource import Resource
+
+if TYPE_CHECKING:  # the SDK's HTTP side is imported on use: the runtime imports this module too
+    from .client import Client
+    from .remote import RemoteFunction
 
 
 def operator(name: str | None = None, resource: Resource | None = None, *, timeout: float | None = None,
@@ -54,14 +57,17 @@ class Operator:
         return f"<opbox operator {self.name!r} of {self.fn!r}>"
 
     @classmethod
-    def from_job(cls, ref: str, version: int | None = None, client: Client | None = None) -> RemoteFunction:
+    def from_job(cls, ref: str, version: int | None = None, client: "Client | None" = None) -> "RemoteFunction":
         """The remote handle of a deployed job, by id or name (``version``: pin one; default the latest)."""
+        from .client import default_client
+        from .remote import RemoteFunction
+
         client = client or default_client()
         job = client.get(f"/job/{ref}").json()
         return RemoteFunction(job["id"], job["name"], version, client)
 
     def deploy(self, *, name: str | None = None, resource: Resource | None = None, timeout: float | None = None,
-               max_retries: int | None = None, client: Client | None = None, quiet: bool = False) -> RemoteFunction:
+               max_retries: int | None = None, client: "Client | None" = None, quiet: bool = False) -> "RemoteFunction":
         """Pack the folder that holds this function's file, upload it, build it: a new version of the job.
 
         Build output goes to stderr (unless ``quiet``). Returns the remote handle, pinned to
@@ -71,6 +77,8 @@ class Operator:
             raise ConfigError(
                 f"{self.name}.deploy() was called while the opbox runtime imported your module; put deploy "
                 "calls under `if __name__ == \"__main__\":` so that importing the module does not deploy")
+        from .client import default_client
+
         spec = (resource or self.resource).merge(timeout=timeout, max_retries=max_retries)
         return deploy_function(self.fn, name or self.name, spec, client or default_client(), quiet)
 
@@ -90,8 +98,10 @@ def source_of(fn) -> tuple[Path, str]:
     return path.parent, f"{path.stem}:{fn.__qualname__}"
 
 
-def deploy_function(fn, name: str, resource: Resource, client: Client, quiet: bool) -> RemoteFunction:
+def deploy_function(fn, name: str, resource: Resource, client: "Client", quiet: bool) -> "RemoteFunction":
+    from . import serialization
     from .packaging import pack_folder
+    from .remote import RemoteFunction
 
     folder, entry = source_of(fn)
     packed = pack_folder(folder)

@@ -21,7 +21,7 @@ _SUFFIX = {
     "Ki": Decimal(2) ** 10, "Mi": Decimal(2) ** 20, "Gi": Decimal(2) ** 30, "Ti": Decimal(2) ** 40,
     "Pi": Decimal(2) ** 50, "Ei": Decimal(2) ** 60,
 }
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")  # a node label's value
 
 
 def parse_quantity(value: str | int | float, what: str = "quantity") -> Decimal:
@@ -81,8 +81,9 @@ class Resource:
         set_(self, "cpu", _check_quantity(self.cpu, "cpu", binary=False))
         set_(self, "memory", _check_quantity(self.memory, "memory", binary=True))
         set_(self, "disk", _check_quantity(self.disk, "disk", binary=True))
-        if self.gpu is not None and (not isinstance(self.gpu, str) or not _NAME.match(self.gpu)):
-            raise ValidationError(f"gpu: {self.gpu!r} is not a GPU type name (such as 'nvidia-tesla-t4')")
+        if self.gpu is not None and (not isinstance(self.gpu, str) or not _LABEL_VALUE.match(self.gpu)):
+            raise ValidationError(
+                f"gpu: {self.gpu!r} is not a GPU type (a node label value such as 'nvidia-tesla-t4' or 'Tesla-T4')")
         if isinstance(self.gpu_count, bool) or not isinstance(self.gpu_count, int) or self.gpu_count < 0:
             raise ValidationError(f"gpu_count: expected a whole number >= 0, got {self.gpu_count!r}")
         if self.gpu is not None and self.gpu_count == 0:

@@ -103,8 +103,12 @@ class DeployService:
 
     async def load_code(self, workspace: str, sha256: str) -> bytes:
         """The uploaded archive, checked against its hash (before any version is made)."""
+        key = code_key(workspace, sha256)
+        size = await asyncio.to_thread(self.store.size, key)
+        if size is not None and size > self.max_upload:  # S3 presigned PUTs cannot cap the size themselves
+            raise PayloadTooLarge(f"the uploaded code is {size} bytes; the upload limit is {self.max_upload}")
         try:
-            zip_bytes = await asyncio.to_thread(self.store.get, code_key(workspace, sha256))
+            zip_bytes = await asyncio.to_thread(self.store.get, key)
         except NotFound:
             raise NotFound(f"no uploaded code with sha256 {sha256}; upload it first") from None
         if hashlib.sha256(zip_bytes).hexdigest() != sha256:

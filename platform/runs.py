@@ -277,7 +277,7 @@ class RunService:
             payload = serialization.error_envelope("opbox.PayloadTooLarge", reason)
         with self.state.tx() as db:
             db.execute(
-                "UPDATE runs SET status = ?, finished_at = ?, exit_reason = ?, error_type = ?, "
+                "UPDATE runs SET status = ?, finished_at = ?, exit_reason = COALESCE(?, exit_reason), error_type = ?, "
                 "started_at = COALESCE(started_at, ?) WHERE id = ?",
                 (status, time.time(), reason, error_type, time.time(), run_id))
             db.execute("INSERT OR REPLACE INTO payloads(run_id, kind, data) VALUES (?, 'result', ?)", (run_id, payload))

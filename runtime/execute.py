@@ -37,15 +37,26 @@ def _user_traceback(exc: BaseException, skip: int) -> str:
 
 
 class Executor:
-    """Runs calls of one entry point; imports it on first use so an import error fails the run, visibly."""
+    """Runs calls of one entry point. ``preload`` imports it ahead of the first run; an import
+    error is kept and fails each run with its traceback (the worker does not crash-loop)."""
 
     def __init__(self, entry: str, code_dir: str | None):
         self.entry, self.code_dir = entry, code_dir
         self.target = None
+        self.import_error: BaseException | None = None
+
+    def preload(self) -> None:
+        try:
+            self.target = load_target(self.entry, self.code_dir)
+        except Exception as exc:
+            self.import_error = exc
 
     def __call__(self, args_payload: bytes) -> tuple[str, bytes]:
         try:
             if self.target is None:
+                if self.import_error is not None:
+                    exc, self.import_error = self.import_error, None
+                    raise exc
                 self.target = load_target(self.entry, self.code_dir)
             args, kwargs = serialization.load_args(args_payload)
         except SerializationError as exc:

@@ -28,6 +28,7 @@ def main() -> int:
     execute = Executor(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR"))
     capture = OutputCapture(lambda run_id, data: logs.request("POST", f"/_internal/pools/{pool}/runs/{run_id}/logs", data))
     signal.signal(signal.SIGTERM, _terminate)
+    execute.preload()  # before asking for work: the first run does not pay for the import
     next_path = f"/_internal/pools/{pool}/next?wait=10"
     done_headers, body = None, b""
     while True:

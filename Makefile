@@ -1,0 +1,37 @@
+# The README's commands: `make run` starts the platform; `make test` installs what the tests need and runs them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+EXTRAS := test,s3,kubernetes
+
+.PHONY: install run test lint demo bench clean
+
+$(BIN)/python:
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	uv venv --quiet --python $(PYTHON) $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	VIRTUAL_ENV=$(VENV) uv pip install --quiet -e '.[$(EXTRAS)]'
+	@touch $@
+
+install: $(VENV)/.installed  ## the venv with opbox and the test tools
+
+run: install  ## start the platform (gateway, local backend, SQLite, local object store) on http://127.0.0.1:8000
+	$(BIN)/opbox up
+
+lint: install  ## import-linter contracts (layers; the platform never unpickles)
+	$(BIN)/python scripts/lint_imports.py
+
+test: install  ## everything: podman for the image tests, import contracts, the whole suite
+	bash scripts/setup-podman.sh
+	$(BIN)/python scripts/lint_imports.py
+	$(BIN)/python -m pytest
+
+demo: install  ## the quickstart against a fresh platform, started and stopped here
+	$(BIN)/python scripts/demo.py
+
+bench: install  ## hot-path figures as JSON (bench/)
+	$(BIN)/python bench/bench.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,87 @@
+"""The `opbox` command line, run as a user runs it, against a real platform."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+CODE = """
+import time
+from opbox import operator
+
+@operator()
+def greet(name="world"):
+    print(f"hello {name}")
+    return f"hi {name}"
+
+@operator()
+def napper(seconds=30):
+    print("napping", flush=True)
+    time.sleep(seconds)
+"""
+
+
+@pytest.fixture(scope="module")
+def cli(plat, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli_proj")
+    (folder / "climod.py").write_text(CODE)
+    env = {**os.environ, "OPBOX_URL": plat.url, "OPBOX_TOKEN": plat.token, "OPBOX_WORKSPACE": plat.workspace}
+
+    def run(*args, check=True, timeout=60):
+        out = subprocess.run([sys.executable, "-m", "opbox.cli", *args], env=env, capture_output=True, text=True,
+                             timeout=timeout, cwd=folder)
+        if check:
+            assert out.returncode == 0, out.stderr
+        return out
+
+    run.folder = folder
+    return run
+
+
+def test_help_everywhere(cli):
+    for command in ([], ["up"], ["deploy"], ["jobs"], ["runs"], ["logs"], ["trigger"], ["cancel"], ["status"],
+                    ["workspace", "create"]):
+        out = cli(*command, "--help")
+        assert "Usage:" in out.stdout
+
+
+def test_deploy_jobs_trigger_runs_logs(cli):
+    deployed = json.loads(cli("deploy", "climod.py:greet", "--json").stdout)
+    assert deployed["name"] == "greet" and deployed["version"] == 1
+    jobs = json.loads(cli("jobs", "--json").stdout)
+    assert any(j["name"] == "greet" and j["latest_version"] == 1 for j in jobs)
+    assert "greet" in cli("jobs").stdout
+    done = json.loads(cli("trigger", "greet", "--kwargs", '{"name": "cli"}', "--wait", "--json").stdout)
+    assert done["status"] == "succeeded" and done["result"] == "hi cli"
+    runs = json.loads(cli("runs", "greet", "--json").stdout)
+    assert runs[0]["id"] == done["run_id"]
+    assert "hello cli" in cli("logs", done["run_id"]).stdout
+    assert json.loads(cli("status", done["run_id"], "--json").stdout)["status"] == "succeeded"
+    assert "succeeded" in cli("runs", "greet").stdout
+
+
+def test_follow_logs_and_cancel(cli):
+    cli("deploy", "climod.py:napper", "--json")
+    started = json.loads(cli("trigger", "napper", "--json").stdout)
+    deadline = time.monotonic() + 20
+    while json.loads(cli("status", started["run_id"], "--json").stdout)["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    cancelled = json.loads(cli("cancel", started["run_id"], "--json").stdout)
+    assert cancelled["status"] == "cancelled"
+    follow = cli("logs", "-f", started["run_id"], timeout=20)
+    assert "napping" in follow.stdout
+
+
+def test_errors_are_clear(cli):
+    out = cli("runs", "no-such-job", check=False)
+    assert out.returncode == 1 and "error: no job 'no-such-job'" in out.stderr
+    out = cli("deploy", "climod.py", check=False)
+    assert out.returncode != 0 and "TARGET must look like" in out.stderr
+    out = cli("trigger", "greet", "--args", "not json", check=False)
+    assert out.returncode != 0 and "JSON" in out.stderr

@@ -45,13 +45,22 @@ class Client:
     def path(self, path: str) -> str:
         return f"/{self.config.workspace}{path}"
 
-    def request(self, method: str, path: str, *, retry: bool = False, **kwargs) -> httpx.Response:
-        """One API call in this workspace; ``retry`` resends it while the gateway is unreachable."""
+    def request(self, method: str, path: str, *, retry: bool = False, wait_quota: bool = False,
+                **kwargs) -> httpx.Response:
+        """One API call in this workspace.
+
+        ``retry`` resends it while the gateway is unreachable (for idempotent requests);
+        ``wait_quota`` waits out 429 answers (Retry-After) for as long as they come.
+        """
         deadline = time.monotonic() + (self.retry_for if retry else 0)
         delay = 0.1
         while True:
             try:
                 return raise_for(self.http.request(method, self.path(path), **kwargs))
+            except errors.QuotaExceeded as exc:
+                if not wait_quota:
+                    raise
+                time.sleep(float(exc.details.get("retry_after") or 1.0))
             except CONNECT_ERRORS as exc:
                 if time.monotonic() + delay > deadline:
                     raise errors.Unavailable(

@@ -192,9 +192,12 @@ class _Map:
             self.error = exc
 
     def _send(self, start: int, frames: list[bytes]) -> None:
-        self.client.request("POST", f"/batches/{self.batch_id}/items", params={"start": start},
-                            content=b"".join(frames), retry=True,
-                            headers={"Content-Type": "application/octet-stream"})
+        while frames:  # under a quota the platform may take only a prefix; the rest goes again
+            answer = self.client.request("POST", f"/batches/{self.batch_id}/items", params={"start": start},
+                                         content=b"".join(frames), retry=True, wait_quota=True,
+                                         headers={"Content-Type": "application/octet-stream"}).json()
+            start += answer["accepted"]
+            frames = frames[answer["accepted"]:]
 
     def _stream(self) -> Iterator[dict]:
         """Result lines from completion number 1 on, reconnecting (from where it was) if the stream breaks."""

@@ -62,7 +62,8 @@ class Platform:
         self.store = make_store(settings, self.secret)
         self.backend = make_backend(settings, self.auth)
         self.runs = RunService(self.state, self.backend, Limits(
-            max_payload=settings.max_payload, max_log_bytes=settings.max_log_bytes, cancel_grace=settings.cancel_grace))
+            max_payload=settings.max_payload, max_log_bytes=settings.max_log_bytes, cancel_grace=settings.cancel_grace,
+            max_open_runs=settings.max_open_runs))
         self.deploys = DeployService(self.state, self.store, LocalBuilder(home), self.runs, settings.max_upload)
 
     def bootstrap(self) -> dict | None:

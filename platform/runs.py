@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from opbox import envelope as serialization
-from opbox.errors import Conflict, NotFound, PayloadTooLarge, ValidationError
+from opbox.errors import Conflict, NotFound, PayloadTooLarge, QuotaExceeded, ValidationError
 from opbox.resource import Resource
 
 from .backends.base import Backend, RunTicket, VersionInfo
@@ -45,6 +45,7 @@ class Limits:
     max_payload: int = 64 * 1024**2
     max_log_bytes: int = 8 * 1024**2
     max_batch_items: int = 10_000  # per submission request; a map may have any number
+    max_open_runs: int = 100_000  # per workspace: queued + running; beyond it, 429 until some end
     cancel_grace: float = 5.0
 
 
@@ -56,6 +57,15 @@ class RunService:
         self.notifier = Notifier()
         self.batches: dict[str, BatchState] = {}
         self._versions: dict[tuple[str, int], VersionInfo] = {}
+        self.open_runs: dict[str, int] = {}  # per workspace, kept in step with the runs table
+
+    def _reserve(self, workspace: str, count: int) -> None:
+        open_now = self.open_runs.get(workspace, 0)
+        if open_now + count > self.limits.max_open_runs:
+            raise QuotaExceeded(
+                f"workspace {workspace} has {open_now} runs queued or running and may have at most "
+                f"{self.limits.max_open_runs}; retry when some have ended", retry_after=1)
+        self.open_runs[workspace] = open_now + count
 
     # -- versions ------------------------------------------------------------------
     def version_info(self, job_id: str, version: int) -> VersionInfo:
@@ -85,11 +95,16 @@ class RunService:
 
     def create(self, version: VersionInfo, payload: bytes, trigger: str) -> str:
         self._check_payload(payload)
+        self._reserve(version.workspace, 1)
         run_id = new_id("r")
         res = version.resource
         row = (run_id, version.workspace, version.job_id, version.version, "queued", trigger, time.time(),
                res.max_retries, res.timeout, None, None)
-        self.state.insert_runs([row], [(run_id, payload)])
+        try:
+            self.state.insert_runs([row], [(run_id, payload)])
+        except BaseException:
+            self.open_runs[version.workspace] -= 1
+            raise
         self._dispatch(RunTicket(run_id, version.workspace, version.job_id, version.version, res.timeout), version)
         return run_id
 
@@ -110,8 +125,13 @@ class RunService:
             raise NotFound(f"no batch {batch_id}")
         return row
 
-    def add_items(self, workspace: str, batch_id: str, start: int, payloads: list[bytes]) -> int:
-        """Add items ``start, start+1, ...`` to a batch; idempotent per index. Returns how many were new."""
+    def add_items(self, workspace: str, batch_id: str, start: int, payloads: list[bytes]) -> tuple[int, int]:
+        """Add items ``start, start+1, ...`` to a batch; idempotent per index.
+
+        Returns (new, accepted): how many were new, and how many from the front are now stored.
+        Under the workspace's open-runs quota only a prefix may fit; the caller sends the rest
+        later. Nothing fitting at all is a 429.
+        """
         row = self.batch(workspace, batch_id)
         if row["cancelled"]:
             raise Conflict(f"batch {batch_id} was cancelled")
@@ -130,27 +150,41 @@ class RunService:
                 (batch_id, start, start + len(payloads) - 1),
             )
         }
+        room = self.limits.max_open_runs - self.open_runs.get(workspace, 0)
         now = time.time()
         rows, blobs, tickets = [], [], []
+        accepted = 0
         for offset, payload in enumerate(payloads):
             index = start + offset
-            if index in existing:
-                continue
-            run_id = f"{batch_id}.{index}"
-            rows.append((run_id, workspace, version.job_id, version.version, "queued", "map", now,
-                         res.max_retries, res.timeout, batch_id, index))
-            blobs.append((run_id, payload))
-            tickets.append(RunTicket(run_id, workspace, version.job_id, version.version, res.timeout))
+            if index not in existing:
+                if len(rows) >= room:
+                    break
+                run_id = f"{batch_id}.{index}"
+                rows.append((run_id, workspace, version.job_id, version.version, "queued", "map", now,
+                             res.max_retries, res.timeout, batch_id, index))
+                blobs.append((run_id, payload))
+                tickets.append(RunTicket(run_id, workspace, version.job_id, version.version, res.timeout))
+            accepted += 1
+        if accepted == 0:
+            self._reserve(workspace, 1)  # raises the quota's 429
         if rows:
-            with self.state.tx() as db:
-                db.executemany(
-                    "INSERT INTO runs(id, workspace, job_id, version, status, trigger, created_at, max_retries, "
-                    "timeout, batch_id, batch_index) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-                db.executemany("INSERT INTO payloads(run_id, kind, data) VALUES (?, 'args', ?)", blobs)
-                db.execute("UPDATE batches SET submitted = submitted + ? WHERE id = ?", (len(rows), batch_id))
+            self._reserve(workspace, len(rows))
+            try:
+                self._insert_items(batch_id, rows, blobs)
+            except BaseException:
+                self.open_runs[workspace] -= len(rows)
+                raise
             for ticket in tickets:
                 self._dispatch(ticket, version)
-        return len(rows)
+        return len(rows), accepted
+
+    def _insert_items(self, batch_id: str, rows: list, blobs: list) -> None:
+        with self.state.tx() as db:
+            db.executemany(
+                "INSERT INTO runs(id, workspace, job_id, version, status, trigger, created_at, max_retries, "
+                "timeout, batch_id, batch_index) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            db.executemany("INSERT INTO payloads(run_id, kind, data) VALUES (?, 'args', ?)", blobs)
+            db.execute("UPDATE batches SET submitted = submitted + ? WHERE id = ?", (len(rows), batch_id))
 
     def seal_batch(self, workspace: str, batch_id: str, total: int) -> dict:
         row = self.batch(workspace, batch_id)
@@ -232,23 +266,32 @@ class RunService:
         self._end(run_id, status, reason, payload, None, retriable=status == "failed")
 
     def append_log(self, run_id: str, data: bytes) -> None:
+        """Append output; past the run's budget the oldest output goes, and a marker says so."""
         if not data:
             return
         run = self.state.one("SELECT log_bytes FROM runs WHERE id = ?", run_id)
         if run is None:
             return
         limit = self.limits.max_log_bytes
-        data = data[-limit:]
+        dropped = False
+        if len(data) > limit:  # keep the newest bytes, from a line start where there is one
+            data = data[-limit:]
+            newline = data.find(b"\n")
+            data = data[newline + 1:] if 0 <= newline < len(data) - 1 else data
+            dropped = True
         with self.state.tx() as db:
             seq = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM logs WHERE run_id = ?", (run_id,)).fetchone()[0]
             size = run["log_bytes"] + len(data)
-            if size > limit:  # drop the oldest chunks, leave a marker in their place
+            if size > limit:
                 for old_seq, old_len in db.execute(
-                    "SELECT seq, length(data) FROM logs WHERE run_id = ? ORDER BY seq", (run_id,)).fetchall():
+                        "SELECT seq, length(data) FROM logs WHERE run_id = ? AND seq >= 0 ORDER BY seq",
+                        (run_id,)).fetchall():
                     if size <= limit:
                         break
                     db.execute("DELETE FROM logs WHERE run_id = ? AND seq = ?", (run_id, old_seq))
                     size -= old_len
+                dropped = True
+            if dropped:
                 db.execute("INSERT OR REPLACE INTO logs(run_id, seq, data) VALUES (?, -1, ?)", (run_id, LOG_DROPPED))
             db.execute("INSERT INTO logs(run_id, seq, data) VALUES (?, ?, ?)", (run_id, seq, data))
             db.execute("UPDATE runs SET log_bytes = ? WHERE id = ?", (size, run_id))
@@ -285,6 +328,7 @@ class RunService:
                 seq = db.execute("UPDATE batches SET done = done + 1 WHERE id = ? RETURNING done",
                                  (run["batch_id"],)).fetchone()[0]
                 db.execute("UPDATE runs SET done_seq = ? WHERE id = ?", (seq, run_id))
+        self.open_runs[run["workspace"]] = max(0, self.open_runs.get(run["workspace"], 0) - 1)
         self.notifier.notify(run_id)
         self.notifier.notify(f"logs:{run_id}")
         if run["batch_id"]:
@@ -333,6 +377,8 @@ class RunService:
             "exit_reason = 'requeued: the platform restarted while it ran' WHERE status = 'running'")
         rows = self.state.all("SELECT id, workspace, job_id, version, timeout, attempt, batch_id FROM runs "
                               "WHERE status = 'queued' ORDER BY id")
+        for run in rows:
+            self.open_runs[run["workspace"]] = self.open_runs.get(run["workspace"], 0) + 1
         for run in rows:
             try:
                 version = self.version_info(run["job_id"], run["version"])

@@ -44,6 +44,7 @@ class Settings:
     max_request_body: int = 80 * 1024**2
     max_payload: int = 64 * 1024**2
     max_log_bytes: int = 8 * 1024**2
+    max_open_runs: int = 100_000  # per workspace: queued + running
     cancel_grace: float = 5.0
 
     @classmethod
@@ -64,6 +65,9 @@ class Settings:
             pool_idle=_float("OPBOX_POOL_IDLE", 900.0),
             max_upload=_int("OPBOX_MAX_UPLOAD", 200 * 1024**2),
             max_log_bytes=_int("OPBOX_MAX_LOG_BYTES", 8 * 1024**2),
+            max_open_runs=_int("OPBOX_MAX_OPEN_RUNS", 100_000),
+            max_payload=_int("OPBOX_MAX_PAYLOAD", 64 * 1024**2),
+            max_request_body=_int("OPBOX_MAX_REQUEST_BODY", 80 * 1024**2),
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -14,6 +14,7 @@ import sys
 from .capture import OutputCapture
 from .channel import Channel, GatewayGone
 from .execute import Executor
+from .worker import _ok
 
 
 def main(run_id: str) -> int:
@@ -25,7 +26,7 @@ def main(run_id: str) -> int:
             print(f"opbox: run {run_id} cannot start: gateway answered {status}: {args[:500]!r}", file=sys.stderr)
             return 2
         logs = Channel(env["OPBOX_GATEWAY_URL"], env["OPBOX_RUN_TOKEN"], socket.gethostname(), patience=10)
-        capture = OutputCapture(lambda rid, data: logs.request("POST", f"/_internal/runs/{rid}/logs", data))
+        capture = OutputCapture(lambda rid, data: _ok(logs.request("POST", f"/_internal/runs/{rid}/logs", data)))
         execute = Executor(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR") or os.getcwd())
         capture.start(run_id)
         try:

@@ -10,6 +10,10 @@ import threading
 from typing import Callable
 
 
+SHIP_CHUNK = 1024 * 1024  # bytes per request to the gateway
+MAX_BACKLOG = 8 * 1024 * 1024  # unsent output beyond this is skipped (the platform keeps the newest anyway)
+
+
 class OutputCapture:
     def __init__(self, ship: Callable[[str, bytes], None], interval: float = 0.5):
         self.ship = ship
@@ -44,8 +48,18 @@ class OutputCapture:
         end = os.fstat(self.fd).st_size
         if self.run_id is None or end <= self.pos:
             return
-        data = os.pread(self.fd, end - self.pos, self.pos)
-        self.pos += len(data)
+        if end - self.pos > MAX_BACKLOG:
+            skipped = end - MAX_BACKLOG - self.pos
+            self.pos = end - MAX_BACKLOG
+            self._send(f"[opbox: {skipped} bytes of output skipped]\n".encode())
+        while self.pos < end:
+            data = os.pread(self.fd, min(SHIP_CHUNK, end - self.pos), self.pos)
+            if not data:
+                break
+            self.pos += len(data)
+            self._send(data)
+
+    def _send(self, data: bytes) -> None:
         try:
             self.ship(self.run_id, data)
         except Exception as exc:  # logs are best effort; the run's result is not

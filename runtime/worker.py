@@ -20,13 +20,19 @@ def _terminate(signum, frame):  # cancellation: unwind the user's code (finally 
     raise SystemExit(128 + signum)
 
 
+def _ok(answer) -> None:
+    status, _, data = answer
+    if status >= 300:
+        raise RuntimeError(f"gateway answered {status}: {data[:200]!r}")
+
+
 def main() -> int:
     env = os.environ
     pool, worker = env["OPBOX_POOL"], env["OPBOX_WORKER_ID"]
     channel = Channel(env["OPBOX_GATEWAY_URL"], env["OPBOX_WORKER_TOKEN"], worker)
     logs = Channel(env["OPBOX_GATEWAY_URL"], env["OPBOX_WORKER_TOKEN"], worker, patience=10)
     execute = Executor(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR"))
-    capture = OutputCapture(lambda run_id, data: logs.request("POST", f"/_internal/pools/{pool}/runs/{run_id}/logs", data))
+    capture = OutputCapture(lambda run_id, data: _ok(logs.request("POST", f"/_internal/pools/{pool}/runs/{run_id}/logs", data)))
     signal.signal(signal.SIGTERM, _terminate)
     execute.preload()  # before asking for work: the first run does not pay for the import
     next_path = f"/_internal/pools/{pool}/next?wait=10"

@@ -16,6 +16,8 @@ from ..pools import Completion, Lease
 from .http import query_number, read_body
 from .routes_jobs import platform
 
+LOG_CHUNK_LIMIT = 2 * 1024 * 1024  # the runtime ships at most 1 MiB a request; the run's budget is applied after
+
 
 def _pools(request: Request):
     plat = platform(request)
@@ -53,7 +55,7 @@ async def worker_logs(request: Request):
     run = plat.state.run(run_id)
     if run is None or f"{run['job_id']}.v{run['version']}" != pool_id:
         raise NotFound(f"run {run_id} is not one of this pool's")
-    plat.runs.append_log(run_id, await read_body(request, plat.settings.max_log_bytes))
+    plat.runs.append_log(run_id, await read_body(request, LOG_CHUNK_LIMIT))
     return Response(status_code=204)
 
 
@@ -79,7 +81,7 @@ async def run_args(request: Request):
 
 async def run_logs(request: Request):
     plat, run_id = _run(request)
-    plat.runs.append_log(run_id, await read_body(request, plat.settings.max_log_bytes))
+    plat.runs.append_log(run_id, await read_body(request, LOG_CHUNK_LIMIT))
     return Response(status_code=204)
 
 

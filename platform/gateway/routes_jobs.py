@@ -80,7 +80,7 @@ async def deploy(request: Request):
             required: [name, entry, code_sha256, python]
             properties:
               name: {type: string}
-              kind: {type: string, enum: [function, class]}
+              kind: {type: string, enum: [function, class, asgi]}
               entry: {type: string}
               code_sha256: {type: string}
               python: {type: string}
@@ -313,6 +313,10 @@ def split_frames(data: bytes) -> list[bytes]:
 async def add_items(request: Request):
     """
     summary: Add items to a map, as length-prefixed args envelopes; idempotent per index
+    description: >
+      Answers how many items were new and how many from the front are stored ("accepted"). Under the
+      workspace's open-runs quota only a prefix may be accepted: send the rest again from start+accepted.
+      429 when none fits.
     parameters:
       - {name: start, in: query, required: true, schema: {type: integer, minimum: 0}}
     requestBody:
@@ -328,8 +332,8 @@ async def add_items(request: Request):
     if start is None:
         raise ValidationError("query parameter 'start' is required")
     frames = split_frames(await read_body(request, plat.settings.max_request_body))
-    added = plat.runs.add_items(ws, request.path_params["batch"], start, frames)
-    return ok({"added": added, "received": len(frames)})
+    added, accepted = plat.runs.add_items(ws, request.path_params["batch"], start, frames)
+    return ok({"added": added, "accepted": accepted, "received": len(frames)})
 
 
 async def seal_batch(request: Request):

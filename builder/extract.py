@@ -120,6 +120,10 @@ def extract_to_content_dir(src: Source, root: Path, content_hash: str, *,
             shutil.rmtree(tmp, ignore_errors=True)  # another extractor won the race
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            final.parent.rmdir()  # the shard folder, if this left it empty
+        except OSError:
+            pass
         raise
     return final
 

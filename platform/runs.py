@@ -159,11 +159,12 @@ class RunService:
             if index not in existing:
                 if len(rows) >= room:
                     break
-                run_id = f"{batch_id}.{index}"
+                run_id = f"r-{batch_id[2:]}.{index}"  # time-ordered like other runs; unique per index
                 rows.append((run_id, workspace, version.job_id, version.version, "queued", "map", now,
                              res.max_retries, res.timeout, batch_id, index))
                 blobs.append((run_id, payload))
-                tickets.append(RunTicket(run_id, workspace, version.job_id, version.version, res.timeout))
+                tickets.append(RunTicket(run_id, workspace, version.job_id, version.version, res.timeout,
+                                         batch_id=batch_id))
             accepted += 1
         if accepted == 0:
             self._reserve(workspace, 1)  # raises the quota's 429
@@ -206,9 +207,8 @@ class RunService:
         return state
 
     def _dispatch(self, ticket: RunTicket, version: VersionInfo) -> None:
-        batch_id = ticket.run_id.rsplit(".", 1)[0] if ticket.run_id.startswith("b-") else None
-        if batch_id is not None:
-            state = self.batches.get(batch_id)
+        if ticket.batch_id is not None:
+            state = self.batches.get(ticket.batch_id)
             if state is not None and state.limit is not None:
                 if state.inflight >= state.limit:
                     state.pending.append(ticket)
@@ -313,7 +313,7 @@ class RunService:
                 "worker = NULL WHERE id = ?", (f"attempt {run['attempt'] + 1} failed: {reason}", run_id))
             version = self.version_info(run["job_id"], run["version"])
             self.backend.submit(RunTicket(run_id, run["workspace"], run["job_id"], run["version"], run["timeout"],
-                                          run["attempt"] + 1), version)
+                                          run["attempt"] + 1, run["batch_id"]), version)
             return
         if len(payload) > self.limits.max_payload:
             status, reason = "failed", f"result is {len(payload)} bytes; the limit is {self.limits.max_payload}"
@@ -332,13 +332,12 @@ class RunService:
         self.notifier.notify(run_id)
         self.notifier.notify(f"logs:{run_id}")
         if run["batch_id"]:
-            self._release_slot(run_id)
+            self._release_slot(run["batch_id"])
             self.notifier.notify(f"batch:{run['batch_id']}")
 
-    def _release_slot(self, run_id: str) -> None:
-        if not run_id.startswith("b-"):
-            return
-        state = self.batches.get(run_id.rsplit(".", 1)[0])
+    def _release_slot(self, batch_id: str) -> None:
+        """A map's item ended: let the next waiting item of that map start."""
+        state = self.batches.get(batch_id)
         if state is None or state.limit is None:
             return
         state.inflight = max(0, state.inflight - 1)
@@ -389,7 +388,7 @@ class RunService:
                 batch = self.state.one("SELECT * FROM batches WHERE id = ?", run["batch_id"])
                 self.batches[batch["id"]] = BatchState(batch["id"], version, batch["concurrency"])
             self._dispatch(RunTicket(run["id"], run["workspace"], run["job_id"], run["version"], run["timeout"],
-                                     run["attempt"]), version)
+                                     run["attempt"], run["batch_id"]), version)
         return len(rows)
 
 

@@ -92,3 +92,33 @@ def test_tokens_are_stored_hashed(plat, client):
     made = client.post("/tokens", json={"name": "hashcheck"}).json()
     db = (plat.home / "state.db").read_bytes() + b"".join(p.read_bytes() for p in plat.home.glob("state.db-wal"))
     assert made["token"].encode() not in db
+
+
+def test_every_documented_route_refuses_strangers(plat, client, deployed, other):
+    """Walk every operation of the gateway's OpenAPI document with bad credentials."""
+    remote, run_id = deployed
+    batch = client.post(f"/job/{remote.job_id}/batches", json={}).json()["batch_id"]
+    revoked = client.post("/tokens", json={"name": "to-revoke"}).json()
+    client.request("DELETE", f"/tokens/{revoked['id']}")
+    values = {"workspace": plat.workspace, "job": remote.job_id, "run": run_id, "batch": batch,
+              "token": revoked["id"], "name": "secret", "path": "call"}
+    doc = httpx.get(plat.url + "/openapi.json").json()
+    credentials = {
+        "none": ({}, {401}), "malformed": ({"Authorization": "Token abc"}, {401}),
+        "unknown": ({"Authorization": "Bearer obx_nope"}, {401}),
+        "revoked": ({"Authorization": f"Bearer {revoked['token']}"}, {401}),
+        "other workspace": ({"Authorization": f"Bearer {other['token']}"}, {403, 404}),
+    }
+    walked = 0
+    for template, operations in doc["paths"].items():
+        path = template.format(**values)
+        for method, operation in operations.items():
+            if operation.get("security") == []:
+                continue
+            for label, (headers, allowed) in credentials.items():
+                resp = httpx.request(method.upper(), plat.url + path, headers=headers, json={}, timeout=30)
+                assert resp.status_code in allowed, (label, method, template, resp.status_code, resp.text[:200])
+                body = resp.text
+                assert remote.job_id not in body and run_id not in body and batch not in body and "S3CRET" not in body
+                walked += 1
+    assert walked >= 5 * 20, f"only {walked} requests: the document lists too few routes"

@@ -40,6 +40,7 @@ class RunTicket:
     version: int
     timeout: float | None
     attempt: int = 0
+    batch_id: str | None = None  # set for the items of a map
 
 
 class RunEvents(Protocol):

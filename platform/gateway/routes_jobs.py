@@ -222,6 +222,7 @@ async def call(request: Request):
       required: true
       content:
         application/x-opbox-envelope: {schema: {type: string, format: binary}}
+        application/octet-stream: {schema: {type: string, format: binary}}
     responses:
       200: {description: The result envelope (the run ended)}
       202: {description: The run, still going}

@@ -215,5 +215,41 @@ def status(run, as_json):
         click.echo(f"{key:12} {_when(answer.get(key))}")
 
 
+@main.group()
+def tokens():
+    """Manage the workspace's tokens (needs an admin token)."""
+
+
+@tokens.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def tokens_list(as_json):
+    """List tokens (their values are never shown again)."""
+    rows = _client().get("/tokens").json()["tokens"]
+    if as_json:
+        return _print_json(rows)
+    _table(rows, [("id", "id"), ("name", "name"), ("role", "role"), ("created", lambda r: _when(r["created_at"])),
+                  ("revoked", lambda r: _when(r["revoked_at"]))])
+
+
+@tokens.command("create")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["member", "admin"]), default="member", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def tokens_create(name, role, as_json):
+    """Create a token; its value is printed once."""
+    made = _client().post("/tokens", json={"name": name, "role": role}).json()
+    if as_json:
+        return _print_json(made)
+    click.echo(f"token {made['id']} ({role}); its value, shown only now:\n  {made['token']}")
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+def tokens_revoke(token_id):
+    """Revoke a token by id."""
+    _client().request("DELETE", f"/tokens/{token_id}")
+    click.echo(f"revoked {token_id}")
+
+
 if __name__ == "__main__":
     main()

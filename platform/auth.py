@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 
 from opbox.errors import AuthError, NotFound
 
@@ -42,8 +43,8 @@ class Auth:
 
     def revoke(self, workspace: str, token_id: str) -> None:
         cur = self.state.db.execute(
-            "UPDATE tokens SET revoked_at = strftime('%s','now') WHERE id = ? AND workspace = ? AND revoked_at IS NULL",
-            (token_id, workspace))
+            "UPDATE tokens SET revoked_at = ? WHERE id = ? AND workspace = ? AND revoked_at IS NULL",
+            (time.time(), token_id, workspace))
         if cur.rowcount != 1:
             raise NotFound(f"no active token {token_id} in workspace {workspace}")
         self._cache.clear()

@@ -45,7 +45,7 @@ def cli(plat, tmp_path_factory):
 
 def test_help_everywhere(cli):
     for command in ([], ["up"], ["deploy"], ["jobs"], ["runs"], ["logs"], ["trigger"], ["cancel"], ["status"],
-                    ["workspace", "create"]):
+                    ["workspace", "create"], ["tokens", "list"], ["tokens", "create"], ["tokens", "revoke"]):
         out = cli(*command, "--help")
         assert "Usage:" in out.stdout
 
@@ -76,6 +76,16 @@ def test_follow_logs_and_cancel(cli):
     assert cancelled["status"] == "cancelled"
     follow = cli("logs", "-f", started["run_id"], timeout=20)
     assert "napping" in follow.stdout
+
+
+def test_tokens_commands(cli):
+    made = json.loads(cli("tokens", "create", "robot", "--json").stdout)
+    assert made["token"].startswith("obx_") and made["role"] == "member"
+    listed = json.loads(cli("tokens", "list", "--json").stdout)
+    assert any(t["id"] == made["id"] and t["revoked_at"] is None for t in listed)
+    assert "revoked" in cli("tokens", "revoke", made["id"]).stdout
+    listed = json.loads(cli("tokens", "list", "--json").stdout)
+    assert next(t for t in listed if t["id"] == made["id"])["revoked_at"] is not None
 
 
 def test_errors_are_clear(cli):

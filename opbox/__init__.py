@@ -25,7 +25,7 @@ _EXPORTS = {
     "RemoteFunction": "remote", "RunHandle": "remote", "Client": "client", "set_default_client": "client",
     "OpboxError": "errors", "BuildError": "errors", "RemoteError": "errors", "RunError": "errors",
     "RunFailed": "errors", "RunTimeout": "errors", "RunCancelled": "errors", "SerializationError": "errors",
-    "ValidationError": "errors",
+    "ValidationError": "errors", "ServiceFailed": "errors", "RemoteService": "serving", "serve_asgi": "serving",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -151,14 +151,31 @@ def runs(job, status, limit, as_json):
 
 
 @main.command()
-@click.argument("run")
+@click.argument("run", required=False)
 @click.option("-f", "--follow", is_flag=True, help="Stream the output until the run ends.")
-def logs(run, follow):
-    """Print a run's output."""
+@click.option("--service", default=None, help="Print a service's replica output instead (stdout and stderr).")
+def logs(run, follow, service):
+    """Print a run's output (or, with --service NAME, a service's)."""
+    if service:
+        click.echo(_client().get(f"/services/{service}/logs").text, nl=False)
+        return
+    if not run:
+        raise click.UsageError("give a RUN id, or --service NAME")
     from .remote import RunHandle
 
     for chunk in RunHandle(run, _client()).logs(follow=follow):
         click.echo(chunk, nl=False)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def services(as_json):
+    """List the workspace's services (classes and ASGI apps served over HTTP) and their status."""
+    rows = _client().get("/services").json()["services"]
+    if as_json:
+        return _print_json(rows)
+    _table(rows, [("name", "name"), ("kind", "kind"), ("version", "version"), ("status", "status"),
+                  ("ready", lambda r: f"{r.get('ready_replicas', 0)}/{r['replicas']}"), ("url", "url")])
 
 
 @main.command()

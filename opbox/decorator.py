@@ -32,7 +32,9 @@ def operator(name: str | None = None, resource: Resource | None = None, *, timeo
 
     def wrap(obj):
         if inspect.isclass(obj):
-            raise ValidationError("@operator() on a class (serving) is not available yet in this version")
+            from .serving import make_servable
+
+            return make_servable(obj, name=name, resource=spec)
         if not callable(obj):
             raise ValidationError(f"@operator() decorates a function, got {type(obj).__name__}")
         return Operator(obj, name=name, resource=spec)
@@ -55,6 +57,13 @@ class Operator:
 
     def __repr__(self) -> str:
         return f"<opbox operator {self.name!r} of {self.fn!r}>"
+
+    @classmethod
+    def from_serving(cls, name: str, client: "Client | None" = None):
+        """The handle of a deployed service (a class or an ASGI app): ``Operator.from_serving("Model").predict(x)``."""
+        from .serving import RemoteService
+
+        return RemoteService(name, client)
 
     @classmethod
     def from_job(cls, ref: str, version: int | None = None, client: "Client | None" = None) -> "RemoteFunction":
@@ -99,11 +108,19 @@ def source_of(fn) -> tuple[Path, str]:
 
 
 def deploy_function(fn, name: str, resource: Resource, client: "Client", quiet: bool) -> "RemoteFunction":
-    from . import serialization
-    from .packaging import pack_folder
     from .remote import RemoteFunction
 
     folder, entry = source_of(fn)
+    job, version = build_version(folder, entry, name, "function", resource, client, quiet)
+    return RemoteFunction(job["id"], job["name"], version, client)
+
+
+def build_version(folder: Path, entry: str, name: str, kind: str, resource: Resource, client: "Client",
+                  quiet: bool) -> tuple[dict, int]:
+    """Pack ``folder``, upload it and build a new version of job ``name``: (job, version)."""
+    from . import serialization
+    from .packaging import pack_folder
+
     packed = pack_folder(folder)
     slot = client.post("/uploads", json={"sha256": packed.sha256, "size": len(packed.data)}, ).json()
     if not slot["exists"]:
@@ -115,7 +132,7 @@ def deploy_function(fn, name: str, resource: Resource, client: "Client", quiet: 
                 raise from_response(resp.status_code, resp.json())
             except ValueError:
                 raise OpboxError(f"upload failed with HTTP {resp.status_code}: {resp.text[:300]}") from None
-    body = {"name": name, "kind": "function", "entry": entry, "code_sha256": packed.sha256,
+    body = {"name": name, "kind": kind, "entry": entry, "code_sha256": packed.sha256,
             "python": serialization.PYTHON, "cloudpickle": serialization.cloudpickle_version(),
             "resource": resource.to_dict()}
     for line in client.stream_lines("POST", "/jobs", json=body, timeout=None):
@@ -129,6 +146,5 @@ def deploy_function(fn, name: str, resource: Resource, client: "Client", quiet: 
                 raise BuildError(error.get("message", "build failed"), log=details.pop("log", ""))
             raise from_response(error.get("status", 422) if isinstance(error.get("status"), int) else 422, error)
         elif line.get("done"):
-            job = line["job"]
-            return RemoteFunction(job["id"], job["name"], line["version"], client)
+            return line["job"], line["version"]
     raise OpboxError("the deploy stream ended without a result; see `opbox jobs` and the build log")

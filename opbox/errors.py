@@ -89,6 +89,13 @@ class Unavailable(OpboxError):
     status = 503
 
 
+class ServiceFailed(OpboxError):
+    """A service cannot answer: its replicas failed to start (the init error and log are in ``details``)."""
+
+    code = "service_failed"
+    status = 503
+
+
 class PackagingError(OpboxError):
     """The code folder could not be packed (too big, unreadable)."""
 

@@ -16,6 +16,7 @@ from .auth import Auth, hash_token
 from .deploys import DeployService
 from .ids import check_workspace
 from .runs import Limits, RunService
+from .services import ServiceManager
 from .settings import Settings
 from .state import State
 
@@ -65,6 +66,8 @@ class Platform:
             max_payload=settings.max_payload, max_log_bytes=settings.max_log_bytes, cancel_grace=settings.cancel_grace,
             max_open_runs=settings.max_open_runs))
         self.deploys = DeployService(self.state, self.store, LocalBuilder(home), self.runs, settings.max_upload)
+        self.services = ServiceManager(self.state, self.backend, self.deploys, settings.max_payload,
+                                       base_url=lambda: self.settings.url)
 
     def bootstrap(self) -> dict | None:
         """First start: make a workspace and an admin token. Uses OPBOX_WORKSPACE / OPBOX_TOKEN when set.
@@ -104,6 +107,7 @@ class Platform:
 
     async def start(self) -> None:
         await self.backend.start(self.runs)
+        await self.services.start()  # redeploys the services recorded before a restart
         requeued = self.runs.recover()
         if requeued:
             log.info("requeued %d runs after restart", requeued)
@@ -115,5 +119,6 @@ class Platform:
             pools.release_parked()
 
     async def close(self) -> None:
+        await self.services.close()
         await self.backend.close()
         self.state.close()

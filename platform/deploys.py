@@ -26,7 +26,7 @@ from .state import State
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ENTRY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$")
 _PYTHON = re.compile(r"^3\.[0-9]{1,2}$")
-KINDS = ("function", "class")
+KINDS = ("function", "class", "asgi")
 MAX_BUILD_LOG = 256 * 1024
 
 

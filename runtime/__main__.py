@@ -1,7 +1,8 @@
-"""The one runtime entrypoint: ``python -m opbox.runtime {worker,run} ...``.
+"""The one runtime entrypoint: ``python -m opbox.runtime {worker,run,serve} ...``.
 
   worker            a warm worker: pull runs of one job version from the gateway (local and container pools)
   run --run-id ID   run one Job-Run and exit (Kubernetes Jobs, one-shot mode)
+  serve --port N    serve a class's methods (or an ASGI app) over HTTP (local services, Knative)
 
 Both take their settings from the environment: OPBOX_GATEWAY_URL, OPBOX_ENTRY
 (module:qualname), OPBOX_CODE_DIR, and a scoped token (OPBOX_WORKER_TOKEN / OPBOX_RUN_TOKEN).
@@ -21,12 +22,20 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("worker", help="pull runs of one job version from the gateway")
     run = sub.add_parser("run", help="run one Job-Run and exit")
     run.add_argument("--run-id", default=os.environ.get("OPBOX_RUN_ID"), help="default: $OPBOX_RUN_ID")
+    serve = sub.add_parser("serve", help="serve a class's methods (or an ASGI app) over HTTP; see runtime/serve.py")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")), help="default: $PORT or 8080")
+    serve.add_argument("--fd", type=int, default=None, help="serve on this inherited, bound socket instead")
     args = parser.parse_args(argv)
     os.environ["OPBOX_RUNTIME"] = "1"  # user code can tell; deploy() refuses to run here
     if args.mode == "worker":
         from .worker import main as worker_main
 
         return worker_main()
+    if args.mode == "serve":
+        from .serve import main as serve_main
+
+        return serve_main(args.host, args.port, args.fd)
     if not args.run_id:
         parser.error("run needs --run-id or OPBOX_RUN_ID")
     from .batch import main as batch_main

@@ -43,6 +43,24 @@ class RunTicket:
     batch_id: str | None = None  # set for the items of a map
 
 
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What a backend needs to serve a class (or an ASGI app): ``python -m opbox.runtime serve``."""
+
+    workspace: str
+    name: str
+    version: VersionInfo  # kind "class" or "asgi"
+    init: bytes = b""  # the constructor's arguments: an args envelope (never decoded by the platform)
+    replicas: int = 1
+    concurrency: int = 16  # calls at once per replica (Knative's containerConcurrency); 0: no limit
+    queue: int = 64  # calls waiting per replica beyond that, then 429
+    scale_to_zero: float | None = 900.0  # idle seconds before replicas stop; None: never
+
+    @property
+    def key(self) -> str:
+        return f"{self.workspace}/{self.name}"
+
+
 class RunEvents(Protocol):
     """How a backend reports back to the platform. All calls are made on the event loop."""
 
@@ -77,3 +95,22 @@ class Backend(Protocol):
 
     def describe(self) -> dict:
         """Status for the API: pools, workers, services."""
+
+    # -- services (classes as HTTP endpoints); ``key`` is ``ServiceInfo.key`` -------------------
+    async def deploy_service(self, service: ServiceInfo, wait: float) -> dict:
+        """Start a service, or roll it to ``service`` (new replicas ready before old ones drain).
+        Returns ``service_status`` once the new version is ready, has failed, or ``wait`` passed."""
+
+    async def delete_service(self, key: str) -> None:
+        """Stop a service's replicas (in-flight calls finish first) and forget it."""
+
+    async def service_endpoints(self, key: str, wait: float) -> list[str]:
+        """Base URLs of the ready replicas (one URL for a Knative service). Counts as activity: a
+        service scaled to zero starts again, the call waits up to ``wait`` s for it ([] if still
+        not ready). Raises ``ServiceFailed`` when the service cannot start, ``NotFound`` if unknown."""
+
+    def service_status(self, key: str) -> dict:
+        """{"status": deploying|starting|ready|scaled_to_zero|failed, "version", "ready_replicas", "instances": [...], "error"}."""
+
+    def service_logs(self, key: str, limit: int) -> str:
+        """The replicas' recent output (stdout and stderr), at most ``limit`` bytes."""

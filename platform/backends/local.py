@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from ..pools import PoolManager, Worker
-from .base import RunEvents, RunTicket, VersionInfo
+from .base import RunEvents, RunTicket, ServiceInfo, VersionInfo
+from .local_services import LocalServices
 from .oneshot import OneShotRunner
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -121,6 +122,7 @@ class LocalBackend:
                                      max_procs=max_workers, child_setup=_child_setup)
         self.watchdog_interval = watchdog_interval
         self._watchdog: asyncio.Task | None = None
+        self.services = LocalServices(home, _child_setup)
 
     def set_gateway_url(self, url: str) -> None:
         self.pools.spawner.gateway_url = url
@@ -135,9 +137,10 @@ class LocalBackend:
             self._watchdog.cancel()
         await self.pools.close()
         await self.oneshot.close()
+        await self.services.close()
 
     async def prepare(self, version: VersionInfo) -> None:
-        if self.isolation == "run":
+        if self.isolation == "run" or version.kind != "function":  # services start on deploy_service
             return
         self.pools.retire(keep={version.key} | {k for k, p in self.pools.pools.items() if p.version.job_id != version.job_id})
         self.pools.warm_up(version, 1)
@@ -154,7 +157,24 @@ class LocalBackend:
 
     def describe(self) -> dict:
         return {"backend": self.name, "isolation": self.isolation, "pools": self.pools.describe(),
-                "oneshot": {"running": len(self.oneshot.running), "queued": len(self.oneshot.queue)}}
+                "oneshot": {"running": len(self.oneshot.running), "queued": len(self.oneshot.queue)},
+                "services": self.services.describe()}
+
+    # -- services: uvicorn replicas of the runtime's serve mode (local_services.py) ------
+    async def deploy_service(self, service: ServiceInfo, wait: float) -> dict:
+        return await self.services.deploy(service, wait)
+
+    async def delete_service(self, key: str) -> None:
+        await self.services.delete(key)
+
+    async def service_endpoints(self, key: str, wait: float) -> list[str]:
+        return await self.services.endpoints(key, wait)
+
+    def service_status(self, key: str) -> dict:
+        return self.services.status(key)
+
+    def service_logs(self, key: str, limit: int) -> str:
+        return self.services.logs(key, limit)
 
     def _busy(self):
         """(pid, resource, kill) for every process that is running a run with a memory limit."""

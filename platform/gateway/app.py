@@ -7,6 +7,7 @@ import re
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -19,6 +20,7 @@ from ..core import Platform
 from . import routes_internal as internal
 from . import routes_jobs as jobs
 from . import routes_runs as runs
+from . import routes_serve as serve
 
 log = logging.getLogger("opbox.gateway")
 
@@ -81,6 +83,9 @@ W = "/{workspace}"
 ROUTES = [
     Route("/healthz", healthz),
     Route("/openapi.json", openapi, include_in_schema=False),
+    # service calls first: the hot path should not try every other route's pattern before its own
+    Route(W + "/serve/{name}/openapi.json", serve.service_openapi),
+    Route(W + "/serve/{name}/{path:path}", serve.call, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     Route(W + "/jobs", jobs.list_jobs),
     Route(W + "/jobs", jobs.deploy, methods=["POST"]),
     Route(W + "/uploads", jobs.create_upload, methods=["POST"]),
@@ -104,6 +109,11 @@ ROUTES = [
     Route(W + "/tokens", runs.create_token, methods=["POST"]),
     Route(W + "/tokens/{token}", runs.revoke_token, methods=["DELETE"]),
     Route(W + "/status", runs.status),
+    Route(W + "/services", serve.list_services),
+    Route(W + "/services/{name}", serve.get_service),
+    Route(W + "/services/{name}", serve.put_service, methods=["PUT"]),
+    Route(W + "/services/{name}", serve.delete_service, methods=["DELETE"]),
+    Route(W + "/services/{name}/logs", serve.service_logs),
     Route("/_internal/pools/{pool}/next", internal.worker_next, methods=["POST"], include_in_schema=False),
     Route("/_internal/pools/{pool}/runs/{run}/logs", internal.worker_logs, methods=["POST"], include_in_schema=False),
     Route("/_internal/runs/{run}/args", internal.run_args, include_in_schema=False),
@@ -125,6 +135,7 @@ def create_app(platform: Platform) -> Starlette:
     app = Starlette(
         routes=store_routes + ROUTES,
         exception_handlers={OpboxError: opbox_error, Exception: unexpected_error},
+        middleware=[Middleware(serve.ServeFastPath, platform=platform)],  # service calls skip the router
         lifespan=lifespan,
     )
     app.state.platform = platform

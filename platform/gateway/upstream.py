@@ -1,0 +1,171 @@
+"""A lean HTTP/1.1 client for the proxy's hop to service replicas: pooled keep-alive connections.
+
+The hop is loopback (or in-cluster) HTTP/1.1 to uvicorn, on the hot path of every service
+call, so it is kept to asyncio streams: one write per request (TCP_NODELAY), the status line
+and headers parsed by hand, bodies passed through as bytes (``Content-Length``, chunked, or
+until close). httpx costs about a millisecond per call here and much more under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import defaultdict
+from typing import AsyncIterator
+from urllib.parse import urlsplit
+
+WHOLE = 1024 * 1024  # answers up to this size are read whole; larger ones stream
+
+
+class UpstreamError(Exception):
+    """The call failed on the way; ``sent`` says whether the replica may have received it."""
+
+    def __init__(self, message: str, sent: bool):
+        super().__init__(message)
+        self.sent = sent
+
+
+class Connection:
+    __slots__ = ("reader", "writer", "base")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, base: str):
+        self.reader, self.writer, self.base = reader, writer, base
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Answer:
+    """A replica's answer: status, headers, and the body (``body`` when whole, else ``stream()``)."""
+
+    def __init__(self, pool: "UpstreamPool", conn: Connection, status: int, headers: list, body: bytes | None,
+                 length: int | None, chunked: bool, keep: bool):
+        self.pool, self.conn, self.status, self.headers = pool, conn, status, headers
+        self.body, self.length, self._chunked, self._keep = body, length, chunked, keep
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        reader, done = self.conn.reader, False
+        try:
+            if self._chunked:
+                while True:
+                    size = int((await reader.readline()).split(b";")[0], 16)
+                    if size == 0:
+                        while (await reader.readline()) not in (b"\r\n", b""):
+                            pass
+                        break
+                    yield await reader.readexactly(size)
+                    await reader.readexactly(2)
+            elif self.length is not None:
+                left = self.length
+                while left:
+                    chunk = await reader.read(min(left, 65536))
+                    if not chunk:
+                        raise UpstreamError("the replica closed the connection mid-answer", True)
+                    left -= len(chunk)
+                    yield chunk
+            else:
+                while chunk := await reader.read(65536):
+                    yield chunk
+                self._keep = False
+            done = True
+        finally:
+            self.pool.release(self.conn, done and self._keep)
+
+
+class UpstreamPool:
+    def __init__(self, max_idle: int = 256):
+        self.idle: dict[str, list[Connection]] = defaultdict(list)
+        self.max_idle = max_idle
+
+    async def _connect(self, base: str) -> Connection:
+        parts = urlsplit(base)
+        try:
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80, limit=2 ** 20)
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to {base}: {exc}", sent=False) from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return Connection(reader, writer, base)
+
+    def release(self, conn: Connection, keep: bool) -> None:
+        idle = self.idle[conn.base]
+        if keep and len(idle) < self.max_idle and not conn.writer.is_closing():
+            idle.append(conn)
+        else:
+            conn.close()
+
+    async def request(self, base: str, method: str, target: str, headers: list[tuple[bytes, bytes]],
+                      body: bytes | AsyncIterator[bytes]) -> Answer:
+        """Send one request; raises UpstreamError (``sent=False`` when it surely did not arrive)."""
+        idle = self.idle.get(base)
+        conn = None
+        while idle:
+            conn = idle.pop()
+            if not (conn.reader.at_eof() or conn.writer.is_closing() or conn.reader.exception()):
+                break
+            conn.close()  # the replica closed it meanwhile (idle timeout, drained, died)
+            conn = None
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect(base)
+        head = [f"{method} {target} HTTP/1.1\r\nhost: {conn.base[7:]}\r\n".encode()]
+        for k, v in headers:
+            head.append(k + b": " + v + b"\r\n")
+        whole = isinstance(body, (bytes, bytearray))
+        head.append(b"content-length: %d\r\n\r\n" % len(body) if whole else b"transfer-encoding: chunked\r\n\r\n")
+        try:
+            if whole:
+                conn.writer.write(b"".join(head) + body)
+            else:
+                conn.writer.write(b"".join(head))
+                async for chunk in body:
+                    if chunk:
+                        conn.writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        await conn.writer.drain()
+                conn.writer.write(b"0\r\n\r\n")
+            try:
+                raw = await conn.reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError as exc:
+                if not exc.partial:  # a kept-alive connection the replica had closed: it never saw the call
+                    raise UpstreamError("the replica closed the connection", sent=not reused) from None
+                raise
+            lines = raw.split(b"\r\n")
+            status = int(lines[0].split(b" ", 2)[1])
+            out, length, chunked, keep = [], None, False, True
+            for line in lines[1:]:
+                if not line:
+                    continue
+                name, _, value = line.partition(b":")
+                name, value = name.strip().lower(), value.strip()
+                if name == b"content-length":
+                    length = int(value)
+                    continue
+                elif name == b"transfer-encoding":
+                    chunked = b"chunked" in value.lower()
+                    continue
+                elif name == b"connection":
+                    keep = value.lower() != b"close"
+                    continue
+                elif name == b"keep-alive":
+                    continue
+                out.append((name, value))
+            if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+                length = 0
+            answer = Answer(self, conn, status, out, None, length, chunked, keep)
+            if length is not None and length <= WHOLE:
+                answer.body = await conn.reader.readexactly(length) if length else b""
+                self.release(conn, keep)
+            return answer
+        except UpstreamError:
+            conn.close()
+            raise
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as exc:
+            conn.close()
+            raise UpstreamError(f"the call to {base} failed: {type(exc).__name__}: {exc}", sent=True) from None
+
+    async def close(self) -> None:
+        for conns in self.idle.values():
+            for conn in conns:
+                conn.close()
+        self.idle.clear()

@@ -130,6 +130,10 @@ class UpstreamPool:
                 if not exc.partial:  # a kept-alive connection the replica had closed: it never saw the call
                     raise UpstreamError("the replica closed the connection", sent=not reused) from None
                 raise
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                # on a kept-alive connection, a reset before any answer byte means the replica had gone
+                # (closed or died) before our call: resend it, as HTTP clients do for stale connections
+                raise UpstreamError(f"the replica reset the connection: {exc}", sent=not reused) from None
             lines = raw.split(b"\r\n")
             status = int(lines[0].split(b" ", 2)[1])
             out, length, chunked, keep = [], None, False, True

@@ -17,6 +17,24 @@ from urllib.parse import urlsplit
 WHOLE = 1024 * 1024  # answers up to this size are read whole; larger ones stream
 
 
+def _stale(conn: "Connection") -> bool:
+    """Whether a kept-alive connection was closed or reset by the replica, asked of the kernel now
+    (the event loop may not have seen it yet): a replica killed a moment ago must not get the call."""
+    sock = conn.writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    probe = socket.socket(fileno=sock.fileno())
+    try:
+        probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return True  # EOF, or bytes nobody asked for: either way not a connection to reuse
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.detach()
+
+
 class UpstreamError(Exception):
     """The call failed on the way; ``sent`` says whether the replica may have received it."""
 
@@ -102,7 +120,7 @@ class UpstreamPool:
         conn = None
         while idle:
             conn = idle.pop()
-            if not (conn.reader.at_eof() or conn.writer.is_closing() or conn.reader.exception()):
+            if not (conn.reader.at_eof() or conn.writer.is_closing() or conn.reader.exception() or _stale(conn)):
                 break
             conn.close()  # the replica closed it meanwhile (idle timeout, drained, died)
             conn = None
@@ -127,13 +145,15 @@ class UpstreamPool:
             try:
                 raw = await conn.reader.readuntil(b"\r\n\r\n")
             except asyncio.IncompleteReadError as exc:
-                if not exc.partial:  # a kept-alive connection the replica had closed: it never saw the call
-                    raise UpstreamError("the replica closed the connection", sent=not reused) from None
-                raise
+                # the connection was alive when the call went out (_stale checked it): the replica
+                # ended with the call in hand, so it may have run; say so rather than send it again
+                raise UpstreamError(f"the replica closed the connection before answering "
+                                    f"({len(exc.partial)} bytes of an answer)", sent=True) from None
             except (ConnectionResetError, BrokenPipeError) as exc:
-                # on a kept-alive connection, a reset before any answer byte means the replica had gone
-                # (closed or died) before our call: resend it, as HTTP clients do for stale connections
-                raise UpstreamError(f"the replica reset the connection: {exc}", sent=not reused) from None
+                # a reset before any answer byte: the socket was closed with our call unread (a replica
+                # that had read it and died would have sent FIN), e.g. a dead replica's listen backlog
+                raise UpstreamError(f"the replica reset the connection unread: {exc}", sent=False) from None
+
             lines = raw.split(b"\r\n")
             status = int(lines[0].split(b" ", 2)[1])
             out, length, chunked, keep = [], None, False, True

@@ -57,16 +57,20 @@ def main():
 @click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1, or OPBOX_HOST].")
 @click.option("--port", type=int, default=None, help="Port [default: 8000, or OPBOX_PORT]; 0 picks a free one.")
 @click.option("--home", type=click.Path(path_type=Path), default=None, help="State folder [default: OPBOX_HOME or ~/.opbox].")
-@click.option("--backend", type=click.Choice(["local"]), default=None, help="Where runs execute [default: local].")
+@click.option("--backend", type=click.Choice(["local", "container", "kubernetes"]), default=None,
+              help="Where runs execute: local processes, podman containers, Kubernetes Jobs [default: local, or OPBOX_BACKEND].")
+@click.option("--builder", type=click.Choice(["local", "podman"]), default=None,
+              help="How versions are built: a virtualenv, or a container image [default: local; podman for the "
+                   "container and kubernetes backends; or OPBOX_BUILDER].")
 @click.option("--max-workers", type=int, default=None, help="Warm workers per job version at most.")
 @click.option("--isolation", type=click.Choice(["worker", "run"]), default=None,
               help="worker: warm pools (fast); run: a fresh process per run [default: worker, or OPBOX_ISOLATION].")
-def up(host, port, home, backend, max_workers, isolation):
+def up(host, port, home, backend, builder, max_workers, isolation):
     """Start the platform: gateway, backend, state and object store."""
     from .platform.server import main as serve  # the CLI is the one SDK module allowed to start the platform
     from .platform.settings import Settings
 
-    serve(Settings.from_env(host=host, port=port, home=home, backend=backend, max_workers=max_workers,
+    serve(Settings.from_env(host=host, port=port, home=home, backend=backend, builder=builder, max_workers=max_workers,
                             isolation=isolation))
 
 

@@ -49,7 +49,34 @@ def make_backend(settings: Settings, auth: Auth):
             worker_idle=settings.worker_idle, pool_idle=settings.pool_idle, isolation=settings.isolation,
             token_for=auth.internal_token,
         )
-    raise ConfigError(f"unknown backend {settings.backend!r}; this build knows: local")
+    if settings.backend == "container":
+        from .backends.container import ContainerBackend
+
+        return ContainerBackend(
+            gateway_url=settings.url, home=settings.home, max_workers=settings.max_workers,
+            worker_idle=settings.worker_idle, pool_idle=settings.pool_idle, token_for=auth.internal_token,
+        )
+    if settings.backend == "kubernetes":
+        from .backends.kubernetes.backend import KubernetesBackend, KubernetesSettings
+
+        return KubernetesBackend(KubernetesSettings.from_env(), gateway_url=settings.url, token_for=auth.internal_token)
+    raise ConfigError(f"unknown backend {settings.backend!r}; this build knows: local, container, kubernetes")
+
+
+def make_builder(settings: Settings):
+    """``local`` (a virtualenv per requirements) for the local backend, ``podman`` (an image) otherwise."""
+    kind = settings.builder or ("local" if settings.backend == "local" else "podman")
+    if kind == "local":
+        if settings.backend != "local":
+            raise ConfigError(f"the {settings.backend} backend runs images: use the podman builder, not {kind!r}")
+        return LocalBuilder(settings.home)
+    if kind == "podman":
+        from opbox.builder.container import ContainerBuilder
+        from opbox.builder.image import DEFAULT_BASE_IMAGE
+
+        return ContainerBuilder(settings.home, base_image=settings.base_image or DEFAULT_BASE_IMAGE,
+                                registry_prefix=settings.registry, wheelhouse_dir=settings.wheelhouse)
+    raise ConfigError(f"unknown builder {kind!r}; this build knows: local, podman (kaniko is not built yet)")
 
 
 class Platform:
@@ -65,7 +92,7 @@ class Platform:
         self.runs = RunService(self.state, self.backend, Limits(
             max_payload=settings.max_payload, max_log_bytes=settings.max_log_bytes, cancel_grace=settings.cancel_grace,
             max_open_runs=settings.max_open_runs))
-        self.deploys = DeployService(self.state, self.store, LocalBuilder(home), self.runs, settings.max_upload)
+        self.deploys = DeployService(self.state, self.store, make_builder(settings), self.runs, settings.max_upload)
         self.services = ServiceManager(self.state, self.backend, self.deploys, settings.max_payload,
                                        base_url=lambda: self.settings.url)
 

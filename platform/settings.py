@@ -46,6 +46,10 @@ class Settings:
     max_log_bytes: int = 8 * 1024**2
     max_open_runs: int = 100_000  # per workspace: queued + running
     cancel_grace: float = 5.0
+    builder: str | None = None  # "local" (a virtualenv) or "podman" (an image); default: local for the local backend
+    base_image: str | None = None  # podman builder: the image job images start from (OPBOX_BASE_IMAGE)
+    registry: str = "localhost"  # podman builder: the tag prefix, e.g. registry.example.com/opbox (OPBOX_REGISTRY)
+    wheelhouse: Path | None = None  # podman builder: the wheel cache; default home/wheelhouse (OPBOX_WHEELHOUSE)
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -68,6 +72,10 @@ class Settings:
             max_open_runs=_int("OPBOX_MAX_OPEN_RUNS", 100_000),
             max_payload=_int("OPBOX_MAX_PAYLOAD", 64 * 1024**2),
             max_request_body=_int("OPBOX_MAX_REQUEST_BODY", 80 * 1024**2),
+            builder=env.get("OPBOX_BUILDER") or None,
+            base_image=env.get("OPBOX_BASE_IMAGE") or None,
+            registry=env.get("OPBOX_REGISTRY") or "localhost",
+            wheelhouse=Path(env["OPBOX_WHEELHOUSE"]) if env.get("OPBOX_WHEELHOUSE") else None,
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 

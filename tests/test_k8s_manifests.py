@@ -24,16 +24,21 @@ from opbox.errors import ValidationError
 from opbox.platform.backends.kubernetes import render as r
 from opbox.resource import Resource
 
-ROOT = Path(__file__).resolve().parents[1]
+from k8s_schemas import (  # the validators, shared with the fake API server (tests/fake_kube)
+    CRD_PATH,
+    K8S_VERSIONS,
+    ROOT,
+    k8s_error,
+    knative_errors,
+    knative_validator,
+    load_crd_schema,
+    structural_to_jsonschema,
+)
+
 MANIFESTS = ROOT / "manifests"
 TEMPLATES = ROOT / "templates" / "kubernetes"
-CRD_PATH = Path(
-    os.environ.get("OPBOX_KNATIVE_CRD") or ROOT.parent / "shared" / "knative" / "service.serving.knative.dev.crd.yaml"
-)
-K8S_VERSIONS = ("1.34", "1.35", "1.36", "1.37")  # kubernetes-validate >= 1.37 ships these
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 INJECTION = '"\n  hostPID: true'
-OBJECT_META = "https://kubernetes.io/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -63,86 +68,17 @@ def kv():
     return kvu
 
 
-def k8s_error(kvu, manifest: dict, version: str) -> str | None:
-    """None when ``manifest`` passes strict validation for ``version``, else the error."""
-    try:
-        validated = kvu.validate(manifest, version, strict=True)
-    except kvu.ValidationError as exc:
-        return f"{'.'.join(map(str, exc.path)) or '<root>'}: {exc.message}"
-    except (kvu.SchemaNotFoundError, kvu.VersionNotSupportedError) as exc:
-        pytest.fail(exc.message)
-    assert validated == version, f"kubernetes-validate fell back to {validated} for {version}"
-    return None
-
-
-def structural_to_jsonschema(node: dict) -> dict:
-    """A CRD's structural openAPIV3Schema as JSON Schema, with the API server's field rules.
-
-    An object without ``additionalProperties`` or ``x-kubernetes-preserve-unknown-fields``
-    has exactly its ``properties`` (the server prunes, or with kubectl's default strict field
-    validation rejects, anything else); ``x-kubernetes-preserve-unknown-fields`` allows any
-    other field; ``x-kubernetes-int-or-string`` is an integer or a string; ``nullable`` admits null.
-    """
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if key == "properties":
-            out[key] = {name: structural_to_jsonschema(sub) for name, sub in value.items()}
-        elif key in ("items", "not"):
-            out[key] = structural_to_jsonschema(value)
-        elif key == "additionalProperties":
-            out[key] = structural_to_jsonschema(value) if isinstance(value, dict) else value
-        elif key in ("anyOf", "allOf", "oneOf"):
-            out[key] = [structural_to_jsonschema(sub) for sub in value]
-        elif key in ("type", "required", "enum", "pattern", "minimum", "maximum", "exclusiveMinimum",
-                     "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems", "uniqueItems",
-                     "minProperties", "maxProperties", "multipleOf"):
-            out[key] = value
-        # description, default, format, example and the other x-kubernetes-* keys do not restrict.
-    if node.get("nullable") and "type" in out:
-        out["type"] = [out["type"], "null"]
-    if node.get("x-kubernetes-int-or-string") and "anyOf" not in out:
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if node.get("type") == "object" and "additionalProperties" not in node and not node.get(
-        "x-kubernetes-preserve-unknown-fields"
-    ):
-        out["additionalProperties"] = False
-    return out
-
-
 @pytest.fixture(scope="session")
 def crd_schema() -> dict:
     if not CRD_PATH.is_file():
         unavailable(f"Knative Service CRD not found at {CRD_PATH}: set OPBOX_KNATIVE_CRD to its path")
-    crd = yaml.safe_load(CRD_PATH.read_text())
-    assert crd["spec"]["names"]["kind"] == "Service" and crd["spec"]["group"] == "serving.knative.dev", CRD_PATH
-    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    return load_crd_schema(CRD_PATH)
 
 
 @pytest.fixture(scope="session")
 def knative(kv, crd_schema):
-    """A jsonschema validator for serving.knative.dev/v1 Service.
-
-    The CRD leaves root ``metadata`` to the API server's ObjectMeta; use kubernetes-validate's
-    strict ObjectMeta for it.
-    """
-    import jsonschema
-    import referencing
-
-    schema = structural_to_jsonschema(crd_schema)
-    schema["properties"]["metadata"] = {"$ref": OBJECT_META}
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    jsonschema.Draft202012Validator.check_schema(schema)
-    latest = next(v for v in kv.all_versions() if kv.major_minor(v) == K8S_VERSIONS[-1])
-    definitions = kv.schema_contents(f"kubernetes-json-schema/v{latest}-local-strict/_definitions.json", latest)
-    registry = referencing.Resource.from_contents(definitions) @ referencing.Registry()
-    return jsonschema.Draft202012Validator(schema, registry=registry)
-
-
-def knative_errors(validator, manifest: dict) -> list[str]:
-    return [
-        f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-        for e in sorted(validator.iter_errors(manifest), key=lambda e: list(map(str, e.absolute_path)))
-    ]
+    """A jsonschema validator for serving.knative.dev/v1 Service (see k8s_schemas.knative_validator)."""
+    return knative_validator(kv, crd_schema)
 
 
 # --- manifests/ and a small kustomize ----------------------------------------------------

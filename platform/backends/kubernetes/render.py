@@ -113,11 +113,13 @@ def service_name(name: str) -> str:
     return f"{cleaned}-{_digest(name)}"
 
 
-def job_name(run_id: str) -> str:
-    """The Job of a Job-Run: ``opbox-run-<run id lowercased>``."""
+def job_name(run_id: str, attempt: int = 0) -> str:
+    """The Job of a Job-Run's attempt: ``opbox-run-<run id lowercased>`` (``.`` of map items as
+    ``-``), with ``-a<N>`` for retries: each attempt is a Job of its own."""
     if not isinstance(run_id, str) or not run_id:
         raise ValidationError(f"run id {run_id!r}: expected a non-empty string")
-    return check_dns_label(f"opbox-run-{run_id.lower()}", "Job name (from the run id)")
+    suffix = f"-a{attempt}" if attempt else ""
+    return check_dns_label(f"opbox-run-{run_id.lower().replace('.', '-')}{suffix}", "Job name (from the run id)")
 
 
 # --- resources ---------------------------------------------------------------------------
@@ -319,19 +321,24 @@ class JobSpec(WorkloadSpec):
 
     run_id: str
     ttl_seconds_after_finished: int | None = DEFAULT_TTL_AFTER_FINISHED
+    attempt: int = 0  # the platform's attempt number: part of the Job's name and labels
+    backoff_limit: int | None = None  # None: resource.max_retries (the kubernetes backend sets 0: it retries itself)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        job_name(self.run_id)
+        _positive_int(self.attempt, "attempt", zero=True)
+        if self.backoff_limit is not None:
+            _positive_int(self.backoff_limit, "backoff_limit", zero=True)
+        job_name(self.run_id, self.attempt)
         if self.ttl_seconds_after_finished is not None:
             _positive_int(self.ttl_seconds_after_finished, "ttl_seconds_after_finished", zero=True)
 
     @property
     def name(self) -> str:
-        return job_name(self.run_id)
+        return job_name(self.run_id, self.attempt)
 
     def labels(self) -> dict[str, str]:
-        return {**super().labels(), "opbox.dev/run": label_value(self.run_id)}
+        return {**super().labels(), "opbox.dev/run": label_value(self.run_id), "opbox.dev/attempt": str(self.attempt)}
 
     def platform_env(self) -> dict[str, str]:
         return {**super().platform_env(), "OPBOX_RUN_ID": self.run_id}
@@ -343,7 +350,7 @@ class JobSpec(WorkloadSpec):
             "name": self.name,
             "labels": self.labels(),
             "command": list(self.command or ("python", "-m", "opbox.runtime", "run", "--run-id", self.run_id)),
-            "backoff_limit": self.resource.max_retries,
+            "backoff_limit": self.resource.max_retries if self.backoff_limit is None else self.backoff_limit,
             "active_deadline_seconds": None if timeout is None else max(1, math.ceil(timeout)),
             "ttl_seconds_after_finished": self.ttl_seconds_after_finished,
         }

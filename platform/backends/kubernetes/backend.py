@@ -1,0 +1,428 @@
+"""The kubernetes backend (``OPBOX_BACKEND=kubernetes``): each Job-Run attempt is a batch/v1 Job.
+
+    submit   -> (namespace and service account of the workspace, once) a Secret with the run's
+                token, then the Job rendered by ``render.render_job``; at most ``max_inflight``
+                Jobs exist at once, the rest wait in a queue here
+    the pod  -> ``python -m opbox.runtime run --run-id X``: takes its arguments from the gateway
+                (which marks the run running), ships its output and posts its result there
+    watches  -> Jobs and pods of every opbox namespace (list, then watch from its resourceVersion;
+                relist on 410 Gone; reconnect on errors): a Job that failed without a result ends
+                its run with the pod's reason (OOMKilled, exit code, DeadlineExceeded -> timed_out,
+                ImagePullBackOff...) and the tail of the pod's log
+    cancel   -> delete the Job (propagationPolicy from the settings)
+
+Retries belong to the platform, not to the Job: every Job has ``backoffLimit: 0`` and a failed
+attempt that has retries left comes back through ``submit`` as a new Job named ``...-a<N>``.
+One retry count and one exit-reason history for both application errors and crashes; a
+Kubernetes pod retry could not fetch its arguments anyway (the gateway hands them out once).
+
+All kubernetes-client calls of opbox live in this package. The client is synchronous: calls
+run in threads (``asyncio.to_thread``), watches in threads of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from opbox.errors import ConfigError, ValidationError
+
+from ..base import RunEvents, RunTicket, ServiceInfo, VersionInfo
+from . import render
+from .config import KubernetesSettings, api_client
+from .knative import KnativeServices
+from .watch import Watcher
+
+log = logging.getLogger("opbox.kubernetes")
+
+MANAGED = "app.kubernetes.io/managed-by=opbox"
+# waiting reasons after which a pod will not start by itself
+FATAL_WAITING = {"ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
+
+
+def _body(exc) -> dict:
+    try:
+        return json.loads(exc.body or "{}")
+    except (ValueError, TypeError):
+        return {}
+
+
+def api_error(exc) -> str:
+    body = _body(exc)
+    return f"{exc.status} {body.get('reason') or exc.reason}: {body.get('message') or ''}".strip()
+
+
+@dataclass
+class Attempt:
+    """One attempt of a run: one Job."""
+
+    ticket: RunTicket
+    version: VersionInfo
+    namespace: str
+    name: str
+    created_at: float | None = None  # monotonic, once the Job exists
+    done: bool = False
+    cancelled: bool = False
+    pod: dict | None = None  # the latest state of its pod, from the pod watch
+
+    @property
+    def run_id(self) -> str:
+        return self.ticket.run_id
+
+
+def describe_container_exit(terminated: dict) -> str:
+    code = terminated.get("exitCode")
+    if terminated.get("signal"):
+        sig = terminated["signal"]
+    elif isinstance(code, int) and code > 128:
+        sig = code - 128
+    else:
+        return f"the run's container exited with code {code}"
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
+    return f"the run's container was killed by {name} (exit code {code})"
+
+
+class KubernetesBackend:
+    name = "kubernetes"
+
+    def __init__(self, settings: KubernetesSettings, *, gateway_url: str, token_for, api=None):
+        self.settings = settings
+        self.gateway_url = settings.gateway_url or gateway_url
+        self.token_for = token_for
+        self._api = api
+        self.events: RunEvents | None = None
+        self.attempts: dict[str, Attempt] = {}  # by Job name
+        self.current: dict[str, str] = {}  # run id -> the Job name of its current attempt
+        self.queue: deque[Attempt] = deque()
+        self.inflight: set[str] = set()
+        self._namespaces: dict[str, asyncio.Future] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.watchers: list[Watcher] = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def set_gateway_url(self, url: str) -> None:
+        if not self.settings.gateway_url:
+            self.gateway_url = url
+
+    async def start(self, events: RunEvents) -> None:
+        from kubernetes import client
+
+        self.events = events
+        self.loop = asyncio.get_running_loop()
+        api = self._api or api_client(self.settings)
+        self.batch, self.core = client.BatchV1Api(api), client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        timeout = self.settings.watch_timeout
+        self.watchers = [
+            Watcher("jobs", self.batch.list_job_for_all_namespaces, self._threadsafe(self._on_job),
+                    label_selector=MANAGED, timeout=timeout),
+            Watcher("pods", self.core.list_pod_for_all_namespaces, self._threadsafe(self._on_pod),
+                    label_selector=MANAGED, timeout=timeout),
+        ]
+        for watcher in self.watchers:
+            watcher.start()
+        self.knative = KnativeServices(self)  # its watch starts with the first service
+
+    # -- services: Knative Services (knative.py) ----------------------------------------
+    def _knative(self) -> KnativeServices:
+        if not any(w.what == "knative-services" for w in self.watchers):
+            watcher = self.knative.watcher()
+            self.watchers.append(watcher)
+            watcher.start()
+        return self.knative
+
+    async def deploy_service(self, service: ServiceInfo, wait: float) -> dict:
+        await self.prepare(service.version)
+        return await self._knative().deploy(service, wait)
+
+    async def delete_service(self, key: str) -> None:
+        await self._knative().delete(key)
+
+    async def service_endpoints(self, key: str, wait: float) -> list[str]:
+        return await self._knative().endpoints(key, wait)
+
+    def service_status(self, key: str) -> dict:
+        return self.knative.status(key)
+
+    def service_logs(self, key: str, limit: int) -> str:
+        return self.knative.logs(key, limit)
+
+    def _threadsafe(self, handler):
+        def deliver(*args):
+            self.loop.call_soon_threadsafe(self._safely, handler, *args)
+
+        return deliver
+
+    @staticmethod
+    def _safely(handler, *args) -> None:
+        try:
+            handler(*args)
+        except Exception:
+            log.exception("handling a watch event failed")
+
+    async def close(self) -> None:
+        for watcher in self.watchers:
+            watcher.stop()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def prepare(self, version: VersionInfo) -> None:
+        if not version.artifact.get("image"):
+            raise ConfigError(f"version {version.key} has no image: the kubernetes backend needs the podman builder "
+                              "(OPBOX_BUILDER=podman) and a registry the cluster pulls from (OPBOX_REGISTRY)")
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "jobs": {"inflight": len(self.inflight), "queued": len(self.queue),
+                                              "max_inflight": self.settings.max_inflight},
+                "services": self.knative.describe() if hasattr(self, "knative") else [],
+                "watches": {w.what: {"resourceVersion": w.resource_version, "relists": w.relists,
+                                     "reconnects": w.reconnects} for w in self.watchers}}
+
+    # -- runs --------------------------------------------------------------------------
+    def submit(self, ticket: RunTicket, version: VersionInfo) -> None:
+        try:
+            namespace = self.settings.namespace(version.workspace)
+            name = render.job_name(ticket.run_id, ticket.attempt)
+        except ValidationError as exc:
+            self.loop.call_soon(self.events.run_lost, ticket.run_id, f"cannot make a Job: {exc}")
+            return
+        attempt = Attempt(ticket, version, namespace, name)
+        self.attempts[name] = attempt
+        self.current[ticket.run_id] = name
+        self.queue.append(attempt)
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.queue and len(self.inflight) < self.settings.max_inflight:
+            attempt = self.queue.popleft()
+            if attempt.done:
+                continue
+            self.inflight.add(attempt.name)
+            self._spawn(self._create(attempt))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _create(self, attempt: Attempt) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        version, ticket = attempt.version, attempt.ticket
+        try:
+            await self._ensure_namespace(attempt.namespace)
+            secret_name = f"{attempt.name}-token"
+            spec = render.JobSpec(
+                namespace=attempt.namespace, workspace=version.workspace, job_id=version.job_id,
+                version=version.version, image=version.artifact.get("image") or "", gateway_url=self.gateway_url,
+                token_secret=secret_name, run_id=ticket.run_id, attempt=ticket.attempt, backoff_limit=0,
+                resource=version.resource, service_account=self.settings.service_account,
+                env={**self.settings.env, "PYTHONUNBUFFERED": "1", "OPBOX_ENTRY": version.entry,
+                     "OPBOX_CODE_DIR": version.artifact.get("image_code_dir", "/app")},
+                secrets=self.settings.secrets, image_pull_secrets=self.settings.image_pull_secrets,
+                image_pull_policy=self.settings.image_pull_policy, gpu_label_key=self.settings.gpu_label_key,
+                ttl_seconds_after_finished=self.settings.ttl_after_finished,
+            )
+            job = render.render_job(spec)
+            secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                      "metadata": {"name": secret_name, "namespace": attempt.namespace, "labels": spec.labels()},
+                      "stringData": {"token": self.token_for(f"run:{ticket.run_id}")}}
+            created_secret = await self._call(self.core.create_namespaced_secret, attempt.namespace, secret,
+                                              conflict_ok=True)
+            try:
+                created = await self._call(self.batch.create_namespaced_job, attempt.namespace, job)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                created = await self._call(self.batch.read_namespaced_job, attempt.name, attempt.namespace)
+                labels = created["metadata"].get("labels") or {}
+                if labels.get("opbox.dev/run") != render.label_value(ticket.run_id):
+                    raise
+                log.info("adopting the existing Job %s/%s", attempt.namespace, attempt.name)
+            attempt.created_at = time.monotonic()
+            if created_secret is not None:  # the Secret goes when its Job goes (garbage collection)
+                owned = {**secret, "metadata": {**secret["metadata"],
+                                                "resourceVersion": created_secret["metadata"]["resourceVersion"],
+                                                "ownerReferences": [{
+                                                    "apiVersion": "batch/v1", "kind": "Job", "name": attempt.name,
+                                                    "uid": created["metadata"]["uid"]}]}}
+                try:
+                    await self._call(self.core.replace_namespaced_secret, secret_name, attempt.namespace, owned)
+                except ApiException as exc:  # not fatal: the Secret outlives its Job
+                    log.warning("could not tie Secret %s to its Job: %s", secret_name, api_error(exc))
+            if attempt.done or attempt.cancelled:  # cancelled while we were creating it
+                await self._delete_job(attempt)
+        except Exception as exc:
+            reason = api_error(exc) if isinstance(exc, ApiException) else f"{type(exc).__name__}: {exc}"
+            log.warning("could not create the Job of %s: %s", ticket.run_id, reason)
+            self._finish(attempt, f"could not create the run's Job {attempt.namespace}/{attempt.name}: {reason}")
+
+    async def _call(self, fn, *args, conflict_ok: bool = False, **kwargs):
+        """A client call in a thread, its answer as a dict (None for a tolerated 409)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            resp = await asyncio.to_thread(fn, *args, _preload_content=False, _request_timeout=30, **kwargs)
+        except ApiException as exc:
+            if conflict_ok and exc.status == 409:
+                return None
+            raise
+        return json.loads(resp.data) if resp.data else {}
+
+    async def _ensure_namespace(self, namespace: str) -> None:
+        fut = self._namespaces.get(namespace)
+        if fut is None or (fut.done() and fut.exception() is not None):
+            fut = self._namespaces[namespace] = asyncio.ensure_future(self._make_namespace(namespace))
+        await asyncio.shield(fut)
+
+    async def _make_namespace(self, namespace: str) -> None:
+        if not self.settings.create_namespaces:
+            return
+        labels = {"app.kubernetes.io/managed-by": "opbox"}
+        await self._call(self.core.create_namespace,
+                         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": labels}},
+                         conflict_ok=True)
+        if self.settings.service_account:
+            await self._call(self.core.create_namespaced_service_account, namespace, {
+                "apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False,
+                "metadata": {"name": self.settings.service_account, "namespace": namespace, "labels": labels}},
+                conflict_ok=True)
+
+    async def cancel(self, run_id: str, grace: float) -> None:
+        name = self.current.get(run_id)
+        attempt = self.attempts.get(name) if name else None
+        if attempt is None or attempt.done:
+            return
+        attempt.cancelled = True
+        if attempt.created_at is not None:
+            await self._delete_job(attempt)
+        self._finish(attempt, None)
+
+    async def _delete_job(self, attempt: Attempt) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            await asyncio.to_thread(self.batch.delete_namespaced_job, attempt.name, attempt.namespace,
+                                    propagation_policy=self.settings.delete_propagation, _request_timeout=30)
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("could not delete Job %s/%s: %s", attempt.namespace, attempt.name, api_error(exc))
+
+    def _finish(self, attempt: Attempt, reason: str | None, status: str = "failed") -> None:
+        """The attempt is over: free its slot and, when it is the run's current attempt and
+        ``reason`` is given, tell the platform (ignored if the run already has its result)."""
+        if attempt.done:
+            return
+        attempt.done = True
+        self.inflight.discard(attempt.name)
+        self.attempts.pop(attempt.name, None)
+        current = self.current.get(attempt.run_id) == attempt.name
+        if current:
+            self.current.pop(attempt.run_id, None)
+        if reason is not None and current and not attempt.cancelled:
+            self.events.run_lost(attempt.run_id, reason, status)
+        self._fill()
+
+    # -- watch events ------------------------------------------------------------------
+    def _on_job(self, kind: str, obj, started: float | None = None) -> None:
+        if kind == "SYNC":
+            seen = {item["metadata"]["name"] for item in obj}
+            for attempt in list(self.attempts.values()):
+                if (attempt.created_at is not None and attempt.created_at < started and attempt.name not in seen
+                        and not attempt.done):
+                    self._finish(attempt, f"the run's Job {attempt.namespace}/{attempt.name} disappeared")
+            for item in obj:
+                self._on_job("MODIFIED", item)
+            return
+        attempt = self.attempts.get(obj["metadata"]["name"])
+        if attempt is None or attempt.done or obj["metadata"].get("namespace") != attempt.namespace:
+            return
+        if kind == "DELETED":
+            self._finish(attempt, f"the run's Job {attempt.namespace}/{attempt.name} was deleted")
+            return
+        for condition in (obj.get("status") or {}).get("conditions") or []:
+            if condition.get("status") != "True":
+                continue
+            if condition.get("type") == "Complete":
+                self._finish(attempt, "the run's pod ended without reporting a result")
+                return
+            if condition.get("type") == "Failed":
+                if condition.get("reason") == "DeadlineExceeded":
+                    timeout = attempt.ticket.timeout or attempt.version.resource.timeout
+                    self._finish(attempt, f"timed out after {timeout:g} s (the Job's activeDeadlineSeconds passed)",
+                                 "timed_out")
+                else:
+                    self._spawn(self._explain_failure(attempt, condition))
+                return
+
+    def _on_pod(self, kind: str, obj, started: float | None = None) -> None:
+        if kind == "SYNC":
+            for item in obj:
+                self._on_pod("MODIFIED", item)
+            return
+        labels = obj["metadata"].get("labels") or {}
+        attempt = self.attempts.get(labels.get("batch.kubernetes.io/job-name") or labels.get("job-name") or "")
+        if attempt is None or attempt.done or kind == "DELETED":
+            return
+        attempt.pod = obj
+        for status in (obj.get("status") or {}).get("containerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in FATAL_WAITING:
+                reason = f"pod {obj['metadata']['name']} cannot start: {waiting['reason']}"
+                if waiting.get("message"):
+                    reason += f": {waiting['message']}"
+                self._spawn(self._delete_job(attempt))
+                self._finish(attempt, reason)
+                return
+
+    async def _explain_failure(self, attempt: Attempt, condition: dict) -> None:
+        """The Job failed: say why, from its pod (termination reason, exit code, log tail)."""
+        pod = attempt.pod
+        try:
+            pods = await self._call(self.core.list_namespaced_pod, attempt.namespace,
+                                    label_selector=f"job-name={attempt.name}")
+            mine = pods.get("items") or []
+            if mine:
+                pod = max(mine, key=lambda p: p["metadata"].get("creationTimestamp") or "")
+        except Exception as exc:
+            log.warning("could not read the pods of Job %s: %s", attempt.name, exc)
+        parts = []
+        if pod is not None:
+            parts.append(self._pod_reason(attempt, pod))
+            tail = await self._log_tail(attempt.namespace, pod["metadata"]["name"])
+            if tail.strip():
+                parts.append(f"its log ends with:\n{tail.rstrip()}")
+        else:
+            parts.append(f"the run's Job failed: {condition.get('reason')}: {condition.get('message', '')}")
+        self._finish(attempt, "; ".join(parts))
+
+    def _pod_reason(self, attempt: Attempt, pod: dict) -> str:
+        status = pod.get("status") or {}
+        for container in status.get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated")
+            if terminated:
+                if terminated.get("reason") == "OOMKilled":
+                    return (f"OOMKilled: the run's container passed its memory limit "
+                            f"{attempt.version.resource.memory} (pod {pod['metadata']['name']})")
+                return f"{describe_container_exit(terminated)} (pod {pod['metadata']['name']})"
+        if status.get("reason"):
+            return f"pod {pod['metadata']['name']} failed: {status['reason']}: {status.get('message', '')}"
+        return f"pod {pod['metadata']['name']} failed (phase {status.get('phase')})"
+
+    async def _log_tail(self, namespace: str, pod: str) -> str:
+        try:
+            resp = await asyncio.to_thread(self.core.read_namespaced_pod_log, pod, namespace,
+                                           tail_lines=self.settings.log_tail_lines, _preload_content=False,
+                                           _request_timeout=10)
+            return resp.data.decode(errors="replace")[-4000:]
+        except Exception as exc:
+            log.info("no log for pod %s/%s: %s", namespace, pod, exc)
+            return ""

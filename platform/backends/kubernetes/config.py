@@ -1,0 +1,98 @@
+"""The kubernetes backend's settings (from the environment) and its API client (kubeconfig or in-cluster)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from opbox.errors import ConfigError
+
+from . import render
+
+
+def _csv(name: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in os.environ.get(name, "").split(",") if part.strip())
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """The kubernetes backend's settings, from the environment (see docs/kubernetes.md)."""
+
+    kubeconfig: str | None = None  # OPBOX_KUBECONFIG, else KUBECONFIG; neither: in-cluster, else ~/.kube/config
+    context: str | None = None  # OPBOX_KUBE_CONTEXT
+    namespace_template: str = "opbox-{workspace}"  # OPBOX_NAMESPACE_TEMPLATE
+    create_namespaces: bool = True  # OPBOX_K8S_CREATE_NAMESPACES=0: they must exist (with the service account)
+    service_account: str | None = render.DEFAULT_SERVICE_ACCOUNT  # OPBOX_RUNNER_SERVICE_ACCOUNT ("" for none)
+    gateway_url: str | None = None  # OPBOX_K8S_GATEWAY_URL: how pods reach the gateway (default OPBOX_PUBLIC_URL)
+    max_inflight: int = 200  # OPBOX_K8S_MAX_INFLIGHT: Jobs at once; more runs wait in a queue
+    ttl_after_finished: int = render.DEFAULT_TTL_AFTER_FINISHED  # OPBOX_K8S_TTL_AFTER_FINISHED
+    env: dict = field(default_factory=dict, hash=False)  # OPBOX_K8S_ENV: a JSON object of env for every run
+    secrets: tuple[str, ...] = ()  # OPBOX_K8S_SECRETS: Secrets (in the workspace namespace) loaded as env
+    image_pull_secrets: tuple[str, ...] = ()  # OPBOX_K8S_IMAGE_PULL_SECRETS
+    image_pull_policy: str | None = None  # OPBOX_K8S_IMAGE_PULL_POLICY
+    gpu_label_key: str = render.DEFAULT_GPU_LABEL_KEY  # OPBOX_K8S_GPU_LABEL_KEY
+    delete_propagation: str = "Background"  # OPBOX_K8S_DELETE_PROPAGATION: Background or Foreground
+    watch_timeout: int = 300  # OPBOX_K8S_WATCH_TIMEOUT: seconds a watch request lasts before it is renewed
+    log_tail_lines: int = 20  # lines of a failed pod's log put in the run's exit reason
+
+    @classmethod
+    def from_env(cls) -> "KubernetesSettings":
+        env = os.environ
+        raw_env = env.get("OPBOX_K8S_ENV") or "{}"
+        try:
+            run_env = json.loads(raw_env)
+        except ValueError:
+            raise ConfigError(f"OPBOX_K8S_ENV must be a JSON object, got {raw_env!r}") from None
+        if not isinstance(run_env, dict) or not all(isinstance(v, str) for v in run_env.values()):
+            raise ConfigError("OPBOX_K8S_ENV must be a JSON object of strings")
+        propagation = env.get("OPBOX_K8S_DELETE_PROPAGATION") or "Background"
+        if propagation not in ("Background", "Foreground"):
+            raise ConfigError(f"OPBOX_K8S_DELETE_PROPAGATION must be Background or Foreground, not {propagation!r}")
+        template = env.get("OPBOX_NAMESPACE_TEMPLATE") or "opbox-{workspace}"
+        if "{workspace}" not in template:
+            raise ConfigError(f"OPBOX_NAMESPACE_TEMPLATE must contain {{workspace}}, got {template!r}")
+        account = env.get("OPBOX_RUNNER_SERVICE_ACCOUNT", render.DEFAULT_SERVICE_ACCOUNT)
+        return cls(
+            kubeconfig=env.get("OPBOX_KUBECONFIG") or env.get("KUBECONFIG") or None,
+            context=env.get("OPBOX_KUBE_CONTEXT") or None,
+            namespace_template=template,
+            create_namespaces=env.get("OPBOX_K8S_CREATE_NAMESPACES", "1") not in ("0", "false", "no"),
+            service_account=account or None,
+            gateway_url=env.get("OPBOX_K8S_GATEWAY_URL") or None,
+            max_inflight=max(1, _int_env("OPBOX_K8S_MAX_INFLIGHT", 200)),
+            ttl_after_finished=_int_env("OPBOX_K8S_TTL_AFTER_FINISHED", render.DEFAULT_TTL_AFTER_FINISHED),
+            env=run_env,
+            secrets=_csv("OPBOX_K8S_SECRETS"),
+            image_pull_secrets=_csv("OPBOX_K8S_IMAGE_PULL_SECRETS"),
+            image_pull_policy=env.get("OPBOX_K8S_IMAGE_PULL_POLICY") or None,
+            gpu_label_key=env.get("OPBOX_K8S_GPU_LABEL_KEY") or render.DEFAULT_GPU_LABEL_KEY,
+            delete_propagation=propagation,
+            watch_timeout=max(1, _int_env("OPBOX_K8S_WATCH_TIMEOUT", 300)),
+        )
+
+    def namespace(self, workspace: str) -> str:
+        return render.check_dns_label(self.namespace_template.replace("{workspace}", workspace),
+                                      "namespace (from OPBOX_NAMESPACE_TEMPLATE)")
+
+
+def api_client(settings: KubernetesSettings):
+    """A kubernetes ApiClient: the kubeconfig when one is named, in-cluster config inside a pod."""
+    from kubernetes import client, config
+
+    if settings.kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+        return client.ApiClient(configuration)
+    try:
+        return config.new_client_from_config(config_file=settings.kubeconfig, context=settings.context)
+    except Exception as exc:
+        raise ConfigError(f"cannot load the kubeconfig {settings.kubeconfig or '~/.kube/config'}: {exc}") from exc

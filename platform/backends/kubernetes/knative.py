@@ -1,0 +1,190 @@
+"""Services (classes, ASGI apps) on a cluster: one ``serving.knative.dev/v1`` Service each.
+
+    deploy_service  -> a Secret with the service's token, then the Service rendered by
+                       ``render.render_service`` created, or replaced (resourceVersion from a
+                       read) when it exists: Knative rolls out the new revision and shifts
+                       traffic once it is ready
+    a watch         -> the Services' ``Ready`` condition (list + watch, as for Jobs): ready when
+                       Ready=True for the current generation, failed when Ready=False with a reason
+    endpoints       -> ``[status.url]``: Knative routes and scales (its activator holds calls
+                       while a service scaled to zero starts again)
+    delete_service  -> delete the Service (its revisions and pods go with it)
+
+The constructor's arguments travel base64-encoded in OPBOX_INIT_B64 (an env var: a Service
+template has no other per-service data channel; the args envelope is small).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import logging
+
+from opbox.errors import NotFound, ServiceFailed
+
+from ..base import ServiceInfo
+from . import render
+from .watch import Watcher
+
+log = logging.getLogger("opbox.kubernetes")
+
+GROUP, VERSION, PLURAL = "serving.knative.dev", "v1", "services"
+
+
+class KnativeServices:
+    def __init__(self, backend):
+        self.backend = backend  # KubernetesBackend: settings, _call, _ensure_namespace, token_for
+        self.services: dict[str, dict] = {}  # key -> {"info", "namespace", "name", "object", "changed"}
+
+    def watcher(self) -> Watcher:
+        custom = self.backend.custom
+        list_fn = functools.partial(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+        return Watcher("knative-services", list_fn, self.backend._threadsafe(self._on_service),
+                       label_selector="app.kubernetes.io/managed-by=opbox", timeout=self.backend.settings.watch_timeout)
+
+    def _entry(self, key: str) -> dict:
+        entry = self.services.get(key)
+        if entry is None:
+            raise NotFound(f"no service {key}")
+        return entry
+
+    def _spec(self, info: ServiceInfo, namespace: str, token_secret: str) -> render.ServiceSpec:
+        version, settings = info.version, self.backend.settings
+        env = {**settings.env, "PYTHONUNBUFFERED": "1", "OPBOX_ENTRY": version.entry,
+               "OPBOX_CODE_DIR": version.artifact.get("image_code_dir", "/app"),
+               "OPBOX_CONCURRENCY": str(info.concurrency), "OPBOX_QUEUE": str(info.queue)}
+        if info.init:
+            env["OPBOX_INIT_B64"] = base64.b64encode(info.init).decode()
+        retention = None
+        if info.scale_to_zero is not None:
+            retention = f"{max(0, int(info.scale_to_zero))}s"
+        return render.ServiceSpec(
+            namespace=namespace, workspace=info.workspace, job_id=version.job_id, version=version.version,
+            image=version.artifact.get("image") or "", gateway_url=self.backend.gateway_url,
+            token_secret=token_secret, name=info.name, resource=version.resource, env=env,
+            service_account=settings.service_account, secrets=settings.secrets,
+            image_pull_secrets=settings.image_pull_secrets, image_pull_policy=settings.image_pull_policy,
+            gpu_label_key=settings.gpu_label_key, min_scale=0 if info.scale_to_zero is not None else info.replicas,
+            max_scale=max(info.replicas, 1), container_concurrency=info.concurrency,
+            scale_to_zero_retention=retention,
+        )
+
+    async def deploy(self, info: ServiceInfo, wait: float) -> dict:
+        from kubernetes.client.exceptions import ApiException
+
+        backend = self.backend
+        namespace = backend.settings.namespace(info.workspace)
+        await backend._ensure_namespace(namespace)
+        name = render.service_name(info.name)
+        token_secret = f"opbox-service-{name}-token"
+        spec = self._spec(info, namespace, token_secret)
+        manifest = render.render_service(spec)
+        secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                  "metadata": {"name": token_secret, "namespace": namespace, "labels": spec.labels()},
+                  "stringData": {"token": backend.token_for(f"service:{info.key}")}}
+        await backend._call(backend.core.create_namespaced_secret, namespace, secret, conflict_ok=True)
+        entry = self.services.setdefault(info.key, {"changed": asyncio.Event()})
+        entry.update(info=info, namespace=namespace, name=name, error=None)
+        try:
+            created = await backend._call(backend.custom.create_namespaced_custom_object, GROUP, VERSION, namespace,
+                                          PLURAL, manifest)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            current = await backend._call(backend.custom.get_namespaced_custom_object, GROUP, VERSION, namespace,
+                                          PLURAL, name)
+            manifest["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            created = await backend._call(backend.custom.replace_namespaced_custom_object, GROUP, VERSION,
+                                          namespace, PLURAL, name, manifest)
+        entry["generation"] = created["metadata"].get("generation", 1)
+        entry.setdefault("object", created)
+        await self._wait(entry, lambda: self._state(entry) != "deploying", wait)
+        return self.status(info.key)
+
+    async def _wait(self, entry: dict, done, wait: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while not done() and loop.time() < deadline:
+            event = entry["changed"]
+            try:
+                await asyncio.wait_for(event.wait(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                return
+
+    def _on_service(self, kind: str, obj, started: float | None = None) -> None:
+        items = obj if kind == "SYNC" else [obj]
+        for item in items:
+            meta = item["metadata"]
+            for entry in self.services.values():
+                if entry.get("name") == meta["name"] and entry.get("namespace") == meta.get("namespace"):
+                    if kind == "DELETED":
+                        entry["object"] = None
+                    else:
+                        entry["object"] = item
+                    entry["changed"].set()
+                    entry["changed"] = asyncio.Event()
+
+    def _ready(self, entry: dict) -> tuple[str | None, dict | None]:
+        obj = entry.get("object") or {}
+        status = obj.get("status") or {}
+        if status.get("observedGeneration", 0) < entry.get("generation", 1):
+            return None, None
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "Ready":
+                return condition.get("status"), condition
+        return None, None
+
+    def _state(self, entry: dict) -> str:
+        ready, _ = self._ready(entry)
+        return {"True": "ready", "False": "failed"}.get(ready or "", "deploying")
+
+    async def delete(self, key: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        entry = self.services.pop(key, None)
+        if entry is None:
+            return
+        backend = self.backend
+        for fn, args in ((backend.custom.delete_namespaced_custom_object,
+                          (GROUP, VERSION, entry["namespace"], PLURAL, entry["name"])),
+                         (backend.core.delete_namespaced_secret,
+                          (f"opbox-service-{entry['name']}-token", entry["namespace"]))):
+            try:
+                await asyncio.to_thread(fn, *args, _request_timeout=30)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+
+    async def endpoints(self, key: str, wait: float) -> list[str]:
+        entry = self._entry(key)
+        await self._wait(entry, lambda: self._state(entry) != "deploying", wait)
+        state = self._state(entry)
+        if state == "failed":
+            _, condition = self._ready(entry)
+            raise ServiceFailed(f"Knative Service {entry['namespace']}/{entry['name']} is not ready: "
+                                f"{condition.get('reason')}: {condition.get('message', '')}")
+        url = ((entry.get("object") or {}).get("status") or {}).get("url")
+        return [url] if state == "ready" and url else []
+
+    def status(self, key: str) -> dict:
+        entry = self._entry(key)
+        obj = entry.get("object") or {}
+        _, condition = self._ready(entry)
+        state = self._state(entry)
+        info: ServiceInfo = entry["info"]
+        return {"status": state, "version": info.version.version, "latest_version": info.version.version,
+                "url": (obj.get("status") or {}).get("url"), "knative_service": f"{entry['namespace']}/{entry['name']}",
+                "revision": (obj.get("status") or {}).get("latestReadyRevisionName"),
+                "error": None if state != "failed" or condition is None else
+                {"reason": condition.get("reason"), "message": condition.get("message")}}
+
+    def logs(self, key: str, limit: int) -> str:
+        entry = self._entry(key)
+        return (f"the logs of Knative Service {entry['namespace']}/{entry['name']} are in its pods: "
+                f"kubectl logs -n {entry['namespace']} -l serving.knative.dev/service={entry['name']} "
+                f"-c opbox")[:limit]
+
+    def describe(self) -> list[dict]:
+        return [{"service": key, "status": self._state(e), "knative_service": f"{e['namespace']}/{e['name']}"}
+                for key, e in self.services.items()]

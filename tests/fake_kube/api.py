@@ -1,0 +1,284 @@
+"""The fake API server's HTTP face: the REST paths the kubernetes Python client calls.
+
+    /api/v1/namespaces[/{name}]                                       Namespaces
+    /api/v1/namespaces/{ns}/{pods,secrets,serviceaccounts}[/{name}]   and /api/v1/{pods,secrets} (all namespaces)
+    /api/v1/namespaces/{ns}/pods/{name}/log                           a pod's output (tailLines)
+    /apis/batch/v1/[namespaces/{ns}/]jobs[/{name}]
+    /apis/serving.knative.dev/v1/[namespaces/{ns}/]services[/{name}]
+
+GET (one, list, ``?watch=1`` with resourceVersion / timeoutSeconds / labelSelector), POST,
+PUT (replace, with resourceVersion conflicts), PATCH (merge and JSON patch), DELETE (with
+propagationPolicy and gracePeriodSeconds, from the query or a DeleteOptions body). Every
+object created or replaced must pass the validators of tests/k8s_schemas.py; one that does
+not is refused with 422 Invalid and recorded in ``store.rejected``.
+
+Test hooks: POST /_fake/compact (watch history gone: resuming gets 410), POST
+/_fake/disconnect (every watch stream ends), POST /_fake/expire (both at once), GET /_fake/state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+from .store import Store, matches, parse_selector
+
+KINDS = {  # (group, version, plural) -> (kind, namespaced)
+    ("", "v1", "namespaces"): ("Namespace", False),
+    ("", "v1", "pods"): ("Pod", True),
+    ("", "v1", "secrets"): ("Secret", True),
+    ("", "v1", "serviceaccounts"): ("ServiceAccount", True),
+    ("batch", "v1", "jobs"): ("Job", True),
+    ("serving.knative.dev", "v1", "services"): ("Service", True),
+}
+
+
+def status(code: int, reason: str, message: str) -> JSONResponse:
+    return JSONResponse({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                         "message": message, "reason": reason, "code": code}, status_code=code)
+
+
+def merge_patch(target, patch):
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def json_patch(target: dict, ops: list) -> dict:
+    doc = copy.deepcopy(target)
+    for op in ops:
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].lstrip("/").split("/")]
+        node = doc
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        last = parts[-1]
+        if op["op"] in ("add", "replace"):
+            if isinstance(node, list):
+                node.insert(len(node) if last == "-" else int(last), op["value"]) if op["op"] == "add" else \
+                    node.__setitem__(int(last), op["value"])
+            else:
+                node[last] = op["value"]
+        elif op["op"] == "remove":
+            del node[int(last) if isinstance(node, list) else last]
+    return doc
+
+
+class Api:
+    def __init__(self, store: Store, node, validator):
+        self.store, self.node, self.validator = store, node, validator
+
+    # -- helpers ------------------------------------------------------------------------
+    def _target(self, request: Request):
+        p = request.path_params
+        group = p.get("group", "")
+        version = p.get("version", "v1")
+        plural = p["plural"]
+        info = KINDS.get((group, version, plural))
+        return group, version, plural, info
+
+    def _validate(self, obj: dict) -> list[str]:
+        body = {k: v for k, v in obj.items() if k != "status"}
+        errors = self.validator.errors(body) if self.validator else []
+        if errors:
+            self.store.rejected.append(f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}: {errors}")
+        return errors
+
+    @staticmethod
+    def _secret_data(obj: dict) -> None:
+        if obj.get("kind") == "Secret" and "stringData" in obj:
+            data = obj.setdefault("data", {})
+            for key, value in obj.pop("stringData").items():
+                data[key] = base64.b64encode(value.encode()).decode()
+
+    # -- collections --------------------------------------------------------------------
+    async def collection(self, request: Request):
+        group, version, plural, info = self._target(request)
+        if info is None:
+            return status(404, "NotFound", f"the server could not find the requested resource ({plural})")
+        kind, namespaced = info
+        namespace = request.path_params.get("ns")
+        self.store.requests.append((request.method, request.url.path))
+        if request.method == "GET":
+            selector = parse_selector(request.query_params.get("labelSelector"))
+            if (request.query_params.get("watch") or "").lower() in ("1", "true"):  # ParseBool, as Go does
+                return self._watch(request, plural, namespace, selector)
+            items = self.store.list(plural, namespace, selector)
+            return JSONResponse({"apiVersion": f"{group}/{version}".lstrip("/"), "kind": f"{kind}List",
+                                 "metadata": {"resourceVersion": str(self.store.rv)}, "items": items})
+        body = await request.json()
+        if body.get("kind") != kind:
+            return status(400, "BadRequest", f"expected kind {kind}, got {body.get('kind')!r}")
+        meta = body.setdefault("metadata", {})
+        if namespaced:
+            if meta.setdefault("namespace", namespace) != namespace:
+                return status(400, "BadRequest", "the namespace of the object does not match the path")
+            if self.store.get("namespaces", None, namespace) is None:
+                return status(404, "NotFound", f'namespaces "{namespace}" not found')
+        errors = self._validate(body)
+        if errors:
+            return status(422, "Invalid", f"{kind} {meta.get('name')!r} is invalid: " + "; ".join(errors))
+        if self.store.get(plural, namespace, meta.get("name", "")) is not None:
+            return status(409, "AlreadyExists", f'{plural} "{meta.get("name")}" already exists')
+        self._secret_data(body)
+        created = self.store.create(plural, body)
+        self.node.created(plural, created)
+        return JSONResponse(created, status_code=201)
+
+    def _watch(self, request: Request, plural: str, namespace: str | None, selector) -> StreamingResponse:
+        store = self.store
+        since = request.query_params.get("resourceVersion")
+        timeout = float(request.query_params.get("timeoutSeconds") or 1800)
+        queue: asyncio.Queue = asyncio.Queue()
+        store.watchers.add(queue)
+
+        def wanted(resource: str, obj: dict) -> bool:
+            return (resource == plural and (namespace is None or obj["metadata"].get("namespace") == namespace)
+                    and matches(obj, selector))
+
+        def line(kind: str, obj: dict) -> bytes:
+            return (json.dumps({"type": kind, "object": obj}) + "\n").encode()
+
+        async def stream():
+            try:
+                last = store.rv
+                if since and since != "0":
+                    if int(since) < store.oldest:
+                        yield line("ERROR", {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
+                                             "reason": "Expired", "message": f"too old resource version: {since}"})
+                        return
+                    for rv, resource, kind, obj in list(store.history):
+                        if rv > int(since) and rv <= last and wanted(resource, obj):
+                            yield line(kind, obj)
+                else:
+                    for obj in store.list(plural, namespace, selector):
+                        yield line("ADDED", obj)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + timeout
+                while True:
+                    try:
+                        event = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+                    except asyncio.TimeoutError:
+                        return
+                    if event is None:  # disconnect
+                        return
+                    rv, resource, kind, obj = event
+                    if rv > last and wanted(resource, obj):
+                        yield line(kind, obj)
+            finally:
+                store.watchers.discard(queue)
+
+        return StreamingResponse(stream(), media_type="application/json")
+
+    # -- one object ---------------------------------------------------------------------
+    async def item(self, request: Request):
+        group, version, plural, info = self._target(request)
+        if info is None:
+            return status(404, "NotFound", f"the server could not find the requested resource ({plural})")
+        kind, _ = info
+        namespace, name = request.path_params.get("ns"), request.path_params["name"]
+        self.store.requests.append((request.method, request.url.path))
+        current = self.store.get(plural, namespace, name)
+        if current is None:
+            return status(404, "NotFound", f'{plural} "{name}" not found')
+        if request.method == "GET":
+            return JSONResponse(current)
+        if request.method == "DELETE":
+            options = {}
+            raw = await request.body()
+            if raw:
+                options = json.loads(raw)
+            policy = request.query_params.get("propagationPolicy") or options.get("propagationPolicy")
+            grace = request.query_params.get("gracePeriodSeconds") or options.get("gracePeriodSeconds")
+            gone = self.node.delete(plural, current, policy, None if grace is None else int(grace))
+            return JSONResponse(gone)
+        if request.method == "PUT":
+            body = await request.json()
+            sent = body.get("metadata", {}).get("resourceVersion")
+            if sent and sent != current["metadata"]["resourceVersion"]:
+                return status(409, "Conflict", f'the object has been modified; please apply your changes to the '
+                                               f'latest version and try again ({sent} != '
+                                               f'{current["metadata"]["resourceVersion"]})')
+            merged = body
+        else:  # PATCH
+            patch = await request.json()
+            if request.headers.get("content-type", "").startswith("application/json-patch"):
+                merged = json_patch(current, patch)
+            else:
+                merged = merge_patch(current, patch)
+        merged.setdefault("metadata", {})
+        for key in ("uid", "creationTimestamp", "namespace", "name"):
+            if key in current["metadata"]:
+                merged["metadata"][key] = current["metadata"][key]
+        if "status" in current and "status" not in merged:
+            merged["status"] = current["status"]
+        errors = self._validate(merged)
+        if errors:
+            return status(422, "Invalid", f"{kind} {name!r} is invalid: " + "; ".join(errors))
+        self._secret_data(merged)
+        if merged.get("spec") != current.get("spec"):
+            merged["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        updated = self.store.put(plural, merged)
+        self.node.updated(plural, updated)
+        return JSONResponse(updated)
+
+    async def pod_log(self, request: Request):
+        namespace, name = request.path_params["ns"], request.path_params["name"]
+        self.store.requests.append((request.method, request.url.path))
+        if self.store.get("pods", namespace, name) is None:
+            return status(404, "NotFound", f'pods "{name}" not found')
+        text = self.node.pod_log(namespace, name)
+        tail = request.query_params.get("tailLines")
+        if tail:
+            text = "".join(text.splitlines(keepends=True)[-int(tail):])
+        return PlainTextResponse(text)
+
+    # -- test hooks ---------------------------------------------------------------------
+    async def compact(self, request: Request):
+        self.store.compact()
+        return JSONResponse({"oldest": self.store.oldest})
+
+    async def expire(self, request: Request):
+        """compact + disconnect at once: every watch must list again (its next resume gets 410)."""
+        self.store.compact()
+        self.store.disconnect()
+        return JSONResponse({"oldest": self.store.oldest})
+
+    async def disconnect(self, request: Request):
+        self.store.disconnect()
+        return JSONResponse({"watches": len(self.store.watchers)})
+
+    async def state(self, request: Request):
+        return JSONResponse({"resourceVersion": self.store.rv, "rejected": self.store.rejected,
+                             "watches": len(self.store.watchers),
+                             "objects": sorted("/".join(k) for k in self.store.objects)})
+
+    def app(self) -> Starlette:
+        methods_c = ["GET", "POST"]
+        methods_i = ["GET", "PUT", "PATCH", "DELETE"]
+        return Starlette(routes=[
+            Route("/_fake/compact", self.compact, methods=["POST"]),
+            Route("/_fake/disconnect", self.disconnect, methods=["POST"]),
+            Route("/_fake/expire", self.expire, methods=["POST"]),
+            Route("/_fake/state", self.state, methods=["GET"]),
+            Route("/api/v1/namespaces/{ns}/pods/{name}/log", self.pod_log, methods=["GET"]),
+            Route("/api/v1/namespaces/{ns}/{plural}/{name}", self.item, methods=methods_i),
+            Route("/api/v1/namespaces/{ns}/{plural}", self.collection, methods=methods_c),
+            Route("/api/v1/{plural}/{name}", self.item, methods=methods_i),
+            Route("/api/v1/{plural}", self.collection, methods=methods_c),
+            Route("/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}", self.item, methods=methods_i),
+            Route("/apis/{group}/{version}/namespaces/{ns}/{plural}", self.collection, methods=methods_c),
+            Route("/apis/{group}/{version}/{plural}", self.collection, methods=methods_c),
+        ])

@@ -1,0 +1,428 @@
+"""The simulated node (and job controller, and garbage collector) of the fake API server.
+
+For each Job it makes a Pod (labels ``job-name`` / ``batch.kubernetes.io/job-name`` and an
+owner reference, as the job controller does) and runs the pod's container **with podman,
+from the pod's image**, exactly as a kubelet would: the container's ``command`` as the
+entrypoint, its env (values, ``secretKeyRef``, ``envFrom`` Secrets), its memory and CPU
+limits; ``--network=host`` stands in for the pod network (the gateway is on 127.0.0.1).
+Podman rather than a local process because the image is the thing under test: it is what
+the builder made from the Dockerfile template and what a cluster would pull, and podman
+starts a container in about 0.2 s here.
+
+It reports what a kubelet and the job controller report: pod phases Pending / Running /
+Succeeded / Failed with container states (``waiting`` ErrImagePull -> ImagePullBackOff for a
+missing image, CreateContainerConfigError while a Secret is missing; ``terminated`` with the
+exit code and reason Completed / Error / OOMKilled); Job ``active`` / ``succeeded`` /
+``failed`` counts, new pods up to ``backoffLimit``, conditions Complete / Failed with reason
+BackoffLimitExceeded or DeadlineExceeded (``activeDeadlineSeconds`` after the Job started,
+which kills its pods), ``ttlSecondsAfterFinished``. Deleting a Job with propagationPolicy
+Background or Foreground stops its pods (SIGTERM, SIGKILL after the grace period) and deletes
+the objects it owns (its pods, the run's token Secret); Orphan (the API default for Jobs)
+leaves them. A Knative Service gets one replica per revision: its container runs with podman
+with the ``--port`` of its command moved to a free port, Ready once ``/readyz`` answers, its
+``status.url`` that port on 127.0.0.1 (a Knative route, without the activator or autoscaling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+from opbox.platform.backends.container import MemoryCgroup
+from opbox.resource import parse_quantity
+
+from .store import Store, now
+
+log = logging.getLogger("fake_kube.node")
+
+
+class Node:
+    def __init__(self, store: Store, log_dir: Path | None = None, podman: str = "podman"):
+        self.store = store
+        self.podman = shutil.which(podman) or podman
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="fake-kube-pods-"))
+        self.tasks: set[asyncio.Task] = set()
+        self.containers: dict[str, str] = {}  # pod uid -> container name, while it runs
+        self.deadline_hit: set[str] = set()  # uids of Jobs past activeDeadlineSeconds
+        self.instance = secrets.token_hex(4)  # the label value of this node's containers
+        self.revisions: dict[str, tuple] = {}  # Knative Service uid -> (generation started, None)
+        self.replicas: dict[str, str] = {}  # Knative Service uid -> the container serving it
+
+    # -- hooks from the API ---------------------------------------------------------------
+    def created(self, resource: str, obj: dict) -> None:
+        if resource == "jobs":
+            self._spawn(self._run_job(obj["metadata"]["namespace"], obj["metadata"]["name"]))
+        elif resource == "services":
+            self._serve(obj)
+
+    def updated(self, resource: str, obj: dict) -> None:
+        if resource == "services":
+            self._serve(obj)
+
+    def delete(self, resource: str, obj: dict, policy: str | None, grace: int | None) -> dict:
+        meta = obj["metadata"]
+        if resource == "jobs":
+            policy = policy or "Orphan"  # what the API server does for batch/v1 Jobs
+        else:
+            policy = policy or "Background"
+        if resource == "pods":
+            self._spawn(self._delete_pod(obj, grace))
+            return obj
+        if resource == "services":
+            self._spawn(self._stop_service(meta["uid"]))
+        if policy == "Foreground":
+            meta["deletionTimestamp"] = now()
+            meta.setdefault("finalizers", []).append("foregroundDeletion")
+            current = self.store.put(resource, obj)
+            self._spawn(self._delete_dependents(resource, obj, grace, then_remove=True))
+            return current
+        gone = self.store.remove(resource, meta.get("namespace"), meta["name"])
+        if policy == "Background":
+            self._spawn(self._delete_dependents(resource, obj, grace, then_remove=False))
+        return gone
+
+    def pod_log(self, namespace: str, name: str) -> str:
+        pod = self.store.get("pods", namespace, name)
+        path = self.log_dir / f"{pod['metadata']['uid']}.log" if pod else None
+        return path.read_text(errors="replace") if path and path.exists() else ""
+
+    def remove_containers(self) -> None:
+        """Remove every container this node started (from any thread, after the server stopped)."""
+        import subprocess
+
+        ids = subprocess.run([self.podman, "ps", "-aq", "--filter", f"label=opbox.fake-kube={self.instance}"],
+                             capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout.split()
+        if ids:
+            subprocess.run([self.podman, "rm", "--force", "--time", "0", *ids], capture_output=True,
+                           stdin=subprocess.DEVNULL)
+
+    # -- internals ------------------------------------------------------------------------
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _podman(self, *args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(self.podman, *args, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        return proc.returncode, out.decode(errors="replace")
+
+    def _owned_by(self, uid: str) -> list[tuple[str, dict]]:
+        return [(res, o) for (res, _, _), o in list(self.store.objects.items())
+                if any(ref.get("uid") == uid for ref in o["metadata"].get("ownerReferences") or [])]
+
+    async def _delete_dependents(self, resource: str, obj: dict, grace: int | None, then_remove: bool) -> None:
+        uid = obj["metadata"]["uid"]
+        waits = []
+        for res, dependent in self._owned_by(uid):
+            if res == "pods":
+                waits.append(self._delete_pod(dependent, grace))
+            else:
+                self.store.remove(res, dependent["metadata"].get("namespace"), dependent["metadata"]["name"])
+        await asyncio.gather(*waits)
+        if then_remove:
+            self.store.remove(resource, obj["metadata"].get("namespace"), obj["metadata"]["name"])
+
+    async def _delete_pod(self, pod: dict, grace: int | None) -> None:
+        meta = pod["metadata"]
+        if grace is None:
+            grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
+        current = self.store.get("pods", meta["namespace"], meta["name"])
+        if current is None:
+            return
+        current["metadata"]["deletionTimestamp"] = now()
+        current["metadata"]["deletionGracePeriodSeconds"] = grace
+        self.store.put("pods", current)
+        name = self.containers.get(meta["uid"])
+        if name:
+            await self._podman("stop", "--time", str(grace), name)
+        self.store.remove("pods", meta["namespace"], meta["name"])
+
+    # -- the job controller ---------------------------------------------------------------
+    def _job(self, namespace: str, name: str, uid: str) -> dict | None:
+        job = self.store.get("jobs", namespace, name)
+        return job if job is not None and job["metadata"]["uid"] == uid else None
+
+    async def _run_job(self, namespace: str, name: str) -> None:
+        job = self.store.get("jobs", namespace, name)
+        uid = job["metadata"]["uid"]
+        spec = job["spec"]
+        job["status"] = {"startTime": now(), "active": 0}
+        self.store.put("jobs", job)
+        deadline = spec.get("activeDeadlineSeconds")
+        timer = None
+        if deadline is not None:
+            timer = asyncio.get_running_loop().call_later(
+                deadline, lambda: self._spawn(self._deadline(namespace, name, uid)))
+        failed = 0
+        try:
+            while True:
+                job = self._job(namespace, name, uid)
+                if job is None or uid in self.deadline_hit:
+                    return
+                pod = self._make_pod(job)
+                job["status"]["active"] = 1
+                self.store.put("jobs", job)
+                phase = await self._run_pod(pod)
+                job = self._job(namespace, name, uid)
+                if job is None or uid in self.deadline_hit or phase is None:
+                    return
+                job["status"]["active"] = 0
+                if phase == "Succeeded":
+                    job["status"].update(succeeded=1, completionTime=now(), conditions=[
+                        self._condition("SuccessCriteriaMet", "CompletionsReached", "Reached expected number of succeeded pods"),
+                        self._condition("Complete", "CompletionsReached", "Reached expected number of succeeded pods")])
+                    self.store.put("jobs", job)
+                    break
+                failed += 1
+                job["status"]["failed"] = failed
+                if failed > spec.get("backoffLimit", 6):
+                    job["status"]["conditions"] = [
+                        self._condition("FailureTarget", "BackoffLimitExceeded", "Job has reached the specified backoff limit"),
+                        self._condition("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")]
+                    self.store.put("jobs", job)
+                    break
+                self.store.put("jobs", job)
+        finally:
+            if timer:
+                timer.cancel()
+        ttl = spec.get("ttlSecondsAfterFinished")
+        if ttl is not None:
+            await asyncio.sleep(ttl)
+            job = self._job(namespace, name, uid)
+            if job is not None:
+                self.delete("jobs", job, "Background", None)
+
+    @staticmethod
+    def _condition(kind: str, reason: str, message: str) -> dict:
+        return {"type": kind, "status": "True", "reason": reason, "message": message,
+                "lastProbeTime": now(), "lastTransitionTime": now()}
+
+    async def _deadline(self, namespace: str, name: str, uid: str) -> None:
+        job = self._job(namespace, name, uid)
+        if job is None or any(c["type"] in ("Complete", "Failed") for c in job["status"].get("conditions", [])):
+            return
+        self.deadline_hit.add(uid)
+        pods = [o for res, o in self._owned_by(uid) if res == "pods"]
+        for pod in pods:  # the job controller deletes the active pods
+            self._spawn(self._delete_pod(pod, None))
+        job["status"].update(active=0, failed=job["status"].get("failed", 0) + len(pods), conditions=[
+            self._condition("FailureTarget", "DeadlineExceeded", "Job was active longer than specified deadline"),
+            self._condition("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")])
+        self.store.put("jobs", job)
+
+    def _make_pod(self, job: dict) -> dict:
+        meta, template = job["metadata"], job["spec"]["template"]
+        labels = {**(template.get("metadata", {}).get("labels") or {}), "job-name": meta["name"],
+                  "batch.kubernetes.io/job-name": meta["name"], "controller-uid": meta["uid"],
+                  "batch.kubernetes.io/controller-uid": meta["uid"]}
+        pod = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{meta['name'][:57]}-{secrets.token_hex(3)[:5]}", "namespace": meta["namespace"],
+                         "labels": labels, "ownerReferences": [{
+                             "apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"],
+                             "controller": True, "blockOwnerDeletion": True}]},
+            "spec": {**template["spec"], "nodeName": "fake-node"},
+            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]},
+        }
+        return self.store.create("pods", pod)
+
+    # -- the kubelet ----------------------------------------------------------------------
+    def _update_pod(self, pod: dict, **status) -> dict | None:
+        current = self.store.get("pods", pod["metadata"]["namespace"], pod["metadata"]["name"])
+        if current is None or current["metadata"]["uid"] != pod["metadata"]["uid"]:
+            return None
+        current["status"].update(status)
+        return self.store.put("pods", current)
+
+    def _container_status(self, container: dict, state: dict, **extra) -> list[dict]:
+        return [{"name": container["name"], "image": container["image"], "imageID": "", "restartCount": 0,
+                 "ready": "running" in state, "started": "running" in state, "state": state, **extra}]
+
+    def _env(self, namespace: str, container: dict) -> tuple[dict[str, str] | None, str]:
+        env: dict[str, str] = {}
+        for source in container.get("envFrom") or []:
+            ref = source.get("secretRef")
+            if ref:
+                secret = self.store.get("secrets", namespace, ref["name"])
+                if secret is None:
+                    return None, f'secret "{ref["name"]}" not found'
+                env.update({k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()})
+        for item in container.get("env") or []:
+            if "value" in item:
+                env[item["name"]] = item["value"]
+            elif "secretKeyRef" in (item.get("valueFrom") or {}):
+                ref = item["valueFrom"]["secretKeyRef"]
+                secret = self.store.get("secrets", namespace, ref["name"])
+                if secret is None or ref["key"] not in (secret.get("data") or {}):
+                    return None, f'secret "{ref["name"]}" (key {ref["key"]}) not found'
+                env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+            else:
+                env[item["name"]] = ""
+        return env, ""
+
+    async def _run_pod(self, pod: dict) -> str | None:
+        """Run the pod's one container to the end; its phase, or None if the pod was deleted."""
+        namespace, uid = pod["metadata"]["namespace"], pod["metadata"]["uid"]
+        (container,) = pod["spec"]["containers"]
+        while True:  # the kubelet retries until the Secrets exist
+            env, problem = self._env(namespace, container)
+            if env is not None:
+                break
+            if self._update_pod(pod, containerStatuses=self._container_status(
+                    container, {"waiting": {"reason": "CreateContainerConfigError", "message": problem}})) is None:
+                return None
+            await asyncio.sleep(0.2)
+        code, _ = await self._podman("image", "exists", container["image"])
+        if code != 0:
+            for reason in ("ErrImagePull", "ImagePullBackOff"):
+                message = f'Back-off pulling image "{container["image"]}"' if reason == "ImagePullBackOff" else \
+                    f'failed to pull and unpack image "{container["image"]}": not found'
+                if self._update_pod(pod, containerStatuses=self._container_status(
+                        container, {"waiting": {"reason": reason, "message": message}})) is None:
+                    return None
+                await asyncio.sleep(0.3)
+            return await self._wait_deleted(pod)
+        limits = (container.get("resources") or {}).get("limits") or {}
+        name = f"k8s-{pod['metadata']['name']}-{uid[:8]}"
+        args = ["run", "--name", name, "--network=host", "--init", "--pull=never",
+                "--label", f"opbox.fake-kube={self.instance}", "--entrypoint", container["command"][0]]
+        cgroup = None
+        if "memory" in limits:
+            memory = int(parse_quantity(limits["memory"]))
+            if MemoryCgroup.usable():
+                cgroup = MemoryCgroup(name, memory)
+                args += ["--cgroups=no-conmon", "--cgroup-parent", cgroup.rel]
+            else:
+                args += ["--memory", str(memory), "--memory-swap", str(memory)]
+        if "cpu" in limits:
+            args += ["--cpus", f"{float(parse_quantity(limits['cpu'])):g}"]
+        for key in env:
+            args += ["-e", key]
+        args += [container["image"], *container["command"][1:], *(container.get("args") or [])]
+        log_path = self.log_dir / f"{uid}.log"
+        started = now()
+        with open(log_path, "ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                self.podman, *args, env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                stderr=asyncio.subprocess.STDOUT)
+        self.containers[uid] = name
+        self._update_pod(pod, phase="Running", startTime=started, containerStatuses=self._container_status(
+            container, {"running": {"startedAt": started}}, containerID=f"podman://{name}"))
+        try:
+            code = await proc.wait()
+            _, inspected = await self._podman("inspect", "--type", "container", "--format", "{{.State.OOMKilled}}", name)
+            oom = inspected.strip() == "true" or (cgroup is not None and code == 137 and cgroup.hit_limit())
+        finally:
+            self.containers.pop(uid, None)
+            await self._podman("rm", "--force", "--time", "0", name)
+            if cgroup is not None:
+                cgroup.remove()
+        reason = "Completed" if code == 0 else ("OOMKilled" if oom else "Error")
+        phase = "Succeeded" if code == 0 else "Failed"
+        terminated = {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": now(),
+                      "containerID": f"podman://{name}"}
+        if self._update_pod(pod, phase=phase, containerStatuses=self._container_status(
+                container, {"terminated": terminated}, containerID=f"podman://{name}")) is None:
+            return None
+        return phase
+
+    async def _wait_deleted(self, pod: dict) -> None:
+        while self.store.get("pods", pod["metadata"]["namespace"], pod["metadata"]["name"]) is not None:
+            await asyncio.sleep(0.2)
+        return None
+
+    # -- Knative Serving: one replica per Service, on a free port of 127.0.0.1 -------------------
+    def _serve(self, service: dict) -> None:
+        meta = service["metadata"]
+        current = self.store.get("services", meta["namespace"], meta["name"])
+        if current is None:
+            return
+        generation = current["metadata"].get("generation", 1)
+        if self.revisions.get(current["metadata"]["uid"], (0,))[0] >= generation:
+            return
+        self.revisions[current["metadata"]["uid"]] = (generation, None)
+        self._spawn(self._run_revision(current, generation))
+
+    def _service_status(self, service: dict, generation: int, ready: str, url: str | None,
+                        reason: str = "", message: str = "") -> None:
+        meta = service["metadata"]
+        current = self.store.get("services", meta["namespace"], meta["name"])
+        if current is None or current["metadata"]["uid"] != meta["uid"]:
+            return
+        revision = f"{meta['name']}-{generation:05d}"
+        status = {"observedGeneration": generation, "latestCreatedRevisionName": revision,
+                  "conditions": [{"type": t, "status": ready, "lastTransitionTime": now(),
+                                  **({"reason": reason, "message": message} if reason else {})}
+                                 for t in ("ConfigurationsReady", "Ready", "RoutesReady")]}
+        if url:
+            status.update(url=url, address={"url": url}, latestReadyRevisionName=revision,
+                          traffic=[{"revisionName": revision, "latestRevision": True, "percent": 100}])
+        current["status"] = status
+        self.store.put("services", current)
+
+    async def _run_revision(self, service: dict, generation: int) -> None:
+        """Start the revision's one replica (the container's command with its port moved to a free
+        one), probe /readyz as the kubelet would, then route to it and stop the previous one."""
+        import socket
+
+        import httpx
+
+        meta = service["metadata"]
+        uid = meta["uid"]
+        (container,) = service["spec"]["template"]["spec"]["containers"]
+        env, problem = self._env(meta["namespace"], container)
+        if env is None:
+            self._service_status(service, generation, "False", None, "CreateContainerConfigError", problem)
+            return
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = list(container["command"])
+        if "--port" in command:
+            command[command.index("--port") + 1] = str(port)
+        name = f"ksvc-{meta['name'][:40]}-{generation}-{secrets.token_hex(3)}"
+        args = ["run", "--name", name, "--network=host", "--init", "--pull=never",
+                "--label", f"opbox.fake-kube={self.instance}", "--entrypoint", command[0]]
+        for key in env:
+            args += ["-e", key]
+        args += [container["image"], *command[1:]]
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                self.podman, *args, env={**os.environ, **env, "PORT": str(port)}, stdin=asyncio.subprocess.DEVNULL,
+                stdout=out, stderr=asyncio.subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(timeout=2) as client:
+            while proc.returncode is None:
+                try:
+                    if (await client.get(url + "/readyz")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+        if proc.returncode is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            self._service_status(service, generation, "False", None, "RevisionFailed",
+                                 f"Revision failed with exit code {proc.returncode}: {tail}")
+            await self._podman("rm", "--force", "--time", "0", name)
+            return
+        previous = self.replicas.get(uid)
+        self.replicas[uid] = name
+        self._service_status(service, generation, "True", url)
+        if previous:
+            await self._podman("stop", "--time", "10", previous)
+            await self._podman("rm", "--force", "--time", "0", previous)
+
+    async def _stop_service(self, uid: str) -> None:
+        name = self.replicas.pop(uid, None)
+        if name:
+            await self._podman("stop", "--time", "10", name)
+            await self._podman("rm", "--force", "--time", "0", name)

@@ -1,0 +1,106 @@
+"""The container backend end to end with real podman: versions built into images from the
+Dockerfile template (OPBOX_BUILDER=podman, the default for this backend), runs in warm worker
+containers. A few runs per scenario: deploy, call, map, a trigger, timeout, cancel, a crash,
+a memory limit, a retry."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from opbox import Jobs, RunCancelled, RunFailed, RunTimeout
+from platform_fixture import running_platform
+from podman_env import e2e_code, podman, remove_images, wheelhouse  # noqa: F401 (fixtures)
+
+WORKSPACE = "podman-e2e"
+
+CODE = """
+import os, signal, time
+from opbox import operator, Resource
+
+@operator()
+def where(x):
+    print(f"in {os.getcwd()} as {os.environ['HOSTNAME']}")
+    return x * 2, os.path.exists("/.containerenv") or os.path.exists("/run/.containerenv"), os.getcwd()
+
+@operator(timeout=1.0)
+def too_slow():
+    time.sleep(30)
+
+@operator()
+def sleeper(seconds):
+    time.sleep(seconds)
+    return seconds
+
+@operator(max_retries=1)
+def crash():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+@operator(resource=Resource(memory="96Mi", cpu="500m"))
+def hog(mb):
+    blocks = [bytearray(1024 * 1024) for _ in range(mb)]
+    return len(blocks)
+"""
+
+NAMES = ("where", "too_slow", "sleeper", "crash", "hog")
+
+
+@pytest.fixture(scope="module")
+def plat(podman, wheelhouse, tmp_path_factory):
+    env = {"OPBOX_BACKEND": "container", "OPBOX_WHEELHOUSE": str(wheelhouse), "OPBOX_WORKSPACE": WORKSPACE,
+           "OPBOX_MAX_WORKERS": "2"}
+    with running_platform(tmp_path_factory.mktemp("home"), extra_env=env, timeout=60) as running:
+        yield running
+    remove_images(podman, WORKSPACE)
+    left = subprocess.run([podman, "ps", "-aq", "--filter", "label=opbox.managed=1"], capture_output=True,
+                          text=True).stdout.split()
+    assert not left, f"containers left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def fns(plat, client, tmp_path_factory):
+    mod = e2e_code(tmp_path_factory.mktemp("podman_proj"), "podmod", CODE)
+    return {name: getattr(mod, name).deploy(client=client, quiet=True) for name in NAMES}
+
+
+def test_runs_in_a_container_of_the_versions_image(fns, client, podman):
+    value, in_container, cwd = fns["where"](21)
+    assert value == 42 and in_container and cwd == "/app"
+    run = Jobs(fns["where"].job_id, client).trigger(1)
+    assert run.result(timeout=60)[0] == 2 and "in /app as" in "".join(run.logs())
+    assert fns["where"].map(range(4), progress=False) == [(x * 2, True, "/app") for x in range(4)]
+    versions = client.get(f"/job/{fns['where'].job_id}/versions").json()
+    assert versions
+    images = subprocess.run([podman, "images", "--format", "{{.Repository}}", "--filter",
+                             f"label=opbox.workspace={WORKSPACE}"], capture_output=True, text=True).stdout
+    assert "localhost/opbox-podman-e2e-where" in images
+
+
+def test_timeout_and_cancel(fns):
+    with pytest.raises(RunTimeout, match="timed out after 1 s"):
+        fns["too_slow"]()
+    run = fns["sleeper"].submit(60)
+    deadline = time.monotonic() + 60
+    while run.status()["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    assert run.cancel()["status"] == "cancelled"
+    with pytest.raises(RunCancelled):
+        run.result(timeout=10)
+    assert time.monotonic() - started < 5
+    assert fns["sleeper"](0) == 0
+
+
+def test_crash_is_retried_then_fails_with_the_reason(fns):
+    run = fns["crash"].submit()
+    with pytest.raises(RunFailed, match="killed by SIGKILL"):
+        run.result(timeout=60)
+    assert run.status()["attempt"] == 1
+
+
+def test_memory_limit_kills_with_oom_reason(fns):
+    with pytest.raises(RunFailed, match="OOMKilled.*96Mi"):
+        fns["hog"](400)
+    assert fns["hog"](10) == 10

@@ -172,9 +172,9 @@ class PodmanSpawner:
         log_path = self.log_dir / worker.pool.id / f"{worker.id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as out:
-            proc = await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(  # cwd: conmon drops files (such as "oom") there
                 *cmd, env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True, cwd=str(log_path.parent))
         return Container(self, worker, name, proc, log_path, cgroup)
 
     def signal(self, worker: Worker, signum: int) -> None:

@@ -310,9 +310,9 @@ class Node:
         log_path = self.log_dir / f"{uid}.log"
         started = now()
         with open(log_path, "ab") as out:
-            proc = await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(  # cwd: conmon drops files (such as "oom") there
                 self.podman, *args, env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                stderr=asyncio.subprocess.STDOUT)
+                stderr=asyncio.subprocess.STDOUT, cwd=str(self.log_dir))
         self.containers[uid] = name
         self._update_pod(pod, phase="Running", startTime=started, containerStatuses=self._container_status(
             container, {"running": {"startedAt": started}}, containerID=f"podman://{name}"))

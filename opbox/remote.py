@@ -15,6 +15,7 @@ import httpx
 from . import serialization
 from .client import CONNECT_ERRORS, Client, default_client
 from .errors import Unavailable
+from .mapping import Mappable
 from .outcome import decode, to_exception
 
 ENVELOPE = {"Content-Type": serialization.CONTENT_TYPE}
@@ -77,7 +78,7 @@ class RunHandle:
         return self.client.post(f"/runs/{self.id}/cancel").json()
 
 
-class RemoteFunction:
+class RemoteFunction(Mappable):
     """A deployed function. Calling it runs it remotely (a Job-Run) and returns its result."""
 
     def __init__(self, job_id: str, name: str | None = None, version: int | None = None, client: Client | None = None):
@@ -115,24 +116,14 @@ class RemoteFunction:
         return self.client.get(f"/job/{self.job_id}/runs", params=params).json()["runs"]
 
     # -- map -------------------------------------------------------------------------
-    def map(self, items: Iterable, *, concurrency: int | None = None, return_exceptions: bool = False,
-            progress: bool | None = None, kwargs: dict | None = None) -> list:
-        """``[f(item) for item in items]``, one Job-Run per item, run in parallel; results in input order.
+    def imap(self, items: Iterable, *, concurrency: int | None = None, return_exceptions: bool = False,
+             progress: bool | None = None, kwargs: dict | None = None, star: bool = False) -> Iterator:
+        """Results in input order, each as soon as it is ready; one Job-Run per item, run in parallel.
 
         Any number of items (submitted in batches while results stream back). ``concurrency``
         caps how many run at once. A failed item raises its exception (the rest of the map is
         cancelled), unless ``return_exceptions`` puts exceptions in the list instead.
         """
-        return list(self.imap(items, concurrency=concurrency, return_exceptions=return_exceptions,
-                              progress=progress, kwargs=kwargs))
-
-    def starmap(self, items: Iterable[tuple], **options) -> list:
-        """Like ``map``, with each item a tuple of positional arguments."""
-        return list(self.imap(items, star=True, **options))
-
-    def imap(self, items: Iterable, *, concurrency: int | None = None, return_exceptions: bool = False,
-             progress: bool | None = None, kwargs: dict | None = None, star: bool = False) -> Iterator:
-        """``map`` as an iterator: yields results in input order as soon as each is ready."""
         body = {"concurrency": concurrency}
         if self.version is not None:
             body["version"] = self.version

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .errors import ConfigError, ValidationError
+from .mapping import Mappable
 from .resource import Resource
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ class RemoteService:
         return f"{self.client.config.url}{self.client.path(f'/serve/{self.name}')}"
 
 
-class RemoteMethod:
+class RemoteMethod(Mappable):
     """One method of a service. Calling it sends pickled arguments and returns the (unpickled) result."""
 
     QUOTA_PATIENCE = 300.0  # seconds of 429 answers a call waits out
@@ -194,21 +195,11 @@ class RemoteMethod:
         raise_for(resp)
         return resp.json()
 
-    def map(self, items: Iterable, *, concurrency: int | None = None, return_exceptions: bool = False,
-            progress: bool | None = None, kwargs: dict | None = None) -> list:
-        """``[method(item) for item in items]``, ``concurrency`` calls at a time (default 16, at most 64);
-        results in input order. A failing item raises its exception (the rest is not sent), unless
-        ``return_exceptions`` puts exceptions in the list instead."""
-        return list(self.imap(items, concurrency=concurrency, return_exceptions=return_exceptions,
-                              progress=progress, kwargs=kwargs))
-
-    def starmap(self, items: Iterable[tuple], **options) -> list:
-        """Like ``map``, with each item a tuple of positional arguments."""
-        return list(self.imap(items, star=True, **options))
-
     def imap(self, items: Iterable, *, concurrency: int | None = None, return_exceptions: bool = False,
              progress: bool | None = None, kwargs: dict | None = None, star: bool = False) -> Iterator:
-        """``map`` as an iterator: results in input order, each as soon as it and those before it are ready."""
+        """Results in input order, each as soon as it and those before it are ready; ``concurrency``
+        calls at a time (default 16, at most 64). A failing item raises its exception (the rest is
+        not sent), unless ``return_exceptions`` puts exceptions in the list instead."""
         from concurrent.futures import ThreadPoolExecutor
 
         if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):

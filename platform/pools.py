@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections import deque
@@ -75,6 +76,17 @@ class Spawner(Protocol):
         """Start a worker process (or container) for ``worker.pool``; return its handle."""
 
     def signal(self, worker: Worker, signum: int) -> None: ...
+
+
+def file_tail(path, size: int = 4000) -> str:
+    """The last ``size`` bytes of a worker's own output file, as text ("" if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def describe_exit(returncode: int | None) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from opbox.errors import ConfigError
 
-from ..pools import PoolManager, Worker
+from ..pools import PoolManager, Worker, file_tail
 from .base import RunEvents, RunTicket, VersionInfo
 
 log = logging.getLogger("opbox.container")
@@ -129,13 +129,7 @@ class Container:
         return code
 
     def output_tail(self, size: int = 4000) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - size))
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        return file_tail(self.log_path, size)
 
 
 class PodmanSpawner:

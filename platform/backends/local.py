@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ..pools import PoolManager, Worker
+from ..pools import PoolManager, Worker, file_tail
 from .base import RunEvents, RunTicket, ServiceInfo, VersionInfo
 from .local_services import LocalServices
 from .oneshot import OneShotRunner
@@ -53,13 +53,7 @@ class LocalProcess:
         return await self.proc.wait()
 
     def output_tail(self, size: int = 4000) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - size))
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        return file_tail(self.log_path, size)
 
 
 class ProcessSpawner:

@@ -49,6 +49,16 @@ def hog(mb):
     time.sleep(2)
     return len(blocks)
 
+@operator(resource=Resource(memory="96Mi"), max_retries=1)
+def hog_once(marker, mb):
+    # the first attempt passes the memory limit; the retry stays under it
+    if not os.path.exists(marker):
+        open(marker, "w").write("x")
+        blocks = [bytearray(1024 * 1024) for _ in range(mb)]
+        time.sleep(2)
+    return "fits"
+
+
 @operator()
 def graceful(marker):
     open(marker + ".started", "w").write("x")
@@ -68,7 +78,7 @@ def fns(plat, client, tmp_path_factory):
     (folder / "runsmod.py").write_text(CODE)
     sys.path.insert(0, str(folder))
     mod = importlib.import_module("runsmod")
-    names = ("sleeper", "too_slow", "flaky", "crash", "crash_once", "hog", "graceful")
+    names = ("sleeper", "too_slow", "flaky", "crash", "crash_once", "hog", "hog_once", "graceful")
     yield {n: getattr(mod, n).deploy(client=client, quiet=True) for n in names}
     sys.path.remove(str(folder))
     sys.modules.pop("runsmod", None)
@@ -182,6 +192,13 @@ def test_memory_limit_kills_with_oom_reason(fns):
     with pytest.raises(RunFailed, match="OOMKilled.*96Mi"):
         fns["hog"](400)
     assert fns["hog"](10) == 10
+
+
+def test_memory_kill_is_retried(fns, tmp_path):
+    run = fns["hog_once"].submit(str(tmp_path / "m"), 400)
+    assert run.result(timeout=60) == "fits"
+    status = run.status()
+    assert status["attempt"] == 1 and "OOMKilled" in status["exit_reason"]
 
 
 def test_resource_is_recorded_on_the_version(fns):

@@ -3,6 +3,7 @@ the runtime imports the serving module, which uses this)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Iterable
 
 
@@ -18,3 +19,16 @@ class Mappable:
     def starmap(self, items: Iterable[tuple], **options) -> list:
         """Like ``map``, with each item a tuple of positional arguments."""
         return list(self.imap(items, star=True, **options))
+
+
+def progress_bar(progress: bool | None, total: int | None, unit: str):
+    """A tqdm bar on stderr when asked for (``None``: when stderr is a terminal), else None."""
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit=unit, desc="map", file=sys.stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import struct
-import sys
 import threading
 import time
 from typing import Any, Iterable, Iterator
@@ -15,7 +14,7 @@ import httpx
 from . import serialization
 from .client import CONNECT_ERRORS, Client, default_client
 from .errors import Unavailable
-from .mapping import Mappable
+from .mapping import Mappable, progress_bar
 from .outcome import decode, to_exception
 
 ENVELOPE = {"Content-Type": serialization.CONTENT_TYPE}
@@ -129,19 +128,7 @@ class RemoteFunction(Mappable):
             body["version"] = self.version
         batch = self.client.post(f"/job/{self.job_id}/batches", json=body).json()
         mapper = _Map(self.client, batch["batch_id"], items, kwargs or {}, star)
-        return mapper.results(return_exceptions, _progress_bar(progress, mapper))
-
-
-def _progress_bar(progress: bool | None, mapper: "_Map"):
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if not progress:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=mapper.size_hint, unit="run", desc="map", file=sys.stderr)
+        return mapper.results(return_exceptions, progress_bar(progress, mapper.size_hint, "run"))
 
 
 class _Map:

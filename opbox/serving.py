@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .errors import ConfigError, ValidationError
-from .mapping import Mappable
+from .mapping import Mappable, progress_bar
 from .resource import Resource
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ class RemoteMethod(Mappable):
             raise ValidationError(f"concurrency must be a whole number >= 1, got {concurrency!r}")
         width = min(concurrency or 16, 64)  # the SDK client keeps at most 64 connections
         extra = dict(kwargs or {})
-        bar = _progress_bar(progress, items)
+        bar = progress_bar(progress, len(items) if hasattr(items, "__len__") else None, "call")
 
         def call(item):
             return self(*(tuple(item) if star else (item,)), **extra)
@@ -238,18 +238,6 @@ def _take(future, return_exceptions: bool, bar):
     if bar is not None:
         bar.update(1)
     return value
-
-
-def _progress_bar(progress: bool | None, items):
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if not progress:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=len(items) if hasattr(items, "__len__") else None, unit="call", desc="map", file=sys.stderr)
 
 
 def list_services(client: "Client | None" = None) -> list[dict]:

@@ -31,6 +31,7 @@ import httpx
 
 from opbox.errors import NotFound, ServiceFailed
 
+from ..pools import file_tail
 from .base import ServiceInfo
 
 log = logging.getLogger("opbox.services")
@@ -375,7 +376,7 @@ class LocalServices:
         if was == STARTING:
             svc.start_failures += 1
             if svc.start_failures >= 3:
-                tail = _tail(replica.log_path)
+                tail = file_tail(replica.log_path)
                 self._fail(svc, replica.generation, {
                     "type": "ReplicaExited", "message": f"the replica exited with code {code} before it was ready, "
                     f"3 times in a row; its output ends with:\n{tail}", "log": tail})
@@ -462,11 +463,3 @@ def _signal(replica: Replica, signum: int) -> None:
         pass
 
 
-def _tail(path: Path, size: int = 3000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - size))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""

@@ -124,7 +124,6 @@ class UpstreamPool:
                 break
             conn.close()  # the replica closed it meanwhile (idle timeout, drained, died)
             conn = None
-        reused = conn is not None
         if conn is None:
             conn = await self._connect(base)
         head = [f"{method} {target} HTTP/1.1\r\nhost: {conn.base[7:]}\r\n".encode()]

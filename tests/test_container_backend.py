@@ -104,3 +104,58 @@ def test_memory_limit_kills_with_oom_reason(fns):
     with pytest.raises(RunFailed, match="OOMKilled.*96Mi"):
         fns["hog"](400)
     assert fns["hog"](10) == 10
+
+
+SERVICE_CODE = """
+import os
+from opbox import operator
+
+@operator()
+class Counter:
+    def __init__(self, start: int):
+        self.start = start
+
+    def __remote_init__(self):
+        self.replica = os.urandom(8).hex()  # one per replica: tells a new one from the old
+
+    def add(self, x: int) -> int:
+        return self.start + x
+
+    def where(self) -> dict:
+        return {"container": os.path.exists("/run/.containerenv") or os.path.exists("/.containerenv"),
+                "cwd": os.getcwd(), "replica": self.replica}
+"""
+
+
+def test_a_class_is_served_from_containers(plat, client, podman, tmp_path_factory):
+    import httpx
+
+    mod = e2e_code(tmp_path_factory.mktemp("podman_svc"), "podsvc", SERVICE_CODE)
+    svc = mod.Counter.deploy(10, name="counter", client=client, quiet=True)
+    assert svc.add(5) == 15
+    where = svc.where()
+    assert where["container"] and where["cwd"] == "/app"
+    resp = httpx.post(f"{plat.url}/{plat.workspace}/serve/counter/add", json={"x": 1},
+                      headers={"Authorization": f"Bearer {plat.token}"}, timeout=60)
+    assert resp.status_code == 200 and resp.json() == 11
+    assert svc.add.map([1, 2, 3]) == [11, 12, 13]
+    # a killed replica container is replaced; new calls succeed
+    names = subprocess.run([podman, "ps", "-q", "--filter", "label=opbox.service=" + f"{plat.workspace}/counter"],
+                           capture_output=True, text=True).stdout.split()
+    assert len(names) == 1
+    subprocess.run([podman, "kill", "--signal", "KILL", names[0]], check=True, capture_output=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            assert svc.add(1) == 11
+            break
+        except Exception:
+            assert time.monotonic() < deadline, "no replica came back"
+            time.sleep(0.5)
+    assert svc.where()["replica"] != where["replica"], "answered by a new container"
+    svc.delete()
+    deadline = time.monotonic() + 30
+    while subprocess.run([podman, "ps", "-q", "--filter", f"label=opbox.service={plat.workspace}/counter"],
+                         capture_output=True, text=True).stdout.split():
+        assert time.monotonic() < deadline, "the service's containers were not removed"
+        time.sleep(0.5)

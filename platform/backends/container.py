@@ -32,6 +32,7 @@ from opbox.errors import ConfigError
 
 from ..pools import PoolManager, Worker, file_tail
 from .base import RunEvents, RunTicket, VersionInfo
+from .local_services import ServiceMethods
 
 log = logging.getLogger("opbox.container")
 
@@ -205,7 +206,7 @@ class PodmanSpawner:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
 
-class ContainerBackend:
+class ContainerBackend(ServiceMethods):
     name = "container"
 
     def __init__(self, *, gateway_url: str, home: Path, token_for, max_workers: int, worker_idle: float = 60.0,
@@ -214,6 +215,9 @@ class ContainerBackend:
             PodmanSpawner(gateway_url, home / "logs" / "containers", podman), max_workers=max_workers,
             worker_idle=worker_idle, pool_idle=pool_idle, token_for=lambda pool_id: token_for(f"pool:{pool_id}"),
         )
+        from .container_services import ContainerServices  # (it builds on this module)
+
+        self.services = ContainerServices(home, self.pools.spawner)
 
     def set_gateway_url(self, url: str) -> None:
         self.pools.spawner.gateway_url = url
@@ -222,6 +226,7 @@ class ContainerBackend:
         self.pools.events = events
 
     async def close(self) -> None:
+        await self.services.close()
         workers = [w for p in self.pools.pools.values() for w in p.workers.values() if w.handle is not None]
         await self.pools.close()
         if workers:  # give them a moment to leave on SIGTERM, then make sure the containers are gone
@@ -231,7 +236,7 @@ class ContainerBackend:
         await self.pools.spawner.drain()
 
     async def prepare(self, version: VersionInfo) -> None:
-        if version.kind != "function":  # classes are services, which this backend does not run yet
+        if version.kind != "function":  # services start on deploy_service
             return
         self.pools.retire(keep={version.key} | {k for k, p in self.pools.pools.items() if p.version.job_id != version.job_id})
         self.pools.warm_up(version, 1)
@@ -243,4 +248,4 @@ class ContainerBackend:
         await self.pools.cancel(run_id, grace)
 
     def describe(self) -> dict:
-        return {"backend": self.name, "pools": self.pools.describe()}
+        return {"backend": self.name, "pools": self.pools.describe(), "services": self.services.describe()}

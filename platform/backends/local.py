@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..pools import PoolManager, Worker, file_tail
 from .base import RunEvents, RunTicket, ServiceInfo, VersionInfo
-from .local_services import LocalServices
+from .local_services import LocalServices, ServiceMethods
 from .oneshot import OneShotRunner
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -97,7 +97,7 @@ class ProcessSpawner:
             pass
 
 
-class LocalBackend:
+class LocalBackend(ServiceMethods):
     """``isolation="worker"`` (default): warm pools, one interpreter serves many runs of a version.
     ``isolation="run"``: a fresh process per run (the batch entrypoint, as in a Kubernetes Job)."""
 
@@ -153,22 +153,6 @@ class LocalBackend:
         return {"backend": self.name, "isolation": self.isolation, "pools": self.pools.describe(),
                 "oneshot": {"running": len(self.oneshot.running), "queued": len(self.oneshot.queue)},
                 "services": self.services.describe()}
-
-    # -- services: uvicorn replicas of the runtime's serve mode (local_services.py) ------
-    async def deploy_service(self, service: ServiceInfo, wait: float) -> dict:
-        return await self.services.deploy(service, wait)
-
-    async def delete_service(self, key: str) -> None:
-        await self.services.delete(key)
-
-    async def service_endpoints(self, key: str, wait: float) -> list[str]:
-        return await self.services.endpoints(key, wait)
-
-    def service_status(self, key: str) -> dict:
-        return self.services.status(key)
-
-    def service_logs(self, key: str, limit: int) -> str:
-        return self.services.logs(key, limit)
 
     def _busy(self):
         """(pid, resource, kill) for every process that is running a run with a memory limit."""

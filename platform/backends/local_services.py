@@ -80,6 +80,27 @@ class Service:
         return [r for r in self.replicas.values() if r.generation == generation and r.state in (STARTING, READY)]
 
 
+class ServiceMethods:
+    """The Backend protocol's service methods, for backends whose ``services`` is a LocalServices."""
+
+    services: "LocalServices"
+
+    async def deploy_service(self, service: ServiceInfo, wait: float) -> dict:
+        return await self.services.deploy(service, wait)
+
+    async def delete_service(self, key: str) -> None:
+        await self.services.delete(key)
+
+    async def service_endpoints(self, key: str, wait: float) -> list[str]:
+        return await self.services.endpoints(key, wait)
+
+    def service_status(self, key: str) -> dict:
+        return self.services.status(key)
+
+    def service_logs(self, key: str, limit: int) -> str:
+        return self.services.logs(key, limit)
+
+
 class LocalServices:
     def __init__(self, home: Path, child_setup, *, drain: float = 60.0, startup_timeout: float = 600.0,
                  health_interval: float = 5.0):
@@ -182,7 +203,7 @@ class LocalServices:
         for svc in self.services.values():
             svc.deleted = True
             for replica in svc.replicas.values():
-                _signal(replica, signal.SIGTERM)
+                self._signal(replica, signal.SIGTERM)
         for task in list(self._tasks):
             task.cancel()
         await self.http.aclose()
@@ -237,6 +258,9 @@ class LocalServices:
         for _ in range(max(0, spec.replicas - len(svc.live(generation)))):
             self._start(svc, generation)
 
+    def _signal(self, replica: Replica, signum: int) -> None:
+        _signal_group(replica, signum)
+
     def _start(self, svc: Service, generation: int, delay: float = 0.0) -> None:
         self._seq += 1
         spec = svc.specs[generation]
@@ -287,7 +311,7 @@ class LocalServices:
             self._on_ready(svc, replica)
             await self._watch(replica)
         elif isinstance(outcome, dict):  # the instance could not be built: no use retrying
-            _signal(replica, signal.SIGKILL)
+            self._signal(replica, signal.SIGKILL)
             await replica.proc.wait()
             svc.replicas.pop(replica.id, None)
             self._fail(svc, replica.generation, outcome)
@@ -340,7 +364,7 @@ class LocalServices:
             misses = 0 if ok else misses + 1
             if misses >= 3:
                 log.warning("replica %s stopped answering /healthz: killing it", replica.id)
-                _signal(replica, signal.SIGKILL)
+                self._signal(replica, signal.SIGKILL)
 
     def _on_ready(self, svc: Service, replica: Replica) -> None:
         if replica.state != STARTING:
@@ -415,11 +439,11 @@ class LocalServices:
             return
         if not kill:
             await asyncio.sleep(0.05)  # calls routed just before the switch reach it first
-        _signal(replica, signal.SIGKILL if kill else signal.SIGTERM)
+        self._signal(replica, signal.SIGKILL if kill else signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(replica.proc.wait()), self.drain)
         except asyncio.TimeoutError:
-            _signal(replica, signal.SIGKILL)
+            self._signal(replica, signal.SIGKILL)
 
     async def _watch_idle(self, svc: Service) -> None:
         while not svc.deleted:
@@ -453,7 +477,7 @@ class LocalServices:
         return False
 
 
-def _signal(replica: Replica, signum: int) -> None:
+def _signal_group(replica: Replica, signum: int) -> None:
     proc = replica.proc
     if proc is None or proc.returncode is not None:
         return

@@ -1,0 +1,64 @@
+"""Services on the container backend: each replica is a podman container of the version's image
+running ``python -m opbox.runtime serve`` on a loopback socket the platform binds and hands in as
+fd 3 (so no port can be taken in between). Everything else, readiness, restarts, scale to zero
+and rolling redeploys, is LocalServices' own; only starting and signalling a replica differ."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import signal
+import socket
+
+from opbox.errors import ConfigError
+
+from .container import LABEL, container_args
+from .local_services import LocalServices, Replica
+
+
+class ContainerServices(LocalServices):
+    def __init__(self, home, podman, **options):
+        super().__init__(home, child_setup=None, **options)
+        self.podman = podman  # the backend's PodmanSpawner: its podman binary and `podman` runner
+        self.names: dict[str, str] = {}  # replica id -> container name
+
+    async def _spawn(self, replica: Replica) -> None:
+        spec = replica.spec
+        version = spec.version
+        image = version.artifact.get("image")
+        if not image:
+            raise ConfigError(f"version {version.key} has no image: the container backend needs the podman builder")
+        name = "opbox-svc-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", f"{spec.key}-{replica.id}-{secrets.token_hex(3)}")
+        env = {**version.resource.env, "PYTHONUNBUFFERED": "1", "OPBOX_ENTRY": version.entry,
+               "OPBOX_CODE_DIR": version.artifact.get("image_code_dir", "/app"), "OPBOX_INIT_FILE": "/opbox/init",
+               "OPBOX_CONCURRENCY": str(spec.concurrency), "OPBOX_QUEUE": str(spec.queue),
+               "OPBOX_SERVICE": spec.name, "OPBOX_REPLICA": replica.id}
+        cmd = [self.podman._exe(), "run", "--rm", "--name", name, "--network=host", "--init", "--pull=never",
+               "--label", f"{LABEL}=1", "--label", f"opbox.service={spec.key}",
+               "--preserve-fds=1", "-v", f"{self._init_path(spec)}:/opbox/init:ro",
+               *container_args(version.resource), *[a for key in env for a in ("-e", key)],
+               image, "serve", "--fd", "3"]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(1024)
+            replica.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+            fd = sock.fileno()
+            replica.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(replica.log_path, "ab") as out:
+                replica.proc = await asyncio.create_subprocess_exec(  # cwd: conmon drops files there
+                    *cmd, env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                    stderr=asyncio.subprocess.STDOUT, start_new_session=True, cwd=str(replica.log_path.parent),
+                    pass_fds=(3,), preexec_fn=lambda: os.dup2(fd, 3))  # podman passes fds from 3 on
+            self.names[replica.id] = name
+        finally:
+            sock.close()
+
+    def _signal(self, replica: Replica, signum: int) -> None:
+        name = self.names.get(replica.id)
+        if name is None or replica.proc is None or replica.proc.returncode is not None:
+            return
+        self.podman._background(self.podman._podman("kill", "--signal", signal.Signals(signum).name, name))

@@ -10,7 +10,7 @@ from opbox.config import opbox_home
 from opbox.errors import ConfigError
 
 
-def _int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     try:
         return int(raw) if raw else default
@@ -18,7 +18,7 @@ def _int(name: str, default: int) -> int:
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
 
 
-def _float(name: str, default: float) -> float:
+def env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     try:
         return float(raw) if raw else default
@@ -57,21 +57,21 @@ class Settings:
         base = cls(
             home=opbox_home(),
             host=env.get("OPBOX_HOST", "127.0.0.1"),
-            port=_int("OPBOX_PORT", 8000),
+            port=env_int("OPBOX_PORT", 8000),
             public_url=env.get("OPBOX_PUBLIC_URL") or None,
             backend=env.get("OPBOX_BACKEND", "local"),
             isolation=env.get("OPBOX_ISOLATION", "worker"),
             store_url=env.get("OPBOX_STORE_URL") or None,
             workspace=env.get("OPBOX_WORKSPACE") or None,
             token=env.get("OPBOX_TOKEN") or None,
-            max_workers=_int("OPBOX_MAX_WORKERS", max(2, os.cpu_count() or 2)),
-            worker_idle=_float("OPBOX_WORKER_IDLE", 60.0),
-            pool_idle=_float("OPBOX_POOL_IDLE", 900.0),
-            max_upload=_int("OPBOX_MAX_UPLOAD", 200 * 1024**2),
-            max_log_bytes=_int("OPBOX_MAX_LOG_BYTES", 8 * 1024**2),
-            max_open_runs=_int("OPBOX_MAX_OPEN_RUNS", 100_000),
-            max_payload=_int("OPBOX_MAX_PAYLOAD", 64 * 1024**2),
-            max_request_body=_int("OPBOX_MAX_REQUEST_BODY", 80 * 1024**2),
+            max_workers=env_int("OPBOX_MAX_WORKERS", max(2, os.cpu_count() or 2)),
+            worker_idle=env_float("OPBOX_WORKER_IDLE", 60.0),
+            pool_idle=env_float("OPBOX_POOL_IDLE", 900.0),
+            max_upload=env_int("OPBOX_MAX_UPLOAD", 200 * 1024**2),
+            max_log_bytes=env_int("OPBOX_MAX_LOG_BYTES", 8 * 1024**2),
+            max_open_runs=env_int("OPBOX_MAX_OPEN_RUNS", 100_000),
+            max_payload=env_int("OPBOX_MAX_PAYLOAD", 64 * 1024**2),
+            max_request_body=env_int("OPBOX_MAX_REQUEST_BODY", 80 * 1024**2),
             builder=env.get("OPBOX_BUILDER") or None,
             base_image=env.get("OPBOX_BASE_IMAGE") or None,
             registry=env.get("OPBOX_REGISTRY") or "localhost",

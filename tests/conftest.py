@@ -7,6 +7,7 @@ import itertools
 import os
 import sys
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,18 @@ def require(condition: bool, why: str) -> None:
         if IN_CI:
             pytest.fail(f"missing in CI: {why}")
         pytest.skip(why)
+
+
+@contextmanager
+def user_module(folder: Path, name: str, source: str):
+    """Write ``source`` as module ``name`` in ``folder``, import it as a user's script would, clean up after."""
+    (folder / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(folder))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 
 from opbox import RemoteError, RunHandle, SerializationError, serialization
 from opbox.outcome import RemoteTraceback
+from conftest import user_module
 
 CODE = """
 import time
@@ -74,18 +75,9 @@ def numpy_like(data):
 
 @pytest.fixture(scope="module")
 def fns(plat, client, tmp_path_factory):
-    import importlib
-    import sys
-
-    folder = tmp_path_factory.mktemp("calls_proj")
-    (folder / "callsmod.py").write_text(CODE)
-    sys.path.insert(0, str(folder))
-    mod = importlib.import_module("callsmod")
-    deployed = {name: getattr(mod, name).deploy(client=client, quiet=True)
-                for name in ("add", "make_point", "fail", "chatty", "numpy_like")}
-    yield mod, deployed
-    sys.path.remove(str(folder))
-    sys.modules.pop("callsmod", None)
+    with user_module(tmp_path_factory.mktemp("calls_proj"), "callsmod", CODE) as mod:
+        yield mod, {name: getattr(mod, name).deploy(client=client, quiet=True)
+                    for name in ("add", "make_point", "fail", "chatty", "numpy_like")}
 
 
 def test_args_kwargs_defaults_and_values(fns):

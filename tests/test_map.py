@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from opbox import RemoteError
+from conftest import user_module
 
 CODE = """
 import os, time
@@ -34,16 +35,8 @@ def pair(a, b):
 
 @pytest.fixture(scope="module")
 def fns(plat, client, tmp_path_factory):
-    import importlib
-    import sys
-
-    folder = tmp_path_factory.mktemp("map_proj")
-    (folder / "mapmod.py").write_text(CODE)
-    sys.path.insert(0, str(folder))
-    mod = importlib.import_module("mapmod")
-    yield {name: getattr(mod, name).deploy(client=client, quiet=True) for name in ("square", "slow_tag", "picky", "pair")}
-    sys.path.remove(str(folder))
-    sys.modules.pop("mapmod", None)
+    with user_module(tmp_path_factory.mktemp("map_proj"), "mapmod", CODE) as mod:
+        yield {name: getattr(mod, name).deploy(client=client, quiet=True) for name in ("square", "slow_tag", "picky", "pair")}
 
 
 def test_results_in_input_order(fns):

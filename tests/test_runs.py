@@ -7,6 +7,7 @@ import time
 import pytest
 
 from opbox import Jobs, Resource, RunCancelled, RunFailed, RunTimeout
+from conftest import user_module
 
 CODE = """
 import os, signal, time
@@ -71,17 +72,9 @@ def graceful(marker):
 
 @pytest.fixture(scope="module")
 def fns(plat, client, tmp_path_factory):
-    import importlib
-    import sys
-
-    folder = tmp_path_factory.mktemp("runs_proj")
-    (folder / "runsmod.py").write_text(CODE)
-    sys.path.insert(0, str(folder))
-    mod = importlib.import_module("runsmod")
     names = ("sleeper", "too_slow", "flaky", "crash", "crash_once", "hog", "hog_once", "graceful")
-    yield {n: getattr(mod, n).deploy(client=client, quiet=True) for n in names}
-    sys.path.remove(str(folder))
-    sys.modules.pop("runsmod", None)
+    with user_module(tmp_path_factory.mktemp("runs_proj"), "runsmod", CODE) as mod:
+        yield {n: getattr(mod, n).deploy(client=client, quiet=True) for n in names}
 
 
 def test_states_and_timestamps(fns):

@@ -9,6 +9,7 @@ import pytest
 
 from opbox import Jobs, Operator, RunHandle
 from opbox.errors import NotFound, ValidationError
+from conftest import user_module
 
 CODE = """
 from opbox import operator
@@ -22,17 +23,8 @@ def score(x: int = 5, scale: int = 2):
 
 @pytest.fixture(scope="module")
 def scorer(plat, client, tmp_path_factory):
-    import importlib
-    import sys
-
-    folder = tmp_path_factory.mktemp("trig_proj")
-    (folder / "trigmod.py").write_text(CODE)
-    sys.path.insert(0, str(folder))
-    mod = importlib.import_module("trigmod")
-    remote = mod.score.deploy(client=client, quiet=True)
-    yield remote
-    sys.path.remove(str(folder))
-    sys.modules.pop("trigmod", None)
+    with user_module(tmp_path_factory.mktemp("trig_proj"), "trigmod", CODE) as mod:
+        yield mod.score.deploy(client=client, quiet=True)
 
 
 def test_jobs_trigger_uses_defaults_and_latest_version(scorer, client):

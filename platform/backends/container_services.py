@@ -10,12 +10,11 @@ import os
 import re
 import secrets
 import signal
-import socket
 
 from opbox.errors import ConfigError
 
 from .container import LABEL, container_args
-from .local_services import LocalServices, Replica
+from .local_services import LocalServices, Replica, loopback_listener
 
 
 class ContainerServices(LocalServices):
@@ -40,12 +39,8 @@ class ContainerServices(LocalServices):
                "--preserve-fds=1", "-v", f"{self._init_path(spec)}:/opbox/init:ro",
                *container_args(version.resource), *[a for key in env for a in ("-e", key)],
                image, "serve", "--fd", "3"]
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock, replica.url = loopback_listener()
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(1024)
-            replica.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
             fd = sock.fileno()
             replica.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(replica.log_path, "ab") as out:

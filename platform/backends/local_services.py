@@ -80,6 +80,16 @@ class Service:
         return [r for r in self.replicas.values() if r.generation == generation and r.state in (STARTING, READY)]
 
 
+def loopback_listener() -> tuple[socket.socket, str]:
+    """A listening socket on a free loopback port, bound here and handed to a replica (so no one
+    can take the port in between), and the replica's base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    return sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 class ServiceMethods:
     """The Backend protocol's service methods, for backends whose ``services`` is a LocalServices."""
 
@@ -271,12 +281,8 @@ class LocalServices:
 
     async def _spawn(self, replica: Replica) -> None:
         spec, artifact = replica.spec, replica.spec.version.artifact
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock, replica.url = loopback_listener()
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(1024)
-            replica.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
             env = {**os.environ, **spec.version.resource.env, "PYTHONUNBUFFERED": "1",
                    "OPBOX_ENTRY": spec.version.entry, "OPBOX_CODE_DIR": artifact["code_dir"],
                    "OPBOX_INIT_FILE": str(self._init_path(spec)), "OPBOX_CONCURRENCY": str(spec.concurrency),

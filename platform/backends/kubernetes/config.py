@@ -8,19 +8,12 @@ from dataclasses import dataclass, field
 
 from opbox.errors import ConfigError
 
+from ...settings import env_int
 from . import render
 
 
 def _csv(name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in os.environ.get(name, "").split(",") if part.strip())
-
-
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    try:
-        return int(raw) if raw else default
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
 
 
 @dataclass(frozen=True)
@@ -68,15 +61,15 @@ class KubernetesSettings:
             create_namespaces=env.get("OPBOX_K8S_CREATE_NAMESPACES", "1") not in ("0", "false", "no"),
             service_account=account or None,
             gateway_url=env.get("OPBOX_K8S_GATEWAY_URL") or None,
-            max_inflight=max(1, _int_env("OPBOX_K8S_MAX_INFLIGHT", 200)),
-            ttl_after_finished=_int_env("OPBOX_K8S_TTL_AFTER_FINISHED", render.DEFAULT_TTL_AFTER_FINISHED),
+            max_inflight=max(1, env_int("OPBOX_K8S_MAX_INFLIGHT", 200)),
+            ttl_after_finished=env_int("OPBOX_K8S_TTL_AFTER_FINISHED", render.DEFAULT_TTL_AFTER_FINISHED),
             env=run_env,
             secrets=_csv("OPBOX_K8S_SECRETS"),
             image_pull_secrets=_csv("OPBOX_K8S_IMAGE_PULL_SECRETS"),
             image_pull_policy=env.get("OPBOX_K8S_IMAGE_PULL_POLICY") or None,
             gpu_label_key=env.get("OPBOX_K8S_GPU_LABEL_KEY") or render.DEFAULT_GPU_LABEL_KEY,
             delete_propagation=propagation,
-            watch_timeout=max(1, _int_env("OPBOX_K8S_WATCH_TIMEOUT", 300)),
+            watch_timeout=max(1, env_int("OPBOX_K8S_WATCH_TIMEOUT", 300)),
         )
 
     def namespace(self, workspace: str) -> str:

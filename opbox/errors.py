@@ -131,6 +131,13 @@ class BuildError(OpboxError):
         return self.message
 
 
+class RegistryError(BuildError):
+    """A container registry could not be asked or refused us (``registry``, ``status`` in ``details``)."""
+
+    code = "registry_error"
+    status = 502
+
+
 class SerializationError(OpboxError):
     """A payload could not be (de)serialized, e.g. Python or cloudpickle versions differ."""
 

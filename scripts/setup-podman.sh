@@ -21,7 +21,7 @@ BASE_IMAGE="${OPBOX_BASE_IMAGE:-localhost/opbox-base:bookworm-py3}"
 SUITE=bookworm
 CONF_DIR=/etc/containers
 PACKAGES=(podman buildah runc conmon debootstrap debian-archive-keyring netavark aardvark-dns
-          catatonit uidmap fuse-overlayfs)
+          catatonit uidmap fuse-overlayfs docker-registry)
 
 if [ "$(id -u)" != 0 ]; then
   echo "setup-podman: must run as root" >&2
@@ -47,6 +47,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   # --no-install-recommends keeps out dbus-user-session, slirp4netns (rootless only), criu, ...
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/tmp/opbox-setup-apt.log 2>&1 || {
     cat /tmp/opbox-setup-apt.log >&2; exit 1; }
+  # docker-registry is for the tests, which start their own on free loopback ports: the
+  # package's system service (all interfaces, :5000) must not run
+  if [[ " ${missing[*]} " == *" docker-registry "* ]]; then
+    if [ -d /run/systemd/system ]; then
+      systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    else
+      update-rc.d docker-registry disable >/dev/null 2>&1 || true
+      /etc/init.d/docker-registry stop >/dev/null 2>&1 || true
+    fi
+  fi
   _step_end "installed: ${missing[*]}"
 else
   _step_end "all present"

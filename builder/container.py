@@ -27,13 +27,15 @@ IMAGE_CODE_DIR = "/app"
 
 
 class ContainerBuilder:
-    """Builds job images on this machine. ``registry_prefix`` is where tags live
-    (``localhost`` keeps them in local storage; a registry host makes them pushable)."""
-
-    name = "podman"
+    """Builds job images with ``image_builder`` (podman on this machine by default; kaniko in
+    the cluster). ``registry_prefix`` is where tags live (``localhost`` keeps them in local
+    storage; a registry host makes them pushable). ``{python}`` in ``base_image`` becomes the
+    client's Python minor version, e.g. ``python:{python}-slim-bookworm``."""
 
     def __init__(self, home: Path, *, base_image: str = DEFAULT_BASE_IMAGE, registry_prefix: str = "localhost",
-                 wheelhouse_dir: Path | None = None, image_builder: ImageBuilder | None = None):
+                 wheelhouse_dir: Path | None = None, image_builder: ImageBuilder | None = None,
+                 name: str = "podman"):
+        self.name = name
         self.code_root = Path(home) / "code"
         self.work_dir = Path(home) / "build"
         self.wheelhouse_dir = Path(wheelhouse_dir or Path(home) / "wheelhouse")
@@ -54,7 +56,8 @@ class ContainerBuilder:
             loop.call_soon_threadsafe(log, line)
 
         code_dir = await asyncio.to_thread(extract_to_content_dir, zip_bytes, self.code_root, spec.code_sha256)
-        log(f"code {spec.code_sha256[:12]} extracted; building the image (base {self.base_image}, "
+        base_image = self.base_image.replace("{python}", spec.python)
+        log(f"code {spec.code_sha256[:12]} extracted; building the image with {self.name} (base {base_image}, "
             f"Python {spec.python})")
         requirements = code_dir / "requirements.txt"
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +65,7 @@ class ContainerBuilder:
             built = await asyncio.to_thread(
                 build_job_image, code_dir, requirements if requirements.is_file() else None,
                 job_name=f"{spec.workspace}-{spec.job_name}", wheelhouse=self.wheelhouse(spec.python),
-                builder=self.image_builder, registry_prefix=self.registry_prefix, base_image=self.base_image,
+                builder=self.image_builder, registry_prefix=self.registry_prefix, base_image=base_image,
                 labels={"opbox.workspace": spec.workspace, "opbox.job": spec.job_name}, work_dir=self.work_dir,
                 log=threadsafe_log)
         except BuildError:
@@ -72,5 +75,5 @@ class ContainerBuilder:
         await asyncio.sleep(0)  # let the queued log lines through first
         log(f"image {built.tag} {'built' if built.built else 'reused'} in {built.seconds:.1f} s")
         return {"image": built.tag, "image_code_dir": IMAGE_CODE_DIR, "code_dir": str(code_dir),
-                "requirements_sha256": built.spec.requirements_hash, "base_image": self.base_image,
+                "requirements_sha256": built.spec.requirements_hash, "base_image": base_image,
                 "python_version": spec.python}

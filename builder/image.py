@@ -251,6 +251,33 @@ def prepare_context(
     return PreparedContext(dest, req_hash, tree_hash(dest / "code"), has_requirements)
 
 
+def write_context_archive(context_dir: Path, dest: Path) -> int:
+    """The context folder as a gzipped tar at ``dest`` (what an in-cluster builder fetches),
+    built reproducibly: sorted entries, no owners, mtime 0, executable bits kept. Returns its size."""
+    import gzip
+    import tarfile
+
+    context_dir = Path(context_dir)
+    with open(dest, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        folders: set[str] = set()
+        for rel, path in iter_tree(context_dir):
+            parts = rel.split("/")[:-1]
+            for depth in range(1, len(parts) + 1):  # folder entries too: empty ones must exist
+                folder = "/".join(parts[:depth])
+                if folder not in folders:
+                    folders.add(folder)
+                    entry = tarfile.TarInfo(folder)
+                    entry.type, entry.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(entry)
+            info = tarfile.TarInfo(rel)
+            info.size = path.stat().st_size
+            info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+    return Path(dest).stat().st_size
+
+
 # --- builders --------------------------------------------------------------------------------
 
 

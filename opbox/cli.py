@@ -59,9 +59,10 @@ def main():
 @click.option("--home", type=click.Path(path_type=Path), default=None, help="State folder [default: OPBOX_HOME or ~/.opbox].")
 @click.option("--backend", type=click.Choice(["local", "container", "kubernetes"]), default=None,
               help="Where runs execute: local processes, podman containers, Kubernetes Jobs [default: local, or OPBOX_BACKEND].")
-@click.option("--builder", type=click.Choice(["local", "podman"]), default=None,
-              help="How versions are built: a virtualenv, or a container image [default: local; podman for the "
-                   "container and kubernetes backends; or OPBOX_BUILDER].")
+@click.option("--builder", type=click.Choice(["local", "podman", "kaniko"]), default=None,
+              help="How versions are built: a virtualenv, a container image built here, or one built in the "
+                   "cluster and pushed to OPBOX_REGISTRY [default: local; podman for the container and kubernetes "
+                   "backends; or OPBOX_BUILDER].")
 @click.option("--max-workers", type=int, default=None, help="Warm workers per job version at most.")
 @click.option("--isolation", type=click.Choice(["worker", "run"]), default=None,
               help="worker: warm pools (fast); run: a fresh process per run [default: worker, or OPBOX_ISOLATION].")

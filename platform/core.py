@@ -36,7 +36,10 @@ def make_store(settings: Settings, secret: bytes):
     from .store import LocalStore, open_store
 
     if settings.store_url:
-        return open_store(settings.store_url, secret=secret, base_url=settings.url)
+        extra = {}
+        if settings.s3_endpoint_url and "endpoint=" not in settings.store_url:
+            extra["endpoint_url"] = settings.s3_endpoint_url
+        return open_store(settings.store_url, secret=secret, base_url=settings.url, **extra)
     return LocalStore(settings.home / "store", secret=secret, base_url=settings.url)
 
 
@@ -63,20 +66,39 @@ def make_backend(settings: Settings, auth: Auth):
     raise ConfigError(f"unknown backend {settings.backend!r}; this build knows: local, container, kubernetes")
 
 
-def make_builder(settings: Settings):
-    """``local`` (a virtualenv per requirements) for the local backend, ``podman`` (an image) otherwise."""
+def make_builder(settings: Settings, store=None):
+    """``local`` (a virtualenv per requirements) for the local backend, ``podman`` (an image on this
+    machine) for the others, ``kaniko`` (an image built in the cluster, pushed to the registry)."""
     kind = settings.builder or ("local" if settings.backend == "local" else "podman")
     if kind == "local":
         if settings.backend != "local":
             raise ConfigError(f"the {settings.backend} backend runs images: use the podman builder, not {kind!r}")
         return LocalBuilder(settings.home)
-    if kind == "podman":
-        from opbox.builder.container import ContainerBuilder
-        from opbox.builder.image import DEFAULT_BASE_IMAGE
+    if kind not in ("podman", "kaniko"):
+        raise ConfigError(f"unknown builder {kind!r}; this build knows: local, podman, kaniko")
+    from opbox.builder.container import ContainerBuilder
+    from opbox.builder.image import DEFAULT_BASE_IMAGE
 
+    if kind == "podman":
         return ContainerBuilder(settings.home, base_image=settings.base_image or DEFAULT_BASE_IMAGE,
                                 registry_prefix=settings.registry, wheelhouse_dir=settings.wheelhouse)
-    raise ConfigError(f"unknown builder {kind!r}; this build knows: local, podman (kaniko is not built yet)")
+    if settings.backend != "kubernetes":
+        raise ConfigError("the kaniko builder runs in the cluster: use it with OPBOX_BACKEND=kubernetes")
+    if settings.registry.split("/", 1)[0] == "localhost":
+        raise ConfigError("the kaniko builder pushes images: set OPBOX_REGISTRY to a registry the cluster pulls from, "
+                          "e.g. registry.example.com/opbox")
+    from opbox.builder.registry import RegistryClient
+
+    from .backends.kubernetes.config import KubernetesSettings
+    from .backends.kubernetes.kaniko import DEFAULT_BASE_IMAGE as KANIKO_BASE_IMAGE
+    from .backends.kubernetes.kaniko import KanikoBuilder, KanikoSettings
+
+    registry = RegistryClient(insecure_hosts=settings.registry_insecure, auth_file=settings.registry_auth_file)
+    kaniko = KanikoBuilder(KanikoSettings.from_env(), store=store, registry=registry,
+                           kube_settings=KubernetesSettings.from_env(), insecure_registries=settings.registry_insecure)
+    return ContainerBuilder(settings.home, base_image=settings.base_image or KANIKO_BASE_IMAGE,
+                            registry_prefix=settings.registry, wheelhouse_dir=settings.wheelhouse,
+                            image_builder=kaniko, name="kaniko")
 
 
 class Platform:
@@ -92,7 +114,8 @@ class Platform:
         self.runs = RunService(self.state, self.backend, Limits(
             max_payload=settings.max_payload, max_log_bytes=settings.max_log_bytes, cancel_grace=settings.cancel_grace,
             max_open_runs=settings.max_open_runs))
-        self.deploys = DeployService(self.state, self.store, make_builder(settings), self.runs, settings.max_upload)
+        self.deploys = DeployService(self.state, self.store, make_builder(settings, self.store), self.runs,
+                                     settings.max_upload)
         self.services = ServiceManager(self.state, self.backend, self.deploys, settings.max_payload,
                                        base_url=lambda: self.settings.url)
 

@@ -26,6 +26,16 @@ def env_float(name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
 
 
+def _insecure_registries(raw: str, registry: str) -> tuple[str, ...]:
+    """OPBOX_REGISTRY_INSECURE: "1"/"true" means the host of OPBOX_REGISTRY; else a comma-separated list of hosts."""
+    raw = raw.strip()
+    if raw.lower() in ("", "0", "false", "no"):
+        return ()
+    if raw.lower() in ("1", "true", "yes"):
+        return (registry.split("/", 1)[0],)
+    return tuple(host.strip() for host in raw.split(",") if host.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path = field(default_factory=opbox_home)
@@ -50,6 +60,9 @@ class Settings:
     base_image: str | None = None  # podman builder: the image job images start from (OPBOX_BASE_IMAGE)
     registry: str = "localhost"  # podman builder: the tag prefix, e.g. registry.example.com/opbox (OPBOX_REGISTRY)
     wheelhouse: Path | None = None  # podman builder: the wheel cache; default home/wheelhouse (OPBOX_WHEELHOUSE)
+    registry_auth_file: Path | None = None  # docker config.json with registry credentials (OPBOX_REGISTRY_AUTH_FILE)
+    registry_insecure: tuple[str, ...] = ()  # registry hosts reached over plain HTTP (OPBOX_REGISTRY_INSECURE)
+    s3_endpoint_url: str | None = None  # S3-compatible server, when the store URL names none (OPBOX_S3_ENDPOINT_URL)
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -76,6 +89,10 @@ class Settings:
             base_image=env.get("OPBOX_BASE_IMAGE") or None,
             registry=env.get("OPBOX_REGISTRY") or "localhost",
             wheelhouse=Path(env["OPBOX_WHEELHOUSE"]) if env.get("OPBOX_WHEELHOUSE") else None,
+            registry_auth_file=Path(env["OPBOX_REGISTRY_AUTH_FILE"]) if env.get("OPBOX_REGISTRY_AUTH_FILE") else None,
+            registry_insecure=_insecure_registries(env.get("OPBOX_REGISTRY_INSECURE", ""),
+                                                   env.get("OPBOX_REGISTRY") or "localhost"),
+            s3_endpoint_url=env.get("OPBOX_S3_ENDPOINT_URL") or None,
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 

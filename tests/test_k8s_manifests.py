@@ -223,6 +223,12 @@ def test_kustomize_build_is_consistent(built):
     assert config["OPBOX_STORE_URL"].startswith("s3://")
     assert {"OPBOX_S3_ENDPOINT_URL", "OPBOX_REGISTRY", "OPBOX_NAMESPACE_TEMPLATE"} <= config.keys()
     assert config["OPBOX_BUILDER"] == "kaniko" and "{workspace}" in config["OPBOX_NAMESPACE_TEMPLATE"]
+    # the registry credentials the kaniko builder checks tags with are mounted where the config says
+    auth_dir, _, auth_name = config["OPBOX_REGISTRY_AUTH_FILE"].rpartition("/")
+    secret = volumes[mounts[auth_dir]]["secret"]
+    assert secret["secretName"] == "opbox-registry" and secret["optional"] is True
+    assert secret["items"] == [{"key": ".dockerconfigjson", "path": auth_name}]
+    assert "{python}" in config["OPBOX_BASE_IMAGE"]
 
     service = by_kind(built, "Service")["opbox-gateway"]
     assert service["spec"]["type"] == "ClusterIP"
@@ -682,3 +688,131 @@ def test_user_env_overrides_operator_env_and_keeps_order():
     names = [name for name, _ in env]
     assert names[:5] == ["OPBOX_GATEWAY_URL", "OPBOX_WORKSPACE", "OPBOX_JOB_ID", "OPBOX_VERSION", "OPBOX_RUN_ID"]
     assert dict(env)["A"] == "user" and dict(env)["B"] == "operator" and len(names) == len(set(names))
+
+
+# --- the kaniko build Job (OPBOX_BUILDER=kaniko) -------------------------------------------
+
+def kaniko_spec(**overrides):
+    from opbox.platform.backends.kubernetes.kaniko import KanikoJobSpec
+
+    spec = dict(
+        name="opbox-build-0123456789ab-a1b2c3", namespace="opbox-system",
+        executor_image="gcr.io/kaniko-project/executor:v1.23.2",
+        context_uri="s3://opbox/store/builds/opbox-build-0123456789ab-a1b2c3.tar.gz",
+        destination="registry.example.com/opbox/opbox-team-a-score:0123456789ab",
+        s3_env={"AWS_REGION": "eu-west-1", "S3_ENDPOINT": "http://minio:9000", "S3_FORCE_PATH_STYLE": "true"},
+        s3_secret="opbox-s3", docker_secret="opbox-registry", service_account="opbox-builder",
+        cache_repo="registry.example.com/opbox/opbox-cache", insecure_registries=("registry.example.com",),
+        extra_args=("--verbosity=debug",), labels={"app.kubernetes.io/managed-by": "opbox"},
+        active_deadline_seconds=1200, ttl_seconds_after_finished=600, cpu="1", memory="4Gi")
+    spec.update(overrides)
+    return KanikoJobSpec(**spec)
+
+
+KANIKO_CASES = {
+    "everything": {},
+    "bare": dict(s3_secret=None, docker_secret=None, service_account=None, cache_repo=None, insecure_registries=(),
+                 extra_args=(), cpu=None, memory=None, s3_env={"AWS_REGION": "us-east-1"}),
+}
+
+
+@pytest.mark.parametrize("case", KANIKO_CASES)
+def test_rendered_kaniko_job(kv, case):
+    from opbox.platform.backends.kubernetes.kaniko import render_kaniko_job
+
+    spec = kaniko_spec(**KANIKO_CASES[case])
+    job = render_kaniko_job(spec)
+    for version in K8S_VERSIONS:
+        error = k8s_error(kv, job, version)
+        assert error is None, f"kaniko Job {case!r} (Kubernetes {version}): {error}"
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 1200
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == spec.executor_image and pod["restartPolicy"] == "Never"
+    assert pod["automountServiceAccountToken"] is False
+    args = container["args"]
+    assert args[:3] == [f"--context={spec.context_uri}", "--dockerfile=Dockerfile", f"--destination={spec.destination}"]
+    assert ("--cache=true" in args) is bool(spec.cache_repo)
+    assert [a for a in args if a.startswith("--insecure-registry=")] == [
+        f"--insecure-registry={h}" for h in spec.insecure_registries]
+    assert {e["name"]: e["value"] for e in container["env"]} == spec.s3_env
+    if spec.s3_secret:
+        assert container["envFrom"] == [{"secretRef": {"name": "opbox-s3"}}]
+    else:
+        assert "envFrom" not in container
+    if spec.docker_secret:
+        (volume,) = pod["volumes"]
+        assert volume["secret"] == {"secretName": "opbox-registry", "optional": True,
+                                    "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}
+        assert container["volumeMounts"] == [{"name": volume["name"], "mountPath": "/kaniko/.docker",
+                                              "readOnly": True}]
+    else:
+        assert "volumes" not in pod and "volumeMounts" not in container
+    if spec.memory:
+        assert container["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+    else:
+        assert "resources" not in container
+
+
+def test_kaniko_job_keeps_values_strings_and_refuses_bad_ones():
+    from opbox.platform.backends.kubernetes.kaniko import render_kaniko_job
+
+    job = render_kaniko_job(kaniko_spec(s3_env={"S3_ENDPOINT": INJECTION}, labels={"x": "y"}))
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == [{"name": "S3_ENDPOINT", "value": INJECTION}]
+    assert "hostPID" not in job["spec"]["template"]["spec"]
+    for bad in (dict(destination=f"x{INJECTION}"), dict(context_uri="https://x/y.tar.gz"),
+                dict(name="Not_A_Name"), dict(namespace=f"ns{INJECTION}")):
+        with pytest.raises(ValidationError):
+            kaniko_spec(**bad)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"OPBOX_KANIKO_ARGS": "--x"}, "OPBOX_KANIKO_ARGS must be a JSON list"),
+    ({"OPBOX_KANIKO_MEMORY": "lots"}, "OPBOX_KANIKO_MEMORY"),
+    ({"OPBOX_BUILD_NAMESPACE": "Bad_NS"}, "not a valid Kubernetes name"),
+    ({"OPBOX_KANIKO_S3_SECRET": "no spaces"}, "not a valid Kubernetes name"),
+    ({"OPBOX_BUILD_TIMEOUT": "soon"}, "OPBOX_BUILD_TIMEOUT must be a whole number"),
+])
+def test_kaniko_settings_refuse_bad_env(monkeypatch, env, message):
+    from opbox.errors import ConfigError, OpboxError
+    from opbox.platform.backends.kubernetes.kaniko import KanikoSettings
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises((ConfigError, OpboxError)) as info:
+        KanikoSettings.from_env()
+    assert message in str(info.value)
+
+
+def test_kaniko_settings_defaults_follow_the_platform_namespace(monkeypatch):
+    from opbox.platform.backends.kubernetes.kaniko import DEFAULT_EXECUTOR, KanikoSettings
+
+    monkeypatch.setenv("OPBOX_SYSTEM_NAMESPACE", "platform-ns")
+    settings = KanikoSettings.from_env()
+    assert settings.namespace == "platform-ns" and settings.executor_image == DEFAULT_EXECUTOR
+    assert settings.s3_secret == "opbox-s3" and settings.docker_secret == "opbox-registry" and settings.cache
+    monkeypatch.setenv("OPBOX_BUILD_NAMESPACE", "builds")
+    monkeypatch.setenv("OPBOX_KANIKO_DOCKER_SECRET", "")
+    settings = KanikoSettings.from_env()
+    assert settings.namespace == "builds" and settings.docker_secret is None
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"OPBOX_BACKEND": "local"}, "use it with OPBOX_BACKEND=kubernetes"),
+    ({"OPBOX_BACKEND": "container"}, "use it with OPBOX_BACKEND=kubernetes"),
+    ({"OPBOX_BACKEND": "kubernetes", "OPBOX_REGISTRY": ""}, "set OPBOX_REGISTRY to a registry"),
+    ({"OPBOX_BACKEND": "kubernetes", "OPBOX_REGISTRY": "registry.example.com/opbox"}, "s3:// store"),
+])
+def test_the_kaniko_builder_says_what_it_needs(monkeypatch, tmp_path, env, message):
+    from opbox.errors import ConfigError
+    from opbox.platform.core import make_builder
+    from opbox.platform.settings import Settings
+    from opbox.platform.store import LocalStore
+
+    monkeypatch.setenv("OPBOX_BUILDER", "kaniko")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError) as info:
+        make_builder(Settings.from_env(home=tmp_path), LocalStore(tmp_path / "store", secret=b"k" * 32, base_url="http://127.0.0.1"))
+    assert message in str(info.value)

@@ -60,6 +60,7 @@ class S3Store:
         prefix = validate_prefix(prefix.strip("/"))
         self.prefix = f"{prefix}/" if prefix else ""
         self.endpoint_url = endpoint_url
+        self.path_style = path_style
         self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         config = Config(
             signature_version="s3v4",
@@ -178,6 +179,12 @@ class S3Store:
         return SignedRequest(url=url, method="GET", headers={})
 
     # -- bucket -------------------------------------------------------------------------
+
+    def location(self, key: str) -> dict:
+        """Where ``key`` lives, for another S3 client (an in-cluster image build): its
+        ``s3://`` URI, the endpoint (None: AWS), the region and the addressing style."""
+        return {"uri": f"s3://{self.bucket}/{self._name(key)}", "endpoint_url": self.endpoint_url,
+                "region": self.region, "path_style": self.path_style}
 
     def create_bucket_if_missing(self) -> None:
         try:

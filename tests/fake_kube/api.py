@@ -2,7 +2,7 @@
 
     /api/v1/namespaces[/{name}]                                       Namespaces
     /api/v1/namespaces/{ns}/{pods,secrets,serviceaccounts}[/{name}]   and /api/v1/{pods,secrets} (all namespaces)
-    /api/v1/namespaces/{ns}/pods/{name}/log                           a pod's output (tailLines)
+    /api/v1/namespaces/{ns}/pods/{name}/log                           a pod's output (tailLines, follow...)
     /apis/batch/v1/[namespaces/{ns}/]jobs[/{name}]
     /apis/serving.knative.dev/v1/[namespaces/{ns}/]services[/{name}]
 
@@ -235,15 +235,50 @@ class Api:
         return JSONResponse(updated)
 
     async def pod_log(self, request: Request):
+        """A pod's output: ``tailLines``, ``limitBytes``, ``container``, and ``follow`` (streams
+        until the container ended or the pod is gone, as the kubelet does)."""
         namespace, name = request.path_params["ns"], request.path_params["name"]
         self.store.requests.append((request.method, request.url.path))
-        if self.store.get("pods", namespace, name) is None:
+        pod = self.store.get("pods", namespace, name)
+        if pod is None:
             return status(404, "NotFound", f'pods "{name}" not found')
-        text = self.node.pod_log(namespace, name)
-        tail = request.query_params.get("tailLines")
+        params = request.query_params
+        containers = [c["name"] for c in pod["spec"].get("containers") or []]
+        container = params.get("container")
+        if container is None and len(containers) > 1:
+            return status(400, "BadRequest", f"a container name must be specified for pod {name}, "
+                                             f"choose one of: {containers}")
+        if container is not None and container not in containers:
+            return status(400, "BadRequest", f"container {container} is not valid for pod {name}")
+        # the node keeps the output of a pod's first container; others (Knative's queue-proxy) print nothing
+        first = container is None or container == containers[0]
+        full = text = self.node.pod_log(namespace, name) if first else ""
+        tail = params.get("tailLines")
         if tail:
             text = "".join(text.splitlines(keepends=True)[-int(tail):])
-        return PlainTextResponse(text)
+        limit = params.get("limitBytes")
+        if limit:
+            text = text.encode()[:int(limit)].decode(errors="ignore")
+        if (params.get("follow") or "").lower() not in ("1", "true"):
+            return PlainTextResponse(text)
+        uid = pod["metadata"]["uid"]
+
+        async def follow():
+            sent = len(full.encode())
+            yield text.encode()
+            while True:
+                current = self.store.get("pods", namespace, name)
+                ended = current is None or current["metadata"]["uid"] != uid or \
+                    current["status"].get("phase") in ("Succeeded", "Failed")
+                data = self.node.pod_log(namespace, name).encode() if current is not None and first else b""
+                if len(data) > sent:
+                    yield data[sent:]
+                    sent = len(data)
+                if ended:
+                    return
+                await asyncio.sleep(0.1)
+
+        return StreamingResponse(follow(), media_type="text/plain")
 
     # -- test hooks ---------------------------------------------------------------------
     async def compact(self, request: Request):

@@ -21,6 +21,11 @@ the objects it owns (its pods, the run's token Secret); Orphan (the API default 
 leaves them. A Knative Service gets one replica per revision: its container runs with podman
 with the ``--port`` of its command moved to a free port, Ready once ``/readyz`` answers, its
 ``status.url`` that port on 127.0.0.1 (a Knative route, without the activator or autoscaling).
+
+Images missing here are pulled (as ``imagePullPolicy: IfNotPresent`` does) from the registries
+a test names in ``registries``, with the pod's imagePullSecrets. A pod of the kaniko executor
+image is run by doing what the executor does (fake_kube/kaniko.py): fetch the context from S3,
+build it, push it to the registry.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pathlib import Path
 from opbox.platform.backends.container import MemoryCgroup
 from opbox.resource import parse_quantity
 
+from .kaniko import is_kaniko, pull_secret_auth, run_kaniko
 from .store import Store, now
 
 log = logging.getLogger("fake_kube.node")
@@ -51,6 +57,8 @@ class Node:
         self.containers: dict[str, str] = {}  # pod uid -> container name, while it runs
         self.deadline_hit: set[str] = set()  # uids of Jobs past activeDeadlineSeconds
         self.instance = secrets.token_hex(4)  # the label value of this node's containers
+        self.registries: set[str] = set()  # registry hosts (plain HTTP) missing images are pulled from
+        self.pulled: list[str] = []  # images pulled, in order
         self.revisions: dict[str, tuple] = {}  # Knative Service uid -> (generation started, None)
         self.replicas: dict[str, str] = {}  # Knative Service uid -> the container serving it
 
@@ -280,8 +288,9 @@ class Node:
                     container, {"waiting": {"reason": "CreateContainerConfigError", "message": problem}})) is None:
                 return None
             await asyncio.sleep(0.2)
-        code, _ = await self._podman("image", "exists", container["image"])
-        if code != 0:
+        if is_kaniko(container["image"]):
+            return await self._run_kaniko(pod, container, env)
+        if not await self._pull(pod, container["image"]):
             for reason in ("ErrImagePull", "ImagePullBackOff"):
                 message = f'Back-off pulling image "{container["image"]}"' if reason == "ImagePullBackOff" else \
                     f'failed to pull and unpack image "{container["image"]}": not found'
@@ -331,6 +340,40 @@ class Node:
                       "containerID": f"podman://{name}"}
         if self._update_pod(pod, phase=phase, containerStatuses=self._container_status(
                 container, {"terminated": terminated}, containerID=f"podman://{name}")) is None:
+            return None
+        return phase
+
+    async def _pull(self, pod: dict | None, image: str) -> bool:
+        """Whether ``image`` is here, pulled first (as IfNotPresent does) from one of ``registries``."""
+        if (await self._podman("image", "exists", image))[0] == 0:
+            return True
+        host = image.split("/", 1)[0]
+        if host not in self.registries:
+            return False
+        args = ["pull", "--quiet", "--tls-verify=false"]
+        auth = pull_secret_auth(self.store, pod["metadata"]["namespace"], pod) if pod else None
+        with tempfile.TemporaryDirectory(prefix="fake-kube-pull-") as tmp:
+            if auth is not None:
+                (Path(tmp) / "config.json").write_bytes(auth)
+                args += ["--authfile", str(Path(tmp) / "config.json")]
+            code, out = await self._podman(*args, image)
+        if code != 0:
+            log.warning("pulling %s failed: %s", image, out.strip()[-500:])
+        self.pulled.append(image)
+        return code == 0
+
+    async def _run_kaniko(self, pod: dict, container: dict, env: dict[str, str]) -> str | None:
+        """The kaniko executor, emulated (fake_kube/kaniko.py): build, push, exit."""
+        uid, started = pod["metadata"]["uid"], now()
+        self._update_pod(pod, phase="Running", startTime=started, containerStatuses=self._container_status(
+            container, {"running": {"startedAt": started}}, containerID=f"kaniko://{uid}"))
+        with open(self.log_dir / f"{uid}.log", "ab") as out:
+            code = await run_kaniko(self.podman, self.store, pod, container, env, out)
+        terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "startedAt": started,
+                      "finishedAt": now(), "containerID": f"kaniko://{uid}"}
+        phase = "Succeeded" if code == 0 else "Failed"
+        if self._update_pod(pod, phase=phase, containerStatuses=self._container_status(
+                container, {"terminated": terminated}, containerID=f"kaniko://{uid}")) is None:
             return None
         return phase
 

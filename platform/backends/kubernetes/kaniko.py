@@ -325,8 +325,9 @@ class KanikoBuilder:
     def _stream_log(self, namespace: str, pod: dict, log: Callable[[str], None]) -> None:
         _, core = self._kube()
         try:
+            # read timeout: the longest silence we wait through (pushing a big layer says nothing)
             resp = core.read_namespaced_pod_log(pod["metadata"]["name"], namespace, container=CONTAINER, follow=True,
-                                                _preload_content=False, _request_timeout=(10, None))
+                                                _preload_content=False, _request_timeout=(10, 900))
         except Exception as exc:
             log(f"(the build log could not be read: {exc})")
             return
@@ -337,6 +338,8 @@ class KanikoBuilder:
                 *complete, pending = pending.split(b"\n")
                 for line in complete:
                     log(line.decode(errors="replace").rstrip("\r"))
+        except Exception as exc:  # the Job's own status still decides how the build went
+            log(f"(the build log stream broke off: {exc})")
         finally:
             resp.release_conn()
         if pending:

@@ -62,7 +62,8 @@ def make_backend(settings: Settings, auth: Auth):
     if settings.backend == "kubernetes":
         from .backends.kubernetes.backend import KubernetesBackend, KubernetesSettings
 
-        return KubernetesBackend(KubernetesSettings.from_env(), gateway_url=settings.url, token_for=auth.internal_token)
+        return KubernetesBackend(KubernetesSettings.from_env(), gateway_url=settings.url, token_for=auth.internal_token,
+                                 cancel_grace=settings.cancel_grace)
     raise ConfigError(f"unknown backend {settings.backend!r}; this build knows: local, container, kubernetes")
 
 

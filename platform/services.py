@@ -172,9 +172,9 @@ class ServiceManager:
         except NotFound:
             pass
 
-    def logs(self, workspace: str, name: str, limit: int) -> str:
+    async def logs(self, workspace: str, name: str, limit: int) -> str:
         self._row(workspace, name)
-        return self.backend.service_logs(f"{workspace}/{name}", limit)
+        return await self.backend.service_logs(f"{workspace}/{name}", limit)
 
     # -- routing -----------------------------------------------------------------------------
     def kind(self, workspace: str, name: str) -> str:

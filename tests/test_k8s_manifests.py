@@ -315,7 +315,8 @@ WORKLOAD_CASES: dict[str, dict[str, Any]] = {
         "resource": Resource(cpu="500m", memory="1Gi"), "gpu_label_key": "cloud.google.com/gke-accelerator",
     },
 }
-JOB_CASES = {**WORKLOAD_CASES, "no-ttl": {"ttl_seconds_after_finished": None, "resource": Resource(max_retries=0)}}
+JOB_CASES = {**WORKLOAD_CASES, "no-ttl": {"ttl_seconds_after_finished": None, "resource": Resource(max_retries=0)},
+             "grace": {"termination_grace_period_seconds": 5}, "no-grace": {"termination_grace_period_seconds": 0}}
 SERVICE_CASES = {
     **WORKLOAD_CASES,
     "min-scale-0": {"min_scale": 0, "max_scale": 0},
@@ -386,6 +387,7 @@ def test_rendered_job(kv, case):
     assert job["spec"].get("activeDeadlineSeconds") == (None if timeout is None else math.ceil(timeout))
     assert job["spec"].get("ttlSecondsAfterFinished") == spec.ttl_seconds_after_finished
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["spec"]["template"]["spec"].get("terminationGracePeriodSeconds") == spec.termination_grace_period_seconds
     container = container_of(job)
     assert container["command"] == ["python", "-m", "opbox.runtime", "run", "--run-id", RUN_ID]
     assert {e["name"]: e.get("value") for e in container["env"]}["OPBOX_RUN_ID"] == RUN_ID
@@ -636,6 +638,8 @@ def test_names():
     ({"env": {"OPBOX_RUN_TOKEN": "x"}}, "set by opbox"),
     ({"image_pull_policy": "Sometimes"}, "image_pull_policy"),
     ({"ttl_seconds_after_finished": -1}, "ttl_seconds_after_finished"),
+    ({"termination_grace_period_seconds": -1}, "termination_grace_period_seconds"),
+    ({"termination_grace_period_seconds": 2.5}, "termination_grace_period_seconds"),
     ({"command": ()}, "command"),
     ({"env": ["A=1"]}, "env"),
 ])

@@ -231,3 +231,27 @@ def test_a_build_pod_that_cannot_start_fails_fast_with_the_reason(plat, kube, s3
             SYSTEM, "opbox-s3", {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}))
     assert time.monotonic() - started < 60
     assert "cannot start: CreateContainerConfigError" in str(info.value) and "opbox-s3" in str(info.value)
+
+
+SERVICE_CODE = """
+from opbox import operator
+
+@operator()
+class Greeter:
+    def __init__(self, greeting: str):
+        self.greeting = greeting
+
+    def greet(self, name: str) -> str:
+        return f"{self.greeting}, {name}"
+"""
+
+
+def test_a_class_built_by_kaniko_serves_from_the_pulled_image(plat, kube, registry, client, tmp_path):
+    mod = e2e_code(tmp_path, "kanikosvc", SERVICE_CODE)
+    greeter = mod.Greeter.deploy("hello", client=client, quiet=True)
+    assert greeter.greet(name="kaniko") == "hello, kaniko"
+    name = greeter.info()["knative_service"].split("/")[1]
+    image = kube.store.get("services", NAMESPACE, name)["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image.startswith(f"{registry.host}/opbox/opbox-{WORKSPACE}-greeter:")
+    assert image in kube.node.pulled, "the replica pulled the image kaniko pushed"
+    assert f"Pushed {image}" in build_log(client, "Greeter")

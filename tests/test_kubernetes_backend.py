@@ -11,14 +11,20 @@ ImagePullBackOff, Jobs and Secrets as objects).
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
 from fake_kube import FakeKube
+from k8s_schemas import ManifestValidator
 from opbox import Jobs, Operator, RunCancelled, RunFailed, RunHandle, RunTimeout
+from opbox.errors import Unavailable
+from opbox.platform.settings import Settings
 from platform_fixture import running_platform
 from podman_env import e2e_code, podman, remove_images, wheelhouse  # noqa: F401 (fixtures)
 
@@ -64,9 +70,18 @@ def crash_then_fail():
 def hog(mb):
     blocks = [bytearray(1024 * 1024) for _ in range(mb)]
     return len(blocks)
+
+@operator()
+def stubborn(seconds):
+    def on_term(signum, frame):  # takes longer to clean up than the grace allows
+        print("stubborn: got SIGTERM, cleaning up", flush=True)
+        time.sleep(seconds)
+    signal.signal(signal.SIGTERM, on_term)
+    print("stubborn: waiting", flush=True)
+    time.sleep(seconds)
 """
 
-NAMES = ("score", "sleeper", "too_slow", "flaky", "crash", "crash_then_fail", "hog")
+NAMES = ("score", "sleeper", "too_slow", "flaky", "crash", "crash_then_fail", "hog", "stubborn")
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +185,53 @@ def test_cancel_deletes_the_job(fns, kube):
     wait_for(lambda: not jobs_of(kube, run.id), 30, "the Job being deleted")
     wait_for(lambda: not [p for (res, ns, name), p in list(kube.store.objects.items())
                           if res == "pods" and name.startswith(f"opbox-run-{run.id.lower()}")], 60, "its pod going")
+
+
+def pods_of(kube: FakeKube, run_id: str) -> list[dict]:
+    return [p for (res, ns, name), p in list(kube.store.objects.items())
+            if res == "pods" and ns == NAMESPACE and name.startswith(f"opbox-run-{run_id.lower()}")]
+
+
+def test_cancel_gives_the_pod_the_platforms_cancel_grace(fns, kube):
+    run = fns["stubborn"].submit(120)
+    wait_for(lambda: "stubborn: waiting" in "".join(run.logs()), 60, "the run trapping SIGTERM")
+    (job,) = jobs_of(kube, run.id)
+    grace = job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace == math.ceil(Settings.cancel_grace) < 30, "the platform's cancel grace, not Kubernetes' 30 s"
+    (pod,) = pods_of(kube, run.id)
+    assert pod["spec"]["terminationGracePeriodSeconds"] == grace
+    started = time.monotonic()
+    assert run.cancel()["status"] == "cancelled"
+    with pytest.raises(RunCancelled):
+        run.result(timeout=10)
+    # the Job goes; the garbage collector deletes the pod with its own grace: SIGTERM, then
+    # SIGKILL `grace` seconds later, since the handler would take 120 s
+    wait_for(lambda: not pods_of(kube, run.id), grace + 20, "the pod going")
+    elapsed = time.monotonic() - started
+    assert grace - 1 <= elapsed <= grace + 5, f"the pod went {elapsed:.1f} s after the cancel (grace {grace} s)"
+    assert not jobs_of(kube, run.id)
+    wait_for(lambda: "stubborn: got SIGTERM, cleaning up" in "".join(run.logs()), 10,
+             "the SIGTERM handler's output reaching the run's logs")
+    assert run.status()["status"] == "cancelled"
+
+
+def test_termination_grace_setting(monkeypatch):
+    from opbox.errors import ConfigError
+    from opbox.platform.backends.kubernetes.backend import KubernetesBackend, KubernetesSettings
+
+    def backend(**kwargs):
+        return KubernetesBackend(KubernetesSettings.from_env(), gateway_url="http://gw", token_for=str, **kwargs)
+
+    monkeypatch.delenv("OPBOX_K8S_TERMINATION_GRACE", raising=False)
+    assert backend().termination_grace == math.ceil(Settings.cancel_grace)
+    assert backend(cancel_grace=2.5).termination_grace == 3
+    monkeypatch.setenv("OPBOX_K8S_TERMINATION_GRACE", "45")
+    assert KubernetesSettings.from_env().termination_grace == 45
+    assert backend(cancel_grace=2.5).termination_grace == 45, "the setting wins over the platform's cancel grace"
+    for bad in ("-1", "1.5", "soon"):
+        monkeypatch.setenv("OPBOX_K8S_TERMINATION_GRACE", bad)
+        with pytest.raises(ConfigError, match="OPBOX_K8S_TERMINATION_GRACE"):
+            KubernetesSettings.from_env()
 
 
 def test_crashes_end_failed_with_the_pods_reason(fns):
@@ -283,3 +345,107 @@ def test_a_class_is_a_knative_service(plat, client, kube, tmp_path_factory):
     assert kube.store.get("services", NAMESPACE, name)["metadata"]["generation"] == 2
     again.delete()
     wait_for(lambda: kube.store.get("services", NAMESPACE, name) is None, 30, "the Service being deleted")
+
+
+LOGGING_SERVICE_CODE = """
+from opbox import operator
+
+@operator()
+class Talker:
+    def __init__(self, greeting: str):
+        self.greeting = greeting
+        print(f"talker init: {greeting}", flush=True)
+
+    def say(self, who: str) -> str:
+        print(f"talker says {self.greeting} to {who}", flush=True)
+        return f"{self.greeting} {who}"
+
+    def chatter(self, lines: int) -> int:
+        for i in range(lines):
+            print(f"chatter {i:05d} " + "x" * 200, flush=True)
+        return lines
+"""
+
+
+def text_with(fetch, needle: str, what: str, timeout: float = 30) -> str:
+    """``fetch()``'s answer once it contains ``needle`` (logs ship asynchronously)."""
+    return wait_for(lambda: (lambda text: text if needle in text else None)(fetch()), timeout, what)
+
+
+def service_pods(kube: FakeKube, name: str) -> list[dict]:
+    return [p for (res, ns, _), p in list(kube.store.objects.items())
+            if res == "pods" and ns == NAMESPACE and p["metadata"]["labels"].get("serving.knative.dev/service") == name]
+
+
+def test_service_logs_come_from_its_pods(plat, client, kube, tmp_path_factory):
+    mod = e2e_code(tmp_path_factory.mktemp("kube_logs"), "kubelogs", LOGGING_SERVICE_CODE)
+    talker = mod.Talker.deploy("hello", client=client, quiet=True)
+    assert talker.say(who="ann") == "hello ann"
+    namespace, name = talker.info()["knative_service"].split("/")
+    (pod,) = service_pods(kube, name)
+    labels = pod["metadata"]["labels"]
+    assert labels["serving.knative.dev/revision"] == f"{name}-00001"
+    assert labels["serving.knative.dev/configuration"] == name
+    assert labels["app.kubernetes.io/managed-by"] == "opbox"
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["opbox", "queue-proxy"]
+    assert pod["metadata"]["ownerReferences"][0]["kind"] == "ReplicaSet"
+    assert ManifestValidator().errors({k: v for k, v in pod.items() if k != "status"}) == [], "a valid Pod"
+
+    # the SDK and the CLI read them through the gateway, which reads the pods' logs (the fake
+    # answers 400 to a log read without `container` for a two-container pod)
+    logs = text_with(talker.logs, "talker says hello to ann", "the call's output in the service's logs")
+    assert "talker init: hello" in logs and "opbox serve: kubelogs:Talker ready" in logs
+    assert f"==> pod {pod['metadata']['name']} (revision {name}-00001, Running) <==" in logs
+    env = {**os.environ, "OPBOX_URL": plat.url, "OPBOX_TOKEN": plat.token, "OPBOX_WORKSPACE": plat.workspace}
+    out = subprocess.run([sys.executable, "-m", "opbox.cli", "logs", "--service", "Talker"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "talker init: hello" in out.stdout and "talker says hello to ann" in out.stdout
+
+    # bounded: with a small limit, the newest output (the last line) and no more than the limit
+    assert talker.chatter(lines=300) == 300
+    http = plat.http()
+    text = text_with(lambda: http.get(f"/{plat.workspace}/services/Talker/logs", params={"limit": 3000}).text,
+                     "chatter 00299", "the newest line in a bounded read")
+    assert len(text.encode()) <= 3000 and "chatter 00000" not in text
+    assert text.rstrip().endswith("chatter 00299 " + "x" * 200)
+
+    # a new revision: its pod replaces the old one, whose pod goes
+    again = mod.Talker.deploy("bonjour", client=client, quiet=True)
+    assert again.say(who="bob") == "bonjour bob"
+    wait_for(lambda: [p["metadata"]["labels"]["serving.knative.dev/revision"] for p in service_pods(kube, name)]
+             == [f"{name}-00002"], 30, "the old revision's pod going")
+    logs = text_with(again.logs, "talker says bonjour to bob", "the new revision's output")
+    assert "talker init: bonjour" in logs and "talker init: hello" not in logs
+    again.delete()
+    wait_for(lambda: not service_pods(kube, name), 30, "the Service's pods going with it")
+    assert kube.state()["rejected"] == []
+    # the run watch sees these pods too (managed-by=opbox) and leaves them be: no job-name label
+    assert "handling a watch event failed" not in plat.log()
+
+
+def test_service_logs_skip_vanished_pods_and_report_api_errors(kube, tmp_path):
+    import asyncio
+    import socket
+
+    from kubernetes import client as k8s, config
+
+    from fake_kube import write_kubeconfig
+    from opbox.platform.backends.kubernetes.backend import KubernetesBackend, KubernetesSettings
+    from opbox.platform.backends.kubernetes.knative import KnativeServices
+
+    def knative(kubeconfig) -> KnativeServices:
+        settings = KubernetesSettings(kubeconfig=str(kubeconfig))
+        backend = KubernetesBackend(settings, gateway_url="http://gw", token_for=str,
+                                    api=config.new_client_from_config(config_file=str(kubeconfig)))
+        backend.core = k8s.CoreV1Api(backend._api)  # what start() does, without the watches
+        return KnativeServices(backend)
+
+    services = knative(kube.kubeconfig)
+    assert asyncio.run(services._pod_log(NAMESPACE, "no-such-pod", 1000)) is None  # gone: skipped
+    assert asyncio.run(services.logs(f"{WORKSPACE}/no-such-service", 1000)) == ""
+    with socket.socket() as unused:  # a loopback port nothing listens on: the API server is down
+        unused.bind(("127.0.0.1", 0))
+        down = knative(write_kubeconfig(tmp_path / "down", f"http://127.0.0.1:{unused.getsockname()[1]}"))
+        with pytest.raises(Unavailable, match=f"cannot list the pods of Knative Service {NAMESPACE}/talker"):
+            asyncio.run(down.logs(f"{WORKSPACE}/Talker", 1000))

@@ -112,5 +112,6 @@ class Backend(Protocol):
     def service_status(self, key: str) -> dict:
         """{"status": deploying|starting|ready|scaled_to_zero|failed, "version", "ready_replicas", "instances": [...], "error"}."""
 
-    def service_logs(self, key: str, limit: int) -> str:
-        """The replicas' recent output (stdout and stderr), at most ``limit`` bytes."""
+    async def service_logs(self, key: str, limit: int) -> str:
+        """The replicas' recent output (stdout and stderr), at most ``limit`` bytes, newest last.
+        Async: a backend may have to ask someone (the Kubernetes API) for it."""

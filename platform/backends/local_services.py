@@ -107,8 +107,8 @@ class ServiceMethods:
     def service_status(self, key: str) -> dict:
         return self.services.status(key)
 
-    def service_logs(self, key: str, limit: int) -> str:
-        return self.services.logs(key, limit)
+    async def service_logs(self, key: str, limit: int) -> str:
+        return self.services.logs(key, limit)  # reads at most ``limit`` bytes a replica from local files
 
 
 class LocalServices:

@@ -108,7 +108,7 @@ async def service_logs(request: Request):
     """
     ws = workspace(request)
     limit = query_number(request, "limit", 256 * 1024, 1, 8 * 1024 * 1024, int)
-    return PlainTextResponse(platform(request).services.logs(ws, _name(request), limit))
+    return PlainTextResponse(await platform(request).services.logs(ws, _name(request), limit))
 
 
 async def service_openapi(request: Request):

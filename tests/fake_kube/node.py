@@ -16,11 +16,15 @@ exit code and reason Completed / Error / OOMKilled); Job ``active`` / ``succeede
 ``failed`` counts, new pods up to ``backoffLimit``, conditions Complete / Failed with reason
 BackoffLimitExceeded or DeadlineExceeded (``activeDeadlineSeconds`` after the Job started,
 which kills its pods), ``ttlSecondsAfterFinished``. Deleting a Job with propagationPolicy
-Background or Foreground stops its pods (SIGTERM, SIGKILL after the grace period) and deletes
+Background or Foreground stops its pods (SIGTERM, SIGKILL after each pod's
+``terminationGracePeriodSeconds``, as the garbage collector deletes them) and deletes
 the objects it owns (its pods, the run's token Secret); Orphan (the API default for Jobs)
-leaves them. A Knative Service gets one replica per revision: its container runs with podman
+leaves them. A Knative Service gets one replica per revision: a Pod (labels
+``serving.knative.dev/{service,configuration,revision}`` and the template's, the user container
+plus a ``queue-proxy``; its log is the user container's output) whose container runs with podman
 with the ``--port`` of its command moved to a free port, Ready once ``/readyz`` answers, its
-``status.url`` that port on 127.0.0.1 (a Knative route, without the activator or autoscaling).
+``status.url`` that port on 127.0.0.1 (a Knative route, without the activator or autoscaling);
+the previous revision's Pod goes once the new one is ready, all of them with the Service.
 
 Images missing here are pulled (as ``imagePullPolicy: IfNotPresent`` does) from the registries
 a test names in ``registries``, with the pod's imagePullSecrets. A pod of the kaniko executor
@@ -37,6 +41,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from opbox.platform.backends.container import MemoryCgroup
@@ -60,7 +65,7 @@ class Node:
         self.registries: set[str] = set()  # registry hosts (plain HTTP) missing images are pulled from
         self.pulled: list[str] = []  # images pulled, in order
         self.revisions: dict[str, tuple] = {}  # Knative Service uid -> (generation started, None)
-        self.replicas: dict[str, str] = {}  # Knative Service uid -> the container serving it
+        self.replicas: dict[str, tuple[str, str]] = {}  # Knative Service uid -> (container, pod) serving it
 
     # -- hooks from the API ---------------------------------------------------------------
     def created(self, resource: str, obj: dict) -> None:
@@ -88,11 +93,11 @@ class Node:
             meta["deletionTimestamp"] = now()
             meta.setdefault("finalizers", []).append("foregroundDeletion")
             current = self.store.put(resource, obj)
-            self._spawn(self._delete_dependents(resource, obj, grace, then_remove=True))
+            self._spawn(self._delete_dependents(resource, obj, then_remove=True))
             return current
         gone = self.store.remove(resource, meta.get("namespace"), meta["name"])
         if policy == "Background":
-            self._spawn(self._delete_dependents(resource, obj, grace, then_remove=False))
+            self._spawn(self._delete_dependents(resource, obj, then_remove=False))
         return gone
 
     def pod_log(self, namespace: str, name: str) -> str:
@@ -126,12 +131,14 @@ class Node:
         return [(res, o) for (res, _, _), o in list(self.store.objects.items())
                 if any(ref.get("uid") == uid for ref in o["metadata"].get("ownerReferences") or [])]
 
-    async def _delete_dependents(self, resource: str, obj: dict, grace: int | None, then_remove: bool) -> None:
+    async def _delete_dependents(self, resource: str, obj: dict, then_remove: bool) -> None:
+        """The garbage collector: it deletes dependents with default options (the owner's
+        gracePeriodSeconds is not passed on), so each pod gets its own terminationGracePeriodSeconds."""
         uid = obj["metadata"]["uid"]
         waits = []
         for res, dependent in self._owned_by(uid):
             if res == "pods":
-                waits.append(self._delete_pod(dependent, grace))
+                waits.append(self._delete_pod(dependent, None))
             else:
                 self.store.remove(res, dependent["metadata"].get("namespace"), dependent["metadata"]["name"])
         await asyncio.gather(*waits)
@@ -383,6 +390,10 @@ class Node:
         return None
 
     # -- Knative Serving: one replica per Service, on a free port of 127.0.0.1 -------------------
+    # Each replica is also a Pod object, as Knative's Deployment would make it: named
+    # <revision>-deployment-<hash>-<id>, labelled serving.knative.dev/{service,configuration,revision}
+    # plus the template's labels, owned by the revision's ReplicaSet (not modelled), with the user
+    # container and a queue-proxy container. Its log is the user container's output.
     def _serve(self, service: dict) -> None:
         meta = service["metadata"]
         current = self.store.get("services", meta["namespace"], meta["name"])
@@ -411,9 +422,69 @@ class Node:
         current["status"] = status
         self.store.put("services", current)
 
+    def _revision_pod(self, service: dict, generation: int, container: dict) -> dict:
+        """The Pod of a revision's replica, as Knative renders it from the Service's template."""
+        meta, template = service["metadata"], service["spec"]["template"]
+        revision = f"{meta['name']}-{generation:05d}"
+        replica_set = f"{revision}-deployment-{secrets.token_hex(5)}"
+        labels = {**(template.get("metadata", {}).get("labels") or {}),
+                  "serving.knative.dev/service": meta["name"], "serving.knative.dev/serviceUID": meta["uid"],
+                  "serving.knative.dev/configuration": meta["name"],
+                  "serving.knative.dev/configurationGeneration": str(generation),
+                  "serving.knative.dev/revision": revision, "app": revision}
+        spec = {k: v for k, v in template["spec"].items()
+                if k not in ("containerConcurrency", "timeoutSeconds", "responseStartTimeoutSeconds",
+                             "idleTimeoutSeconds", "containers")}
+        port = ((container.get("ports") or [{}])[0]).get("containerPort", 8080)
+        user = {k: v for k, v in container.items() if k not in ("readinessProbe", "ports")}  # readiness: queue-proxy's
+        user["ports"] = [{"name": "user-port", "containerPort": port, "protocol": "TCP"}]
+        user["env"] = [*(container.get("env") or []), {"name": "PORT", "value": str(port)},
+                       {"name": "K_REVISION", "value": revision}, {"name": "K_CONFIGURATION", "value": meta["name"]},
+                       {"name": "K_SERVICE", "value": meta["name"]}]
+        if "livenessProbe" in container:
+            probe = {**container["livenessProbe"]}
+            probe["httpGet"] = {**probe.get("httpGet", {}), "port": port}
+            user["livenessProbe"] = probe
+        queue = {"name": "queue-proxy", "image": "gcr.io/knative-releases/knative.dev/serving/cmd/queue:fake",
+                 "ports": [{"name": "http-queueadm", "containerPort": 8022, "protocol": "TCP"},
+                           {"name": "http-autometric", "containerPort": 9090, "protocol": "TCP"},
+                           {"name": "http1", "containerPort": 8012, "protocol": "TCP"}],
+                 "env": [{"name": "SERVING_SERVICE", "value": meta["name"]},
+                         {"name": "SERVING_REVISION", "value": revision},
+                         {"name": "USER_PORT", "value": str(port)}],
+                 "readinessProbe": {"httpGet": {"port": 8012, "httpHeaders": [
+                     {"name": "K-Network-Probe", "value": "queue"}]}, "periodSeconds": 1},
+                 "resources": {"requests": {"cpu": "25m"}},
+                 "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                     "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}}
+        pod = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{replica_set}-{secrets.token_hex(3)[:5]}", "namespace": meta["namespace"],
+                         "labels": labels, "annotations": dict(template.get("metadata", {}).get("annotations") or {}),
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": replica_set,
+                                              "uid": str(uuid.uuid4()), "controller": True,
+                                              "blockOwnerDeletion": True}]},
+            "spec": {**spec, "containers": [user, queue], "enableServiceLinks": False, "nodeName": "fake-node",
+                     "terminationGracePeriodSeconds": template["spec"].get("timeoutSeconds", 300)},
+            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]},
+        }
+        return self.store.create("pods", pod)
+
+    def _replica_status(self, pod: dict, state: dict, **status) -> None:
+        """The user container's ``state``; the queue-proxy runs throughout."""
+        user, queue = pod["spec"]["containers"]
+        statuses = self._container_status(user, state) + self._container_status(
+            queue, {"running": {"startedAt": pod["metadata"]["creationTimestamp"]}})
+        self._update_pod(pod, containerStatuses=statuses, **status)
+
+    def _service_pods(self, uid: str) -> list[dict]:
+        return [o for (res, _, _), o in list(self.store.objects.items())
+                if res == "pods" and (o["metadata"].get("labels") or {}).get("serving.knative.dev/serviceUID") == uid]
+
     async def _run_revision(self, service: dict, generation: int) -> None:
-        """Start the revision's one replica (the container's command with its port moved to a free
-        one), probe /readyz as the kubelet would, then route to it and stop the previous one."""
+        """Start the revision's one replica (its Pod, and the container's command with its port
+        moved to a free one), probe /readyz as the kubelet would, then route to it and stop the
+        previous revision's replica (its Pod goes)."""
         import socket
 
         import httpx
@@ -424,6 +495,14 @@ class Node:
         env, problem = self._env(meta["namespace"], container)
         if env is None:
             self._service_status(service, generation, "False", None, "CreateContainerConfigError", problem)
+            return
+        pod = self._revision_pod(service, generation, container)
+        revision = f"{meta['name']}-{generation:05d}"
+        if not await self._pull(pod, container["image"]):
+            message = f'Unable to fetch image "{container["image"]}": not found'
+            self._replica_status(pod, {"waiting": {"reason": "ImagePullBackOff", "message": message}})
+            self._service_status(service, generation, "False", None, "RevisionFailed",
+                                 f'Revision "{revision}" failed with message: {message}.')
             return
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -437,11 +516,14 @@ class Node:
         for key in env:
             args += ["-e", key]
         args += [container["image"], *command[1:]]
-        log_path = self.log_dir / f"{name}.log"
+        log_path = self.log_dir / f"{pod['metadata']['uid']}.log"  # what pods/log serves
+        started = now()
         with open(log_path, "ab") as out:
             proc = await asyncio.create_subprocess_exec(
                 self.podman, *args, env={**os.environ, **env, "PORT": str(port)}, stdin=asyncio.subprocess.DEVNULL,
                 stdout=out, stderr=asyncio.subprocess.STDOUT)
+        self._replica_status(pod, {"running": {"startedAt": started}}, phase="Running", startTime=started,
+                             podIP="127.0.0.1")
         url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(timeout=2) as client:
             while proc.returncode is None:
@@ -452,20 +534,35 @@ class Node:
                     pass
                 await asyncio.sleep(0.1)
         if proc.returncode is not None:
+            # the failed pod stays (as a crash-looping one does) so its log can be read
+            self._replica_status(pod, {"terminated": {"exitCode": proc.returncode, "reason": "Error",
+                                                      "startedAt": started, "finishedAt": now()}}, phase="Failed")
             tail = log_path.read_text(errors="replace")[-2000:]
             self._service_status(service, generation, "False", None, "RevisionFailed",
                                  f"Revision failed with exit code {proc.returncode}: {tail}")
             await self._podman("rm", "--force", "--time", "0", name)
             return
+        self._update_pod(pod, conditions=[{"type": t, "status": "True", "lastTransitionTime": now()}
+                                          for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")])
         previous = self.replicas.get(uid)
-        self.replicas[uid] = name
+        self.replicas[uid] = (name, pod["metadata"]["name"])
         self._service_status(service, generation, "True", url)
-        if previous:
-            await self._podman("stop", "--time", "10", previous)
-            await self._podman("rm", "--force", "--time", "0", previous)
+        # the older revisions' pods go (the ready one's after its container stopped)
+        await self._stop_replica(previous[0] if previous else None,
+                                 [p for p in self._service_pods(uid) if p["metadata"]["uid"] != pod["metadata"]["uid"]])
+
+    async def _stop_replica(self, container: str | None, pods: list[dict]) -> None:
+        for pod in pods:
+            current = self.store.get("pods", pod["metadata"]["namespace"], pod["metadata"]["name"])
+            if current is not None:
+                current["metadata"]["deletionTimestamp"] = now()
+                self.store.put("pods", current)
+        if container:
+            await self._podman("stop", "--time", "10", container)
+            await self._podman("rm", "--force", "--time", "0", container)
+        for pod in pods:
+            self.store.remove("pods", pod["metadata"]["namespace"], pod["metadata"]["name"])
 
     async def _stop_service(self, uid: str) -> None:
-        name = self.replicas.pop(uid, None)
-        if name:
-            await self._podman("stop", "--time", "10", name)
-            await self._podman("rm", "--force", "--time", "0", name)
+        replica = self.replicas.pop(uid, None)
+        await self._stop_replica(replica[0] if replica else None, self._service_pods(uid))

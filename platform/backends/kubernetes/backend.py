@@ -9,7 +9,9 @@
                 relist on 410 Gone; reconnect on errors): a Job that failed without a result ends
                 its run with the pod's reason (OOMKilled, exit code, DeadlineExceeded -> timed_out,
                 ImagePullBackOff...) and the tail of the pod's log
-    cancel   -> delete the Job (propagationPolicy from the settings)
+    cancel   -> delete the Job (propagationPolicy from the settings); its pod gets SIGTERM and,
+                after the pod's terminationGracePeriodSeconds (the platform's cancel grace, or
+                OPBOX_K8S_TERMINATION_GRACE), SIGKILL
 
 Retries belong to the platform, not to the Job: every Job has ``backoffLimit: 0`` and a failed
 attempt that has retries left comes back through ``submit`` as a new Job named ``...-a<N>``.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import signal
 import time
 from collections import deque
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 
 from opbox.errors import ConfigError, ValidationError
 
+from ...settings import Settings
 from ..base import RunEvents, RunTicket, ServiceInfo, VersionInfo
 from . import render
 from .config import KubernetesSettings, api_client
@@ -93,8 +97,15 @@ def describe_container_exit(terminated: dict) -> str:
 class KubernetesBackend:
     name = "kubernetes"
 
-    def __init__(self, settings: KubernetesSettings, *, gateway_url: str, token_for, api=None):
+    def __init__(self, settings: KubernetesSettings, *, gateway_url: str, token_for, api=None,
+                 cancel_grace: float | None = None):
         self.settings = settings
+        # seconds between SIGTERM and SIGKILL for a cancelled run's pod: the gateway may not delete
+        # pods (no RBAC for it), so the grace is the pod's terminationGracePeriodSeconds
+        if settings.termination_grace is not None:
+            self.termination_grace = settings.termination_grace
+        else:
+            self.termination_grace = max(0, math.ceil(Settings.cancel_grace if cancel_grace is None else cancel_grace))
         self.gateway_url = settings.gateway_url or gateway_url
         self.token_for = token_for
         self._api = api
@@ -152,8 +163,8 @@ class KubernetesBackend:
     def service_status(self, key: str) -> dict:
         return self.knative.status(key)
 
-    def service_logs(self, key: str, limit: int) -> str:
-        return self.knative.logs(key, limit)
+    async def service_logs(self, key: str, limit: int) -> str:
+        return await self.knative.logs(key, limit)
 
     def _threadsafe(self, handler):
         def deliver(*args):
@@ -181,7 +192,8 @@ class KubernetesBackend:
 
     def describe(self) -> dict:
         return {"backend": self.name, "jobs": {"inflight": len(self.inflight), "queued": len(self.queue),
-                                              "max_inflight": self.settings.max_inflight},
+                                              "max_inflight": self.settings.max_inflight,
+                                              "termination_grace": self.termination_grace},
                 "services": self.knative.describe() if hasattr(self, "knative") else [],
                 "watches": {w.what: {"resourceVersion": w.resource_version, "relists": w.relists,
                                      "reconnects": w.reconnects} for w in self.watchers}}
@@ -230,6 +242,7 @@ class KubernetesBackend:
                 secrets=self.settings.secrets, image_pull_secrets=self.settings.image_pull_secrets,
                 image_pull_policy=self.settings.image_pull_policy, gpu_label_key=self.settings.gpu_label_key,
                 ttl_seconds_after_finished=self.settings.ttl_after_finished,
+                termination_grace_period_seconds=self.termination_grace,
             )
             job = render.render_job(spec)
             secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",

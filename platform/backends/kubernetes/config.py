@@ -35,6 +35,9 @@ class KubernetesSettings:
     gpu_label_key: str = render.DEFAULT_GPU_LABEL_KEY  # OPBOX_K8S_GPU_LABEL_KEY
     delete_propagation: str = "Background"  # OPBOX_K8S_DELETE_PROPAGATION: Background or Foreground
     watch_timeout: int = 300  # OPBOX_K8S_WATCH_TIMEOUT: seconds a watch request lasts before it is renewed
+    # OPBOX_K8S_TERMINATION_GRACE: whole seconds between SIGTERM and SIGKILL when a run's Job is
+    # deleted (its pods' terminationGracePeriodSeconds); None: the platform's cancel grace
+    termination_grace: int | None = None
     log_tail_lines: int = 20  # lines of a failed pod's log put in the run's exit reason
 
     @classmethod
@@ -54,6 +57,11 @@ class KubernetesSettings:
         if "{workspace}" not in template:
             raise ConfigError(f"OPBOX_NAMESPACE_TEMPLATE must contain {{workspace}}, got {template!r}")
         account = env.get("OPBOX_RUNNER_SERVICE_ACCOUNT", render.DEFAULT_SERVICE_ACCOUNT)
+        grace = None
+        if env.get("OPBOX_K8S_TERMINATION_GRACE"):
+            grace = env_int("OPBOX_K8S_TERMINATION_GRACE", 0)
+            if grace < 0:
+                raise ConfigError(f"OPBOX_K8S_TERMINATION_GRACE must be a whole number of seconds >= 0, got {grace}")
         return cls(
             kubeconfig=env.get("OPBOX_KUBECONFIG") or env.get("KUBECONFIG") or None,
             context=env.get("OPBOX_KUBE_CONTEXT") or None,
@@ -70,6 +78,7 @@ class KubernetesSettings:
             gpu_label_key=env.get("OPBOX_K8S_GPU_LABEL_KEY") or render.DEFAULT_GPU_LABEL_KEY,
             delete_propagation=propagation,
             watch_timeout=max(1, env_int("OPBOX_K8S_WATCH_TIMEOUT", 300)),
+            termination_grace=grace,
         )
 
     def namespace(self, workspace: str) -> str:

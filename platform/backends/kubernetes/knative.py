@@ -9,6 +9,9 @@
     endpoints       -> ``[status.url]``: Knative routes and scales (its activator holds calls
                        while a service scaled to zero starts again)
     delete_service  -> delete the Service (its revisions and pods go with it)
+    logs            -> the logs of the Service's pods (label serving.knative.dev/service), container
+                       ``opbox`` only (not Knative's queue-proxy), oldest revision first, each pod's
+                       read bounded by tailLines and limitBytes
 
 The constructor's arguments travel base64-encoded in OPBOX_INIT_B64 (an env var: a Service
 template has no other per-service data channel; the args envelope is small).
@@ -21,7 +24,7 @@ import base64
 import functools
 import logging
 
-from opbox.errors import NotFound, ServiceFailed
+from opbox.errors import NotFound, ServiceFailed, Unavailable
 
 from ..base import ServiceInfo
 from . import render
@@ -30,6 +33,8 @@ from .watch import Watcher
 log = logging.getLogger("opbox.kubernetes")
 
 GROUP, VERSION, PLURAL = "serving.knative.dev", "v1", "services"
+CONTAINER = "opbox"  # the user container's name in templates/kubernetes/knative-service.yaml.j2
+LINE_GUESS = 100  # bytes a log line is assumed to take when asking for the last lines of a pod's log
 
 
 class KnativeServices:
@@ -179,12 +184,81 @@ class KnativeServices:
                 "error": None if state != "failed" or condition is None else
                 {"reason": condition.get("reason"), "message": condition.get("message")}}
 
-    def logs(self, key: str, limit: int) -> str:
-        entry = self._entry(key)
-        return (f"the logs of Knative Service {entry['namespace']}/{entry['name']} are in its pods: "
-                f"kubectl logs -n {entry['namespace']} -l serving.knative.dev/service={entry['name']} "
-                f"-c opbox")[:limit]
+    async def logs(self, key: str, limit: int) -> str:
+        """What the Service's pods printed: the user container's log of each pod (Knative's
+        queue-proxy left out), a header line a pod, oldest revision first, at most ``limit`` bytes
+        in all (each pod's share read with tailLines and limitBytes, never the whole log)."""
+        from kubernetes.client.exceptions import ApiException
+
+        from .backend import api_error
+
+        entry = self.services.get(key)
+        if entry is not None:
+            namespace, name = entry["namespace"], entry["name"]
+        else:  # not deployed by this gateway process (e.g. after a restart): the names are derived
+            workspace, _, service = key.partition("/")
+            namespace, name = self.backend.settings.namespace(workspace), render.service_name(service)
+        selector = f"serving.knative.dev/service={name}"
+        try:
+            listed = await self.backend._call(self.backend.core.list_namespaced_pod, namespace,
+                                              label_selector=selector)
+        except ApiException as exc:
+            raise Unavailable(f"cannot list the pods of Knative Service {namespace}/{name}: {api_error(exc)}") from None
+        except Exception as exc:  # the API server is unreachable
+            raise Unavailable(f"cannot list the pods of Knative Service {namespace}/{name}: "
+                              f"{type(exc).__name__}: {exc}") from None
+        pods = sorted(listed.get("items") or [], key=_pod_order)
+        if not pods:
+            return ""
+        share = max(1024, limit // len(pods))
+        parts = []
+        for pod in pods:
+            meta = pod["metadata"]
+            text = await self._pod_log(namespace, meta["name"], share)
+            if text is None:  # gone between the list and the read
+                continue
+            revision = (meta.get("labels") or {}).get("serving.knative.dev/revision", "?")
+            phase = (pod.get("status") or {}).get("phase", "Unknown")
+            parts.append(f"==> pod {meta['name']} (revision {revision}, {phase}) <==\n{text}")
+        return "\n".join(parts)[-limit:]
+
+    async def _pod_log(self, namespace: str, pod: str, limit: int) -> str | None:
+        """The end of one pod's user-container log, at most ``limit`` bytes; None if the pod is gone.
+
+        The API has no "last N bytes": ask for the last lines (tailLines) and cap the answer
+        (limitBytes, which keeps the start); when the cap cut it, the lines were long: ask for
+        fewer, so what comes back is the newest output."""
+        from kubernetes.client.exceptions import ApiException
+
+        from .backend import api_error
+
+        core = self.backend.core
+        lines = max(10, limit // LINE_GUESS)
+        for _ in range(4):
+            try:
+                resp = await asyncio.to_thread(core.read_namespaced_pod_log, pod, namespace, container=CONTAINER,
+                                               tail_lines=lines, limit_bytes=limit, _preload_content=False,
+                                               _request_timeout=30)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                # e.g. 400 while the container is still being created
+                return f"[opbox: cannot read the log of pod {pod}: {api_error(exc)}]\n"
+            except Exception as exc:  # the API server is unreachable
+                return f"[opbox: cannot read the log of pod {pod}: {type(exc).__name__}: {exc}]\n"
+            data = resp.data[:limit]
+            if len(data) < limit or lines == 1:
+                break
+            lines = max(1, lines // 4)  # the cap cut the newest lines off: ask for fewer
+        return data.decode(errors="replace")
 
     def describe(self) -> list[dict]:
         return [{"service": key, "status": self._state(e), "knative_service": f"{e['namespace']}/{e['name']}"}
                 for key, e in self.services.items()]
+
+
+def _pod_order(pod: dict) -> tuple:
+    """Oldest revision first (Knative numbers them ``<service>-00001``, ``-00002``...), then by age."""
+    meta = pod["metadata"]
+    return ((meta.get("labels") or {}).get("serving.knative.dev/revision", ""),
+            meta.get("creationTimestamp") or "", meta["name"])

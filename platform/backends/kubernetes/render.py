@@ -323,12 +323,17 @@ class JobSpec(WorkloadSpec):
     ttl_seconds_after_finished: int | None = DEFAULT_TTL_AFTER_FINISHED
     attempt: int = 0  # the platform's attempt number: part of the Job's name and labels
     backoff_limit: int | None = None  # None: resource.max_retries (the kubernetes backend sets 0: it retries itself)
+    # the pod's terminationGracePeriodSeconds: SIGTERM, then SIGKILL this many seconds later when
+    # the Job is deleted (cancel) or its deadline passes; None: Kubernetes' default (30 s)
+    termination_grace_period_seconds: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive_int(self.attempt, "attempt", zero=True)
         if self.backoff_limit is not None:
             _positive_int(self.backoff_limit, "backoff_limit", zero=True)
+        if self.termination_grace_period_seconds is not None:
+            _positive_int(self.termination_grace_period_seconds, "termination_grace_period_seconds", zero=True)
         job_name(self.run_id, self.attempt)
         if self.ttl_seconds_after_finished is not None:
             _positive_int(self.ttl_seconds_after_finished, "ttl_seconds_after_finished", zero=True)
@@ -353,6 +358,7 @@ class JobSpec(WorkloadSpec):
             "backoff_limit": self.resource.max_retries if self.backoff_limit is None else self.backoff_limit,
             "active_deadline_seconds": None if timeout is None else max(1, math.ceil(timeout)),
             "ttl_seconds_after_finished": self.ttl_seconds_after_finished,
+            "termination_grace_period_seconds": self.termination_grace_period_seconds,
         }
 
 

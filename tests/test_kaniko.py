@@ -60,6 +60,11 @@ def _dockerconfig(host: str, user: str, password: str) -> str:
     return json.dumps({"auths": {host: {"auth": auth}}})
 
 
+def _s3_secret(s3, secret_key: str | None = None) -> dict:
+    return _secret(SYSTEM, "opbox-s3", {"AWS_ACCESS_KEY_ID": s3.access_key,
+                                        "AWS_SECRET_ACCESS_KEY": secret_key or s3.secret_key})
+
+
 def _secret(namespace: str, name: str, data: dict, kind: str = "Opaque") -> dict:
     return {"apiVersion": "v1", "kind": "Secret", "type": kind, "metadata": {"name": name, "namespace": namespace},
             "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
@@ -104,8 +109,7 @@ def kube(podman, registry, s3, tmp_path_factory):
             _api(fake, "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                         "metadata": {"name": namespace}})
         # what the operator's guide has them create: the S3 keys and the registry credentials
-        _api(fake, "POST", f"/api/v1/namespaces/{SYSTEM}/secrets", _secret(SYSTEM, "opbox-s3", {
-            "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}))
+        _api(fake, "POST", f"/api/v1/namespaces/{SYSTEM}/secrets", _s3_secret(s3))
         _api(fake, "POST", f"/api/v1/namespaces/{SYSTEM}/secrets", _secret(
             SYSTEM, "opbox-registry", {".dockerconfigjson": config}, "kubernetes.io/dockerconfigjson"))
         _api(fake, "POST", f"/api/v1/namespaces/{NAMESPACE}/secrets", _secret(
@@ -202,14 +206,12 @@ def test_an_image_in_the_registry_is_not_built_again(plat, kube, mod, client):
 
 
 def test_a_failing_build_raises_build_error_with_kanikos_log(plat, kube, s3, mod, client):
-    bad = _secret(SYSTEM, "opbox-s3", {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": "wrong"})
-    _api(kube, "PUT", f"/api/v1/namespaces/{SYSTEM}/secrets/opbox-s3", bad)
+    _api(kube, "PUT", f"/api/v1/namespaces/{SYSTEM}/secrets/opbox-s3", _s3_secret(s3, "wrong"))
     try:
         with pytest.raises(BuildError) as info:
             mod.shout.deploy(client=client, quiet=True)
     finally:
-        _api(kube, "PUT", f"/api/v1/namespaces/{SYSTEM}/secrets/opbox-s3", _secret(
-            SYSTEM, "opbox-s3", {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}))
+        _api(kube, "PUT", f"/api/v1/namespaces/{SYSTEM}/secrets/opbox-s3", _s3_secret(s3))
     message = str(info.value)
     assert "in the cluster failed: kaniko exited with code 1" in message, message
     assert "error resolving the build context" in (info.value.log or ""), info.value.log
@@ -227,8 +229,7 @@ def test_a_build_pod_that_cannot_start_fails_fast_with_the_reason(plat, kube, s3
         with pytest.raises(BuildError) as info:
             fresh.shout.deploy(client=client, quiet=True)
     finally:
-        _api(kube, "POST", f"/api/v1/namespaces/{SYSTEM}/secrets", _secret(
-            SYSTEM, "opbox-s3", {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}))
+        _api(kube, "POST", f"/api/v1/namespaces/{SYSTEM}/secrets", _s3_secret(s3))
     assert time.monotonic() - started < 60
     assert "cannot start: CreateContainerConfigError" in str(info.value) and "opbox-s3" in str(info.value)
 

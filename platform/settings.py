@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,20 @@ def env_float(name: str, default: float) -> float:
         return float(raw) if raw else default
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
+def env_json_strings(name: str, kind: type[dict] | type[list]):
+    """A JSON object of strings (``kind=dict``) or list of strings (``kind=list``) from ``name``; empty when unset."""
+    raw = os.environ.get(name) or ("{}" if kind is dict else "[]")
+    what = "object of strings" if kind is dict else "list of strings"
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    items = value.values() if isinstance(value, dict) else value
+    if not isinstance(value, kind) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"{name} must be a JSON {what}, got {raw!r}")
+    return value
 
 
 def _insecure_registries(raw: str, registry: str) -> tuple[str, ...]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-import httpx
 import pytest
 
-from opbox import RemoteError, RunHandle, SerializationError, serialization
+from opbox import RemoteError, SerializationError, serialization
 from opbox.outcome import RemoteTraceback
 from conftest import user_module
 

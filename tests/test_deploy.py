@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import textwrap
 from pathlib import Path
 
 import httpx

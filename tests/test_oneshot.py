@@ -4,7 +4,6 @@ that Kubernetes Jobs run too: code and args from the store, result, logs and sta
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import pytest

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..pools import PoolManager, Worker, file_tail
-from .base import RunEvents, RunTicket, ServiceInfo, VersionInfo
+from .base import RunEvents, RunTicket, VersionInfo
 from .local_services import LocalServices, ServiceMethods
 from .oneshot import OneShotRunner
 

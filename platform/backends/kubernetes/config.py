@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
 from opbox.errors import ConfigError
 
-from ...settings import env_int
+from ...settings import env_int, env_json_strings
 from . import render
 
 
@@ -43,13 +42,7 @@ class KubernetesSettings:
     @classmethod
     def from_env(cls) -> "KubernetesSettings":
         env = os.environ
-        raw_env = env.get("OPBOX_K8S_ENV") or "{}"
-        try:
-            run_env = json.loads(raw_env)
-        except ValueError:
-            raise ConfigError(f"OPBOX_K8S_ENV must be a JSON object, got {raw_env!r}") from None
-        if not isinstance(run_env, dict) or not all(isinstance(v, str) for v in run_env.values()):
-            raise ConfigError("OPBOX_K8S_ENV must be a JSON object of strings")
+        run_env = env_json_strings("OPBOX_K8S_ENV", dict)
         propagation = env.get("OPBOX_K8S_DELETE_PROPAGATION") or "Background"
         if propagation not in ("Background", "Foreground"):
             raise ConfigError(f"OPBOX_K8S_DELETE_PROPAGATION must be Background or Foreground, not {propagation!r}")

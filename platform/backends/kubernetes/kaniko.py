@@ -40,7 +40,7 @@ from opbox.builder.registry import parse_reference
 from opbox.errors import BuildError, ConfigError, ValidationError
 from opbox.resource import parse_quantity
 
-from ...settings import env_int
+from ...settings import env_int, env_json_strings
 from . import render
 from .config import api_client
 
@@ -77,13 +77,7 @@ class KanikoSettings:
     @classmethod
     def from_env(cls) -> "KanikoSettings":
         env = os.environ
-        raw_args = env.get("OPBOX_KANIKO_ARGS") or "[]"
-        try:
-            extra = json.loads(raw_args)
-        except ValueError:
-            extra = None
-        if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
-            raise ConfigError(f"OPBOX_KANIKO_ARGS must be a JSON list of strings, got {raw_args!r}")
+        extra = env_json_strings("OPBOX_KANIKO_ARGS", list)
         settings = cls(
             namespace=env.get("OPBOX_BUILD_NAMESPACE") or env.get("OPBOX_SYSTEM_NAMESPACE") or "opbox-system",
             executor_image=env.get("OPBOX_KANIKO_IMAGE") or DEFAULT_EXECUTOR,

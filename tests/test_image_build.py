@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import re
-import shutil
 import subprocess
 import uuid
 import zipfile
@@ -43,9 +41,8 @@ from opbox.builder.wheelhouse import (
     tree_hash,
 )
 from opbox.errors import BuildError, ValidationError
+from podman_env import podman  # noqa: F401 (fixture: podman that works, the base image made)
 
-REPO = Path(__file__).resolve().parent.parent
-SETUP_SCRIPT = REPO / "scripts" / "setup-podman.sh"
 H1, H2 = "a" * 64, "b" * 64
 
 
@@ -226,33 +223,6 @@ def test_podman_builder_is_an_image_builder():
 
 
 # --- real builds -----------------------------------------------------------------------------
-
-
-def _podman_or_skip() -> str:
-    podman = shutil.which("podman")
-    problem = None
-    if not podman:
-        problem = "podman is not installed (run scripts/setup-podman.sh as root)"
-    elif subprocess.run([podman, "info"], stdin=subprocess.DEVNULL, capture_output=True).returncode != 0:
-        problem = "podman does not work here (podman info failed)"
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(problem + "; under CI=true that is a failure, not a skip")
-        pytest.skip(problem)
-    return podman
-
-
-@pytest.fixture(scope="session")
-def podman() -> str:
-    podman = _podman_or_skip()
-    if subprocess.run([podman, "image", "exists", DEFAULT_BASE_IMAGE], stdin=subprocess.DEVNULL).returncode != 0:
-        if os.geteuid() != 0:
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{DEFAULT_BASE_IMAGE} is missing and setup-podman.sh needs root")
-            pytest.skip(f"{DEFAULT_BASE_IMAGE} is missing and setup-podman.sh needs root")
-        done = subprocess.run(["bash", str(SETUP_SCRIPT)], stdin=subprocess.DEVNULL, capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
-    return podman
 
 
 class Session:

@@ -20,11 +20,11 @@ run: install  ## start the platform (gateway, local backend, SQLite, local objec
 	$(BIN)/opbox up
 
 lint: install  ## import-linter contracts (layers; the platform never unpickles)
-	$(BIN)/python scripts/lint_imports.py
+	$(BIN)/lint-imports --no-cache
 
 test: install  ## everything: podman for the image tests, import contracts, the whole suite
 	bash scripts/setup-podman.sh
-	$(BIN)/python scripts/lint_imports.py
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 demo: install  ## the quickstart against a fresh platform, started and stopped here

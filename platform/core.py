@@ -12,11 +12,11 @@ from opbox.builder.local import LocalBuilder
 from opbox.config import credentials_path
 from opbox.errors import ConfigError
 
-from .auth import Auth, hash_token
-from .deploys import DeployService
+from .control.auth import Auth, hash_token
+from .control.deploys import Deploys
 from .ids import check_workspace
-from .runs import Limits, RunService
-from .services import ServiceManager
+from .control.runs import Limits, Runs
+from .control.services import Services
 from .settings import Settings
 from .state import State
 
@@ -112,12 +112,12 @@ class Platform:
         self.auth = Auth(self.state, self.secret)
         self.store = make_store(settings, self.secret)
         self.backend = make_backend(settings, self.auth)
-        self.runs = RunService(self.state, self.backend, Limits(
+        self.runs = Runs(self.state, self.backend, Limits(
             max_payload=settings.max_payload, max_log_bytes=settings.max_log_bytes, cancel_grace=settings.cancel_grace,
             max_open_runs=settings.max_open_runs))
-        self.deploys = DeployService(self.state, self.store, make_builder(settings, self.store), self.runs,
+        self.deploys = Deploys(self.state, self.store, make_builder(settings, self.store), self.runs,
                                      settings.max_upload)
-        self.services = ServiceManager(self.state, self.backend, self.deploys, settings.max_payload,
+        self.services = Services(self.state, self.backend, self.deploys, settings.max_payload,
                                        base_url=lambda: self.settings.url)
 
     def bootstrap(self) -> dict | None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from opbox.errors import ConfigError
 
-from ..pools import PoolManager, Worker, file_tail
+from .pools import PoolManager, Worker, file_tail
 from .base import RunEvents, RunTicket, VersionInfo
 from .local_services import ServiceMethods
 

@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ..pools import PoolManager, Worker, file_tail
+from .pools import PoolManager, Worker, file_tail
 from .base import RunEvents, RunTicket, VersionInfo
 from .local_services import LocalServices, ServiceMethods
 from .oneshot import OneShotRunner

@@ -31,7 +31,7 @@ import httpx
 
 from opbox.errors import NotFound, ServiceFailed
 
-from ..pools import file_tail
+from .pools import file_tail
 from .base import ServiceInfo
 
 log = logging.getLogger("opbox.services")

@@ -14,7 +14,7 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from ..pools import describe_exit
+from .pools import describe_exit
 from .base import RunEvents, RunTicket, VersionInfo
 
 

@@ -12,7 +12,7 @@ from starlette.responses import Response
 from opbox import envelope as serialization
 from opbox.errors import Conflict, NotFound
 
-from ..pools import Completion, Lease
+from ..backends.pools import Completion, Lease
 from .http import query_number, read_body
 from .routes_jobs import platform
 

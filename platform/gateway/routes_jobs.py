@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from opbox import envelope as serialization
 from opbox.errors import BadRequest, OpboxError, ValidationError
 
-from ..runs import run_json, version_json
+from ..control.runs import run_json, version_json
 from ..state import TERMINAL
 from .http import json_body, ok, query_number, read_body
 

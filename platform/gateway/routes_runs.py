@@ -9,7 +9,7 @@ from opbox import envelope as serialization
 from opbox.errors import Forbidden, ValidationError
 
 from ..ids import check_name
-from ..runs import run_json
+from ..control.runs import run_json
 from ..state import TERMINAL
 from .http import json_body, ok, query_number
 from .routes_jobs import base_url, envelope_response, platform, workspace

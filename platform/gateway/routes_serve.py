@@ -19,7 +19,7 @@ from opbox.errors import BadRequest, NotFound, OpboxError, Unavailable, Validati
 
 from .http import json_body, ok, query_number
 from .routes_jobs import platform, workspace
-from .upstream import WHOLE, Answer, UpstreamError
+from ..proxy.upstream import WHOLE, Answer, UpstreamError
 
 _HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                   "trailers", "transfer-encoding", "upgrade", "host", "authorization", "content-length"})

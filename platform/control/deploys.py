@@ -19,9 +19,9 @@ from opbox.builder.local import BuildSpec
 from opbox.errors import BuildError, Conflict, NotFound, OpboxError, PayloadTooLarge, ValidationError
 from opbox.resource import Resource
 
-from .ids import check_name, new_id
-from .runs import RunService
-from .state import State
+from ..ids import check_name, new_id
+from .runs import Runs
+from ..state import State
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ENTRY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$")
@@ -34,8 +34,8 @@ def code_key(workspace: str, sha256: str) -> str:
     return f"{workspace}/code/{sha256}.zip"
 
 
-class DeployService:
-    def __init__(self, state: State, store, builder, runs: RunService, max_upload: int):
+class Deploys:
+    def __init__(self, state: State, store, builder, runs: Runs, max_upload: int):
         self.state = state
         self.store = store
         self.builder = builder

@@ -19,10 +19,10 @@ import time
 from opbox import envelope
 from opbox.errors import Conflict, NotFound, PayloadTooLarge, ServiceFailed, Unavailable, ValidationError
 
-from .backends.base import ServiceInfo
-from .gateway.upstream import UpstreamPool
-from .ids import check_name
-from .state import State
+from ..backends.base import ServiceInfo
+from ..proxy.upstream import UpstreamPool
+from ..ids import check_name
+from ..state import State
 
 log = logging.getLogger("opbox.services")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per proxied call otherwise
@@ -39,7 +39,7 @@ DEFAULTS = {"replicas": 1, "concurrency": 16, "queue": 64, "scale_to_zero": 900.
 HOLD = 120.0  # how long a call waits for a ready replica (scale from zero, restarts)
 
 
-class ServiceManager:
+class Services:
     def __init__(self, state: State, backend, deploys, max_payload: int, base_url=lambda: ""):
         self.state = state
         self.backend = backend

@@ -19,10 +19,10 @@ from opbox import envelope as serialization
 from opbox.errors import Conflict, NotFound, PayloadTooLarge, QuotaExceeded, ValidationError
 from opbox.resource import Resource
 
-from .backends.base import Backend, RunTicket, VersionInfo
-from .ids import new_id
-from .notify import Notifier
-from .state import TERMINAL, State
+from ..backends.base import Backend, RunTicket, VersionInfo
+from ..ids import new_id
+from ..notify import Notifier
+from ..state import TERMINAL, State
 
 log = logging.getLogger("opbox.runs")
 
@@ -49,7 +49,7 @@ class Limits:
     cancel_grace: float = 5.0
 
 
-class RunService:
+class Runs:
     def __init__(self, state: State, backend: Backend, limits: Limits = Limits()):
         self.state = state
         self.backend = backend

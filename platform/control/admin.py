@@ -8,8 +8,8 @@ from opbox.config import opbox_home
 from opbox.errors import Conflict
 
 from .auth import Auth
-from .ids import check_workspace
-from .state import State
+from ..ids import check_workspace
+from ..state import State
 
 
 def create_workspace(home: Path | None, name: str) -> dict:

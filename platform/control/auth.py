@@ -13,8 +13,8 @@ import time
 
 from opbox.errors import AuthError, NotFound
 
-from .ids import check_workspace, new_id
-from .state import State
+from ..ids import check_workspace, new_id
+from ..state import State
 
 TOKEN_PREFIX = "obx_"
 

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .backends.base import RunEvents, RunTicket, VersionInfo
+from .base import RunEvents, RunTicket, VersionInfo
 
 log = logging.getLogger("opbox.pools")
 

@@ -11,23 +11,41 @@
     foo_remote.map([1, 2, 3])       # [1, 4, 9]
 
 Names are imported on first use, so the runtime and the platform, which import submodules
-of ``opbox``, do not pay for the SDK's HTTP client.
+of ``opbox``, do not pay for the SDK's HTTP client. Type checkers read the imports under
+``TYPE_CHECKING`` below, so every public name has its real type (tests/test_public_api.py
+keeps the two lists equal).
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:
+    from .client import Client, set_default_client
+    from .decorator import Operator, operator
+    from .errors import (BuildError, OpboxError, RemoteError, RunCancelled, RunError, RunFailed, RunTimeout,
+                         SerializationError, ServiceFailed, ValidationError)
+    from .jobs import Job, Jobs
+    from .remote import RemoteFunction, RunHandle
+    from .resource import Resource
+    from .serving import RemoteService, serve_asgi
+
 _EXPORTS = {
-    "operator": "decorator", "Operator": "decorator", "Resource": "resource", "Jobs": "jobs",
+    "operator": "decorator", "Operator": "decorator", "Resource": "resource", "Job": "jobs", "Jobs": "jobs",
     "RemoteFunction": "remote", "RunHandle": "remote", "Client": "client", "set_default_client": "client",
     "OpboxError": "errors", "BuildError": "errors", "RemoteError": "errors", "RunError": "errors",
     "RunFailed": "errors", "RunTimeout": "errors", "RunCancelled": "errors", "SerializationError": "errors",
     "ValidationError": "errors", "ServiceFailed": "errors", "RemoteService": "serving", "serve_asgi": "serving",
 }
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "BuildError", "Client", "Job", "Jobs", "OpboxError", "Operator", "RemoteError", "RemoteFunction",
+    "RemoteService", "Resource", "RunCancelled", "RunError", "RunFailed", "RunHandle", "RunTimeout",
+    "SerializationError", "ServiceFailed", "ValidationError", "__version__", "operator", "serve_asgi",
+    "set_default_client",
+]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,7 @@
-"""``Jobs``: a deployed job by id or name: trigger it, read its versions and runs."""
+"""``Job``: a deployed job by id or name: trigger it, read its versions and runs.
+
+``Jobs`` is the same class under the name the first SDK used; both stay.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +10,13 @@ from .client import Client, default_client
 from .remote import ENVELOPE, RemoteFunction, RunHandle
 
 
-class Jobs:
+class Job:
     def __init__(self, ref: str, client: Client | None = None):
         self.ref = ref
         self.client = client or default_client()
 
     def __repr__(self) -> str:
-        return f"Jobs({self.ref!r})"
+        return f"Job({self.ref!r})"
 
     @staticmethod
     def list(client: Client | None = None) -> list[dict]:
@@ -42,3 +45,6 @@ class Jobs:
     def remote(self, version: int | None = None) -> RemoteFunction:
         job = self.info()
         return RemoteFunction(job["id"], job["name"], version, self.client)
+
+
+Jobs = Job  # the seed's name

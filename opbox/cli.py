@@ -213,14 +213,35 @@ def trigger(job, args_json, kwargs_json, wait, as_json):
 
 
 @main.command()
-@click.argument("run")
+@click.argument("run", required=False)
+@click.option("--batch", default=None, help="Cancel a map's remaining runs instead (the batch id a map prints).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def cancel(run, as_json):
-    """Cancel a run."""
+def cancel(run, batch, as_json):
+    """Cancel a run, or with --batch the queued and running runs of a map."""
+    if bool(run) == bool(batch):
+        raise click.UsageError("give a run id or --batch BATCH_ID")
+    if batch:
+        answer = _client().post(f"/batches/{batch}/cancel").json()
+        return _print_json(answer) if as_json else _echo_batch(answer)
     answer = _client().post(f"/runs/{run}/cancel").json()
     if as_json:
         return _print_json(answer)
     click.echo(f"{answer['id']} {answer['status']}")
+
+
+def _echo_batch(batch: dict) -> None:
+    total = "?" if batch.get("total") is None else batch["total"]
+    state = "cancelled" if batch.get("cancelled") else ("done" if batch.get("done") == batch.get("total") else "running")
+    click.echo(f"{batch['id']} {state}: {batch['done']} of {total} done, {batch['submitted']} submitted")
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def batch(batch_id, as_json):
+    """Show a map's progress (its batch id is printed when a map is interrupted)."""
+    answer = _client().get(f"/batches/{batch_id}").json()
+    return _print_json(answer) if as_json else _echo_batch(answer)
 
 
 @main.command()

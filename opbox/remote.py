@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import sys
 import threading
 import time
 from typing import Any, Iterable, Iterator
@@ -143,6 +144,7 @@ class _Map:
         self.size_hint = len(items) if hasattr(items, "__len__") else None
         self.total: int | None = None
         self.error: BaseException | None = None
+        self.cancelled = False
         self.stop = threading.Event()
         self.submitter = threading.Thread(target=self._submit, args=(items, kwargs, star), daemon=True,
                                           name=f"opbox-map-{batch_id}")
@@ -201,7 +203,7 @@ class _Map:
 
     def results(self, return_exceptions: bool, bar) -> Iterator:
         done: dict[int, tuple[bool, Any]] = {}
-        next_index = 0
+        next_index, finished = 0, False
         try:
             for line in self._stream():
                 if self.error is not None:
@@ -231,14 +233,20 @@ class _Map:
             while next_index in done:
                 yield done.pop(next_index)[1]
                 next_index += 1
+            finished = True
         finally:
             self.stop.set()
             if bar is not None:
                 bar.close()
+            if not finished and not self.cancelled:  # Ctrl-C, an error, or the caller stopped reading
+                self._cancel()
+                print(f"opbox: map {self.batch_id} stopped before its end: its remaining runs were cancelled "
+                      f"(progress: opbox batch {self.batch_id})", file=sys.stderr)
 
     def _cancel(self) -> None:
         self.stop.set()
+        self.cancelled = True
         try:
-            self.client.post(f"/batches/{self.batch_id}/cancel")
-        except Exception:
+            self.client.request("POST", f"/batches/{self.batch_id}/cancel", retry=True)
+        except Exception:  # best effort: the client is on its way out; the message names the batch
             pass

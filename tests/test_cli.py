@@ -44,7 +44,7 @@ def cli(plat, tmp_path_factory):
 
 
 def test_help_everywhere(cli):
-    for command in ([], ["up"], ["deploy"], ["jobs"], ["runs"], ["logs"], ["trigger"], ["cancel"], ["status"],
+    for command in ([], ["up"], ["deploy"], ["jobs"], ["runs"], ["logs"], ["trigger"], ["cancel"], ["batch"], ["status"],
                     ["workspace", "create"], ["tokens", "list"], ["tokens", "create"], ["tokens", "revoke"]):
         out = cli(*command, "--help")
         assert "Usage:" in out.stdout

@@ -144,6 +144,19 @@ class StoreContract:
         assert answer.status_code == 200
         assert hashlib.sha256(answer.content).digest() == hashlib.sha256(data).digest()
 
+    def test_signed_upload_bound_to_a_digest(self, store):
+        data = os.urandom(100_000)
+        digest = hashlib.sha256(data).hexdigest()
+        good = store.upload_url("bound/good", expires=60, sha256=digest)
+        assert send(good, data).status_code == 200
+        assert store.get("bound/good") == data
+        wrong = store.upload_url("bound/wrong", expires=60, sha256=digest)
+        answer = send(wrong, data[:-1] + bytes([data[-1] ^ 1]))
+        assert 400 <= answer.status_code < 500, answer.text
+        assert not store.exists("bound/wrong")  # nothing half-written, nothing wrong kept
+        with pytest.raises(ValidationError):
+            store.upload_url("bound/x", sha256="ABC")
+
     def test_readers_never_see_half_an_object(self, store):
         one, two = b"1" * 2_000_000, b"2" * 2_000_000
         store.put("hot", one)

@@ -77,14 +77,25 @@ class ObjectStore(Protocol):
         expires: int = 900,
         max_size: int | None = None,
         content_type: str = "application/octet-stream",
+        sha256: str | None = None,
     ) -> SignedRequest:
         """A PUT the client sends with the body and ``headers``.
 
         ``max_size`` is enforced by the local store at upload time. A presigned S3 PUT cannot
         bound the size, so callers must check ``size(key)`` once the client reports the upload.
+        ``sha256`` (hex) binds the URL to one content: a body with another digest is refused
+        and nothing is stored (the local store hashes while it writes; S3 checks the signed
+        ``x-amz-checksum-sha256`` header, where the server implements it).
         """
 
     def download_url(self, key: str, expires: int = 900) -> SignedRequest: ...
+
+
+def check_sha256(sha256: str | None) -> str | None:
+    if sha256 is not None and (not isinstance(sha256, str) or len(sha256) != 64
+                               or any(c not in "0123456789abcdef" for c in sha256)):
+        raise ValidationError(f"sha256 must be 64 lowercase hex digits, not {sha256!r}")
+    return sha256
 
 
 def validate_key(key: str) -> str:

@@ -40,7 +40,7 @@ from opbox.errors import (
     ValidationError,
 )
 
-from .base import SignedRequest, shorten, validate_expires, validate_key, validate_prefix
+from .base import SignedRequest, check_sha256, shorten, validate_expires, validate_key, validate_prefix
 
 TMP_PREFIX = ".opbox-tmp-"  # temp files share the target's folder; list() hides them
 ROUTE_PREFIX = "/_store"
@@ -151,14 +151,15 @@ class LocalStore:
         expires: int = 900,
         max_size: int | None = None,
         content_type: str = "application/octet-stream",
+        sha256: str | None = None,
     ) -> SignedRequest:
         if max_size is not None and (not isinstance(max_size, int) or max_size < 0):
             raise ValidationError(f"max_size must be a non-negative int, not {max_size!r}")
-        url = self._signed_url("put", key, expires, max_size)
+        url = self._signed_url("put", key, expires, max_size, check_sha256(sha256))
         return SignedRequest(url=url, method="PUT", headers={"Content-Type": content_type})
 
     def download_url(self, key: str, expires: int = 900) -> SignedRequest:
-        return SignedRequest(url=self._signed_url("get", key, expires, None), method="GET", headers={})
+        return SignedRequest(url=self._signed_url("get", key, expires, None, None), method="GET", headers={})
 
     def routes(self) -> list[Route]:
         """The endpoints the signed URLs point to; mount them at the root of the gateway's app."""
@@ -217,23 +218,28 @@ class LocalStore:
             elif entry.is_file(follow_symlinks=False) and key.startswith(prefix):
                 yield key
 
-    def _signature(self, op: str, key: str, exp: int, max_size: int | None) -> str:
-        message = f"{op}\n{key}\n{exp}\n{'' if max_size is None else max_size}".encode()
-        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+    def _signature(self, op: str, key: str, exp: int, max_size: int | None, sha256: str | None) -> str:
+        message = f"{op}\n{key}\n{exp}\n{'' if max_size is None else max_size}"
+        if sha256 is not None:  # URLs without one keep the signature they always had
+            message += f"\n{sha256}"
+        return hmac.new(self._secret, message.encode(), hashlib.sha256).hexdigest()
 
-    def _signed_url(self, op: str, key: str, expires: int, max_size: int | None) -> str:
+    def _signed_url(self, op: str, key: str, expires: int, max_size: int | None, sha256: str | None) -> str:
         self._path(key)
         exp = int(time.time()) + validate_expires(expires)
         params = {"op": op, "exp": str(exp)}
         if max_size is not None:
             params["max"] = str(max_size)
-        params["sig"] = self._signature(op, key, exp, max_size)
+        if sha256 is not None:
+            params["sha256"] = sha256
+        params["sig"] = self._signature(op, key, exp, max_size, sha256)
         return f"{self.base_url}{ROUTE_PREFIX}/{quote(key, safe='/')}?{urlencode(params)}"
 
-    def verify(self, op: str, key: str, query: QueryParams) -> int | None:
-        """Check a signed URL's query for ``op`` on ``key``; return its size limit or raise Forbidden."""
+    def verify(self, op: str, key: str, query: QueryParams) -> tuple[int | None, str | None]:
+        """Check a signed URL's query for ``op`` on ``key``; return its size limit and content digest
+        (each None when unbound), or raise Forbidden."""
         fields = {}
-        for name in ("op", "exp", "max", "sig"):
+        for name in ("op", "exp", "max", "sha256", "sig"):
             values = query.getlist(name)
             if len(values) > 1:
                 raise Forbidden(f"the signed URL has more than one {name!r} parameter")
@@ -244,16 +250,16 @@ class LocalStore:
         if not (exp and exp.isdigit() and sig and (max_raw is None or max_raw.isdigit())):
             raise Forbidden("the URL is not a well-formed signed URL (op, exp, sig and optional max)")
         max_size = None if max_raw is None else int(max_raw)
-        if not hmac.compare_digest(sig, self._signature(op, key, int(exp), max_size)):
+        if not hmac.compare_digest(sig, self._signature(op, key, int(exp), max_size, fields["sha256"])):
             raise Forbidden("invalid signature")
         if int(exp) < time.time():
             raise Forbidden("the signed URL has expired")
-        return max_size
+        return max_size, fields["sha256"]
 
     async def _put_endpoint(self, request: Request) -> Response:
         key = request.path_params["key"]
         try:
-            max_size = self.verify("put", key, request.query_params)
+            max_size, sha256 = self.verify("put", key, request.query_params)
             path = self._path(key)
             declared = request.headers.get("content-length")
             if max_size is not None and declared and declared.isdigit() and int(declared) > max_size:
@@ -264,16 +270,20 @@ class LocalStore:
         upload: _Upload | None = None
         try:
             upload = await to_thread.run_sync(_Upload.begin, key, path)
-            size, buffer = 0, bytearray()
+            size, buffer, digest = 0, bytearray(), hashlib.sha256()
             async for chunk in request.stream():
                 size += len(chunk)
                 if max_size is not None and size > max_size:
                     raise PayloadTooLarge(f"the upload is larger than the {max_size} bytes allowed", max_size=max_size)
                 buffer += chunk
+                digest.update(chunk)
                 if len(buffer) >= _WRITE_BUFFER:
                     await to_thread.run_sync(upload.write, bytes(buffer))
                     buffer.clear()
             await to_thread.run_sync(upload.write, bytes(buffer))
+            if sha256 is not None and digest.hexdigest() != sha256:
+                raise BadRequest(f"the upload's sha256 is {digest.hexdigest()}, not {sha256} as the signed URL "
+                                 "says: nothing was stored", key=key)
             await to_thread.run_sync(upload.commit)
         except OpboxError as e:
             return _error(e)
@@ -287,7 +297,7 @@ class LocalStore:
     async def _get_endpoint(self, request: Request) -> Response:
         key = request.path_params["key"]
         try:
-            self.verify("get", key, request.query_params)
+            self.verify("get", key, request.query_params)  # (a download binds no size nor digest)
             path = self._path(key)
             st = await to_thread.run_sync(os.stat, path)
         except OpboxError as e:

@@ -8,6 +8,7 @@ a missing object ``NotFound``.
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +31,8 @@ from botocore.exceptions import (
 
 from opbox.errors import ConfigError, NotFound, StorageError, ValidationError
 
-from .base import MAX_KEY_LENGTH, SignedRequest, retry, shorten, validate_expires, validate_key, validate_prefix
+from .base import (MAX_KEY_LENGTH, SignedRequest, check_sha256, retry, shorten, validate_expires, validate_key,
+                   validate_prefix)
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's smallest multipart part (but the last)
 _MISSING = {"NoSuchKey", "NotFound", "404"}
@@ -167,12 +169,18 @@ class S3Store:
         expires: int = 900,
         max_size: int | None = None,
         content_type: str = "application/octet-stream",
+        sha256: str | None = None,
     ) -> SignedRequest:
         # A presigned PUT cannot bound the size (only a presigned POST policy can): the
-        # caller checks size(key) after the upload. The Content-Type is signed.
+        # caller checks size(key) after the upload. The Content-Type is signed, and so is the
+        # content's SHA-256 when given: the server refuses a body with another digest.
         params = {"Bucket": self.bucket, "Key": self._name(key), "ContentType": content_type}
+        headers = {"Content-Type": content_type}
+        if check_sha256(sha256) is not None:
+            params["ChecksumSHA256"] = headers["x-amz-checksum-sha256"] = \
+                base64.b64encode(bytes.fromhex(sha256)).decode()
         url = self._presign("put_object", params, expires)
-        return SignedRequest(url=url, method="PUT", headers={"Content-Type": content_type})
+        return SignedRequest(url=url, method="PUT", headers=headers)
 
     def download_url(self, key: str, expires: int = 900) -> SignedRequest:
         url = self._presign("get_object", {"Bucket": self.bucket, "Key": self._name(key)}, expires)

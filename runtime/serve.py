@@ -307,6 +307,8 @@ class ServeApp:
     async def _call_json(self, method, name: str, body: bytes) -> Reply:
         try:
             args, kwargs = _json_arguments(method, body)
+        except RecursionError:  # the decoder recurses per level
+            return problem(400, "bad_request", "the body is JSON nested too deeply")
         except ValueError as exc:
             return problem(422, "validation_error", f"{exc}; signature: {_signature(method, name)}",
                            signature=_signature(method, name))
@@ -320,7 +322,7 @@ class ServeApp:
                                               "traceback": _user_tb(exc)}})
         try:
             return Reply(200, json.dumps(value, default=_json_default, allow_nan=False).encode())
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             return json_reply(500, {"error": {
                 "type": "opbox.errors.SerializationError", "traceback": "",
                 "message": f"the result of {name}() is not JSON ({exc}); call it with the opbox SDK for Python objects"}})

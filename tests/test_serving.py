@@ -143,6 +143,14 @@ def test_bad_arguments_are_422_naming_the_signature(model, plat):
         assert http.post(url(plat, "serve", "Model", "predict"), json=3).status_code == 422
 
 
+def test_json_nested_too_deep_is_a_400_on_a_kept_connection(model, plat):
+    deep = "[" * 100_000 + "]" * 100_000
+    with plat.http() as http:
+        answer = http.post(url(plat, "serve", "Model", "predict"), content=deep)
+        assert answer.status_code == 400 and "nested too deeply" in answer.json()["message"]
+        assert http.post(url(plat, "serve", "Model", "predict"), json={"x": [1]}).status_code == 200
+
+
 def test_unknown_method_and_service_are_404(model, plat):
     with plat.http() as http:
         resp = http.post(url(plat, "serve", "Model", "nope"), json={})

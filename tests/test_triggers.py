@@ -71,3 +71,15 @@ def test_trigger_rejects_bad_bodies(scorer, client):
     resp = client.http.post(client.path("/job/scorer/trigger"), content=b"{not json",
                             headers={"Content-Type": "application/json"})
     assert resp.status_code == 400 and "JSON" in resp.json()["message"]
+
+
+def test_json_nested_too_deep_is_a_400_everywhere_json_is_read(scorer, plat):
+    deep = "[" * 100_000 + "]" * 100_000
+    with plat.http() as http:
+        ws = f"/{plat.workspace}"
+        for method, path in (("POST", f"{ws}/job/scorer/trigger"), ("POST", f"{ws}/jobs"), ("POST", f"{ws}/uploads"),
+                             ("POST", f"{ws}/tokens"), ("PUT", f"{ws}/services/x"), ("POST", f"{ws}/job/scorer/batches")):
+            answer = http.request(method, path, content=deep, headers={"Content-Type": "application/json"})
+            assert answer.status_code == 400, (path, answer.status_code, answer.text)
+            assert "nested too deeply" in answer.json()["message"]
+        assert http.post(f"{ws}/job/scorer/trigger", json={"kwargs": {"x": 2}}).status_code == 202  # the connection lives

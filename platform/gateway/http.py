@@ -37,6 +37,8 @@ async def json_body(request: Request, limit: int = 1024 * 1024, required: bool =
         body = json.loads(raw)
     except ValueError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the decoder recurses per level: nesting deeper than Python's stack
+        raise BadRequest("request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("expected a JSON object in the request body")
     return body

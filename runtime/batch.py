@@ -14,6 +14,7 @@ import sys
 from .capture import OutputCapture
 from .channel import Channel, GatewayGone
 from .execute import Executor
+from .reaper import become_subreaper, end_leftovers
 from .worker import _ok
 
 
@@ -28,10 +29,12 @@ def main(run_id: str) -> int:
         logs = Channel(env["OPBOX_GATEWAY_URL"], env["OPBOX_RUN_TOKEN"], socket.gethostname(), patience=10)
         capture = OutputCapture(lambda rid, data: _ok(logs.request("POST", f"/_internal/runs/{rid}/logs", data)))
         execute = Executor(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR") or os.getcwd())
+        become_subreaper()
         capture.start(run_id)
         try:
             outcome, payload = execute(args)
         finally:
+            end_leftovers()
             capture.stop()
         status, _, data = channel.request("POST", f"/_internal/runs/{run_id}/result", payload,
                                           {"X-Opbox-Outcome": outcome, "Content-Type": "application/x-opbox-envelope"})

@@ -14,6 +14,7 @@ import sys
 from .capture import OutputCapture
 from .channel import Channel, GatewayGone
 from .execute import Executor
+from .reaper import become_subreaper, end_leftovers
 
 
 def _terminate(signum, frame):  # cancellation: unwind the user's code (finally blocks run), then exit
@@ -34,6 +35,7 @@ def main() -> int:
     execute = Executor(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR"))
     capture = OutputCapture(lambda run_id, data: _ok(logs.request("POST", f"/_internal/pools/{pool}/runs/{run_id}/logs", data)))
     signal.signal(signal.SIGTERM, _terminate)
+    become_subreaper()
     execute.preload()  # before asking for work: the first run does not pay for the import
     next_path = f"/_internal/pools/{pool}/next?wait=10"
     done_headers, body = None, b""
@@ -56,6 +58,7 @@ def main() -> int:
         try:
             outcome, body = execute(data)
         finally:
+            end_leftovers()  # what the run started ends with it (before its last output is shipped)
             capture.stop()
         done_headers = {"X-Opbox-Done": run_id, "X-Opbox-Outcome": outcome,
                         "Content-Type": "application/x-opbox-envelope"}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare this (Debian bookworm, root) machine to build and run opbox job images with podman.
 #
-#   1. apt packages: podman, buildah, runc, debootstrap, netavark, ... (only when missing)
+#   1. apt packages: podman, buildah, runc, debootstrap, netavark, bubblewrap (the local backend's
+#      sandbox), ... (only when missing)
 #   2. /etc/containers/containers.conf: runc, default ulimits, cgroupfs/file events without systemd
 #      (merged key by key into an existing file; other settings are kept)
 #   3. /etc/containers/storage.conf: native overlay when the kernel lets us mount it, else
@@ -21,7 +22,7 @@ BASE_IMAGE="${OPBOX_BASE_IMAGE:-localhost/opbox-base:bookworm-py3}"
 SUITE=bookworm
 CONF_DIR=/etc/containers
 PACKAGES=(podman buildah runc conmon debootstrap debian-archive-keyring netavark aardvark-dns
-          catatonit uidmap fuse-overlayfs docker-registry)
+          catatonit uidmap fuse-overlayfs docker-registry bubblewrap)
 
 if [ "$(id -u)" != 0 ]; then
   echo "setup-podman: must run as root" >&2

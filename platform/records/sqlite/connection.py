@@ -26,7 +26,10 @@ class Database:
 
     def __init__(self, path: Path | str, migrations: tuple[str, ...] = MIGRATIONS):
         self.path = str(path)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the state file {self.path} ({exc})") from None
         try:
             # read-only checks first: a file we refuse is left exactly as it was
             check_version(self.path, version_of(self.db), len(migrations))

@@ -39,3 +39,23 @@ def test_the_background_thread_checkpoints_and_close_truncates_the_wal(tmp_path)
         assert all(again.tokens.workspace_exists(f"ws-{i:05d}-" + "x" * 200) for i in range(3000))
     finally:
         again.close()
+
+
+def test_the_sqlite_adapter_has_every_method_of_the_records_port(tmp_path):
+    """Each aggregate implements its protocol with the same parameters (what a PostgreSQL adapter must match)."""
+    import inspect
+
+    from opbox.platform.records import base
+
+    records = open_sqlite(tmp_path / "state.db")
+    try:
+        for aggregate, protocol in base.Records.__annotations__.items():
+            protocol = getattr(base, protocol)
+            methods = [m for m in vars(protocol) if not m.startswith("_") and callable(getattr(protocol, m))]
+            assert methods, protocol
+            for method in methods:
+                implemented = inspect.signature(getattr(getattr(records, aggregate), method))
+                declared = inspect.signature(getattr(protocol, method))
+                assert list(implemented.parameters) == list(declared.parameters)[1:], (aggregate, method)
+    finally:
+        records.close()

@@ -127,7 +127,7 @@ class Services:
             await self.backend.deploy_service(self._info(row), wait)
         except ServiceFailed:
             if old is not None and self.backend.service_status(f"{workspace}/{name}")["status"] != "failed":
-                self.records.services.put(old)  # the old version goes on serving: the record says so (and a restart too)
+                self.records.services.put(old)  # the old version goes on serving: the record (and a restart) say so
                 self.kinds[f"{workspace}/{name}"] = old.kind
             raise
         return self.get(workspace, name)

@@ -72,8 +72,9 @@ class SqliteJobs:
         return row[0] if row is not None else None
 
     def version_failed(self, job_id: str, version: int, error: str, build_log: str) -> None:
-        self.db.execute("UPDATE versions SET status = 'failed', error = ?, build_log = ? WHERE job_id = ? AND version = ?",
-                        (error, build_log, job_id, version))
+        self.db.execute(
+            "UPDATE versions SET status = 'failed', error = ?, build_log = ? WHERE job_id = ? AND version = ?",
+            (error, build_log, job_id, version))
 
     def version_ready(self, job_id: str, version: int, artifact: dict, requirements_sha256: str, build_log: str,
                       at: float) -> None:

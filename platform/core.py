@@ -19,6 +19,7 @@ from .ids import check_workspace
 from .control.runs import Limits, Runs
 from .control.services import Services
 from .records.base import Records
+from .records.sqlite import open_sqlite
 from .settings import Settings
 
 log = logging.getLogger("opbox.platform")
@@ -35,8 +36,6 @@ def _secret(home: Path) -> bytes:
 
 def open_records(home: Path) -> Records:
     """The platform's records: the SQLite state file in its home, migrated to this version's schema."""
-    from .records.sqlite import open_sqlite
-
     return open_sqlite(home / "state.db")
 
 

@@ -113,6 +113,8 @@ def check_unversioned(db: sqlite3.Connection, path: str) -> None:
 
 def migrate(db: sqlite3.Connection, path: str, migrations: tuple[str, ...] = MIGRATIONS) -> int:
     """Applies the missing migrations, each in one transaction; returns the file's version."""
+    if version_of(db) == len(migrations):
+        return len(migrations)  # the usual start: no write lock taken
     while True:
         current = None
         try:

@@ -86,7 +86,7 @@ def workspace():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def workspace_create(name, home, as_json):
     """Create workspace NAME with an admin token (shown once)."""
-    from .platform.control.admin import create_workspace
+    from .platform.core import create_workspace
 
     creds = create_workspace(home, name)
     if as_json:

@@ -9,16 +9,18 @@ import secrets
 from pathlib import Path
 
 from opbox.builder.local import LocalBuilder
-from opbox.config import credentials_path
+from opbox.config import credentials_path, opbox_home
 from opbox.errors import ConfigError
 
-from .control.auth import Auth, hash_token
+from .control import admin
+from .control.auth import Auth
 from .control.deploys import Deploys
 from .ids import check_workspace
 from .control.runs import Limits, Runs
 from .control.services import Services
+from .records.base import Records
+from .records.sqlite import open_sqlite
 from .settings import Settings
-from .state import State
 
 log = logging.getLogger("opbox.platform")
 
@@ -30,6 +32,20 @@ def _secret(home: Path) -> bytes:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
     return bytes.fromhex(path.read_text().strip())
+
+
+def open_records(home: Path) -> Records:
+    """The platform's records: the SQLite state file in its home, migrated to this version's schema."""
+    return open_sqlite(home / "state.db")
+
+
+def create_workspace(home: Path | None, name: str) -> dict:
+    """``opbox workspace create``: a workspace and its admin token, written to the records directly."""
+    records = open_records(home or opbox_home())
+    try:
+        return admin.create_workspace(records, name)
+    finally:
+        records.close()
 
 
 def make_store(settings: Settings, secret: bytes):
@@ -108,16 +124,16 @@ class Platform:
         home = settings.home
         home.mkdir(parents=True, exist_ok=True)
         self.secret = _secret(home)
-        self.state = State(home / "state.db")
-        self.auth = Auth(self.state, self.secret)
+        self.records = open_records(home)
+        self.auth = Auth(self.records, self.secret)
         self.store = make_store(settings, self.secret)
         self.backend = make_backend(settings, self.auth)
-        self.runs = Runs(self.state, self.backend, Limits(
+        self.runs = Runs(self.records, self.backend, Limits(
             max_payload=settings.max_payload, max_log_bytes=settings.max_log_bytes, cancel_grace=settings.cancel_grace,
             max_open_runs=settings.max_open_runs))
-        self.deploys = Deploys(self.state, self.store, make_builder(settings, self.store), self.runs,
+        self.deploys = Deploys(self.records, self.store, make_builder(settings, self.store), self.runs,
                                      settings.max_upload)
-        self.services = Services(self.state, self.backend, self.deploys, settings.max_payload,
+        self.services = Services(self.records, self.backend, self.deploys, settings.max_payload,
                                        base_url=lambda: self.settings.url)
 
     def bootstrap(self) -> dict | None:
@@ -127,10 +143,10 @@ class Platform:
         """
         workspace = check_workspace(self.settings.workspace or "default")
         token = self.settings.token
-        if token and self.state.token_by_hash(hash_token(token)):
+        if token and self.auth.is_active(token):
             self._save_credentials(workspace, token)
             return None
-        if token is None and self.state.one("SELECT 1 FROM tokens WHERE workspace = ?", workspace):
+        if token is None and self.auth.has_tokens(workspace):
             return None
         _, token = self.auth.create_token(workspace, name="bootstrap", role="admin", token=token)
         return self._save_credentials(workspace, token)
@@ -172,4 +188,4 @@ class Platform:
     async def close(self) -> None:
         await self.services.close()
         await self.backend.close()
-        self.state.close()
+        self.records.close()

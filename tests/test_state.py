@@ -1,11 +1,12 @@
-"""The SQLite state's WAL is checkpointed by a background thread, not by the commits on the call path."""
+"""The SQLite state file: the WAL is checkpointed by a background thread, not by the commits on the call path."""
 
 from __future__ import annotations
 
 import os
 import time
 
-from opbox.platform.state import SAFETY_PAGES, State
+from opbox.platform.records.sqlite import open_sqlite
+from opbox.platform.records.sqlite.checkpoint import SAFETY_PAGES
 
 
 def wal_size(path) -> int:
@@ -17,23 +18,44 @@ def wal_size(path) -> int:
 
 def test_the_background_thread_checkpoints_and_close_truncates_the_wal(tmp_path):
     path = tmp_path / "state.db"
-    state = State(path)
+    records = open_sqlite(path)
+    db, checkpointer = records.database.db, records.database.checkpointer
     try:
-        page_size = state.db.execute("PRAGMA page_size").fetchone()[0]
-        assert state.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == SAFETY_PAGES
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == SAFETY_PAGES
         for i in range(3000):  # far more than SQLite's default 1,000-page autocheckpoint
-            state.ensure_workspace(f"ws-{i:05d}-" + "x" * 200)
+            records.tokens.add_workspace(f"ws-{i:05d}-" + "x" * 200)
         deadline = time.monotonic() + 10
-        while state.checkpointer.checkpoints == 0 and time.monotonic() < deadline:
+        while checkpointer.checkpoints == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert state.checkpointer.checkpoints > 0, "the checkpointer thread copied the WAL into the database"
+        assert checkpointer.checkpoints > 0, "the checkpointer thread copied the WAL into the database"
         # the WAL restarts from its beginning once checkpointed: it stays well below the safety net
         assert wal_size(path) < SAFETY_PAGES * page_size
     finally:
-        state.close()
+        records.close()
     assert wal_size(path) == 0, "closing leaves an empty WAL (TRUNCATE checkpoint)"
-    again = State(path)
+    again = open_sqlite(path)
     try:
-        assert again.one("SELECT COUNT(*) AS n FROM workspaces")["n"] == 3000
+        assert all(again.tokens.workspace_exists(f"ws-{i:05d}-" + "x" * 200) for i in range(3000))
     finally:
         again.close()
+
+
+def test_the_sqlite_adapter_has_every_method_of_the_records_port(tmp_path):
+    """Each aggregate implements its protocol with the same parameters (what a PostgreSQL adapter must match)."""
+    import inspect
+
+    from opbox.platform.records import base
+
+    records = open_sqlite(tmp_path / "state.db")
+    try:
+        for aggregate, protocol in base.Records.__annotations__.items():
+            protocol = getattr(base, protocol)
+            methods = [m for m in vars(protocol) if not m.startswith("_") and callable(getattr(protocol, m))]
+            assert methods, protocol
+            for method in methods:
+                implemented = inspect.signature(getattr(getattr(records, aggregate), method))
+                declared = inspect.signature(getattr(protocol, method))
+                assert list(implemented.parameters) == list(declared.parameters)[1:], (aggregate, method)
+    finally:
+        records.close()

@@ -14,7 +14,7 @@ import time
 from opbox.errors import AuthError, NotFound
 
 from ..ids import check_workspace, new_id
-from ..state import State
+from ..records.base import Records, TokenRecord
 
 TOKEN_PREFIX = "obx_"
 
@@ -28,29 +28,38 @@ def new_token() -> str:
 
 
 class Auth:
-    def __init__(self, state: State, secret: bytes):
-        self.state = state
+    def __init__(self, records: Records, secret: bytes):
+        self.records = records
         self.secret = secret
-        self._cache: dict[str, dict] = {}
+        self._cache: dict[str, TokenRecord] = {}
 
     def create_token(self, workspace: str, name: str = "default", role: str = "admin", token: str | None = None) -> tuple[str, str]:
         check_workspace(workspace)
         token = token or new_token()
         token_id = new_id("t")
-        self.state.ensure_workspace(workspace)
-        self.state.add_token(token_id, workspace, name, hash_token(token), role)
+        self.records.tokens.add(token_id, workspace, name, hash_token(token), role)
         return token_id, token
 
     def revoke(self, workspace: str, token_id: str) -> None:
-        cur = self.state.db.execute(
-            "UPDATE tokens SET revoked_at = ? WHERE id = ? AND workspace = ? AND revoked_at IS NULL",
-            (time.time(), token_id, workspace))
-        if cur.rowcount != 1:
+        if not self.records.tokens.revoke(workspace, token_id, time.time()):
             raise NotFound(f"no active token {token_id} in workspace {workspace}")
         self._cache.clear()
 
-    def check(self, authorization: str | None, workspace: str) -> dict:
-        """The token row for a request to ``workspace``; raises AuthError or NotFound."""
+    def tokens(self, workspace: str) -> list[TokenRecord]:
+        """The workspace's tokens, oldest first, revoked ones included."""
+        return self.records.tokens.in_workspace(workspace)
+
+    def is_active(self, token: str) -> bool:
+        return self.records.tokens.by_hash(hash_token(token)) is not None
+
+    def has_tokens(self, workspace: str) -> bool:
+        return bool(self.records.tokens.in_workspace(workspace))
+
+    def workspace_exists(self, workspace: str) -> bool:
+        return self.records.tokens.workspace_exists(workspace)
+
+    def check(self, authorization: str | None, workspace: str) -> TokenRecord:
+        """The token for a request to ``workspace``; raises AuthError or NotFound."""
         if not authorization:
             raise AuthError("missing bearer token: send 'Authorization: Bearer <OPBOX_TOKEN>'")
         scheme, _, token = authorization.partition(" ")
@@ -60,11 +69,11 @@ class Auth:
         digest = hash_token(token)
         row = self._cache.get(digest)
         if row is None:
-            row = self.state.token_by_hash(digest)
+            row = self.records.tokens.by_hash(digest)
             if row is None:
                 raise AuthError("invalid or revoked token")
             self._cache[digest] = row
-        if row["workspace"] != workspace:
+        if row.workspace != workspace:
             raise NotFound(f"no workspace {workspace!r}")
         return row
 

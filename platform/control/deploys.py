@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import re
 import time
 from typing import Callable
@@ -19,9 +18,10 @@ from opbox.builder.local import BuildSpec
 from opbox.errors import BuildError, Conflict, NotFound, OpboxError, PayloadTooLarge, ValidationError
 from opbox.resource import Resource
 
-from ..ids import check_name, new_id
+from ..backends.base import VersionInfo
+from ..ids import check_name
+from ..records.base import JobRecord, NewVersion, Records, VersionRecord
 from .runs import Runs
-from ..state import State
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ENTRY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$")
@@ -35,8 +35,8 @@ def code_key(workspace: str, sha256: str) -> str:
 
 
 class Deploys:
-    def __init__(self, state: State, store, builder, runs: Runs, max_upload: int):
-        self.state = state
+    def __init__(self, records: Records, store, builder, runs: Runs, max_upload: int):
+        self.records = records
         self.store = store
         self.builder = builder
         self.runs = runs
@@ -79,27 +79,34 @@ class Deploys:
         return {"name": name, "kind": kind, "entry": entry, "code_sha256": sha, "python": python,
                 "cloudpickle": cloudpickle, "resource": resource}
 
-    def _new_version(self, workspace: str, spec: dict) -> tuple[dict, int]:
-        now = time.time()
-        with self.state.tx() as db:
-            job = db.execute("SELECT * FROM jobs WHERE workspace = ? AND name = ?", (workspace, spec["name"])).fetchone()
-            if job is None:
-                job_id = new_id("j")
-                db.execute("INSERT INTO jobs(id, workspace, name, kind, created_at) VALUES (?,?,?,?,?)",
-                           (job_id, workspace, spec["name"], spec["kind"], now))
-            else:
-                job_id = job["id"]
-                if job["kind"] != spec["kind"]:
-                    raise Conflict(f"job {spec['name']!r} is a {job['kind']}; it cannot become a {spec['kind']}")
-            version = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE job_id = ?",
-                                 (job_id,)).fetchone()[0]
-            db.execute(
-                "INSERT INTO versions(job_id, version, status, entry, code_key, code_sha256, requirements_sha256, "
-                "python, cloudpickle, resource, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (job_id, version, "building", spec["entry"], code_key(workspace, spec["code_sha256"]),
-                 spec["code_sha256"], "", spec["python"], spec["cloudpickle"],
-                 json.dumps(spec["resource"].to_dict()), now))
-        return self.state.job(workspace, job_id), version
+    # -- reading -------------------------------------------------------------------
+    def jobs(self, workspace: str) -> list[JobRecord]:
+        """The workspace's jobs, newest first."""
+        return self.records.jobs.in_workspace(workspace)
+
+    def job(self, workspace: str, ref: str) -> JobRecord:
+        """A job by id or name; NotFound otherwise."""
+        job = self.records.jobs.get(workspace, ref)
+        if job is None:
+            raise NotFound(f"no job {ref!r} in workspace {workspace}")
+        return job
+
+    def versions(self, job: JobRecord) -> list[VersionRecord]:
+        """The job's versions, newest first."""
+        return self.records.jobs.versions(job.id)
+
+    def build_log(self, job: JobRecord, version: int) -> str:
+        log = self.records.jobs.build_log(job.id, version)
+        if log is None:
+            raise NotFound(f"job {job.name} has no version {version}")
+        return log
+
+    # -- deploying -----------------------------------------------------------------
+    def _new_version(self, workspace: str, spec: dict) -> tuple[JobRecord, int]:
+        version = NewVersion(entry=spec["entry"], code_key=code_key(workspace, spec["code_sha256"]),
+                             code_sha256=spec["code_sha256"], python=spec["python"], cloudpickle=spec["cloudpickle"],
+                             resource=spec["resource"].to_dict(), created_at=time.time())
+        return self.records.jobs.add_version(workspace, spec["name"], spec["kind"], version)
 
     async def load_code(self, workspace: str, sha256: str) -> bytes:
         """The uploaded archive, checked against its hash (before any version is made)."""
@@ -115,8 +122,9 @@ class Deploys:
             raise ValidationError("the uploaded code does not match its sha256")
         return zip_bytes
 
-    async def deploy(self, workspace: str, spec: dict, zip_bytes: bytes, log: Callable[[str], None]) -> dict:
-        """Make and build a new version; returns the job with its new version. Raises BuildError."""
+    async def deploy(self, workspace: str, spec: dict, zip_bytes: bytes,
+                     log: Callable[[str], None]) -> tuple[JobRecord, int]:
+        """Make and build a new version; returns the job and its new version. Raises BuildError."""
         job, version = self._new_version(workspace, spec)
         lines: list[str] = []
 
@@ -124,38 +132,29 @@ class Deploys:
             lines.append(line)
             log(line)
 
-        emit(f"building {job['name']} version {version}")
-        build = BuildSpec(workspace=workspace, job_name=job["name"], version=version,
+        emit(f"building {job.name} version {version}")
+        build = BuildSpec(workspace=workspace, job_name=job.name, version=version,
                           code_sha256=spec["code_sha256"], python=spec["python"])
         try:
             artifact = await self.builder.build(build, zip_bytes, emit)
         except Exception as exc:
             error = exc if isinstance(exc, OpboxError) else BuildError(f"build failed: {type(exc).__name__}: {exc}")
             text = "\n".join(lines + ([error.log] if isinstance(error, BuildError) and error.log else []))
-            self.state.db.execute(
-                "UPDATE versions SET status = 'failed', error = ?, build_log = ? WHERE job_id = ? AND version = ?",
-                (str(error.message), text[-MAX_BUILD_LOG:], job["id"], version))
+            self.records.jobs.version_failed(job.id, version, str(error.message), text[-MAX_BUILD_LOG:])
             if isinstance(error, BuildError):
                 error.log = text[-MAX_BUILD_LOG:]
             raise error from exc
-        with self.state.tx() as db:
-            db.execute(
-                "UPDATE versions SET status = 'ready', artifact = ?, ready_at = ?, build_log = ?, "
-                "requirements_sha256 = ? WHERE job_id = ? AND version = ?",
-                (json.dumps(artifact), time.time(), "\n".join(lines)[-MAX_BUILD_LOG:],
-                 artifact.get("requirements_sha256", ""), job["id"], version))
-            db.execute("UPDATE jobs SET latest_version = ? WHERE id = ?", (version, job["id"]))
-        info = self.runs.version_info(job["id"], version)
+        self.records.jobs.version_ready(job.id, version, artifact, artifact.get("requirements_sha256", ""),
+                                        "\n".join(lines)[-MAX_BUILD_LOG:], time.time())
+        info = self.runs.version_info(job.id, version)
         await self.runs.backend.prepare(info)
-        return {**self.state.job(workspace, job["id"]), "version": version}
+        return self.job(workspace, job.id), version
 
-    def resolve(self, workspace: str, ref: str, version: int | None = None):
+    def resolve(self, workspace: str, ref: str, version: int | None = None) -> tuple[JobRecord, VersionInfo]:
         """A job (by id or name) and the version to run: the given one or the latest ready one."""
-        job = self.state.job(workspace, ref)
-        if job is None:
-            raise NotFound(f"no job {ref!r} in workspace {workspace}")
+        job = self.job(workspace, ref)
         if version is None:
-            version = job["latest_version"]
+            version = job.latest_version
             if version is None:
-                raise Conflict(f"job {job['name']!r} has no ready version yet")
-        return job, self.runs.version_info(job["id"], version)
+                raise Conflict(f"job {job.name!r} has no ready version yet")
+        return job, self.runs.version_info(job.id, version)

@@ -1,7 +1,7 @@
 """Job-Runs: their durable records and their lifecycle.
 
 queued → running → succeeded | failed | cancelled | timed_out. A failed run with retries
-left goes back to queued. Every change is written to the state store before anyone is
+left goes back to queued. Every change is written to the records before anyone is
 told about it; waiters (long-polls, map result streams, log followers) are woken through
 the notifier. This module never decodes payloads: it stores and hands over bytes.
 """
@@ -9,7 +9,6 @@ the notifier. This module never decodes payloads: it stores and hands over bytes
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
@@ -22,7 +21,7 @@ from opbox.resource import Resource
 from ..backends.base import Backend, RunTicket, VersionInfo
 from ..ids import new_id
 from ..notify import Notifier
-from ..state import TERMINAL, State
+from ..records.base import TERMINAL, BatchRecord, BatchResult, NewRun, Records, RunRecord
 
 log = logging.getLogger("opbox.runs")
 
@@ -50,8 +49,8 @@ class Limits:
 
 
 class Runs:
-    def __init__(self, state: State, backend: Backend, limits: Limits = Limits()):
-        self.state = state
+    def __init__(self, records: Records, backend: Backend, limits: Limits = Limits()):
+        self.records = records
         self.backend = backend
         self.limits = limits
         self.notifier = Notifier()
@@ -72,15 +71,15 @@ class Runs:
         key = (job_id, version)
         info = self._versions.get(key)
         if info is None:
-            row = self.state.version(job_id, version)
-            job = self.state.one("SELECT * FROM jobs WHERE id = ?", job_id)
+            row = self.records.jobs.version(job_id, version)
+            job = self.records.jobs.by_id(job_id)
             if row is None or job is None:
                 raise NotFound(f"job {job_id} has no version {version}")
-            if row["status"] != "ready":
-                raise Conflict(f"version {version} of job {job['name']} is {row['status']}, not ready")
+            if row.status != "ready":
+                raise Conflict(f"version {version} of job {job.name} is {row.status}, not ready")
             info = VersionInfo(
-                workspace=job["workspace"], job_id=job_id, job_name=job["name"], version=version, kind=job["kind"],
-                entry=row["entry"], resource=Resource.from_dict(row["resource"]), artifact=row["artifact"] or {},
+                workspace=job.workspace, job_id=job_id, job_name=job.name, version=version, kind=job.kind,
+                entry=row.entry, resource=Resource.from_dict(row.resource), artifact=row.artifact or {},
             )
             self._versions[key] = info
         return info
@@ -98,10 +97,10 @@ class Runs:
         self._reserve(version.workspace, 1)
         run_id = new_id("r")
         res = version.resource
-        row = (run_id, version.workspace, version.job_id, version.version, "queued", trigger, time.time(),
-               res.max_retries, res.timeout, None, None)
+        run = NewRun(run_id, version.workspace, version.job_id, version.version, trigger, time.time(),
+                     res.max_retries, res.timeout)
         try:
-            self.state.insert_runs([row], [(run_id, payload)])
+            self.records.runs.create(run, payload)
         except BaseException:
             self.open_runs[version.workspace] -= 1
             raise
@@ -112,16 +111,14 @@ class Runs:
         if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
             raise ValidationError(f"concurrency must be a whole number >= 1, got {concurrency!r}")
         batch_id = new_id("b")
-        self.state.db.execute(
-            "INSERT INTO batches(id, workspace, job_id, version, concurrency, created_at) VALUES (?,?,?,?,?,?)",
-            (batch_id, version.workspace, version.job_id, version.version, concurrency, time.time()),
-        )
+        self.records.batches.create(batch_id, version.workspace, version.job_id, version.version, concurrency,
+                                    time.time())
         self.batches[batch_id] = BatchState(batch_id, version, concurrency)
         return batch_id
 
-    def batch(self, workspace: str, batch_id: str) -> dict:
-        row = self.state.one("SELECT * FROM batches WHERE id = ? AND workspace = ?", batch_id, workspace)
-        if row is None:
+    def batch(self, workspace: str, batch_id: str) -> BatchRecord:
+        row = self.records.batches.get(batch_id)
+        if row is None or row.workspace != workspace:
             raise NotFound(f"no batch {batch_id}")
         return row
 
@@ -133,10 +130,10 @@ class Runs:
         later. Nothing fitting at all is a 429.
         """
         row = self.batch(workspace, batch_id)
-        if row["cancelled"]:
+        if row.cancelled:
             raise Conflict(f"batch {batch_id} was cancelled")
-        if row["total"] is not None and start + len(payloads) > row["total"]:
-            raise Conflict(f"batch {batch_id} is sealed at {row['total']} items")
+        if row.total is not None and start + len(payloads) > row.total:
+            raise Conflict(f"batch {batch_id} is sealed at {row.total} items")
         if len(payloads) > self.limits.max_batch_items:
             raise PayloadTooLarge(f"at most {self.limits.max_batch_items} items per request, got {len(payloads)}")
         for payload in payloads:
@@ -144,12 +141,7 @@ class Runs:
         state = self._batch_state(row)
         version = state.version
         res = version.resource
-        existing = {
-            r[0] for r in self.state.db.execute(
-                "SELECT batch_index FROM runs WHERE batch_id = ? AND batch_index BETWEEN ? AND ?",
-                (batch_id, start, start + len(payloads) - 1),
-            )
-        }
+        existing = self.records.batches.indexes(batch_id, start, start + len(payloads) - 1)
         room = self.limits.max_open_runs - self.open_runs.get(workspace, 0)
         now = time.time()
         rows, blobs, tickets = [], [], []
@@ -160,9 +152,9 @@ class Runs:
                 if len(rows) >= room:
                     break
                 run_id = f"r-{batch_id[2:]}.{index}"  # time-ordered like other runs; unique per index
-                rows.append((run_id, workspace, version.job_id, version.version, "queued", "map", now,
-                             res.max_retries, res.timeout, batch_id, index))
-                blobs.append((run_id, payload))
+                rows.append(NewRun(run_id, workspace, version.job_id, version.version, "map", now,
+                                   res.max_retries, res.timeout, batch_id, index))
+                blobs.append(payload)
                 tickets.append(RunTicket(run_id, workspace, version.job_id, version.version, res.timeout,
                                          batch_id=batch_id))
             accepted += 1
@@ -171,7 +163,7 @@ class Runs:
         if rows:
             self._reserve(workspace, len(rows))
             try:
-                self._insert_items(batch_id, rows, blobs)
+                self.records.batches.add_items(batch_id, rows, blobs)
             except BaseException:
                 self.open_runs[workspace] -= len(rows)
                 raise
@@ -179,32 +171,33 @@ class Runs:
                 self._dispatch(ticket, version)
         return len(rows), accepted
 
-    def _insert_items(self, batch_id: str, rows: list, blobs: list) -> None:
-        with self.state.tx() as db:
-            db.executemany(
-                "INSERT INTO runs(id, workspace, job_id, version, status, trigger, created_at, max_retries, "
-                "timeout, batch_id, batch_index) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-            db.executemany("INSERT INTO payloads(run_id, kind, data) VALUES (?, 'args', ?)", blobs)
-            db.execute("UPDATE batches SET submitted = submitted + ? WHERE id = ?", (len(rows), batch_id))
-
-    def seal_batch(self, workspace: str, batch_id: str, total: int) -> dict:
+    def seal_batch(self, workspace: str, batch_id: str, total: int) -> BatchRecord:
         row = self.batch(workspace, batch_id)
         if not isinstance(total, int) or total < 0:
             raise ValidationError(f"total must be a whole number >= 0, got {total!r}")
-        if row["total"] is not None and row["total"] != total:
-            raise Conflict(f"batch {batch_id} is already sealed at {row['total']} items")
-        if row["submitted"] > total:
-            raise Conflict(f"batch {batch_id} has {row['submitted']} items, more than {total}")
-        self.state.db.execute("UPDATE batches SET total = ? WHERE id = ?", (total, batch_id))
+        if row.total is not None and row.total != total:
+            raise Conflict(f"batch {batch_id} is already sealed at {row.total} items")
+        if row.submitted > total:
+            raise Conflict(f"batch {batch_id} has {row.submitted} items, more than {total}")
+        self.records.batches.seal(batch_id, total)
         self.notifier.notify(f"batch:{batch_id}")
         return self.batch(workspace, batch_id)
 
-    def _batch_state(self, row: dict) -> BatchState:
-        state = self.batches.get(row["id"])
+    def _batch_state(self, row: BatchRecord) -> BatchState:
+        state = self.batches.get(row.id)
         if state is None:
-            state = self.batches[row["id"]] = BatchState(
-                row["id"], self.version_info(row["job_id"], row["version"]), row["concurrency"])
+            state = self.batches[row.id] = BatchState(row.id, self.version_info(row.job_id, row.version),
+                                                      row.concurrency)
         return state
+
+    def batch_results(self, batch_id: str, after: int, limit: int = 1000) -> list[BatchResult]:
+        """Finished items after completion number ``after``, in completion order."""
+        return self.records.batches.results_after(batch_id, after, limit)
+
+    def batch_over(self, batch_id: str, after: int) -> bool:
+        """Whether a reader that has seen ``after`` completions has seen them all (the batch is sealed)."""
+        row = self.records.batches.get(batch_id)
+        return row is not None and row.total is not None and after >= row.total
 
     def _dispatch(self, ticket: RunTicket, version: VersionInfo) -> None:
         if ticket.batch_id is not None:
@@ -217,36 +210,45 @@ class Runs:
         self.backend.submit(ticket, version)
 
     # -- reading -------------------------------------------------------------------
-    def get(self, workspace: str, run_id: str) -> dict:
-        run = self.state.run(run_id)
-        if run is None or run["workspace"] != workspace:
+    def get(self, workspace: str, run_id: str) -> RunRecord:
+        run = self.records.runs.get(run_id)
+        if run is None or run.workspace != workspace:
             raise NotFound(f"no run {run_id} in workspace {workspace}")
         return run
 
-    async def wait(self, workspace: str, run_id: str, timeout: float) -> dict:
+    def find(self, run_id: str) -> RunRecord | None:
+        """A run in any workspace (for the platform's own processes, whose tokens name the run or pool)."""
+        return self.records.runs.get(run_id)
+
+    def of_job(self, job_id: str, status: str | None = None, before: str | None = None,
+               limit: int = 50) -> list[RunRecord]:
+        """A job's runs, newest first; ``before`` is a run id."""
+        return self.records.runs.of_job(job_id, status, before, limit)
+
+    def open_counts(self, workspace: str) -> dict[str, int]:
+        """The workspace's runs queued and running, by status, as the records count them."""
+        return self.records.runs.open_counts(workspace)
+
+    async def wait(self, workspace: str, run_id: str, timeout: float) -> RunRecord:
         """The run once it is terminal, or as it is when ``timeout`` passes."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             run = self.get(workspace, run_id)
             left = deadline - loop.time()
-            if run["status"] in TERMINAL or left <= 0:
+            if run.status in TERMINAL or left <= 0:
                 return run
             await self.notifier.wait(run_id, left)
 
     def result(self, run_id: str) -> bytes | None:
-        return self.state.payload(run_id, "result")
+        return self.records.runs.result(run_id)
 
     # -- events from backends (RunEvents) ----------------------------------------------
     def run_args(self, run_id: str) -> bytes | None:
-        return self.state.payload(run_id, "args")
+        return self.records.runs.args(run_id)
 
     def run_started(self, run_id: str, worker: str) -> bool:
-        cur = self.state.db.execute(
-            "UPDATE runs SET status = 'running', started_at = ?, worker = ? WHERE id = ? AND status = 'queued'",
-            (time.time(), worker, run_id),
-        )
-        return cur.rowcount == 1  # not queued any more: cancelled while it waited
+        return self.records.runs.start(run_id, worker, time.time())  # False: cancelled while it waited
 
     def run_finished(self, run_id: str, outcome: str, payload: bytes, error_type: str | None = None) -> None:
         if outcome not in ("succeeded", "failed"):
@@ -269,9 +271,6 @@ class Runs:
         """Append output; past the run's budget the oldest output goes, and a marker says so."""
         if not data:
             return
-        run = self.state.one("SELECT log_bytes FROM runs WHERE id = ?", run_id)
-        if run is None:
-            return
         limit = self.limits.max_log_bytes
         dropped = False
         if len(data) > limit:  # keep the newest bytes, from a line start where there is one
@@ -279,61 +278,34 @@ class Runs:
             newline = data.find(b"\n")
             data = data[newline + 1:] if 0 <= newline < len(data) - 1 else data
             dropped = True
-        with self.state.tx() as db:
-            seq = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM logs WHERE run_id = ?", (run_id,)).fetchone()[0]
-            size = run["log_bytes"] + len(data)
-            if size > limit:
-                for old_seq, old_len in db.execute(
-                        "SELECT seq, length(data) FROM logs WHERE run_id = ? AND seq >= 0 ORDER BY seq",
-                        (run_id,)).fetchall():
-                    if size <= limit:
-                        break
-                    db.execute("DELETE FROM logs WHERE run_id = ? AND seq = ?", (run_id, old_seq))
-                    size -= old_len
-                dropped = True
-            if dropped:
-                db.execute("INSERT OR REPLACE INTO logs(run_id, seq, data) VALUES (?, -1, ?)", (run_id, LOG_DROPPED))
-            db.execute("INSERT INTO logs(run_id, seq, data) VALUES (?, ?, ?)", (run_id, seq, data))
-            db.execute("UPDATE runs SET log_bytes = ? WHERE id = ?", (size, run_id))
-        self.notifier.notify(f"logs:{run_id}")
+        if self.records.runs.append_log(run_id, data, limit, LOG_DROPPED, dropped):
+            self.notifier.notify(f"logs:{run_id}")
 
     def logs_after(self, run_id: str, after_seq: int) -> list[tuple[int, bytes]]:
-        return [(r[0], r[1]) for r in self.state.db.execute(
-            "SELECT seq, data FROM logs WHERE run_id = ? AND seq > ? ORDER BY seq", (run_id, after_seq))]
+        return self.records.runs.logs_after(run_id, after_seq)
 
     # -- ending runs ---------------------------------------------------------------
     def _end(self, run_id: str, status: str, reason: str | None, payload: bytes, error_type: str | None,
              retriable: bool) -> None:
-        run = self.state.run(run_id)
-        if run is None or run["status"] in TERMINAL:
+        run = self.records.runs.get(run_id)
+        if run is None or run.status in TERMINAL:
             return
-        if retriable and status == "failed" and run["attempt"] < run["max_retries"]:
-            self.state.db.execute(
-                "UPDATE runs SET status = 'queued', attempt = attempt + 1, exit_reason = ?, started_at = NULL, "
-                "worker = NULL WHERE id = ?", (f"attempt {run['attempt'] + 1} failed: {reason}", run_id))
-            version = self.version_info(run["job_id"], run["version"])
-            self.backend.submit(RunTicket(run_id, run["workspace"], run["job_id"], run["version"], run["timeout"],
-                                          run["attempt"] + 1, run["batch_id"]), version)
+        if retriable and status == "failed" and run.attempt < run.max_retries:
+            self.records.runs.retry(run_id, f"attempt {run.attempt + 1} failed: {reason}")
+            version = self.version_info(run.job_id, run.version)
+            self.backend.submit(RunTicket(run_id, run.workspace, run.job_id, run.version, run.timeout,
+                                          run.attempt + 1, run.batch_id), version)
             return
         if len(payload) > self.limits.max_payload:
             status, reason = "failed", f"result is {len(payload)} bytes; the limit is {self.limits.max_payload}"
             payload = serialization.error_envelope("opbox.PayloadTooLarge", reason)
-        with self.state.tx() as db:
-            db.execute(
-                "UPDATE runs SET status = ?, finished_at = ?, exit_reason = COALESCE(?, exit_reason), error_type = ?, "
-                "started_at = COALESCE(started_at, ?) WHERE id = ?",
-                (status, time.time(), reason, error_type, time.time(), run_id))
-            db.execute("INSERT OR REPLACE INTO payloads(run_id, kind, data) VALUES (?, 'result', ?)", (run_id, payload))
-            if run["batch_id"]:
-                seq = db.execute("UPDATE batches SET done = done + 1 WHERE id = ? RETURNING done",
-                                 (run["batch_id"],)).fetchone()[0]
-                db.execute("UPDATE runs SET done_seq = ? WHERE id = ?", (seq, run_id))
-        self.open_runs[run["workspace"]] = max(0, self.open_runs.get(run["workspace"], 0) - 1)
+        self.records.runs.finish(run_id, status, time.time(), reason, error_type, payload, run.batch_id)
+        self.open_runs[run.workspace] = max(0, self.open_runs.get(run.workspace, 0) - 1)
         self.notifier.notify(run_id)
         self.notifier.notify(f"logs:{run_id}")
-        if run["batch_id"]:
-            self._release_slot(run["batch_id"])
-            self.notifier.notify(f"batch:{run['batch_id']}")
+        if run.batch_id:
+            self._release_slot(run.batch_id)
+            self.notifier.notify(f"batch:{run.batch_id}")
 
     def _release_slot(self, batch_id: str) -> None:
         """A map's item ended: let the next waiting item of that map start."""
@@ -346,67 +318,43 @@ class Runs:
             self.backend.submit(state.pending.popleft(), state.version)
 
     # -- cancelling ----------------------------------------------------------------
-    async def cancel(self, workspace: str, run_id: str) -> dict:
+    async def cancel(self, workspace: str, run_id: str) -> RunRecord:
         run = self.get(workspace, run_id)
-        if run["status"] in TERMINAL:
+        if run.status in TERMINAL:
             return run
-        was_running = run["status"] == "running"
+        was_running = run.status == "running"
         self._end(run_id, "cancelled", "cancelled by request",
                   serialization.error_envelope("opbox.cancelled", "cancelled by request"), None, retriable=False)
         if was_running:
             asyncio.ensure_future(self.backend.cancel(run_id, self.limits.cancel_grace))
         return self.get(workspace, run_id)
 
-    async def cancel_batch(self, workspace: str, batch_id: str) -> dict:
+    async def cancel_batch(self, workspace: str, batch_id: str) -> BatchRecord:
         self.batch(workspace, batch_id)
-        self.state.db.execute("UPDATE batches SET cancelled = 1 WHERE id = ?", (batch_id,))
+        self.records.batches.cancel(batch_id)
         state = self.batches.get(batch_id)
         if state is not None:
             state.pending.clear()
-        for (run_id,) in self.state.db.execute(
-                "SELECT id FROM runs WHERE batch_id = ? AND status IN ('queued', 'running')", (batch_id,)).fetchall():
+        for run_id in self.records.batches.open_runs(batch_id):
             await self.cancel(workspace, run_id)
         return self.batch(workspace, batch_id)
 
     # -- restart -------------------------------------------------------------------
     def recover(self) -> int:
         """After a restart: runs that were running lost their workers; queue them again."""
-        self.state.db.execute(
-            "UPDATE runs SET status = 'queued', started_at = NULL, worker = NULL, "
-            "exit_reason = 'requeued: the platform restarted while it ran' WHERE status = 'running'")
-        rows = self.state.all("SELECT id, workspace, job_id, version, timeout, attempt, batch_id FROM runs "
-                              "WHERE status = 'queued' ORDER BY id")
+        self.records.runs.requeue_running("requeued: the platform restarted while it ran")
+        rows = self.records.runs.queued()
         for run in rows:
-            self.open_runs[run["workspace"]] = self.open_runs.get(run["workspace"], 0) + 1
+            self.open_runs[run.workspace] = self.open_runs.get(run.workspace, 0) + 1
         for run in rows:
             try:
-                version = self.version_info(run["job_id"], run["version"])
+                version = self.version_info(run.job_id, run.version)
             except (NotFound, Conflict) as exc:
-                self.run_lost(run["id"], f"cannot run after restart: {exc}")
+                self.run_lost(run.id, f"cannot run after restart: {exc}")
                 continue
-            if run["batch_id"] and run["batch_id"] not in self.batches:
-                batch = self.state.one("SELECT * FROM batches WHERE id = ?", run["batch_id"])
-                self.batches[batch["id"]] = BatchState(batch["id"], version, batch["concurrency"])
-            self._dispatch(RunTicket(run["id"], run["workspace"], run["job_id"], run["version"], run["timeout"],
-                                     run["attempt"], run["batch_id"]), version)
+            if run.batch_id and run.batch_id not in self.batches:
+                batch = self.records.batches.get(run.batch_id)
+                self.batches[run.batch_id] = BatchState(run.batch_id, version, batch.concurrency if batch else None)
+            self._dispatch(RunTicket(run.id, run.workspace, run.job_id, run.version, run.timeout, run.attempt,
+                                     run.batch_id), version)
         return len(rows)
-
-
-def run_json(run: dict, base: str = "") -> dict:
-    """A run as the API shows it."""
-    out = {k: run[k] for k in ("id", "job_id", "version", "status", "trigger", "created_at", "started_at",
-                               "finished_at", "exit_reason", "error_type", "attempt", "max_retries", "timeout")}
-    if run.get("batch_id"):
-        out["batch_id"], out["batch_index"] = run["batch_id"], run["batch_index"]
-    if base:
-        out["links"] = {"self": f"{base}/runs/{run['id']}", "result": f"{base}/runs/{run['id']}/result",
-                        "logs": f"{base}/runs/{run['id']}/logs"}
-    return out
-
-
-def version_json(row: dict) -> dict:
-    keep = ("job_id", "version", "status", "entry", "code_sha256", "requirements_sha256", "python", "cloudpickle",
-            "created_at", "ready_at", "error")
-    out = {k: row[k] for k in keep}
-    out["resource"] = row["resource"] if isinstance(row["resource"], dict) else json.loads(row["resource"])
-    return out

@@ -3,7 +3,7 @@
 A service is a name in a workspace pointing at a job version of kind ``class`` or ``asgi``,
 with the constructor's arguments (an args envelope, stored as bytes and never decoded here)
 and its scaling settings. The backend runs the replicas (``Backend.deploy_service``); this
-module keeps the records in SQLite, redeploys them after a restart and picks, for each call,
+module keeps their records, redeploys them after a restart and picks, for each call,
 the ready replica with the fewest calls in flight (waiting, as Knative's activator does,
 while a service scaled to zero starts again).
 """
@@ -22,17 +22,11 @@ from opbox.errors import Conflict, NotFound, PayloadTooLarge, ServiceFailed, Una
 from ..backends.base import ServiceInfo
 from ..proxy.upstream import UpstreamPool
 from ..ids import check_name
-from ..state import State
+from ..records.base import Records, ServiceRecord
 
 log = logging.getLogger("opbox.services")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per proxied call otherwise
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS services(
-  workspace TEXT NOT NULL, name TEXT NOT NULL, job_id TEXT NOT NULL, version INTEGER NOT NULL, kind TEXT NOT NULL,
-  replicas INTEGER NOT NULL, concurrency INTEGER NOT NULL, queue INTEGER NOT NULL, scale_to_zero REAL,
-  init BLOB NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY(workspace, name));
-"""
 SERVABLE = ("class", "asgi")
 LIMITS = {"replicas": (1, 64), "concurrency": (0, 10_000), "queue": (0, 100_000)}
 DEFAULTS = {"replicas": 1, "concurrency": 16, "queue": 64, "scale_to_zero": 900.0}
@@ -40,8 +34,8 @@ HOLD = 120.0  # how long a call waits for a ready replica (scale from zero, rest
 
 
 class Services:
-    def __init__(self, state: State, backend, deploys, max_payload: int, base_url=lambda: ""):
-        self.state = state
+    def __init__(self, records: Records, backend, deploys, max_payload: int, base_url=lambda: ""):
+        self.records = records
         self.backend = backend
         self.deploys = deploys
         self.max_payload = max_payload
@@ -49,7 +43,6 @@ class Services:
         self.inflight: dict[str, int] = {}
         self.kinds: dict[str, str] = {}
         self.upstream = UpstreamPool()  # the proxy's keep-alive connections to replicas
-        state.db.executescript(SCHEMA)
 
     @property
     def supported(self) -> bool:
@@ -62,28 +55,28 @@ class Services:
     async def start(self) -> None:
         if not self.supported:
             return
-        for row in self.state.all("SELECT * FROM services"):
+        for row in self.records.services.all():
             try:
                 await self.backend.deploy_service(self._info(row), 0)
-                self.kinds[f"{row['workspace']}/{row['name']}"] = row["kind"]
+                self.kinds[f"{row.workspace}/{row.name}"] = row.kind
             except Exception as exc:  # a version gone or broken: the record stays, calls say why
-                log.error("could not restore service %s/%s: %s", row["workspace"], row["name"], exc)
+                log.error("could not restore service %s/%s: %s", row.workspace, row.name, exc)
 
     async def close(self) -> None:
         await self.upstream.close()
 
     # -- records ---------------------------------------------------------------------------
-    def _row(self, workspace: str, name: str) -> dict:
-        row = self.state.one("SELECT * FROM services WHERE workspace = ? AND name = ?", workspace, name)
+    def _row(self, workspace: str, name: str) -> ServiceRecord:
+        row = self.records.services.get(workspace, name)
         if row is None:
             raise NotFound(f"no service {name!r} in workspace {workspace}")
         return row
 
-    def _info(self, row: dict) -> ServiceInfo:
-        version = self.deploys.runs.version_info(row["job_id"], row["version"])
-        return ServiceInfo(workspace=row["workspace"], name=row["name"], version=version, init=bytes(row["init"]),
-                           replicas=row["replicas"], concurrency=row["concurrency"], queue=row["queue"],
-                           scale_to_zero=row["scale_to_zero"])
+    def _info(self, row: ServiceRecord) -> ServiceInfo:
+        version = self.deploys.runs.version_info(row.job_id, row.version)
+        return ServiceInfo(workspace=row.workspace, name=row.name, version=version, init=row.init,
+                           replicas=row.replicas, concurrency=row.concurrency, queue=row.queue,
+                           scale_to_zero=row.scale_to_zero)
 
     def parse(self, workspace: str, name: str, body: dict) -> dict:
         check_name(name, "service name")
@@ -94,11 +87,10 @@ class Services:
         if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
             raise ValidationError(f"version must be a whole number >= 1, got {version!r}")
         job, info = self.deploys.resolve(workspace, job_ref, version)
-        if job["kind"] not in SERVABLE:
-            raise ValidationError(f"job {job['name']!r} is a {job['kind']}: call it as a job; only classes "
+        if job.kind not in SERVABLE:
+            raise ValidationError(f"job {job.name!r} is a {job.kind}: call it as a job; only classes "
                                   "(@operator() on a class) and ASGI apps are served")
-        row = {"workspace": workspace, "name": name, "job_id": job["id"], "version": info.version,
-               "kind": job["kind"]}
+        row = {"workspace": workspace, "name": name, "job_id": job.id, "version": info.version, "kind": job.kind}
         for key, (low, high) in LIMITS.items():
             value = body.get(key, DEFAULTS[key])
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -117,7 +109,7 @@ class Services:
             raise PayloadTooLarge(f"init arguments are {len(init)} bytes; the limit is {self.max_payload}")
         if init and envelope.read_header(init)["kind"] != envelope.ARGS:
             raise ValidationError("init must be an args envelope")
-        if init and job["kind"] == "asgi":
+        if init and job.kind == "asgi":
             raise ValidationError("an ASGI app takes no init arguments")
         row["init"] = init
         return row
@@ -125,47 +117,41 @@ class Services:
     async def put(self, workspace: str, name: str, body: dict, wait: float) -> dict:
         """Create or redeploy a service; waits up to ``wait`` s for the new version to be ready."""
         self._check_supported()
-        row = self.parse(workspace, name, body)
+        spec = self.parse(workspace, name, body)
         now = time.time()
-        old = self.state.one("SELECT * FROM services WHERE workspace = ? AND name = ?", workspace, name)
-        row["created_at"] = old["created_at"] if old else now
-        row["updated_at"] = now
-        self._save(row)
-        self.kinds[f"{workspace}/{name}"] = row["kind"]
+        old = self.records.services.get(workspace, name)
+        row = ServiceRecord(**spec, created_at=old.created_at if old else now, updated_at=now)
+        self.records.services.put(row)
+        self.kinds[f"{workspace}/{name}"] = row.kind
         try:
             await self.backend.deploy_service(self._info(row), wait)
         except ServiceFailed:
             if old is not None and self.backend.service_status(f"{workspace}/{name}")["status"] != "failed":
-                self._save(old)  # the old version goes on serving: the record says so (and a restart too)
-                self.kinds[f"{workspace}/{name}"] = old["kind"]
+                self.records.services.put(old)  # the old version goes on serving: the record (and a restart) say so
+                self.kinds[f"{workspace}/{name}"] = old.kind
             raise
         return self.get(workspace, name)
-
-    def _save(self, row: dict) -> None:
-        columns = list(row)
-        self.state.db.execute(f"INSERT OR REPLACE INTO services({', '.join(columns)}) VALUES "
-                              f"({', '.join('?' * len(columns))})", [row[c] for c in columns])
 
     def get(self, workspace: str, name: str) -> dict:
         return self._json(self._row(workspace, name))
 
-    def _json(self, row: dict) -> dict:
-        out = {k: row[k] for k in ("name", "kind", "job_id", "version", "replicas", "concurrency", "queue",
-                                   "scale_to_zero", "created_at", "updated_at")}
-        out["url"] = f"{self.base_url()}/{row['workspace']}/serve/{row['name']}"
+    def _json(self, row: ServiceRecord) -> dict:
+        out = {"name": row.name, "kind": row.kind, "job_id": row.job_id, "version": row.version,
+               "replicas": row.replicas, "concurrency": row.concurrency, "queue": row.queue,
+               "scale_to_zero": row.scale_to_zero, "created_at": row.created_at, "updated_at": row.updated_at}
+        out["url"] = f"{self.base_url()}/{row.workspace}/serve/{row.name}"
         try:
-            out.update(self.backend.service_status(f"{row['workspace']}/{row['name']}"))
+            out.update(self.backend.service_status(f"{row.workspace}/{row.name}"))
         except (NotFound, AttributeError):
             out.update(status="unknown")
         return out
 
     def list(self, workspace: str) -> list[dict]:
-        rows = self.state.all("SELECT * FROM services WHERE workspace = ? ORDER BY name", workspace)
-        return [self._json(r) for r in rows]
+        return [self._json(r) for r in self.records.services.in_workspace(workspace)]
 
     async def delete(self, workspace: str, name: str) -> None:
         self._row(workspace, name)
-        self.state.db.execute("DELETE FROM services WHERE workspace = ? AND name = ?", (workspace, name))
+        self.records.services.delete(workspace, name)
         self.kinds.pop(f"{workspace}/{name}", None)
         try:
             await self.backend.delete_service(f"{workspace}/{name}")
@@ -181,7 +167,7 @@ class Services:
         key = f"{workspace}/{name}"
         kind = self.kinds.get(key)
         if kind is None:
-            kind = self.kinds[key] = self._row(workspace, name)["kind"]
+            kind = self.kinds[key] = self._row(workspace, name).kind
         return kind
 
     async def endpoint(self, workspace: str, name: str) -> str:

@@ -52,8 +52,8 @@ async def worker_next(request: Request):
 async def worker_logs(request: Request):
     plat, pools, pool_id = _pools(request)
     run_id = request.path_params["run"]
-    run = plat.state.run(run_id)
-    if run is None or f"{run['job_id']}.v{run['version']}" != pool_id:
+    run = plat.runs.find(run_id)
+    if run is None or f"{run.job_id}.v{run.version}" != pool_id:
         raise NotFound(f"run {run_id} is not one of this pool's")
     plat.runs.append_log(run_id, await read_body(request, LOG_CHUNK_LIMIT))
     return Response(status_code=204)
@@ -74,8 +74,8 @@ async def run_args(request: Request):
     args = plat.runs.run_args(run_id)
     if args is None:
         raise NotFound(f"run {run_id} has no arguments")
-    run = plat.state.run(run_id)
-    headers = {"X-Opbox-Timeout": str(run["timeout"])} if run["timeout"] else {}
+    run = plat.runs.find(run_id)
+    headers = {"X-Opbox-Timeout": str(run.timeout)} if run is not None and run.timeout else {}
     return Response(args, media_type=serialization.CONTENT_TYPE, headers=headers)
 
 

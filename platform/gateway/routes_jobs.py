@@ -13,9 +13,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from opbox import envelope as serialization
 from opbox.errors import BadRequest, OpboxError, ValidationError
 
-from ..control.runs import run_json, version_json
-from ..state import TERMINAL
+from ..records.base import TERMINAL, RunRecord
 from .http import json_body, ok, query_number, read_body
+from .render import batch_json, job_json, run_json, version_json
 
 _FRAME = struct.Struct(">I")
 
@@ -34,10 +34,6 @@ def base_url(request: Request, ws: str) -> str:
     return f"{platform(request).settings.url}/{ws}"
 
 
-def job_json(job: dict) -> dict:
-    return {k: job[k] for k in ("id", "name", "kind", "created_at", "latest_version")}
-
-
 async def list_jobs(request: Request):
     """
     summary: List the workspace's jobs
@@ -45,8 +41,7 @@ async def list_jobs(request: Request):
       200: {description: Jobs, newest first}
     """
     ws = workspace(request)
-    rows = platform(request).state.all("SELECT * FROM jobs WHERE workspace = ? ORDER BY created_at DESC", ws)
-    return ok({"jobs": [job_json(r) for r in rows]})
+    return ok({"jobs": [job_json(j) for j in platform(request).deploys.jobs(ws)]})
 
 
 async def create_upload(request: Request):
@@ -111,8 +106,8 @@ async def deploy(request: Request):
                 yield json.dumps({"log": lines.get_nowait()}) + "\n"
             exc = task.exception()
             if exc is None:
-                job = task.result()
-                yield json.dumps({"done": True, "job": job_json(job), "version": job["version"]}) + "\n"
+                job, version = task.result()
+                yield json.dumps({"done": True, "job": job_json(job), "version": version}) + "\n"
             else:
                 error = exc if isinstance(exc, OpboxError) else OpboxError(f"{type(exc).__name__}: {exc}")
                 body = error.to_dict()
@@ -138,12 +133,7 @@ async def get_job(request: Request):
 
 def _job(request: Request, ws: str):
     plat = platform(request)
-    job = plat.state.job(ws, request.path_params["job"])
-    if job is None:
-        from opbox.errors import NotFound
-
-        raise NotFound(f"no job {request.path_params['job']!r} in workspace {ws}")
-    return job, plat
+    return plat.deploys.job(ws, request.path_params["job"]), plat
 
 
 async def list_versions(request: Request):
@@ -154,8 +144,7 @@ async def list_versions(request: Request):
     """
     ws = workspace(request)
     job, plat = _job(request, ws)
-    rows = plat.state.all("SELECT * FROM versions WHERE job_id = ? ORDER BY version DESC", job["id"])
-    return ok({"versions": [version_json(r) for r in rows]})
+    return ok({"versions": [version_json(v) for v in plat.deploys.versions(job)]})
 
 
 async def build_log(request: Request):
@@ -166,13 +155,8 @@ async def build_log(request: Request):
     """
     ws = workspace(request)
     job, plat = _job(request, ws)
-    version = query_number(request, "version", job["latest_version"], 1, 10**9, int)
-    row = plat.state.one("SELECT build_log FROM versions WHERE job_id = ? AND version = ?", job["id"], version)
-    if row is None:
-        from opbox.errors import NotFound
-
-        raise NotFound(f"job {job['name']} has no version {version}")
-    return Response(row["build_log"], media_type="text/plain")
+    version = query_number(request, "version", job.latest_version, 1, 10**9, int)
+    return Response(plat.deploys.build_log(job, version), media_type="text/plain")
 
 
 async def list_runs(request: Request):
@@ -188,27 +172,19 @@ async def list_runs(request: Request):
     ws = workspace(request)
     job, plat = _job(request, ws)
     limit = query_number(request, "limit", 50, 1, 1000, int)
-    sql, params = "SELECT * FROM runs WHERE job_id = ?", [job["id"]]
-    status = request.query_params.get("status")
-    if status:
-        sql += " AND status = ?"
-        params.append(status)
-    before = request.query_params.get("before")
-    if before:
-        sql += " AND id < ?"
-        params.append(before)
-    rows = plat.state.all(sql + " ORDER BY id DESC LIMIT ?", *params, limit)
-    return ok({"runs": [run_json(r, base_url(request, ws)) for r in rows]})
+    rows = plat.runs.of_job(job.id, request.query_params.get("status"), request.query_params.get("before"), limit)
+    base = base_url(request, ws)
+    return ok({"runs": [run_json(r, base) for r in rows]})
 
 
 def _version_param(request: Request) -> int | None:
     return query_number(request, "version", None, 1, 10**9, int)
 
 
-def envelope_response(run: dict, payload: bytes | None) -> Response:
-    headers = {"X-Opbox-Run-Id": run["id"], "X-Opbox-Status": run["status"], "X-Opbox-Version": str(run["version"])}
-    if run.get("exit_reason"):
-        headers["X-Opbox-Exit-Reason"] = json.dumps(run["exit_reason"][:1000])
+def envelope_response(run: RunRecord, payload: bytes | None) -> Response:
+    headers = {"X-Opbox-Run-Id": run.id, "X-Opbox-Status": run.status, "X-Opbox-Version": str(run.version)}
+    if run.exit_reason:
+        headers["X-Opbox-Exit-Reason"] = json.dumps(run.exit_reason[:1000])
     return Response(payload or b"", media_type=serialization.CONTENT_TYPE, headers=headers)
 
 
@@ -234,7 +210,7 @@ async def call(request: Request):
     run_id = plat.runs.create(version, payload, trigger="call")
     wait = query_number(request, "wait", 0.0, 0, 300)
     run = await plat.runs.wait(ws, run_id, wait)
-    if run["status"] in TERMINAL:
+    if run.status in TERMINAL:
         return envelope_response(run, plat.runs.result(run_id))
     return JSONResponse(run_json(run, base_url(request, ws)), status_code=202)
 
@@ -349,7 +325,7 @@ async def seal_batch(request: Request):
     """
     ws = workspace(request)
     body = await json_body(request)
-    return ok(platform(request).runs.seal_batch(ws, request.path_params["batch"], body.get("total")))
+    return ok(batch_json(platform(request).runs.seal_batch(ws, request.path_params["batch"], body.get("total"))))
 
 
 async def get_batch(request: Request):
@@ -359,7 +335,7 @@ async def get_batch(request: Request):
       200: {description: The batch}
     """
     ws = workspace(request)
-    return ok(platform(request).runs.batch(ws, request.path_params["batch"]))
+    return ok(batch_json(platform(request).runs.batch(ws, request.path_params["batch"])))
 
 
 async def cancel_batch(request: Request):
@@ -369,7 +345,7 @@ async def cancel_batch(request: Request):
       200: {description: The batch}
     """
     ws = workspace(request)
-    return ok(await platform(request).runs.cancel_batch(ws, request.path_params["batch"]))
+    return ok(batch_json(await platform(request).runs.cancel_batch(ws, request.path_params["batch"])))
 
 
 async def batch_results(request: Request):
@@ -388,25 +364,21 @@ async def batch_results(request: Request):
     batch_id = request.path_params["batch"]
     runs.batch(ws, batch_id)
     after = query_number(request, "after", 0, 0, 10**12, int)
-    db = runs.state.db
 
     async def stream():
         nonlocal after
         while True:
-            rows = db.execute(
-                "SELECT r.id, r.batch_index, r.status, r.done_seq, r.exit_reason, p.data FROM runs r "
-                "JOIN payloads p ON p.run_id = r.id AND p.kind = 'result' "
-                "WHERE r.batch_id = ? AND r.done_seq > ? ORDER BY r.done_seq LIMIT 1000", (batch_id, after)).fetchall()
+            rows = runs.batch_results(batch_id, after)
             if rows:
                 out = []
-                for run_id, index, status, seq, reason, data in rows:
-                    out.append(json.dumps({"index": index, "run_id": run_id, "status": status, "seq": seq,
-                                           "exit_reason": reason, "payload": base64.b64encode(data).decode()}))
-                    after = seq
+                for r in rows:
+                    out.append(json.dumps({"index": r.index, "run_id": r.run_id, "status": r.status, "seq": r.seq,
+                                           "exit_reason": r.exit_reason,
+                                           "payload": base64.b64encode(r.payload).decode()}))
+                after = rows[-1].seq
                 yield "\n".join(out) + "\n"
                 continue
-            batch = db.execute("SELECT total, done FROM batches WHERE id = ?", (batch_id,)).fetchone()
-            if batch[0] is not None and after >= batch[0]:
+            if runs.batch_over(batch_id, after):
                 return
             if not await runs.notifier.wait(f"batch:{batch_id}", 15.0):
                 yield '{"heartbeat": true}\n'

@@ -9,9 +9,9 @@ from opbox import envelope as serialization
 from opbox.errors import Forbidden, ValidationError
 
 from ..ids import check_name
-from ..control.runs import run_json
-from ..state import TERMINAL
+from ..records.base import TERMINAL
 from .http import json_body, ok, query_number
+from .render import run_json, token_json
 from .routes_jobs import base_url, envelope_response, platform, workspace
 
 
@@ -47,14 +47,14 @@ async def get_result(request: Request):
     plat = platform(request)
     wait = query_number(request, "wait", 0.0, 0, 300)
     run = await plat.runs.wait(ws, request.path_params["run"], wait)
-    if run["status"] not in TERMINAL:
+    if run.status not in TERMINAL:
         return JSONResponse(run_json(run, base_url(request, ws)), status_code=202)
-    payload = plat.runs.result(run["id"])
+    payload = plat.runs.result(run.id)
     if serialization.CONTENT_TYPE in request.headers.get("accept", ""):
         return envelope_response(run, payload)
     header = serialization.read_header(payload) if payload else {}
-    body = {"run_id": run["id"], "status": run["status"], "exit_reason": run["exit_reason"]}
-    if run["status"] == "succeeded":
+    body = {"run_id": run.id, "status": run.status, "exit_reason": run.exit_reason}
+    if run.status == "succeeded":
         body["result"] = header.get("json")
         body["result_is_json"] = "json" in header
         if "json" not in header:
@@ -87,7 +87,7 @@ async def get_logs(request: Request):
                 yield bytes(data)
             if chunks:
                 continue
-            if not follow or runs.state.run(run_id)["status"] in TERMINAL:
+            if not follow or runs.get(ws, run_id).status in TERMINAL:
                 return
             await runs.notifier.wait(f"logs:{run_id}", 15.0)
 
@@ -108,7 +108,7 @@ async def cancel_run(request: Request):
 def _admin(request: Request) -> str:
     ws = request.path_params["workspace"]
     row = platform(request).auth.check(request.headers.get("authorization"), ws)
-    if row["role"] != "admin":
+    if row.role != "admin":
         raise Forbidden("only a workspace admin token may manage tokens")
     return ws
 
@@ -121,9 +121,7 @@ async def list_tokens(request: Request):
       403: {description: Not an admin token}
     """
     ws = _admin(request)
-    rows = platform(request).state.all(
-        "SELECT id, name, role, created_at, revoked_at FROM tokens WHERE workspace = ? ORDER BY created_at", ws)
-    return ok({"tokens": rows})
+    return ok({"tokens": [token_json(t) for t in platform(request).auth.tokens(ws)]})
 
 
 async def create_token(request: Request):
@@ -167,9 +165,7 @@ async def status(request: Request):
     ws = workspace(request)
     plat = platform(request)
     info = plat.backend.describe()
-    job_ids = {r["id"] for r in plat.state.all("SELECT id FROM jobs WHERE workspace = ?", ws)}
+    job_ids = {j.id for j in plat.deploys.jobs(ws)}
     info["pools"] = [p for p in info.get("pools", []) if p["job_id"] in job_ids]
-    counts = plat.state.all("SELECT status, COUNT(*) AS n FROM runs WHERE workspace = ? AND status IN "
-                            "('queued', 'running') GROUP BY status", ws)
-    info["runs"] = {r["status"]: r["n"] for r in counts}
+    info["runs"] = plat.runs.open_counts(ws)
     return ok(info)

@@ -1,0 +1,286 @@
+"""The records port: what the platform keeps durably, as typed records and small protocols.
+
+The control layer (Runs, Deploys, Services, Auth) talks to these protocols only; an adapter
+(``records.sqlite``; a PostgreSQL one later) implements them. Every change that must be
+atomic is one method here (a run and its arguments; a result, the run's end and its map's
+done counter; a new job version), so no adapter has to expose transactions upward.
+
+Records are frozen dataclasses with slots, built positionally from a row: cheaper than the
+dicts they replace, and typed. Inputs on the hot paths (``NewRun``) are named tuples, which an
+adapter passes to its driver as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, Sequence
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+OPEN = ("queued", "running")
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    id: str
+    workspace: str
+    job_id: str
+    version: int
+    status: str
+    trigger: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    exit_reason: str | None
+    error_type: str | None
+    attempt: int
+    max_retries: int
+    timeout: float | None
+    batch_id: str | None
+    batch_index: int | None
+    done_seq: int | None
+    worker: str | None
+    log_bytes: int
+
+
+class NewRun(NamedTuple):
+    """A run to create (queued); its fields in the order adapters insert them."""
+
+    id: str
+    workspace: str
+    job_id: str
+    version: int
+    trigger: str
+    created_at: float
+    max_retries: int
+    timeout: float | None
+    batch_id: str | None = None
+    batch_index: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """A map: its items are runs with ``batch_id`` set; ``done`` numbers their completions."""
+
+    id: str
+    workspace: str
+    job_id: str
+    version: int
+    concurrency: int | None
+    total: int | None
+    submitted: int
+    done: int
+    cancelled: bool
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """One finished item of a map, in completion order (``seq``), with its result envelope."""
+
+    run_id: str
+    index: int
+    status: str
+    seq: int
+    exit_reason: str | None
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    id: str
+    workspace: str
+    name: str
+    kind: str
+    created_at: float
+    latest_version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRecord:
+    """A job version (its build log is read apart: it can be large)."""
+
+    job_id: str
+    version: int
+    status: str  # building | ready | failed
+    entry: str
+    code_key: str
+    code_sha256: str
+    requirements_sha256: str
+    python: str
+    cloudpickle: str
+    resource: dict
+    artifact: dict | None
+    error: str | None
+    created_at: float
+    ready_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewVersion:
+    entry: str
+    code_key: str
+    code_sha256: str
+    python: str
+    cloudpickle: str
+    resource: dict
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """A bearer token, by its SHA-256 hash (the value itself is never stored)."""
+
+    id: str
+    workspace: str
+    name: str
+    hash: str
+    role: str
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRecord:
+    """A served class or ASGI app: a name pointing at a job version, its init arguments and scaling."""
+
+    workspace: str
+    name: str
+    job_id: str
+    version: int
+    kind: str
+    replicas: int
+    concurrency: int
+    queue: int
+    scale_to_zero: float | None
+    init: bytes
+    created_at: float
+    updated_at: float
+
+
+class RunRecords(Protocol):
+    def get(self, run_id: str) -> RunRecord | None: ...
+    def args(self, run_id: str) -> bytes | None: ...
+    def result(self, run_id: str) -> bytes | None: ...
+
+    def create(self, run: NewRun, args: bytes) -> None:
+        """The run (queued) and its arguments, atomically."""
+
+    def start(self, run_id: str, worker: str, at: float) -> bool:
+        """queued -> running; False when the run is not queued (cancelled while it waited)."""
+
+    def retry(self, run_id: str, reason: str) -> None:
+        """Back to queued for its next attempt."""
+
+    def finish(self, run_id: str, status: str, at: float, reason: str | None, error_type: str | None,
+               result: bytes, batch_id: str | None) -> None:
+        """The run's end, its result and (for a map item) its completion number, atomically."""
+
+    def append_log(self, run_id: str, data: bytes, limit: int, marker: bytes, dropped: bool) -> bool:
+        """Append output within the run's ``limit`` of bytes: the oldest chunks go first, and
+        ``marker`` (at seq -1) says so. False when there is no such run."""
+
+    def logs_after(self, run_id: str, after_seq: int) -> list[tuple[int, bytes]]: ...
+
+    def of_job(self, job_id: str, status: str | None, before: str | None, limit: int) -> list[RunRecord]:
+        """Newest first; ``before`` is a run id (ids are time-ordered)."""
+
+    def open_counts(self, workspace: str) -> dict[str, int]:
+        """How many runs are queued and running, by status (statuses with none are absent)."""
+
+    def requeue_running(self, reason: str) -> None:
+        """After a restart: every running run lost its worker; queue it again."""
+
+    def queued(self) -> list[RunRecord]:
+        """All queued runs, oldest first."""
+
+
+class BatchRecords(Protocol):
+    def create(self, batch_id: str, workspace: str, job_id: str, version: int, concurrency: int | None,
+               at: float) -> None: ...
+    def get(self, batch_id: str) -> BatchRecord | None: ...
+
+    def add_items(self, batch_id: str, runs: Sequence[NewRun], args: Sequence[bytes]) -> None:
+        """The items' runs, their arguments (``args[i]`` for ``runs[i]``) and the submitted count, atomically."""
+
+    def indexes(self, batch_id: str, first: int, last: int) -> set[int]:
+        """The item indexes already stored in ``first..last``."""
+
+    def seal(self, batch_id: str, total: int) -> None: ...
+    def cancel(self, batch_id: str) -> None: ...
+
+    def open_runs(self, batch_id: str) -> list[str]:
+        """Ids of the batch's runs still queued or running."""
+
+    def results_after(self, batch_id: str, after: int, limit: int) -> list[BatchResult]:
+        """Finished items with completion number > ``after``, in completion order."""
+
+
+class JobRecords(Protocol):
+    def get(self, workspace: str, ref: str) -> JobRecord | None:
+        """A job by id or, failing that, by name."""
+
+    def by_id(self, job_id: str) -> JobRecord | None: ...
+
+    def in_workspace(self, workspace: str) -> list[JobRecord]:
+        """Newest first."""
+
+    def add_version(self, workspace: str, name: str, kind: str, version: NewVersion) -> tuple[JobRecord, int]:
+        """A new version (building) of the job, made when missing; atomically. Raises Conflict
+        when the job exists with another kind."""
+
+    def version(self, job_id: str, version: int) -> VersionRecord | None: ...
+
+    def versions(self, job_id: str) -> list[VersionRecord]:
+        """Newest first."""
+
+    def build_log(self, job_id: str, version: int) -> str | None: ...
+    def version_failed(self, job_id: str, version: int, error: str, build_log: str) -> None: ...
+
+    def version_ready(self, job_id: str, version: int, artifact: dict, requirements_sha256: str, build_log: str,
+                      at: float) -> None:
+        """The version is ready and becomes the job's latest, atomically."""
+
+
+class TokenRecords(Protocol):
+    def add_workspace(self, name: str) -> None:
+        """Idempotent."""
+
+    def workspace_exists(self, name: str) -> bool: ...
+
+    def add(self, token_id: str, workspace: str, name: str, token_hash: str, role: str) -> None:
+        """The token, and its workspace when new, atomically."""
+
+    def by_hash(self, token_hash: str) -> TokenRecord | None:
+        """An active (not revoked) token."""
+
+    def revoke(self, workspace: str, token_id: str, at: float) -> bool:
+        """False when there is no such active token in the workspace."""
+
+    def in_workspace(self, workspace: str) -> list[TokenRecord]:
+        """Oldest first, revoked ones included."""
+
+
+class ServiceRecords(Protocol):
+    def get(self, workspace: str, name: str) -> ServiceRecord | None: ...
+
+    def all(self) -> list[ServiceRecord]: ...
+
+    def in_workspace(self, workspace: str) -> list[ServiceRecord]:
+        """By name."""
+
+    def put(self, service: ServiceRecord) -> None:
+        """Create or replace."""
+
+    def delete(self, workspace: str, name: str) -> None: ...
+
+
+class Records(Protocol):
+    """The whole store, one attribute per aggregate; ``core`` opens it and closes it."""
+
+    runs: RunRecords
+    batches: BatchRecords
+    jobs: JobRecords
+    tokens: TokenRecords
+    services: ServiceRecords
+
+    def close(self) -> None: ...

@@ -1,0 +1,57 @@
+"""Maps (batches of runs) in SQLite: their counters, their items and their results stream."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..base import BatchRecord, BatchResult, NewRun
+from .connection import Database
+from .runs import OPEN_SQL
+
+COLUMNS = "id, workspace, job_id, version, concurrency, total, submitted, done, cancelled, created_at"
+INSERT_ITEM = ("INSERT INTO runs(id, workspace, job_id, version, trigger, created_at, max_retries, timeout, "
+               "batch_id, batch_index, status) VALUES (?,?,?,?,?,?,?,?,?,?,'queued')")
+
+
+class SqliteBatches:
+    def __init__(self, database: Database):
+        self.db = database.db
+        self.tx = database.tx
+
+    def create(self, batch_id: str, workspace: str, job_id: str, version: int, concurrency: int | None,
+               at: float) -> None:
+        self.db.execute(
+            "INSERT INTO batches(id, workspace, job_id, version, concurrency, created_at) VALUES (?,?,?,?,?,?)",
+            (batch_id, workspace, job_id, version, concurrency, at))
+
+    def get(self, batch_id: str) -> BatchRecord | None:
+        row = self.db.execute(f"SELECT {COLUMNS} FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if row is None:
+            return None
+        return BatchRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], bool(row[8]), row[9])
+
+    def add_items(self, batch_id: str, runs: Sequence[NewRun], args: Sequence[bytes]) -> None:
+        with self.tx() as db:
+            db.executemany(INSERT_ITEM, runs)
+            db.executemany("INSERT INTO payloads(run_id, kind, data) VALUES (?, 'args', ?)",
+                           [(run.id, data) for run, data in zip(runs, args)])
+            db.execute("UPDATE batches SET submitted = submitted + ? WHERE id = ?", (len(runs), batch_id))
+
+    def indexes(self, batch_id: str, first: int, last: int) -> set[int]:
+        return {r[0] for r in self.db.execute(
+            "SELECT batch_index FROM runs WHERE batch_id = ? AND batch_index BETWEEN ? AND ?", (batch_id, first, last))}
+
+    def seal(self, batch_id: str, total: int) -> None:
+        self.db.execute("UPDATE batches SET total = ? WHERE id = ?", (total, batch_id))
+
+    def cancel(self, batch_id: str) -> None:
+        self.db.execute("UPDATE batches SET cancelled = 1 WHERE id = ?", (batch_id,))
+
+    def open_runs(self, batch_id: str) -> list[str]:
+        return [r[0] for r in self.db.execute(f"SELECT id FROM runs WHERE batch_id = ? AND {OPEN_SQL}", (batch_id,))]
+
+    def results_after(self, batch_id: str, after: int, limit: int) -> list[BatchResult]:
+        return [BatchResult(*r) for r in self.db.execute(
+            "SELECT r.id, r.batch_index, r.status, r.done_seq, r.exit_reason, p.data FROM runs r "
+            "JOIN payloads p ON p.run_id = r.id AND p.kind = 'result' "
+            "WHERE r.batch_id = ? AND r.done_seq > ? ORDER BY r.done_seq LIMIT ?", (batch_id, after, limit))]

@@ -1,0 +1,85 @@
+"""Jobs and their versions in SQLite (resources and artifacts stored as JSON text)."""
+
+from __future__ import annotations
+
+import json
+
+from opbox.errors import Conflict
+
+from ...ids import new_id
+from ..base import JobRecord, NewVersion, VersionRecord
+from .connection import Database
+
+JOB = "SELECT id, workspace, name, kind, created_at, latest_version FROM jobs"
+VERSION = ("SELECT job_id, version, status, entry, code_key, code_sha256, requirements_sha256, python, cloudpickle, "
+           "resource, artifact, error, created_at, ready_at FROM versions")
+
+
+def _version(row: tuple) -> VersionRecord:
+    return VersionRecord(*row[:9], json.loads(row[9]), json.loads(row[10]) if row[10] else None, *row[11:])
+
+
+class SqliteJobs:
+    def __init__(self, database: Database):
+        self.db = database.db
+        self.tx = database.tx
+
+    def _job(self, sql: str, params: tuple) -> JobRecord | None:
+        row = self.db.execute(sql, params).fetchone()
+        return JobRecord(*row) if row is not None else None
+
+    def get(self, workspace: str, ref: str) -> JobRecord | None:
+        return (self._job(f"{JOB} WHERE workspace = ? AND id = ?", (workspace, ref))
+                or self._job(f"{JOB} WHERE workspace = ? AND name = ?", (workspace, ref)))
+
+    def by_id(self, job_id: str) -> JobRecord | None:
+        return self._job(f"{JOB} WHERE id = ?", (job_id,))
+
+    def in_workspace(self, workspace: str) -> list[JobRecord]:
+        return [JobRecord(*r) for r in self.db.execute(f"{JOB} WHERE workspace = ? ORDER BY created_at DESC",
+                                                       (workspace,))]
+
+    def add_version(self, workspace: str, name: str, kind: str, version: NewVersion) -> tuple[JobRecord, int]:
+        with self.tx() as db:
+            row = db.execute(f"{JOB} WHERE workspace = ? AND name = ?", (workspace, name)).fetchone()
+            if row is None:
+                job = JobRecord(new_id("j"), workspace, name, kind, version.created_at, None)
+                db.execute("INSERT INTO jobs(id, workspace, name, kind, created_at) VALUES (?,?,?,?,?)",
+                           (job.id, workspace, name, kind, job.created_at))
+            else:
+                job = JobRecord(*row)
+                if job.kind != kind:
+                    raise Conflict(f"job {name!r} is a {job.kind}; it cannot become a {kind}")
+            number = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE job_id = ?",
+                                (job.id,)).fetchone()[0]
+            db.execute(
+                "INSERT INTO versions(job_id, version, status, entry, code_key, code_sha256, requirements_sha256, "
+                "python, cloudpickle, resource, created_at) VALUES (?,?,'building',?,?,?,'',?,?,?,?)",
+                (job.id, number, version.entry, version.code_key, version.code_sha256, version.python,
+                 version.cloudpickle, json.dumps(version.resource), version.created_at))
+        return job, number
+
+    def version(self, job_id: str, version: int) -> VersionRecord | None:
+        row = self.db.execute(f"{VERSION} WHERE job_id = ? AND version = ?", (job_id, version)).fetchone()
+        return _version(row) if row is not None else None
+
+    def versions(self, job_id: str) -> list[VersionRecord]:
+        return [_version(r) for r in self.db.execute(f"{VERSION} WHERE job_id = ? ORDER BY version DESC", (job_id,))]
+
+    def build_log(self, job_id: str, version: int) -> str | None:
+        row = self.db.execute("SELECT build_log FROM versions WHERE job_id = ? AND version = ?",
+                              (job_id, version)).fetchone()
+        return row[0] if row is not None else None
+
+    def version_failed(self, job_id: str, version: int, error: str, build_log: str) -> None:
+        self.db.execute(
+            "UPDATE versions SET status = 'failed', error = ?, build_log = ? WHERE job_id = ? AND version = ?",
+            (error, build_log, job_id, version))
+
+    def version_ready(self, job_id: str, version: int, artifact: dict, requirements_sha256: str, build_log: str,
+                      at: float) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE versions SET status = 'ready', artifact = ?, ready_at = ?, build_log = ?, "
+                       "requirements_sha256 = ? WHERE job_id = ? AND version = ?",
+                       (json.dumps(artifact), at, build_log, requirements_sha256, job_id, version))
+            db.execute("UPDATE jobs SET latest_version = ? WHERE id = ?", (version, job_id))

@@ -1,0 +1,139 @@
+"""The schema, as numbered migrations; a state file's ``PRAGMA user_version`` says how many it has.
+
+``MIGRATIONS[n - 1]`` takes a file from version n-1 to n, in one transaction that also sets
+``user_version`` to n, so a crash leaves the file at a version it really has. To change the
+schema, append a migration; never edit a released one.
+
+Migration 1 is the schema of the releases before versioning, with its ``IF NOT EXISTS``: those
+files have ``user_version`` 0 and the tables already (or part of them: the services table was
+made on the gateway's first start), so running it on them adds what is missing and stamps
+them, data untouched. An unversioned file with other tables is not ours and is refused, as is
+a file from a newer opbox (the file is then left exactly as it was).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from opbox.errors import ConfigError
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the schema of the releases before versioning (platform/state.py and services.py at 0aef0a7)
+    """
+CREATE TABLE IF NOT EXISTS workspaces(
+  name TEXT PRIMARY KEY, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens(
+  id TEXT PRIMARY KEY, workspace TEXT NOT NULL, name TEXT NOT NULL, hash TEXT NOT NULL UNIQUE,
+  role TEXT NOT NULL, created_at REAL NOT NULL, revoked_at REAL);
+CREATE TABLE IF NOT EXISTS jobs(
+  id TEXT PRIMARY KEY, workspace TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
+  created_at REAL NOT NULL, latest_version INTEGER, UNIQUE(workspace, name));
+CREATE TABLE IF NOT EXISTS versions(
+  job_id TEXT NOT NULL, version INTEGER NOT NULL, status TEXT NOT NULL, entry TEXT NOT NULL,
+  code_key TEXT NOT NULL, code_sha256 TEXT NOT NULL, requirements_sha256 TEXT NOT NULL,
+  python TEXT NOT NULL, cloudpickle TEXT NOT NULL, resource TEXT NOT NULL, artifact TEXT,
+  build_log TEXT NOT NULL DEFAULT '', error TEXT, created_at REAL NOT NULL, ready_at REAL,
+  PRIMARY KEY(job_id, version));
+CREATE TABLE IF NOT EXISTS runs(
+  id TEXT PRIMARY KEY, workspace TEXT NOT NULL, job_id TEXT NOT NULL, version INTEGER NOT NULL,
+  status TEXT NOT NULL, trigger TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL,
+  finished_at REAL, exit_reason TEXT, error_type TEXT, attempt INTEGER NOT NULL DEFAULT 0,
+  max_retries INTEGER NOT NULL DEFAULT 0, timeout REAL, batch_id TEXT, batch_index INTEGER,
+  done_seq INTEGER, worker TEXT, log_bytes INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS runs_by_job ON runs(job_id, id);
+CREATE INDEX IF NOT EXISTS runs_by_batch ON runs(batch_id, done_seq) WHERE batch_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS runs_open ON runs(status) WHERE status IN ('queued', 'running');
+CREATE TABLE IF NOT EXISTS payloads(
+  run_id TEXT NOT NULL, kind TEXT NOT NULL, data BLOB NOT NULL,
+  PRIMARY KEY(run_id, kind)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS logs(
+  run_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
+  PRIMARY KEY(run_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batches(
+  id TEXT PRIMARY KEY, workspace TEXT NOT NULL, job_id TEXT NOT NULL, version INTEGER NOT NULL,
+  concurrency INTEGER, total INTEGER, submitted INTEGER NOT NULL DEFAULT 0,
+  done INTEGER NOT NULL DEFAULT 0, cancelled INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS services(
+  workspace TEXT NOT NULL, name TEXT NOT NULL, job_id TEXT NOT NULL, version INTEGER NOT NULL, kind TEXT NOT NULL,
+  replicas INTEGER NOT NULL, concurrency INTEGER NOT NULL, queue INTEGER NOT NULL, scale_to_zero REAL,
+  init BLOB NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY(workspace, name));
+""",
+)
+
+
+def statements(script: str) -> list[str]:
+    """A script's statements, one by one (``executescript`` would commit our transaction first)."""
+    out, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            out.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        out.append(pending.strip())
+    return out
+
+
+def version_of(db: sqlite3.Connection) -> int:
+    return db.execute("PRAGMA user_version").fetchone()[0]
+
+
+def check_version(path: str, version: int, known: int | None = None) -> None:
+    """Refuses a file from a newer opbox before anything writes to it."""
+    known = len(MIGRATIONS) if known is None else known
+    if version > known:
+        raise ConfigError(f"{path} was written by a newer opbox: its state version is {version} and this opbox "
+                          f"knows versions up to {known}. Upgrade opbox, or point OPBOX_HOME at another folder; "
+                          "the file was left untouched")
+
+
+def _columns(db: sqlite3.Connection) -> dict[str, list[str]]:
+    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                       "AND name NOT LIKE 'sqlite_%'")]
+    return {t: [c[1] for c in db.execute(f'PRAGMA table_info("{t}")')] for t in tables}
+
+
+def check_unversioned(db: sqlite3.Connection, path: str) -> None:
+    """A version-0 file must be empty or hold (part of) migration 1's tables, column for column."""
+    found = _columns(db)
+    if not found:
+        return
+    reference = sqlite3.connect(":memory:")
+    try:
+        for sql in statements(MIGRATIONS[0]):
+            reference.execute(sql)
+        expected = _columns(reference)
+    finally:
+        reference.close()
+    strange = sorted(t for t, cols in found.items() if expected.get(t) != cols)
+    if strange:
+        raise ConfigError(f"{path} is not a valid opbox state file (unversioned, and its tables "
+                          f"{', '.join(strange)} are not opbox's)")
+
+
+def migrate(db: sqlite3.Connection, path: str, migrations: tuple[str, ...] = MIGRATIONS) -> int:
+    """Applies the missing migrations, each in one transaction; returns the file's version."""
+    if version_of(db) == len(migrations):
+        return len(migrations)  # the usual start: no write lock taken
+    while True:
+        current = None
+        try:
+            db.execute("BEGIN IMMEDIATE")  # then read the version: another process may have migrated meanwhile
+            current = version_of(db)
+            check_version(path, current, len(migrations))
+            if current == len(migrations):
+                db.execute("COMMIT")
+                return current
+            if current == 0:
+                check_unversioned(db, path)
+            for sql in statements(migrations[current]):
+                db.execute(sql)
+            db.execute(f"PRAGMA user_version = {current + 1}")
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error) and current is not None:
+                raise ConfigError(f"{path}: migrating the state to version {current + 1} failed ({exc}); "
+                                  f"it stays at version {current}") from exc
+            raise

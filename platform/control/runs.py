@@ -22,6 +22,7 @@ from opbox.resource import Resource
 from ..backends.base import Backend, RunTicket, VersionInfo
 from ..ids import new_id
 from ..notify import Notifier
+from ..settings import Settings
 from ..state import TERMINAL, State
 
 log = logging.getLogger("opbox.runs")
@@ -42,11 +43,13 @@ class BatchState:
 
 @dataclass(frozen=True)
 class Limits:
-    max_payload: int = 64 * 1024**2
-    max_log_bytes: int = 8 * 1024**2
+    """The run limits; defaults are the platform's (``Settings``), written there once."""
+
+    max_payload: int = Settings.max_payload
+    max_log_bytes: int = Settings.max_log_bytes
     max_batch_items: int = 10_000  # per submission request; a map may have any number
-    max_open_runs: int = 100_000  # per workspace: queued + running; beyond it, 429 until some end
-    cancel_grace: float = 5.0
+    max_open_runs: int = Settings.max_open_runs  # per workspace: queued + running; beyond it, 429 until some end
+    cancel_grace: float = Settings.cancel_grace
 
 
 class Runs:

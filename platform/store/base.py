@@ -86,6 +86,10 @@ class ObjectStore(Protocol):
 
     def download_url(self, key: str, expires: int = 900) -> SignedRequest: ...
 
+    def routes(self) -> list:
+        """HTTP routes the gateway mounts for this store's signed URLs: the local store answers
+        them itself; S3 has none (its URLs point at S3)."""
+
 
 def validate_key(key: str) -> str:
     """Return ``key`` if it is a safe relative '/'-separated path, else raise ValidationError."""

@@ -18,26 +18,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .base import RunEvents, RunTicket, VersionInfo
+from .base import EXIT, IDLE, Completion, Lease, RunEvents, RunTicket, VersionInfo
 
 log = logging.getLogger("opbox.pools")
-
-IDLE, EXIT = "idle", "exit"
-
-
-@dataclass(frozen=True)
-class Lease:
-    run_id: str
-    args: bytes
-    timeout: float | None
-
-
-@dataclass(frozen=True)
-class Completion:
-    run_id: str
-    outcome: str  # "succeeded" or "failed"
-    payload: bytes
-    error_type: str | None = None
 
 
 @dataclass
@@ -309,3 +292,19 @@ class PoolManager:
             self._fail_queue(worker.pool, f"worker could not start: {exc}")
             return
         self.worker_exited(worker, returncode, getattr(worker.handle, "output_tail", lambda: "")())
+
+
+class PoolMethods:
+    """The ``WorkerPools`` ability, for backends whose runs go to a ``PoolManager`` (``pools``).
+    ``next_run`` hands back the manager's own coroutine: no extra frame on the hot path."""
+
+    pools: PoolManager
+
+    def find_worker(self, pool_id: str, worker_id: str) -> Worker | None:
+        return self.pools.find(pool_id, worker_id)
+
+    def next_run(self, worker: Worker, done: Completion | None, wait: float):
+        return self.pools.next(worker, done, wait)
+
+    def release_parked(self) -> None:
+        self.pools.release_parked()

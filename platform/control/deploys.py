@@ -15,7 +15,7 @@ import re
 import time
 from typing import Callable
 
-from opbox.builder.local import BuildSpec
+from opbox.builder.base import BuildSpec
 from opbox.errors import BuildError, Conflict, NotFound, OpboxError, PayloadTooLarge, ValidationError
 from opbox.resource import Resource
 
@@ -142,8 +142,8 @@ class Deploys:
             db.execute(
                 "UPDATE versions SET status = 'ready', artifact = ?, ready_at = ?, build_log = ?, "
                 "requirements_sha256 = ? WHERE job_id = ? AND version = ?",
-                (json.dumps(artifact), time.time(), "\n".join(lines)[-MAX_BUILD_LOG:],
-                 artifact.get("requirements_sha256", ""), job["id"], version))
+                (json.dumps(artifact.to_dict()), time.time(), "\n".join(lines)[-MAX_BUILD_LOG:],
+                 artifact.requirements_sha256 or "", job["id"], version))
             db.execute("UPDATE jobs SET latest_version = ? WHERE id = ?", (version, job["id"]))
         info = self.runs.version_info(job["id"], version)
         await self.runs.backend.prepare(info)

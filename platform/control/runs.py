@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from opbox import envelope as serialization
+from opbox.builder.base import Artifact
 from opbox.errors import Conflict, NotFound, PayloadTooLarge, QuotaExceeded, ValidationError
 from opbox.resource import Resource
 
@@ -83,7 +84,7 @@ class Runs:
                 raise Conflict(f"version {version} of job {job['name']} is {row['status']}, not ready")
             info = VersionInfo(
                 workspace=job["workspace"], job_id=job_id, job_name=job["name"], version=version, kind=job["kind"],
-                entry=row["entry"], resource=Resource.from_dict(row["resource"]), artifact=row["artifact"] or {},
+                entry=row["entry"], resource=Resource.from_dict(row["resource"]), artifact=Artifact.from_dict(row["artifact"]),
             )
             self._versions[key] = info
         return info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -91,3 +92,14 @@ def api_client(settings: KubernetesSettings):
         return config.new_client_from_config(config_file=settings.kubeconfig, context=settings.context)
     except Exception as exc:
         raise ConfigError(f"cannot load the kubeconfig {settings.kubeconfig or '~/.kube/config'}: {exc}") from exc
+
+
+def api_error(exc) -> str:
+    """An ``ApiException`` in one line: status, reason and the API server's message."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (ValueError, TypeError):
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    return f"{exc.status} {body.get('reason') or exc.reason}: {body.get('message') or ''}".strip()

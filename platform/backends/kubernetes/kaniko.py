@@ -40,7 +40,7 @@ from opbox.builder.registry import parse_reference
 from opbox.errors import BuildError, ConfigError, ValidationError
 from opbox.resource import parse_quantity
 
-from ...settings import env_int, env_json_strings
+from ...settings import Settings, env_int, env_json_strings
 from . import render
 from .config import api_client
 
@@ -52,10 +52,6 @@ DEFAULT_BASE_IMAGE = "docker.io/library/python:{python}-slim-bookworm"
 CONTAINER = "kaniko"
 # waiting reasons after which the build pod will not start by itself
 _STUCK = {"ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError"}
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -392,3 +388,20 @@ class KanikoBuilder:
             self.store.delete(key)
         except Exception as exc:
             log.warning("could not delete the build context %s: %s", key, exc)
+
+
+def create_builder(settings: Settings, store, backend):
+    """The builder registry's factory for ``OPBOX_BUILDER=kaniko``: image builds in the cluster of
+    ``backend`` (the kubernetes backend: the registry allows no other), with its settings."""
+    if settings.registry.split("/", 1)[0] == "localhost":
+        raise ConfigError("the kaniko builder pushes images: set OPBOX_REGISTRY to a registry the cluster pulls from, "
+                          "e.g. registry.example.com/opbox")
+    from opbox.builder.container import ContainerBuilder
+    from opbox.builder.registry import RegistryClient
+
+    registry = RegistryClient(insecure_hosts=settings.registry_insecure, auth_file=settings.registry_auth_file)
+    kaniko = KanikoBuilder(KanikoSettings.from_env(), store=store, registry=registry, kube_settings=backend.settings,
+                           insecure_registries=settings.registry_insecure)
+    return ContainerBuilder(settings.home, base_image=settings.base_image or DEFAULT_BASE_IMAGE,
+                            registry_prefix=settings.registry, wheelhouse_dir=settings.wheelhouse,
+                            image_builder=kaniko, name="kaniko")

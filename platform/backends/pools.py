@@ -27,7 +27,7 @@ log = logging.getLogger("opbox.pools")
 class Worker:
     id: str
     pool: "Pool"
-    handle: object = None  # the spawner's process handle
+    handle: "WorkerHandle | None" = None  # the spawner's process (or container)
     polled: bool = False
     run_id: str | None = None
     timer: asyncio.TimerHandle | None = None
@@ -54,8 +54,18 @@ class Pool:
         return sum(1 for w in self.workers.values() if not w.polled)
 
 
+class WorkerHandle(Protocol):
+    pid: int
+
+    async def wait(self) -> int:
+        """The exit code once the worker has ended (negative: killed by that signal)."""
+
+    def output_tail(self, size: int = 4000) -> str:
+        """The end of the worker's output, for the reason of a start that failed."""
+
+
 class Spawner(Protocol):
-    async def spawn(self, worker: Worker) -> object:
+    async def spawn(self, worker: Worker) -> WorkerHandle:
         """Start a worker process (or container) for ``worker.pool``; return its handle."""
 
     def signal(self, worker: Worker, signum: int) -> None: ...
@@ -291,7 +301,7 @@ class PoolManager:
             worker.pool.workers.pop(worker.id, None)
             self._fail_queue(worker.pool, f"worker could not start: {exc}")
             return
-        self.worker_exited(worker, returncode, getattr(worker.handle, "output_tail", lambda: "")())
+        self.worker_exited(worker, returncode, worker.handle.output_tail())
 
 
 class PoolMethods:

@@ -65,7 +65,7 @@ class Settings:
     port: int = setting("OPBOX_PORT", 8000, parse=int)
     public_url: str | None = setting("OPBOX_PUBLIC_URL")  # how clients reach the gateway; default http://host:port
     backend: str = setting("OPBOX_BACKEND", "local")
-    isolation: str = setting("OPBOX_ISOLATION", "worker")  # local backend: "worker" (warm pools) or "run" (a process a run)
+    isolation: str = setting("OPBOX_ISOLATION", "worker")  # local backend: "worker" (warm pools) or "run"
     store_url: str | None = setting("OPBOX_STORE_URL")  # default: a folder in home
     workspace: str | None = setting("OPBOX_WORKSPACE")  # bootstrap workspace
     token: str | None = setting("OPBOX_TOKEN")  # bootstrap token
@@ -78,13 +78,13 @@ class Settings:
     max_log_bytes: int = setting("OPBOX_MAX_LOG_BYTES", 8 * 1024**2, parse=int)
     max_open_runs: int = setting("OPBOX_MAX_OPEN_RUNS", 100_000, parse=int)  # per workspace: queued + running
     cancel_grace: float = setting(default=5.0)
-    builder: str | None = setting("OPBOX_BUILDER")  # "local" (a virtualenv), "podman" or "kaniko" (an image); default: the backend's
+    builder: str | None = setting("OPBOX_BUILDER")  # local (a virtualenv), podman or kaniko; default: the backend's
     base_image: str | None = setting("OPBOX_BASE_IMAGE")  # image builders: the image job images start from
-    registry: str = setting("OPBOX_REGISTRY", "localhost")  # image builders: the tag prefix, e.g. registry.example.com/opbox
-    wheelhouse: Path | None = setting("OPBOX_WHEELHOUSE", parse=Path)  # image builders: the wheel cache; default home/wheelhouse
-    registry_auth_file: Path | None = setting("OPBOX_REGISTRY_AUTH_FILE", parse=Path)  # docker config.json with credentials
+    registry: str = setting("OPBOX_REGISTRY", "localhost")  # image builders' tag prefix: registry.example.com/opbox
+    wheelhouse: Path | None = setting("OPBOX_WHEELHOUSE", parse=Path)  # the wheel cache; default home/wheelhouse
+    registry_auth_file: Path | None = setting("OPBOX_REGISTRY_AUTH_FILE", parse=Path)  # docker config.json
     registry_insecure: tuple[str, ...] = ()  # registry hosts reached over plain HTTP (OPBOX_REGISTRY_INSECURE)
-    s3_endpoint_url: str | None = setting("OPBOX_S3_ENDPOINT_URL")  # S3-compatible server, when the store URL names none
+    s3_endpoint_url: str | None = setting("OPBOX_S3_ENDPOINT_URL")  # S3-compatible server, if the store URL names none
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

@@ -84,7 +84,8 @@ class Runs:
                 raise Conflict(f"version {version} of job {job['name']} is {row['status']}, not ready")
             info = VersionInfo(
                 workspace=job["workspace"], job_id=job_id, job_name=job["name"], version=version, kind=job["kind"],
-                entry=row["entry"], resource=Resource.from_dict(row["resource"]), artifact=Artifact.from_dict(row["artifact"]),
+                entry=row["entry"], resource=Resource.from_dict(row["resource"]),
+                artifact=Artifact.from_dict(row["artifact"]),
             )
             self._versions[key] = info
         return info

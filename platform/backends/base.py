@@ -165,6 +165,8 @@ class Serving(Protocol):
 
 
 class ServiceLogs(Protocol):
+    """The replicas' output: apart from ``Serving``, since a backend may serve without keeping it."""
+
     async def service_logs(self, key: str, limit: int) -> str:
         """The replicas' recent output (stdout and stderr), at most ``limit`` bytes, newest last.
         Async: a backend may have to ask someone (the Kubernetes API) for it."""

@@ -96,7 +96,7 @@ def test_every_backend_implements_what_it_declares(name):
     for ability in cls.abilities:
         for method in (m for m in vars(ability) if not m.startswith("_")):
             assert callable(getattr(cls, method, None)), f"{cls.__name__} declares {ability.__name__} without {method}"
-    assert (WorkerPools in cls.abilities) == (name != "kubernetes")  # Jobs pull their run, no warm pools
+    assert Serving in cls.abilities and (WorkerPools in cls.abilities) == (name != "kubernetes")  # Jobs: no pools
 
 
 def test_builders_are_refused_where_they_do_not_fit(tmp_path):

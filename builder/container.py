@@ -18,12 +18,10 @@ from typing import Callable
 
 from opbox.errors import BuildError
 
+from .base import IMAGE_CODE_DIR, Artifact, BuildSpec
 from .extract import extract_to_content_dir
 from .image import DEFAULT_BASE_IMAGE, ImageBuilder, PodmanBuilder, build_job_image
-from .local import BuildSpec
 from .wheelhouse import Wheelhouse
-
-IMAGE_CODE_DIR = "/app"
 
 
 class ContainerBuilder:
@@ -49,7 +47,7 @@ class ContainerBuilder:
             self._wheelhouses[python] = Wheelhouse(self.wheelhouse_dir, python_version=python)
         return self._wheelhouses[python]
 
-    async def build(self, spec: BuildSpec, zip_bytes: bytes, log: Callable[[str], None]) -> dict:
+    async def build(self, spec: BuildSpec, zip_bytes: bytes, log: Callable[[str], None]) -> Artifact:
         loop = asyncio.get_running_loop()
 
         def threadsafe_log(line: str) -> None:  # the build runs in a thread; the deploy stream lives on the loop
@@ -74,6 +72,6 @@ class ContainerBuilder:
             raise BuildError(f"building the image failed: {type(exc).__name__}: {exc}") from exc
         await asyncio.sleep(0)  # let the queued log lines through first
         log(f"image {built.tag} {'built' if built.built else 'reused'} in {built.seconds:.1f} s")
-        return {"image": built.tag, "image_code_dir": IMAGE_CODE_DIR, "code_dir": str(code_dir),
-                "requirements_sha256": built.spec.requirements_hash, "base_image": base_image,
-                "python_version": spec.python}
+        return Artifact(image=built.tag, image_code_dir=IMAGE_CODE_DIR, code_dir=str(code_dir),
+                        requirements_sha256=built.spec.requirements_hash, base_image=base_image,
+                        python_version=spec.python)

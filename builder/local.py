@@ -17,26 +17,17 @@ import shutil
 import site
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from opbox.errors import BuildError
 from opbox.packaging import normalize_requirements
 
+from .base import Artifact, BuildSpec
 from .extract import extract_to_content_dir
 
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 READY_MARK = ".opbox-ready"
-
-
-@dataclass(frozen=True)
-class BuildSpec:
-    workspace: str
-    job_name: str
-    version: int
-    code_sha256: str
-    python: str  # the client's Python minor version, e.g. "3.11"
 
 
 def requirements_key(code_dir: Path, python: str) -> str:
@@ -64,7 +55,7 @@ class LocalBuilder:
         self.python = python
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def build(self, spec: BuildSpec, zip_bytes: bytes, log: Callable[[str], None]) -> dict:
+    async def build(self, spec: BuildSpec, zip_bytes: bytes, log: Callable[[str], None]) -> Artifact:
         if spec.python != PYTHON:
             raise BuildError(
                 f"the local platform runs Python {PYTHON} but the client runs Python {spec.python}; pickled calls "
@@ -76,7 +67,7 @@ class LocalBuilder:
         log(f"code {spec.code_sha256[:12]} in {code_dir}")
         env_dir = await self._environment(Path(code_dir), spec.python, log)
         log(f"build done in {time.monotonic() - started:.2f} s")
-        return {"code_dir": str(code_dir), "python": str(env_dir / "bin" / "python"), "env": str(env_dir)}
+        return Artifact(code_dir=str(code_dir), python=str(env_dir / "bin" / "python"), venv=str(env_dir))
 
     async def _environment(self, code_dir: Path, python: str, log: Callable[[str], None]) -> Path:
         key = requirements_key(code_dir, python)

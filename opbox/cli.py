@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from .errors import OpboxError
+from .platform.backends import registry  # names only: each backend is imported when chosen
 
 
 def _client():
@@ -57,9 +58,10 @@ def main():
 @click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1, or OPBOX_HOST].")
 @click.option("--port", type=int, default=None, help="Port [default: 8000, or OPBOX_PORT]; 0 picks a free one.")
 @click.option("--home", type=click.Path(path_type=Path), default=None, help="State folder [default: OPBOX_HOME or ~/.opbox].")
-@click.option("--backend", type=click.Choice(["local", "container", "kubernetes"]), default=None,
-              help="Where runs execute: local processes, podman containers, Kubernetes Jobs [default: local, or OPBOX_BACKEND].")
-@click.option("--builder", type=click.Choice(["local", "podman", "kaniko"]), default=None,
+@click.option("--backend", type=click.Choice(registry.backend_names()), default=None,
+              help=f"Where runs execute: {', '.join(k.runs_on for k in registry.BACKENDS.values())} "
+                   "[default: local, or OPBOX_BACKEND].")
+@click.option("--builder", type=click.Choice(registry.builder_names()), default=None,
               help="How versions are built: a virtualenv, a container image built here, or one built in the "
                    "cluster and pushed to OPBOX_REGISTRY [default: local; podman for the container and kubernetes "
                    "backends; or OPBOX_BUILDER].")

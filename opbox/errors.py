@@ -70,6 +70,13 @@ class Conflict(OpboxError):
     status = 409
 
 
+class NotSupported(OpboxError):
+    """The platform's backend lacks an ability the request needs (e.g. serving classes)."""
+
+    code = "not_supported"
+    status = 501
+
+
 class PayloadTooLarge(OpboxError):
     code = "payload_too_large"
     status = 413
@@ -206,7 +213,7 @@ def from_response(status: int, body: dict) -> OpboxError:
     cls = _BY_CODE.get(code)
     if cls is None or cls is RemoteError:
         cls = {401: AuthError, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
-               422: ValidationError, 429: QuotaExceeded, 503: Unavailable}.get(status, OpboxError)
+               422: ValidationError, 429: QuotaExceeded, 501: NotSupported, 503: Unavailable}.get(status, OpboxError)
     if issubclass(cls, BuildError):
         return cls(message, log=details.pop("log", ""), **details)
     if issubclass(cls, RunError):

@@ -6,12 +6,13 @@ import json
 import logging
 import os
 import secrets
+from dataclasses import replace
 from pathlib import Path
 
-from opbox.builder.local import LocalBuilder
 from opbox.config import credentials_path, opbox_home
-from opbox.errors import ConfigError
 
+from .backends.base import WorkerPools, require, supports
+from .backends.registry import make_backend, make_builder
 from .control import admin
 from .control.auth import Auth
 from .control.deploys import Deploys
@@ -59,67 +60,13 @@ def make_store(settings: Settings, secret: bytes):
     return LocalStore(settings.home / "store", secret=secret, base_url=settings.url)
 
 
-def make_backend(settings: Settings, auth: Auth):
-    if settings.backend == "local":
-        from .backends.local import LocalBackend
-
-        return LocalBackend(
-            gateway_url=settings.url, home=settings.home, max_workers=settings.max_workers,
-            worker_idle=settings.worker_idle, pool_idle=settings.pool_idle, isolation=settings.isolation,
-            token_for=auth.internal_token,
-        )
-    if settings.backend == "container":
-        from .backends.container import ContainerBackend
-
-        return ContainerBackend(
-            gateway_url=settings.url, home=settings.home, max_workers=settings.max_workers,
-            worker_idle=settings.worker_idle, pool_idle=settings.pool_idle, token_for=auth.internal_token,
-        )
-    if settings.backend == "kubernetes":
-        from .backends.kubernetes.backend import KubernetesBackend, KubernetesSettings
-
-        return KubernetesBackend(KubernetesSettings.from_env(), gateway_url=settings.url, token_for=auth.internal_token,
-                                 cancel_grace=settings.cancel_grace)
-    raise ConfigError(f"unknown backend {settings.backend!r}; this build knows: local, container, kubernetes")
-
-
-def make_builder(settings: Settings, store=None):
-    """``local`` (a virtualenv per requirements) for the local backend, ``podman`` (an image on this
-    machine) for the others, ``kaniko`` (an image built in the cluster, pushed to the registry)."""
-    kind = settings.builder or ("local" if settings.backend == "local" else "podman")
-    if kind == "local":
-        if settings.backend != "local":
-            raise ConfigError(f"the {settings.backend} backend runs images: use the podman builder, not {kind!r}")
-        return LocalBuilder(settings.home)
-    if kind not in ("podman", "kaniko"):
-        raise ConfigError(f"unknown builder {kind!r}; this build knows: local, podman, kaniko")
-    from opbox.builder.container import ContainerBuilder
-    from opbox.builder.image import DEFAULT_BASE_IMAGE
-
-    if kind == "podman":
-        return ContainerBuilder(settings.home, base_image=settings.base_image or DEFAULT_BASE_IMAGE,
-                                registry_prefix=settings.registry, wheelhouse_dir=settings.wheelhouse)
-    if settings.backend != "kubernetes":
-        raise ConfigError("the kaniko builder runs in the cluster: use it with OPBOX_BACKEND=kubernetes")
-    if settings.registry.split("/", 1)[0] == "localhost":
-        raise ConfigError("the kaniko builder pushes images: set OPBOX_REGISTRY to a registry the cluster pulls from, "
-                          "e.g. registry.example.com/opbox")
-    from opbox.builder.registry import RegistryClient
-
-    from .backends.kubernetes.config import KubernetesSettings
-    from .backends.kubernetes.kaniko import DEFAULT_BASE_IMAGE as KANIKO_BASE_IMAGE
-    from .backends.kubernetes.kaniko import KanikoBuilder, KanikoSettings
-
-    registry = RegistryClient(insecure_hosts=settings.registry_insecure, auth_file=settings.registry_auth_file)
-    kaniko = KanikoBuilder(KanikoSettings.from_env(), store=store, registry=registry,
-                           kube_settings=KubernetesSettings.from_env(), insecure_registries=settings.registry_insecure)
-    return ContainerBuilder(settings.home, base_image=settings.base_image or KANIKO_BASE_IMAGE,
-                            registry_prefix=settings.registry, wheelhouse_dir=settings.wheelhouse,
-                            image_builder=kaniko, name="kaniko")
-
-
 class Platform:
-    def __init__(self, settings: Settings):
+    """``bound_url``: the address the gateway's socket is bound to (port 0 picks one), where
+    runtimes on this machine reach it; clients use ``settings.url`` (OPBOX_PUBLIC_URL if set)."""
+
+    def __init__(self, settings: Settings, bound_url: str | None = None):
+        if bound_url:
+            settings = replace(settings, public_url=settings.public_url or bound_url)
         self.settings = settings
         home = settings.home
         home.mkdir(parents=True, exist_ok=True)
@@ -127,14 +74,16 @@ class Platform:
         self.records = open_records(home)
         self.auth = Auth(self.records, self.secret)
         self.store = make_store(settings, self.secret)
-        self.backend = make_backend(settings, self.auth)
+        self.backend = make_backend(settings, self.auth.internal_token, bound_url or settings.url)
         self.runs = Runs(self.records, self.backend, Limits(
             max_payload=settings.max_payload, max_log_bytes=settings.max_log_bytes, cancel_grace=settings.cancel_grace,
             max_open_runs=settings.max_open_runs))
-        self.deploys = Deploys(self.records, self.store, make_builder(settings, self.store), self.runs,
+        self.deploys = Deploys(self.records, self.store, make_builder(settings, self.store, self.backend), self.runs,
                                      settings.max_upload)
         self.services = Services(self.records, self.backend, self.deploys, settings.max_payload,
                                        base_url=lambda: self.settings.url)
+        if bound_url:
+            self._refresh_credentials()
 
     def bootstrap(self) -> dict | None:
         """First start: make a workspace and an admin token. Uses OPBOX_WORKSPACE / OPBOX_TOKEN when set.
@@ -159,13 +108,8 @@ class Platform:
             json.dump(creds, f)
         return creds
 
-    def set_url(self, url: str) -> None:
-        """The gateway's real address, once bound (port 0 picks one)."""
-        self.settings = type(self.settings)(**{**self.settings.__dict__, "public_url": self.settings.public_url or url})
-        if hasattr(self.store, "base_url"):
-            self.store.base_url = self.settings.url
-        if hasattr(self.backend, "set_gateway_url"):
-            self.backend.set_gateway_url(url)
+    def _refresh_credentials(self) -> None:
+        """Saved credentials name the gateway's address of this start (port 0 picks a new one)."""
         creds = credentials_path(self.settings.home)
         if creds.exists():
             data = json.loads(creds.read_text())
@@ -181,9 +125,8 @@ class Platform:
 
     def begin_shutdown(self) -> None:
         """Called from the signal handler: let parked workers go before the server drains requests."""
-        pools = getattr(self.backend, "pools", None)
-        if pools is not None:
-            pools.release_parked()
+        if supports(self.backend, WorkerPools):
+            require(self.backend, WorkerPools).release_parked()
 
     async def close(self) -> None:
         await self.services.close()

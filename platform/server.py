@@ -38,8 +38,7 @@ def announce(creds: dict | None, platform: Platform, out=sys.stdout) -> None:
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     sock = bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
-    platform = Platform(settings)
-    platform.set_url(f"http://{host if ':' not in host else f'[{host}]'}:{port}")
+    platform = Platform(settings, bound_url=f"http://{host if ':' not in host else f'[{host}]'}:{port}")
     announce(platform.bootstrap(), platform)
     config = uvicorn.Config(create_app(platform), log_level="warning", access_log=False, lifespan="on",
                             timeout_keep_alive=75, loop="auto", http="auto")

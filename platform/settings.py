@@ -1,14 +1,29 @@
-"""The platform's settings: from the environment (OPBOX_*), overridable by ``opbox up`` flags."""
+"""The platform's settings: from the environment (OPBOX_*), overridable by ``opbox up`` flags.
+
+Each setting is written once, as a field with its default and the variable it is read from
+(``setting``); ``from_env`` reads them all, so a default never has a second copy to drift.
+The CLI builds one ``Settings`` and the composition root hands its values down.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Callable
 
 from opbox.config import opbox_home
 from opbox.errors import ConfigError
+
+
+def setting(env: str | None = None, default: Any = None, *, factory: Callable[[], Any] | None = None,
+            parse: Callable[[str], Any] = str):
+    """A Settings field read from ``env`` (when set and not empty) through ``parse``."""
+    meta = {"env": env, "parse": parse} if env else {}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def env_int(name: str, default: int) -> int:
@@ -17,14 +32,6 @@ def env_int(name: str, default: int) -> int:
         return int(raw) if raw else default
     except ValueError:
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-
-
-def env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
 
 
 def env_json_strings(name: str, kind: type[dict] | type[list]):
@@ -53,64 +60,53 @@ def _insecure_registries(raw: str, registry: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Settings:
-    home: Path = field(default_factory=opbox_home)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    public_url: str | None = None  # how clients reach the gateway; default http://host:port
-    backend: str = "local"
-    isolation: str = "worker"  # local backend: "worker" (warm pools) or "run" (a fresh process per run)
-    store_url: str | None = None  # default: a folder in home
-    workspace: str | None = None  # bootstrap workspace (OPBOX_WORKSPACE)
-    token: str | None = None  # bootstrap token (OPBOX_TOKEN)
-    max_workers: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
-    worker_idle: float = 60.0
-    pool_idle: float = 900.0
-    max_upload: int = 200 * 1024**2
-    max_request_body: int = 80 * 1024**2
-    max_payload: int = 64 * 1024**2
-    max_log_bytes: int = 8 * 1024**2
-    max_open_runs: int = 100_000  # per workspace: queued + running
-    cancel_grace: float = 5.0
-    builder: str | None = None  # "local" (a virtualenv) or "podman" (an image); default: local for the local backend
-    base_image: str | None = None  # podman builder: the image job images start from (OPBOX_BASE_IMAGE)
-    registry: str = "localhost"  # podman builder: the tag prefix, e.g. registry.example.com/opbox (OPBOX_REGISTRY)
-    wheelhouse: Path | None = None  # podman builder: the wheel cache; default home/wheelhouse (OPBOX_WHEELHOUSE)
-    registry_auth_file: Path | None = None  # docker config.json with registry credentials (OPBOX_REGISTRY_AUTH_FILE)
+    home: Path = setting(factory=opbox_home)  # OPBOX_HOME (read by opbox_home)
+    host: str = setting("OPBOX_HOST", "127.0.0.1")
+    port: int = setting("OPBOX_PORT", 8000, parse=int)
+    public_url: str | None = setting("OPBOX_PUBLIC_URL")  # how clients reach the gateway; default http://host:port
+    backend: str = setting("OPBOX_BACKEND", "local")
+    isolation: str = setting("OPBOX_ISOLATION", "worker")  # local backend: "worker" (warm pools) or "run"
+    store_url: str | None = setting("OPBOX_STORE_URL")  # default: a folder in home
+    workspace: str | None = setting("OPBOX_WORKSPACE")  # bootstrap workspace
+    token: str | None = setting("OPBOX_TOKEN")  # bootstrap token
+    max_workers: int = setting("OPBOX_MAX_WORKERS", factory=lambda: max(2, os.cpu_count() or 2), parse=int)
+    worker_idle: float = setting("OPBOX_WORKER_IDLE", 60.0, parse=float)
+    pool_idle: float = setting("OPBOX_POOL_IDLE", 900.0, parse=float)
+    max_upload: int = setting("OPBOX_MAX_UPLOAD", 200 * 1024**2, parse=int)
+    max_request_body: int = setting("OPBOX_MAX_REQUEST_BODY", 80 * 1024**2, parse=int)
+    max_payload: int = setting("OPBOX_MAX_PAYLOAD", 64 * 1024**2, parse=int)
+    max_log_bytes: int = setting("OPBOX_MAX_LOG_BYTES", 8 * 1024**2, parse=int)
+    max_open_runs: int = setting("OPBOX_MAX_OPEN_RUNS", 100_000, parse=int)  # per workspace: queued + running
+    cancel_grace: float = setting(default=5.0)
+    builder: str | None = setting("OPBOX_BUILDER")  # local (a virtualenv), podman or kaniko; default: the backend's
+    base_image: str | None = setting("OPBOX_BASE_IMAGE")  # image builders: the image job images start from
+    registry: str = setting("OPBOX_REGISTRY", "localhost")  # image builders' tag prefix: registry.example.com/opbox
+    wheelhouse: Path | None = setting("OPBOX_WHEELHOUSE", parse=Path)  # the wheel cache; default home/wheelhouse
+    registry_auth_file: Path | None = setting("OPBOX_REGISTRY_AUTH_FILE", parse=Path)  # docker config.json
     registry_insecure: tuple[str, ...] = ()  # registry hosts reached over plain HTTP (OPBOX_REGISTRY_INSECURE)
-    s3_endpoint_url: str | None = None  # S3-compatible server, when the store URL names none (OPBOX_S3_ENDPOINT_URL)
+    s3_endpoint_url: str | None = setting("OPBOX_S3_ENDPOINT_URL")  # S3-compatible server, if the store URL names none
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
-        env = os.environ
-        base = cls(
-            home=opbox_home(),
-            host=env.get("OPBOX_HOST", "127.0.0.1"),
-            port=env_int("OPBOX_PORT", 8000),
-            public_url=env.get("OPBOX_PUBLIC_URL") or None,
-            backend=env.get("OPBOX_BACKEND", "local"),
-            isolation=env.get("OPBOX_ISOLATION", "worker"),
-            store_url=env.get("OPBOX_STORE_URL") or None,
-            workspace=env.get("OPBOX_WORKSPACE") or None,
-            token=env.get("OPBOX_TOKEN") or None,
-            max_workers=env_int("OPBOX_MAX_WORKERS", max(2, os.cpu_count() or 2)),
-            worker_idle=env_float("OPBOX_WORKER_IDLE", 60.0),
-            pool_idle=env_float("OPBOX_POOL_IDLE", 900.0),
-            max_upload=env_int("OPBOX_MAX_UPLOAD", 200 * 1024**2),
-            max_log_bytes=env_int("OPBOX_MAX_LOG_BYTES", 8 * 1024**2),
-            max_open_runs=env_int("OPBOX_MAX_OPEN_RUNS", 100_000),
-            max_payload=env_int("OPBOX_MAX_PAYLOAD", 64 * 1024**2),
-            max_request_body=env_int("OPBOX_MAX_REQUEST_BODY", 80 * 1024**2),
-            builder=env.get("OPBOX_BUILDER") or None,
-            base_image=env.get("OPBOX_BASE_IMAGE") or None,
-            registry=env.get("OPBOX_REGISTRY") or "localhost",
-            wheelhouse=Path(env["OPBOX_WHEELHOUSE"]) if env.get("OPBOX_WHEELHOUSE") else None,
-            registry_auth_file=Path(env["OPBOX_REGISTRY_AUTH_FILE"]) if env.get("OPBOX_REGISTRY_AUTH_FILE") else None,
-            registry_insecure=_insecure_registries(env.get("OPBOX_REGISTRY_INSECURE", ""),
-                                                   env.get("OPBOX_REGISTRY") or "localhost"),
-            s3_endpoint_url=env.get("OPBOX_S3_ENDPOINT_URL") or None,
-        )
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        values = {}
+        for f in fields(cls):
+            name = f.metadata.get("env")
+            raw = os.environ.get(name) if name else None
+            if raw:
+                values[f.name] = _parse(name, raw, f.metadata["parse"])
+        registry = values.get("registry", cls.registry)
+        values["registry_insecure"] = _insecure_registries(os.environ.get("OPBOX_REGISTRY_INSECURE", ""), registry)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
     @property
     def url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+def _parse(name: str, raw: str, parse: Callable[[str], Any]) -> Any:
+    try:
+        return parse(raw)
+    except ValueError:
+        what = {int: "a whole number", float: "a number"}.get(parse, "valid")
+        raise ConfigError(f"{name} must be {what}, got {raw!r}") from None

@@ -810,13 +810,15 @@ def test_kaniko_settings_defaults_follow_the_platform_namespace(monkeypatch):
 ])
 def test_the_kaniko_builder_says_what_it_needs(monkeypatch, tmp_path, env, message):
     from opbox.errors import ConfigError
-    from opbox.platform.core import make_builder
+    from opbox.platform.backends.registry import make_backend, make_builder
     from opbox.platform.settings import Settings
     from opbox.platform.store import LocalStore
 
     monkeypatch.setenv("OPBOX_BUILDER", "kaniko")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    settings = Settings.from_env(home=tmp_path)
+    store = LocalStore(tmp_path / "store", secret=b"k" * 32, base_url="http://127.0.0.1")
     with pytest.raises(ConfigError) as info:
-        make_builder(Settings.from_env(home=tmp_path), LocalStore(tmp_path / "store", secret=b"k" * 32, base_url="http://127.0.0.1"))
+        make_builder(settings, store, make_backend(settings, str, "http://127.0.0.1"))
     assert message in str(info.value)

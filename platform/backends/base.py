@@ -4,14 +4,24 @@ As with httpx's transports, the platform holds one ``Backend`` and never knows w
 hands over runs that are ready (``submit``), asks to stop them (``cancel``) and hears back
 through ``RunEvents``. What a run becomes (a warm worker's next task, a container, a
 Kubernetes Job) is the backend's business.
+
+Beyond that core, a backend *declares* optional abilities (``abilities``): warm worker pools
+the runtime pulls from (``WorkerPools``), serving classes (``Serving``), their logs
+(``ServiceLogs``). Callers ask with ``require(backend, Serving)`` and get the backend typed as
+that ability, or a ``NotSupported`` (HTTP 501) naming the backend and what it cannot do, so
+no layer above has to guess with ``hasattr``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol, TypeVar
 
+from opbox.builder.base import Artifact
+from opbox.errors import NotSupported
 from opbox.resource import Resource
+
+A = TypeVar("A")
 
 
 @dataclass(frozen=True)
@@ -25,7 +35,7 @@ class VersionInfo:
     kind: str  # "function" or "class"
     entry: str  # "module:qualname"
     resource: Resource
-    artifact: dict = field(default_factory=dict)  # the builder's output: code_dir, venv, image...
+    artifact: Artifact = field(default_factory=Artifact)  # the builder's output: code_dir, venv, image...
 
     @property
     def key(self) -> str:
@@ -41,6 +51,28 @@ class RunTicket:
     timeout: float | None
     attempt: int = 0
     batch_id: str | None = None  # set for the items of a map
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A run handed to a warm worker: its arguments (bytes, never decoded here) and timeout."""
+
+    run_id: str
+    args: bytes
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A warm worker's result for the run it was leased, carried on its next poll."""
+
+    run_id: str
+    outcome: str  # "succeeded" or "failed"
+    payload: bytes
+    error_type: str | None = None
+
+
+IDLE, EXIT = "idle", "exit"  # a poll's answers other than a Lease: ask again, or leave
 
 
 @dataclass(frozen=True)
@@ -78,7 +110,10 @@ class RunEvents(Protocol):
 
 
 class Backend(Protocol):
+    """What every backend can do: take runs, stop them, describe itself."""
+
     name: str
+    abilities: ClassVar[frozenset[type]]  # the optional ability protocols below that it implements
 
     async def start(self, events: RunEvents) -> None: ...
 
@@ -96,7 +131,23 @@ class Backend(Protocol):
     def describe(self) -> dict:
         """Status for the API: pools, workers, services."""
 
-    # -- services (classes as HTTP endpoints); ``key`` is ``ServiceInfo.key`` -------------------
+
+class WorkerPools(Protocol):
+    """Warm workers that pull their runs from the gateway (``/_internal/pools/*``)."""
+
+    def find_worker(self, pool_id: str, worker_id: str) -> object | None:
+        """The worker, if this platform still knows it (None tells it to exit)."""
+
+    async def next_run(self, worker: object, done: Completion | None, wait: float) -> Lease | str:
+        """Record ``done``, then the worker's next run, or IDLE after ``wait`` s, or EXIT."""
+
+    def release_parked(self) -> None:
+        """Answer every parked worker now (EXIT): the platform is stopping."""
+
+
+class Serving(Protocol):
+    """Classes (and ASGI apps) as HTTP endpoints; ``key`` is ``ServiceInfo.key``."""
+
     async def deploy_service(self, service: ServiceInfo, wait: float) -> dict:
         """Start a service, or roll it to ``service`` (new replicas ready before old ones drain).
         Returns ``service_status`` once the new version is ready, has failed, or ``wait`` passed."""
@@ -112,6 +163,25 @@ class Backend(Protocol):
     def service_status(self, key: str) -> dict:
         """{"status": deploying|starting|ready|scaled_to_zero|failed, "version", "ready_replicas", "instances": [...], "error"}."""
 
+
+class ServiceLogs(Protocol):
+    """The replicas' output: apart from ``Serving``, since a backend may serve without keeping it."""
+
     async def service_logs(self, key: str, limit: int) -> str:
         """The replicas' recent output (stdout and stderr), at most ``limit`` bytes, newest last.
         Async: a backend may have to ask someone (the Kubernetes API) for it."""
+
+
+# what a backend without the ability cannot do, for NotSupported's message
+CANNOT = {WorkerPools: "keep warm worker pools", Serving: "serve classes", ServiceLogs: "show service logs"}
+
+
+def supports(backend: Backend, ability: type) -> bool:
+    return ability in backend.abilities
+
+
+def require(backend: Backend, ability: type[A]) -> A:
+    """``backend`` as ``ability`` when it declares it; else ``NotSupported`` (HTTP 501)."""
+    if ability not in backend.abilities:
+        raise NotSupported(f"the {backend.name} backend cannot {CANNOT[ability]}")
+    return backend  # type: ignore[return-value]

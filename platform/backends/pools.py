@@ -18,33 +18,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .base import RunEvents, RunTicket, VersionInfo
+from .base import EXIT, IDLE, Completion, Lease, RunEvents, RunTicket, VersionInfo
 
 log = logging.getLogger("opbox.pools")
-
-IDLE, EXIT = "idle", "exit"
-
-
-@dataclass(frozen=True)
-class Lease:
-    run_id: str
-    args: bytes
-    timeout: float | None
-
-
-@dataclass(frozen=True)
-class Completion:
-    run_id: str
-    outcome: str  # "succeeded" or "failed"
-    payload: bytes
-    error_type: str | None = None
 
 
 @dataclass
 class Worker:
     id: str
     pool: "Pool"
-    handle: object = None  # the spawner's process handle
+    handle: "WorkerHandle | None" = None  # the spawner's process (or container)
     polled: bool = False
     run_id: str | None = None
     timer: asyncio.TimerHandle | None = None
@@ -71,8 +54,18 @@ class Pool:
         return sum(1 for w in self.workers.values() if not w.polled)
 
 
+class WorkerHandle(Protocol):
+    pid: int
+
+    async def wait(self) -> int:
+        """The exit code once the worker has ended (negative: killed by that signal)."""
+
+    def output_tail(self, size: int = 4000) -> str:
+        """The end of the worker's output, for the reason of a start that failed."""
+
+
 class Spawner(Protocol):
-    async def spawn(self, worker: Worker) -> object:
+    async def spawn(self, worker: Worker) -> WorkerHandle:
         """Start a worker process (or container) for ``worker.pool``; return its handle."""
 
     def signal(self, worker: Worker, signum: int) -> None: ...
@@ -308,4 +301,20 @@ class PoolManager:
             worker.pool.workers.pop(worker.id, None)
             self._fail_queue(worker.pool, f"worker could not start: {exc}")
             return
-        self.worker_exited(worker, returncode, getattr(worker.handle, "output_tail", lambda: "")())
+        self.worker_exited(worker, returncode, worker.handle.output_tail())
+
+
+class PoolMethods:
+    """The ``WorkerPools`` ability, for backends whose runs go to a ``PoolManager`` (``pools``).
+    ``next_run`` hands back the manager's own coroutine: no extra frame on the hot path."""
+
+    pools: PoolManager
+
+    def find_worker(self, pool_id: str, worker_id: str) -> Worker | None:
+        return self.pools.find(pool_id, worker_id)
+
+    def next_run(self, worker: Worker, done: Completion | None, wait: float):
+        return self.pools.next(worker, done, wait)
+
+    def release_parked(self) -> None:
+        self.pools.release_parked()

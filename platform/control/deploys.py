@@ -14,7 +14,7 @@ import re
 import time
 from typing import Callable
 
-from opbox.builder.local import BuildSpec
+from opbox.builder.base import BuildSpec
 from opbox.errors import BuildError, Conflict, NotFound, OpboxError, PayloadTooLarge, ValidationError
 from opbox.resource import Resource
 
@@ -144,7 +144,7 @@ class Deploys:
             if isinstance(error, BuildError):
                 error.log = text[-MAX_BUILD_LOG:]
             raise error from exc
-        self.records.jobs.version_ready(job.id, version, artifact, artifact.get("requirements_sha256", ""),
+        self.records.jobs.version_ready(job.id, version, artifact.to_dict(), artifact.requirements_sha256 or "",
                                         "\n".join(lines)[-MAX_BUILD_LOG:], time.time())
         info = self.runs.version_info(job.id, version)
         await self.runs.backend.prepare(info)

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from opbox import envelope as serialization
+from opbox.builder.base import Artifact
 from opbox.errors import Conflict, NotFound, PayloadTooLarge, QuotaExceeded, ValidationError
 from opbox.resource import Resource
 
@@ -22,6 +23,7 @@ from ..backends.base import Backend, RunTicket, VersionInfo
 from ..ids import new_id
 from ..notify import Notifier
 from ..records.base import TERMINAL, BatchRecord, BatchResult, NewRun, Records, RunRecord
+from ..settings import Settings
 
 log = logging.getLogger("opbox.runs")
 
@@ -41,11 +43,13 @@ class BatchState:
 
 @dataclass(frozen=True)
 class Limits:
-    max_payload: int = 64 * 1024**2
-    max_log_bytes: int = 8 * 1024**2
+    """The run limits; defaults are the platform's (``Settings``), written there once."""
+
+    max_payload: int = Settings.max_payload
+    max_log_bytes: int = Settings.max_log_bytes
     max_batch_items: int = 10_000  # per submission request; a map may have any number
-    max_open_runs: int = 100_000  # per workspace: queued + running; beyond it, 429 until some end
-    cancel_grace: float = 5.0
+    max_open_runs: int = Settings.max_open_runs  # per workspace: queued + running; beyond it, 429 until some end
+    cancel_grace: float = Settings.cancel_grace
 
 
 class Runs:
@@ -79,7 +83,7 @@ class Runs:
                 raise Conflict(f"version {version} of job {job.name} is {row.status}, not ready")
             info = VersionInfo(
                 workspace=job.workspace, job_id=job_id, job_name=job.name, version=version, kind=job.kind,
-                entry=row.entry, resource=Resource.from_dict(row.resource), artifact=row.artifact or {},
+                entry=row.entry, resource=Resource.from_dict(row.resource), artifact=Artifact.from_dict(row.artifact),
             )
             self._versions[key] = info
         return info

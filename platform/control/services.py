@@ -17,9 +17,9 @@ import logging
 import time
 
 from opbox import envelope
-from opbox.errors import Conflict, NotFound, PayloadTooLarge, ServiceFailed, Unavailable, ValidationError
+from opbox.errors import NotFound, NotSupported, PayloadTooLarge, ServiceFailed, Unavailable, ValidationError
 
-from ..backends.base import ServiceInfo
+from ..backends.base import ServiceInfo, ServiceLogs, Serving, require, supports
 from ..proxy.upstream import UpstreamPool
 from ..ids import check_name
 from ..records.base import Records, ServiceRecord
@@ -46,11 +46,10 @@ class Services:
 
     @property
     def supported(self) -> bool:
-        return hasattr(self.backend, "deploy_service")
+        return supports(self.backend, Serving)
 
     def _check_supported(self) -> None:
-        if not self.supported:
-            raise Conflict(f"the {getattr(self.backend, 'name', '?')} backend does not serve classes")
+        require(self.backend, Serving)  # NotSupported (501) names the backend
 
     async def start(self) -> None:
         if not self.supported:
@@ -141,8 +140,8 @@ class Services:
                "scale_to_zero": row.scale_to_zero, "created_at": row.created_at, "updated_at": row.updated_at}
         out["url"] = f"{self.base_url()}/{row.workspace}/serve/{row.name}"
         try:
-            out.update(self.backend.service_status(f"{row.workspace}/{row.name}"))
-        except (NotFound, AttributeError):
+            out.update(require(self.backend, Serving).service_status(f"{row.workspace}/{row.name}"))
+        except (NotFound, NotSupported):
             out.update(status="unknown")
         return out
 
@@ -151,6 +150,7 @@ class Services:
 
     async def delete(self, workspace: str, name: str) -> None:
         self._row(workspace, name)
+        self._check_supported()
         self.records.services.delete(workspace, name)
         self.kinds.pop(f"{workspace}/{name}", None)
         try:
@@ -160,7 +160,7 @@ class Services:
 
     async def logs(self, workspace: str, name: str, limit: int) -> str:
         self._row(workspace, name)
-        return await self.backend.service_logs(f"{workspace}/{name}", limit)
+        return await require(self.backend, ServiceLogs).service_logs(f"{workspace}/{name}", limit)
 
     # -- routing -----------------------------------------------------------------------------
     def kind(self, workspace: str, name: str) -> str:

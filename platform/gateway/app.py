@@ -131,9 +131,8 @@ def create_app(platform: Platform) -> Starlette:
         finally:
             await platform.close()
 
-    store_routes = platform.store.routes() if hasattr(platform.store, "routes") else []
     app = Starlette(
-        routes=store_routes + ROUTES,
+        routes=platform.store.routes() + ROUTES,
         exception_handlers={OpboxError: opbox_error, Exception: unexpected_error},
         middleware=[Middleware(serve.ServeFastPath, platform=platform)],  # service calls skip the router
         lifespan=lifespan,

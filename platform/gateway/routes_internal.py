@@ -12,7 +12,7 @@ from starlette.responses import Response
 from opbox import envelope as serialization
 from opbox.errors import Conflict, NotFound
 
-from ..backends.pools import Completion, Lease
+from ..backends.base import Completion, Lease, WorkerPools, require
 from .http import query_number, read_body
 from .routes_jobs import platform
 
@@ -23,15 +23,12 @@ def _pools(request: Request):
     plat = platform(request)
     pool_id = request.path_params["pool"]
     plat.auth.check_internal(request.headers.get("authorization"), f"pool:{pool_id}")
-    pools = getattr(plat.backend, "pools", None)
-    if pools is None:
-        raise NotFound("this backend has no worker pools")
-    return plat, pools, pool_id
+    return plat, require(plat.backend, WorkerPools), pool_id
 
 
 async def worker_next(request: Request):
     plat, pools, pool_id = _pools(request)
-    worker = pools.find(pool_id, request.headers.get("x-opbox-worker", ""))
+    worker = pools.find_worker(pool_id, request.headers.get("x-opbox-worker", ""))
     if worker is None:
         return Response(status_code=204, headers={"X-Opbox-Action": "exit"})
     done = None
@@ -40,7 +37,7 @@ async def worker_next(request: Request):
         payload = await read_body(request, plat.settings.max_payload + 1024 * 1024)
         done = Completion(run_id, request.headers.get("x-opbox-outcome", "failed"), payload)
     wait = query_number(request, "wait", 10.0, 0, 60)
-    answer = await pools.next(worker, done, wait)
+    answer = await pools.next_run(worker, done, wait)
     if isinstance(answer, Lease):
         headers = {"X-Opbox-Run": answer.run_id}
         if answer.timeout:

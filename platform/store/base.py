@@ -90,6 +90,10 @@ class ObjectStore(Protocol):
 
     def download_url(self, key: str, expires: int = 900) -> SignedRequest: ...
 
+    def routes(self) -> list:
+        """HTTP routes the gateway mounts for this store's signed URLs: the local store answers
+        them itself; S3 has none (its URLs point at S3)."""
+
 
 def check_sha256(sha256: str | None) -> str | None:
     if sha256 is not None and (not isinstance(sha256, str) or len(sha256) != 64

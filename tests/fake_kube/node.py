@@ -44,7 +44,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from opbox.platform.backends.container import MemoryCgroup
+from opbox.platform.backends.container.podman import MemoryCgroup
 from opbox.resource import parse_quantity
 
 from .kaniko import is_kaniko, pull_secret_auth, run_kaniko

@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from opbox.errors import ConfigError, ValidationError
 
 from ...settings import Settings
-from ..base import RunEvents, RunTicket, ServiceInfo, VersionInfo
+from ..base import RunEvents, RunTicket, ServiceInfo, ServiceLogs, Serving, VersionInfo
+from ..runtime_env import runtime_env
 from . import render
-from .config import KubernetesSettings, api_client
+from .config import KubernetesSettings, api_client, api_error
 from .knative import KnativeServices
 from .watch import Watcher
 
@@ -47,18 +48,6 @@ log = logging.getLogger("opbox.kubernetes")
 MANAGED = "app.kubernetes.io/managed-by=opbox"
 # waiting reasons after which a pod will not start by itself
 FATAL_WAITING = {"ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
-
-
-def _body(exc) -> dict:
-    try:
-        return json.loads(exc.body or "{}")
-    except (ValueError, TypeError):
-        return {}
-
-
-def api_error(exc) -> str:
-    body = _body(exc)
-    return f"{exc.status} {body.get('reason') or exc.reason}: {body.get('message') or ''}".strip()
 
 
 @dataclass
@@ -96,6 +85,7 @@ def describe_container_exit(terminated: dict) -> str:
 
 class KubernetesBackend:
     name = "kubernetes"
+    abilities = frozenset({Serving, ServiceLogs})  # runs are Jobs: no warm worker pools
 
     def __init__(self, settings: KubernetesSettings, *, gateway_url: str, token_for, api=None,
                  cancel_grace: float | None = None):
@@ -117,12 +107,9 @@ class KubernetesBackend:
         self._namespaces: dict[str, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
         self.watchers: list[Watcher] = []
+        self.knative = KnativeServices(self)  # its watch starts with the first service
 
     # -- lifecycle ---------------------------------------------------------------------
-    def set_gateway_url(self, url: str) -> None:
-        if not self.settings.gateway_url:
-            self.gateway_url = url
-
     async def start(self, events: RunEvents) -> None:
         from kubernetes import client
 
@@ -133,14 +120,13 @@ class KubernetesBackend:
         self.custom = client.CustomObjectsApi(api)
         timeout = self.settings.watch_timeout
         self.watchers = [
-            Watcher("jobs", self.batch.list_job_for_all_namespaces, self._threadsafe(self._on_job),
+            Watcher("jobs", self.batch.list_job_for_all_namespaces, self.threadsafe(self._on_job),
                     label_selector=MANAGED, timeout=timeout),
-            Watcher("pods", self.core.list_pod_for_all_namespaces, self._threadsafe(self._on_pod),
+            Watcher("pods", self.core.list_pod_for_all_namespaces, self.threadsafe(self._on_pod),
                     label_selector=MANAGED, timeout=timeout),
         ]
         for watcher in self.watchers:
             watcher.start()
-        self.knative = KnativeServices(self)  # its watch starts with the first service
 
     # -- services: Knative Services (knative.py) ----------------------------------------
     def _knative(self) -> KnativeServices:
@@ -166,7 +152,9 @@ class KubernetesBackend:
     async def service_logs(self, key: str, limit: int) -> str:
         return await self.knative.logs(key, limit)
 
-    def _threadsafe(self, handler):
+    def threadsafe(self, handler):
+        """``handler`` made callable from a watch thread: it runs on the event loop."""
+
         def deliver(*args):
             self.loop.call_soon_threadsafe(self._safely, handler, *args)
 
@@ -186,7 +174,7 @@ class KubernetesBackend:
             task.cancel()
 
     async def prepare(self, version: VersionInfo) -> None:
-        if not version.artifact.get("image"):
+        if not version.artifact.image:
             raise ConfigError(f"version {version.key} has no image: the kubernetes backend needs the podman builder "
                               "(OPBOX_BUILDER=podman) and a registry the cluster pulls from (OPBOX_REGISTRY)")
 
@@ -194,7 +182,7 @@ class KubernetesBackend:
         return {"backend": self.name, "jobs": {"inflight": len(self.inflight), "queued": len(self.queue),
                                               "max_inflight": self.settings.max_inflight,
                                               "termination_grace": self.termination_grace},
-                "services": self.knative.describe() if hasattr(self, "knative") else [],
+                "services": self.knative.describe(),
                 "watches": {w.what: {"resourceVersion": w.resource_version, "relists": w.relists,
                                      "reconnects": w.reconnects} for w in self.watchers}}
 
@@ -230,15 +218,14 @@ class KubernetesBackend:
 
         version, ticket = attempt.version, attempt.ticket
         try:
-            await self._ensure_namespace(attempt.namespace)
+            await self.ensure_namespace(attempt.namespace)
             secret_name = f"{attempt.name}-token"
             spec = render.JobSpec(
                 namespace=attempt.namespace, workspace=version.workspace, job_id=version.job_id,
-                version=version.version, image=version.artifact.get("image") or "", gateway_url=self.gateway_url,
+                version=version.version, image=version.artifact.image or "", gateway_url=self.gateway_url,
                 token_secret=secret_name, run_id=ticket.run_id, attempt=ticket.attempt, backoff_limit=0,
                 resource=version.resource, service_account=self.settings.service_account,
-                env={**self.settings.env, "PYTHONUNBUFFERED": "1", "OPBOX_ENTRY": version.entry,
-                     "OPBOX_CODE_DIR": version.artifact.get("image_code_dir", "/app")},
+                env={**self.settings.env, **runtime_env(version, in_image=True)},
                 secrets=self.settings.secrets, image_pull_secrets=self.settings.image_pull_secrets,
                 image_pull_policy=self.settings.image_pull_policy, gpu_label_key=self.settings.gpu_label_key,
                 ttl_seconds_after_finished=self.settings.ttl_after_finished,
@@ -248,14 +235,14 @@ class KubernetesBackend:
             secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                       "metadata": {"name": secret_name, "namespace": attempt.namespace, "labels": spec.labels()},
                       "stringData": {"token": self.token_for(f"run:{ticket.run_id}")}}
-            created_secret = await self._call(self.core.create_namespaced_secret, attempt.namespace, secret,
+            created_secret = await self.call(self.core.create_namespaced_secret, attempt.namespace, secret,
                                               conflict_ok=True)
             try:
-                created = await self._call(self.batch.create_namespaced_job, attempt.namespace, job)
+                created = await self.call(self.batch.create_namespaced_job, attempt.namespace, job)
             except ApiException as exc:
                 if exc.status != 409:
                     raise
-                created = await self._call(self.batch.read_namespaced_job, attempt.name, attempt.namespace)
+                created = await self.call(self.batch.read_namespaced_job, attempt.name, attempt.namespace)
                 labels = created["metadata"].get("labels") or {}
                 if labels.get("opbox.dev/run") != render.label_value(ticket.run_id):
                     raise
@@ -268,7 +255,7 @@ class KubernetesBackend:
                                                     "apiVersion": "batch/v1", "kind": "Job", "name": attempt.name,
                                                     "uid": created["metadata"]["uid"]}]}}
                 try:
-                    await self._call(self.core.replace_namespaced_secret, secret_name, attempt.namespace, owned)
+                    await self.call(self.core.replace_namespaced_secret, secret_name, attempt.namespace, owned)
                 except ApiException as exc:  # not fatal: the Secret outlives its Job
                     log.warning("could not tie Secret %s to its Job: %s", secret_name, api_error(exc))
             if attempt.done or attempt.cancelled:  # cancelled while we were creating it
@@ -278,7 +265,7 @@ class KubernetesBackend:
             log.warning("could not create the Job of %s: %s", ticket.run_id, reason)
             self._finish(attempt, f"could not create the run's Job {attempt.namespace}/{attempt.name}: {reason}")
 
-    async def _call(self, fn, *args, conflict_ok: bool = False, **kwargs):
+    async def call(self, fn, *args, conflict_ok: bool = False, **kwargs):
         """A client call in a thread, its answer as a dict (None for a tolerated 409)."""
         from kubernetes.client.exceptions import ApiException
 
@@ -290,7 +277,7 @@ class KubernetesBackend:
             raise
         return json.loads(resp.data) if resp.data else {}
 
-    async def _ensure_namespace(self, namespace: str) -> None:
+    async def ensure_namespace(self, namespace: str) -> None:
         fut = self._namespaces.get(namespace)
         if fut is None or (fut.done() and fut.exception() is not None):
             fut = self._namespaces[namespace] = asyncio.ensure_future(self._make_namespace(namespace))
@@ -300,11 +287,11 @@ class KubernetesBackend:
         if not self.settings.create_namespaces:
             return
         labels = {"app.kubernetes.io/managed-by": "opbox"}
-        await self._call(self.core.create_namespace,
+        await self.call(self.core.create_namespace,
                          {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": labels}},
                          conflict_ok=True)
         if self.settings.service_account:
-            await self._call(self.core.create_namespaced_service_account, namespace, {
+            await self.call(self.core.create_namespaced_service_account, namespace, {
                 "apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False,
                 "metadata": {"name": self.settings.service_account, "namespace": namespace, "labels": labels}},
                 conflict_ok=True)
@@ -400,7 +387,7 @@ class KubernetesBackend:
         """The Job failed: say why, from its pod (termination reason, exit code, log tail)."""
         pod = attempt.pod
         try:
-            pods = await self._call(self.core.list_namespaced_pod, attempt.namespace,
+            pods = await self.call(self.core.list_namespaced_pod, attempt.namespace,
                                     label_selector=f"job-name={attempt.name}")
             mine = pods.get("items") or []
             if mine:
@@ -439,3 +426,9 @@ class KubernetesBackend:
         except Exception as exc:
             log.info("no log for pod %s/%s: %s", namespace, pod, exc)
             return ""
+
+
+def create(settings: Settings, token_for, gateway_url: str) -> KubernetesBackend:
+    """The registry's factory (``OPBOX_BACKEND=kubernetes``): its own settings are read here, once."""
+    return KubernetesBackend(KubernetesSettings.from_env(), gateway_url=gateway_url, token_for=token_for,
+                             cancel_grace=settings.cancel_grace)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -43,13 +44,13 @@ class KubernetesSettings:
     def from_env(cls) -> "KubernetesSettings":
         env = os.environ
         run_env = env_json_strings("OPBOX_K8S_ENV", dict)
-        propagation = env.get("OPBOX_K8S_DELETE_PROPAGATION") or "Background"
+        propagation = env.get("OPBOX_K8S_DELETE_PROPAGATION") or cls.delete_propagation
         if propagation not in ("Background", "Foreground"):
             raise ConfigError(f"OPBOX_K8S_DELETE_PROPAGATION must be Background or Foreground, not {propagation!r}")
-        template = env.get("OPBOX_NAMESPACE_TEMPLATE") or "opbox-{workspace}"
+        template = env.get("OPBOX_NAMESPACE_TEMPLATE") or cls.namespace_template
         if "{workspace}" not in template:
             raise ConfigError(f"OPBOX_NAMESPACE_TEMPLATE must contain {{workspace}}, got {template!r}")
-        account = env.get("OPBOX_RUNNER_SERVICE_ACCOUNT", render.DEFAULT_SERVICE_ACCOUNT)
+        account = env.get("OPBOX_RUNNER_SERVICE_ACCOUNT", cls.service_account)
         grace = None
         if env.get("OPBOX_K8S_TERMINATION_GRACE"):
             grace = env_int("OPBOX_K8S_TERMINATION_GRACE", 0)
@@ -62,15 +63,15 @@ class KubernetesSettings:
             create_namespaces=env.get("OPBOX_K8S_CREATE_NAMESPACES", "1") not in ("0", "false", "no"),
             service_account=account or None,
             gateway_url=env.get("OPBOX_K8S_GATEWAY_URL") or None,
-            max_inflight=max(1, env_int("OPBOX_K8S_MAX_INFLIGHT", 200)),
-            ttl_after_finished=env_int("OPBOX_K8S_TTL_AFTER_FINISHED", render.DEFAULT_TTL_AFTER_FINISHED),
+            max_inflight=max(1, env_int("OPBOX_K8S_MAX_INFLIGHT", cls.max_inflight)),
+            ttl_after_finished=env_int("OPBOX_K8S_TTL_AFTER_FINISHED", cls.ttl_after_finished),
             env=run_env,
             secrets=_csv("OPBOX_K8S_SECRETS"),
             image_pull_secrets=_csv("OPBOX_K8S_IMAGE_PULL_SECRETS"),
             image_pull_policy=env.get("OPBOX_K8S_IMAGE_PULL_POLICY") or None,
-            gpu_label_key=env.get("OPBOX_K8S_GPU_LABEL_KEY") or render.DEFAULT_GPU_LABEL_KEY,
+            gpu_label_key=env.get("OPBOX_K8S_GPU_LABEL_KEY") or cls.gpu_label_key,
             delete_propagation=propagation,
-            watch_timeout=max(1, env_int("OPBOX_K8S_WATCH_TIMEOUT", 300)),
+            watch_timeout=max(1, env_int("OPBOX_K8S_WATCH_TIMEOUT", cls.watch_timeout)),
             termination_grace=grace,
         )
 
@@ -91,3 +92,14 @@ def api_client(settings: KubernetesSettings):
         return config.new_client_from_config(config_file=settings.kubeconfig, context=settings.context)
     except Exception as exc:
         raise ConfigError(f"cannot load the kubeconfig {settings.kubeconfig or '~/.kube/config'}: {exc}") from exc
+
+
+def api_error(exc) -> str:
+    """An ``ApiException`` in one line: status, reason and the API server's message."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (ValueError, TypeError):
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    return f"{exc.status} {body.get('reason') or exc.reason}: {body.get('message') or ''}".strip()

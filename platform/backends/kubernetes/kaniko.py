@@ -40,7 +40,7 @@ from opbox.builder.registry import parse_reference
 from opbox.errors import BuildError, ConfigError, ValidationError
 from opbox.resource import parse_quantity
 
-from ...settings import env_int, env_json_strings
+from ...settings import Settings, env_int, env_json_strings
 from . import render
 from .config import api_client
 
@@ -52,10 +52,6 @@ DEFAULT_BASE_IMAGE = "docker.io/library/python:{python}-slim-bookworm"
 CONTAINER = "kaniko"
 # waiting reasons after which the build pod will not start by itself
 _STUCK = {"ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError"}
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -79,16 +75,16 @@ class KanikoSettings:
         env = os.environ
         extra = env_json_strings("OPBOX_KANIKO_ARGS", list)
         settings = cls(
-            namespace=env.get("OPBOX_BUILD_NAMESPACE") or env.get("OPBOX_SYSTEM_NAMESPACE") or "opbox-system",
-            executor_image=env.get("OPBOX_KANIKO_IMAGE") or DEFAULT_EXECUTOR,
-            s3_secret=env.get("OPBOX_KANIKO_S3_SECRET", "opbox-s3") or None,
+            namespace=env.get("OPBOX_BUILD_NAMESPACE") or env.get("OPBOX_SYSTEM_NAMESPACE") or cls.namespace,
+            executor_image=env.get("OPBOX_KANIKO_IMAGE") or cls.executor_image,
+            s3_secret=env.get("OPBOX_KANIKO_S3_SECRET", cls.s3_secret) or None,
             s3_endpoint_url=env.get("OPBOX_KANIKO_S3_ENDPOINT") or None,
-            docker_secret=env.get("OPBOX_KANIKO_DOCKER_SECRET", "opbox-registry") or None,
+            docker_secret=env.get("OPBOX_KANIKO_DOCKER_SECRET", cls.docker_secret) or None,
             service_account=env.get("OPBOX_KANIKO_SERVICE_ACCOUNT") or None,
             cache=env.get("OPBOX_KANIKO_CACHE", "1").strip().lower() not in ("0", "false", "no", "off"),
             cache_repo=env.get("OPBOX_KANIKO_CACHE_REPO") or None,
-            timeout=max(60, env_int("OPBOX_BUILD_TIMEOUT", 1800)),
-            ttl_after_finished=max(0, env_int("OPBOX_KANIKO_TTL_AFTER_FINISHED", 600)),
+            timeout=max(60, env_int("OPBOX_BUILD_TIMEOUT", cls.timeout)),
+            ttl_after_finished=max(0, env_int("OPBOX_KANIKO_TTL_AFTER_FINISHED", cls.ttl_after_finished)),
             cpu=env.get("OPBOX_KANIKO_CPU") or None,
             memory=env.get("OPBOX_KANIKO_MEMORY") or None,
             extra_args=tuple(extra),
@@ -392,3 +388,20 @@ class KanikoBuilder:
             self.store.delete(key)
         except Exception as exc:
             log.warning("could not delete the build context %s: %s", key, exc)
+
+
+def create_builder(settings: Settings, store, backend):
+    """The builder registry's factory for ``OPBOX_BUILDER=kaniko``: image builds in the cluster of
+    ``backend`` (the kubernetes backend: the registry allows no other), with its settings."""
+    if settings.registry.split("/", 1)[0] == "localhost":
+        raise ConfigError("the kaniko builder pushes images: set OPBOX_REGISTRY to a registry the cluster pulls from, "
+                          "e.g. registry.example.com/opbox")
+    from opbox.builder.container import ContainerBuilder
+    from opbox.builder.registry import RegistryClient
+
+    registry = RegistryClient(insecure_hosts=settings.registry_insecure, auth_file=settings.registry_auth_file)
+    kaniko = KanikoBuilder(KanikoSettings.from_env(), store=store, registry=registry, kube_settings=backend.settings,
+                           insecure_registries=settings.registry_insecure)
+    return ContainerBuilder(settings.home, base_image=settings.base_image or DEFAULT_BASE_IMAGE,
+                            registry_prefix=settings.registry, wheelhouse_dir=settings.wheelhouse,
+                            image_builder=kaniko, name="kaniko")

@@ -20,14 +20,15 @@ template has no other per-service data channel; the args envelope is small).
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import logging
 
 from opbox.errors import NotFound, ServiceFailed, Unavailable
 
 from ..base import ServiceInfo
+from ..runtime_env import runtime_env
 from . import render
+from .config import api_error
 from .watch import Watcher
 
 log = logging.getLogger("opbox.kubernetes")
@@ -39,13 +40,13 @@ LINE_GUESS = 100  # bytes a log line is assumed to take when asking for the last
 
 class KnativeServices:
     def __init__(self, backend):
-        self.backend = backend  # KubernetesBackend: settings, _call, _ensure_namespace, token_for
+        self.backend = backend  # KubernetesBackend: settings, call, ensure_namespace, threadsafe, token_for
         self.services: dict[str, dict] = {}  # key -> {"info", "namespace", "name", "object", "changed"}
 
     def watcher(self) -> Watcher:
         custom = self.backend.custom
         list_fn = functools.partial(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
-        return Watcher("knative-services", list_fn, self.backend._threadsafe(self._on_service),
+        return Watcher("knative-services", list_fn, self.backend.threadsafe(self._on_service),
                        label_selector="app.kubernetes.io/managed-by=opbox", timeout=self.backend.settings.watch_timeout)
 
     def _entry(self, key: str) -> dict:
@@ -56,17 +57,13 @@ class KnativeServices:
 
     def _spec(self, info: ServiceInfo, namespace: str, token_secret: str) -> render.ServiceSpec:
         version, settings = info.version, self.backend.settings
-        env = {**settings.env, "PYTHONUNBUFFERED": "1", "OPBOX_ENTRY": version.entry,
-               "OPBOX_CODE_DIR": version.artifact.get("image_code_dir", "/app"),
-               "OPBOX_CONCURRENCY": str(info.concurrency), "OPBOX_QUEUE": str(info.queue)}
-        if info.init:
-            env["OPBOX_INIT_B64"] = base64.b64encode(info.init).decode()
+        env = {**settings.env, **runtime_env(version, in_image=True, serve=info, init_inline=True)}
         retention = None
         if info.scale_to_zero is not None:
             retention = f"{max(0, int(info.scale_to_zero))}s"
         return render.ServiceSpec(
             namespace=namespace, workspace=info.workspace, job_id=version.job_id, version=version.version,
-            image=version.artifact.get("image") or "", gateway_url=self.backend.gateway_url,
+            image=version.artifact.image or "", gateway_url=self.backend.gateway_url,
             token_secret=token_secret, name=info.name, resource=version.resource, env=env,
             service_account=settings.service_account, secrets=settings.secrets,
             image_pull_secrets=settings.image_pull_secrets, image_pull_policy=settings.image_pull_policy,
@@ -80,7 +77,7 @@ class KnativeServices:
 
         backend = self.backend
         namespace = backend.settings.namespace(info.workspace)
-        await backend._ensure_namespace(namespace)
+        await backend.ensure_namespace(namespace)
         name = render.service_name(info.name)
         token_secret = f"opbox-service-{name}-token"
         spec = self._spec(info, namespace, token_secret)
@@ -88,19 +85,19 @@ class KnativeServices:
         secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                   "metadata": {"name": token_secret, "namespace": namespace, "labels": spec.labels()},
                   "stringData": {"token": backend.token_for(f"service:{info.key}")}}
-        await backend._call(backend.core.create_namespaced_secret, namespace, secret, conflict_ok=True)
+        await backend.call(backend.core.create_namespaced_secret, namespace, secret, conflict_ok=True)
         entry = self.services.setdefault(info.key, {"changed": asyncio.Event()})
         entry.update(info=info, namespace=namespace, name=name, error=None)
         try:
-            created = await backend._call(backend.custom.create_namespaced_custom_object, GROUP, VERSION, namespace,
+            created = await backend.call(backend.custom.create_namespaced_custom_object, GROUP, VERSION, namespace,
                                           PLURAL, manifest)
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            current = await backend._call(backend.custom.get_namespaced_custom_object, GROUP, VERSION, namespace,
+            current = await backend.call(backend.custom.get_namespaced_custom_object, GROUP, VERSION, namespace,
                                           PLURAL, name)
             manifest["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-            created = await backend._call(backend.custom.replace_namespaced_custom_object, GROUP, VERSION,
+            created = await backend.call(backend.custom.replace_namespaced_custom_object, GROUP, VERSION,
                                           namespace, PLURAL, name, manifest)
         entry["generation"] = created["metadata"].get("generation", 1)
         entry.setdefault("object", created)
@@ -190,8 +187,6 @@ class KnativeServices:
         in all (each pod's share read with tailLines and limitBytes, never the whole log)."""
         from kubernetes.client.exceptions import ApiException
 
-        from .backend import api_error
-
         entry = self.services.get(key)
         if entry is not None:
             namespace, name = entry["namespace"], entry["name"]
@@ -200,7 +195,7 @@ class KnativeServices:
             namespace, name = self.backend.settings.namespace(workspace), render.service_name(service)
         selector = f"serving.knative.dev/service={name}"
         try:
-            listed = await self.backend._call(self.backend.core.list_namespaced_pod, namespace,
+            listed = await self.backend.call(self.backend.core.list_namespaced_pod, namespace,
                                               label_selector=selector)
         except ApiException as exc:
             raise Unavailable(f"cannot list the pods of Knative Service {namespace}/{name}: {api_error(exc)}") from None
@@ -229,8 +224,6 @@ class KnativeServices:
         (limitBytes, which keeps the start); when the cap cut it, the lines were long: ask for
         fewer, so what comes back is the newest output."""
         from kubernetes.client.exceptions import ApiException
-
-        from .backend import api_error
 
         core = self.backend.core
         lines = max(10, limit // LINE_GUESS)

@@ -24,6 +24,8 @@ import yaml
 from opbox.errors import ConfigError, ValidationError
 from opbox.resource import Resource
 
+from ..runtime_env import identity_env
+
 # <package>/platform/backends/kubernetes/render.py -> <package>/templates/kubernetes
 TEMPLATES = Path(__file__).parents[3] / "templates" / "kubernetes"
 
@@ -290,12 +292,7 @@ class WorkloadSpec:
         }
 
     def platform_env(self) -> dict[str, str]:
-        return {
-            "OPBOX_GATEWAY_URL": self.gateway_url,
-            "OPBOX_WORKSPACE": self.workspace,
-            "OPBOX_JOB_ID": self.job_id,
-            "OPBOX_VERSION": str(self.version),
-        }
+        return identity_env(self.gateway_url, self.workspace, self.job_id, self.version)
 
     def context(self) -> dict[str, Any]:
         """What every template gets."""
@@ -346,7 +343,7 @@ class JobSpec(WorkloadSpec):
         return {**super().labels(), "opbox.dev/run": label_value(self.run_id), "opbox.dev/attempt": str(self.attempt)}
 
     def platform_env(self) -> dict[str, str]:
-        return {**super().platform_env(), "OPBOX_RUN_ID": self.run_id}
+        return identity_env(self.gateway_url, self.workspace, self.job_id, self.version, self.run_id)
 
     def context(self) -> dict[str, Any]:
         timeout = self.resource.timeout

@@ -14,8 +14,10 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from .pools import describe_exit
-from .base import RunEvents, RunTicket, VersionInfo
+from ..base import RunEvents, RunTicket, VersionInfo
+from ..pools import describe_exit
+from ..runtime_env import runtime_env
+from .process import child_setup, process_env
 
 
 class OneShotProc:
@@ -26,12 +28,11 @@ class OneShotProc:
 
 
 class OneShotRunner:
-    def __init__(self, *, gateway_url: str, log_dir: Path, token_for, max_procs: int, child_setup):
+    def __init__(self, *, gateway_url: str, log_dir: Path, token_for, max_procs: int):
         self.gateway_url = gateway_url
         self.log_dir = log_dir
         self.token_for = token_for
         self.max_procs = max_procs
-        self.child_setup = child_setup
         self.events: RunEvents | None = None
         self.queue: deque[tuple[RunTicket, VersionInfo]] = deque()
         self.running: dict[str, OneShotProc] = {}
@@ -51,22 +52,18 @@ class OneShotRunner:
 
     async def _run(self, one: OneShotProc) -> None:
         ticket, version = one.ticket, one.version
-        env = {**os.environ, **version.resource.env, "PYTHONUNBUFFERED": "1",
-               "OPBOX_GATEWAY_URL": self.gateway_url, "OPBOX_RUN_ID": ticket.run_id,
-               "OPBOX_RUN_TOKEN": self.token_for(f"run:{ticket.run_id}"), "OPBOX_ENTRY": version.entry,
-               "OPBOX_CODE_DIR": version.artifact["code_dir"]}
-        for secret in ("OPBOX_TOKEN", "OPBOX_SECRET"):
-            env.pop(secret, None)
+        env = process_env(version, runtime_env(version, gateway_url=self.gateway_url,
+                                               run=(ticket.run_id, self.token_for(f"run:{ticket.run_id}"))))
         log_path = self.log_dir / version.key / f"{ticket.run_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         timer = None
         try:
             with open(log_path, "ab") as out:
                 one.proc = await asyncio.create_subprocess_exec(
-                    version.artifact.get("python") or sys.executable, "-m", "opbox.runtime", "run",
-                    "--run-id", ticket.run_id, cwd=version.artifact["code_dir"], env=env,
+                    version.artifact.python or sys.executable, "-m", "opbox.runtime", "run",
+                    "--run-id", ticket.run_id, cwd=version.artifact.code_dir, env=env,
                     stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=self.child_setup)
+                    start_new_session=True, preexec_fn=child_setup)
             if ticket.timeout:
                 timer = asyncio.get_running_loop().call_later(
                     ticket.timeout, self.kill, one, "timed_out", f"timed out after {ticket.timeout:g} s")

@@ -1,6 +1,8 @@
-"""Services on this machine: each replica is ``python -m opbox.runtime serve`` (uvicorn) in the version's venv.
+"""Replicas of served classes on this machine, for the backends without a cluster (local, container).
 
-What Knative does on a cluster, done here with processes:
+Each replica is ``python -m opbox.runtime serve`` (uvicorn): a process in the version's venv
+(``local/services.py``) or a podman container of its image (``container/services.py``); how
+one starts and is signalled is all they add. What Knative does on a cluster, done here:
 
 - a replica is routed to only once its ``/readyz`` answers 200 (the instance is built,
   ``__remote_init__`` has run); a replica that exits is restarted, one that stops answering
@@ -16,13 +18,13 @@ there is no port race. Its output goes to ``logs/services/<workspace>/<name>/<re
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import hashlib
 import logging
 import os
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +33,8 @@ import httpx
 
 from opbox.errors import NotFound, ServiceFailed
 
-from .pools import file_tail
 from .base import ServiceInfo
+from .pools import file_tail
 
 log = logging.getLogger("opbox.services")
 
@@ -91,9 +93,9 @@ def loopback_listener() -> tuple[socket.socket, str]:
 
 
 class ServiceMethods:
-    """The Backend protocol's service methods, for backends whose ``services`` is a LocalServices."""
+    """The ``Serving`` and ``ServiceLogs`` abilities, for backends whose ``services`` are ``Replicas``."""
 
-    services: "LocalServices"
+    services: "Replicas"
 
     async def deploy_service(self, service: ServiceInfo, wait: float) -> dict:
         return await self.services.deploy(service, wait)
@@ -111,12 +113,13 @@ class ServiceMethods:
         return self.services.logs(key, limit)  # reads at most ``limit`` bytes a replica from local files
 
 
-class LocalServices:
-    def __init__(self, home: Path, child_setup, *, drain: float = 60.0, startup_timeout: float = 600.0,
+class Replicas(abc.ABC):
+    """Every service of one backend: its replicas, their routing, restarts and scaling."""
+
+    def __init__(self, home: Path, *, drain: float = 60.0, startup_timeout: float = 600.0,
                  health_interval: float = 5.0):
         self.log_root = home / "logs" / "services"
         self.init_root = home / "services"
-        self.child_setup = child_setup
         self.drain = drain
         self.startup_timeout = startup_timeout
         self.health_interval = health_interval
@@ -279,26 +282,9 @@ class LocalServices:
         svc.replicas[replica.id] = replica
         self._spawn_task(self._run(svc, replica, delay))
 
+    @abc.abstractmethod
     async def _spawn(self, replica: Replica) -> None:
-        spec, artifact = replica.spec, replica.spec.version.artifact
-        sock, replica.url = loopback_listener()
-        try:
-            env = {**os.environ, **spec.version.resource.env, "PYTHONUNBUFFERED": "1",
-                   "OPBOX_ENTRY": spec.version.entry, "OPBOX_CODE_DIR": artifact["code_dir"],
-                   "OPBOX_INIT_FILE": str(self._init_path(spec)), "OPBOX_CONCURRENCY": str(spec.concurrency),
-                   "OPBOX_QUEUE": str(spec.queue), "OPBOX_SERVICE": spec.name, "OPBOX_REPLICA": replica.id}
-            for secret in ("OPBOX_TOKEN", "OPBOX_SECRET"):
-                env.pop(secret, None)
-            replica.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(replica.log_path, "ab") as out:
-                replica.proc = await asyncio.create_subprocess_exec(
-                    artifact.get("python") or sys.executable, "-m", "opbox.runtime", "serve", "--fd", str(sock.fileno()),
-                    cwd=artifact["code_dir"], env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                    stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=self.child_setup,
-                    pass_fds=(sock.fileno(),),
-                )
-        finally:
-            sock.close()
+        """Start ``replica``'s process (set ``replica.proc`` and ``replica.url``)."""
 
     async def _run(self, svc: Service, replica: Replica, delay: float) -> None:
         if delay:

@@ -1,8 +1,7 @@
 """The local backend: warm pools of runtime worker processes on this machine.
 
-Each worker is ``python -m opbox.runtime worker`` from the version's virtualenv, in its own
-session (so a kill reaches the processes it started) and tied to the gateway's life
-(PR_SET_PDEATHSIG). Memory limits are enforced by a watchdog that kills a worker whose
+Each worker is ``python -m opbox.runtime worker`` from the version's virtualenv, started as
+every local process is (``process.py``). Memory limits are enforced by a watchdog that kills a worker whose
 resident memory passes its ``Resource.memory`` (as the kernel's OOM killer does in a pod);
 timeouts by the pool. CPU, disk and GPU requests are recorded for the cluster backends.
 """
@@ -10,34 +9,18 @@ timeouts by the pool. CPU, disk and GPU requests are recorded for the cluster ba
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
-import signal
 import sys
 from pathlib import Path
 
-from .pools import PoolManager, Worker, file_tail
-from .base import RunEvents, RunTicket, VersionInfo
-from .local_services import LocalServices, ServiceMethods
+from ...settings import Settings
+from ..base import RunEvents, RunTicket, ServiceLogs, Serving, VersionInfo, WorkerPools
+from ..pools import PoolManager, PoolMethods, Worker, file_tail
+from ..replicas import ServiceMethods
+from ..runtime_env import runtime_env
 from .oneshot import OneShotRunner
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-_PR_SET_PDEATHSIG = 1
-
-
-def _child_setup() -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except Exception:  # not Linux: the worker notices the gateway is gone and exits by itself
-        pass
-
-
-def rss_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return None
+from .process import child_setup, process_env, rss_bytes
+from .services import LocalServices
 
 
 class LocalProcess:
@@ -64,26 +47,15 @@ class ProcessSpawner:
     async def spawn(self, worker: Worker) -> LocalProcess:
         version = worker.pool.version
         artifact = version.artifact
-        env = {
-            **os.environ,
-            **version.resource.env,
-            "PYTHONUNBUFFERED": "1",
-            "OPBOX_GATEWAY_URL": self.gateway_url,
-            "OPBOX_POOL": worker.pool.id,
-            "OPBOX_WORKER_ID": worker.id,
-            "OPBOX_WORKER_TOKEN": worker.pool.token,
-            "OPBOX_ENTRY": version.entry,
-            "OPBOX_CODE_DIR": artifact["code_dir"],
-        }
-        for secret in ("OPBOX_TOKEN", "OPBOX_SECRET"):
-            env.pop(secret, None)
+        env = process_env(version, runtime_env(version, gateway_url=self.gateway_url,
+                                               worker=(worker.pool.id, worker.id, worker.pool.token)))
         log_path = self.log_dir / worker.pool.id / f"{worker.id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as out:
             proc = await asyncio.create_subprocess_exec(
-                artifact.get("python") or sys.executable, "-m", "opbox.runtime", "worker",
-                cwd=artifact["code_dir"], env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_child_setup,
+                artifact.python or sys.executable, "-m", "opbox.runtime", "worker",
+                cwd=artifact.code_dir, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=child_setup,
             )
         return LocalProcess(proc, log_path)
 
@@ -97,14 +69,16 @@ class ProcessSpawner:
             pass
 
 
-class LocalBackend(ServiceMethods):
+class LocalBackend(PoolMethods, ServiceMethods):
     """``isolation="worker"`` (default): warm pools, one interpreter serves many runs of a version.
     ``isolation="run"``: a fresh process per run (the batch entrypoint, as in a Kubernetes Job)."""
 
     name = "local"
+    abilities = frozenset({WorkerPools, Serving, ServiceLogs})
 
     def __init__(self, *, gateway_url: str, home: Path, token_for, max_workers: int, isolation: str = "worker",
-                 worker_idle: float = 60.0, pool_idle: float = 900.0, watchdog_interval: float = 0.2):
+                 worker_idle: float = Settings.worker_idle, pool_idle: float = Settings.pool_idle,
+                 watchdog_interval: float = 0.2):
         if isolation not in ("worker", "run"):
             raise ValueError(f"isolation must be 'worker' or 'run', got {isolation!r}")
         self.isolation = isolation
@@ -113,14 +87,10 @@ class LocalBackend(ServiceMethods):
             worker_idle=worker_idle, pool_idle=pool_idle, token_for=lambda pool_id: token_for(f"pool:{pool_id}"),
         )
         self.oneshot = OneShotRunner(gateway_url=gateway_url, log_dir=home / "logs" / "runs", token_for=token_for,
-                                     max_procs=max_workers, child_setup=_child_setup)
+                                     max_procs=max_workers)
         self.watchdog_interval = watchdog_interval
         self._watchdog: asyncio.Task | None = None
-        self.services = LocalServices(home, _child_setup)
-
-    def set_gateway_url(self, url: str) -> None:
-        self.pools.spawner.gateway_url = url
-        self.oneshot.gateway_url = url
+        self.services = LocalServices(home)
 
     async def start(self, events: RunEvents) -> None:
         self.pools.events = self.oneshot.events = events
@@ -172,3 +142,10 @@ class LocalBackend(ServiceMethods):
                 rss = rss_bytes(pid)
                 if rss is not None and rss > resource.memory_bytes:
                     kill(f"OOMKilled: memory use {rss / 2**20:.0f}Mi passed the limit {resource.memory}")
+
+
+def create(settings: Settings, token_for, gateway_url: str) -> LocalBackend:
+    """The registry's factory (``OPBOX_BACKEND=local``)."""
+    return LocalBackend(gateway_url=gateway_url, home=settings.home, max_workers=settings.max_workers,
+                        worker_idle=settings.worker_idle, pool_idle=settings.pool_idle, isolation=settings.isolation,
+                        token_for=token_for)

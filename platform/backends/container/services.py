@@ -1,7 +1,7 @@
 """Services on the container backend: each replica is a podman container of the version's image
 running ``python -m opbox.runtime serve`` on a loopback socket the platform binds and hands in as
 fd 3 (so no port can be taken in between). Everything else, readiness, restarts, scale to zero
-and rolling redeploys, is LocalServices' own; only starting and signalling a replica differ."""
+and rolling redeploys, is ``Replicas``' own; only starting and signalling a replica differ."""
 
 from __future__ import annotations
 
@@ -11,29 +11,24 @@ import re
 import secrets
 import signal
 
-from opbox.errors import ConfigError
+from ..replicas import Replica, Replicas, loopback_listener
+from ..runtime_env import runtime_env
+from .podman import LABEL, container_args, container_env, job_image
 
-from .container import LABEL, container_args
-from .local_services import LocalServices, Replica, loopback_listener
 
-
-class ContainerServices(LocalServices):
+class ContainerServices(Replicas):
     def __init__(self, home, podman, **options):
-        super().__init__(home, child_setup=None, **options)
+        super().__init__(home, **options)
         self.podman = podman  # the backend's PodmanSpawner: its podman binary and `podman` runner
         self.names: dict[str, str] = {}  # replica id -> container name
 
     async def _spawn(self, replica: Replica) -> None:
         spec = replica.spec
         version = spec.version
-        image = version.artifact.get("image")
-        if not image:
-            raise ConfigError(f"version {version.key} has no image: the container backend needs the podman builder")
+        image = job_image(version)
         name = "opbox-svc-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", f"{spec.key}-{replica.id}-{secrets.token_hex(3)}")
-        env = {**version.resource.env, "PYTHONUNBUFFERED": "1", "OPBOX_ENTRY": version.entry,
-               "OPBOX_CODE_DIR": version.artifact.get("image_code_dir", "/app"), "OPBOX_INIT_FILE": "/opbox/init",
-               "OPBOX_CONCURRENCY": str(spec.concurrency), "OPBOX_QUEUE": str(spec.queue),
-               "OPBOX_SERVICE": spec.name, "OPBOX_REPLICA": replica.id}
+        env = container_env(version, runtime_env(version, in_image=True, serve=spec, replica=replica.id,
+                                                 init_file="/opbox/init"))
         cmd = [self.podman._exe(), "run", "--rm", "--name", name, "--network=host", "--init", "--pull=never",
                "--label", f"{LABEL}=1", "--label", f"opbox.service={spec.key}",
                "--preserve-fds=1", "-v", f"{self._init_path(spec)}:/opbox/init:ro",

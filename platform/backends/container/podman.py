@@ -1,8 +1,7 @@
-"""The container backend: warm pools of runtime workers, each a podman container of the version's image.
+"""Workers as podman containers: ``podman run --network=host <image> worker`` (the image's
+entrypoint is ``python -m opbox.runtime``), the container backend's ``Spawner``.
 
-The same ``PoolManager`` as the local backend, with a spawner that starts
-``podman run --network=host <image> worker`` (the image's entrypoint is
-``python -m opbox.runtime``) instead of a process. ``Resource`` becomes container limits:
+``Resource`` becomes container limits:
 
     memory     --memory and --memory-swap (the same value: no swap on top)
     cpu        --cpus
@@ -30,9 +29,9 @@ from pathlib import Path
 
 from opbox.errors import ConfigError
 
-from .pools import PoolManager, Worker, file_tail
-from .base import RunEvents, RunTicket, VersionInfo
-from .local_services import ServiceMethods
+from ..base import VersionInfo
+from ..pools import Worker, file_tail
+from ..runtime_env import runtime_env
 
 log = logging.getLogger("opbox.container")
 
@@ -92,6 +91,19 @@ class MemoryCgroup:
                     pass
 
 
+def job_image(version: VersionInfo) -> str:
+    if not version.artifact.image:
+        raise ConfigError(f"version {version.key} has no image: the container backend needs the podman builder")
+    return version.artifact.image
+
+
+def container_env(version: VersionInfo, runtime: dict[str, str]) -> dict[str, str]:
+    """A container's environment: the version's ``Resource.env``, then the runtime's variables.
+    Passed as ``-e NAME`` (the value from podman's own environment): tokens never appear on a
+    command line."""
+    return {**version.resource.env, **runtime}
+
+
 def container_args(resource, *, memory: bool = True, gpu_device: str = "nvidia.com/gpu=all") -> list[str]:
     """``podman run`` flags for a ``Resource`` (``memory=False``: the limit is on a parent cgroup)."""
     args: list[str] = []
@@ -148,14 +160,10 @@ class PodmanSpawner:
 
     async def spawn(self, worker: Worker) -> Container:
         version = worker.pool.version
-        image = version.artifact.get("image")
-        if not image:
-            raise ConfigError(f"version {version.key} has no image: the container backend needs the podman builder")
+        image = job_image(version)
         name = "opbox-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", f"{worker.pool.id}-{worker.id}-{secrets.token_hex(3)}")
-        env = {**version.resource.env, "PYTHONUNBUFFERED": "1", "OPBOX_GATEWAY_URL": self.gateway_url,
-               "OPBOX_POOL": worker.pool.id, "OPBOX_WORKER_ID": worker.id, "OPBOX_WORKER_TOKEN": worker.pool.token,
-               "OPBOX_ENTRY": version.entry, "OPBOX_CODE_DIR": version.artifact.get("image_code_dir", "/app")}
-        # `-e NAME` takes the value from podman's own environment: tokens never appear on a command line
+        env = container_env(version, runtime_env(version, in_image=True, gateway_url=self.gateway_url,
+                                                 worker=(worker.pool.id, worker.id, worker.pool.token)))
         cgroup = None
         if version.resource.memory_bytes and MemoryCgroup.usable():
             cgroup = MemoryCgroup(name, version.resource.memory_bytes)
@@ -204,48 +212,3 @@ class PodmanSpawner:
     async def drain(self, timeout: float = 10.0) -> None:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
-
-
-class ContainerBackend(ServiceMethods):
-    name = "container"
-
-    def __init__(self, *, gateway_url: str, home: Path, token_for, max_workers: int, worker_idle: float = 60.0,
-                 pool_idle: float = 900.0, podman: str = "podman"):
-        self.pools = PoolManager(
-            PodmanSpawner(gateway_url, home / "logs" / "containers", podman), max_workers=max_workers,
-            worker_idle=worker_idle, pool_idle=pool_idle, token_for=lambda pool_id: token_for(f"pool:{pool_id}"),
-        )
-        from .container_services import ContainerServices  # (it builds on this module)
-
-        self.services = ContainerServices(home, self.pools.spawner)
-
-    def set_gateway_url(self, url: str) -> None:
-        self.pools.spawner.gateway_url = url
-
-    async def start(self, events: RunEvents) -> None:
-        self.pools.events = events
-
-    async def close(self) -> None:
-        await self.services.close()
-        workers = [w for p in self.pools.pools.values() for w in p.workers.values() if w.handle is not None]
-        await self.pools.close()
-        if workers:  # give them a moment to leave on SIGTERM, then make sure the containers are gone
-            await asyncio.wait([asyncio.ensure_future(w.handle.proc.wait()) for w in workers], timeout=5)
-            for worker in workers:
-                self.pools.spawner.remove(worker.handle.name, worker.handle.cgroup)
-        await self.pools.spawner.drain()
-
-    async def prepare(self, version: VersionInfo) -> None:
-        if version.kind != "function":  # services start on deploy_service
-            return
-        self.pools.retire(keep={version.key} | {k for k, p in self.pools.pools.items() if p.version.job_id != version.job_id})
-        self.pools.warm_up(version, 1)
-
-    def submit(self, ticket: RunTicket, version: VersionInfo) -> None:
-        self.pools.submit(ticket, version)
-
-    async def cancel(self, run_id: str, grace: float) -> None:
-        await self.pools.cancel(run_id, grace)
-
-    def describe(self) -> dict:
-        return {"backend": self.name, "pools": self.pools.describe(), "services": self.services.describe()}

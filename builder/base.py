@@ -1,0 +1,65 @@
+"""The protocol every builder speaks, beside the backend and store protocols.
+
+A builder turns an uploaded code archive into an ``Artifact``: something a backend can run
+(a folder and a virtualenv for the local backend, an image for the container and cluster
+backends). The platform stores the artifact with the version (``to_dict``, as JSON) and
+hands it back to the backend typed (``from_dict``), so no backend reads loose dict keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Protocol
+
+IMAGE_CODE_DIR = "/app"  # where the code lives inside a job image (its working directory)
+
+# the stored JSON's key for a field, where the two differ (records made before the type existed)
+_STORED = {"venv": "env"}
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """What to build: one version of a job, from the archive whose hash is ``code_sha256``."""
+
+    workspace: str
+    job_name: str
+    version: int
+    code_sha256: str
+    python: str  # the client's Python minor version, e.g. "3.11"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A builder's output. Every field is optional: each builder sets what its backends need."""
+
+    code_dir: str = ""  # the extracted code on this machine
+    python: str | None = None  # local builder: the interpreter of the version's virtualenv
+    venv: str | None = None  # local builder: the virtualenv itself
+    image: str | None = None  # image builders: the job image's tag
+    image_code_dir: str | None = None  # image builders: the code's folder inside the image
+    requirements_sha256: str | None = None
+    base_image: str | None = None
+    python_version: str | None = None
+
+    @property
+    def code_dir_in_image(self) -> str:
+        return self.image_code_dir or IMAGE_CODE_DIR
+
+    def to_dict(self) -> dict:
+        """The stored form: set fields only, under their stored names."""
+        return {_STORED.get(k, k): v for k, v in asdict(self).items() if v is not None and v != ""}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Artifact":
+        """From the stored form; keys this version does not know are left out."""
+        data = data or {}
+        return cls(**{f.name: data[_STORED.get(f.name, f.name)] for f in fields(cls)
+                      if _STORED.get(f.name, f.name) in data})
+
+
+class Builder(Protocol):
+    name: str
+
+    async def build(self, spec: BuildSpec, zip_bytes: bytes, log: Callable[[str], None]) -> Artifact:
+        """Build ``spec`` from the archive; every line of output goes to ``log`` as it comes.
+        Raises ``BuildError`` (with the output in its ``log``) when the build fails."""

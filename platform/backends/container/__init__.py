@@ -1,0 +1,1 @@
+"""The container backend: runs and services as podman containers of the versions' images."""

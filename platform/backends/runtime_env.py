@@ -1,0 +1,56 @@
+"""The runtime's environment contract, written once for every backend.
+
+``python -m opbox.runtime`` (runtime/__main__.py, worker.py, batch.py, serve.py) learns what
+to run and whom to report to from these variables only. Every spawn site (a local process,
+a podman container, a Kubernetes Job or Knative Service) gets them from ``runtime_env``, so
+a new backend cannot forget one and a new variable is added in one place. How they reach
+the process (inherited environment, ``podman -e``, a pod template) stays the backend's.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from .base import ServiceInfo, VersionInfo
+
+
+def runtime_env(version: VersionInfo, *, in_image: bool = False, gateway_url: str | None = None,
+                worker: tuple[str, str, str] | None = None, run: tuple[str, str] | None = None,
+                serve: ServiceInfo | None = None, replica: str | None = None, init_file: str | None = None,
+                init_inline: bool = False) -> dict[str, str]:
+    """The variables for one runtime process of ``version``.
+
+    ``in_image``: the code is the image's (``Artifact.image_code_dir``), not a folder here.
+    ``worker``: (pool id, worker id, pool token) of a warm worker; ``run``: (run id, run token)
+    of a one-shot run; ``serve``: a replica of this service, named ``replica``, reading its
+    constructor's arguments from ``init_file`` or, ``init_inline``, from the variable itself.
+    """
+    artifact = version.artifact
+    env = {"PYTHONUNBUFFERED": "1", "OPBOX_ENTRY": version.entry,
+           "OPBOX_CODE_DIR": artifact.code_dir_in_image if in_image else artifact.code_dir}
+    if gateway_url is not None:
+        env["OPBOX_GATEWAY_URL"] = gateway_url
+    if worker is not None:
+        env["OPBOX_POOL"], env["OPBOX_WORKER_ID"], env["OPBOX_WORKER_TOKEN"] = worker
+    if run is not None:
+        env["OPBOX_RUN_ID"], env["OPBOX_RUN_TOKEN"] = run
+    if init_file is not None:
+        env["OPBOX_INIT_FILE"] = init_file
+    if serve is not None:
+        env["OPBOX_CONCURRENCY"], env["OPBOX_QUEUE"] = str(serve.concurrency), str(serve.queue)
+        if replica is not None:
+            env["OPBOX_SERVICE"], env["OPBOX_REPLICA"] = serve.name, replica
+        if init_inline and serve.init:
+            env["OPBOX_INIT_B64"] = base64.b64encode(serve.init).decode()
+    return env
+
+
+def identity_env(gateway_url: str, workspace: str, job_id: str, version: int | str,
+                 run_id: str | None = None) -> dict[str, str]:
+    """What a cluster pod is told about itself and its gateway (the pod template sets these;
+    the run token comes from a Secret). Users may not override them."""
+    env = {"OPBOX_GATEWAY_URL": gateway_url, "OPBOX_WORKSPACE": workspace, "OPBOX_JOB_ID": job_id,
+           "OPBOX_VERSION": str(version)}
+    if run_id is not None:
+        env["OPBOX_RUN_ID"] = run_id
+    return env

@@ -17,6 +17,7 @@ from .control.deploys import Deploys
 from .ids import check_workspace
 from .control.runs import Limits, Runs
 from .control.services import Services
+from .proxy.proxy import Proxy
 from .settings import Settings
 from .state import State
 
@@ -119,6 +120,7 @@ class Platform:
                                      settings.max_upload)
         self.services = Services(self.state, self.backend, self.deploys, settings.max_payload,
                                        base_url=lambda: self.settings.url)
+        self.proxy = Proxy(self.services)  # service calls: replica choice, in-flight counts, connections
 
     def bootstrap(self) -> dict | None:
         """First start: make a workspace and an admin token. Uses OPBOX_WORKSPACE / OPBOX_TOKEN when set.
@@ -170,6 +172,6 @@ class Platform:
             pools.release_parked()
 
     async def close(self) -> None:
-        await self.services.close()
+        await self.proxy.close()
         await self.backend.close()
         self.state.close()

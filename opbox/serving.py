@@ -14,6 +14,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
+from . import defaults
 from .errors import ConfigError, ValidationError
 from .mapping import Mappable, progress_bar
 from .resource import Resource
@@ -21,7 +22,6 @@ from .resource import Resource
 if TYPE_CHECKING:
     from .client import Client
 
-DEFAULTS = {"replicas": 1, "concurrency": 16, "queue": 64, "scale_to_zero": 900.0}
 RESERVED = ("deploy",)
 
 
@@ -43,8 +43,9 @@ def _not_in_runtime(what: str) -> None:
             "`if __name__ == \"__main__\":` so that importing the module does not deploy")
 
 
-def _deploy_class(cls, *init_args, name: str | None = None, replicas: int = 1, concurrency: int = 16,
-                  queue: int = 64, scale_to_zero: float | None = 900.0, resource: Resource | None = None,
+def _deploy_class(cls, *init_args, name: str | None = None, replicas: int = defaults.REPLICAS,
+                  concurrency: int = defaults.CONCURRENCY, queue: int = defaults.QUEUE,
+                  scale_to_zero: float | None = defaults.SCALE_TO_ZERO, resource: Resource | None = None,
                   timeout: float | None = None, wait: float = 300.0, client: "Client | None" = None,
                   quiet: bool = False, **init_kwargs) -> "RemoteService":
     """Deploy this class as a service: ``Model.deploy(*init_args, **init_kwargs)``.
@@ -73,8 +74,9 @@ def _deploy_class(cls, *init_args, name: str | None = None, replicas: int = 1, c
                         queue=queue, scale_to_zero=scale_to_zero)
 
 
-def serve_asgi(target: str, *, name: str, folder: str | os.PathLike | None = None, replicas: int = 1,
-               concurrency: int = 16, queue: int = 64, scale_to_zero: float | None = 900.0,
+def serve_asgi(target: str, *, name: str, folder: str | os.PathLike | None = None,
+               replicas: int = defaults.REPLICAS, concurrency: int = defaults.CONCURRENCY, queue: int = defaults.QUEUE,
+               scale_to_zero: float | None = defaults.SCALE_TO_ZERO,
                resource: Resource | None = None, wait: float = 300.0, client: "Client | None" = None,
                quiet: bool = False) -> "RemoteService":
     """Deploy an existing ASGI app (starlette, FastAPI...) as service ``name``.

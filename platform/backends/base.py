@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from opbox import defaults
 from opbox.resource import Resource
 
 
@@ -51,10 +52,10 @@ class ServiceInfo:
     name: str
     version: VersionInfo  # kind "class" or "asgi"
     init: bytes = b""  # the constructor's arguments: an args envelope (never decoded by the platform)
-    replicas: int = 1
-    concurrency: int = 16  # calls at once per replica (Knative's containerConcurrency); 0: no limit
-    queue: int = 64  # calls waiting per replica beyond that, then 429
-    scale_to_zero: float | None = 900.0  # idle seconds before replicas stop; None: never
+    replicas: int = defaults.REPLICAS
+    concurrency: int = defaults.CONCURRENCY  # calls at once per replica (Knative's containerConcurrency); 0: no limit
+    queue: int = defaults.QUEUE  # calls waiting per replica beyond that, then 429
+    scale_to_zero: float | None = defaults.SCALE_TO_ZERO  # idle seconds before replicas stop; None: never
 
     @property
     def key(self) -> str:

@@ -15,7 +15,7 @@ import binascii
 import logging
 import time
 
-from opbox import envelope
+from opbox import defaults, envelope
 from opbox.errors import Conflict, NotFound, PayloadTooLarge, ServiceFailed, ValidationError
 
 from ..backends.base import ServiceInfo
@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS services(
 """
 SERVABLE = ("class", "asgi")
 LIMITS = {"replicas": (1, 64), "concurrency": (0, 10_000), "queue": (0, 100_000)}
-DEFAULTS = {"replicas": 1, "concurrency": 16, "queue": 64, "scale_to_zero": 900.0}
+DEFAULTS = defaults.SERVICE  # the same as the SDK's and the runtime's
 
 
 class Services:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 
@@ -11,8 +12,8 @@ import httpx
 from . import errors
 from .config import ClientConfig
 
-CONNECT_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError,
-                  httpx.ConnectTimeout, httpx.PoolTimeout)
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)  # the request never left: safe to resend
+CONNECT_ERRORS = (*NOT_SENT, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)  # it may have arrived
 
 
 def raise_for(resp: httpx.Response) -> httpx.Response:
@@ -47,27 +48,39 @@ class Client:
 
     def request(self, method: str, path: str, *, retry: bool = False, wait_quota: bool = False,
                 **kwargs) -> httpx.Response:
-        """One API call in this workspace.
+        """One API call in this workspace; an error answer raises the platform's error.
 
         ``retry`` resends it while the gateway is unreachable (for idempotent requests);
         ``wait_quota`` waits out 429 answers (Retry-After) for as long as they come.
         """
-        deadline = time.monotonic() + (self.retry_for if retry else 0)
+        return raise_for(self.send(method, path, retry=retry, quota_for=math.inf if wait_quota else 0.0, **kwargs))
+
+    def send(self, method: str, path: str, *, retry: bool = False, resend: tuple = CONNECT_ERRORS,
+             quota_for: float = 0.0, **kwargs) -> httpx.Response:
+        """The SDK's one retry policy; the answer comes back unchecked (a service's envelope, a 4xx...).
+
+        A request that fails with one of ``resend`` is sent again, with backoff, for up to
+        ``retry_for`` seconds when ``retry`` (else at once) before raising Unavailable; a call
+        that must not run twice passes ``NOT_SENT``, and other errors propagate. 429 answers are
+        waited out (Retry-After) for up to ``quota_for`` seconds from the first try.
+        """
+        started = time.monotonic()
+        deadline = started + (self.retry_for if retry else 0)
         delay = 0.1
         while True:
             try:
-                return raise_for(self.http.request(method, self.path(path), **kwargs))
-            except errors.QuotaExceeded as exc:
-                if not wait_quota:
-                    raise
-                time.sleep(float(exc.details.get("retry_after") or 1.0))
-            except CONNECT_ERRORS as exc:
+                resp = self.http.request(method, self.path(path), **kwargs)
+            except resend as exc:
                 if time.monotonic() + delay > deadline:
                     raise errors.Unavailable(
                         f"cannot reach the opbox gateway at {self.config.url} ({type(exc).__name__}: {exc}); "
                         "is it running? ('make run' or 'opbox up')") from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+                continue
+            if resp.status_code != 429 or time.monotonic() - started >= quota_for:
+                return resp
+            time.sleep(float(resp.headers.get("retry-after") or 1.0))
 
     def get(self, path: str, **kwargs) -> httpx.Response:
         return self.request("GET", path, retry=True, **kwargs)

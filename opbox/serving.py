@@ -9,11 +9,11 @@ from __future__ import annotations
 import base64
 import os
 import sys
-import time
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
+from . import defaults
 from .errors import ConfigError, ValidationError
 from .mapping import Mappable, progress_bar
 from .resource import Resource
@@ -21,7 +21,6 @@ from .resource import Resource
 if TYPE_CHECKING:
     from .client import Client
 
-DEFAULTS = {"replicas": 1, "concurrency": 16, "queue": 64, "scale_to_zero": 900.0}
 RESERVED = ("deploy",)
 
 
@@ -43,8 +42,9 @@ def _not_in_runtime(what: str) -> None:
             "`if __name__ == \"__main__\":` so that importing the module does not deploy")
 
 
-def _deploy_class(cls, *init_args, name: str | None = None, replicas: int = 1, concurrency: int = 16,
-                  queue: int = 64, scale_to_zero: float | None = 900.0, resource: Resource | None = None,
+def _deploy_class(cls, *init_args, name: str | None = None, replicas: int = defaults.REPLICAS,
+                  concurrency: int = defaults.CONCURRENCY, queue: int = defaults.QUEUE,
+                  scale_to_zero: float | None = defaults.SCALE_TO_ZERO, resource: Resource | None = None,
                   timeout: float | None = None, wait: float = 300.0, client: "Client | None" = None,
                   quiet: bool = False, **init_kwargs) -> "RemoteService":
     """Deploy this class as a service: ``Model.deploy(*init_args, **init_kwargs)``.
@@ -73,8 +73,9 @@ def _deploy_class(cls, *init_args, name: str | None = None, replicas: int = 1, c
                         queue=queue, scale_to_zero=scale_to_zero)
 
 
-def serve_asgi(target: str, *, name: str, folder: str | os.PathLike | None = None, replicas: int = 1,
-               concurrency: int = 16, queue: int = 64, scale_to_zero: float | None = 900.0,
+def serve_asgi(target: str, *, name: str, folder: str | os.PathLike | None = None,
+               replicas: int = defaults.REPLICAS, concurrency: int = defaults.CONCURRENCY, queue: int = defaults.QUEUE,
+               scale_to_zero: float | None = defaults.SCALE_TO_ZERO,
                resource: Resource | None = None, wait: float = 300.0, client: "Client | None" = None,
                quiet: bool = False) -> "RemoteService":
     """Deploy an existing ASGI app (starlette, FastAPI...) as service ``name``.
@@ -159,37 +160,21 @@ class RemoteMethod(Mappable):
     def __init__(self, service: RemoteService, name: str):
         self.service = service
         self.name = name
-        self.path = service.client.path(f"/serve/{service.name}/{name}")
+        self.route = f"/serve/{service.name}/{name}"
 
     def __repr__(self) -> str:
         return f"<remote method {self.service.name}.{self.name}>"
 
     def __call__(self, *args, **kwargs) -> Any:
-        import httpx
-
         from . import serialization
-        from .client import raise_for
-        from .errors import Unavailable
+        from .client import NOT_SENT, raise_for
         from .outcome import decode
 
         payload = serialization.dump_args(args, kwargs)
-        client = self.service.client
         headers = {"Content-Type": serialization.CONTENT_TYPE, "Accept": serialization.CONTENT_TYPE}
-        started = time.monotonic()
-        delay = 0.1
-        while True:
-            try:
-                resp = client.http.post(self.path, content=payload, headers=headers)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:  # not sent: safe to resend
-                if time.monotonic() - started > client.retry_for:
-                    raise Unavailable(f"cannot reach the opbox gateway at {client.config.url}: {exc}") from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            if resp.status_code == 429 and time.monotonic() - started < self.QUOTA_PATIENCE:
-                time.sleep(float(resp.headers.get("retry-after") or 1))
-                continue
-            break
+        # a method call is not idempotent: resent only when it surely never left (the gateway restarting)
+        resp = self.service.client.send("POST", self.route, content=payload, headers=headers, retry=True,
+                                        resend=NOT_SENT, quota_for=self.QUOTA_PATIENCE)
         if resp.headers.get("content-type", "").startswith(serialization.CONTENT_TYPE):
             return decode(resp.headers.get("x-opbox-status", "failed"), resp.content, f"{self.service.name}.{self.name}")
         raise_for(resp)

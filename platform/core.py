@@ -21,6 +21,7 @@ from .control.runs import Limits, Runs
 from .control.services import Services
 from .records.base import Records
 from .records.sqlite import open_sqlite
+from .proxy.proxy import Proxy
 from .settings import Settings
 
 log = logging.getLogger("opbox.platform")
@@ -84,6 +85,7 @@ class Platform:
                                        base_url=lambda: self.settings.url)
         if bound_url:
             self._refresh_credentials()
+        self.proxy = Proxy(self.services)  # service calls: replica choice, in-flight counts, connections
 
     def bootstrap(self) -> dict | None:
         """First start: make a workspace and an admin token. Uses OPBOX_WORKSPACE / OPBOX_TOKEN when set.
@@ -129,6 +131,6 @@ class Platform:
             require(self.backend, WorkerPools).release_parked()
 
     async def close(self) -> None:
-        await self.services.close()
+        await self.proxy.close()
         await self.backend.close()
         self.records.close()

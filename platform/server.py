@@ -61,6 +61,7 @@ class _Server(uvicorn.Server):
 
 def main(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per replica health check
     try:
         import uvloop
 

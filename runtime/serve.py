@@ -23,7 +23,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-from opbox import serialization
+from opbox import defaults, serialization
 from opbox.errors import SerializationError
 
 from .execute import _user_traceback, load_target
@@ -99,7 +99,8 @@ def problem(status: int, code: str, message: str, **details) -> Reply:
 class ServeApp:
     """The ASGI app of one replica."""
 
-    def __init__(self, entry: str, code_dir: str | None, init: bytes = b"", concurrency: int = 16, queue: int = 64):
+    def __init__(self, entry: str, code_dir: str | None, init: bytes = b"", concurrency: int = defaults.CONCURRENCY,
+                 queue: int = defaults.QUEUE):
         self.entry, self.code_dir, self.init = entry, code_dir, init
         self.concurrency, self.queue = max(0, concurrency), max(0, queue)
         self.state = "starting"
@@ -396,7 +397,8 @@ def main(host: str, port: int | None, fd: int | None) -> int:
 
     env = os.environ
     app = ServeApp(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR") or os.getcwd(), read_init(),
-                   concurrency=int(env.get("OPBOX_CONCURRENCY", "16")), queue=int(env.get("OPBOX_QUEUE", "64")))
+                   concurrency=int(env.get("OPBOX_CONCURRENCY", defaults.CONCURRENCY)),
+                   queue=int(env.get("OPBOX_QUEUE", defaults.QUEUE)))
     config = uvicorn.Config(app, host=host, port=port or 8080, log_level="warning", access_log=False, lifespan="on",
                             timeout_keep_alive=75, timeout_graceful_shutdown=60, proxy_headers=False,
                             server_header=False)

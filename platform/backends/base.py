@@ -19,6 +19,7 @@ from typing import ClassVar, Protocol, TypeVar
 
 from opbox.builder.base import Artifact
 from opbox.errors import NotSupported
+from opbox import defaults
 from opbox.resource import Resource
 
 A = TypeVar("A")
@@ -83,10 +84,10 @@ class ServiceInfo:
     name: str
     version: VersionInfo  # kind "class" or "asgi"
     init: bytes = b""  # the constructor's arguments: an args envelope (never decoded by the platform)
-    replicas: int = 1
-    concurrency: int = 16  # calls at once per replica (Knative's containerConcurrency); 0: no limit
-    queue: int = 64  # calls waiting per replica beyond that, then 429
-    scale_to_zero: float | None = 900.0  # idle seconds before replicas stop; None: never
+    replicas: int = defaults.REPLICAS
+    concurrency: int = defaults.CONCURRENCY  # calls at once per replica (Knative's containerConcurrency); 0: no limit
+    queue: int = defaults.QUEUE  # calls waiting per replica beyond that, then 429
+    scale_to_zero: float | None = defaults.SCALE_TO_ZERO  # idle seconds before replicas stop; None: never
 
     @property
     def key(self) -> str:

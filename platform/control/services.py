@@ -1,36 +1,32 @@
-"""Services: classes (and ASGI apps) deployed as HTTP endpoints, their records and their routing.
+"""Services: classes (and ASGI apps) deployed as HTTP endpoints, their records and their lifecycle.
 
 A service is a name in a workspace pointing at a job version of kind ``class`` or ``asgi``,
 with the constructor's arguments (an args envelope, stored as bytes and never decoded here)
 and its scaling settings. The backend runs the replicas (``Backend.deploy_service``); this
-module keeps their records, redeploys them after a restart and picks, for each call,
-the ready replica with the fewest calls in flight (waiting, as Knative's activator does,
-while a service scaled to zero starts again).
+module keeps their records and redeploys them after a restart. Calls do not pass here: the
+serving proxy (``platform/proxy/proxy.py``) asks for a service's kind and ready replicas and
+does the rest.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import time
 
-from opbox import envelope
-from opbox.errors import NotFound, NotSupported, PayloadTooLarge, ServiceFailed, Unavailable, ValidationError
+from opbox import defaults, envelope
+from opbox.errors import NotFound, NotSupported, PayloadTooLarge, ServiceFailed, ValidationError
 
 from ..backends.base import ServiceInfo, ServiceLogs, Serving, require, supports
-from ..proxy.upstream import UpstreamPool
 from ..ids import check_name
 from ..records.base import Records, ServiceRecord
 
 log = logging.getLogger("opbox.services")
-logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per proxied call otherwise
 
 SERVABLE = ("class", "asgi")
 LIMITS = {"replicas": (1, 64), "concurrency": (0, 10_000), "queue": (0, 100_000)}
-DEFAULTS = {"replicas": 1, "concurrency": 16, "queue": 64, "scale_to_zero": 900.0}
-HOLD = 120.0  # how long a call waits for a ready replica (scale from zero, restarts)
+DEFAULTS = defaults.SERVICE  # the same as the SDK's and the runtime's
 
 
 class Services:
@@ -40,9 +36,7 @@ class Services:
         self.deploys = deploys
         self.max_payload = max_payload
         self.base_url = base_url
-        self.inflight: dict[str, int] = {}
         self.kinds: dict[str, str] = {}
-        self.upstream = UpstreamPool()  # the proxy's keep-alive connections to replicas
 
     @property
     def supported(self) -> bool:
@@ -60,9 +54,6 @@ class Services:
                 self.kinds[f"{row.workspace}/{row.name}"] = row.kind
             except Exception as exc:  # a version gone or broken: the record stays, calls say why
                 log.error("could not restore service %s/%s: %s", row.workspace, row.name, exc)
-
-    async def close(self) -> None:
-        await self.upstream.close()
 
     # -- records ---------------------------------------------------------------------------
     def _row(self, workspace: str, name: str) -> ServiceRecord:
@@ -162,28 +153,20 @@ class Services:
         self._row(workspace, name)
         return await require(self.backend, ServiceLogs).service_logs(f"{workspace}/{name}", limit)
 
-    # -- routing -----------------------------------------------------------------------------
+    # -- what the serving proxy asks, on every call: from memory once known -------------------
     def kind(self, workspace: str, name: str) -> str:
+        """``class`` or ``asgi``; NotFound for an unknown service."""
         key = f"{workspace}/{name}"
         kind = self.kinds.get(key)
         if kind is None:
             kind = self.kinds[key] = self._row(workspace, name).kind
         return kind
 
-    async def endpoint(self, workspace: str, name: str) -> str:
-        """The ready replica with the fewest calls in flight (holds while none is ready)."""
+    async def endpoints(self, workspace: str, name: str, wait: float) -> list[str]:
+        """Base URLs of the service's ready replicas, from the backend. Counts as activity: a service
+        scaled to zero starts again and this waits up to ``wait`` s for it ([] if still not ready)."""
         self._check_supported()
         key = f"{workspace}/{name}"
         if key not in self.kinds:
             self.kind(workspace, name)  # NotFound for unknown services
-        endpoints = await self.backend.service_endpoints(key, HOLD)
-        if not endpoints:
-            raise Unavailable(f"service {name!r} has no ready replica after {HOLD:g} s; see its logs")
-        if len(endpoints) == 1:
-            return endpoints[0]
-        inflight = self.inflight
-        return min(endpoints, key=lambda url: inflight.get(url, 0))
-
-
-def dumps(data) -> bytes:
-    return json.dumps(data).encode()
+        return await self.backend.service_endpoints(key, wait)

@@ -21,6 +21,7 @@ from . import routes_internal as internal
 from . import routes_jobs as jobs
 from . import routes_runs as runs
 from . import routes_serve as serve
+from .http import error_response
 
 log = logging.getLogger("opbox.gateway")
 
@@ -68,10 +69,7 @@ def openapi_document(routes) -> dict:
 
 
 async def opbox_error(request: Request, exc: OpboxError):
-    headers = {}
-    if exc.status == 429 and "retry_after" in exc.details:
-        headers["Retry-After"] = str(exc.details["retry_after"])
-    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+    return error_response(exc)
 
 
 async def unexpected_error(request: Request, exc: Exception):

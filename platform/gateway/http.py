@@ -7,7 +7,7 @@ import json
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from opbox.errors import BadRequest, PayloadTooLarge, ValidationError
+from opbox.errors import BadRequest, OpboxError, PayloadTooLarge, ValidationError
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -59,3 +59,12 @@ def query_number(request: Request, name: str, default: float | None, low: float,
 
 def ok(data, status: int = 200) -> JSONResponse:
     return JSONResponse(data, status_code=status)
+
+
+def error_response(exc: OpboxError) -> JSONResponse:
+    """An OpboxError as the API's JSON answer (``to_dict``), with Retry-After on a 429 that knows when;
+    the one rendering for the app's exception handler and the service calls' fast path."""
+    headers = {}
+    if exc.status == 429 and "retry_after" in exc.details:
+        headers["Retry-After"] = str(exc.details["retry_after"])
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)

@@ -1,30 +1,21 @@
-"""Routes for services: their records, logs, and calls proxied to a ready replica.
+"""Routes for services: their records and logs, and the one entry for calls to them.
 
-The proxy forwards bytes (JSON or pickle envelopes alike, never decoded here) over pooled
-keep-alive connections (``upstream.py``). Bodies up to 1 MiB are read whole, so a call that
-did not arrive (a replica that just stopped listening: drained, scaled down, crashed) is sent
-again to another one; larger ones stream through. Answers stream back unless small.
+A call (``/{ws}/serve/{name}/...``, the hot path) is taken by the ``ServeFastPath`` middleware
+before the router: it checks the token, asks the serving proxy (``platform/proxy/proxy.py``)
+once, and passes the replica's answer back as received, or renders the error. The routed
+``call`` handler reaches the same ``serve_call``; it is there for the OpenAPI document.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
-
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from opbox.errors import BadRequest, NotFound, OpboxError, Unavailable, ValidationError
+from opbox.errors import OpboxError
 
-from .http import json_body, ok, query_number
+from ..proxy.upstream import Answer
+from .http import error_response, json_body, ok, query_number
 from .routes_jobs import platform, workspace
-from ..proxy.upstream import WHOLE, Answer, UpstreamError
-
-_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                  "trailers", "transfer-encoding", "upgrade", "host", "authorization", "content-length"})
-_HOP_BYTES = frozenset(h.encode() for h in _HOP)
-RESEND_FOR = 30.0  # seconds a call that could not be sent is retried (replicas restarting, draining)
 
 
 def _name(request: Request) -> str:
@@ -119,7 +110,8 @@ async def service_openapi(request: Request):
       404: {description: No such service}
     """
     ws = workspace(request)
-    return await forward(request, ws, _name(request), "/openapi.json")
+    proxy = platform(request).proxy
+    return AnswerResponse(await proxy.forward(request.scope, request.receive, ws, _name(request), "/openapi.json"))
 
 
 async def call(request: Request):
@@ -141,88 +133,25 @@ async def call(request: Request):
       500: {description: The method raised}
       503: {description: The service cannot start}
     """
-    ws = workspace(request)
-    target = _target(platform(request), request.method, ws, _name(request), request.path_params.get("path", ""))
-    return await forward(request, ws, _name(request), target)
+    params = request.path_params
+    return ServeCall(params["workspace"], params["name"], params.get("path", ""))
 
 
-def _target(plat, method: str, ws: str, name: str, rest: str) -> str:
-    """The path on the replica: the app's own for an ASGI app, ``/call/{method}`` for a class."""
-    if plat.services.kind(ws, name) == "asgi":
-        return "/" + rest
-    if method != "POST":
-        raise ValidationError(f"call a method with POST /{ws}/serve/{name}/<method>")
-    if not rest or "/" in rest:
-        raise NotFound(f"no method {rest!r}: call POST /{ws}/serve/{name}/<method>")
-    return "/call/" + rest
-
-
-async def forward(request: Request, ws: str, name: str, path: str) -> Response:
-    answer = await proxy(platform(request), request.scope, request.receive, ws, name, path)
-    return AnswerResponse(answer)
-
-
-async def proxy(plat, scope, receive, ws: str, name: str, path: str) -> Answer:
-    """Send one request to a ready replica of service ``name``; resend it if it did not arrive."""
-    services = plat.services
-    declared = transfer = None
-    headers = [(b"x-forwarded-prefix", f"/{ws}/serve/{name}".encode())]
-    for k, v in scope["headers"]:
-        if k == b"content-length":
-            declared = v
-        elif k == b"transfer-encoding":
-            transfer = v
-        if k not in _HOP_BYTES:
-            headers.append((k, v))
-    if scope.get("client"):
-        headers.append((b"x-forwarded-for", scope["client"][0].encode()))
-    if declared is None and transfer is None:
-        content = b""
-    elif declared is not None and declared.isdigit() and int(declared) <= WHOLE:
-        content = await _read(receive)
-    else:
-        content = _stream(receive)
-    query = scope.get("query_string", b"")
-    target = path + ("?" + query.decode("latin-1") if query else "")
-    deadline = time.monotonic() + RESEND_FOR
-    attempt = 0
-    while True:
-        if attempt:  # the backend notices a replica that went away within moments: give it those
-            if time.monotonic() > deadline:
-                raise Unavailable(f"service {name!r}: no replica accepted the call; see its logs")
-            await asyncio.sleep(min(0.01 * 2 ** attempt, 0.5))
-        attempt += 1
-        base = await services.endpoint(ws, name)
-        services.inflight[base] = services.inflight.get(base, 0) + 1
-        try:
-            return await services.upstream.request(base, scope["method"], target, headers, content)
-        except UpstreamError as exc:
-            if not exc.sent and isinstance(content, bytes):
-                continue  # it never arrived (a replica drained, scaled down or crashed): send it again
-            raise Unavailable(f"service {name!r}: {exc}") from None
-        finally:
-            services.inflight[base] -= 1
-
-
-async def _read(receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise BadRequest("the client went away")
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
-async def _stream(receive):
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise BadRequest("the client went away")
-        yield message.get("body", b"")
-        if not message.get("more_body"):
-            return
+async def serve_call(plat, scope, receive, send, ws: str, name: str, rest: str) -> None:
+    """One call to service ``name``, from the request to the answer's last byte: the token, the proxy,
+    the answer passed through, or the error as the API's JSON. Both ways in end here."""
+    try:
+        authorization = None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                authorization = v.decode("latin-1")
+                break
+        plat.auth.check(authorization, ws)
+        answer = await plat.proxy.call(scope, receive, ws, name, rest)
+    except OpboxError as exc:
+        await error_response(exc)(scope, receive, send)
+        return
+    await send_answer(answer, send)
 
 
 async def send_answer(answer: Answer, send) -> None:
@@ -249,6 +178,17 @@ class AnswerResponse(Response):
         await send_answer(self.answer, send)
 
 
+class ServeCall(Response):
+    """The routed ``call``'s answer: ``serve_call`` run as a response, so the router's way in is the fast path's."""
+
+    def __init__(self, ws: str, name: str, rest: str):
+        self.ws, self.name, self.rest = ws, name, rest
+        self.status_code, self.background = 200, None
+
+    async def __call__(self, scope, receive, send) -> None:
+        await serve_call(scope["app"].state.platform, scope, receive, send, self.ws, self.name, self.rest)
+
+
 class ServeFastPath:
     """ASGI middleware: calls to services (``/{ws}/serve/{name}/...``, the hot path) skip the router,
     the request objects and the exception middleware; everything else goes on to the app."""
@@ -261,27 +201,5 @@ class ServeFastPath:
         if scope["type"] == "http":
             parts = scope["path"].split("/", 4)  # "", ws, "serve", name, rest
             if len(parts) == 5 and parts[2] == "serve" and parts[3] and parts[4] != "openapi.json":
-                return await self._call(scope, receive, send, parts[1], parts[3], parts[4])
+                return await serve_call(self.platform, scope, receive, send, parts[1], parts[3], parts[4])
         await self.app(scope, receive, send)
-
-    async def _call(self, scope, receive, send, ws: str, name: str, rest: str) -> None:
-        plat = self.platform
-        try:
-            authorization = None
-            for k, v in scope["headers"]:
-                if k == b"authorization":
-                    authorization = v.decode("latin-1")
-                    break
-            plat.auth.check(authorization, ws)
-            target = _target(plat, scope["method"], ws, name, rest)
-            answer = await proxy(plat, scope, receive, ws, name, target)
-        except OpboxError as exc:
-            headers = [(b"content-type", b"application/json")]
-            if exc.status == 429 and "retry_after" in exc.details:
-                headers.append((b"retry-after", str(exc.details["retry_after"]).encode()))
-            body = json.dumps(exc.to_dict()).encode()
-            headers.append((b"content-length", str(len(body)).encode()))
-            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return
-        await send_answer(answer, send)

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from opbox import envelope as serialization
+from opbox import envelope
 from opbox.builder.base import Artifact
 from opbox.errors import Conflict, NotFound, PayloadTooLarge, QuotaExceeded, ValidationError
 from opbox.resource import Resource
@@ -92,8 +92,8 @@ class Runs:
     def _check_payload(self, payload: bytes) -> None:
         if len(payload) > self.limits.max_payload:
             raise PayloadTooLarge(f"arguments are {len(payload)} bytes; the limit is {self.limits.max_payload}")
-        header = serialization.read_header(payload)
-        if header["kind"] != serialization.ARGS:
+        header = envelope.read_header(payload)
+        if header["kind"] != envelope.ARGS:
             raise ValidationError(f"expected an args envelope, got {header['kind']!r}")
 
     def create(self, version: VersionInfo, payload: bytes, trigger: str) -> str:
@@ -260,7 +260,7 @@ class Runs:
         reason = None
         if outcome == "failed":
             try:
-                header = serialization.read_header(payload)
+                header = envelope.read_header(payload)
                 reason = f"{header.get('type', 'error')}: {header.get('message', '')}"[:2000]
                 error_type = error_type or header.get("type")
             except Exception:
@@ -268,7 +268,7 @@ class Runs:
         self._end(run_id, outcome, reason, payload, error_type, retriable=True)
 
     def run_lost(self, run_id: str, reason: str, status: str = "failed") -> None:
-        payload = serialization.error_envelope(f"opbox.{status}", reason)
+        payload = envelope.error_envelope(f"opbox.{status}", reason)
         self._end(run_id, status, reason, payload, None, retriable=status == "failed")
 
     def append_log(self, run_id: str, data: bytes) -> None:
@@ -302,7 +302,7 @@ class Runs:
             return
         if len(payload) > self.limits.max_payload:
             status, reason = "failed", f"result is {len(payload)} bytes; the limit is {self.limits.max_payload}"
-            payload = serialization.error_envelope("opbox.PayloadTooLarge", reason)
+            payload = envelope.error_envelope("opbox.PayloadTooLarge", reason)
         self.records.runs.finish(run_id, status, time.time(), reason, error_type, payload, run.batch_id)
         self.open_runs[run.workspace] = max(0, self.open_runs.get(run.workspace, 0) - 1)
         self.notifier.notify(run_id)
@@ -328,7 +328,7 @@ class Runs:
             return run
         was_running = run.status == "running"
         self._end(run_id, "cancelled", "cancelled by request",
-                  serialization.error_envelope("opbox.cancelled", "cancelled by request"), None, retriable=False)
+                  envelope.error_envelope("opbox.cancelled", "cancelled by request"), None, retriable=False)
         if was_running:
             asyncio.ensure_future(self.backend.cancel(run_id, self.limits.cancel_grace))
         return self.get(workspace, run_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from opbox import envelope as serialization
+from opbox import envelope
 from opbox.errors import Conflict, NotFound
 
 from ..backends.base import Completion, Lease, WorkerPools, require
@@ -42,7 +42,7 @@ async def worker_next(request: Request):
         headers = {"X-Opbox-Run": answer.run_id}
         if answer.timeout:
             headers["X-Opbox-Timeout"] = str(answer.timeout)
-        return Response(answer.args, media_type=serialization.CONTENT_TYPE, headers=headers)
+        return Response(answer.args, media_type=envelope.CONTENT_TYPE, headers=headers)
     return Response(status_code=204, headers={"X-Opbox-Action": answer})
 
 
@@ -73,7 +73,7 @@ async def run_args(request: Request):
         raise NotFound(f"run {run_id} has no arguments")
     run = plat.runs.find(run_id)
     headers = {"X-Opbox-Timeout": str(run.timeout)} if run is not None and run.timeout else {}
-    return Response(args, media_type=serialization.CONTENT_TYPE, headers=headers)
+    return Response(args, media_type=envelope.CONTENT_TYPE, headers=headers)
 
 
 async def run_logs(request: Request):

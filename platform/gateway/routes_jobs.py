@@ -10,7 +10,7 @@ import struct
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from opbox import envelope as serialization
+from opbox import envelope
 from opbox.errors import BadRequest, OpboxError, ValidationError
 
 from ..records.base import TERMINAL, RunRecord
@@ -185,7 +185,7 @@ def envelope_response(run: RunRecord, payload: bytes | None) -> Response:
     headers = {"X-Opbox-Run-Id": run.id, "X-Opbox-Status": run.status, "X-Opbox-Version": str(run.version)}
     if run.exit_reason:
         headers["X-Opbox-Exit-Reason"] = json.dumps(run.exit_reason[:1000])
-    return Response(payload or b"", media_type=serialization.CONTENT_TYPE, headers=headers)
+    return Response(payload or b"", media_type=envelope.CONTENT_TYPE, headers=headers)
 
 
 async def call(request: Request):
@@ -232,7 +232,7 @@ async def trigger(request: Request):
     plat = platform(request)
     ctype = request.headers.get("content-type", "")
     version_no = _version_param(request)
-    if ctype.startswith(serialization.CONTENT_TYPE):
+    if ctype.startswith(envelope.CONTENT_TYPE):
         payload = await read_body(request, plat.settings.max_payload)
     else:
         body = await json_body(request, plat.settings.max_payload, required=False)
@@ -243,7 +243,7 @@ async def trigger(request: Request):
             if isinstance(body["version"], bool) or not isinstance(body["version"], int) or body["version"] < 1:
                 raise ValidationError("version must be a whole number >= 1")
             version_no = body["version"]
-        payload = serialization.json_args(body.get("args"), body.get("kwargs"))
+        payload = envelope.json_args(body.get("args"), body.get("kwargs"))
     _, version = plat.deploys.resolve(ws, request.path_params["job"], version_no)
     run_id = plat.runs.create(version, payload, trigger="trigger")
     run = plat.runs.get(ws, run_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from opbox import envelope as serialization
+from opbox import envelope
 from opbox.errors import Forbidden, ValidationError
 
 from ..ids import check_name
@@ -50,9 +50,9 @@ async def get_result(request: Request):
     if run.status not in TERMINAL:
         return JSONResponse(run_json(run, base_url(request, ws)), status_code=202)
     payload = plat.runs.result(run.id)
-    if serialization.CONTENT_TYPE in request.headers.get("accept", ""):
+    if envelope.CONTENT_TYPE in request.headers.get("accept", ""):
         return envelope_response(run, payload)
-    header = serialization.read_header(payload) if payload else {}
+    header = envelope.read_header(payload) if payload else {}
     body = {"run_id": run.id, "status": run.status, "exit_reason": run.exit_reason}
     if run.status == "succeeded":
         body["result"] = header.get("json")

@@ -11,14 +11,32 @@ import os
 import signal
 import sys
 
+from opbox.serialization import dump_error
+
 from .capture import OutputCapture
 from .channel import Channel, GatewayGone
 from .execute import Executor
 from .reaper import become_subreaper, end_leftovers
 
 
-def _terminate(signum, frame):  # cancellation: unwind the user's code (finally blocks run), then exit
+def _terminate(signum, frame):  # the platform stops this worker: unwind the user's code, then exit
     raise SystemExit(128 + signum)
+
+
+class RunCancelled(BaseException):
+    """Raised in the user's code by SIGUSR1: the platform cancelled the run in hand (``finally`` blocks run)."""
+
+
+class _Lease:
+    """Whether a run is in hand: a cancel signal that arrives between runs (meant for a run that has
+    just ended) is ignored, so it can never end the next run or the worker."""
+
+    held = False
+
+    @classmethod
+    def cancel(cls, signum, frame):
+        if cls.held:
+            raise RunCancelled("cancelled by request")
 
 
 def _ok(answer) -> None:
@@ -35,6 +53,7 @@ def main() -> int:
     execute = Executor(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR"))
     capture = OutputCapture(lambda run_id, data: _ok(logs.request("POST", f"/_internal/pools/{pool}/runs/{run_id}/logs", data)))
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGUSR1, _Lease.cancel)
     become_subreaper()
     execute.preload()  # before asking for work: the first run does not pay for the import
     next_path = f"/_internal/pools/{pool}/next?wait=10"
@@ -55,9 +74,13 @@ def main() -> int:
             return 1
         run_id = headers["X-Opbox-Run"]
         capture.start(run_id)
+        _Lease.held = True
         try:
             outcome, body = execute(data)
+        except RunCancelled as exc:  # the platform has ended the run already; this result is ignored
+            outcome, body = "failed", dump_error(exc, "")
         finally:
+            _Lease.held = False
             end_leftovers()  # what the run started ends with it (before its last output is shipped)
             capture.stop()
         done_headers = {"X-Opbox-Done": run_id, "X-Opbox-Outcome": outcome,

@@ -141,10 +141,13 @@ class PoolManager:
         worker = self._by_run.get(run_id)
         if worker is None:
             return  # queued runs are skipped at lease time (run_started says no)
+        # SIGUSR1 cancels the run in hand (the runtime raises in the user's code, so finally blocks run,
+        # and ignores it between runs); the kill after the grace only if the worker still holds this
+        # lease: a worker that has moved on to another run must not lose that one
         worker.kill_reason = ("cancelled", "cancelled by request")
-        self.spawner.signal(worker, signal.SIGTERM)
+        self.spawner.signal(worker, signal.SIGUSR1)
         await asyncio.sleep(grace)
-        if worker.handle is not None and worker.id in worker.pool.workers:
+        if worker.run_id == run_id and worker.handle is not None and worker.id in worker.pool.workers:
             self.spawner.signal(worker, signal.SIGKILL)
 
     def release_parked(self) -> None:

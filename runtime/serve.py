@@ -157,6 +157,8 @@ class ServeApp:
                 await self.app(scope, inbox.get, outbox.put)
             except BaseException as exc:  # apps without lifespan support raise here
                 await outbox.put({"type": "_unsupported", "exc": exc})
+            else:  # or return at once (``if scope["type"] != "http": return``): no lifespan either
+                await outbox.put({"type": "_returned"})
 
         task = asyncio.ensure_future(run())
         await inbox.put({"type": "lifespan.startup"})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import quote
 
 from opbox.errors import BadRequest, NotFound, Unavailable, ValidationError
 
@@ -29,6 +30,7 @@ RESEND_FOR = 30.0  # seconds a call that could not be sent is retried (replicas 
 _HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                   "trailers", "transfer-encoding", "upgrade", "host", "authorization", "content-length"})
 _HOP_BYTES = frozenset(h.encode() for h in _HOP)
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": left as they are when a path is re-encoded
 
 
 class Proxy:
@@ -44,23 +46,33 @@ class Proxy:
 
     async def call(self, scope: dict, receive, ws: str, name: str, rest: str) -> Answer:
         """A request to ``/{ws}/serve/{name}/{rest}`` (ASGI ``scope`` and ``receive``), answered by a replica."""
-        return await self.forward(scope, receive, ws, name, self.target(scope["method"], ws, name, rest))
+        return await self.forward(scope, receive, ws, name,
+                                  self.target(scope["method"], ws, name, rest, scope.get("raw_path")))
 
-    def target(self, method: str, ws: str, name: str, rest: str) -> str:
-        """The path on the replica: the app's own for an ASGI app, ``/call/{method}`` for a class."""
+    def target(self, method: str, ws: str, name: str, rest: str, raw_path: bytes | None = None) -> str:
+        """The path on the replica: the app's own for an ASGI app, ``/call/{method}`` for a class.
+
+        ``rest`` is percent-decoded: a decoded CR, LF or space in the upstream request line would end
+        it and smuggle a second request onto a pooled connection. So control characters are refused,
+        and an app's path travels as the client sent it (``raw_path``, still percent-encoded)."""
+        if not rest.isprintable():
+            raise BadRequest("the service path contains control characters")
         if self.services.kind(ws, name) == "asgi":
-            return "/" + rest
+            raw = raw_path.split(b"/", 4)[4] if raw_path and raw_path.count(b"/") >= 4 else None
+            return "/" + (raw.decode("latin-1") if raw is not None else quote(rest, safe=_PATH_SAFE))
         if method != "POST":
             raise ValidationError(f"call a method with POST /{ws}/serve/{name}/<method>")
         if not rest or "/" in rest:
             raise NotFound(f"no method {rest!r}: call POST /{ws}/serve/{name}/<method>")
-        return "/call/" + rest
+        return "/call/" + quote(rest, safe=_PATH_SAFE)
 
     async def forward(self, scope: dict, receive, ws: str, name: str, path: str) -> Answer:
         """Send the request to ``path`` on a ready replica of service ``name``; resend it if it did not arrive."""
         declared = transfer = None
         headers = [(b"x-forwarded-prefix", f"/{ws}/serve/{name}".encode())]
         for k, v in scope["headers"]:
+            if b"\r" in v or b"\n" in v:  # the server's parser refuses these; the hop must never carry one
+                raise BadRequest(f"header {k.decode('latin-1')!r} contains a line break")
             if k == b"content-length":
                 declared = v
             elif k == b"transfer-encoding":

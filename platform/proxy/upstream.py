@@ -35,6 +35,12 @@ def _stale(conn: "Connection") -> bool:
         probe.detach()
 
 
+def _buffered(conn: "Connection") -> bool:
+    """Bytes already read past the end of the last answer: the replica answered more than it was asked
+    (a smuggled or broken exchange), so whatever comes next on this connection belongs to no call."""
+    return bool(conn.reader._buffer)  # noqa: SLF001 (asyncio's StreamReader has no public peek)
+
+
 class UpstreamError(Exception):
     """The call failed on the way; ``sent`` says whether the replica may have received it."""
 
@@ -108,7 +114,7 @@ class UpstreamPool:
 
     def release(self, conn: Connection, keep: bool) -> None:
         idle = self.idle[conn.base]
-        if keep and len(idle) < self.max_idle and not conn.writer.is_closing():
+        if keep and len(idle) < self.max_idle and not conn.writer.is_closing() and not _buffered(conn):
             idle.append(conn)
         else:
             conn.close()
@@ -120,7 +126,8 @@ class UpstreamPool:
         conn = None
         while idle:
             conn = idle.pop()
-            if not (conn.reader.at_eof() or conn.writer.is_closing() or conn.reader.exception() or _stale(conn)):
+            if not (conn.reader.at_eof() or conn.writer.is_closing() or conn.reader.exception() or _buffered(conn)
+                    or _stale(conn)):
                 break
             conn.close()  # the replica closed it meanwhile (idle timeout, drained, died)
             conn = None

@@ -6,7 +6,6 @@ real replica behind a real gateway."""
 from __future__ import annotations
 
 import itertools
-import json
 import string
 from urllib.parse import quote
 
@@ -16,7 +15,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from opbox import serve_asgi
 
 ECHO_APP = '''
-import json
 
 async def app(scope, receive, send):
     if scope["type"] != "http":

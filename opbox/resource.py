@@ -32,7 +32,7 @@ def parse_quantity(value: str | int | float, what: str = "quantity") -> Decimal:
         value = repr(value) if isinstance(value, float) else str(value)
     if not isinstance(value, str):
         raise ValidationError(f"{what}: expected a quantity such as '512Mi', got {value!r}")
-    match = _QUANTITY.match(value.strip())
+    match = _QUANTITY.fullmatch(value.strip())
     if not match:
         raise ValidationError(
             f"{what}: {value!r} is not a Kubernetes quantity (examples: '100m', '0.5', '2', '512Mi', '10Gi')"
@@ -81,7 +81,7 @@ class Resource:
         set_(self, "cpu", _check_quantity(self.cpu, "cpu", binary=False))
         set_(self, "memory", _check_quantity(self.memory, "memory", binary=True))
         set_(self, "disk", _check_quantity(self.disk, "disk", binary=True))
-        if self.gpu is not None and (not isinstance(self.gpu, str) or not _LABEL_VALUE.match(self.gpu)):
+        if self.gpu is not None and (not isinstance(self.gpu, str) or not _LABEL_VALUE.fullmatch(self.gpu)):
             raise ValidationError(
                 f"gpu: {self.gpu!r} is not a GPU type (a node label value such as 'nvidia-tesla-t4' or 'Tesla-T4')")
         if isinstance(self.gpu_count, bool) or not isinstance(self.gpu_count, int) or self.gpu_count < 0:

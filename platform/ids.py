@@ -17,7 +17,7 @@ def new_id(prefix: str) -> str:
 
 
 def check_name(name: str, what: str = "name") -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValidationError(
             f"{what} {name!r} is not valid: use 1 to 63 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
@@ -25,7 +25,7 @@ def check_name(name: str, what: str = "name") -> str:
 
 
 def check_workspace(name: str) -> str:
-    if not isinstance(name, str) or not _WORKSPACE.match(name):
+    if not isinstance(name, str) or not _WORKSPACE.fullmatch(name):
         raise ValidationError(
             f"workspace {name!r} is not valid: use 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'"
         )

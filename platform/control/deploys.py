@@ -43,7 +43,7 @@ class Deploys:
         self.max_upload = max_upload
 
     async def upload_slot(self, workspace: str, sha256: str, size: int) -> dict:
-        if not isinstance(sha256, str) or not _SHA256.match(sha256):
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
             raise ValidationError("sha256 must be 64 lowercase hex digits")
         if not isinstance(size, int) or size <= 0:
             raise ValidationError("size must be a whole number of bytes > 0")
@@ -64,13 +64,13 @@ class Deploys:
         if kind not in KINDS:
             raise ValidationError(f"kind must be one of {KINDS}, got {kind!r}")
         entry = body.get("entry")
-        if not isinstance(entry, str) or not _ENTRY.match(entry):
+        if not isinstance(entry, str) or not _ENTRY.fullmatch(entry):
             raise ValidationError("entry must look like 'module:qualname', e.g. 'main:foo'")
         sha = body.get("code_sha256")
-        if not isinstance(sha, str) or not _SHA256.match(sha):
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
             raise ValidationError("code_sha256 must be 64 lowercase hex digits")
         python = body.get("python")
-        if not isinstance(python, str) or not _PYTHON.match(python):
+        if not isinstance(python, str) or not _PYTHON.fullmatch(python):
             raise ValidationError("python must be a minor version such as '3.11'")
         cloudpickle = body.get("cloudpickle", "")
         if not isinstance(cloudpickle, str) or len(cloudpickle) > 32:

@@ -58,7 +58,7 @@ _PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 def check_dns_label(value: Any, what: str) -> str:
     """``value`` if it is an RFC 1123 label (namespace, Job names), else ``ValidationError``."""
-    if not isinstance(value, str) or len(value) > 63 or not _DNS_LABEL.match(value):
+    if not isinstance(value, str) or len(value) > 63 or not _DNS_LABEL.fullmatch(value):
         raise ValidationError(
             f"{what} {value!r} is not a valid Kubernetes name: use 1 to 63 lowercase letters, digits"
             " or '-', starting and ending with a letter or digit"
@@ -68,7 +68,7 @@ def check_dns_label(value: Any, what: str) -> str:
 
 def check_dns_subdomain(value: Any, what: str) -> str:
     """``value`` if it is an RFC 1123 subdomain (Secret, ServiceAccount names), else ``ValidationError``."""
-    if not isinstance(value, str) or len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+    if not isinstance(value, str) or len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
         raise ValidationError(
             f"{what} {value!r} is not a valid Kubernetes name: use up to 253 lowercase letters, digits,"
             " '-' or '.', starting and ending with a letter or digit"
@@ -79,8 +79,8 @@ def check_dns_subdomain(value: Any, what: str) -> str:
 def check_label_key(value: Any, what: str) -> str:
     """``value`` if it is a label key (``[prefix/]name``), else ``ValidationError``."""
     prefix, _, name = value.rpartition("/") if isinstance(value, str) else ("", "", "")
-    if not name or len(name) > 63 or not _LABEL_NAME.match(name) or (
-        prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix))
+    if not name or len(name) > 63 or not _LABEL_NAME.fullmatch(name) or (
+        prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix))
     ):
         raise ValidationError(f"{what} {value!r} is not a valid label key (such as 'nvidia.com/gpu.product')")
     return value
@@ -93,7 +93,7 @@ def _digest(text: str) -> str:
 def label_value(value: Any) -> str:
     """``value`` as a label value: as is when valid, else cleaned and made unique with a hash suffix."""
     text = str(value)
-    if len(text) <= 63 and _LABEL_VALUE.match(text):
+    if len(text) <= 63 and _LABEL_VALUE.fullmatch(text):
         return text
     cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:54].strip("-_.")
     return f"{cleaned}-{_digest(text)}" if cleaned else _digest(text)
@@ -107,7 +107,7 @@ def service_name(name: str) -> str:
     """
     if not isinstance(name, str) or not name.strip():
         raise ValidationError(f"service name {name!r}: expected a non-empty string")
-    if len(name) <= MAX_SERVICE_NAME and _DNS_1035.match(name):
+    if len(name) <= MAX_SERVICE_NAME and _DNS_1035.fullmatch(name):
         return name
     cleaned = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     cleaned = re.sub(r"^[0-9-]+", "", cleaned)  # must start with a letter
@@ -257,7 +257,7 @@ class WorkloadSpec:
         if self.command is not None and (not self.command or not all(isinstance(a, str) for a in self.command)):
             raise ValidationError(f"command: expected a non-empty list of strings, got {self.command!r}")
         check_dns_subdomain(self.token_secret, "token_secret")
-        if not isinstance(self.token_secret_key, str) or not re.match(r"^[-._a-zA-Z0-9]+$", self.token_secret_key):
+        if not isinstance(self.token_secret_key, str) or not re.fullmatch(r"[-._a-zA-Z0-9]+", self.token_secret_key):
             raise ValidationError(f"token_secret_key {self.token_secret_key!r} is not a valid Secret key")
         for secret in self.secrets:
             check_dns_subdomain(secret, "secret")
@@ -269,7 +269,7 @@ class WorkloadSpec:
             raise ValidationError(f"image_pull_policy {self.image_pull_policy!r}: expected one of {_PULL_POLICIES}")
         check_label_key(self.gpu_label_key, "gpu_label_key")
         for name, value in self.user_env.items():
-            if not isinstance(name, str) or not _ENV_NAME.match(name):
+            if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
                 raise ValidationError(
                     f"env {name!r} is not a valid variable name: use letters, digits, '_', '-' or '.',"
                     " not starting with a digit"
@@ -392,7 +392,7 @@ class ServiceSpec(WorkloadSpec):
         if self.timeout_seconds is not None:
             _positive_int(self.timeout_seconds, "timeout_seconds")
         if self.scale_to_zero_retention is not None and (
-            not isinstance(self.scale_to_zero_retention, str) or not _DURATION.match(self.scale_to_zero_retention)
+            not isinstance(self.scale_to_zero_retention, str) or not _DURATION.fullmatch(self.scale_to_zero_retention)
         ):
             raise ValidationError(
                 f"scale_to_zero_retention {self.scale_to_zero_retention!r}: expected a duration such as '90s' or '5m'"

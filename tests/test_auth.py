@@ -122,3 +122,17 @@ def test_every_documented_route_refuses_strangers(plat, client, deployed, other)
                 assert remote.job_id not in body and run_id not in body and batch not in body and "S3CRET" not in body
                 walked += 1
     assert walked >= 5 * 20, f"only {walked} requests: the document lists too few routes"
+
+
+def test_status_shows_only_the_workspaces_own_pools_and_services(plat, client, deployed, other, user_code):
+    mod = user_code("from opbox import operator\n\n@operator()\nclass Vault:\n    def get(self):\n        return 1\n")
+    svc = mod.Vault.deploy(name="vault", client=client, quiet=True)
+    try:
+        mine = client.get("/status").json()
+        assert any(s["service"] == f"{plat.workspace}/vault" for s in mine["services"])
+        assert any(p["job_id"] == deployed[0].job_id for p in mine["pools"])
+        with httpx.Client(base_url=plat.url, headers={"Authorization": f"Bearer {other['token']}"}) as http:
+            theirs = http.get(f"/{other['workspace']}/status").json()
+        assert theirs["services"] == [] and theirs["pools"] == [], theirs
+    finally:
+        svc.delete()

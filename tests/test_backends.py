@@ -40,7 +40,7 @@ class TinyBackend:
 
     async def cancel(self, run_id: str, grace: float) -> None: ...
 
-    def describe(self) -> dict:
+    def describe(self, workspace: str) -> dict:
         return {"backend": self.name}
 
 

@@ -129,8 +129,8 @@ class Backend(Protocol):
     async def cancel(self, run_id: str, grace: float) -> None:
         """Stop a run: SIGTERM (or the equivalent), then kill after ``grace`` seconds."""
 
-    def describe(self) -> dict:
-        """Status for the API: pools, workers, services."""
+    def describe(self, workspace: str) -> dict:
+        """Status for the API, as one workspace may see it: its pools, workers and services."""
 
 
 class WorkerPools(Protocol):

@@ -166,13 +166,14 @@ class PoolManager:
         for task in list(self._tasks):
             task.cancel()
 
-    def describe(self) -> list[dict]:
+    def describe(self, workspace: str) -> list[dict]:
+        """The pools of ``workspace``'s job versions."""
         return [
             {
                 "pool": p.id, "job_id": p.version.job_id, "version": p.version.version, "queued": len(p.queue),
                 "workers": len(p.workers), "busy": sum(1 for w in p.workers.values() if w.run_id),
             }
-            for p in self.pools.values()
+            for p in self.pools.values() if p.version.workspace == workspace
         ]
 
     # -- worker side (called by the gateway's internal routes) --------------------------

@@ -208,9 +208,10 @@ class Replicas(abc.ABC):
                 parts.append(f"==> replica {path.stem} <==\n{text}")
         return "\n".join(parts)[-limit:]
 
-    def describe(self) -> list[dict]:
+    def describe(self, workspace: str) -> list[dict]:
+        """The services of ``workspace`` (keys are ``workspace/name``)."""
         return [{"service": key, "status": s.status, "ready": len(s.endpoints), "replicas": len(s.replicas)}
-                for key, s in self.services.items()]
+                for key, s in self.services.items() if key.startswith(f"{workspace}/")]
 
     async def close(self) -> None:
         for svc in self.services.values():

@@ -164,8 +164,6 @@ async def status(request: Request):
     """
     ws = workspace(request)
     plat = platform(request)
-    info = plat.backend.describe()
-    job_ids = {j.id for j in plat.deploys.jobs(ws)}
-    info["pools"] = [p for p in info.get("pools", []) if p["job_id"] in job_ids]
+    info = plat.backend.describe(ws)
     info["runs"] = plat.runs.open_counts(ws)
     return ok(info)

@@ -57,8 +57,8 @@ class ContainerBackend(PoolMethods, ServiceMethods):
     async def cancel(self, run_id: str, grace: float) -> None:
         await self.pools.cancel(run_id, grace)
 
-    def describe(self) -> dict:
-        return {"backend": self.name, "pools": self.pools.describe(), "services": self.services.describe()}
+    def describe(self, workspace: str) -> dict:
+        return {"backend": self.name, "pools": self.pools.describe(workspace), "services": self.services.describe(workspace)}
 
 
 def create(settings: Settings, token_for, gateway_url: str) -> ContainerBackend:

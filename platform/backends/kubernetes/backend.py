@@ -178,11 +178,11 @@ class KubernetesBackend:
             raise ConfigError(f"version {version.key} has no image: the kubernetes backend needs the podman builder "
                               "(OPBOX_BUILDER=podman) and a registry the cluster pulls from (OPBOX_REGISTRY)")
 
-    def describe(self) -> dict:
+    def describe(self, workspace: str) -> dict:
         return {"backend": self.name, "jobs": {"inflight": len(self.inflight), "queued": len(self.queue),
                                               "max_inflight": self.settings.max_inflight,
                                               "termination_grace": self.termination_grace},
-                "services": self.knative.describe(),
+                "services": self.knative.describe(workspace),
                 "watches": {w.what: {"resourceVersion": w.resource_version, "relists": w.relists,
                                      "reconnects": w.reconnects} for w in self.watchers}}
 

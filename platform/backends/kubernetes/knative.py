@@ -245,9 +245,9 @@ class KnativeServices:
             lines = max(1, lines // 4)  # the cap cut the newest lines off: ask for fewer
         return data.decode(errors="replace")
 
-    def describe(self) -> list[dict]:
+    def describe(self, workspace: str) -> list[dict]:
         return [{"service": key, "status": self._state(e), "knative_service": f"{e['namespace']}/{e['name']}"}
-                for key, e in self.services.items()]
+                for key, e in self.services.items() if key.startswith(f"{workspace}/")]
 
 
 def _pod_order(pod: dict) -> tuple:

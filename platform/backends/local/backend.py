@@ -119,10 +119,10 @@ class LocalBackend(PoolMethods, ServiceMethods):
         await self.pools.cancel(run_id, grace)
         await self.oneshot.cancel(run_id, grace)
 
-    def describe(self) -> dict:
-        return {"backend": self.name, "isolation": self.isolation, "pools": self.pools.describe(),
+    def describe(self, workspace: str) -> dict:
+        return {"backend": self.name, "isolation": self.isolation, "pools": self.pools.describe(workspace),
                 "oneshot": {"running": len(self.oneshot.running), "queued": len(self.oneshot.queue)},
-                "services": self.services.describe()}
+                "services": self.services.describe(workspace)}
 
     def _busy(self):
         """(pid, resource, kill) for every process that is running a run with a memory limit."""

@@ -102,13 +102,31 @@ def test_tampered_upload_url_is_refused(plat, client):
     assert httpx.put(other_key, content=data).status_code == 403
 
 
-def test_upload_whose_content_does_not_match_its_hash_is_refused(plat, client):
-    claimed = hashlib.sha256(b"the real thing").hexdigest()
+def test_upload_whose_content_does_not_match_its_hash_is_refused_and_never_blocks(plat, client):
+    real = b"the real thing"
+    claimed = hashlib.sha256(real).hexdigest()
     slot = client.post("/uploads", json={"sha256": claimed, "size": 14}).json()
-    assert httpx.put(slot["upload"]["url"], content=b"something else").status_code < 300
-    with pytest.raises(Exception, match="does not match its sha256"):
+    refused = httpx.put(slot["upload"]["url"], content=b"something else")
+    assert refused.status_code == 400 and "nothing was stored" in refused.json()["message"]
+    again = client.post("/uploads", json={"sha256": claimed, "size": 14}).json()
+    assert again["exists"] is False  # the wrong bytes did not stick: the right ones can come
+    assert httpx.put(again["upload"]["url"], content=real).status_code == 200
+    assert client.post("/uploads", json={"sha256": claimed, "size": 14}).json()["exists"] is True
+
+
+def test_wrong_bytes_a_store_kept_are_discarded_at_deploy(plat, client):
+    """A store that does not check the signed digest (some S3 servers) may keep other bytes: the deploy
+    refuses them and drops them, so the next upload of the real archive is not told it exists."""
+    real = b"another real thing"
+    claimed = hashlib.sha256(real).hexdigest()
+    kept = plat.home / "store" / plat.workspace / "code" / f"{claimed}.zip"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(b"bytes a lax store kept")
+    with pytest.raises(Exception, match="does not match its sha256; it was discarded"):
         list(client.stream_lines("POST", "/jobs", json={"name": "liar", "entry": "main:f", "code_sha256": claimed,
                                                         "python": "3.11"}))
+    assert not kept.exists()
+    assert client.post("/uploads", json={"sha256": claimed, "size": len(real)}).json()["exists"] is False
 
 
 class warnings_off:

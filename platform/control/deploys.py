@@ -52,7 +52,7 @@ class Deploys:
         key = code_key(workspace, sha256)
         if await asyncio.to_thread(self.store.exists, key):
             return {"key": key, "exists": True}
-        signed = self.store.upload_url(key, expires=900, max_size=size)
+        signed = self.store.upload_url(key, expires=900, max_size=size, sha256=sha256)  # other bytes: refused
         return {"key": key, "exists": False, "upload": {"url": signed.url, "method": signed.method,
                                                         "headers": dict(signed.headers)}}
 
@@ -113,13 +113,17 @@ class Deploys:
         key = code_key(workspace, sha256)
         size = await asyncio.to_thread(self.store.size, key)
         if size is not None and size > self.max_upload:  # S3 presigned PUTs cannot cap the size themselves
+            await asyncio.to_thread(self.store.delete, key)
             raise PayloadTooLarge(f"the uploaded code is {size} bytes; the upload limit is {self.max_upload}")
         try:
             zip_bytes = await asyncio.to_thread(self.store.get, key)
         except NotFound:
             raise NotFound(f"no uploaded code with sha256 {sha256}; upload it first") from None
         if hashlib.sha256(zip_bytes).hexdigest() != sha256:
-            raise ValidationError("the uploaded code does not match its sha256")
+            # a store that does not check the signed digest kept other bytes: drop them, or the
+            # next deploy would be told "exists" and fail the same way forever
+            await asyncio.to_thread(self.store.delete, key)
+            raise ValidationError("the uploaded code does not match its sha256; it was discarded: deploy again")
         return zip_bytes
 
     async def deploy(self, workspace: str, spec: dict, zip_bytes: bytes,

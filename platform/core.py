@@ -97,6 +97,10 @@ class Platform:
         if token and self.auth.is_active(token):
             self._save_credentials(workspace, token)
             return None
+        if token and self.auth.is_revoked(token):
+            log.warning("OPBOX_TOKEN is a revoked token: it stays revoked and the platform starts without it "
+                        "(unset it, or set it to an active token: `opbox tokens create NAME`)")
+            return None
         if token is None and self.auth.has_tokens(workspace):
             return None
         _, token = self.auth.create_token(workspace, name="bootstrap", role="admin", token=token)

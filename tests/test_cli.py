@@ -95,3 +95,18 @@ def test_errors_are_clear(cli):
     assert out.returncode != 0 and "TARGET must look like" in out.stderr
     out = cli("trigger", "greet", "--args", "not json", check=False)
     assert out.returncode != 0 and "JSON" in out.stderr
+
+
+def test_restart_with_a_revoked_bootstrap_token_starts_and_says_so(tmp_path):
+    from platform_fixture import running_platform
+
+    env = {"OPBOX_TOKEN": "obx_bootstrap-token-for-the-test", "OPBOX_WORKSPACE": "boot"}
+    with running_platform(tmp_path / "home", extra_env=env) as first:
+        with first.http(token=env["OPBOX_TOKEN"]) as http:
+            (token,) = [t for t in http.get("/boot/tokens").json()["tokens"] if t["name"] == "bootstrap"]
+            assert http.delete(f"/boot/tokens/{token['id']}").status_code == 200
+    (tmp_path / "home" / "gateway.log").rename(tmp_path / "home" / "gateway.first.log")
+    with running_platform(tmp_path / "home", extra_env=env) as second:
+        assert "OPBOX_TOKEN is a revoked token" in second.log()
+        with second.http(token=env["OPBOX_TOKEN"]) as http:
+            assert http.get("/boot/jobs").status_code == 401

@@ -52,6 +52,10 @@ class Auth:
     def is_active(self, token: str) -> bool:
         return self.records.tokens.by_hash(hash_token(token)) is not None
 
+    def is_revoked(self, token: str) -> bool:
+        row = self.records.tokens.by_hash(hash_token(token), revoked_too=True)
+        return row is not None and row.revoked_at is not None
+
     def has_tokens(self, workspace: str) -> bool:
         return bool(self.records.tokens.in_workspace(workspace))
 

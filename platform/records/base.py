@@ -250,8 +250,8 @@ class TokenRecords(Protocol):
     def add(self, token_id: str, workspace: str, name: str, token_hash: str, role: str) -> None:
         """The token, and its workspace when new, atomically."""
 
-    def by_hash(self, token_hash: str) -> TokenRecord | None:
-        """An active (not revoked) token."""
+    def by_hash(self, token_hash: str, revoked_too: bool = False) -> TokenRecord | None:
+        """An active (not revoked) token; with ``revoked_too``, a revoked one as well."""
 
     def revoke(self, workspace: str, token_id: str, at: float) -> bool:
         """False when there is no such active token in the workspace."""

@@ -28,8 +28,9 @@ class SqliteTokens:
             db.execute("INSERT INTO tokens(id, workspace, name, hash, role, created_at) VALUES (?,?,?,?,?,?)",
                        (token_id, workspace, name, token_hash, role, now))
 
-    def by_hash(self, token_hash: str) -> TokenRecord | None:
-        row = self.db.execute(f"{TOKEN} WHERE hash = ? AND revoked_at IS NULL", (token_hash,)).fetchone()
+    def by_hash(self, token_hash: str, revoked_too: bool = False) -> TokenRecord | None:
+        active = "" if revoked_too else " AND revoked_at IS NULL"
+        row = self.db.execute(f"{TOKEN} WHERE hash = ?{active}", (token_hash,)).fetchone()
         return TokenRecord(*row) if row is not None else None
 
     def revoke(self, workspace: str, token_id: str, at: float) -> bool:

@@ -26,6 +26,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 
+PRODUCT_DEFAULTS = {"OPBOX_SANDBOX": "auto"}  # measure what `make run` runs (the test fixture turns it off)
+
 def pct(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] * 1000
@@ -53,7 +55,7 @@ def main():
             times.append(time.perf_counter() - t)
     out["process_pool_floor_ms"] = {"p50": round(pct(times, 0.5), 3), "p99": round(pct(times, 0.99), 3)}
 
-    with tempfile.TemporaryDirectory() as tmp, running_platform(Path(tmp) / "home") as plat:
+    with tempfile.TemporaryDirectory() as tmp, running_platform(Path(tmp) / "home", extra_env=PRODUCT_DEFAULTS) as plat:
         code = Path(tmp) / "code"
         code.mkdir()
         (code / "bench_fn.py").write_text("from opbox import operator\n\n@operator()\ndef square(x=2):\n    return x * x\n")

@@ -39,6 +39,8 @@ class Echo:
 '''
 
 
+PRODUCT_DEFAULTS = {"OPBOX_SANDBOX": "auto"}  # measure what `make run` runs (the test fixture turns it off)
+
 def pct(values, q):
     values = sorted(values)
     return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 3)
@@ -115,7 +117,7 @@ def main():
     from platform_fixture import running_platform
 
     out = {"python": sys.version.split()[0], "cores": os.cpu_count(), "seconds_per_figure": args.seconds}
-    with tempfile.TemporaryDirectory() as tmp, running_platform(Path(tmp) / "home") as plat:
+    with tempfile.TemporaryDirectory() as tmp, running_platform(Path(tmp) / "home", extra_env=PRODUCT_DEFAULTS) as plat:
         folder = Path(tmp) / "proj"
         folder.mkdir()
         (folder / "benchserve.py").write_text(CODE)

@@ -66,6 +66,9 @@ class Settings:
     public_url: str | None = setting("OPBOX_PUBLIC_URL")  # how clients reach the gateway; default http://host:port
     backend: str = setting("OPBOX_BACKEND", "local")
     isolation: str = setting("OPBOX_ISOLATION", "worker")  # local backend: "worker" (warm pools) or "run"
+    # local backend: seal user code in a bubblewrap sandbox as its workspace's uid: "auto" (when the platform
+    # runs as root with bwrap; else a warning), "required" (refuse to start without), "off"
+    sandbox: str = setting("OPBOX_SANDBOX", "auto")
     store_url: str | None = setting("OPBOX_STORE_URL")  # default: a folder in home
     workspace: str | None = setting("OPBOX_WORKSPACE")  # bootstrap workspace
     token: str | None = setting("OPBOX_TOKEN")  # bootstrap token

@@ -50,7 +50,9 @@ class RunningPlatform:
 
 def start(home: Path, port: int = 0, extra_env: dict | None = None, timeout: float = 30) -> RunningPlatform:
     home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OPBOX_HOME": str(home), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    # most tests hand host folders to user code (marker files, data): they run unsealed; the sandbox
+    # (OPBOX_SANDBOX=auto, the product's default) has its own end-to-end tests in test_sandbox.py
+    env = {**os.environ, "OPBOX_HOME": str(home), "PYTHONUNBUFFERED": "1", "OPBOX_SANDBOX": "off", **(extra_env or {})}
     for name in ("OPBOX_URL", "OPBOX_TOKEN", "OPBOX_WORKSPACE"):
         if extra_env is None or name not in extra_env:
             env.pop(name, None)

@@ -133,15 +133,20 @@ def test_runtime_env_is_the_contract_of_every_spawn_site():
     assert "HF_HOME" not in runtime_env(local), "Resource.env is merged by each backend, under the runtime's"
 
 
-def test_local_processes_inherit_the_environment_without_the_gateways_secrets(monkeypatch):
+def test_local_processes_get_an_allow_listed_environment(monkeypatch):
     from opbox.platform.backends.local.process import process_env
 
-    monkeypatch.setenv("OPBOX_TOKEN", "admin-token")
-    monkeypatch.setenv("OPBOX_SECRET", "s")
-    monkeypatch.setenv("SOME_HOST_VAR", "kept")
-    env = process_env(_version(code_dir="/c"), runtime_env(_version(code_dir="/c")))
-    assert env["SOME_HOST_VAR"] == "kept" and env["HF_HOME"] == "/cache" and env["OPBOX_CODE_DIR"] == "/c"
-    assert "OPBOX_TOKEN" not in env and "OPBOX_SECRET" not in env
+    for name, value in (("OPBOX_TOKEN", "admin-token"), ("OPBOX_SECRET", "s"), ("AWS_SECRET_ACCESS_KEY", "k"),
+                        ("SOME_HOST_VAR", "x"), ("PATH", "/usr/bin:/bin"), ("LANG", "C.UTF-8"), ("HOME", "/root")):
+        monkeypatch.setenv(name, value)
+    version = _version(code_dir="/c")
+    env = process_env(version, runtime_env(version))
+    assert env["PATH"] == "/usr/bin:/bin" and env["LANG"] == "C.UTF-8" and env["HOME"] == "/root"
+    assert env["HF_HOME"] == "/cache" and env["OPBOX_CODE_DIR"] == "/c"  # Resource.env, then the runtime's
+    for name in ("OPBOX_TOKEN", "OPBOX_SECRET", "AWS_SECRET_ACCESS_KEY", "SOME_HOST_VAR"):
+        assert name not in env, name
+    sealed = process_env(version, runtime_env(version), sealed=True)
+    assert sealed["HOME"] == sealed["TMPDIR"] == "/tmp" and sealed["OPBOX_CODE_DIR"] == "/app"
 
 
 def test_artifacts_keep_their_stored_form():

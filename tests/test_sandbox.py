@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from conftest import require
-from opbox.platform.backends.sandbox import UID_BASE, UidMap, find_sandbox, unsealed_reason
+from opbox.platform.backends.local.process import PASSED
+from opbox.platform.backends.local.sandbox import UID_BASE, UidMap, find_sandbox, unsealed_reason
 
 PROBE = """
 import json, os, sys
@@ -80,3 +81,123 @@ def test_processes_left_in_the_sandbox_end_with_it(sandbox, tmp_path):
     assert out.returncode == 0, out.stderr
     left = subprocess.run(["pgrep", "-f", token], capture_output=True, text=True)
     assert left.stdout.strip() == "", "a detached process outlived its sandbox"
+
+
+# -- end to end: a platform that requires its sandbox ----------------------------------------------
+SEALED_CODE = """
+import os, sys, time
+from opbox import Resource, operator
+
+@operator()
+def peek(path):
+    try:
+        with open(path, "rb") as f:
+            return ("read", len(f.read()))
+    except OSError as exc:
+        return (type(exc).__name__, str(exc))
+
+@operator()
+def whoami():
+    return {"uid": os.getuid(), "gid": os.getgid(), "cwd": os.getcwd(), "env": sorted(os.environ), "pid": os.getpid(),
+            "code": os.environ.get("OPBOX_CODE_DIR")}
+
+@operator()
+def plant():
+    target = os.path.join(sys.prefix, "lib", "evil.pth")
+    try:
+        with open(target, "w") as f:
+            f.write("import os")
+        return "planted"
+    except OSError as exc:
+        return type(exc).__name__
+
+@operator()
+def nap(seconds=30):
+    time.sleep(seconds)
+
+@operator(resource=Resource(memory="64Mi"))
+def hog():
+    blob = bytearray(300 * 2**20)
+    time.sleep(5)
+    return len(blob)
+
+@operator()
+class Teller:
+    def whoami(self):
+        return {"uid": os.getuid(), "pid": os.getpid()}
+"""
+
+RUNTIME_VARS = {"OPBOX_ENTRY", "OPBOX_CODE_DIR", "OPBOX_GATEWAY_URL", "OPBOX_POOL", "OPBOX_WORKER_ID",
+                "OPBOX_WORKER_TOKEN", "OPBOX_RUN_ID", "OPBOX_RUN_TOKEN", "OPBOX_RUNTIME", "PYTHONUNBUFFERED"}
+
+
+@pytest.fixture(scope="module", params=["worker", "run"])
+def sealed(request, tmp_path_factory):
+    from conftest import user_module
+    from platform_fixture import running_platform
+
+    require(find_sandbox(tmp_path_factory.mktemp("probe")) is not None, f"no sandbox here: {unsealed_reason()}")
+    env = {"OPBOX_SANDBOX": "required", "OPBOX_ISOLATION": request.param}
+    with running_platform(tmp_path_factory.mktemp(f"sealed_{request.param}"), extra_env=env) as plat:
+        client = plat.client()
+        with user_module(tmp_path_factory.mktemp("sealed_proj"), "sealedmod", SEALED_CODE) as mod:
+            fns = {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("peek", "whoami", "plant", "nap", "hog")}
+            yield plat, client, mod, fns
+        client.close()
+
+
+def test_a_run_cannot_read_what_the_platform_keeps(sealed):
+    plat, _, _, fns = sealed
+    for name in ("secret", "credentials.json", "state.db", "gateway.log"):
+        outcome, _ = fns["peek"](str(plat.home / name))
+        assert outcome == "FileNotFoundError", (name, outcome)  # not even there: the home is not mounted
+    assert fns["peek"]("/etc/hostname")[0] in ("read", "FileNotFoundError")
+
+
+def test_a_run_has_its_workspaces_uid_an_allow_listed_environment_and_read_only_code(sealed):
+    _, _, _, fns = sealed
+    seen = fns["whoami"]()
+    assert seen["uid"] == seen["gid"] >= 200_000 and seen["cwd"] == "/app" and seen["code"] == "/app"
+    assert "OPBOX_TOKEN" not in seen["env"] and "OPBOX_SECRET" not in seen["env"]
+    leftovers = set(seen["env"]) - RUNTIME_VARS - set(PASSED) - {"HOME", "TMPDIR", "PWD"}
+    assert not leftovers, leftovers
+    assert fns["plant"]() in ("OSError", "PermissionError")  # the virtualenv is read-only to user code
+
+
+def test_each_workspace_runs_as_its_own_uid(sealed, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    plat, _, mod, fns = sealed
+    out = subprocess.run([sys.executable, "-m", "opbox.cli", "workspace", "create", "other-team", "--home",
+                          str(plat.home), "--json"], capture_output=True, text=True, check=True)
+    other = plat.client(token=json.loads(out.stdout)["token"], workspace="other-team")
+    theirs = mod.whoami.deploy(client=other, quiet=True)()
+    assert theirs["uid"] != fns["whoami"]()["uid"]
+    other.close()
+
+
+def test_cancel_and_memory_limits_reach_into_the_sandbox(sealed):
+    import time
+
+    from opbox import RunFailed
+
+    _, _, _, fns = sealed
+    run = fns["nap"].submit(30)
+    deadline = time.monotonic() + 20
+    while run.status()["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run.cancel()["status"] == "cancelled"
+    assert fns["nap"](0) is None  # the same job runs again at once: the cancel reached the run, not the platform
+    with pytest.raises(RunFailed, match="OOMKilled"):  # the memory of the whole sandbox counts
+        fns["hog"]()
+
+
+def test_a_served_class_runs_sealed(sealed):
+    _, client, mod, _ = sealed
+    svc = mod.Teller.deploy(name="teller", client=client, quiet=True)
+    try:
+        assert svc.whoami()["uid"] >= 200_000
+    finally:
+        svc.delete()

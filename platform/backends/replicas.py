@@ -272,8 +272,9 @@ class Replicas(abc.ABC):
         for _ in range(max(0, spec.replicas - len(svc.live(generation)))):
             self._start(svc, generation)
 
+    @abc.abstractmethod
     def _signal(self, replica: Replica, signum: int) -> None:
-        _signal_group(replica, signum)
+        """Send ``signum`` to a replica (SIGTERM: drain and stop; SIGKILL: now)."""
 
     def _start(self, svc: Service, generation: int, delay: float = 0.0) -> None:
         self._seq += 1
@@ -468,15 +469,3 @@ class Replicas(abc.ABC):
             if state.get("inflight") or state.get("waiting"):
                 return True
         return False
-
-
-def _signal_group(replica: Replica, signum: int) -> None:
-    proc = replica.proc
-    if proc is None or proc.returncode is not None:
-        return
-    try:
-        os.killpg(proc.pid, signum)
-    except ProcessLookupError:
-        pass
-
-

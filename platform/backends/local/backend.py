@@ -9,8 +9,7 @@ timeouts by the pool. CPU, disk and GPU requests are recorded for the cluster ba
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
+import logging
 from pathlib import Path
 
 from ...settings import Settings
@@ -19,8 +18,11 @@ from ..pools import PoolManager, PoolMethods, Worker, file_tail
 from ..replicas import ServiceMethods
 from ..runtime_env import runtime_env
 from .oneshot import OneShotRunner
-from .process import child_setup, process_env, rss_bytes
+from .process import rss_bytes, signal_runtime, start_runtime
+from .sandbox import Sandbox, open_sandbox
 from .services import LocalServices
+
+log = logging.getLogger("opbox.local")
 
 
 class LocalProcess:
@@ -40,33 +42,22 @@ class LocalProcess:
 
 
 class ProcessSpawner:
-    def __init__(self, gateway_url: str, log_dir: Path):
+    def __init__(self, gateway_url: str, log_dir: Path, sandbox: Sandbox | None):
         self.gateway_url = gateway_url
         self.log_dir = log_dir
+        self.sandbox = sandbox
 
     async def spawn(self, worker: Worker) -> LocalProcess:
         version = worker.pool.version
-        artifact = version.artifact
-        env = process_env(version, runtime_env(version, gateway_url=self.gateway_url,
-                                               worker=(worker.pool.id, worker.id, worker.pool.token)))
         log_path = self.log_dir / worker.pool.id / f"{worker.id}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
-            proc = await asyncio.create_subprocess_exec(
-                artifact.python or sys.executable, "-m", "opbox.runtime", "worker",
-                cwd=artifact.code_dir, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=child_setup,
-            )
+        runtime = runtime_env(version, gateway_url=self.gateway_url,
+                              worker=(worker.pool.id, worker.id, worker.pool.token))
+        proc = await start_runtime(version, runtime, ["worker"], log_path, self.sandbox)
         return LocalProcess(proc, log_path)
 
     def signal(self, worker: Worker, signum: int) -> None:
-        handle = worker.handle
-        if handle is None or handle.proc.returncode is not None:
-            return
-        try:
-            os.killpg(handle.pid, signum)
-        except ProcessLookupError:
-            pass
+        if worker.handle is not None:
+            signal_runtime(worker.handle.proc, signum, self.sandbox is not None)
 
 
 class LocalBackend(PoolMethods, ServiceMethods):
@@ -78,19 +69,20 @@ class LocalBackend(PoolMethods, ServiceMethods):
 
     def __init__(self, *, gateway_url: str, home: Path, token_for, max_workers: int, isolation: str = "worker",
                  worker_idle: float = Settings.worker_idle, pool_idle: float = Settings.pool_idle,
-                 watchdog_interval: float = 0.2):
+                 watchdog_interval: float = 0.2, sandbox: str = Settings.sandbox):
         if isolation not in ("worker", "run"):
             raise ValueError(f"isolation must be 'worker' or 'run', got {isolation!r}")
         self.isolation = isolation
+        self.sandbox = open_sandbox(home, sandbox)
         self.pools = PoolManager(
-            ProcessSpawner(gateway_url, home / "logs" / "workers"), max_workers=max_workers,
+            ProcessSpawner(gateway_url, home / "logs" / "workers", self.sandbox), max_workers=max_workers,
             worker_idle=worker_idle, pool_idle=pool_idle, token_for=lambda pool_id: token_for(f"pool:{pool_id}"),
         )
         self.oneshot = OneShotRunner(gateway_url=gateway_url, log_dir=home / "logs" / "runs", token_for=token_for,
-                                     max_procs=max_workers)
+                                     max_procs=max_workers, sandbox=self.sandbox)
         self.watchdog_interval = watchdog_interval
         self._watchdog: asyncio.Task | None = None
-        self.services = LocalServices(home)
+        self.services = LocalServices(home, sandbox=self.sandbox)
 
     async def start(self, events: RunEvents) -> None:
         self.pools.events = self.oneshot.events = events
@@ -148,4 +140,4 @@ def create(settings: Settings, token_for, gateway_url: str) -> LocalBackend:
     """The registry's factory (``OPBOX_BACKEND=local``)."""
     return LocalBackend(gateway_url=gateway_url, home=settings.home, max_workers=settings.max_workers,
                         worker_idle=settings.worker_idle, pool_idle=settings.pool_idle, isolation=settings.isolation,
-                        token_for=token_for)
+                        sandbox=settings.sandbox, token_for=token_for)

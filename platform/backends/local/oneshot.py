@@ -8,16 +8,15 @@ batch entrypoint end to end on one machine. At most ``max_procs`` runs execute a
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from collections import deque
 from pathlib import Path
 
 from ..base import RunEvents, RunTicket, VersionInfo
 from ..pools import describe_exit
 from ..runtime_env import runtime_env
-from .process import child_setup, process_env
+from .process import signal_runtime, start_runtime
+from .sandbox import Sandbox
 
 
 class OneShotProc:
@@ -28,7 +27,8 @@ class OneShotProc:
 
 
 class OneShotRunner:
-    def __init__(self, *, gateway_url: str, log_dir: Path, token_for, max_procs: int):
+    def __init__(self, *, gateway_url: str, log_dir: Path, token_for, max_procs: int, sandbox: Sandbox | None = None):
+        self.sandbox = sandbox
         self.gateway_url = gateway_url
         self.log_dir = log_dir
         self.token_for = token_for
@@ -52,18 +52,13 @@ class OneShotRunner:
 
     async def _run(self, one: OneShotProc) -> None:
         ticket, version = one.ticket, one.version
-        env = process_env(version, runtime_env(version, gateway_url=self.gateway_url,
-                                               run=(ticket.run_id, self.token_for(f"run:{ticket.run_id}"))))
+        runtime = runtime_env(version, gateway_url=self.gateway_url,
+                              run=(ticket.run_id, self.token_for(f"run:{ticket.run_id}")))
         log_path = self.log_dir / version.key / f"{ticket.run_id}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
         timer = None
         try:
-            with open(log_path, "ab") as out:
-                one.proc = await asyncio.create_subprocess_exec(
-                    version.artifact.python or sys.executable, "-m", "opbox.runtime", "run",
-                    "--run-id", ticket.run_id, cwd=version.artifact.code_dir, env=env,
-                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=child_setup)
+            one.proc = await start_runtime(version, runtime, ["run", "--run-id", ticket.run_id], log_path,
+                                           self.sandbox)
             if ticket.timeout:
                 timer = asyncio.get_running_loop().call_later(
                     ticket.timeout, self.kill, one, "timed_out", f"timed out after {ticket.timeout:g} s")
@@ -82,11 +77,7 @@ class OneShotRunner:
     def kill(self, one: OneShotProc, status: str, reason: str, signum: int = signal.SIGKILL) -> None:
         if one.kill_reason is None:
             one.kill_reason = (status, reason)
-        if one.proc is not None and one.proc.returncode is None:
-            try:
-                os.killpg(one.proc.pid, signum)
-            except ProcessLookupError:
-                pass
+        signal_runtime(one.proc, signum, self.sandbox is not None)
 
     async def cancel(self, run_id: str, grace: float) -> None:
         one = self.running.get(run_id)

@@ -7,28 +7,33 @@ with the same process setup as the warm workers (own session, dies with the gate
 
 from __future__ import annotations
 
-import asyncio
-import sys
+import os
 
 from ..replicas import Replica, Replicas, loopback_listener
 from ..runtime_env import runtime_env
-from .process import child_setup, process_env
+from .process import signal_runtime, start_runtime
+from .sandbox import Sandbox
 
 
 class LocalServices(Replicas):
+    def __init__(self, home, *, sandbox: Sandbox | None = None, **options):
+        super().__init__(home, **options)
+        self.sandbox = sandbox
+
     async def _spawn(self, replica: Replica) -> None:
-        spec, artifact = replica.spec, replica.spec.version.artifact
+        spec = replica.spec
+        init = self._init_path(spec)
+        if self.sandbox is not None:  # the constructor's arguments: readable by the workspace's uid only
+            uid = self.sandbox.uids.uid(spec.workspace)
+            os.chown(init, uid, uid)
         sock, replica.url = loopback_listener()
         try:
-            env = process_env(spec.version, runtime_env(spec.version, serve=spec, replica=replica.id,
-                                                         init_file=str(self._init_path(spec))))
-            replica.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(replica.log_path, "ab") as out:
-                replica.proc = await asyncio.create_subprocess_exec(
-                    artifact.python or sys.executable, "-m", "opbox.runtime", "serve", "--fd", str(sock.fileno()),
-                    cwd=artifact.code_dir, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                    stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=child_setup,
-                    pass_fds=(sock.fileno(),),
-                )
+            runtime = runtime_env(spec.version, serve=spec, replica=replica.id, init_file=str(init))
+            replica.proc = await start_runtime(spec.version, runtime, ["serve", "--fd", str(sock.fileno())],
+                                               replica.log_path, self.sandbox, readable=(str(init),),
+                                               pass_fds=(sock.fileno(),))
         finally:
             sock.close()
+
+    def _signal(self, replica: Replica, signum: int) -> None:
+        signal_runtime(replica.proc, signum, self.sandbox is not None)

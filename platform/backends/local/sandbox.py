@@ -17,6 +17,7 @@ backend still runs, unsealed, and says so at start-up (``sandbox_or_warning``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -24,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import opbox
+from opbox.errors import ConfigError
+
+log = logging.getLogger("opbox.sandbox")
 
 UID_BASE = 200_000  # far above login users and Debian's system range
 UID_SPAN = 100_000
@@ -114,6 +118,21 @@ def find_sandbox(home: Path) -> Sandbox | None:
     if os.geteuid() != 0 or not bwrap or not setpriv:
         return None
     return Sandbox(bwrap, setpriv, UidMap(home / "sandbox-uids.json"))
+
+
+def open_sandbox(home: Path, mode: str) -> Sandbox | None:
+    """The sandbox for ``OPBOX_SANDBOX=mode`` (auto, required, off); without one, say so loudly."""
+    if mode not in ("auto", "required", "off"):
+        raise ConfigError(f"OPBOX_SANDBOX must be auto, required or off, got {mode!r}")
+    sandbox = find_sandbox(home) if mode != "off" else None
+    if sandbox is None:
+        why = "OPBOX_SANDBOX=off" if mode == "off" else unsealed_reason()
+        if mode == "required":
+            raise ConfigError(f"OPBOX_SANDBOX=required, but no sandbox can be made here: {why}")
+        log.warning("workspaces are NOT isolated from each other on this machine (%s): runs, service replicas "
+                    "and builds run as the platform's own user and can read its files; see README, Threat model",
+                    why)
+    return sandbox
 
 
 def unsealed_reason() -> str:

@@ -63,3 +63,16 @@ class Builder(Protocol):
     async def build(self, spec: BuildSpec, zip_bytes: bytes, log: Callable[[str], None]) -> Artifact:
         """Build ``spec`` from the archive; every line of output goes to ``log`` as it comes.
         Raises ``BuildError`` (with the output in its ``log``) when the build fails."""
+
+
+class Isolation(Protocol):
+    """How a builder runs a build step that executes user code (a requirement's build backend):
+    sealed as the workspace's own user (the local backend's sandbox hands one in)."""
+
+    def owner(self, workspace: str) -> int:
+        """The uid (and gid) the workspace's code runs as."""
+
+    def command(self, argv: list[str], *, workspace: str, readable: tuple[str, ...] = (),
+                writable: tuple[str, ...] = (), code_dir: str | None = None) -> list[str]:
+        """``argv`` wrapped to run sealed, seeing ``readable`` and ``writable`` at their paths and the
+        code read-only at /app."""

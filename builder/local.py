@@ -23,18 +23,18 @@ from typing import Callable
 from opbox.errors import BuildError
 from opbox.packaging import normalize_requirements
 
-from .base import Artifact, BuildSpec
+from .base import Artifact, BuildSpec, Isolation
 from .extract import extract_to_content_dir
 
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 READY_MARK = ".opbox-ready"
 
 
-def requirements_key(code_dir: Path, python: str) -> str:
-    """The environment's cache key: the Python version and the normalized requirements."""
+def requirements_key(code_dir: Path, python: str, workspace: str = "") -> str:
+    """The environment's cache key: the workspace, the Python version and the normalized requirements."""
     req = code_dir / "requirements.txt"
     text = req.read_text(errors="replace") if req.is_file() else ""
-    return hashlib.sha256(f"python{python}\n{normalize_requirements(text)}".encode()).hexdigest()
+    return hashlib.sha256(f"{workspace}\npython{python}\n{normalize_requirements(text)}".encode()).hexdigest()
 
 
 def _uv() -> str | None:
@@ -49,10 +49,12 @@ def _uv() -> str | None:
 class LocalBuilder:
     name = "local"
 
-    def __init__(self, home: Path, python: str = sys.executable):
+    def __init__(self, home: Path, python: str = sys.executable, isolation: Isolation | None = None):
         self.code_root = home / "code"
         self.env_root = home / "envs"
+        self.cache_root = home / "cache" / "uv"
         self.python = python
+        self.isolation = isolation
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def build(self, spec: BuildSpec, zip_bytes: bytes, log: Callable[[str], None]) -> Artifact:
@@ -65,13 +67,15 @@ class LocalBuilder:
         started = time.monotonic()
         code_dir = await asyncio.to_thread(extract_to_content_dir, zip_bytes, self.code_root, spec.code_sha256)
         log(f"code {spec.code_sha256[:12]} in {code_dir}")
-        env_dir = await self._environment(Path(code_dir), spec.python, log)
+        env_dir = await self._environment(Path(code_dir), spec, log)
         log(f"build done in {time.monotonic() - started:.2f} s")
         return Artifact(code_dir=str(code_dir), python=str(env_dir / "bin" / "python"), venv=str(env_dir))
 
-    async def _environment(self, code_dir: Path, python: str, log: Callable[[str], None]) -> Path:
-        key = requirements_key(code_dir, python)
-        env_dir = self.env_root / f"py{python}-{key[:16]}"
+    async def _environment(self, code_dir: Path, spec: BuildSpec, log: Callable[[str], None]) -> Path:
+        # one workspace's environments are never another's: a requirement's build code may write into the
+        # environment it installs to, and whatever it leaves there runs in every run that uses it
+        key = requirements_key(code_dir, spec.python, spec.workspace)
+        env_dir = self.env_root / f"py{spec.python}-{key[:16]}"
         if (env_dir / READY_MARK).exists():
             log(f"requirements unchanged: reusing environment {env_dir.name}")
             return env_dir
@@ -84,13 +88,13 @@ class LocalBuilder:
                     log(f"requirements unchanged: reusing environment {env_dir.name}")
                     return env_dir
                 try:
-                    await self._create(env_dir, code_dir, log)
+                    await self._create(env_dir, code_dir, spec.workspace, log)
                 except BaseException:
                     shutil.rmtree(env_dir, ignore_errors=True)
                     raise
         return env_dir
 
-    async def _create(self, env_dir: Path, code_dir: Path, log: Callable[[str], None]) -> None:
+    async def _create(self, env_dir: Path, code_dir: Path, workspace: str, log: Callable[[str], None]) -> None:
         shutil.rmtree(env_dir, ignore_errors=True)
         uv = _uv()
         lines: list[str] = []
@@ -111,17 +115,49 @@ class LocalBuilder:
         if requirements.is_file() and requirements.read_text(errors="replace").strip():
             emit(f"installing {requirements.name} into {env_dir.name}")
             py = str(env_dir / "bin" / "python")
-            cmd = [uv, "pip", "install", "--python", py, "-r", str(requirements)] if uv else [
-                py, "-m", "pip", "install", "--disable-pip-version-check", "-r", str(requirements)]
+            req = "/app/requirements.txt" if self.isolation else str(requirements)
+            cmd = [uv, "pip", "install", "--python", py, "-r", req] if uv else [
+                py, "-m", "pip", "install", "--disable-pip-version-check", "-r", req]
             try:
-                await _run(cmd, code_dir, emit)
+                await self._install(cmd, env_dir, code_dir, workspace, emit)
             except BuildError as exc:
                 raise BuildError("installing requirements.txt failed", log="\n".join(lines)) from exc
         (env_dir / READY_MARK).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
-async def _run(cmd: list[str], cwd: Path, emit: Callable[[str], None]) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    async def _install(self, cmd: list[str], env_dir: Path, code_dir: Path, workspace: str,
+                       emit: Callable[[str], None]) -> None:
+        """Install the requirements: this runs their build backends, i.e. user code, so it runs sealed as the
+        workspace's user (writing only its environment and its own package cache) when isolation is given."""
+        if self.isolation is None:
+            await _run(cmd, code_dir, emit)
+            return
+        uid = self.isolation.owner(workspace)
+        cache = self.cache_root / workspace
+        cache.mkdir(parents=True, exist_ok=True)
+        for path in (cache, env_dir):
+            _chown_tree(path, uid)
+        sealed = self.isolation.command(cmd, workspace=workspace, writable=(str(env_dir), str(cache)),
+                                        code_dir=str(code_dir))
+        await _run(sealed, Path("/"), emit, {"HOME": "/tmp", "TMPDIR": "/tmp", "UV_CACHE_DIR": str(cache),
+                                            "UV_LINK_MODE": "copy"})
+
+
+def _chown_tree(root: Path, uid: int) -> None:
+    for folder, dirs, files in os.walk(root):
+        for name in (folder, *(os.path.join(folder, n) for n in dirs + files)):
+            os.lchown(name, uid, uid)
+
+
+BUILD_ENV = ("PATH", "HOME", "TMPDIR", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "HTTP_PROXY", "HTTPS_PROXY",
+             "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR",
+             "REQUESTS_CA_BUNDLE", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "UV_INDEX_URL",
+             "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS", "UV_CACHE_DIR")  # a build sees these of the platform's, no more
+
+
+async def _run(cmd: list[str], cwd: Path, emit: Callable[[str], None], extra: dict | None = None) -> None:
+    env = {k: os.environ[k] for k in BUILD_ENV if k in os.environ}
+    env.update(extra or {})
     env["UV_PYTHON_DOWNLOADS"] = "never"
     proc = await asyncio.create_subprocess_exec(
         *cmd, cwd=str(cwd), env=env, stdin=asyncio.subprocess.DEVNULL,

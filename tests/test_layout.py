@@ -104,8 +104,13 @@ def test_openapi_document_is_json_and_covers_the_api(plat):
 
 def test_a_built_wheel_holds_the_whole_namespace(tmp_path):
     """`pip install .` installs real copies of the symlinked folders under opbox/ (the mapping in pyproject.toml)."""
+    source = tmp_path / "source"  # a copy, so the build's own folders stay out of the work tree
+    for part in ("opbox", "platform", "runtime", "builder", "templates"):
+        shutil.copytree(ROOT / part, source / part, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("opbox-*.whl")
     site = tmp_path / "site"
     shutil.unpack_archive(wheel, site, format="zip")

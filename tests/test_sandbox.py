@@ -201,3 +201,76 @@ def test_a_served_class_runs_sealed(sealed):
         assert svc.whoami()["uid"] >= 200_000
     finally:
         svc.delete()
+
+
+SPY_BACKEND = '''
+import os, sys
+print("SPY-UID", os.getuid(), file=sys.stderr)
+print("SPY-OPBOX-ENV", sorted(k for k in os.environ if k.startswith("OPBOX")), file=sys.stderr)
+print("SPY-SEES-CREDENTIALS", os.path.exists({creds!r}), file=sys.stderr)
+try:
+    open(os.path.join({envs!r}, "planted"), "w")
+    print("SPY-PLANTED-OUTSIDE yes", file=sys.stderr)
+except OSError:
+    print("SPY-PLANTED-OUTSIDE no", file=sys.stderr)
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    raise RuntimeError("spy: this package never builds")
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    raise RuntimeError("spy: this package never builds")
+'''
+
+
+def test_a_requirements_build_backend_runs_sealed(sealed, tmp_path):
+    """A requirement's build backend is user code: it runs as the workspace's uid, sees no platform
+    variables, cannot read the platform's home and can write nothing but its own environment."""
+    from opbox import BuildError
+    from opbox.decorator import build_version
+    from opbox.resource import Resource
+
+    plat, client, _, _ = sealed
+    spy = tmp_path / "proj" / "spy"
+    spy.mkdir(parents=True)
+    (spy / "pyproject.toml").write_text('[build-system]\nrequires = []\nbuild-backend = "spybackend"\n'
+                                        'backend-path = ["."]\n\n[project]\nname = "spy"\nversion = "0.1"\n')
+    (spy / "spybackend.py").write_text(SPY_BACKEND.format(creds=str(plat.home / "credentials.json"),
+                                                          envs=str(plat.home / "envs")))
+    (tmp_path / "proj" / "main.py").write_text("def f():\n    return 1\n")
+    (tmp_path / "proj" / "requirements.txt").write_text("./spy\n")
+    with pytest.raises(BuildError) as failed:
+        build_version(tmp_path / "proj", "main:f", "spyjob", "function", Resource(), client, quiet=True)
+    log = failed.value.log or ""
+    assert "SPY-UID" in log, log[-3000:]
+    uid = int(log.split("SPY-UID ")[1].split()[0])
+    assert uid >= 200_000
+    assert "SPY-OPBOX-ENV []" in log and "SPY-SEES-CREDENTIALS False" in log and "SPY-PLANTED-OUTSIDE no" in log
+    assert not (plat.home / "envs" / "planted").exists()
+
+
+def test_unsealed_builds_get_no_platform_secrets_either(tmp_path):
+    """Without a sandbox (OPBOX_SANDBOX=off) a build still gets an allow-listed environment: the admin token
+    the platform was started with never reaches a requirement's build backend."""
+    from opbox import BuildError
+    from opbox.decorator import build_version
+    from opbox.resource import Resource
+    from platform_fixture import running_platform
+
+    env = {"OPBOX_TOKEN": "obx_admin-token-of-the-platform", "OPBOX_SANDBOX": "off"}
+    with running_platform(tmp_path / "home", extra_env=env) as plat:
+        spy = tmp_path / "proj" / "spy"
+        spy.mkdir(parents=True)
+        (spy / "pyproject.toml").write_text('[build-system]\nrequires = []\nbuild-backend = "spybackend"\n'
+                                            'backend-path = ["."]\n\n[project]\nname = "spy"\nversion = "0.1"\n')
+        (spy / "spybackend.py").write_text(SPY_BACKEND.format(creds="/nonexistent", envs="/nonexistent"))
+        (tmp_path / "proj" / "main.py").write_text("def f():\n    return 1\n")
+        (tmp_path / "proj" / "requirements.txt").write_text("./spy\n")
+        client = plat.client()
+        with pytest.raises(BuildError) as failed:
+            build_version(tmp_path / "proj", "main:f", "spyjob", "function", Resource(), client, quiet=True)
+        client.close()
+        assert "SPY-OPBOX-ENV []" in (failed.value.log or ""), (failed.value.log or "")[-2000:]
+        assert "NOT isolated" in plat.log()  # the start-up warning

@@ -47,7 +47,7 @@ BACKENDS = {kind.name: kind for kind in (
 def _local_builder(settings: Settings, store, backend) -> Builder:
     from opbox.builder.local import LocalBuilder
 
-    return LocalBuilder(settings.home)
+    return LocalBuilder(settings.home, isolation=backend.sandbox)  # only ever paired with the local backend
 
 
 def _podman_builder(settings: Settings, store, backend) -> Builder:

@@ -74,8 +74,11 @@ class Sandbox:
     uids: UidMap
     readable: tuple[str, ...] = field(default_factory=_platform_paths)
 
+    def owner(self, workspace: str) -> int:
+        return self.uids.uid(workspace)
+
     def command(self, argv: list[str], *, workspace: str, readable: tuple[str, ...] = (),
-                code_dir: str | None = None, cwd: str | None = None) -> list[str]:
+                writable: tuple[str, ...] = (), code_dir: str | None = None, cwd: str | None = None) -> list[str]:
         """``argv`` run as ``workspace``'s uid in a sandbox that sees ``readable`` (read-only, at the same
         paths) besides the system and the platform's Python; ``code_dir`` is mounted read-only at /app.
         The working directory is ``cwd`` (default /app with code, else /tmp)."""
@@ -89,13 +92,14 @@ class Sandbox:
                 cmd += ["--symlink", os.readlink(path), path]
             elif os.path.isdir(path):
                 cmd += ["--ro-bind", path, path]
-        binds = [(path, path) for path in (*self.readable, *readable)]
+        binds = [("--ro-bind", path, path) for path in (*self.readable, *readable)]
+        binds += [("--bind", path, path) for path in writable]
         if code_dir is not None:
-            binds.append((code_dir, "/app"))
-        for folder in _parents(dest for _, dest in binds):  # else bwrap makes them 0700 root: untraversable
+            binds.append(("--ro-bind", code_dir, "/app"))
+        for folder in _parents(dest for _, _, dest in binds):  # else bwrap makes them 0700 root: untraversable
             cmd += ["--perms", "0755", "--dir", folder]
-        for source, dest in binds:
-            cmd += ["--ro-bind", source, dest]
+        for how, source, dest in binds:
+            cmd += [how, source, dest]
         cmd += ["--chdir", cwd or ("/app" if code_dir is not None else "/tmp"), "--",
                 self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
                 "--inh-caps=-all", "--bounding-set=-all", "--", *argv]

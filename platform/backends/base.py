@@ -136,8 +136,9 @@ class Backend(Protocol):
 class WorkerPools(Protocol):
     """Warm workers that pull their runs from the gateway (``/_internal/pools/*``)."""
 
-    def find_worker(self, pool_id: str, worker_id: str) -> object | None:
-        """The worker, if this platform still knows it (None tells it to exit)."""
+    def find_worker(self, pool_id: str, worker_id: str, token: str) -> object | None:
+        """The worker, if this platform still knows it (None tells it to exit); ``AuthError`` unless
+        ``token`` is that worker's own."""
 
     async def next_run(self, worker: object, done: Completion | None, wait: float) -> Lease | str:
         """Record ``done``, then the worker's next run, or IDLE after ``wait`` s, or EXIT."""

@@ -10,13 +10,18 @@ seconds (scale to zero). It also enforces each run's timeout and reports workers
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
+import secrets
 import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from opbox.errors import AuthError
 
 from .base import EXIT, IDLE, Completion, Lease, RunEvents, RunTicket, VersionInfo
 
@@ -32,12 +37,13 @@ class Worker:
     run_id: str | None = None
     timer: asyncio.TimerHandle | None = None
     kill_reason: tuple[str, str] | None = None  # (status, reason) when the platform killed it
+    token: str = ""  # its own random bearer token: handed to its process once at spawn, then forgotten
+    token_hash: bytes = b""  # what the gateway keeps to check it (SHA-256)
 
 
 @dataclass
 class Pool:
     version: VersionInfo
-    token: str
     queue: deque = field(default_factory=deque)
     parked: deque = field(default_factory=deque)  # futures of workers waiting for a run
     workers: dict = field(default_factory=dict)
@@ -95,13 +101,11 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class PoolManager:
-    def __init__(self, spawner: Spawner, *, max_workers: int, worker_idle: float, pool_idle: float,
-                 token_for) -> None:
+    def __init__(self, spawner: Spawner, *, max_workers: int, worker_idle: float, pool_idle: float) -> None:
         self.spawner = spawner
         self.max_workers = max_workers
         self.worker_idle = worker_idle
         self.pool_idle = pool_idle
-        self.token_for = token_for
         self.pools: dict[str, Pool] = {}
         self.events: RunEvents | None = None
         self._by_run: dict[str, Worker] = {}
@@ -112,7 +116,7 @@ class PoolManager:
     def pool(self, version: VersionInfo) -> Pool:
         pool = self.pools.get(version.key)
         if pool is None:
-            pool = self.pools[version.key] = Pool(version=version, token=self.token_for(version.key))
+            pool = self.pools[version.key] = Pool(version=version)
         return pool
 
     def submit(self, ticket: RunTicket, version: VersionInfo) -> None:
@@ -177,9 +181,15 @@ class PoolManager:
         ]
 
     # -- worker side (called by the gateway's internal routes) --------------------------
-    def find(self, pool_id: str, worker_id: str) -> Worker | None:
+    def find(self, pool_id: str, worker_id: str, token: str) -> Worker | None:
+        """The worker ``worker_id`` of the pool, if the platform still has it (None: it should exit), once
+        ``token`` proves the caller is that worker: a token is one worker's, so no process can take or end
+        another worker's runs, not even one of the same pool."""
         pool = self.pools.get(pool_id)
-        return pool.workers.get(worker_id) if pool else None
+        worker = pool.workers.get(worker_id) if pool else None
+        if worker is not None and not hmac.compare_digest(hashlib.sha256(token.encode()).digest(), worker.token_hash):
+            raise AuthError("invalid worker token")
+        return worker
 
     async def next(self, worker: Worker, done: Completion | None, wait: float) -> Lease | str:
         worker.polled = True
@@ -287,7 +297,9 @@ class PoolManager:
             self._start_worker(pool)
 
     def _start_worker(self, pool: Pool) -> None:
-        worker = Worker(id=f"w{time.monotonic_ns():x}", pool=pool)
+        token = secrets.token_urlsafe(32)
+        worker = Worker(id=f"w{time.monotonic_ns():x}", pool=pool, token=token,
+                        token_hash=hashlib.sha256(token.encode()).digest())
         pool.workers[worker.id] = worker
         task = asyncio.ensure_future(self._run_worker(worker))
         self._tasks.add(task)
@@ -296,7 +308,10 @@ class PoolManager:
     async def _run_worker(self, worker: Worker) -> None:
         returncode = None
         try:
-            worker.handle = await self.spawner.spawn(worker)
+            try:
+                worker.handle = await self.spawner.spawn(worker)
+            finally:
+                worker.token = ""  # the process has it; the platform keeps only its hash
             returncode = await worker.handle.wait()
         except asyncio.CancelledError:
             raise
@@ -314,8 +329,8 @@ class PoolMethods:
 
     pools: PoolManager
 
-    def find_worker(self, pool_id: str, worker_id: str) -> Worker | None:
-        return self.pools.find(pool_id, worker_id)
+    def find_worker(self, pool_id: str, worker_id: str, token: str) -> Worker | None:
+        return self.pools.find(pool_id, worker_id, token)
 
     def next_run(self, worker: Worker, done: Completion | None, wait: float):
         return self.pools.next(worker, done, wait)

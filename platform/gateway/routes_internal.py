@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from opbox import envelope
-from opbox.errors import Conflict, NotFound
+from opbox.errors import AuthError, Conflict, NotFound
 
 from ..backends.base import Completion, Lease, WorkerPools, require
 from .http import query_number, read_body
@@ -19,16 +19,19 @@ from .routes_jobs import platform
 LOG_CHUNK_LIMIT = 2 * 1024 * 1024  # the runtime ships at most 1 MiB a request; the run's budget is applied after
 
 
-def _pools(request: Request):
+def _worker(request: Request):
+    """The calling worker, authenticated by its own token (None: unknown to the platform now, so it exits)."""
     plat = platform(request)
-    pool_id = request.path_params["pool"]
-    plat.auth.check_internal(request.headers.get("authorization"), f"pool:{pool_id}")
-    return plat, require(plat.backend, WorkerPools), pool_id
+    pools = require(plat.backend, WorkerPools)
+    token = (request.headers.get("authorization") or "").partition(" ")[2].strip()
+    if not token:
+        raise AuthError("missing worker token")
+    worker = pools.find_worker(request.path_params["pool"], request.headers.get("x-opbox-worker", ""), token)
+    return plat, pools, worker
 
 
 async def worker_next(request: Request):
-    plat, pools, pool_id = _pools(request)
-    worker = pools.find_worker(pool_id, request.headers.get("x-opbox-worker", ""))
+    plat, pools, worker = _worker(request)
     if worker is None:
         return Response(status_code=204, headers={"X-Opbox-Action": "exit"})
     done = None
@@ -47,11 +50,10 @@ async def worker_next(request: Request):
 
 
 async def worker_logs(request: Request):
-    plat, pools, pool_id = _pools(request)
+    plat, _, worker = _worker(request)
     run_id = request.path_params["run"]
-    run = plat.runs.find(run_id)
-    if run is None or f"{run.job_id}.v{run.version}" != pool_id:
-        raise NotFound(f"run {run_id} is not one of this pool's")
+    if worker is None or worker.run_id != run_id:  # a worker writes the log of the run in its hands only
+        raise NotFound(f"run {run_id} is not this worker's")
     plat.runs.append_log(run_id, await read_body(request, LOG_CHUNK_LIMIT))
     return Response(status_code=204)
 

@@ -28,7 +28,7 @@ class ContainerBackend(PoolMethods, ServiceMethods):
                  podman: str = "podman"):
         self.pools = PoolManager(
             PodmanSpawner(gateway_url, home / "logs" / "containers", podman), max_workers=max_workers,
-            worker_idle=worker_idle, pool_idle=pool_idle, token_for=lambda pool_id: token_for(f"pool:{pool_id}"),
+            worker_idle=worker_idle, pool_idle=pool_idle,
         )
         self.services = ContainerServices(home, self.pools.spawner)
 

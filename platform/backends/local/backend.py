@@ -51,7 +51,7 @@ class ProcessSpawner:
         version = worker.pool.version
         log_path = self.log_dir / worker.pool.id / f"{worker.id}.log"
         runtime = runtime_env(version, gateway_url=self.gateway_url,
-                              worker=(worker.pool.id, worker.id, worker.pool.token))
+                              worker=(worker.pool.id, worker.id, worker.token))
         proc = await start_runtime(version, runtime, ["worker"], log_path, self.sandbox)
         return LocalProcess(proc, log_path)
 
@@ -76,7 +76,7 @@ class LocalBackend(PoolMethods, ServiceMethods):
         self.sandbox = open_sandbox(home, sandbox)
         self.pools = PoolManager(
             ProcessSpawner(gateway_url, home / "logs" / "workers", self.sandbox), max_workers=max_workers,
-            worker_idle=worker_idle, pool_idle=pool_idle, token_for=lambda pool_id: token_for(f"pool:{pool_id}"),
+            worker_idle=worker_idle, pool_idle=pool_idle,
         )
         self.oneshot = OneShotRunner(gateway_url=gateway_url, log_dir=home / "logs" / "runs", token_for=token_for,
                                      max_procs=max_workers, sandbox=self.sandbox)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import inspect
 import json
 import os
@@ -100,8 +101,9 @@ class ServeApp:
     """The ASGI app of one replica."""
 
     def __init__(self, entry: str, code_dir: str | None, init: bytes = b"", concurrency: int = defaults.CONCURRENCY,
-                 queue: int = defaults.QUEUE):
+                 queue: int = defaults.QUEUE, token: str | None = None):
         self.entry, self.code_dir, self.init = entry, code_dir, init
+        self.token = token.encode() if token else None  # set: every call but health checks must carry it
         self.concurrency, self.queue = max(0, concurrency), max(0, queue)
         self.state = "starting"
         self.error: dict | None = None
@@ -192,6 +194,8 @@ class ServeApp:
             return await json_reply(200, {"status": "ok"}).send(send)
         if path == "/readyz":
             return await self._readyz().send(send)
+        if self.token is not None and not self._admitted(scope):
+            return await problem(401, "auth_error", "calls reach a replica through the gateway only").send(send)
         if self.state != "ready":
             reply = self._readyz() if self.state == "failed" else problem(503, "unavailable", "not ready yet")
             return await reply.send(send)
@@ -208,6 +212,18 @@ class ServeApp:
                                      methods=sorted(self.methods)).send(send)
             return await self._limited(self._call(name, scope, receive), send)
         return await problem(404, "not_found", f"no route {path}; call methods with POST /call/<method>").send(send)
+
+    def _admitted(self, scope) -> bool:
+        """Whether the call carries the replica's token (the gateway's proxy adds it); the header is removed, so
+        the user's app never sees it."""
+        found, kept = None, []
+        for name, value in scope["headers"]:
+            if name == b"x-opbox-replica-token":
+                found = value
+            else:
+                kept.append((name, value))
+        scope["headers"] = kept
+        return found is not None and hmac.compare_digest(found, self.token)
 
     async def _lifespan(self, receive, send):
         while True:
@@ -400,7 +416,7 @@ def main(host: str, port: int | None, fd: int | None) -> int:
     env = os.environ
     app = ServeApp(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR") or os.getcwd(), read_init(),
                    concurrency=int(env.get("OPBOX_CONCURRENCY", defaults.CONCURRENCY)),
-                   queue=int(env.get("OPBOX_QUEUE", defaults.QUEUE)))
+                   queue=int(env.get("OPBOX_QUEUE", defaults.QUEUE)), token=env.get("OPBOX_REPLICA_TOKEN"))
     config = uvicorn.Config(app, host=host, port=port or 8080, log_level="warning", access_log=False, lifespan="on",
                             timeout_keep_alive=75, timeout_graceful_shutdown=60, proxy_headers=False,
                             server_header=False)

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from opbox import serve_asgi
 
 ECHO_APP = '''
+import json
 
 async def app(scope, receive, send):
     if scope["type"] != "http":

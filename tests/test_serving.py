@@ -335,3 +335,19 @@ def test_delete(mod, client, plat):
             and "zombie" not in open(f"/proc/{pid}/status").read().lower():
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+
+
+def test_replicas_answer_only_the_gateway(model, plat, client):
+    """Replicas listen on loopback, which every local process shares: a call that does not come through
+    the gateway's proxy (which adds the replica's token) is refused; the API never shows the token."""
+    info = client.get("/services/Model").json()
+    (replica,) = [i for i in info["instances"] if i["state"] == "ready"]
+    assert "@" not in replica["url"]
+    direct = httpx.post(replica["url"] + "/call/predict", json={"x": [1]})
+    assert direct.status_code == 401 and "through the gateway" in direct.json()["message"]
+    forged = httpx.post(replica["url"] + "/call/predict", json={"x": [1]}, headers={"x-opbox-replica-token": "guess"})
+    assert forged.status_code == 401
+    assert httpx.get(replica["url"] + "/healthz").status_code == 200  # health checks need no token
+    with plat.http() as http:
+        assert http.post(url(plat, "serve", "Model", "predict"), json={"x": [1]},
+                         headers={"x-opbox-replica-token": "guess"}).status_code == 200  # the caller's header is dropped

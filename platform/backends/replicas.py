@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
@@ -51,6 +52,12 @@ class Replica:
     state: str = STARTING
     proc: asyncio.subprocess.Process | None = None
     started_at: float = field(default_factory=time.time)
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # the replica answers only its bearer
+
+    @property
+    def endpoint(self) -> str:
+        """Where the proxy sends calls: the URL with the replica's token as its userinfo (never shown by the API)."""
+        return self.url.replace("://", f"://opbox:{self.token}@", 1)
 
     def describe(self) -> dict:
         return {"id": self.id, "version": self.spec.version.version, "state": self.state, "url": self.url,
@@ -380,7 +387,7 @@ class Replicas(abc.ABC):
         svc.notify()
 
     def _route(self, svc: Service) -> None:
-        svc.endpoints = [r.url for r in svc.replicas.values() if r.state == READY and r.generation == svc.serving]
+        svc.endpoints = [r.endpoint for r in svc.replicas.values() if r.state == READY and r.generation == svc.serving]
 
     def _on_exit(self, svc: Service, replica: Replica, code: int | None) -> None:
         was = replica.state

@@ -17,7 +17,7 @@ from .base import ServiceInfo, VersionInfo
 def runtime_env(version: VersionInfo, *, in_image: bool = False, gateway_url: str | None = None,
                 worker: tuple[str, str, str] | None = None, run: tuple[str, str] | None = None,
                 serve: ServiceInfo | None = None, replica: str | None = None, init_file: str | None = None,
-                init_inline: bool = False) -> dict[str, str]:
+                init_inline: bool = False, replica_token: str | None = None) -> dict[str, str]:
     """The variables for one runtime process of ``version``.
 
     ``in_image``: the code is the image's (``Artifact.image_code_dir``), not a folder here.
@@ -40,6 +40,8 @@ def runtime_env(version: VersionInfo, *, in_image: bool = False, gateway_url: st
         env["OPBOX_CONCURRENCY"], env["OPBOX_QUEUE"] = str(serve.concurrency), str(serve.queue)
         if replica is not None:
             env["OPBOX_SERVICE"], env["OPBOX_REPLICA"] = serve.name, replica
+        if replica_token is not None:  # calls must carry it: other local processes share the loopback
+            env["OPBOX_REPLICA_TOKEN"] = replica_token
         if init_inline and serve.init:
             env["OPBOX_INIT_B64"] = base64.b64encode(serve.init).decode()
     return env

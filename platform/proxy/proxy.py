@@ -28,7 +28,8 @@ HOLD = 120.0  # seconds a call waits for a ready replica (scale from zero, resta
 RESEND_FOR = 30.0  # seconds a call that could not be sent is retried (replicas restarting, draining)
 
 _HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                  "trailers", "transfer-encoding", "upgrade", "host", "authorization", "content-length"})
+                  "trailers", "transfer-encoding", "upgrade", "host", "authorization", "content-length",
+                  "x-opbox-replica-token"})  # the replica's token is the proxy's to send, never a caller's
 _HOP_BYTES = frozenset(h.encode() for h in _HOP)
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": left as they are when a path is re-encoded
 

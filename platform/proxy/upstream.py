@@ -99,7 +99,20 @@ class Answer:
 class UpstreamPool:
     def __init__(self, max_idle: int = 256):
         self.idle: dict[str, list[Connection]] = defaultdict(list)
+        self._heads: dict[str, bytes] = {}
         self.max_idle = max_idle
+
+    def _head(self, base: str) -> bytes:
+        """The request line's template and the fixed headers for ``base``: its Host, and the replica's token
+        when the base URL carries one as userinfo (``http://opbox:TOKEN@host:port``)."""
+        head = self._heads.get(base)
+        if head is None:
+            parts = urlsplit(base)
+            head = b"%s %s HTTP/1.1\r\nhost: " + f"{parts.hostname}:{parts.port or 80}".encode() + b"\r\n"
+            if parts.password:
+                head += b"x-opbox-replica-token: " + parts.password.encode() + b"\r\n"
+            self._heads[base] = head
+        return head
 
     async def _connect(self, base: str) -> Connection:
         parts = urlsplit(base)
@@ -133,7 +146,7 @@ class UpstreamPool:
             conn = None
         if conn is None:
             conn = await self._connect(base)
-        head = [f"{method} {target} HTTP/1.1\r\nhost: {conn.base[7:]}\r\n".encode()]
+        head = [self._head(conn.base) % (method.encode(), target.encode("latin-1"))]
         for k, v in headers:
             head.append(k + b": " + v + b"\r\n")
         whole = isinstance(body, (bytes, bytearray))

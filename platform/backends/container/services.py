@@ -27,7 +27,7 @@ class ContainerServices(Replicas):
         version = spec.version
         image = job_image(version)
         name = "opbox-svc-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", f"{spec.key}-{replica.id}-{secrets.token_hex(3)}")
-        env = container_env(version, runtime_env(version, in_image=True, serve=spec, replica=replica.id,
+        env = container_env(version, runtime_env(version, in_image=True, serve=spec, replica=replica.id, replica_token=replica.token,
                                                  init_file="/opbox/init"))
         cmd = [self.podman._exe(), "run", "--rm", "--name", name, "--network=host", "--init", "--pull=never",
                "--label", f"{LABEL}=1", "--label", f"opbox.service={spec.key}",

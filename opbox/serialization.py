@@ -49,9 +49,18 @@ def dump_result(value) -> bytes:
     return pack(header, body)
 
 
+def describe_exception(exc: BaseException) -> str:
+    """``str(exc)``, or a stand-in when the exception's own ``__str__`` raises (the run must still end)."""
+    try:
+        return str(exc)
+    except Exception as inner:
+        return f"<{type(exc).__qualname__} whose __str__ raised {type(inner).__name__}>"
+
+
 def dump_error(exc: BaseException, traceback_text: str) -> bytes:
     header = _pickle_header(ERROR)
-    header.update(type=f"{type(exc).__module__}.{type(exc).__qualname__}", message=str(exc), traceback=traceback_text)
+    header.update(type=f"{type(exc).__module__}.{type(exc).__qualname__}", message=describe_exception(exc),
+                  traceback=traceback_text)
     try:
         body = _cloudpickle().dumps(exc, protocol=5)
     except Exception:

@@ -13,7 +13,7 @@ import sys
 
 from .capture import OutputCapture
 from .channel import Channel, GatewayGone
-from .execute import Executor
+from .execute import Executor, within_limit
 from .reaper import become_subreaper, end_leftovers
 from .worker import _ok
 
@@ -36,6 +36,7 @@ def main(run_id: str) -> int:
         finally:
             end_leftovers()
             capture.stop()
+        outcome, payload = within_limit(outcome, payload, headers.get("X-Opbox-Result-Limit"))
         status, _, data = channel.request("POST", f"/_internal/runs/{run_id}/result", payload,
                                           {"X-Opbox-Outcome": outcome, "Content-Type": "application/x-opbox-envelope"})
         if status >= 300:

@@ -7,7 +7,7 @@ import sys
 import traceback
 
 from opbox import serialization
-from opbox.errors import SerializationError
+from opbox.errors import PayloadTooLarge, SerializationError
 
 
 def load_target(entry: str, code_dir: str | None = None):
@@ -33,7 +33,20 @@ def _user_traceback(exc: BaseException, skip: int) -> str:
     for _ in range(skip):
         if tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb))
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, tb))
+    except Exception:  # the exception's __str__ raises: the frames, then a line naming it
+        return "".join(traceback.format_tb(tb)) + f"{type(exc).__qualname__}: {serialization.describe_exception(exc)}\n"
+
+
+def within_limit(outcome: str, payload: bytes, limit: str | None) -> tuple[str, bytes]:
+    """The run's answer, or, when the result passes the platform's limit (``X-Opbox-Result-Limit``), a
+    failure that names both sizes: the gateway would refuse the body, and the worker must live on."""
+    if limit and limit.isdigit() and len(payload) > int(limit):
+        error = PayloadTooLarge(f"the result is {len(payload)} bytes; the platform's limit is {limit} bytes "
+                                "(OPBOX_MAX_PAYLOAD): return less, or write it to storage and return where")
+        return "failed", serialization.dump_error(error, "")
+    return outcome, payload
 
 
 class Executor:

@@ -15,7 +15,7 @@ from opbox.serialization import dump_error
 
 from .capture import OutputCapture
 from .channel import Channel, GatewayGone
-from .execute import Executor
+from .execute import Executor, within_limit
 from .reaper import become_subreaper, end_leftovers
 
 
@@ -83,5 +83,6 @@ def main() -> int:
             _Lease.held = False
             end_leftovers()  # what the run started ends with it (before its last output is shipped)
             capture.stop()
+        outcome, body = within_limit(outcome, body, headers.get("X-Opbox-Result-Limit"))
         done_headers = {"X-Opbox-Done": run_id, "X-Opbox-Outcome": outcome,
                         "Content-Type": "application/x-opbox-envelope"}

@@ -42,7 +42,7 @@ async def worker_next(request: Request):
     wait = query_number(request, "wait", 10.0, 0, 60)
     answer = await pools.next_run(worker, done, wait)
     if isinstance(answer, Lease):
-        headers = {"X-Opbox-Run": answer.run_id}
+        headers = {"X-Opbox-Run": answer.run_id, "X-Opbox-Result-Limit": str(plat.settings.max_payload)}
         if answer.timeout:
             headers["X-Opbox-Timeout"] = str(answer.timeout)
         return Response(answer.args, media_type=envelope.CONTENT_TYPE, headers=headers)
@@ -74,7 +74,9 @@ async def run_args(request: Request):
     if args is None:
         raise NotFound(f"run {run_id} has no arguments")
     run = plat.runs.find(run_id)
-    headers = {"X-Opbox-Timeout": str(run.timeout)} if run is not None and run.timeout else {}
+    headers = {"X-Opbox-Result-Limit": str(plat.settings.max_payload)}
+    if run is not None and run.timeout:
+        headers["X-Opbox-Timeout"] = str(run.timeout)
     return Response(args, media_type=envelope.CONTENT_TYPE, headers=headers)
 
 

@@ -42,6 +42,7 @@ import jinja2
 
 from opbox.errors import BuildError, ConfigError, ValidationError
 
+from .base import die_with_parent
 from .wheelhouse import Wheelhouse, iter_tree, requirements_hash, tree_hash
 
 Log = Callable[[str], None]
@@ -347,7 +348,7 @@ class PodmanBuilder:
         lines: list[str] = []
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, encoding="utf-8", errors="replace", bufsize=1,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
         timed_out = threading.Event()
 
         def kill() -> None:

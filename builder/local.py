@@ -23,7 +23,7 @@ from typing import Callable
 from opbox.errors import BuildError
 from opbox.packaging import normalize_requirements
 
-from .base import Artifact, BuildSpec, Isolation
+from .base import Artifact, BuildSpec, Isolation, die_with_parent
 from .extract import extract_to_content_dir
 
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -160,7 +160,7 @@ async def _run(cmd: list[str], cwd: Path, emit: Callable[[str], None], extra: di
     env.update(extra or {})
     env["UV_PYTHON_DOWNLOADS"] = "never"
     proc = await asyncio.create_subprocess_exec(
-        *cmd, cwd=str(cwd), env=env, stdin=asyncio.subprocess.DEVNULL,
+        *cmd, cwd=str(cwd), env=env, stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     assert proc.stdout is not None

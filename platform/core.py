@@ -125,6 +125,9 @@ class Platform:
     async def start(self) -> None:
         await self.backend.start(self.runs)
         await self.services.start()  # redeploys the services recorded before a restart
+        failed_builds = self.deploys.recover()
+        if failed_builds:
+            log.warning("%d builds were interrupted by a stop of the platform: their versions failed", failed_builds)
         requeued = self.runs.recover()
         if requeued:
             log.info("requeued %d runs after restart", requeued)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -180,3 +181,57 @@ def test_deploy_inside_the_runtime_is_refused(client, user_code):
     remote = mod.redeployer.deploy(client=client, quiet=True)
     with pytest.raises(ConfigError, match="if __name__"):
         remote()
+
+
+def test_a_gateway_killed_mid_build_fails_that_version_on_restart(tmp_path):
+    """A sealed build dies with its gateway (its sandbox's PID namespace ends, taking every process of the
+    build with it); on restart the version says why it failed instead of staying `building` forever."""
+    import subprocess
+    import threading
+    import time
+
+    from conftest import require
+    from opbox.decorator import build_version
+    from opbox.platform.backends.local.sandbox import find_sandbox, unsealed_reason
+    from opbox.resource import Resource
+    from platform_fixture import running_platform
+
+    require(find_sandbox(tmp_path) is not None, f"no sandbox here: {unsealed_reason()}")
+    proj = tmp_path / "proj"
+    (proj / "slowpkg").mkdir(parents=True)
+    (proj / "main.py").write_text("def f():\n    return 1\n")
+    token = f"slowbackend{os.getpid()}"
+    (proj / "slowpkg" / "pyproject.toml").write_text(
+        f'[build-system]\nrequires = []\nbuild-backend = "{token}"\nbackend-path = ["."]\n\n'
+        '[project]\nname = "slowpkg"\nversion = "0.1"\n')
+    (proj / "slowpkg" / f"{token}.py").write_text("import time\ntime.sleep(120)\n")
+    (proj / "requirements.txt").write_text("./slowpkg\n")
+
+    def building() -> list[str]:
+        return subprocess.run(["pgrep", "-f", token], capture_output=True, text=True).stdout.split()
+
+    home = tmp_path / "home"
+    with running_platform(home, extra_env={"OPBOX_SANDBOX": "required"}) as first:
+        client = first.client()
+        threading.Thread(target=_quietly, args=(build_version, proj, "main:f", "slowjob", "function", Resource(),
+                                                client, True), daemon=True).start()
+        deadline = time.monotonic() + 60
+        while not building() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert building(), "the build never started"
+        first.kill()  # SIGKILL: no chance to clean up
+    deadline = time.monotonic() + 10
+    while building() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not building(), "the build outlived its gateway"
+    (home / "gateway.log").rename(home / "gateway.first.log")
+    with running_platform(home, extra_env={"OPBOX_SANDBOX": "required"}) as second:
+        versions = second.client().get("/job/slowjob/versions").json()["versions"]
+        assert versions[0]["status"] == "failed" and "stopped while this version was building" in versions[0]["error"]
+
+
+def _quietly(fn, *args):
+    try:
+        fn(*args)
+    except Exception:
+        pass  # the gateway is killed under it: the test checks what the platform says afterwards

@@ -126,6 +126,12 @@ class Deploys:
             raise ValidationError("the uploaded code does not match its sha256; it was discarded: deploy again")
         return zip_bytes
 
+    def recover(self) -> int:
+        """After a restart: a build the platform was running when it stopped will never finish. Its version
+        fails with the reason (the build's processes died with the gateway) instead of staying ``building``."""
+        return self.records.jobs.fail_unfinished_builds(
+            "the platform stopped while this version was building; deploy again")
+
     async def deploy(self, workspace: str, spec: dict, zip_bytes: bytes,
                      log: Callable[[str], None]) -> tuple[JobRecord, int]:
         """Make and build a new version; returns the job and its new version. Raises BuildError."""

@@ -236,6 +236,10 @@ class JobRecords(Protocol):
     def build_log(self, job_id: str, version: int) -> str | None: ...
     def version_failed(self, job_id: str, version: int, error: str, build_log: str) -> None: ...
 
+    def fail_unfinished_builds(self, error: str) -> int:
+        """Versions still ``building`` (their gateway died mid-build) become ``failed`` with ``error``;
+        returns how many."""
+
     def version_ready(self, job_id: str, version: int, artifact: dict, requirements_sha256: str, build_log: str,
                       at: float) -> None:
         """The version is ready and becomes the job's latest, atomically."""

@@ -11,30 +11,23 @@ mounted read-only at ``/app``, which is also the working directory.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from opbox.builder.base import die_with_parent
+
 from ..base import VersionInfo
 from .sandbox import Sandbox
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-_PR_SET_PDEATHSIG = 1
 PASSED = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
           "http_proxy", "https_proxy", "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
           "CUDA_VISIBLE_DEVICES")  # what user code gets of the gateway's environment; nothing else
 UNSEALED = ("HOME", "TMPDIR")  # outside a sandbox the user's home and temp folder are the gateway's
 SANDBOX_CODE_DIR = "/app"
-
-
-def child_setup() -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except Exception:  # not Linux: the worker notices the gateway is gone and exits by itself
-        pass
 
 
 def process_env(version: VersionInfo, runtime: Mapping[str, str], sealed: bool = False) -> dict[str, str]:
@@ -69,7 +62,7 @@ async def start_runtime(version: VersionInfo, runtime: Mapping[str, str], args: 
         return await asyncio.create_subprocess_exec(
             *argv, cwd=cwd, env=process_env(version, runtime, sealed=sandbox is not None),
             stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True, preexec_fn=child_setup, pass_fds=pass_fds)
+            start_new_session=True, preexec_fn=die_with_parent, pass_fds=pass_fds)
 
 
 def _children(pid: int) -> list[int]:

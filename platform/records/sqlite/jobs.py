@@ -76,6 +76,10 @@ class SqliteJobs:
             "UPDATE versions SET status = 'failed', error = ?, build_log = ? WHERE job_id = ? AND version = ?",
             (error, build_log, job_id, version))
 
+    def fail_unfinished_builds(self, error: str) -> int:
+        return self.db.execute("UPDATE versions SET status = 'failed', error = ? WHERE status = 'building'",
+                               (error,)).rowcount
+
     def version_ready(self, job_id: str, version: int, artifact: dict, requirements_sha256: str, build_log: str,
                       at: float) -> None:
         with self.tx() as db:

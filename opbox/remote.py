@@ -187,6 +187,8 @@ class _Map:
                 for line in self.client.stream_lines("GET", f"/batches/{self.batch_id}/results",
                                                      params={"after": after}, timeout=httpx.Timeout(30, read=60)):
                     deadline, delay = None, 0.1
+                    if line.get("shutdown"):  # the gateway is stopping: reconnect (from `after`) to another start
+                        raise Unavailable(line.get("message", "the platform is shutting down"))
                     if "seq" in line:
                         after = line["seq"]
                         yield line

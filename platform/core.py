@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -133,9 +134,24 @@ class Platform:
             log.info("requeued %d runs after restart", requeued)
 
     def begin_shutdown(self) -> None:
-        """Called from the signal handler: let parked workers go before the server drains requests."""
+        """SIGTERM/SIGINT: parked workers go, long-polls answer and streams end (saying so); busy workers
+        finish their runs and hand the results in while ``drain`` waits."""
         if supports(self.backend, WorkerPools):
             require(self.backend, WorkerPools).release_parked()
+        self.runs.notifier.close()
+
+    async def drain(self) -> None:
+        """Wait, up to ``shutdown_grace`` seconds, until no run is in the hands of a worker that would die
+        with the gateway: a run that completes in the grace is stored and never runs again after a restart."""
+        if not supports(self.backend, WorkerPools):
+            return
+        pools = require(self.backend, WorkerPools)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_grace
+        while pools.busy() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if pools.busy():
+            log.warning("stopping with %d runs still running: they run again after the restart", pools.busy())
 
     async def close(self) -> None:
         await self.proxy.close()

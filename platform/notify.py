@@ -1,4 +1,9 @@
-"""Wake-ups for long-polls and streams: wait on a key until someone calls notify(key)."""
+"""Wake-ups for long-polls and streams: wait on a key until someone calls notify(key).
+
+``close`` (the platform is stopping) wakes every waiter and makes later waits return at once:
+long-polls answer with the state as it is and streams end with a "reconnect" signal, so none of
+them holds the gateway's shutdown open.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,13 @@ import asyncio
 class Notifier:
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
+        self.closing = False
+
+    def close(self) -> None:
+        self.closing = True
+        for event in self._events.values():
+            event.set()
+        self._events.clear()
 
     def notify(self, key: str) -> None:
         event = self._events.pop(key, None)
@@ -16,6 +28,8 @@ class Notifier:
 
     async def wait(self, key: str, timeout: float) -> bool:
         """True when notified, False on timeout. Check the condition *before* calling."""
+        if self.closing:
+            return False
         event = self._events.get(key)
         if event is None:
             event = self._events[key] = asyncio.Event()

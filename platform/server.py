@@ -41,22 +41,37 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     platform = Platform(settings, bound_url=f"http://{host if ':' not in host else f'[{host}]'}:{port}")
     announce(platform.bootstrap(), platform)
     config = uvicorn.Config(create_app(platform), log_level="warning", access_log=False, lifespan="on",
-                            timeout_keep_alive=75, loop="auto", http="auto")
+                            timeout_keep_alive=75, loop="auto", http="auto",
+                            timeout_graceful_shutdown=STRAGGLERS)
     server = _Server(config, platform)
     await server.serve(sockets=[sock])
 
 
+STRAGGLERS = 3.0  # seconds uvicorn then gives requests still in flight (streams have ended already)
+
+
 class _Server(uvicorn.Server):
-    """Tells the platform first on SIGTERM/SIGINT, so parked worker long-polls end at once
-    instead of holding uvicorn's graceful shutdown open."""
+    """A bounded, clean stop on SIGTERM/SIGINT: the platform ends long-polls and streams (saying so) and
+    lets busy workers hand their results in (up to ``OPBOX_SHUTDOWN_GRACE``) while the gateway still
+    listens; then uvicorn stops. A second signal stops at once."""
 
     def __init__(self, config: uvicorn.Config, platform: Platform):
         super().__init__(config)
         self.platform = platform
+        self.draining = False
 
     def handle_exit(self, sig, frame) -> None:
+        if self.draining:
+            self.force_exit = True
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
+        asyncio.get_event_loop().call_soon_threadsafe(self._begin, sig, frame)  # out of the signal handler
+
+    def _begin(self, sig, frame) -> None:
         self.platform.begin_shutdown()
-        super().handle_exit(sig, frame)
+        task = asyncio.ensure_future(self.platform.drain())
+        task.add_done_callback(lambda _: super(_Server, self).handle_exit(sig, frame))
 
 
 def main(settings: Settings) -> None:

@@ -81,6 +81,8 @@ class Settings:
     max_log_bytes: int = setting("OPBOX_MAX_LOG_BYTES", 8 * 1024**2, parse=int)
     max_open_runs: int = setting("OPBOX_MAX_OPEN_RUNS", 100_000, parse=int)  # per workspace: queued + running
     cancel_grace: float = setting(default=5.0)
+    # SIGTERM/SIGINT: seconds the gateway waits for runs in its workers' hands to hand their results in
+    shutdown_grace: float = setting("OPBOX_SHUTDOWN_GRACE", 10.0, parse=float)
     builder: str | None = setting("OPBOX_BUILDER")  # local (a virtualenv), podman or kaniko; default: the backend's
     base_image: str | None = setting("OPBOX_BASE_IMAGE")  # image builders: the image job images start from
     registry: str = setting("OPBOX_REGISTRY", "localhost")  # image builders' tag prefix: registry.example.com/opbox

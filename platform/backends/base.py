@@ -146,6 +146,10 @@ class WorkerPools(Protocol):
     def release_parked(self) -> None:
         """Answer every parked worker now (EXIT): the platform is stopping."""
 
+    def busy(self) -> int:
+        """Runs in the hands of this backend's workers, which end with the gateway: a stopping platform
+        waits (up to its grace) for them to hand their results in."""
+
 
 class Serving(Protocol):
     """Classes (and ASGI apps) as HTTP endpoints; ``key`` is ``ServiceInfo.key``."""

@@ -291,6 +291,8 @@ class PoolManager:
         return leave
 
     def _scale(self, pool: Pool) -> None:
+        if self.closing:  # stopping: what is queued stays queued (durably) for the next start
+            return
         missing = len(pool.queue) - len(pool.parked) - pool.starting
         room = self.max_workers - len(pool.workers)
         for _ in range(max(0, min(missing, room))):
@@ -337,3 +339,6 @@ class PoolMethods:
 
     def release_parked(self) -> None:
         self.pools.release_parked()
+
+    def busy(self) -> int:
+        return len(self.pools._by_run)  # noqa: SLF001 (the manager's own index of leased runs)

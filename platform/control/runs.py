@@ -240,7 +240,7 @@ class Runs:
         while True:
             run = self.get(workspace, run_id)
             left = deadline - loop.time()
-            if run.status in TERMINAL or left <= 0:
+            if run.status in TERMINAL or left <= 0 or self.notifier.closing:
                 return run
             await self.notifier.wait(run_id, left)
 

@@ -43,3 +43,8 @@ def version_json(row: VersionRecord) -> dict:
 def token_json(token: TokenRecord) -> dict:
     return {"id": token.id, "name": token.name, "role": token.role, "created_at": token.created_at,
             "revoked_at": token.revoked_at}
+
+
+# how open streams end when the platform stops: a map's result stream (the SDK reconnects), a followed log
+SHUTTING_DOWN_LINE = '{"shutdown": true, "message": "the platform is shutting down: reconnect"}\n'
+SHUTTING_DOWN_LOG = b"\n[opbox: the platform is shutting down: follow again to go on]\n"

@@ -15,7 +15,7 @@ from opbox.errors import BadRequest, OpboxError, ValidationError
 
 from ..records.base import TERMINAL, RunRecord
 from .http import json_body, ok, query_number, read_body
-from .render import batch_json, job_json, run_json, version_json
+from .render import SHUTTING_DOWN_LINE, batch_json, job_json, run_json, version_json
 
 _FRAME = struct.Struct(">I")
 
@@ -379,6 +379,9 @@ async def batch_results(request: Request):
                 yield "\n".join(out) + "\n"
                 continue
             if runs.batch_over(batch_id, after):
+                return
+            if runs.notifier.closing:  # the SDK reconnects from `after` once a gateway answers again
+                yield SHUTTING_DOWN_LINE
                 return
             if not await runs.notifier.wait(f"batch:{batch_id}", 15.0):
                 yield '{"heartbeat": true}\n'

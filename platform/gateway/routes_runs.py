@@ -11,7 +11,7 @@ from opbox.errors import Forbidden, ValidationError
 from ..ids import check_name
 from ..records.base import TERMINAL
 from .http import json_body, ok, query_number
-from .render import run_json, token_json
+from .render import SHUTTING_DOWN_LOG, run_json, token_json
 from .routes_jobs import base_url, envelope_response, platform, workspace
 
 
@@ -88,6 +88,9 @@ async def get_logs(request: Request):
             if chunks:
                 continue
             if not follow or runs.get(ws, run_id).status in TERMINAL:
+                return
+            if runs.notifier.closing:
+                yield SHUTTING_DOWN_LOG
                 return
             await runs.notifier.wait(f"logs:{run_id}", 15.0)
 

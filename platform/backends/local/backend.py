@@ -101,6 +101,9 @@ class LocalBackend(PoolMethods, ServiceMethods):
         self.pools.retire(keep={version.key} | {k for k, p in self.pools.pools.items() if p.version.job_id != version.job_id})
         self.pools.warm_up(version, 1)
 
+    def busy(self) -> int:
+        return len(self.pools._by_run) + len(self.oneshot.running)  # noqa: SLF001
+
     def submit(self, ticket: RunTicket, version: VersionInfo) -> None:
         if self.isolation == "run":
             self.oneshot.submit(ticket, version)

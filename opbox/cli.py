@@ -77,6 +77,32 @@ def up(host, port, home, backend, builder, max_workers, isolation):
                             isolation=isolation))
 
 
+@main.command()
+@click.option("--home", type=click.Path(path_type=Path), default=None, help="The platform's OPBOX_HOME.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def gc(home, as_json):
+    """Drop what retention says has expired and collect unused files now (on the platform's machine)."""
+    from .platform.core import collect_garbage
+    from .platform.settings import Settings
+
+    done = collect_garbage(Settings.from_env(home=home))
+    if as_json:
+        return _print_json(done)
+    click.echo(f"expired {done['runs_expired']} runs' payloads and logs ({_size(done['payload_bytes'])}), "
+               f"deleted {done['runs_deleted']} old run records, {done['archives_deleted']} unused code archives "
+               f"({_size(done['archive_bytes'])}) and {done['folders_deleted']} unused code folders and "
+               f"environments ({_size(done['folder_bytes'])})")
+
+
+def _size(count: float) -> str:
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            break
+        count /= 1024
+    return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+
+
 @main.group()
 def workspace():
     """Administer workspaces on this machine's platform (writes its state in OPBOX_HOME directly)."""

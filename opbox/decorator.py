@@ -19,15 +19,16 @@ if TYPE_CHECKING:  # the SDK's HTTP side is imported on use: the runtime imports
 
 
 def operator(name: str | None = None, resource: Resource | None = None, *, timeout: float | None = None,
-             max_retries: int | None = None):
+             max_retries: int | None = None, retention_days: float | None = None):
     """Decorate a function to make it deployable with ``.deploy()``.
 
     ``resource`` asks for compute (``Resource(cpu="1", memory="2Gi", ...)``); ``timeout``
-    (seconds) and ``max_retries`` apply to each run. All are checked here, at decoration.
+    (seconds) and ``max_retries`` apply to each run; ``retention_days`` keeps finished runs'
+    arguments, results and logs that long (default: the platform's). All are checked here.
     """
     if resource is not None and not isinstance(resource, Resource):
         raise ValidationError(f"resource must be an opbox.Resource, got {type(resource).__name__}")
-    spec = (resource or Resource()).merge(timeout=timeout, max_retries=max_retries)
+    spec = (resource or Resource()).merge(timeout=timeout, max_retries=max_retries, retention_days=retention_days)
 
     def wrap(obj):
         if inspect.isclass(obj):

@@ -65,6 +65,13 @@ class NotFound(OpboxError, LookupError):
     status = 404
 
 
+class Gone(OpboxError):
+    """What was asked for existed and has expired (a finished run's result or log, after its retention)."""
+
+    code = "gone"
+    status = 410
+
+
 class Conflict(OpboxError):
     code = "conflict"
     status = 409
@@ -212,7 +219,7 @@ def from_response(status: int, body: dict) -> OpboxError:
     details = body.get("details") or {}
     cls = _BY_CODE.get(code)
     if cls is None or cls is RemoteError:
-        cls = {401: AuthError, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
+        cls = {401: AuthError, 403: Forbidden, 404: NotFound, 409: Conflict, 410: Gone, 413: PayloadTooLarge,
                422: ValidationError, 429: QuotaExceeded, 501: NotSupported, 503: Unavailable}.get(status, OpboxError)
     if issubclass(cls, BuildError):
         return cls(message, log=details.pop("log", ""), **details)

@@ -14,7 +14,7 @@ import httpx
 
 from . import serialization
 from .client import CONNECT_ERRORS, Client, default_client
-from .errors import Unavailable
+from .errors import Gone, Unavailable
 from .mapping import Mappable, progress_bar
 from .outcome import decode, to_exception
 
@@ -213,6 +213,8 @@ class _Map:
                 index = line["index"]
                 if index in done or index < next_index:
                     continue  # already seen (a reconnect may repeat lines)
+                if line.get("expired"):
+                    raise Gone(f"the result of map item {index} (run {line['run_id']}) has expired (retention)")
                 payload = base64.b64decode(line["payload"])
                 if line["status"] == "succeeded":
                     done[index] = (True, decode("succeeded", payload, line["run_id"]))

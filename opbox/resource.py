@@ -64,7 +64,8 @@ class Resource:
 
     ``cpu``, ``memory`` and ``disk`` use Kubernetes quantities. ``gpu`` names a GPU type
     (a node label value such as ``"nvidia-tesla-t4"``); ``gpu_count`` how many. ``timeout``
-    (seconds) and ``max_retries`` apply to each Job-Run.
+    (seconds) and ``max_retries`` apply to each Job-Run; ``retention_days``, how long a finished
+    run's arguments, result and log are kept (default: the platform's ``OPBOX_RETENTION_DAYS``).
     """
 
     cpu: str | None = None
@@ -75,6 +76,7 @@ class Resource:
     timeout: float | None = None
     max_retries: int = 0
     env: dict[str, str] = field(default_factory=dict, hash=False)
+    retention_days: float | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -94,6 +96,11 @@ class Resource:
             set_(self, "timeout", float(self.timeout))
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or not 0 <= self.max_retries <= 100:
             raise ValidationError(f"max_retries: expected a whole number from 0 to 100, got {self.max_retries!r}")
+        if self.retention_days is not None:
+            if isinstance(self.retention_days, bool) or not isinstance(self.retention_days, (int, float)) \
+                    or not self.retention_days > 0:
+                raise ValidationError(f"retention_days: expected a number of days > 0, got {self.retention_days!r}")
+            set_(self, "retention_days", float(self.retention_days))
         if not isinstance(self.env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
             raise ValidationError("env: expected a dict of str to str")
         set_(self, "env", dict(self.env))

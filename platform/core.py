@@ -19,6 +19,7 @@ from .control.auth import Auth
 from .control.deploys import Deploys
 from .ids import check_workspace
 from .control.runs import Limits, Runs
+from .control.retention import Retention
 from .control.services import Services
 from .records.base import Records
 from .records.sqlite import open_sqlite
@@ -47,6 +48,16 @@ def create_workspace(home: Path | None, name: str) -> dict:
     records = open_records(home or opbox_home())
     try:
         return admin.create_workspace(records, name)
+    finally:
+        records.close()
+
+
+def collect_garbage(settings: Settings) -> dict:
+    """``opbox gc``: expire, delete and collect now, on the platform's machine (beside a running gateway)."""
+    home = settings.home
+    records = open_records(home)
+    try:
+        return asyncio.run(Retention(records, make_store(settings, _secret(home)), settings).collect()).to_dict()
     finally:
         records.close()
 
@@ -86,7 +97,9 @@ class Platform:
                                        base_url=lambda: self.settings.url)
         if bound_url:
             self._refresh_credentials()
-        self.proxy = Proxy(self.services)  # service calls: replica choice, in-flight counts, connections
+        self.proxy = Proxy(self.services)
+        self.retention = Retention(self.records, self.store, settings)
+        self._collector: asyncio.Task | None = None  # service calls: replica choice, in-flight counts, connections
 
     def bootstrap(self) -> dict | None:
         """First start: make a workspace and an admin token. Uses OPBOX_WORKSPACE / OPBOX_TOKEN when set.
@@ -132,6 +145,18 @@ class Platform:
         requeued = self.runs.recover()
         if requeued:
             log.info("requeued %d runs after restart", requeued)
+        self._collector = asyncio.ensure_future(self._collect_every(self.settings.gc_interval))
+
+    async def _collect_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                done = await self.retention.collect()
+            except Exception:  # storage trouble: say so, and try again next time
+                log.exception("collecting expired runs and unused files failed")
+                continue
+            if any(done.to_dict().values()):
+                log.info("retention: %s", done.to_dict())
 
     def begin_shutdown(self) -> None:
         """SIGTERM/SIGINT: parked workers go, long-polls answer and streams end (saying so); busy workers
@@ -154,6 +179,8 @@ class Platform:
             log.warning("stopping with %d runs still running: they run again after the restart", pools.busy())
 
     async def close(self) -> None:
+        if self._collector is not None:
+            self._collector.cancel()
         await self.proxy.close()
         await self.backend.close()
         self.records.close()

@@ -81,6 +81,13 @@ class Settings:
     max_log_bytes: int = setting("OPBOX_MAX_LOG_BYTES", 8 * 1024**2, parse=int)
     max_open_runs: int = setting("OPBOX_MAX_OPEN_RUNS", 100_000, parse=int)  # per workspace: queued + running
     cancel_grace: float = setting(default=5.0)
+    # retention: finished runs' arguments, results and logs are dropped after this many days (a job may set its
+    # own: @operator(retention_days=...)), their records after the second; unused uploads, code folders and
+    # environments go once older than gc_min_age seconds; the collector runs every gc_interval seconds
+    retention_days: float = setting("OPBOX_RETENTION_DAYS", 7.0, parse=float)
+    retention_run_days: float = setting("OPBOX_RETENTION_RUN_DAYS", 90.0, parse=float)
+    gc_min_age: float = setting("OPBOX_GC_MIN_AGE", 3600.0, parse=float)
+    gc_interval: float = setting("OPBOX_GC_INTERVAL", 3600.0, parse=float)
     # SIGTERM/SIGINT: seconds the gateway waits for runs in its workers' hands to hand their results in
     shutdown_grace: float = setting("OPBOX_SHUTDOWN_GRACE", 10.0, parse=float)
     builder: str | None = setting("OPBOX_BUILDER")  # local (a virtualenv), podman or kaniko; default: the backend's

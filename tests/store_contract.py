@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 
 import httpx
 import pytest
@@ -55,6 +56,13 @@ class StoreContract:
             store.get_file("nope", tmp_path / "out")
         assert not (tmp_path / "out").exists()
         assert issubclass(NotFound, LookupError)
+
+    def test_modified(self, store):
+        assert store.modified("m") is None
+        before = time.time()
+        store.put("m", b"x")
+        when = store.modified("m")
+        assert when is not None and before - 5 <= when <= time.time() + 5  # server clocks may differ a little
 
     def test_exists_and_size(self, store):
         assert not store.exists("k")

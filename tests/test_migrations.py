@@ -108,16 +108,32 @@ def test_a_fresh_file_gets_the_latest_version(tmp_path):
 
 def test_migrations_apply_in_order_each_in_one_transaction(tmp_path):
     path = tmp_path / "state.db"
-    two = (*MIGRATIONS, "CREATE TABLE extra(x INTEGER);\nINSERT INTO extra VALUES (1);\n")
-    Database(path, two).close()
-    assert user_version(path) == 2
-    three = (*two, "CREATE TABLE more(x INTEGER);\nINSERT INTO missing VALUES (1);\n")
-    with pytest.raises(ConfigError, match="migrating the state to version 3 failed .*stays at version 2"):
-        Database(path, three)
+    n = len(MIGRATIONS)
+    extra = (*MIGRATIONS, "CREATE TABLE extra(x INTEGER);\nINSERT INTO extra VALUES (1);\n")
+    Database(path, extra).close()
+    assert user_version(path) == n + 1
+    failing = (*extra, "CREATE TABLE more(x INTEGER);\nINSERT INTO missing VALUES (1);\n")
+    with pytest.raises(ConfigError, match=f"migrating the state to version {n + 2} failed .*stays at version {n + 1}"):
+        Database(path, failing)
     db = sqlite3.connect(path)
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     db.close()
-    assert user_version(path) == 2 and "extra" in tables and "more" not in tables
+    assert user_version(path) == n + 1 and "extra" in tables and "more" not in tables
+
+
+def test_the_previous_releases_file_gains_the_retention_column(tmp_path):
+    """Migration 2 on the fixture from release 0aef0a7: its runs are kept, none marked expired."""
+    import shutil
+
+    path = tmp_path / "state.db"
+    shutil.copy(OLD, path)
+    records = open_sqlite(path)
+    try:
+        run = records.runs.get(next(iter(EXPECTED["runs"])))
+        assert run is not None and run.expired_at is None
+    finally:
+        records.close()
+    assert user_version(path) == len(MIGRATIONS) >= 2
 
 
 def _snapshot(home: Path) -> dict[str, bytes]:

@@ -16,6 +16,8 @@ def run_json(run: RunRecord, base: str = "") -> dict:
            "max_retries": run.max_retries, "timeout": run.timeout}
     if run.batch_id:
         out["batch_id"], out["batch_index"] = run.batch_id, run.batch_index
+    if run.expired_at is not None:
+        out["expired_at"] = run.expired_at  # its arguments, result and log are gone (410)
     if base:
         out["links"] = {"self": f"{base}/runs/{run.id}", "result": f"{base}/runs/{run.id}/result",
                         "logs": f"{base}/runs/{run.id}/logs"}

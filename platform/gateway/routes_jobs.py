@@ -372,9 +372,13 @@ async def batch_results(request: Request):
             if rows:
                 out = []
                 for r in rows:
-                    out.append(json.dumps({"index": r.index, "run_id": r.run_id, "status": r.status, "seq": r.seq,
-                                           "exit_reason": r.exit_reason,
-                                           "payload": base64.b64encode(r.payload).decode()}))
+                    line = {"index": r.index, "run_id": r.run_id, "status": r.status, "seq": r.seq,
+                            "exit_reason": r.exit_reason}
+                    if r.payload is None:
+                        line["expired"] = True  # kept past its retention: the record stays, the result is gone
+                    else:
+                        line["payload"] = base64.b64encode(r.payload).decode()
+                    out.append(json.dumps(line))
                 after = rows[-1].seq
                 yield "\n".join(out) + "\n"
                 continue

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from opbox import envelope
-from opbox.errors import Forbidden, ValidationError
+from opbox.errors import Forbidden, Gone, ValidationError
 
 from ..ids import check_name
 from ..records.base import TERMINAL
@@ -49,6 +51,7 @@ async def get_result(request: Request):
     run = await plat.runs.wait(ws, request.path_params["run"], wait)
     if run.status not in TERMINAL:
         return JSONResponse(run_json(run, base_url(request, ws)), status_code=202)
+    expired(run, "result")
     payload = plat.runs.result(run.id)
     if envelope.CONTENT_TYPE in request.headers.get("accept", ""):
         return envelope_response(run, payload)
@@ -75,7 +78,7 @@ async def get_logs(request: Request):
     ws = workspace(request)
     runs = platform(request).runs
     run_id = request.path_params["run"]
-    runs.get(ws, run_id)
+    expired(runs.get(ws, run_id), "log")
     follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
 
     async def stream():
@@ -95,6 +98,15 @@ async def get_logs(request: Request):
             await runs.notifier.wait(f"logs:{run_id}", 15.0)
 
     return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+
+
+def expired(run, what: str) -> None:
+    """410 for what retention dropped: the run's record stays, with when its payloads and log went."""
+    if run.expired_at is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(run.expired_at))
+        raise Gone(f"the {what} of run {run.id} has expired: finished runs' arguments, results and logs are kept "
+                   f"for their job's retention (OPBOX_RETENTION_DAYS, or @operator(retention_days=...)); "
+                   f"dropped at {when}", expired_at=run.expired_at)
 
 
 async def cancel_run(request: Request):

@@ -40,6 +40,7 @@ class RunRecord:
     done_seq: int | None
     worker: str | None
     log_bytes: int
+    expired_at: float | None = None  # its arguments, result and log were dropped (retention)
 
 
 class NewRun(NamedTuple):
@@ -82,7 +83,7 @@ class BatchResult:
     status: str
     seq: int
     exit_reason: str | None
-    payload: bytes
+    payload: bytes | None  # None once the result expired (retention)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +188,13 @@ class RunRecords(Protocol):
     def open_counts(self, workspace: str) -> dict[str, int]:
         """How many runs are queued and running, by status (statuses with none are absent)."""
 
+    def expire(self, default_days: float, now: float, limit: int) -> tuple[int, int]:
+        """Drop the arguments, results and logs of up to ``limit`` runs finished longer ago than their
+        version's ``retention_days`` (else ``default_days``); mark them expired. (runs, bytes) freed."""
+
+    def delete_finished(self, days: float, now: float, limit: int) -> int:
+        """Delete up to ``limit`` run records (and what is left of them) finished more than ``days`` ago."""
+
     def requeue_running(self, reason: str) -> None:
         """After a restart: every running run lost its worker; queue it again."""
 
@@ -229,6 +237,9 @@ class JobRecords(Protocol):
         when the job exists with another kind."""
 
     def version(self, job_id: str, version: int) -> VersionRecord | None: ...
+
+    def in_use(self) -> tuple[set[str], list[dict]]:
+        """What versions still refer to: their code archives' keys, and the artifacts of those not failed."""
 
     def versions(self, job_id: str) -> list[VersionRecord]:
         """Newest first."""

@@ -58,6 +58,9 @@ class ObjectStore(Protocol):
     def size(self, key: str) -> int | None:
         """The object's size in bytes, or None when it does not exist."""
 
+    def modified(self, key: str) -> float | None:
+        """When the object was last written (Unix time), or None when it does not exist."""
+
     def delete(self, key: str) -> None:
         """Remove an object; no error when it is missing."""
 

@@ -117,6 +117,14 @@ class LocalStore:
             raise StorageError(f"local store: cannot stat {shorten(key)!r}: {e.strerror}", key=key) from e
         return st.st_size if stat.S_ISREG(st.st_mode) else None
 
+    def modified(self, key: str) -> float | None:
+        try:
+            return self._path(key).stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise StorageError(f"local store: cannot stat {shorten(key)!r}: {e.strerror}", key=key) from e
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:

@@ -139,6 +139,13 @@ class S3Store:
         except NotFound:
             return None
 
+    def modified(self, key: str) -> float | None:
+        try:
+            with self._errors("stat", key):
+                return self._client.head_object(Bucket=self.bucket, Key=self._name(key))["LastModified"].timestamp()
+        except NotFound:
+            return None
+
     def delete(self, key: str) -> None:
         name = self._name(key)
         with self._errors("delete", key):

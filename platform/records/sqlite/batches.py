@@ -53,5 +53,5 @@ class SqliteBatches:
     def results_after(self, batch_id: str, after: int, limit: int) -> list[BatchResult]:
         return [BatchResult(*r) for r in self.db.execute(
             "SELECT r.id, r.batch_index, r.status, r.done_seq, r.exit_reason, p.data FROM runs r "
-            "JOIN payloads p ON p.run_id = r.id AND p.kind = 'result' "
+            "LEFT JOIN payloads p ON p.run_id = r.id AND p.kind = 'result' "
             "WHERE r.batch_id = ? AND r.done_seq > ? ORDER BY r.done_seq LIMIT ?", (batch_id, after, limit))]

@@ -63,6 +63,14 @@ class SqliteJobs:
         row = self.db.execute(f"{VERSION} WHERE job_id = ? AND version = ?", (job_id, version)).fetchone()
         return _version(row) if row is not None else None
 
+    def in_use(self) -> tuple[set[str], list[dict]]:
+        keys, artifacts = set(), []
+        for key, status, artifact in self.db.execute("SELECT code_key, status, artifact FROM versions"):
+            keys.add(key)
+            if status != "failed" and artifact:
+                artifacts.append(json.loads(artifact))
+        return keys, artifacts
+
     def versions(self, job_id: str) -> list[VersionRecord]:
         return [_version(r) for r in self.db.execute(f"{VERSION} WHERE job_id = ? ORDER BY version DESC", (job_id,))]
 

@@ -58,6 +58,11 @@ CREATE TABLE IF NOT EXISTS services(
   replicas INTEGER NOT NULL, concurrency INTEGER NOT NULL, queue INTEGER NOT NULL, scale_to_zero REAL,
   init BLOB NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY(workspace, name));
 """,
+    # 2: retention: when a finished run's payloads and logs were dropped (410 from then on)
+    """
+ALTER TABLE runs ADD COLUMN expired_at REAL;
+CREATE INDEX runs_to_expire ON runs(finished_at) WHERE finished_at IS NOT NULL AND expired_at IS NULL;
+""",
 )
 
 

@@ -11,7 +11,7 @@ from ..base import NewRun, RunRecord
 from .connection import Database
 
 COLUMNS = ("id, workspace, job_id, version, status, trigger, created_at, started_at, finished_at, exit_reason, "
-           "error_type, attempt, max_retries, timeout, batch_id, batch_index, done_seq, worker, log_bytes")
+           "error_type, attempt, max_retries, timeout, batch_id, batch_index, done_seq, worker, log_bytes, expired_at")
 SELECT = f"SELECT {COLUMNS} FROM runs"
 INSERT = ("INSERT OR IGNORE INTO runs(id, workspace, job_id, version, trigger, created_at, max_retries, timeout, "
           "batch_id, batch_index, status) VALUES (?,?,?,?,?,?,?,?,?,?,'queued')")
@@ -113,3 +113,33 @@ class SqliteRuns:
 
     def queued(self) -> list[RunRecord]:
         return [RunRecord(*r) for r in self.db.execute(f"{SELECT} WHERE status = 'queued' ORDER BY id")]
+
+    # -- retention ---------------------------------------------------------------------------
+    def expire(self, default_days: float, now: float, limit: int) -> tuple[int, int]:
+        rows = self.db.execute(
+            "SELECT r.id FROM runs r JOIN versions v ON v.job_id = r.job_id AND v.version = r.version "
+            "WHERE r.finished_at IS NOT NULL AND r.expired_at IS NULL AND r.finished_at < "
+            "? - 86400.0 * COALESCE(json_extract(v.resource, '$.retention_days'), ?) LIMIT ?",
+            (now, default_days, limit)).fetchall()
+        ids = [(r[0],) for r in rows]
+        if not ids:
+            return 0, 0
+        with self.tx() as db:
+            freed = sum(db.execute("SELECT COALESCE(SUM(length(data)), 0) FROM payloads WHERE run_id = ?", i).fetchone()[0]
+                        + db.execute("SELECT COALESCE(SUM(length(data)), 0) FROM logs WHERE run_id = ?", i).fetchone()[0]
+                        for i in ids)
+            db.executemany("DELETE FROM payloads WHERE run_id = ?", ids)
+            db.executemany("DELETE FROM logs WHERE run_id = ?", ids)
+            db.executemany("UPDATE runs SET expired_at = ?, log_bytes = 0 WHERE id = ?", [(now, i) for (i,) in ids])
+        return len(ids), freed
+
+    def delete_finished(self, days: float, now: float, limit: int) -> int:
+        ids = [(r[0],) for r in self.db.execute(
+            "SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?",
+            (now - 86400.0 * days, limit))]
+        if ids:
+            with self.tx() as db:
+                for table in ("payloads", "logs"):
+                    db.executemany(f"DELETE FROM {table} WHERE run_id = ?", ids)
+                db.executemany("DELETE FROM runs WHERE id = ?", ids)
+        return len(ids)

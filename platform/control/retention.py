@@ -1,0 +1,78 @@
+"""Storage that shrinks: finished runs' payloads and logs expire, old run records go, and code
+archives, code folders and environments that no version uses are collected.
+
+A run's arguments, result and log are kept for its job's ``retention_days`` (else the platform's
+``OPBOX_RETENTION_DAYS``); then they are dropped and the run is marked expired, so the API says
+410 Gone instead of 404. The run's record itself stays for ``OPBOX_RETENTION_RUN_DAYS``. Work is
+done in batches, yielding to the event loop between them, so calls are not held up. The platform
+runs it every ``OPBOX_GC_INTERVAL`` seconds; ``opbox gc`` runs it now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import asdict, dataclass
+
+from opbox.builder.outputs import collect_outputs
+
+from ..records.base import Records
+from ..settings import Settings
+
+BATCH = 1000
+_ARCHIVE = re.compile(r"[a-z0-9-]+/code/[0-9a-f]{64}\.zip")
+
+
+@dataclass
+class Collected:
+    runs_expired: int = 0
+    payload_bytes: int = 0
+    runs_deleted: int = 0
+    archives_deleted: int = 0
+    archive_bytes: int = 0
+    folders_deleted: int = 0
+    folder_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Retention:
+    def __init__(self, records: Records, store, settings: Settings):
+        self.records, self.store, self.settings = records, store, settings
+
+    async def collect(self, now: float | None = None) -> Collected:
+        now = time.time() if now is None else now
+        done = Collected()
+        while True:
+            count, size = self.records.runs.expire(self.settings.retention_days, now, BATCH)
+            done.runs_expired, done.payload_bytes = done.runs_expired + count, done.payload_bytes + size
+            if count < BATCH:
+                break
+            await asyncio.sleep(0)
+        while (count := self.records.runs.delete_finished(self.settings.retention_run_days, now, BATCH)):
+            done.runs_deleted += count
+            if count < BATCH:
+                break
+            await asyncio.sleep(0)
+        keys, artifacts = self.records.jobs.in_use()
+        older_than = now - self.settings.gc_min_age
+        done.archives_deleted, done.archive_bytes = await asyncio.to_thread(self._archives, keys, older_than)
+        done.folders_deleted, done.folder_bytes = await asyncio.to_thread(
+            collect_outputs, self.settings.home, artifacts, older_than)
+        return done
+
+    def _archives(self, in_use: set[str], older_than: float) -> tuple[int, int]:
+        """Uploaded code archives no version was made from (a deploy that never came, a failed upload)."""
+        removed = freed = 0
+        for key in list(self.store.list("")):
+            if not _ARCHIVE.fullmatch(key) or key in in_use:
+                continue
+            modified = self.store.modified(key)
+            if modified is None or modified >= older_than:
+                continue
+            freed += self.store.size(key) or 0
+            self.store.delete(key)
+            removed += 1
+        return removed, freed

@@ -15,7 +15,7 @@ from opbox.config import credentials_path, opbox_home
 from .backends.base import WorkerPools, require, supports
 from .backends.registry import make_backend, make_builder
 from .control import admin
-from .control.auth import Auth
+from .control.auth import Auth, RateLimit
 from .control.deploys import Deploys
 from .ids import check_workspace
 from .control.runs import Limits, Runs
@@ -85,7 +85,7 @@ class Platform:
         home.mkdir(parents=True, exist_ok=True)
         self.secret = _secret(home)
         self.records = open_records(home)
-        self.auth = Auth(self.records, self.secret)
+        self.auth = Auth(self.records, self.secret, RateLimit(settings.rate_limit, settings.rate_burst))
         self.store = make_store(settings, self.secret)
         self.backend = make_backend(settings, self.auth.internal_token, bound_url or settings.url)
         self.runs = Runs(self.records, self.backend, Limits(

@@ -88,6 +88,9 @@ class Settings:
     retention_run_days: float = setting("OPBOX_RETENTION_RUN_DAYS", 90.0, parse=float)
     gc_min_age: float = setting("OPBOX_GC_MIN_AGE", 3600.0, parse=float)
     gc_interval: float = setting("OPBOX_GC_INTERVAL", 3600.0, parse=float)
+    # requests a second per bearer token on average, and the burst allowed above it (then 429 + Retry-After)
+    rate_limit: float = setting("OPBOX_RATE_LIMIT", 1000.0, parse=float)
+    rate_burst: float = setting("OPBOX_RATE_BURST", 2000.0, parse=float)
     # SIGTERM/SIGINT: seconds the gateway waits for runs in its workers' hands to hand their results in
     shutdown_grace: float = setting("OPBOX_SHUTDOWN_GRACE", 10.0, parse=float)
     builder: str | None = setting("OPBOX_BUILDER")  # local (a virtualenv), podman or kaniko; default: the backend's

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 
-from opbox.errors import AuthError, NotFound
+from opbox.errors import AuthError, NotFound, QuotaExceeded
 
 from ..ids import check_workspace, new_id
 from ..records.base import Records, TokenRecord
@@ -27,10 +28,34 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+class RateLimit:
+    """A token bucket per bearer token: ``rate`` requests a second on average, bursts up to ``burst``;
+    beyond, 429 with the seconds until one fits (one workspace's flood costs the others little)."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = rate, max(burst, 1.0)
+        self._buckets: dict[str, list[float]] = {}  # token hash -> [tokens left, when counted]
+
+    def take(self, key: str, name: str) -> None:
+        now = time.monotonic()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [self.burst, now]
+        left = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if left < 1.0:
+            bucket[0] = left
+            wait = max(1, math.ceil((1.0 - left) / self.rate))
+            raise QuotaExceeded(f"token {name!r} sent more than {self.rate:g} requests a second (bursts up to "
+                                f"{self.burst:g}); retry in {wait} s", retry_after=wait)
+        bucket[0] = left - 1.0
+
+
 class Auth:
-    def __init__(self, records: Records, secret: bytes):
+    def __init__(self, records: Records, secret: bytes, rate_limit: RateLimit | None = None):
         self.records = records
         self.secret = secret
+        self.rate_limit = rate_limit
         self._cache: dict[str, TokenRecord] = {}
 
     def create_token(self, workspace: str, name: str = "default", role: str = "admin", token: str | None = None) -> tuple[str, str]:
@@ -79,6 +104,8 @@ class Auth:
             self._cache[digest] = row
         if row.workspace != workspace:
             raise NotFound(f"no workspace {workspace!r}")
+        if self.rate_limit is not None:
+            self.rate_limit.take(digest, row.name)
         return row
 
     # -- tokens for the platform's own processes (workers, batch runs) -----------------

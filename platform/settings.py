@@ -73,6 +73,8 @@ class Settings:
     workspace: str | None = setting("OPBOX_WORKSPACE")  # bootstrap workspace
     token: str | None = setting("OPBOX_TOKEN")  # bootstrap token
     max_workers: int = setting("OPBOX_MAX_WORKERS", factory=lambda: max(2, os.cpu_count() or 2), parse=int)
+    # runs at once on this machine (warm workers' leases), shared evenly by the workspaces that have work
+    max_running: int = setting("OPBOX_MAX_RUNNING", factory=lambda: max(2, os.cpu_count() or 2), parse=int)
     worker_idle: float = setting("OPBOX_WORKER_IDLE", 60.0, parse=float)
     pool_idle: float = setting("OPBOX_POOL_IDLE", 900.0, parse=float)
     max_upload: int = setting("OPBOX_MAX_UPLOAD", 200 * 1024**2, parse=int)

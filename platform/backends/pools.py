@@ -24,6 +24,7 @@ from typing import Protocol
 from opbox.errors import AuthError
 
 from .base import EXIT, IDLE, Completion, Lease, RunEvents, RunTicket, VersionInfo
+from .fairshare import FairShare
 
 log = logging.getLogger("opbox.pools")
 
@@ -101,7 +102,9 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class PoolManager:
-    def __init__(self, spawner: Spawner, *, max_workers: int, worker_idle: float, pool_idle: float) -> None:
+    def __init__(self, spawner: Spawner, *, max_workers: int, worker_idle: float, pool_idle: float,
+                 max_running: int | None = None) -> None:
+        self.fair = FairShare(max_running or max_workers)
         self.spawner = spawner
         self.max_workers = max_workers
         self.worker_idle = worker_idle
@@ -229,6 +232,7 @@ class PoolManager:
             status, reason = worker.kill_reason or ("failed", describe_exit(returncode))
             self.events.run_lost(worker.run_id, reason, status)
             worker.run_id = None
+            self._release(pool.version.workspace)
         if self.closing:
             return
         pool.failed_starts = 0 if worker.polled else pool.failed_starts + 1
@@ -253,10 +257,14 @@ class PoolManager:
 
     # -- internals ---------------------------------------------------------------------
     def _lease(self, worker: Worker, ticket: RunTicket) -> Lease | None:
+        if not self.fair.admit(ticket):  # its workspace is at its share: it waits in FairShare
+            return None
         if not self.events.run_started(ticket.run_id, worker.id):
+            self._release(ticket.workspace)
             return None
         args = self.events.run_args(ticket.run_id)
         if args is None:
+            self._release(ticket.workspace)
             self.events.run_lost(ticket.run_id, "arguments missing from the store")
             return None
         worker.run_id = ticket.run_id
@@ -279,6 +287,14 @@ class PoolManager:
         worker.run_id = None
         worker.pool.last_active = time.monotonic()
         self.events.run_finished(done.run_id, done.outcome, done.payload, done.error_type)
+        self._release(worker.pool.version.workspace)
+
+    def _release(self, workspace: str) -> None:
+        """A run's slot in its workspace's share is free: start what was waiting for one."""
+        for ticket in self.fair.release(workspace):
+            pool = self.pools.get(f"{ticket.job_id}.v{ticket.version}")
+            if pool is not None:
+                self.submit(ticket, pool.version)
 
     def _should_exit(self, pool: Pool, worker: Worker) -> bool:
         idle = time.monotonic() - pool.last_active

@@ -10,7 +10,6 @@ import time
 import httpx
 import pytest
 
-from opbox import RunFailed
 from opbox.errors import PayloadTooLarge, QuotaExceeded
 from platform_fixture import running_platform
 

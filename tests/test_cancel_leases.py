@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from opbox import RemoteError
 from conftest import user_module
 
 CODE = """

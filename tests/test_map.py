@@ -99,3 +99,20 @@ def test_imap_yields_in_order(fns):
     assert next(it) == 0
     assert list(it) == [i * i for i in range(1, 50)]
     assert RemoteError
+
+
+def test_a_maps_memory_goes_when_it_ends(plat, fns):
+    """The gateway's in-memory state of a map (its pending items) is freed once the map is complete, so a
+    long-lived platform does not grow with every map it ever ran."""
+    before = _batches_in_memory(plat)
+    for _ in range(5):
+        assert fns["square"].map(range(20), concurrency=3, progress=False) == [x * x for x in range(20)]
+    assert _batches_in_memory(plat) <= before
+
+
+def _batches_in_memory(plat) -> int:
+    """How many of the workspace's maps the gateway holds in memory (GET /status: maps_in_memory)."""
+    import httpx
+
+    return httpx.get(f"{plat.url}/{plat.workspace}/status",
+                     headers={"Authorization": f"Bearer {plat.token}"}).json()["maps_in_memory"]

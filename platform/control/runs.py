@@ -185,7 +185,10 @@ class Runs:
             raise Conflict(f"batch {batch_id} has {row.submitted} items, more than {total}")
         self.records.batches.seal(batch_id, total)
         self.notifier.notify(f"batch:{batch_id}")
-        return self.batch(workspace, batch_id)
+        sealed = self.batch(workspace, batch_id)
+        if sealed.done >= total:  # every item ended before the total was known
+            self.batches.pop(batch_id, None)
+        return sealed
 
     def _batch_state(self, row: BatchRecord) -> BatchState:
         state = self.batches.get(row.id)
@@ -303,13 +306,19 @@ class Runs:
         if len(payload) > self.limits.max_payload:
             status, reason = "failed", f"result is {len(payload)} bytes; the limit is {self.limits.max_payload}"
             payload = envelope.error_envelope("opbox.PayloadTooLarge", reason)
-        self.records.runs.finish(run_id, status, time.time(), reason, error_type, payload, run.batch_id)
+        complete = self.records.runs.finish(run_id, status, time.time(), reason, error_type, payload, run.batch_id)
         self.open_runs[run.workspace] = max(0, self.open_runs.get(run.workspace, 0) - 1)
         self.notifier.notify(run_id)
         self.notifier.notify(f"logs:{run_id}")
         if run.batch_id:
             self._release_slot(run.batch_id)
             self.notifier.notify(f"batch:{run.batch_id}")
+            if complete:  # the map's last item: its in-memory state goes (its record stays)
+                self.batches.pop(run.batch_id, None)
+
+    def maps_in_memory(self, workspace: str) -> int:
+        """Maps of ``workspace`` whose dispatch state the gateway holds (those not yet complete)."""
+        return sum(1 for state in self.batches.values() if state.version.workspace == workspace)
 
     def _release_slot(self, batch_id: str) -> None:
         """A map's item ended: let the next waiting item of that map start."""
@@ -341,6 +350,7 @@ class Runs:
             state.pending.clear()
         for run_id in self.records.batches.open_runs(batch_id):
             await self.cancel(workspace, run_id)
+        self.batches.pop(batch_id, None)
         return self.batch(workspace, batch_id)
 
     # -- restart -------------------------------------------------------------------

@@ -181,4 +181,5 @@ async def status(request: Request):
     plat = platform(request)
     info = plat.backend.describe(ws)
     info["runs"] = plat.runs.open_counts(ws)
+    info["maps_in_memory"] = plat.runs.maps_in_memory(ws)
     return ok(info)

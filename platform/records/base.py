@@ -173,8 +173,9 @@ class RunRecords(Protocol):
         """Back to queued for its next attempt."""
 
     def finish(self, run_id: str, status: str, at: float, reason: str | None, error_type: str | None,
-               result: bytes, batch_id: str | None) -> None:
-        """The run's end, its result and (for a map item) its completion number, atomically."""
+               result: bytes, batch_id: str | None) -> bool:
+        """The run's end, its result and (for a map item) its completion number, atomically. True when
+        this was the last item of a sealed map."""
 
     def append_log(self, run_id: str, data: bytes, limit: int, marker: bytes, dropped: bool) -> bool:
         """Append output within the run's ``limit`` of bytes: the oldest chunks go first, and

@@ -54,7 +54,8 @@ class SqliteRuns:
                         "worker = NULL WHERE id = ?", (reason, run_id))
 
     def finish(self, run_id: str, status: str, at: float, reason: str | None, error_type: str | None,
-               result: bytes, batch_id: str | None) -> None:
+               result: bytes, batch_id: str | None) -> bool:
+        complete = False
         with self.tx() as db:
             db.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, exit_reason = COALESCE(?, exit_reason), error_type = ?, "
@@ -62,9 +63,11 @@ class SqliteRuns:
                 (status, at, reason, error_type, at, run_id))
             db.execute("INSERT OR REPLACE INTO payloads(run_id, kind, data) VALUES (?, 'result', ?)", (run_id, result))
             if batch_id:
-                seq = db.execute("UPDATE batches SET done = done + 1 WHERE id = ? RETURNING done",
-                                 (batch_id,)).fetchone()[0]
+                seq, total = db.execute("UPDATE batches SET done = done + 1 WHERE id = ? RETURNING done, total",
+                                        (batch_id,)).fetchone()
                 db.execute("UPDATE runs SET done_seq = ? WHERE id = ?", (seq, run_id))
+                complete = total is not None and seq >= total
+        return complete
 
     def append_log(self, run_id: str, data: bytes, limit: int, marker: bytes, dropped: bool) -> bool:
         row = self.db.execute("SELECT log_bytes, (SELECT COALESCE(MAX(seq), -1) + 1 FROM logs WHERE run_id = ?) "

@@ -8,22 +8,8 @@ hands it back to the backend typed (``from_dict``), so no backend reads loose di
 
 from __future__ import annotations
 
-import ctypes
-import signal
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Protocol
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """``preexec_fn`` for the platform's children (builds, runtimes): SIGKILL when the gateway dies, so no
-    build or run outlives it (Linux; elsewhere a runtime notices the gateway is gone by itself)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except Exception:
-        pass
-
 
 IMAGE_CODE_DIR = "/app"  # where the code lives inside a job image (its working directory)
 

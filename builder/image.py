@@ -41,8 +41,8 @@ from typing import Callable, Iterable, Mapping, Protocol, runtime_checkable
 import jinja2
 
 from opbox.errors import BuildError, ConfigError, ValidationError
+from opbox.processes import die_with_parent
 
-from .base import die_with_parent
 from .wheelhouse import Wheelhouse, iter_tree, requirements_hash, tree_hash
 
 Log = Callable[[str], None]

@@ -22,8 +22,9 @@ from typing import Callable
 
 from opbox.errors import BuildError
 from opbox.packaging import normalize_requirements
+from opbox.processes import die_with_parent
 
-from .base import Artifact, BuildSpec, Isolation, die_with_parent
+from .base import Artifact, BuildSpec, Isolation
 from .extract import extract_to_content_dir
 
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"

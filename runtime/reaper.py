@@ -15,6 +15,8 @@ import os
 import signal
 import time
 
+from opbox.processes import tree
+
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -26,21 +28,6 @@ def become_subreaper() -> bool:
         return False
 
 
-def _children(pid: int | str) -> list[int]:
-    found = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                found.extend(int(p) for p in f.read().split())
-        except OSError:
-            continue
-    return found
-
-
 def end_leftovers(patience: float = 2.0) -> int:
     """SIGKILL every process left under this one, reap them, and return how many there were."""
     try:  # the common case, one system call: no child at all (a leftover descendant would be one, adopted)
@@ -50,11 +37,7 @@ def end_leftovers(patience: float = 2.0) -> int:
     killed: set[int] = set()
     deadline = time.monotonic() + patience
     while time.monotonic() < deadline:  # a process may fork while we look: look again until none is left
-        todo, seen = _children("self"), []
-        while todo:
-            pid = todo.pop()
-            seen.append(pid)
-            todo.extend(_children(pid))
+        seen = tree("self")[1:]
         if not seen:
             break
         for pid in seen:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from opbox.builder.base import die_with_parent
+from opbox.processes import die_with_parent, tree
 
 from ..base import VersionInfo
 from .sandbox import Sandbox
@@ -63,30 +63,6 @@ async def start_runtime(version: VersionInfo, runtime: Mapping[str, str], args: 
             *argv, cwd=cwd, env=process_env(version, runtime, sealed=sandbox is not None),
             stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True, preexec_fn=die_with_parent, pass_fds=pass_fds)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                found.extend(int(p) for p in f.read().split())
-        except OSError:
-            continue
-    return found
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and every process under it (a sandbox's: bwrap, its namespace's init, the runtime, ...)."""
-    todo, seen = [pid], []
-    while todo:
-        seen.append(todo.pop())
-        todo.extend(_children(seen[-1]))
-    return seen
 
 
 def rss_bytes(pid: int) -> int | None:

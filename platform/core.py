@@ -92,14 +92,14 @@ class Platform:
             max_payload=settings.max_payload, max_log_bytes=settings.max_log_bytes, cancel_grace=settings.cancel_grace,
             max_open_runs=settings.max_open_runs))
         self.deploys = Deploys(self.records, self.store, make_builder(settings, self.store, self.backend), self.runs,
-                                     settings.max_upload)
+                               settings.max_upload)
         self.services = Services(self.records, self.backend, self.deploys, settings.max_payload,
-                                       base_url=lambda: self.settings.url)
+                                 base_url=lambda: self.settings.url)
         if bound_url:
             self._refresh_credentials()
-        self.proxy = Proxy(self.services)
+        self.proxy = Proxy(self.services)  # service calls: replica choice, in-flight counts, connections
         self.retention = Retention(self.records, self.store, settings)
-        self._collector: asyncio.Task | None = None  # service calls: replica choice, in-flight counts, connections
+        self._collector: asyncio.Task | None = None  # runs the retention every gc_interval
 
     def bootstrap(self) -> dict | None:
         """First start: make a workspace and an admin token. Uses OPBOX_WORKSPACE / OPBOX_TOKEN when set.

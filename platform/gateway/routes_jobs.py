@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from opbox import envelope
-from opbox.errors import BadRequest, OpboxError, ValidationError
+from opbox.errors import BadRequest, BuildError, OpboxError, ValidationError
 
 from ..records.base import TERMINAL, RunRecord
 from .http import json_body, ok, query_number, read_body
@@ -111,7 +111,7 @@ async def deploy(request: Request):
             else:
                 error = exc if isinstance(exc, OpboxError) else OpboxError(f"{type(exc).__name__}: {exc}")
                 body = error.to_dict()
-                if getattr(error, "log", None):
+                if isinstance(error, BuildError) and error.log:
                     body.setdefault("details", {})["log"] = error.log
                 yield json.dumps({"error": body}) + "\n"
             return

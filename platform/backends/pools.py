@@ -173,6 +173,11 @@ class PoolManager:
         for task in list(self._tasks):
             task.cancel()
 
+    @property
+    def leased(self) -> int:
+        """Runs in the hands of this manager's workers now."""
+        return len(self._by_run)
+
     def describe(self, workspace: str) -> list[dict]:
         """The pools of ``workspace``'s job versions."""
         return [
@@ -357,4 +362,4 @@ class PoolMethods:
         self.pools.release_parked()
 
     def busy(self) -> int:
-        return len(self.pools._by_run)  # noqa: SLF001 (the manager's own index of leased runs)
+        return self.pools.leased

@@ -102,7 +102,7 @@ class LocalBackend(PoolMethods, ServiceMethods):
         self.pools.warm_up(version, 1)
 
     def busy(self) -> int:
-        return len(self.pools._by_run) + len(self.oneshot.running)  # noqa: SLF001
+        return self.pools.leased + len(self.oneshot.running)
 
     def submit(self, ticket: RunTicket, version: VersionInfo) -> None:
         if self.isolation == "run":

@@ -89,7 +89,8 @@ def gc(home, as_json):
     if as_json:
         return _print_json(done)
     click.echo(f"expired {done['runs_expired']} runs' payloads and logs ({_size(done['payload_bytes'])}), "
-               f"deleted {done['runs_deleted']} old run records, {done['archives_deleted']} unused code archives "
+               f"deleted {done['runs_deleted']} old run records, {done['payload_objects_deleted']} payloads no run "
+               f"refers to, {done['archives_deleted']} unused code archives "
                f"({_size(done['archive_bytes'])}) and {done['folders_deleted']} unused code folders and "
                f"environments ({_size(done['folder_bytes'])})")
 

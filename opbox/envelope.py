@@ -57,6 +57,19 @@ def read_header(data: bytes) -> dict:
     return unpack(data)[0]
 
 
+def head_length(prefix: bytes) -> int:
+    """How many bytes an envelope's head (prefix and JSON header) takes, from its first ``PREFIX_SIZE`` bytes."""
+    if len(prefix) < _PREFIX.size:
+        raise SerializationError("payload is not an opbox envelope (too short)")
+    magic, _, size = _PREFIX.unpack_from(prefix)
+    if magic != MAGIC:
+        raise SerializationError("payload is not an opbox envelope (bad magic)")
+    return _PREFIX.size + size
+
+
+PREFIX_SIZE = _PREFIX.size
+
+
 def json_args(args: list | None = None, kwargs: dict | None = None) -> bytes:
     """An args envelope for calls made with JSON (curl, non-Python clients)."""
     if args is not None and not isinstance(args, list):

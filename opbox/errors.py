@@ -129,6 +129,21 @@ class StorageError(OpboxError):
     status = 502
 
 
+class StorageFull(StorageError):
+    """The disk (or bucket) under the platform's state or object store is full: nothing new is
+    stored until space returns; what was stored is intact."""
+
+    code = "storage_full"
+    status = 507
+
+
+class StorageQuotaExceeded(OpboxError):
+    """The workspace stores as many bytes (arguments, results, logs, code) as its quota allows."""
+
+    code = "storage_quota_exceeded"
+    status = 507
+
+
 class BuildError(OpboxError):
     """Building a job version failed; ``log`` holds the build output."""
 

@@ -145,6 +145,7 @@ class _Map:
         self.total: int | None = None
         self.error: BaseException | None = None
         self.cancelled = False
+        self.sent = 0  # items the platform has stored
         self.stop = threading.Event()
         self.submitter = threading.Thread(target=self._submit, args=(items, kwargs, star), daemon=True,
                                           name=f"opbox-map-{batch_id}")
@@ -170,6 +171,10 @@ class _Map:
             self.total = start
         except BaseException as exc:  # reported by the reading side
             self.error = exc
+            try:  # the items stored so far are the whole map now: its results stream ends after them
+                self.client.request("POST", f"/batches/{self.batch_id}/seal", json={"total": self.sent})
+            except Exception:  # the reader notices the error at its next heartbeat instead
+                pass
 
     def _send(self, start: int, frames: list[bytes]) -> None:
         while frames:  # under a quota the platform may take only a prefix; the rest goes again
@@ -177,6 +182,7 @@ class _Map:
                                          content=b"".join(frames), retry=True, wait_quota=True,
                                          headers={"Content-Type": "application/octet-stream"}).json()
             start += answer["accepted"]
+            self.sent = start
             frames = frames[answer["accepted"]:]
 
     def _stream(self) -> Iterator[dict]:
@@ -192,6 +198,8 @@ class _Map:
                     if "seq" in line:
                         after = line["seq"]
                         yield line
+                    elif self.error is not None:  # a heartbeat, and no more items will come
+                        return
                 if self.total is not None or self.error is not None:
                     return
                 # the stream ended before the total was known here: the submitter is still sealing
@@ -215,7 +223,10 @@ class _Map:
                     continue  # already seen (a reconnect may repeat lines)
                 if line.get("expired"):
                     raise Gone(f"the result of map item {index} (run {line['run_id']}) has expired (retention)")
-                payload = base64.b64decode(line["payload"])
+                if line.get("stored"):  # a large result: fetched from its run, streamed by the gateway
+                    payload = self.client.get(f"/runs/{line['run_id']}/result", headers=ACCEPT_ENVELOPE).content
+                else:
+                    payload = base64.b64decode(line["payload"])
                 if line["status"] == "succeeded":
                     done[index] = (True, decode("succeeded", payload, line["run_id"]))
                 else:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from opbox.config import opbox_home
 from opbox.errors import ConfigError
+from opbox.resource import parse_quantity
 
 
 def setting(env: str | None = None, default: Any = None, *, factory: Callable[[], Any] | None = None,
@@ -24,6 +25,11 @@ def setting(env: str | None = None, default: Any = None, *, factory: Callable[[]
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def parse_bytes(raw: str) -> int:
+    """A size in bytes, as a number or a Kubernetes quantity ("500Mi", "20Gi")."""
+    return int(parse_quantity(raw, "size"))
 
 
 def env_int(name: str, default: int) -> int:
@@ -81,6 +87,10 @@ class Settings:
     max_request_body: int = setting("OPBOX_MAX_REQUEST_BODY", 80 * 1024**2, parse=int)
     max_payload: int = setting("OPBOX_MAX_PAYLOAD", 64 * 1024**2, parse=int)
     max_log_bytes: int = setting("OPBOX_MAX_LOG_BYTES", 8 * 1024**2, parse=int)
+    # arguments and results above this many bytes are kept in the object store, not in the state file
+    payload_inline: int = setting("OPBOX_PAYLOAD_INLINE", 1024**2, parse=int)
+    # per workspace: bytes of arguments, results, logs and code it may store ("50Gi"); unset: no quota
+    storage_quota: int | None = setting("OPBOX_STORAGE_QUOTA", parse=parse_bytes)
     max_open_runs: int = setting("OPBOX_MAX_OPEN_RUNS", 100_000, parse=int)  # per workspace: queued + running
     cancel_grace: float = setting(default=5.0)
     # retention: finished runs' arguments, results and logs are dropped after this many days (a job may set its
@@ -125,5 +135,5 @@ def _parse(name: str, raw: str, parse: Callable[[str], Any]) -> Any:
     try:
         return parse(raw)
     except ValueError:
-        what = {int: "a whole number", float: "a number"}.get(parse, "valid")
+        what = {int: "a whole number", float: "a number", parse_bytes: "a size such as 20Gi"}.get(parse, "valid")
         raise ConfigError(f"{name} must be {what}, got {raw!r}") from None

@@ -22,6 +22,8 @@ from opbox.errors import NotSupported
 from opbox import defaults
 from opbox.resource import Resource
 
+from ..payload import Payload
+
 A = TypeVar("A")
 
 
@@ -59,7 +61,7 @@ class Lease:
     """A run handed to a warm worker: its arguments (bytes, never decoded here) and timeout."""
 
     run_id: str
-    args: bytes
+    args: Payload
     timeout: float | None
 
 
@@ -69,7 +71,7 @@ class Completion:
 
     run_id: str
     outcome: str  # "succeeded" or "failed"
-    payload: bytes
+    payload: Payload
     error_type: str | None = None
 
 
@@ -97,12 +99,12 @@ class ServiceInfo:
 class RunEvents(Protocol):
     """How a backend reports back to the platform. All calls are made on the event loop."""
 
-    def run_args(self, run_id: str) -> bytes | None: ...
+    def run_args(self, run_id: str) -> Payload | None: ...
 
     def run_started(self, run_id: str, worker: str) -> bool:
         """Mark the run running; False means it is no longer wanted (cancelled): skip it."""
 
-    def run_finished(self, run_id: str, outcome: str, payload: bytes, error_type: str | None = None) -> None: ...
+    def run_finished(self, run_id: str, outcome: str, payload: Payload, error_type: str | None = None) -> None: ...
 
     def run_lost(self, run_id: str, reason: str, status: str = "failed") -> None:
         """The run's process ended without a result (crash, kill, OOM, timeout)."""

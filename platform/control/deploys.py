@@ -52,6 +52,7 @@ class Deploys:
         key = code_key(workspace, sha256)
         if await asyncio.to_thread(self.store.exists, key):
             return {"key": key, "exists": True}
+        self.runs.check_quota(workspace, size)
         signed = self.store.upload_url(key, expires=900, max_size=size, sha256=sha256)  # other bytes: refused
         return {"key": key, "exists": False, "upload": {"url": signed.url, "method": signed.method,
                                                         "headers": dict(signed.headers)}}
@@ -135,6 +136,8 @@ class Deploys:
     async def deploy(self, workspace: str, spec: dict, zip_bytes: bytes,
                      log: Callable[[str], None]) -> tuple[JobRecord, int]:
         """Make and build a new version; returns the job and its new version. Raises BuildError."""
+        if not self.records.jobs.code_in_use(code_key(workspace, spec["code_sha256"])):
+            self.records.usage.add(workspace, len(zip_bytes))  # an archive counts once, from its first version
         job, version = self._new_version(workspace, spec)
         lines: list[str] = []
 

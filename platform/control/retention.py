@@ -22,6 +22,7 @@ from ..settings import Settings
 
 BATCH = 1000
 _ARCHIVE = re.compile(r"[a-z0-9-]+/code/[0-9a-f]{64}\.zip")
+_PAYLOAD = re.compile(r"[a-z0-9-]+/payloads/[0-9a-f]{32}")
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Collected:
     runs_expired: int = 0
     payload_bytes: int = 0
     runs_deleted: int = 0
+    payload_objects_deleted: int = 0
     archives_deleted: int = 0
     archive_bytes: int = 0
     folders_deleted: int = 0
@@ -46,29 +48,46 @@ class Retention:
         now = time.time() if now is None else now
         done = Collected()
         while True:
-            count, size = self.records.runs.expire(self.settings.retention_days, now, BATCH)
-            done.runs_expired, done.payload_bytes = done.runs_expired + count, done.payload_bytes + size
-            if count < BATCH:
+            dropped = self.records.runs.expire(self.settings.retention_days, now, BATCH)
+            done.runs_expired += dropped.runs
+            done.payload_bytes += dropped.bytes
+            await asyncio.to_thread(self._delete, dropped.object_keys)
+            if dropped.runs < BATCH:
                 break
-            await asyncio.sleep(0)
-        while (count := self.records.runs.delete_finished(self.settings.retention_run_days, now, BATCH)):
-            done.runs_deleted += count
-            if count < BATCH:
+        while True:
+            dropped = self.records.runs.delete_finished(self.settings.retention_run_days, now, BATCH)
+            done.runs_deleted += dropped.runs
+            done.payload_bytes += dropped.bytes
+            await asyncio.to_thread(self._delete, dropped.object_keys)
+            if dropped.runs < BATCH:
                 break
-            await asyncio.sleep(0)
-        keys, artifacts = self.records.jobs.in_use()
         older_than = now - self.settings.gc_min_age
-        done.archives_deleted, done.archive_bytes = await asyncio.to_thread(self._archives, keys, older_than)
+        stored = await asyncio.to_thread(lambda: list(self.store.list("")))
+        payloads = [key for key in stored if _PAYLOAD.fullmatch(key)]
+        referenced = self.records.runs.stored_keys(payloads)  # the records are read on the loop, never a thread
+        done.payload_objects_deleted, orphans = await asyncio.to_thread(
+            self._delete_old, [key for key in payloads if key not in referenced], older_than)
+        done.payload_bytes += orphans
+        in_use, artifacts = self.records.jobs.in_use()
+        archives = [key for key in stored if _ARCHIVE.fullmatch(key)]
+        done.archives_deleted, done.archive_bytes = await asyncio.to_thread(
+            self._delete_old, [key for key in archives if key not in in_use], older_than)
         done.folders_deleted, done.folder_bytes = await asyncio.to_thread(
             collect_outputs, self.settings.home, artifacts, older_than)
         return done
 
-    def _archives(self, in_use: set[str], older_than: float) -> tuple[int, int]:
-        """Uploaded code archives no version was made from (a deploy that never came, a failed upload)."""
+    def _delete(self, keys: list[str]) -> None:
+        for key in keys:
+            self.store.delete(key)
+
+    def _delete_old(self, keys: list[str], older_than: float) -> tuple[int, int]:
+        """Delete the objects among ``keys`` last written before ``older_than`` (younger ones may be on their way
+        to being used: an upload before its deploy, a payload before its run's record). Returns (objects, bytes).
+        Used for code archives no version was made from (a deploy that never came, a failed upload) and for
+        payloads no run refers to (a request that failed after its body was stored, a result for a run that
+        had already ended)."""
         removed = freed = 0
-        for key in list(self.store.list("")):
-            if not _ARCHIVE.fullmatch(key) or key in in_use:
-                continue
+        for key in keys:
             modified = self.store.modified(key)
             if modified is None or modified >= older_than:
                 continue

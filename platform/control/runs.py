@@ -13,21 +13,26 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from opbox import envelope
 from opbox.builder.base import Artifact
-from opbox.errors import Conflict, NotFound, PayloadTooLarge, QuotaExceeded, ValidationError
+from opbox.errors import (Conflict, NotFound, PayloadTooLarge, QuotaExceeded, StorageFull, StorageQuotaExceeded,
+                          ValidationError)
 from opbox.resource import Resource
 
 from ..backends.base import Backend, RunTicket, VersionInfo
 from ..ids import new_id
 from ..notify import Notifier
-from ..records.base import TERMINAL, BatchRecord, BatchResult, NewRun, Records, RunRecord
+from ..records.base import TERMINAL, BatchRecord, BatchResult, NewRun, Payload, Records, RunRecord, payload_size
 from ..settings import Settings
+from .payloads import head_of
 
 log = logging.getLogger("opbox.runs")
 
 LOG_DROPPED = b"[opbox: older output dropped: the run's log passed its size limit]\n"
+SMALL_RESULT = 64 * 1024  # a result a full disk refused: above this size, the run ends failed saying so
+STALLED_RETRY = 1.0  # seconds between attempts to write what a full disk refused
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Limits:
     max_batch_items: int = 10_000  # per submission request; a map may have any number
     max_open_runs: int = Settings.max_open_runs  # per workspace: queued + running; beyond it, 429 until some end
     cancel_grace: float = Settings.cancel_grace
+    storage_quota: int | None = Settings.storage_quota  # per workspace: bytes of payloads, logs and code
 
 
 class Runs:
@@ -61,6 +67,9 @@ class Runs:
         self.batches: dict[str, BatchState] = {}
         self._versions: dict[tuple[str, int], VersionInfo] = {}
         self.open_runs: dict[str, int] = {}  # per workspace, kept in step with the runs table
+        self.stalled: dict[str, Callable[[], None]] = {}  # writes a full disk refused, retried until it has room
+        self._lost_log: dict[str, int] = {}  # per run: bytes of output a full disk refused
+        self._retry_timer: asyncio.TimerHandle | None = None
 
     def _reserve(self, workspace: str, count: int) -> None:
         open_now = self.open_runs.get(workspace, 0)
@@ -89,15 +98,34 @@ class Runs:
         return info
 
     # -- creating runs -------------------------------------------------------------
-    def _check_payload(self, payload: bytes) -> None:
-        if len(payload) > self.limits.max_payload:
-            raise PayloadTooLarge(f"arguments are {len(payload)} bytes; the limit is {self.limits.max_payload}")
-        header = envelope.read_header(payload)
+    def _check_payload(self, payload: Payload) -> None:
+        size = payload_size(payload)
+        if size > self.limits.max_payload:
+            raise PayloadTooLarge(f"arguments are {size} bytes; the limit is {self.limits.max_payload}")
+        header = envelope.read_header(head_of(payload))
         if header["kind"] != envelope.ARGS:
             raise ValidationError(f"expected an args envelope, got {header['kind']!r}")
 
-    def create(self, version: VersionInfo, payload: bytes, trigger: str) -> str:
+    def check_quota(self, workspace: str, incoming: int = 0) -> None:
+        """507 when storing ``incoming`` more bytes would take the workspace past its storage quota."""
+        quota = self.limits.storage_quota
+        if quota is None:
+            return
+        used = self.records.usage.of(workspace)
+        if used + incoming > quota:
+            raise StorageQuotaExceeded(
+                f"workspace {workspace} stores {used} bytes of arguments, results, logs and code; its quota is "
+                f"{quota} (OPBOX_STORAGE_QUOTA), so {incoming} more do not fit. Space returns as finished runs "
+                "expire (OPBOX_RETENTION_DAYS, @operator(retention_days=...); `opbox gc` collects now)",
+                used=used, quota=quota)
+
+    def storage(self, workspace: str) -> dict:
+        """Bytes the workspace stores (arguments, results, logs, code) and its quota (None: no quota)."""
+        return {"bytes": self.records.usage.of(workspace), "quota": self.limits.storage_quota}
+
+    def create(self, version: VersionInfo, payload: Payload, trigger: str) -> str:
         self._check_payload(payload)
+        self.check_quota(version.workspace, payload_size(payload))
         self._reserve(version.workspace, 1)
         run_id = new_id("r")
         res = version.resource
@@ -126,7 +154,7 @@ class Runs:
             raise NotFound(f"no batch {batch_id}")
         return row
 
-    def add_items(self, workspace: str, batch_id: str, start: int, payloads: list[bytes]) -> tuple[int, int]:
+    def add_items(self, workspace: str, batch_id: str, start: int, payloads: list[Payload]) -> tuple[int, int]:
         """Add items ``start, start+1, ...`` to a batch; idempotent per index.
 
         Returns (new, accepted): how many were new, and how many from the front are now stored.
@@ -142,6 +170,7 @@ class Runs:
             raise PayloadTooLarge(f"at most {self.limits.max_batch_items} items per request, got {len(payloads)}")
         for payload in payloads:
             self._check_payload(payload)
+        self.check_quota(workspace, sum(map(payload_size, payloads)))
         state = self._batch_state(row)
         version = state.version
         res = version.resource
@@ -247,23 +276,35 @@ class Runs:
                 return run
             await self.notifier.wait(run_id, left)
 
-    def result(self, run_id: str) -> bytes | None:
+    def result(self, run_id: str) -> Payload | None:
         return self.records.runs.result(run_id)
 
     # -- events from backends (RunEvents) ----------------------------------------------
-    def run_args(self, run_id: str) -> bytes | None:
+    def run_args(self, run_id: str) -> Payload | None:
         return self.records.runs.args(run_id)
 
     def run_started(self, run_id: str, worker: str) -> bool:
-        return self.records.runs.start(run_id, worker, time.time())  # False: cancelled while it waited
+        """False: the run was cancelled while it waited, or a full disk refused the change (then it is
+        dispatched again once there is room)."""
+        try:
+            return self.records.runs.start(run_id, worker, time.time())
+        except StorageFull:
+            self._stall(f"start:{run_id}", lambda: self._redispatch(run_id))
+            return False
 
-    def run_finished(self, run_id: str, outcome: str, payload: bytes, error_type: str | None = None) -> None:
+    def _redispatch(self, run_id: str) -> None:
+        run = self.records.runs.get(run_id)
+        if run is not None and run.status == "queued":
+            self._dispatch(RunTicket(run.id, run.workspace, run.job_id, run.version, run.timeout, run.attempt,
+                                     run.batch_id), self.version_info(run.job_id, run.version))
+
+    def run_finished(self, run_id: str, outcome: str, payload: Payload, error_type: str | None = None) -> None:
         if outcome not in ("succeeded", "failed"):
             outcome = "failed"
         reason = None
         if outcome == "failed":
             try:
-                header = envelope.read_header(payload)
+                header = envelope.read_header(head_of(payload))
                 reason = f"{header.get('type', 'error')}: {header.get('message', '')}"[:2000]
                 error_type = error_type or header.get("type")
             except Exception:
@@ -285,15 +326,35 @@ class Runs:
             newline = data.find(b"\n")
             data = data[newline + 1:] if 0 <= newline < len(data) - 1 else data
             dropped = True
-        if self.records.runs.append_log(run_id, data, limit, LOG_DROPPED, dropped):
+        lost = self._lost_log.pop(run_id, 0)
+        if lost:
+            data = f"[opbox: {lost} bytes of output were lost: the platform's disk was full]\n".encode() + data
+        try:
+            appended = self.records.runs.append_log(run_id, data, limit, LOG_DROPPED, dropped)
+        except StorageFull:  # the run goes on; its log says what it lost once there is room again
+            self._lost_log[run_id] = lost + len(data)
+            return
+        if appended:
             self.notifier.notify(f"logs:{run_id}")
 
     def logs_after(self, run_id: str, after_seq: int) -> list[tuple[int, bytes]]:
         return self.records.runs.logs_after(run_id, after_seq)
 
     # -- ending runs ---------------------------------------------------------------
-    def _end(self, run_id: str, status: str, reason: str | None, payload: bytes, error_type: str | None,
-             retriable: bool) -> None:
+    def _end(self, run_id: str, status: str, reason: str | None, payload: Payload, error_type: str | None,
+             retriable: bool, stall: bool = True) -> None:
+        """Record a run's end (or its next attempt). When a full disk refuses it and ``stall`` is set, it is
+        kept and written as soon as there is room; without ``stall`` (an API request), StorageFull is raised."""
+        try:
+            self._write_end(run_id, status, reason, payload, error_type, retriable)
+        except StorageFull:
+            if not stall:
+                raise
+            log.warning("the end of run %s waits for disk space to be recorded", run_id)
+            self._stall(f"end:{run_id}", lambda: self._end(run_id, status, reason, payload, error_type, retriable))
+
+    def _write_end(self, run_id: str, status: str, reason: str | None, payload: Payload, error_type: str | None,
+                   retriable: bool) -> None:
         run = self.records.runs.get(run_id)
         if run is None or run.status in TERMINAL:
             return
@@ -303,10 +364,19 @@ class Runs:
             self.backend.submit(RunTicket(run_id, run.workspace, run.job_id, run.version, run.timeout,
                                           run.attempt + 1, run.batch_id), version)
             return
-        if len(payload) > self.limits.max_payload:
-            status, reason = "failed", f"result is {len(payload)} bytes; the limit is {self.limits.max_payload}"
+        size = payload_size(payload)
+        if size > self.limits.max_payload:
+            status, reason = "failed", f"result is {size} bytes; the limit is {self.limits.max_payload}"
             payload = envelope.error_envelope("opbox.PayloadTooLarge", reason)
-        complete = self.records.runs.finish(run_id, status, time.time(), reason, error_type, payload, run.batch_id)
+        try:
+            complete = self.records.runs.finish(run, status, time.time(), reason, error_type, payload)
+        except StorageFull as exc:
+            if size <= SMALL_RESULT:
+                raise  # nothing smaller to write instead: the end waits for room (see _end)
+            reason = f"the run ended ({status}) but its result ({size} bytes) could not be stored: {exc.message}"
+            status, error_type = "failed", "opbox.StorageFull"
+            payload = envelope.error_envelope(error_type, reason)
+            complete = self.records.runs.finish(run, status, time.time(), reason, error_type, payload)
         self.open_runs[run.workspace] = max(0, self.open_runs.get(run.workspace, 0) - 1)
         self.notifier.notify(run_id)
         self.notifier.notify(f"logs:{run_id}")
@@ -315,6 +385,27 @@ class Runs:
             self.notifier.notify(f"batch:{run.batch_id}")
             if complete:  # the map's last item: its in-memory state goes (its record stays)
                 self.batches.pop(run.batch_id, None)
+
+    def _stall(self, key: str, retry: Callable[[], None]) -> None:
+        """Keep a write a full disk refused; it is tried again every STALLED_RETRY seconds until it goes in."""
+        self.stalled[key] = retry
+        if self._retry_timer is None:
+            try:
+                self._retry_timer = asyncio.get_running_loop().call_later(STALLED_RETRY, self._retry_stalled)
+            except RuntimeError:  # no event loop (a tool using Runs directly): nothing retries
+                pass
+
+    def _retry_stalled(self) -> None:
+        self._retry_timer = None
+        for key, retry in list(self.stalled.items()):
+            del self.stalled[key]
+            try:
+                retry()  # stalls again (and sets the next round) when the disk is still full
+            except Exception:
+                log.exception("retrying a write refused by a full disk failed")
+            if key in self.stalled:
+                return  # still full: the others wait for the next round
+        log.info("the disk has room again: every refused write is recorded")
 
     def maps_in_memory(self, workspace: str) -> int:
         """Maps of ``workspace`` whose dispatch state the gateway holds (those not yet complete)."""
@@ -337,7 +428,8 @@ class Runs:
             return run
         was_running = run.status == "running"
         self._end(run_id, "cancelled", "cancelled by request",
-                  envelope.error_envelope("opbox.cancelled", "cancelled by request"), None, retriable=False)
+                  envelope.error_envelope("opbox.cancelled", "cancelled by request"), None, retriable=False,
+                  stall=False)
         if was_running:
             asyncio.ensure_future(self.backend.cancel(run_id, self.limits.cancel_grace))
         return self.get(workspace, run_id)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from opbox import envelope
 from opbox.errors import BadRequest, OpboxError, PayloadTooLarge, ValidationError
+
+from ..control.payloads import Payloads
+from ..records.base import Payload, StoredPayload
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -25,6 +29,33 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_payload(request: Request, payloads: Payloads, workspace: str, limit: int,
+                       what: str = "payload") -> Payload:
+    """An envelope from the request body: bytes when small (read at once, the hot path), else spooled
+    to disk as it arrives and kept in the object store, never whole in memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) <= payloads.inline:
+        return await read_body(request, limit)
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the {what} is {declared} bytes; the limit is {limit}")
+    spool = payloads.spool(workspace, limit, what)
+    try:
+        async for chunk in request.stream():
+            spool.write(chunk)
+        return await spool.finish()
+    finally:
+        spool.close()
+
+
+async def payload_response(payloads: Payloads, payload: Payload | None, headers: dict | None = None) -> Response:
+    """An envelope as the answer's body: streamed from the object store when it lives there."""
+    if isinstance(payload, StoredPayload):
+        body = await payloads.reader(payload)
+        return StreamingResponse(body, media_type=envelope.CONTENT_TYPE,
+                                 headers={**(headers or {}), "Content-Length": str(payload.size)})
+    return Response(payload or b"", media_type=envelope.CONTENT_TYPE, headers=headers)
 
 
 async def json_body(request: Request, limit: int = 1024 * 1024, required: bool = True) -> dict:

@@ -10,10 +10,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from opbox import envelope
-from opbox.errors import AuthError, Conflict, NotFound
+from opbox.errors import AuthError, Conflict, NotFound, StorageError
 
 from ..backends.base import Completion, Lease, WorkerPools, require
-from .http import query_number, read_body
+from .http import payload_response, query_number, read_body, read_payload
 from .routes_jobs import platform
 
 LOG_CHUNK_LIMIT = 2 * 1024 * 1024  # the runtime ships at most 1 MiB a request; the run's budget is applied after
@@ -37,16 +37,29 @@ async def worker_next(request: Request):
     done = None
     run_id = request.headers.get("x-opbox-done")
     if run_id:
-        payload = await read_body(request, plat.settings.max_payload + 1024 * 1024)
-        done = Completion(run_id, request.headers.get("x-opbox-outcome", "failed"), payload)
+        outcome, payload = await _result(request, plat, worker.pool.version.workspace)
+        done = Completion(run_id, outcome, payload)
     wait = query_number(request, "wait", 10.0, 0, 60)
     answer = await pools.next_run(worker, done, wait)
     if isinstance(answer, Lease):
         headers = {"X-Opbox-Run": answer.run_id, "X-Opbox-Result-Limit": str(plat.settings.max_payload)}
         if answer.timeout:
             headers["X-Opbox-Timeout"] = str(answer.timeout)
-        return Response(answer.args, media_type=envelope.CONTENT_TYPE, headers=headers)
+        return await payload_response(plat.payloads, answer.args, headers)
     return Response(status_code=204, headers={"X-Opbox-Action": answer})
+
+
+async def _result(request: Request, plat, workspace: str):
+    """A run's outcome and result envelope from the body a runtime hands in. A result that cannot be kept
+    (the disk is full) ends the run failed, saying why, rather than leaving it running."""
+    outcome = request.headers.get("x-opbox-outcome", "failed")
+    try:
+        return outcome, await read_payload(request, plat.payloads, workspace, plat.settings.max_payload + 1024**2,
+                                           "result")
+    except StorageError as exc:
+        return "failed", envelope.error_envelope(f"opbox.{type(exc).__name__}",
+                                                 f"the run ended ({outcome}) but its result could not be stored: "
+                                                 f"{exc.message}")
 
 
 async def worker_logs(request: Request):
@@ -77,7 +90,7 @@ async def run_args(request: Request):
     headers = {"X-Opbox-Result-Limit": str(plat.settings.max_payload)}
     if run is not None and run.timeout:
         headers["X-Opbox-Timeout"] = str(run.timeout)
-    return Response(args, media_type=envelope.CONTENT_TYPE, headers=headers)
+    return await payload_response(plat.payloads, args, headers)
 
 
 async def run_logs(request: Request):
@@ -88,6 +101,9 @@ async def run_logs(request: Request):
 
 async def run_result(request: Request):
     plat, run_id = _run(request)
-    payload = await read_body(request, plat.settings.max_payload + 1024 * 1024)
-    plat.runs.run_finished(run_id, request.headers.get("x-opbox-outcome", "failed"), payload)
+    run = plat.runs.find(run_id)
+    if run is None:
+        raise NotFound(f"no run {run_id}")
+    outcome, payload = await _result(request, plat, run.workspace)
+    plat.runs.run_finished(run_id, outcome, payload)
     return Response(status_code=204)

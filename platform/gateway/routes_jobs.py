@@ -13,8 +13,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from opbox import envelope
 from opbox.errors import BadRequest, BuildError, OpboxError, ValidationError
 
-from ..records.base import TERMINAL, RunRecord
-from .http import json_body, ok, query_number, read_body
+from ..records.base import TERMINAL, RunRecord, StoredPayload
+from .http import json_body, ok, payload_response, query_number, read_body, read_payload
 from .render import SHUTTING_DOWN_LINE, batch_json, job_json, run_json, version_json
 
 _FRAME = struct.Struct(">I")
@@ -181,11 +181,13 @@ def _version_param(request: Request) -> int | None:
     return query_number(request, "version", None, 1, 10**9, int)
 
 
-def envelope_response(run: RunRecord, payload: bytes | None) -> Response:
+async def envelope_response(request: Request, run: RunRecord) -> Response:
+    """A finished run's result envelope, with its status in headers (the SDK's answer)."""
     headers = {"X-Opbox-Run-Id": run.id, "X-Opbox-Status": run.status, "X-Opbox-Version": str(run.version)}
     if run.exit_reason:
         headers["X-Opbox-Exit-Reason"] = json.dumps(run.exit_reason[:1000])
-    return Response(payload or b"", media_type=envelope.CONTENT_TYPE, headers=headers)
+    plat = platform(request)
+    return await payload_response(plat.payloads, plat.runs.result(run.id), headers)
 
 
 async def call(request: Request):
@@ -206,12 +208,12 @@ async def call(request: Request):
     ws = workspace(request)
     plat = platform(request)
     _, version = plat.deploys.resolve(ws, request.path_params["job"], _version_param(request))
-    payload = await read_body(request, plat.settings.max_payload)
+    payload = await read_payload(request, plat.payloads, ws, plat.settings.max_payload, "arguments")
     run_id = plat.runs.create(version, payload, trigger="call")
     wait = query_number(request, "wait", 0.0, 0, 300)
     run = await plat.runs.wait(ws, run_id, wait)
     if run.status in TERMINAL:
-        return envelope_response(run, plat.runs.result(run_id))
+        return await envelope_response(request, run)
     return JSONResponse(run_json(run, base_url(request, ws)), status_code=202)
 
 
@@ -233,7 +235,7 @@ async def trigger(request: Request):
     ctype = request.headers.get("content-type", "")
     version_no = _version_param(request)
     if ctype.startswith(envelope.CONTENT_TYPE):
-        payload = await read_body(request, plat.settings.max_payload)
+        payload = await read_payload(request, plat.payloads, ws, plat.settings.max_payload, "arguments")
     else:
         body = await json_body(request, plat.settings.max_payload, required=False)
         unknown = set(body) - {"args", "kwargs", "version"}
@@ -309,6 +311,7 @@ async def add_items(request: Request):
     if start is None:
         raise ValidationError("query parameter 'start' is required")
     frames = split_frames(await read_body(request, plat.settings.max_request_body))
+    frames = [await plat.payloads.keep(ws, frame) for frame in frames]  # large items go to the object store
     added, accepted = plat.runs.add_items(ws, request.path_params["batch"], start, frames)
     return ok({"added": added, "accepted": accepted, "received": len(frames)})
 
@@ -376,6 +379,8 @@ async def batch_results(request: Request):
                             "exit_reason": r.exit_reason}
                     if r.payload is None:
                         line["expired"] = True  # kept past its retention: the record stays, the result is gone
+                    elif isinstance(r.payload, StoredPayload):  # large: read it from the run's result route
+                        line["stored"], line["size"] = True, r.payload.size
                     else:
                         line["payload"] = base64.b64encode(r.payload).decode()
                     out.append(json.dumps(line))

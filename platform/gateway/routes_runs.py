@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from opbox import envelope
 from opbox.errors import Forbidden, Gone, ValidationError
 
+from ..control.payloads import head_of
 from ..ids import check_name
 from ..records.base import TERMINAL
 from .http import json_body, ok, query_number
@@ -52,10 +53,10 @@ async def get_result(request: Request):
     if run.status not in TERMINAL:
         return JSONResponse(run_json(run, base_url(request, ws)), status_code=202)
     expired(run, "result")
-    payload = plat.runs.result(run.id)
     if envelope.CONTENT_TYPE in request.headers.get("accept", ""):
-        return envelope_response(run, payload)
-    header = envelope.read_header(payload) if payload else {}
+        return await envelope_response(request, run)
+    payload = plat.runs.result(run.id)
+    header = envelope.read_header(head_of(payload)) if payload else {}
     body = {"run_id": run.id, "status": run.status, "exit_reason": run.exit_reason}
     if run.status == "succeeded":
         body["result"] = header.get("json")
@@ -182,4 +183,5 @@ async def status(request: Request):
     info = plat.backend.describe(ws)
     info["runs"] = plat.runs.open_counts(ws)
     info["maps_in_memory"] = plat.runs.maps_in_memory(ws)
+    info["storage"] = plat.runs.storage(ws)
     return ok(info)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, Sequence
 
+from ..payload import Payload, StoredPayload, payload_size  # noqa: F401 (part of this port)
+
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 OPEN = ("queued", "running")
 
@@ -83,7 +85,7 @@ class BatchResult:
     status: str
     seq: int
     exit_reason: str | None
-    payload: bytes | None  # None once the result expired (retention)
+    payload: Payload | None  # None once the result expired (retention)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,11 +162,11 @@ class ServiceRecord:
 
 class RunRecords(Protocol):
     def get(self, run_id: str) -> RunRecord | None: ...
-    def args(self, run_id: str) -> bytes | None: ...
-    def result(self, run_id: str) -> bytes | None: ...
+    def args(self, run_id: str) -> Payload | None: ...
+    def result(self, run_id: str) -> Payload | None: ...
 
-    def create(self, run: NewRun, args: bytes) -> None:
-        """The run (queued) and its arguments, atomically."""
+    def create(self, run: NewRun, args: Payload) -> None:
+        """The run (queued) and its arguments, atomically; the bytes count in its workspace's usage."""
 
     def start(self, run_id: str, worker: str, at: float) -> bool:
         """queued -> running; False when the run is not queued (cancelled while it waited)."""
@@ -172,8 +174,8 @@ class RunRecords(Protocol):
     def retry(self, run_id: str, reason: str) -> None:
         """Back to queued for its next attempt."""
 
-    def finish(self, run_id: str, status: str, at: float, reason: str | None, error_type: str | None,
-               result: bytes, batch_id: str | None) -> bool:
+    def finish(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
+               result: Payload) -> bool:
         """The run's end, its result and (for a map item) its completion number, atomically. True when
         this was the last item of a sealed map."""
 
@@ -189,12 +191,15 @@ class RunRecords(Protocol):
     def open_counts(self, workspace: str) -> dict[str, int]:
         """How many runs are queued and running, by status (statuses with none are absent)."""
 
-    def expire(self, default_days: float, now: float, limit: int) -> tuple[int, int]:
+    def expire(self, default_days: float, now: float, limit: int) -> Dropped:
         """Drop the arguments, results and logs of up to ``limit`` runs finished longer ago than their
-        version's ``retention_days`` (else ``default_days``); mark them expired. (runs, bytes) freed."""
+        version's ``retention_days`` (else ``default_days``); mark them expired."""
 
-    def delete_finished(self, days: float, now: float, limit: int) -> int:
+    def delete_finished(self, days: float, now: float, limit: int) -> Dropped:
         """Delete up to ``limit`` run records (and what is left of them) finished more than ``days`` ago."""
+
+    def stored_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` a payload still refers to (the others are objects nothing will read)."""
 
     def requeue_running(self, reason: str) -> None:
         """After a restart: every running run lost its worker; queue it again."""
@@ -203,12 +208,29 @@ class RunRecords(Protocol):
         """All queued runs, oldest first."""
 
 
+class Dropped(NamedTuple):
+    """What retention removed: runs, bytes freed, and objects in the store nothing refers to now."""
+
+    runs: int
+    bytes: int
+    object_keys: list[str]
+
+
+class UsageRecords(Protocol):
+    """Bytes each workspace stores: its runs' arguments, results and logs (kept up to date by the
+    run records themselves) and its code archives (added here, at deploy)."""
+
+    def of(self, workspace: str) -> int: ...
+
+    def add(self, workspace: str, delta: int) -> None: ...
+
+
 class BatchRecords(Protocol):
     def create(self, batch_id: str, workspace: str, job_id: str, version: int, concurrency: int | None,
                at: float) -> None: ...
     def get(self, batch_id: str) -> BatchRecord | None: ...
 
-    def add_items(self, batch_id: str, runs: Sequence[NewRun], args: Sequence[bytes]) -> None:
+    def add_items(self, batch_id: str, runs: Sequence[NewRun], args: Sequence[Payload]) -> None:
         """The items' runs, their arguments (``args[i]`` for ``runs[i]``) and the submitted count, atomically."""
 
     def indexes(self, batch_id: str, first: int, last: int) -> set[int]:
@@ -238,6 +260,9 @@ class JobRecords(Protocol):
         when the job exists with another kind."""
 
     def version(self, job_id: str, version: int) -> VersionRecord | None: ...
+
+    def code_in_use(self, code_key: str) -> bool:
+        """Whether a version was made from this code archive."""
 
     def in_use(self) -> tuple[set[str], list[dict]]:
         """What versions still refer to: their code archives' keys, and the artifacts of those not failed."""
@@ -298,5 +323,6 @@ class Records(Protocol):
     jobs: JobRecords
     tokens: TokenRecords
     services: ServiceRecords
+    usage: UsageRecords
 
     def close(self) -> None: ...

@@ -8,6 +8,7 @@ only authority is the URL's signature (HMAC-SHA256 over op, key, expiry and size
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import os
@@ -37,6 +38,7 @@ from opbox.errors import (
     OpboxError,
     PayloadTooLarge,
     StorageError,
+    StorageFull,
     ValidationError,
 )
 
@@ -343,7 +345,8 @@ class _Upload:
     def abort(self) -> None:
         if not self.done:
             self.done = True
-            self.file.close()
+            with suppress(OSError):  # closing flushes: a full disk refuses the rest, which is dropped anyway
+                self.file.close()
             with suppress(OSError):
                 os.unlink(self.tmp)
 
@@ -378,6 +381,9 @@ def _disk_errors(op: str, key: str) -> Iterator[None]:
             f"cannot {op} {shorten(key)!r}: it clashes with an existing object or folder of keys", key=key
         ) from e
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"local store: cannot {op} {shorten(key)!r}: no space left on the store's disk; "
+                              "nothing was stored", key=key) from e
         raise StorageError(f"local store: cannot {op} {shorten(key)!r}: {e.strerror or e}", key=key) from e
 
 

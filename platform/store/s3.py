@@ -29,13 +29,14 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from opbox.errors import ConfigError, NotFound, StorageError, ValidationError
+from opbox.errors import ConfigError, NotFound, StorageError, StorageFull, ValidationError
 
 from .base import (MAX_KEY_LENGTH, SignedRequest, check_sha256, retry, shorten, validate_expires, validate_key,
                    validate_prefix)
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's smallest multipart part (but the last)
 _MISSING = {"NoSuchKey", "NotFound", "404"}
+_FULL = {"XMinioStorageFull", "InsufficientStorage", "QuotaExceeded"}  # MinIO, Ceph/SeaweedFS-style codes
 _DENIED = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken", "403"}
 _BODY_ERRORS = (IncompleteReadError, ResponseStreamingError, ReadTimeoutError)
 
@@ -290,6 +291,9 @@ class S3Store:
                 )
             message = error.response.get("Error", {}).get("Message") or ""
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 507 or code in _FULL:
+                return StorageFull(f"{what} failed: the S3 server is out of space ({code} {message})".rstrip(),
+                                   code=code)
             return StorageError(f"{what} failed: HTTP {status} {code} {message}".rstrip(), code=code, status=status)
         text = str(error)
         if any(code in text for code in _DENIED - {"403"}):  # s3transfer flattens ClientError to text

@@ -15,6 +15,7 @@ from .jobs import SqliteJobs
 from .runs import SqliteRuns
 from .services import SqliteServices
 from .tokens import SqliteTokens
+from .usage import SqliteUsage
 
 
 class SqliteRecords:
@@ -27,6 +28,7 @@ class SqliteRecords:
         self.jobs = SqliteJobs(database)
         self.tokens = SqliteTokens(database)
         self.services = SqliteServices(database)
+        self.usage = SqliteUsage(database)
 
     def close(self) -> None:
         self.database.close()

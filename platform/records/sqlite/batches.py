@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..base import BatchRecord, BatchResult, NewRun
-from .connection import Database
-from .runs import OPEN_SQL
+from ..base import BatchRecord, BatchResult, NewRun, Payload, payload_size
+from .connection import Database, storage_errors
+from .runs import ADD_USAGE, INSERT_PAYLOAD, OPEN_SQL, as_payload, payload_row
 
 COLUMNS = "id, workspace, job_id, version, concurrency, total, submitted, done, cancelled, created_at"
 INSERT_ITEM = ("INSERT INTO runs(id, workspace, job_id, version, trigger, created_at, max_retries, timeout, "
                "batch_id, batch_index, status) VALUES (?,?,?,?,?,?,?,?,?,?,'queued')")
 
 
+@storage_errors
 class SqliteBatches:
     def __init__(self, database: Database):
         self.db = database.db
         self.tx = database.tx
+        self.path = database.path
 
     def create(self, batch_id: str, workspace: str, job_id: str, version: int, concurrency: int | None,
                at: float) -> None:
@@ -30,12 +32,13 @@ class SqliteBatches:
             return None
         return BatchRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], bool(row[8]), row[9])
 
-    def add_items(self, batch_id: str, runs: Sequence[NewRun], args: Sequence[bytes]) -> None:
+    def add_items(self, batch_id: str, runs: Sequence[NewRun], args: Sequence[Payload]) -> None:
         with self.tx() as db:
             db.executemany(INSERT_ITEM, runs)
-            db.executemany("INSERT INTO payloads(run_id, kind, data) VALUES (?, 'args', ?)",
-                           [(run.id, data) for run, data in zip(runs, args)])
+            db.executemany(INSERT_PAYLOAD, [payload_row(run.id, "args", data) for run, data in zip(runs, args)])
             db.execute("UPDATE batches SET submitted = submitted + ? WHERE id = ?", (len(runs), batch_id))
+            if runs:
+                db.execute(ADD_USAGE, (runs[0].workspace, sum(map(payload_size, args))))
 
     def indexes(self, batch_id: str, first: int, last: int) -> set[int]:
         return {r[0] for r in self.db.execute(
@@ -51,7 +54,8 @@ class SqliteBatches:
         return [r[0] for r in self.db.execute(f"SELECT id FROM runs WHERE batch_id = ? AND {OPEN_SQL}", (batch_id,))]
 
     def results_after(self, batch_id: str, after: int, limit: int) -> list[BatchResult]:
-        return [BatchResult(*r) for r in self.db.execute(
-            "SELECT r.id, r.batch_index, r.status, r.done_seq, r.exit_reason, p.data FROM runs r "
+        return [BatchResult(run_id, index, status, seq, reason, None if data is None else as_payload(data, key, size))
+                for run_id, index, status, seq, reason, data, key, size in self.db.execute(
+            "SELECT r.id, r.batch_index, r.status, r.done_seq, r.exit_reason, p.data, p.object_key, p.size FROM runs r "
             "LEFT JOIN payloads p ON p.run_id = r.id AND p.kind = 'result' "
             "WHERE r.batch_id = ? AND r.done_seq > ? ORDER BY r.done_seq LIMIT ?", (batch_id, after, limit))]

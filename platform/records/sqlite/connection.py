@@ -8,11 +8,12 @@ their records from them by position.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 
-from opbox.errors import ConfigError
+from opbox.errors import ConfigError, StorageError, StorageFull
 
 from .checkpoint import SAFETY_PAGES, Checkpointer
 from .migrations import MIGRATIONS, check_version, migrate, version_of
@@ -56,7 +57,37 @@ class Database:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # SQLite may have rolled back already (a full disk does)
+                self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+
+
+SQLITE_IOERR, SQLITE_FULL = 10, 13
+
+
+def storage_errors(cls):
+    """Class decorator for an aggregate (which has ``path``): SQLite's failures of the disk beneath become
+    the platform's errors: a full disk StorageFull (507, nothing written, retry once space returns), an I/O
+    error StorageError. Everything else (a bug) stays as it is."""
+    for name, method in list(vars(cls).items()):
+        if callable(method) and not name.startswith("_"):
+            setattr(cls, name, _translating(method))
+    return cls
+
+
+def _translating(method):
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+            if code == SQLITE_FULL:
+                raise StorageFull(f"the disk holding the platform's state ({self.path}) is full: nothing new can be "
+                                  "stored until space is freed (what was stored is intact)") from None
+            if code == SQLITE_IOERR:
+                raise StorageError(f"the platform's state file {self.path} could not be written ({exc})") from None
+            raise
+    return call

@@ -8,7 +8,7 @@ from opbox.errors import Conflict
 
 from ...ids import new_id
 from ..base import JobRecord, NewVersion, VersionRecord
-from .connection import Database
+from .connection import Database, storage_errors
 
 JOB = "SELECT id, workspace, name, kind, created_at, latest_version FROM jobs"
 VERSION = ("SELECT job_id, version, status, entry, code_key, code_sha256, requirements_sha256, python, cloudpickle, "
@@ -19,9 +19,11 @@ def _version(row: tuple) -> VersionRecord:
     return VersionRecord(*row[:9], json.loads(row[9]), json.loads(row[10]) if row[10] else None, *row[11:])
 
 
+@storage_errors
 class SqliteJobs:
     def __init__(self, database: Database):
         self.db = database.db
+        self.path = database.path
         self.tx = database.tx
 
     def _job(self, sql: str, params: tuple) -> JobRecord | None:
@@ -62,6 +64,9 @@ class SqliteJobs:
     def version(self, job_id: str, version: int) -> VersionRecord | None:
         row = self.db.execute(f"{VERSION} WHERE job_id = ? AND version = ?", (job_id, version)).fetchone()
         return _version(row) if row is not None else None
+
+    def code_in_use(self, code_key: str) -> bool:
+        return self.db.execute("SELECT 1 FROM versions WHERE code_key = ? LIMIT 1", (code_key,)).fetchone() is not None
 
     def in_use(self) -> tuple[set[str], list[dict]]:
         keys, artifacts = set(), []

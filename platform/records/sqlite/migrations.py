@@ -63,6 +63,19 @@ CREATE TABLE IF NOT EXISTS services(
 ALTER TABLE runs ADD COLUMN expired_at REAL;
 CREATE INDEX runs_to_expire ON runs(finished_at) WHERE finished_at IS NOT NULL AND expired_at IS NULL;
 """,
+    # 3: payloads above the inline limit live in the object store (the row keeps the key, the size and the
+    # envelope's head); per-workspace bytes stored (payloads, logs, code), for the storage quota. Code
+    # archives deployed before this version are not counted.
+    """
+ALTER TABLE payloads ADD COLUMN object_key TEXT;
+ALTER TABLE payloads ADD COLUMN size INTEGER;
+CREATE INDEX payloads_by_object ON payloads(object_key) WHERE object_key IS NOT NULL;
+CREATE TABLE usage(workspace TEXT PRIMARY KEY, bytes INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO usage(workspace, bytes)
+  SELECT r.workspace, SUM(r.log_bytes) + COALESCE(SUM(p.bytes), 0) FROM runs r
+  LEFT JOIN (SELECT run_id, SUM(length(data)) AS bytes FROM payloads GROUP BY run_id) p ON p.run_id = r.id
+  GROUP BY r.workspace;
+""",
 )
 
 

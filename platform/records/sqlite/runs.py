@@ -7,8 +7,10 @@ turned into a ``RunRecord`` by position.
 
 from __future__ import annotations
 
-from ..base import NewRun, RunRecord
-from .connection import Database
+from typing import Sequence
+
+from ..base import Dropped, NewRun, Payload, RunRecord, StoredPayload, payload_size
+from .connection import Database, storage_errors
 
 COLUMNS = ("id, workspace, job_id, version, status, trigger, created_at, started_at, finished_at, exit_reason, "
            "error_type, attempt, max_retries, timeout, batch_id, batch_index, done_seq, worker, log_bytes, expired_at")
@@ -16,32 +18,49 @@ SELECT = f"SELECT {COLUMNS} FROM runs"
 INSERT = ("INSERT OR IGNORE INTO runs(id, workspace, job_id, version, trigger, created_at, max_retries, timeout, "
           "batch_id, batch_index, status) VALUES (?,?,?,?,?,?,?,?,?,?,'queued')")
 OPEN_SQL = "status IN ('queued', 'running')"  # base.OPEN, as literals: so the partial index runs_open applies
-INSERT_ARGS = "INSERT OR IGNORE INTO payloads(run_id, kind, data) VALUES (?, 'args', ?)"
+INSERT_PAYLOAD = "INSERT OR REPLACE INTO payloads(run_id, kind, data, object_key, size) VALUES (?,?,?,?,?)"
+ADD_USAGE = ("INSERT INTO usage(workspace, bytes) VALUES (?, ?) "
+             "ON CONFLICT(workspace) DO UPDATE SET bytes = bytes + excluded.bytes")
 
 
+def payload_row(run_id: str, kind: str, payload: Payload) -> tuple:
+    """A payloads row: inline bytes, or a stored object's head with its key and size."""
+    if isinstance(payload, StoredPayload):
+        return run_id, kind, payload.head, payload.key, payload.size
+    return run_id, kind, payload, None, None
+
+
+def as_payload(data: bytes, key: str | None, size: int | None) -> Payload:
+    return data if key is None else StoredPayload(key, size, data)
+
+
+@storage_errors
 class SqliteRuns:
     def __init__(self, database: Database):
         self.db = database.db
         self.tx = database.tx
+        self.path = database.path
 
     def get(self, run_id: str) -> RunRecord | None:
         row = self.db.execute(f"{SELECT} WHERE id = ?", (run_id,)).fetchone()
         return RunRecord(*row) if row is not None else None
 
-    def _payload(self, run_id: str, kind: str) -> bytes | None:
-        row = self.db.execute("SELECT data FROM payloads WHERE run_id = ? AND kind = ?", (run_id, kind)).fetchone()
-        return row[0] if row else None
+    def _payload(self, run_id: str, kind: str) -> Payload | None:
+        row = self.db.execute("SELECT data, object_key, size FROM payloads WHERE run_id = ? AND kind = ?",
+                              (run_id, kind)).fetchone()
+        return as_payload(*row) if row else None
 
-    def args(self, run_id: str) -> bytes | None:
+    def args(self, run_id: str) -> Payload | None:
         return self._payload(run_id, "args")
 
-    def result(self, run_id: str) -> bytes | None:
+    def result(self, run_id: str) -> Payload | None:
         return self._payload(run_id, "result")
 
-    def create(self, run: NewRun, args: bytes) -> None:
+    def create(self, run: NewRun, args: Payload) -> None:
         with self.tx() as db:
-            db.execute(INSERT, run)
-            db.execute(INSERT_ARGS, (run.id, args))
+            if db.execute(INSERT, run).rowcount:
+                db.execute(INSERT_PAYLOAD, payload_row(run.id, "args", args))
+                db.execute(ADD_USAGE, (run.workspace, payload_size(args)))
 
     def start(self, run_id: str, worker: str, at: float) -> bool:
         cur = self.db.execute(
@@ -53,28 +72,30 @@ class SqliteRuns:
         self.db.execute("UPDATE runs SET status = 'queued', attempt = attempt + 1, exit_reason = ?, started_at = NULL, "
                         "worker = NULL WHERE id = ?", (reason, run_id))
 
-    def finish(self, run_id: str, status: str, at: float, reason: str | None, error_type: str | None,
-               result: bytes, batch_id: str | None) -> bool:
+    def finish(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
+               result: Payload) -> bool:
         complete = False
         with self.tx() as db:
             db.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, exit_reason = COALESCE(?, exit_reason), error_type = ?, "
                 "started_at = COALESCE(started_at, ?) WHERE id = ?",
-                (status, at, reason, error_type, at, run_id))
-            db.execute("INSERT OR REPLACE INTO payloads(run_id, kind, data) VALUES (?, 'result', ?)", (run_id, result))
-            if batch_id:
+                (status, at, reason, error_type, at, run.id))
+            db.execute(INSERT_PAYLOAD, payload_row(run.id, "result", result))
+            db.execute(ADD_USAGE, (run.workspace, payload_size(result)))
+            if run.batch_id:
                 seq, total = db.execute("UPDATE batches SET done = done + 1 WHERE id = ? RETURNING done, total",
-                                        (batch_id,)).fetchone()
-                db.execute("UPDATE runs SET done_seq = ? WHERE id = ?", (seq, run_id))
+                                        (run.batch_id,)).fetchone()
+                db.execute("UPDATE runs SET done_seq = ? WHERE id = ?", (seq, run.id))
                 complete = total is not None and seq >= total
         return complete
 
     def append_log(self, run_id: str, data: bytes, limit: int, marker: bytes, dropped: bool) -> bool:
-        row = self.db.execute("SELECT log_bytes, (SELECT COALESCE(MAX(seq), -1) + 1 FROM logs WHERE run_id = ?) "
-                              "FROM runs WHERE id = ?", (run_id, run_id)).fetchone()
+        row = self.db.execute("SELECT log_bytes, (SELECT COALESCE(MAX(seq), -1) + 1 FROM logs WHERE run_id = ?), "
+                              "workspace FROM runs WHERE id = ?", (run_id, run_id)).fetchone()
         if row is None:
             return False
-        size, seq = row[0] + len(data), row[1]
+        before, seq, workspace = row
+        size = before + len(data)
         with self.tx() as db:
             if size > limit:
                 for old_seq, old_len in db.execute(
@@ -89,6 +110,7 @@ class SqliteRuns:
                 db.execute("INSERT OR REPLACE INTO logs(run_id, seq, data) VALUES (?, -1, ?)", (run_id, marker))
             db.execute("INSERT INTO logs(run_id, seq, data) VALUES (?, ?, ?)", (run_id, seq, data))
             db.execute("UPDATE runs SET log_bytes = ? WHERE id = ?", (size, run_id))
+            db.execute(ADD_USAGE, (workspace, size - before))
         return True
 
     def logs_after(self, run_id: str, after_seq: int) -> list[tuple[int, bytes]]:
@@ -118,7 +140,7 @@ class SqliteRuns:
         return [RunRecord(*r) for r in self.db.execute(f"{SELECT} WHERE status = 'queued' ORDER BY id")]
 
     # -- retention ---------------------------------------------------------------------------
-    def expire(self, default_days: float, now: float, limit: int) -> tuple[int, int]:
+    def expire(self, default_days: float, now: float, limit: int) -> Dropped:
         rows = self.db.execute(
             "SELECT r.id FROM runs r JOIN versions v ON v.job_id = r.job_id AND v.version = r.version "
             "WHERE r.finished_at IS NOT NULL AND r.expired_at IS NULL AND r.finished_at < "
@@ -126,23 +148,47 @@ class SqliteRuns:
             (now, default_days, limit)).fetchall()
         ids = [(r[0],) for r in rows]
         if not ids:
-            return 0, 0
+            return Dropped(0, 0, [])
         with self.tx() as db:
-            freed = sum(db.execute("SELECT COALESCE(SUM(length(data)), 0) FROM payloads WHERE run_id = ?", i).fetchone()[0]
-                        + db.execute("SELECT COALESCE(SUM(length(data)), 0) FROM logs WHERE run_id = ?", i).fetchone()[0]
-                        for i in ids)
-            db.executemany("DELETE FROM payloads WHERE run_id = ?", ids)
-            db.executemany("DELETE FROM logs WHERE run_id = ?", ids)
+            freed, keys = self._drop(db, ids)
             db.executemany("UPDATE runs SET expired_at = ?, log_bytes = 0 WHERE id = ?", [(now, i) for (i,) in ids])
-        return len(ids), freed
+        return Dropped(len(ids), freed, keys)
 
-    def delete_finished(self, days: float, now: float, limit: int) -> int:
+    def delete_finished(self, days: float, now: float, limit: int) -> Dropped:
         ids = [(r[0],) for r in self.db.execute(
             "SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?",
             (now - 86400.0 * days, limit))]
-        if ids:
-            with self.tx() as db:
-                for table in ("payloads", "logs"):
-                    db.executemany(f"DELETE FROM {table} WHERE run_id = ?", ids)
-                db.executemany("DELETE FROM runs WHERE id = ?", ids)
-        return len(ids)
+        if not ids:
+            return Dropped(0, 0, [])
+        with self.tx() as db:
+            freed, keys = self._drop(db, ids)
+            db.executemany("DELETE FROM runs WHERE id = ?", ids)
+        return Dropped(len(ids), freed, keys)
+
+    def _drop(self, db, ids: list[tuple[str]]) -> tuple[int, list[str]]:
+        """Delete the runs' payloads and logs, taking their bytes off their workspaces' usage; returns the
+        bytes freed and the object-store keys of payloads that lived there (the caller deletes those)."""
+        freed: dict[str, int] = {}
+        keys: list[str] = []
+        for (run_id,) in ids:
+            workspace, log_bytes = db.execute("SELECT workspace, log_bytes FROM runs WHERE id = ?",
+                                              (run_id,)).fetchone()
+            size = log_bytes
+            for key, payload_bytes in db.execute("SELECT object_key, COALESCE(size, length(data)) FROM payloads "
+                                                 "WHERE run_id = ?", (run_id,)):
+                size += payload_bytes
+                if key is not None:
+                    keys.append(key)
+            freed[workspace] = freed.get(workspace, 0) + size
+        db.executemany("DELETE FROM payloads WHERE run_id = ?", ids)
+        db.executemany("DELETE FROM logs WHERE run_id = ?", ids)
+        db.executemany(ADD_USAGE, [(workspace, -size) for workspace, size in freed.items()])
+        return sum(freed.values()), keys
+
+    def stored_keys(self, keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start:start + 500])
+            found.update(r[0] for r in self.db.execute(
+                f"SELECT object_key FROM payloads WHERE object_key IN ({','.join('?' * len(chunk))})", chunk))
+        return found

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..base import ServiceRecord
-from .connection import Database
+from .connection import Database, storage_errors
 
 COLUMNS = ("workspace, name, job_id, version, kind, replicas, concurrency, queue, scale_to_zero, init, created_at, "
            "updated_at")
@@ -14,9 +14,11 @@ def _service(row: tuple) -> ServiceRecord:
     return ServiceRecord(*row[:9], bytes(row[9]), row[10], row[11])
 
 
+@storage_errors
 class SqliteServices:
     def __init__(self, database: Database):
         self.db = database.db
+        self.path = database.path
 
     def get(self, workspace: str, name: str) -> ServiceRecord | None:
         row = self.db.execute(f"{SELECT} WHERE workspace = ? AND name = ?", (workspace, name)).fetchone()

@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 
 from ..base import TokenRecord
-from .connection import Database
+from .connection import Database, storage_errors
 
 TOKEN = "SELECT id, workspace, name, hash, role, created_at, revoked_at FROM tokens"
 
 
+@storage_errors
 class SqliteTokens:
     def __init__(self, database: Database):
         self.db = database.db
+        self.path = database.path
         self.tx = database.tx
 
     def add_workspace(self, name: str) -> None:

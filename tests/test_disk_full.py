@@ -1,0 +1,236 @@
+"""A full disk under the platform: runs end saying why, API writes answer 507, and everything works
+again once space returns, without a restart. The platform's home is a small tmpfs (root mounts it)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from opbox import envelope
+from opbox.errors import OpboxError, RunFailed, StorageFull
+from opbox.platform.control.runs import Runs
+from opbox.platform.records.base import TERMINAL, NewRun, NewVersion
+from opbox.platform.records.sqlite import open_sqlite
+from opbox.resource import Resource
+from opbox.serialization import dump_args
+from conftest import require, user_module
+from platform_fixture import running_platform
+
+MiB = 1024 * 1024
+CODE = """
+import time
+from opbox import operator
+
+@operator()
+def blob(size):
+    return b"x" * size
+
+@operator()
+def echo(data):
+    return data
+
+@operator()
+def nap(seconds):
+    time.sleep(seconds)
+    return "rested"
+"""
+
+
+class Filler:
+    """Takes a file system's free space, all of it or all but ``leave`` bytes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fill(self, leave: int = 0) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            for chunk in (b"\0" * MiB, b"\0" * 4096):
+                try:
+                    while os.write(fd, chunk):
+                        pass
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        if leave:
+            os.truncate(self.path, max(0, self.path.stat().st_size - leave))
+
+    def free(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@contextmanager
+def tmpfs_platform(tmp_path_factory, size: str, env: dict | None = None):
+    require(os.geteuid() == 0, "mounting a tmpfs for the platform's home needs root")
+    home = tmp_path_factory.mktemp("tmpfs-home")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(home)], check=True)
+    try:
+        with running_platform(home, extra_env=env) as plat, \
+                user_module(tmp_path_factory.mktemp("proj"), f"fullmod{len(env or {})}", CODE) as mod:
+            client = plat.client()
+            fns = {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("blob", "echo", "nap")}
+            filler = Filler(home / "filler")
+            try:
+                yield plat, fns, filler, mod
+            finally:
+                filler.free()
+    finally:
+        subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    with tmpfs_platform(tmp_path_factory, "64m") as running:
+        yield running
+
+
+def test_a_result_the_disk_cannot_hold_fails_the_run_saying_so(full):
+    plat, f, filler, _ = full
+    filler.fill(leave=3 * MiB)
+    try:
+        run = f["blob"].submit(8 * MiB)
+        with pytest.raises(RunFailed, match="could not be stored"):
+            run.result(timeout=60)
+        status = run.status()
+        assert status["status"] == "failed" and "no space left" in status["exit_reason"]
+        assert f["echo"](b"still here") == b"still here"  # small work goes on in what space is left
+    finally:
+        filler.free()
+    assert f["blob"](8 * MiB) == b"x" * (8 * MiB)
+
+
+def test_api_writes_answer_507_and_everything_recovers_without_a_restart(full, tmp_path):
+    plat, f, filler, mod = full
+    pid = plat.proc.pid
+    big = b"y" * (2 * MiB)
+    filler.fill()
+    try:
+        with pytest.raises(StorageFull, match="no space left"):
+            f["echo"].submit(big)
+        with plat.http() as http:
+            resp = http.post(f"/{plat.workspace}/job/echo/trigger", content=dump_args((big,), {}),
+                             headers={"Content-Type": envelope.CONTENT_TYPE})
+            assert resp.status_code == 507 and resp.json()["error"] == "storage_full"
+        (Path(mod.__file__).parent / "extra.py").write_text("VALUE = 1\n")  # new code: a new upload
+        with pytest.raises(OpboxError) as refused:
+            mod.echo.deploy(client=plat.client(), quiet=True)
+        assert refused.value.status == 507, plat.log()[-3000:]
+    finally:
+        filler.free()
+    assert plat.proc.poll() is None and plat.proc.pid == pid
+    assert f["echo"](big) == big
+    assert mod.echo.deploy(client=plat.client(), quiet=True)(b"z") == b"z"
+    body = httpx.get(f"{plat.url}/{plat.workspace}/status", headers={"Authorization": f"Bearer {plat.token}"}).json()
+    assert body["storage"]["bytes"] > 2 * MiB
+
+
+@pytest.fixture(scope="module")
+def full_state(tmp_path_factory):
+    """Results kept in the state file (a high inline limit): what SQLite refuses when its disk is full."""
+    with tmpfs_platform(tmp_path_factory, "64m", {"OPBOX_PAYLOAD_INLINE": str(64 * MiB)}) as running:
+        yield running
+
+
+def test_a_result_the_state_file_cannot_hold_fails_the_run_saying_so(full_state):
+    plat, f, filler, _ = full_state
+    run = f["nap"].submit(1.0)  # running before the disk fills
+    assert run.wait(timeout=30)["status"] == "succeeded"
+    filler.fill()
+    try:
+        run = f["blob"].submit(8 * MiB)
+        deadline = time.monotonic() + 60
+        while (status := run.status())["status"] not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status["status"] == "failed", status
+        assert "could not be stored" in status["exit_reason"] and "full" in status["exit_reason"]
+    finally:
+        filler.free()
+    assert f["blob"](8 * MiB) == b"x" * (8 * MiB)
+
+
+class RefusingRuns:
+    """The SQLite run records, with a switch that makes them refuse writes as a full disk does."""
+
+    def __init__(self, runs):
+        self.runs = runs
+        self.full = False
+
+    def __getattr__(self, name):
+        method = getattr(self.runs, name)
+        if name in ("get", "args", "result") or not callable(method):
+            return method
+
+        def call(*args, **kwargs):
+            if self.full:
+                raise StorageFull("the disk is full")
+            return method(*args, **kwargs)
+        return call
+
+
+class Recording:
+    name = "recording"
+    abilities = frozenset()
+
+    def __init__(self):
+        self.submitted = []
+
+    def submit(self, ticket, version):
+        self.submitted.append(ticket.run_id)
+
+
+def test_a_run_end_the_records_refuse_is_written_once_space_returns(tmp_path):
+    async def scenario():
+        records = open_sqlite(tmp_path / "state.db")
+        refusing = RefusingRuns(records.runs)
+        records.runs = refusing
+        backend = Recording()
+        runs = Runs(records, backend)
+        job, number = records.jobs.add_version("w", "job", "function", NewVersion(
+            "m:f", "w/code/x.zip", "0" * 64, "3.11", "3", Resource().to_dict(), time.time()))
+        records.jobs.version_ready(job.id, number, {}, "", "", time.time())
+        version = runs.version_info(job.id, number)
+        run_id = runs.create(version, envelope.json_args([1]), "call")
+        assert backend.submitted == [run_id]
+        refusing.full = True
+        assert runs.run_started(run_id, "worker-1") is False  # refused: dispatched again once there is room
+        refusing.full = False
+        await asyncio.sleep(1.5)
+        assert backend.submitted == [run_id, run_id]
+        assert runs.run_started(run_id, "worker-1")
+        refusing.full = True
+        runs.run_finished(run_id, "succeeded", envelope.pack({"kind": "result", "json": 7}))
+        assert records.runs.get(run_id).status == "running" and runs.stalled
+        await asyncio.sleep(1.5)
+        assert records.runs.get(run_id).status == "running"  # still full: it waits
+        refusing.full = False
+        waiter = asyncio.ensure_future(runs.wait("w", run_id, 10))
+        run = await waiter
+        assert run.status == "succeeded" and not runs.stalled
+        assert envelope.read_header(runs.result(run_id))["json"] == 7
+        records.close()
+
+    asyncio.run(scenario())
+
+
+def test_output_a_full_disk_refused_is_reported_in_the_log(tmp_path):
+    records = open_sqlite(tmp_path / "state.db")
+    refusing = RefusingRuns(records.runs)
+    records.runs = refusing
+    runs = Runs(records, Recording())
+    records.runs.runs.create(NewRun("r-1", "w", "j", 1, "call", time.time(), 0, None), b"args")
+    refusing.full = True
+    runs.append_log("r-1", b"lost line\n")
+    refusing.full = False
+    runs.append_log("r-1", b"kept line\n")
+    text = b"".join(data for _, data in runs.logs_after("r-1", -2)).decode()
+    assert text == "[opbox: 10 bytes of output were lost: the platform's disk was full]\nkept line\n"
+    records.close()

@@ -56,6 +56,7 @@ async def create_upload(request: Request):
     responses:
       200: {description: Upload slot}
       413: {description: Archive too large}
+      507: {description: The workspace's storage quota is reached (storage_quota_exceeded)}
     """
     ws = workspace(request)
     body = await json_body(request)
@@ -204,6 +205,7 @@ async def call(request: Request):
     responses:
       200: {description: The result envelope (the run ended)}
       202: {description: The run, still going}
+      507: {description: No room for the arguments (storage_full, storage_quota_exceeded)}
     """
     ws = workspace(request)
     plat = platform(request)
@@ -229,6 +231,7 @@ async def trigger(request: Request):
           schema: {type: object, properties: {args: {type: array}, kwargs: {type: object}, version: {type: integer}}}
     responses:
       202: {description: The run's id and where to read its status, result and logs}
+      507: {description: No room for the arguments (storage_full, storage_quota_exceeded)}
     """
     ws = workspace(request)
     plat = platform(request)
@@ -304,6 +307,7 @@ async def add_items(request: Request):
         application/octet-stream: {schema: {type: string, format: binary}}
     responses:
       200: {description: How many items were new}
+      507: {description: No room for the items (storage_full, storage_quota_exceeded)}
     """
     ws = workspace(request)
     plat = platform(request)
@@ -356,7 +360,9 @@ async def batch_results(request: Request):
     summary: Stream a map's results as they complete (NDJSON)
     description: >
       One line per finished item, {"index", "run_id", "status", "seq", "exit_reason", "payload" (base64 envelope)},
-      in completion order, from completion number after+1 on; ends when all items are done.
+      in completion order, from completion number after+1 on; ends when all items are done. A result kept in
+      the object store (above OPBOX_PAYLOAD_INLINE) comes as {"stored": true, "size"} instead of "payload":
+      read it from GET /runs/{run_id}/result.
     parameters:
       - {name: after, in: query, schema: {type: integer, minimum: 0}}
     responses:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from opbox.builder.outputs import collect_outputs
 
-from ..records.base import Records
+from ..records.base import Dropped, Records
 from ..settings import Settings
 
 BATCH = 1000
@@ -47,20 +48,12 @@ class Retention:
     async def collect(self, now: float | None = None) -> Collected:
         now = time.time() if now is None else now
         done = Collected()
-        while True:
-            dropped = self.records.runs.expire(self.settings.retention_days, now, BATCH)
-            done.runs_expired += dropped.runs
-            done.payload_bytes += dropped.bytes
-            await asyncio.to_thread(self._delete, dropped.object_keys)
-            if dropped.runs < BATCH:
-                break
-        while True:
-            dropped = self.records.runs.delete_finished(self.settings.retention_run_days, now, BATCH)
-            done.runs_deleted += dropped.runs
-            done.payload_bytes += dropped.bytes
-            await asyncio.to_thread(self._delete, dropped.object_keys)
-            if dropped.runs < BATCH:
-                break
+        runs = self.records.runs
+        done.runs_expired, expired_bytes = await self._drop_all(
+            lambda: runs.expire(self.settings.retention_days, now, BATCH))
+        done.runs_deleted, deleted_bytes = await self._drop_all(
+            lambda: runs.delete_finished(self.settings.retention_run_days, now, BATCH))
+        done.payload_bytes = expired_bytes + deleted_bytes
         older_than = now - self.settings.gc_min_age
         stored = await asyncio.to_thread(lambda: list(self.store.list("")))
         payloads = [key for key in stored if _PAYLOAD.fullmatch(key)]
@@ -75,6 +68,17 @@ class Retention:
         done.folders_deleted, done.folder_bytes = await asyncio.to_thread(
             collect_outputs, self.settings.home, artifacts, older_than)
         return done
+
+    async def _drop_all(self, drop: Callable[[], Dropped]) -> tuple[int, int]:
+        """Call ``drop`` batch by batch until it finds no more, deleting the stored payloads it releases;
+        yields to the event loop between batches. Returns (runs, bytes)."""
+        runs = size = 0
+        while True:
+            dropped = drop()
+            runs, size = runs + dropped.runs, size + dropped.bytes
+            await asyncio.to_thread(self._delete, dropped.object_keys)
+            if dropped.runs < BATCH:
+                return runs, size
 
     def _delete(self, keys: list[str]) -> None:
         for key in keys:

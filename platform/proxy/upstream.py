@@ -20,19 +20,15 @@ WHOLE = 1024 * 1024  # answers up to this size are read whole; larger ones strea
 def _stale(conn: "Connection") -> bool:
     """Whether a kept-alive connection was closed or reset by the replica, asked of the kernel now
     (the event loop may not have seen it yet): a replica killed a moment ago must not get the call."""
-    sock = conn.writer.get_extra_info("socket")
-    if sock is None:
+    if conn.probe is None:
         return False
-    probe = socket.socket(fileno=sock.fileno())
     try:
-        probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        conn.probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         return True  # EOF, or bytes nobody asked for: either way not a connection to reuse
     except BlockingIOError:
         return False
     except OSError:
         return True
-    finally:
-        probe.detach()
 
 
 def _buffered(conn: "Connection") -> bool:
@@ -50,12 +46,19 @@ class UpstreamError(Exception):
 
 
 class Connection:
-    __slots__ = ("reader", "writer", "base")
+    __slots__ = ("reader", "writer", "base", "probe")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, base: str):
         self.reader, self.writer, self.base = reader, writer, base
+        sock = writer.get_extra_info("socket")
+        # a second socket object on the same descriptor, made once, for _stale's peek (asyncio's own
+        # does not allow recv); detached, never closed, so the descriptor stays the transport's
+        self.probe = socket.socket(fileno=sock.fileno()) if sock is not None else None
 
     def close(self) -> None:
+        if self.probe is not None:
+            self.probe.detach()
+            self.probe = None
         self.writer.close()
 
 

@@ -21,29 +21,16 @@ import inspect
 import json
 import os
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 from opbox import defaults, serialization
 from opbox.errors import SerializationError
 
-from .execute import _user_traceback, load_target
+from .execute import _user_tb, _user_traceback, collect, load_target
 from .schema import openapi_document, public_methods
 
 ENVELOPE = serialization.CONTENT_TYPE
 RESERVED = frozenset({"deploy"})  # attached by @operator(), not the user's
-
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_PLUMBING = (_HERE + os.sep, os.path.join("concurrent", "futures"), os.path.join("asyncio", ""))
-
-
-def _user_tb(exc: BaseException) -> str:
-    """The traceback from the user's first frame on (this module's and the thread pool's frames cut)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None and any(p in tb.tb_frame.f_code.co_filename for p in _PLUMBING):
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 def _type_name(exc: BaseException) -> str:
@@ -292,10 +279,15 @@ class ServeApp:
         return await self._call_json(method, name, bytes(body))
 
     async def _invoke(self, method, args, kwargs):
-        if inspect.iscoroutinefunction(method):
-            return await method(*args, **kwargs)
+        """The method's value: ``async def`` ones run on the event loop (as many at once as ``concurrency``
+        lets in), others in the thread pool; a generator's values come as a list."""
         loop = asyncio.get_running_loop()
-        value = await loop.run_in_executor(self.pool, lambda: method(*args, **kwargs))
+        if inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method):
+            value = method(*args, **kwargs)
+        else:
+            value = await loop.run_in_executor(self.pool, lambda: _listed(method(*args, **kwargs)))
+        if inspect.isasyncgen(value):
+            return await collect(value)
         if inspect.isawaitable(value):
             value = await value
         return value
@@ -354,6 +346,10 @@ class ServeApp:
             doc = openapi_document(title, self.methods, prefix or "/call")
             cached = self._openapi[prefix] = json.dumps(doc).encode()
         return Reply(200, cached)
+
+
+def _listed(value):
+    return list(value) if inspect.isgenerator(value) else value
 
 
 def _signature(method, name: str) -> str:

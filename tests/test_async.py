@@ -5,6 +5,7 @@ and methods run remotely."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,27 @@ class Meeting:
 
     def double(self, x):
         return 2 * x
+
+
+@operator()
+class Streamer:
+    def tokens(self, gate: str):
+        # the second value waits for a file the caller writes once it has read the first: the first value
+        # must reach the caller through the gateway while the method still runs (no buffering)
+        yield "first"
+        end = time.monotonic() + 60
+        while not os.path.exists(gate):
+            if time.monotonic() > end:
+                yield "the caller never saw the first value"
+                return
+            time.sleep(0.02)
+        yield {"second": 2}
+
+    async def acount(self, n: int):
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield i
+        raise ValueError("after the values")
 """
 
 NAMES = ("square", "asquare", "afail", "countdown", "acountdown", "wait_for", "hang")
@@ -84,6 +106,7 @@ def fns(plat, client, tmp_path_factory):
     with user_module(tmp_path_factory.mktemp("async_proj"), "asyncmod", CODE) as mod:
         deployed = {name: getattr(mod, name).deploy(client=client, quiet=True) for name in NAMES}
         deployed["Meeting"] = mod.Meeting.deploy(client=client, quiet=True, concurrency=4)
+        deployed["Streamer"] = mod.Streamer.deploy(client=client, quiet=True)
         yield deployed
 
 
@@ -205,3 +228,26 @@ def test_one_async_client_per_event_loop(client):
 
     in_one, in_another = asyncio.run(grab()), asyncio.run(grab())
     assert in_one is not in_another
+
+
+def test_a_served_generator_method_streams_through_the_gateway(fns, plat, tmp_path):
+    gate = tmp_path / "gate"
+    url = fns["Streamer"].url
+    with plat.http() as http:
+        with http.stream("POST", f"{url}/tokens", json={"gate": str(gate)}) as resp:
+            assert resp.headers["content-type"].startswith("application/x-ndjson")
+            lines = resp.iter_lines()
+            assert json.loads(next(lines)) == "first"
+            gate.touch()
+            assert [json.loads(line) for line in lines if line] == [{"second": 2}]
+        events = http.post(f"{url}/acount", json={"n": 3}, headers={"Accept": "text/event-stream"})
+    assert events.headers["content-type"].startswith("text/event-stream")
+    data = [json.loads(line[len("data: "):]) for line in events.text.splitlines() if line.startswith("data: ")]
+    assert data[:3] == [0, 1, 2]
+    assert data[3]["error"]["type"].endswith("ValueError") and data[3]["error"]["message"] == "after the values"
+
+
+def test_a_served_generator_method_called_from_python_returns_the_list(fns, tmp_path):
+    gate = tmp_path / "open"
+    gate.touch()
+    assert fns["Streamer"].tokens(str(gate)) == ["first", {"second": 2}]

@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .client import Client, set_default_client
+    from .client import Client, configure, set_default_client
+    from .config import ClientConfig
     from .decorator import Operator, operator
+    from .deploying import deploy
     from .errors import (BuildError, OpboxError, RemoteError, RunCancelled, RunError, RunFailed, RunTimeout,
                          SerializationError, ServiceFailed, ValidationError)
     from .jobs import Job, Jobs
@@ -36,14 +38,15 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "operator": "decorator", "Operator": "decorator", "Resource": "resource", "Job": "jobs", "Jobs": "jobs",
     "RemoteFunction": "remote", "RunHandle": "remote", "Client": "client", "set_default_client": "client",
+    "configure": "client", "ClientConfig": "config", "deploy": "deploying",
     "OpboxError": "errors", "BuildError": "errors", "RemoteError": "errors", "RunError": "errors",
     "RunFailed": "errors", "RunTimeout": "errors", "RunCancelled": "errors", "SerializationError": "errors",
     "ValidationError": "errors", "ServiceFailed": "errors", "RemoteService": "serving", "serve_asgi": "serving",
 }
 __all__ = [
-    "BuildError", "Client", "Job", "Jobs", "OpboxError", "Operator", "RemoteError", "RemoteFunction",
+    "BuildError", "Client", "ClientConfig", "Job", "Jobs", "OpboxError", "Operator", "RemoteError", "RemoteFunction",
     "RemoteService", "Resource", "RunCancelled", "RunError", "RunFailed", "RunHandle", "RunTimeout",
-    "SerializationError", "ServiceFailed", "ValidationError", "__version__", "operator", "serve_asgi",
+    "SerializationError", "ServiceFailed", "ValidationError", "__version__", "configure", "deploy", "operator", "serve_asgi",
     "set_default_client",
 ]
 

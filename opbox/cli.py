@@ -216,7 +216,7 @@ def services(as_json):
 @click.argument("job")
 @click.option("--args", "args_json", default=None, help='JSON array of positional arguments, e.g. "[3]".')
 @click.option("--kwargs", "kwargs_json", default=None, help='JSON object of keyword arguments, e.g. \'{"i": 3}\'.')
-@click.option("--wait", is_flag=True, help="Wait for the run to end and print its result.")
+@click.option("--wait", is_flag=True, help="Wait for the run to end and print its result (exit 1 if it failed).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def trigger(job, args_json, kwargs_json, wait, as_json):
     """Start a run of JOB's latest version (without arguments: the function's defaults)."""
@@ -231,14 +231,42 @@ def trigger(job, args_json, kwargs_json, wait, as_json):
     client = _client()
     answer = client.post(f"/job/{job}/trigger", json=body).json()
     if wait:
-        answer = client.get(f"/runs/{answer['run_id']}/result", params={"wait": 300}).json()
+        return _show_result(_wait_result(client, answer["run_id"]), as_json)
     if as_json:
         return _print_json(answer)
-    if wait:
-        click.echo(f"{answer['run_id']} {answer['status']}: "
-                   + json.dumps(answer.get("result") if answer["status"] == "succeeded" else answer.get("error")))
+    click.echo(f"{answer['run_id']} {answer['status']} (follow it: opbox logs -f {answer['run_id']})")
+
+
+@main.command()
+@click.argument("run")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def result(run, as_json):
+    """Wait for RUN to end and print its result; exit 1 when it failed (its remote traceback on stderr)."""
+    _show_result(_wait_result(_client(), run), as_json)
+
+
+def _wait_result(client, run_id: str) -> dict:
+    while True:
+        resp = client.get(f"/runs/{run_id}/result", params={"wait": 60})
+        if resp.status_code == 200:
+            return resp.json()
+
+
+def _show_result(answer: dict, as_json: bool) -> None:
+    """A finished run's result on stdout; a failure's type, message and remote traceback on stderr, exit 1."""
+    failed = answer["status"] != "succeeded"
+    if as_json:
+        _print_json(answer)
+    elif not failed:
+        click.echo(json.dumps(answer["result"]) if answer.get("result_is_json") else answer.get("note", ""))
     else:
-        click.echo(f"{answer['run_id']} {answer['status']} (follow it: opbox logs -f {answer['run_id']})")
+        error = answer.get("error") or {}
+        click.echo(f"run {answer['run_id']} {answer['status']}: {error.get('type') or ''}: "
+                   f"{error.get('message') or answer.get('exit_reason') or ''}", err=True)
+        if error.get("traceback"):
+            click.echo("Remote traceback:\n" + error["traceback"].rstrip(), err=True)
+    if failed:
+        sys.exit(1)
 
 
 @main.command()

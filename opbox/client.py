@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
 import time
+import weakref
 
 import httpx
 
@@ -38,6 +40,18 @@ class Client:
                                  timeout=httpx.Timeout(30.0, read=330.0),
                                  limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
         self.retry_for = retry_for
+        self._async: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> httpx.AsyncClient
+
+    @property
+    def async_http(self) -> httpx.AsyncClient:
+        """The ``httpx.AsyncClient`` of the running event loop (one per loop: a client cannot cross loops)."""
+        loop = asyncio.get_running_loop()
+        found = self._async.get(loop)
+        if found is None:
+            found = self._async[loop] = httpx.AsyncClient(
+                base_url=self.http.base_url, headers=self.http.headers, timeout=self.http.timeout,
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+        return found
 
     @property
     def workspace(self) -> str:
@@ -64,23 +78,54 @@ class Client:
         that must not run twice passes ``NOT_SENT``, and other errors propagate. 429 answers are
         waited out (Retry-After) for up to ``quota_for`` seconds from the first try.
         """
-        started = time.monotonic()
-        deadline = started + (self.retry_for if retry else 0)
-        delay = 0.1
+        retry_policy = _Retries(self, retry, quota_for)
         while True:
             try:
                 resp = self.http.request(method, self.path(path), **kwargs)
             except resend as exc:
-                if time.monotonic() + delay > deadline:
-                    raise errors.Unavailable(
-                        f"cannot reach the opbox gateway at {self.config.url} ({type(exc).__name__}: {exc}); "
-                        "is it running? ('make run' or 'opbox up')") from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                time.sleep(retry_policy.after_error(exc))
                 continue
-            if resp.status_code != 429 or time.monotonic() - started >= quota_for:
+            pause = retry_policy.after_answer(resp)
+            if pause is None:
                 return resp
-            time.sleep(float(resp.headers.get("retry-after") or 1.0))
+            time.sleep(pause)
+
+    async def asend(self, method: str, path: str, *, retry: bool = False, resend: tuple = CONNECT_ERRORS,
+                    quota_for: float = 0.0, **kwargs) -> httpx.Response:
+        """``send`` on the event loop's AsyncClient (the same retry policy)."""
+        retry_policy = _Retries(self, retry, quota_for)
+        while True:
+            try:
+                resp = await self.async_http.request(method, self.path(path), **kwargs)
+            except resend as exc:
+                await asyncio.sleep(retry_policy.after_error(exc))
+                continue
+            pause = retry_policy.after_answer(resp)
+            if pause is None:
+                return resp
+            await asyncio.sleep(pause)
+
+    async def arequest(self, method: str, path: str, *, retry: bool = False, wait_quota: bool = False,
+                       **kwargs) -> httpx.Response:
+        """``request``, awaitable."""
+        return raise_for(await self.asend(method, path, retry=retry, quota_for=math.inf if wait_quota else 0.0,
+                                          **kwargs))
+
+    async def aget(self, path: str, **kwargs) -> httpx.Response:
+        return await self.arequest("GET", path, retry=True, **kwargs)
+
+    async def apost(self, path: str, **kwargs) -> httpx.Response:
+        return await self.arequest("POST", path, **kwargs)
+
+    async def astream_lines(self, method: str, path: str, **kwargs):
+        """``stream_lines``, as an async iterator."""
+        async with self.async_http.stream(method, self.path(path), **kwargs) as resp:
+            if resp.status_code >= 400:
+                await resp.aread()
+                raise_for(resp)
+            async for line in resp.aiter_lines():
+                if line.strip():
+                    yield json.loads(line)
 
     def get(self, path: str, **kwargs) -> httpx.Response:
         return self.request("GET", path, retry=True, **kwargs)
@@ -101,6 +146,39 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
+    async def aclose(self) -> None:
+        """Close the running event loop's AsyncClient (the others go with their loops)."""
+        found = self._async.pop(asyncio.get_running_loop(), None)
+        if found is not None:
+            await found.aclose()
+
+
+class _Retries:
+    """The SDK's one retry policy, for the sync and the async client: how long to pause, or raise."""
+
+    __slots__ = ("client", "started", "deadline", "delay", "quota_for")
+
+    def __init__(self, client: Client, retry: bool, quota_for: float):
+        self.client, self.quota_for = client, quota_for
+        self.started = time.monotonic()
+        self.deadline = self.started + (client.retry_for if retry else 0)
+        self.delay = 0.1
+
+    def after_error(self, exc: Exception) -> float:
+        """The pause before resending a request that failed with ``exc``; Unavailable past the deadline."""
+        if time.monotonic() + self.delay > self.deadline:
+            raise errors.Unavailable(
+                f"cannot reach the opbox gateway at {self.client.config.url} ({type(exc).__name__}: {exc}); "
+                "is it running? ('make run' or 'opbox up')") from exc
+        pause, self.delay = self.delay, min(self.delay * 2, 2.0)
+        return pause
+
+    def after_answer(self, resp: httpx.Response) -> float | None:
+        """None: the answer stands; else the pause before asking again (a 429 within ``quota_for``)."""
+        if resp.status_code != 429 or time.monotonic() - self.started >= self.quota_for:
+            return None
+        return float(resp.headers.get("retry-after") or 1.0)
+
 
 _default: Client | None = None
 _lock = threading.Lock()
@@ -115,7 +193,22 @@ def default_client() -> Client:
 
 
 def set_default_client(client: Client | None) -> None:
-    """Point the SDK at another platform (tests, several gateways)."""
+    """Point the SDK at another platform (tests, several gateways); ``None``: made again from the
+    environment at the next call that needs it."""
     global _default
     with _lock:
         _default = client
+
+
+def configure(url: str | None = None, token: str | None = None, workspace: str | None = None) -> Client:
+    """Point the SDK at a platform from now on, at any time (a notebook cell, a script's top).
+
+    What is not given comes from the environment (``OPBOX_URL``, ``OPBOX_TOKEN``, ``OPBOX_WORKSPACE``)
+    and then ``$OPBOX_HOME/credentials.json``, read now: the environment is read when the default
+    client is made, that is at the first call that needs one and at each ``configure()``, so
+    ``opbox.configure()`` picks up variables set since. Handles made earlier keep the client they
+    were made with. Returns the new default client.
+    """
+    client = Client(ClientConfig.from_env(url, token, workspace))
+    set_default_client(client)
+    return client

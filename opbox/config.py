@@ -33,6 +33,10 @@ def read_credentials(home: Path | None = None) -> dict:
 
 @dataclass(frozen=True)
 class ClientConfig:
+    """Where the SDK sends calls: the gateway's ``url``, a ``token`` (None: no Authorization header) and
+    the ``workspace``. ``ClientConfig.from_env()`` fills what is not given from OPBOX_URL, OPBOX_TOKEN,
+    OPBOX_WORKSPACE, then the credentials file; ``Client(config)`` or ``opbox.configure(...)`` uses one."""
+
     url: str
     token: str | None
     workspace: str

@@ -5,12 +5,12 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import sys
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 from .errors import BuildError, ConfigError, OpboxError, ValidationError, from_response
+from .progress import BuildOutput
 from .resource import Resource
 
 if TYPE_CHECKING:  # the SDK's HTTP side is imported on use: the runtime imports this module too
@@ -99,8 +99,10 @@ def source_of(fn) -> tuple[Path, str]:
     except TypeError:
         path = None
     if not path or not path.endswith(".py") or not os.path.isfile(path):
-        raise ValidationError(f"{fn.__qualname__} must be defined in a .py file to be deployed (not a notebook "
-                              "cell or the interactive prompt)")
+        raise ValidationError(
+            f"{fn.__qualname__} is defined in a notebook cell or at the interactive prompt; opbox deploys code from "
+            f".py files: put it in a module beside the notebook (say mymodule.py) and deploy it by module: "
+            f"opbox.deploy(\"mymodule:{fn.__qualname__}\")")
     if "<locals>" in fn.__qualname__:
         raise ValidationError(f"{fn.__qualname__} is defined inside a function; deploy a module-level function")
     path = Path(path).resolve()
@@ -135,16 +137,16 @@ def build_version(folder: Path, entry: str, name: str, kind: str, resource: Reso
     body = {"name": name, "kind": kind, "entry": entry, "code_sha256": packed.sha256,
             "python": serialization.PYTHON, "cloudpickle": serialization.cloudpickle_version(),
             "resource": resource.to_dict()}
-    for line in client.stream_lines("POST", "/jobs", json=body, timeout=None):
-        if "log" in line:
-            if not quiet:
-                print(f"[build] {line['log']}", file=sys.stderr, flush=True)
-        elif "error" in line:
-            error = line["error"]
-            details = dict(error.get("details") or {})
-            if error.get("error") == BuildError.code:
-                raise BuildError(error.get("message", "build failed"), log=details.pop("log", ""))
-            raise from_response(error.get("status", 422) if isinstance(error.get("status"), int) else 422, error)
-        elif line.get("done"):
-            return line["job"], line["version"]
+    with BuildOutput(name, quiet) as output:
+        for line in client.stream_lines("POST", "/jobs", json=body, timeout=None):
+            if "log" in line:
+                output.line(line["log"])
+            elif "error" in line:
+                error = line["error"]
+                details = dict(error.get("details") or {})
+                if error.get("error") == BuildError.code:
+                    raise BuildError(error.get("message", "build failed"), log=details.pop("log", ""))
+                raise from_response(error.get("status", 422) if isinstance(error.get("status"), int) else 422, error)
+            elif line.get("done"):
+                return line["job"], line["version"]
     raise OpboxError("the deploy stream ended without a result; see `opbox jobs` and the build log")

@@ -11,11 +11,12 @@ import os
 import sys
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator
 
 from . import defaults
 from .errors import ConfigError, ValidationError
-from .mapping import Mappable, progress_bar
+from .mapping import Mappable, aiter_items
+from .progress import progress_bar
 from .resource import Resource
 
 if TYPE_CHECKING:
@@ -166,15 +167,27 @@ class RemoteMethod(Mappable):
         return f"<remote method {self.service.name}.{self.name}>"
 
     def __call__(self, *args, **kwargs) -> Any:
+        # a method call is not idempotent: resent only when it surely never left (the gateway restarting)
+        return self._answer(self.service.client.send("POST", self.route, **self._request(args, kwargs)))
+
+    async def aio(self, *args, **kwargs) -> Any:
+        """The call, awaitable (on the event loop's AsyncClient). Cancelling the awaiting task drops the
+        request; the replica finishes the call it started."""
+        return self._answer(await self.service.client.asend("POST", self.route, **self._request(args, kwargs)))
+
+    def _request(self, args: tuple, kwargs: dict) -> dict:
         from . import serialization
-        from .client import NOT_SENT, raise_for
+        from .client import NOT_SENT
+
+        headers = {"Content-Type": serialization.CONTENT_TYPE, "Accept": serialization.CONTENT_TYPE}
+        return {"content": serialization.dump_args(args, kwargs), "headers": headers, "retry": True,
+                "resend": NOT_SENT, "quota_for": self.QUOTA_PATIENCE}
+
+    def _answer(self, resp) -> Any:
+        from . import serialization
+        from .client import raise_for
         from .outcome import decode
 
-        payload = serialization.dump_args(args, kwargs)
-        headers = {"Content-Type": serialization.CONTENT_TYPE, "Accept": serialization.CONTENT_TYPE}
-        # a method call is not idempotent: resent only when it surely never left (the gateway restarting)
-        resp = self.service.client.send("POST", self.route, content=payload, headers=headers, retry=True,
-                                        resend=NOT_SENT, quota_for=self.QUOTA_PATIENCE)
         if resp.headers.get("content-type", "").startswith(serialization.CONTENT_TYPE):
             return decode(resp.headers.get("x-opbox-status", "failed"), resp.content, f"{self.service.name}.{self.name}")
         raise_for(resp)
@@ -187,9 +200,7 @@ class RemoteMethod(Mappable):
         not sent), unless ``return_exceptions`` puts exceptions in the list instead."""
         from concurrent.futures import ThreadPoolExecutor
 
-        if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
-            raise ValidationError(f"concurrency must be a whole number >= 1, got {concurrency!r}")
-        width = min(concurrency or 16, 64)  # the SDK client keeps at most 64 connections
+        width = _width(concurrency)
         extra = dict(kwargs or {})
         bar = progress_bar(progress, len(items) if hasattr(items, "__len__") else None, "call")
 
@@ -211,6 +222,36 @@ class RemoteMethod(Mappable):
             pool.shutdown(wait=False, cancel_futures=True)
             if bar is not None:
                 bar.close()
+
+    async def aimap(self, items, *, concurrency: int | None = None, return_exceptions: bool = False,
+                    progress: bool | None = None, kwargs: dict | None = None, star: bool = False) -> AsyncIterator:
+        """``imap`` on the event loop: ``concurrency`` calls in flight (``items`` may be an async iterable)."""
+        import asyncio
+
+        width = _width(concurrency)
+        extra = dict(kwargs or {})
+        bar = progress_bar(progress, len(items) if hasattr(items, "__len__") else None, "call")
+        pending: deque = deque()
+        try:
+            async for item in aiter_items(items):
+                pending.append(asyncio.ensure_future(self.aio(*(tuple(item) if star else (item,)), **extra)))
+                if len(pending) >= width:
+                    await asyncio.wait([pending[0]])
+                    yield _take(pending.popleft(), return_exceptions, bar)
+            while pending:
+                await asyncio.wait([pending[0]])
+                yield _take(pending.popleft(), return_exceptions, bar)
+        finally:
+            for task in pending:
+                task.cancel()
+            if bar is not None:
+                bar.close()
+
+
+def _width(concurrency: int | None) -> int:
+    if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
+        raise ValidationError(f"concurrency must be a whole number >= 1, got {concurrency!r}")
+    return min(concurrency or 16, 64)  # the SDK client keeps at most 64 connections
 
 
 def _take(future, return_exceptions: bool, bar):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import os
 import sys
 import traceback
+import types
 
 from opbox import serialization
 from opbox.errors import PayloadTooLarge, SerializationError
@@ -28,6 +31,18 @@ def load_target(entry: str, code_dir: str | None = None):
     return getattr(target, "__opbox_target__", target)
 
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_PLUMBING = (_HERE + os.sep, os.path.join("concurrent", "futures"), os.path.join("asyncio", ""))
+
+
+def _user_tb(exc: BaseException) -> str:
+    """The traceback from the user's first frame on (the runtime's, the thread pool's and asyncio's frames cut)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and any(p in tb.tb_frame.f_code.co_filename for p in _PLUMBING):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
 def _user_traceback(exc: BaseException, skip: int) -> str:
     tb = exc.__traceback__
     for _ in range(skip):
@@ -49,6 +64,14 @@ def within_limit(outcome: str, payload: bytes, limit: str | None) -> tuple[str, 
     return outcome, payload
 
 
+_DEFERRED = (types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType)
+
+
+async def collect(values) -> list:
+    """An async generator's values, as a list."""
+    return [value async for value in values]
+
+
 class Executor:
     """Runs calls of one entry point. ``preload`` imports it ahead of the first run; an import
     error is kept and fails each run with its traceback (the worker does not crash-loop)."""
@@ -57,6 +80,27 @@ class Executor:
         self.entry, self.code_dir = entry, code_dir
         self.target = None
         self.import_error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # one for the worker's life: user clients bound to it live on
+
+    def settle(self, value):
+        """What a call returns: a coroutine awaited, a generator's values as a list (sync or async)."""
+        if isinstance(value, types.GeneratorType):
+            return list(value)
+        if isinstance(value, types.AsyncGeneratorType):
+            value = collect(value)
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+        task = self.loop.create_task(value)
+        try:
+            return self.loop.run_until_complete(task)
+        except BaseException:
+            if not task.done():  # a cancel (signal) or an interrupt: the coroutine unwinds before the run ends
+                task.cancel()
+                try:
+                    self.loop.run_until_complete(task)
+                except BaseException:
+                    pass
+            raise
 
     def preload(self) -> None:
         try:
@@ -78,8 +122,10 @@ class Executor:
             return "failed", serialization.dump_error(exc, _user_traceback(exc, 1))
         try:
             value = self.target(*args, **kwargs)
+            if isinstance(value, _DEFERRED):
+                value = self.settle(value)
         except Exception as exc:
-            return "failed", serialization.dump_error(exc, _user_traceback(exc, 1))
+            return "failed", serialization.dump_error(exc, _user_tb(exc))
         try:
             return "succeeded", serialization.dump_result(value)
         except Exception as exc:

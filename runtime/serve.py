@@ -21,29 +21,17 @@ import inspect
 import json
 import os
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
 
 from opbox import defaults, serialization
 from opbox.errors import SerializationError
 
-from .execute import _user_traceback, load_target
+from .execute import _user_tb, _user_traceback, collect, load_target
 from .schema import openapi_document, public_methods
 
 ENVELOPE = serialization.CONTENT_TYPE
 RESERVED = frozenset({"deploy"})  # attached by @operator(), not the user's
-
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_PLUMBING = (_HERE + os.sep, os.path.join("concurrent", "futures"), os.path.join("asyncio", ""))
-
-
-def _user_tb(exc: BaseException) -> str:
-    """The traceback from the user's first frame on (this module's and the thread pool's frames cut)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None and any(p in tb.tb_frame.f_code.co_filename for p in _PLUMBING):
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 def _type_name(exc: BaseException) -> str:
@@ -83,6 +71,30 @@ class Reply:
     async def send(self, send) -> None:
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
         await send({"type": "http.response.body", "body": self.body})
+
+
+class StreamReply:
+    """A generator method's values, each sent as it comes: NDJSON lines, or server-sent events (``sse``).
+    An exception after the first value ends the stream with an ``{"error": ...}`` item."""
+
+    def __init__(self, values: AsyncIterator, sse: bool):
+        self.values, self.sse = values, sse
+
+    async def send(self, send) -> None:
+        ctype = b"text/event-stream" if self.sse else b"application/x-ndjson"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", ctype), (b"cache-control", b"no-cache")]})
+        try:
+            async for value in self.values:
+                await send({"type": "http.response.body", "body": self._frame(value), "more_body": True})
+        except Exception as exc:
+            error = {"error": {"type": _type_name(exc), "message": str(exc), "traceback": _user_tb(exc)}}
+            await send({"type": "http.response.body", "body": self._frame(error), "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    def _frame(self, value) -> bytes:
+        line = json.dumps(value, default=_json_default)
+        return f"data: {line}\n\n".encode() if self.sse else (line + "\n").encode()
 
 
 def json_reply(status: int, data, headers: dict | None = None) -> Reply:
@@ -289,13 +301,18 @@ class ServeApp:
         method = getattr(self.instance, name)
         if envelope:
             return await self._call_envelope(method, name, bytes(body))
-        return await self._call_json(method, name, bytes(body))
+        return await self._call_json(method, name, bytes(body), scope["headers"])
 
     async def _invoke(self, method, args, kwargs):
-        if inspect.iscoroutinefunction(method):
-            return await method(*args, **kwargs)
+        """The method's value: ``async def`` ones run on the event loop (as many at once as ``concurrency``
+        lets in), others in the thread pool; a generator's values come as a list."""
         loop = asyncio.get_running_loop()
-        value = await loop.run_in_executor(self.pool, lambda: method(*args, **kwargs))
+        if inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method):
+            value = method(*args, **kwargs)
+        else:
+            value = await loop.run_in_executor(self.pool, lambda: _listed(method(*args, **kwargs)))
+        if inspect.isasyncgen(value):
+            return await collect(value)
         if inspect.isawaitable(value):
             value = await value
         return value
@@ -323,7 +340,17 @@ class ServeApp:
     def _error_envelope(status: int, exc: BaseException, tb: str) -> Reply:
         return Reply(status, serialization.dump_error(exc, tb), ENVELOPE, {"x-opbox-status": "failed"})
 
-    async def _call_json(self, method, name: str, body: bytes) -> Reply:
+    async def _values(self, values) -> AsyncIterator:
+        """A generator's values on the event loop: an async one's directly, a sync one's from the thread pool."""
+        if inspect.isasyncgen(values):
+            async for value in values:
+                yield value
+            return
+        loop, end = asyncio.get_running_loop(), object()
+        while (value := await loop.run_in_executor(self.pool, next, values, end)) is not end:
+            yield value
+
+    async def _call_json(self, method, name: str, body: bytes, scope_headers) -> Reply:
         try:
             args, kwargs = _json_arguments(method, body)
         except RecursionError:  # the decoder recurses per level
@@ -334,6 +361,9 @@ class ServeApp:
         message = _bind(method, name, args, kwargs)
         if message is not None:
             return problem(422, "validation_error", message, signature=_signature(method, name))
+        if inspect.isasyncgenfunction(method) or inspect.isgeneratorfunction(method):
+            sse = b"text/event-stream" in dict(scope_headers).get(b"accept", b"")
+            return StreamReply(self._values(method(*args, **kwargs)), sse)
         try:
             value = await self._invoke(method, args, kwargs)
         except Exception as exc:
@@ -354,6 +384,10 @@ class ServeApp:
             doc = openapi_document(title, self.methods, prefix or "/call")
             cached = self._openapi[prefix] = json.dumps(doc).encode()
         return Reply(200, cached)
+
+
+def _listed(value):
+    return list(value) if inspect.isgenerator(value) else value
 
 
 def _signature(method, name: str) -> str:

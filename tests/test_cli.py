@@ -20,6 +20,10 @@ def greet(name="world"):
     return f"hi {name}"
 
 @operator()
+def broken(x=1):
+    raise ValueError(f"broken on {x}")
+
+@operator()
 def napper(seconds=30):
     print("napping", flush=True)
     time.sleep(seconds)
@@ -63,6 +67,20 @@ def test_deploy_jobs_trigger_runs_logs(cli):
     assert "hello cli" in cli("logs", done["run_id"]).stdout
     assert json.loads(cli("status", done["run_id"], "--json").stdout)["status"] == "succeeded"
     assert "succeeded" in cli("runs", "greet").stdout
+
+
+def test_a_failed_run_exits_non_zero_with_its_traceback(cli):
+    cli("deploy", "climod.py:broken", "--json")
+    failed = cli("trigger", "broken", "--args", "[7]", "--wait", check=False)
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert "ValueError: broken on 7" in failed.stderr and "Remote traceback:" in failed.stderr
+    assert 'raise ValueError(f"broken on {x}")' in failed.stderr  # the user's frame
+    as_json = cli("trigger", "broken", "--wait", "--json", check=False)
+    assert as_json.returncode == 1 and json.loads(as_json.stdout)["error"]["type"].endswith("ValueError")
+    started = json.loads(cli("trigger", "greet", "--json").stdout)
+    assert cli("result", started["run_id"]).stdout.strip() == '"hi world"'
+    again = cli("result", json.loads(cli("trigger", "broken", "--json").stdout)["run_id"], check=False)
+    assert again.returncode == 1 and "broken on 1" in again.stderr
 
 
 def test_follow_logs_and_cancel(cli):

@@ -14,6 +14,7 @@ no layer above has to guess with ``hasattr``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, TypeVar
 
@@ -39,6 +40,8 @@ class VersionInfo:
     entry: str  # "module:qualname"
     resource: Resource
     artifact: Artifact = field(default_factory=Artifact)  # the builder's output: code_dir, venv, image...
+    # the values of ``resource.secrets`` (workspace secrets), for the processes' environment only
+    secret_env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def key(self) -> str:

@@ -51,7 +51,7 @@ class ProcessSpawner:
         version = worker.pool.version
         log_path = self.log_dir / worker.pool.id / f"{worker.id}.log"
         runtime = runtime_env(version, gateway_url=self.gateway_url,
-                              worker=(worker.pool.id, worker.id, worker.token))
+                              worker=(worker.pool.id, worker.id, worker.token), secrets=True)
         proc = await start_runtime(version, runtime, ["worker"], log_path, self.sandbox)
         return LocalProcess(proc, log_path)
 

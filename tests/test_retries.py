@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
 from opbox import Resource, Retries, ValidationError
+from conftest import wait_for
 from platform_fixture import running_platform
 
 CODE = """
@@ -41,15 +41,6 @@ def slow_retry(marker):
     return "second attempt"
 """
 
-
-def wait_for(check, timeout=60.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
 
 
 def test_retries_checks_its_arguments():

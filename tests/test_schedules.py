@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from conftest import wait_for
 from opbox import Cron, Jobs, Period, ValidationError
 from opbox.platform.control.schedules import Schedules
 from opbox.platform.records.base import JobRecord
@@ -205,15 +206,6 @@ def later():
     return "later"
 """
 
-
-def wait_for(check, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture(scope="module")

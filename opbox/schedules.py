@@ -13,7 +13,7 @@ import datetime as dt
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 
 from .errors import ValidationError
 
@@ -52,6 +52,10 @@ class Cron:
                                   "weekday', e.g. '0 2 * * *')")
         zone(self.timezone)
         _policies(self.catchup, self.overlap)
+        try:
+            self.next_after(dt.datetime.now(dt.timezone.utc).timestamp())
+        except CroniterError:
+            raise ValidationError(f"cron expression {self.expression!r} never fires (no such date)") from None
 
     def next_after(self, when: float) -> float:
         """The first fire time after ``when`` (epoch seconds). A wall-clock time repeated when clocks go back
@@ -62,7 +66,8 @@ class Cron:
         fire = it.get_next(dt.datetime)
         previous = croniter(self.expression, fire).get_prev(dt.datetime)
         hourly = self.expression.split()[1].startswith("*")
-        while not hourly and previous.replace(tzinfo=None) == fire.replace(tzinfo=None) and previous.utcoffset() != fire.utcoffset():
+        while not hourly and previous.utcoffset() != fire.utcoffset() \
+                and previous.replace(tzinfo=None) == fire.replace(tzinfo=None):
             fire = it.get_next(dt.datetime)  # the same wall-clock time again, after the clocks went back
             previous = croniter(self.expression, fire).get_prev(dt.datetime)
         return fire.timestamp()

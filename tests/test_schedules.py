@@ -48,6 +48,7 @@ def test_cron_follows_daylight_saving_time_as_cron_does():
 def test_bad_schedules_fail_when_made():
     for make, match in [(lambda: Cron("61 * * * *"), "invalid cron"), (lambda: Cron("0 2 * *"), "invalid cron"),
                         (lambda: Cron("0 2 * * *", timezone="Mars/Olympus"), "unknown time zone"),
+                        (lambda: Cron("0 0 31 2 *"), "never fires"),
                         (lambda: Period(), "at least"), (lambda: Period(minutes=5, catchup="some"), "catchup"),
                         (lambda: Cron("0 2 * * *", overlap="stack"), "overlap")]:
         with pytest.raises(ValidationError, match=match):
@@ -278,3 +279,24 @@ def test_the_cli_sets_lists_pauses_resumes_and_deletes(plat, deployed):
     assert bad.returncode == 1 and "invalid cron" in bad.stderr
     cli("schedules", "delete", "later")
     assert "later" not in cli("schedules", "list").stdout
+
+
+def test_the_readme_schedules_example_runs_as_written(plat, tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Schedules", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "reports.py").write_text(code)
+    env = {**os.environ, "OPBOX_URL": plat.url, "OPBOX_TOKEN": plat.token, "OPBOX_WORKSPACE": plat.workspace}
+    out = subprocess.run([sys.executable, "reports.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    client = plat.client()
+    try:
+        rows = {s["job"]: s["schedule"] for s in client.get("/schedules").json()["schedules"]}
+    finally:
+        client.close()
+    assert rows["nightly_report"] == {"cron": "0 2 * * *", "timezone": "Europe/Berlin", "catchup": "last",
+                                      "overlap": "skip"}
+    assert rows["refresh_features"]["every"] == 3600.0

@@ -161,3 +161,18 @@ def test_resource_keeps_secret_names_apart_from_env():
     res = Resource(env={"LOG_LEVEL": "debug"}, secrets=["hf", "openai", "hf"])
     assert res.secrets == ("hf", "openai") and res.to_dict()["secrets"] == ["hf", "openai"]
     assert Resource.from_dict(res.to_dict()) == res
+
+
+def test_a_backend_that_cannot_inject_secrets_refuses_a_deploy_naming_them():
+    from types import SimpleNamespace
+
+    from opbox.errors import NotSupported
+    from opbox.platform.control.deploys import Deploys
+
+    backend = SimpleNamespace(name="kubernetes", abilities=frozenset())
+    deploys = Deploys(None, None, None, SimpleNamespace(backend=backend), 1024)
+    body = {"name": "job", "entry": "main:job", "code_sha256": "0" * 64, "python": "3.11",
+            "resource": {"secrets": ["hf"]}}
+    with pytest.raises(NotSupported, match="kubernetes backend cannot give runs workspace secrets"):
+        deploys.parse_spec("default", body)
+    assert deploys.parse_spec("default", {**body, "resource": {}})["resource"].secrets == ()

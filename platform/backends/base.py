@@ -183,8 +183,14 @@ class ServiceLogs(Protocol):
         Async: a backend may have to ask someone (the Kubernetes API) for it."""
 
 
+class InjectsSecrets(Protocol):
+    """Gives runtime processes their version's workspace secrets (``runtime_env(..., secrets=True)``): a
+    marker, with nothing to call. Deploys naming secrets are refused on a backend without it."""
+
+
 # what a backend without the ability cannot do, for NotSupported's message
-CANNOT = {WorkerPools: "keep warm worker pools", Serving: "serve classes", ServiceLogs: "show service logs"}
+CANNOT = {WorkerPools: "keep warm worker pools", Serving: "serve classes", ServiceLogs: "show service logs",
+          InjectsSecrets: "give runs workspace secrets yet"}
 
 
 def supports(backend: Backend, ability: type) -> bool:

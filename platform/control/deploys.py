@@ -19,7 +19,7 @@ from opbox.errors import BuildError, Conflict, NotFound, OpboxError, PayloadTooL
 from opbox.resource import Resource
 from opbox.schedules import from_dict as schedule_from
 
-from ..backends.base import VersionInfo
+from ..backends.base import InjectsSecrets, VersionInfo, require
 from ..ids import check_name
 from ..records.base import JobRecord, NewVersion, Records, VersionRecord
 from .runs import Runs
@@ -84,7 +84,9 @@ class Deploys:
         if not isinstance(cloudpickle, str) or len(cloudpickle) > 32:
             raise ValidationError("cloudpickle must be a version string")
         resource = Resource.from_dict(body.get("resource"))
-        self.check_secrets(workspace, resource.secrets)
+        if resource.secrets:
+            require(self.runs.backend, InjectsSecrets)  # 501 rather than runs without their secrets
+            self.check_secrets(workspace, resource.secrets)
         schedule = schedule_from(body["schedule"]) if body.get("schedule") is not None else None
         if schedule is not None and kind != "function":
             raise ValidationError("only functions can have a schedule")

@@ -33,6 +33,14 @@ def poisoned(i):
         raise ValueError(f"poison {i}")
     return i * 10
 
+@operator(timeout=1, retries=Retries(max_retries=1, initial_delay=0.1, retry_timeouts=True))
+def sleepy(marker):
+    if not os.path.exists(marker):
+        Path(marker).write_text("1")
+        import time
+        time.sleep(60)  # the first attempt times out
+    return "woke"
+
 @operator(retries=Retries(max_retries=1, initial_delay=6.0))
 def slow_retry(marker):
     if not os.path.exists(marker):
@@ -67,7 +75,7 @@ def fns(plat, client, tmp_path_factory):
     from conftest import user_module
 
     with user_module(tmp_path_factory.mktemp("retries_proj"), "retrymod", CODE) as mod:
-        yield {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("flaky", "picky", "poisoned")}
+        yield {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("flaky", "picky", "poisoned", "sleepy")}
 
 
 def test_a_failing_run_is_retried_with_backoff_and_each_attempt_is_listed_with_its_log(fns, client, tmp_path):
@@ -94,6 +102,14 @@ def test_an_error_retry_on_does_not_name_fails_at_once(fns, client):
         handle.result(timeout=60)
     attempts = client.get(f"/runs/{handle.id}/attempts").json()["attempts"]
     assert [(a["attempt"], a["status"]) for a in attempts] == [(0, "failed")]
+
+
+def test_a_timed_out_attempt_is_retried_only_when_asked(fns, client, tmp_path):
+    handle = fns["sleepy"].submit(str(tmp_path / "sleepy_marker"))
+    assert handle.result(timeout=60) == "woke"
+    attempts = client.get(f"/runs/{handle.id}/attempts").json()["attempts"]
+    assert [a["status"] for a in attempts] == ["timed_out", "succeeded"]
+    assert "timed out after 1 s" in attempts[0]["reason"]
 
 
 def test_a_poison_map_item_ends_failed_with_all_its_attempts_listed(fns, client):

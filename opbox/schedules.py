@@ -21,6 +21,7 @@ CATCHUP = ("last", "none", "all")  # missed fires: run once, skip them, run each
 OVERLAP = ("skip", "allow", "queue")  # a fire while the previous run is open: drop it, run anyway, run after
 MAX_CATCHUP = 100
 MIN_PERIOD = 1.0  # seconds
+MAX_PERIOD = 100 * 366 * 86400.0  # a century: past it a time is not a number a client can read back
 
 
 def _policies(catchup: str, overlap: str) -> None:
@@ -90,10 +91,11 @@ class Period:
     def __post_init__(self):
         for name in ("days", "hours", "minutes", "seconds"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_PERIOD:
                 raise ValidationError(f"Period {name}: expected a number >= 0, got {value!r}")
-        if self.interval < MIN_PERIOD:
-            raise ValidationError(f"a Period must be at least {MIN_PERIOD:g} second, got {self.interval:g}")
+        if not MIN_PERIOD <= self.interval <= MAX_PERIOD:
+            raise ValidationError(f"a Period must be at least {MIN_PERIOD:g} second and at most {MAX_PERIOD:g}, "
+                                  f"got {self.interval:g}")
         _policies(self.catchup, self.overlap)
 
     @property

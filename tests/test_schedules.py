@@ -49,7 +49,8 @@ def test_bad_schedules_fail_when_made():
     for make, match in [(lambda: Cron("61 * * * *"), "invalid cron"), (lambda: Cron("0 2 * *"), "invalid cron"),
                         (lambda: Cron("0 2 * * *", timezone="Mars/Olympus"), "unknown time zone"),
                         (lambda: Cron("0 0 31 2 *"), "never fires"),
-                        (lambda: Period(), "at least"), (lambda: Period(minutes=5, catchup="some"), "catchup"),
+                        (lambda: Period(), "at least"), (lambda: Period(seconds=float("nan")), "Period seconds"),
+                        (lambda: Period(days=1e300), "Period days"), (lambda: Period(minutes=5, catchup="some"), "catchup"),
                         (lambda: Cron("0 2 * * *", overlap="stack"), "overlap")]:
         with pytest.raises(ValidationError, match=match):
             make()

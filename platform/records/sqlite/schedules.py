@@ -24,7 +24,8 @@ class SqliteSchedules:
         self.tx = database.tx
         self.path = database.path
 
-    def put(self, s: ScheduleRecord) -> ScheduleRecord:
+    def put(self, schedule: ScheduleRecord) -> ScheduleRecord:
+        s = schedule
         with self.tx() as db:
             old = db.execute("SELECT id, created_at FROM schedules WHERE workspace = ? AND job_id = ?",
                              (s.workspace, s.job_id)).fetchone()
@@ -68,7 +69,8 @@ class SqliteSecrets:
         self.db = database.db
         self.path = database.path
 
-    def put(self, s: SecretRecord) -> None:
+    def put(self, secret: SecretRecord) -> None:
+        s = secret
         self.db.execute("INSERT INTO secrets(workspace, name, keys, data, created_at, updated_at) VALUES (?,?,?,?,?,?) "
                         "ON CONFLICT(workspace, name) DO UPDATE SET keys = excluded.keys, data = excluded.data, "
                         "updated_at = excluded.updated_at",

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from .jobs import Job, Jobs
     from .remote import RemoteFunction, RunHandle
     from .resource import Resource
+    from .retries import Retries
+    from .schedules import Cron, Period
     from .serving import RemoteService, serve_asgi
 
 _EXPORTS = {
@@ -42,9 +44,10 @@ _EXPORTS = {
     "OpboxError": "errors", "BuildError": "errors", "RemoteError": "errors", "RunError": "errors",
     "RunFailed": "errors", "RunTimeout": "errors", "RunCancelled": "errors", "SerializationError": "errors",
     "ValidationError": "errors", "ServiceFailed": "errors", "RemoteService": "serving", "serve_asgi": "serving",
+    "Retries": "retries", "Cron": "schedules", "Period": "schedules",
 }
 __all__ = [
-    "BuildError", "Client", "ClientConfig", "Job", "Jobs", "OpboxError", "Operator", "RemoteError", "RemoteFunction",
+    "BuildError", "Client", "ClientConfig", "Cron", "Period", "Retries", "Job", "Jobs", "OpboxError", "Operator", "RemoteError", "RemoteFunction",
     "RemoteService", "Resource", "RunCancelled", "RunError", "RunFailed", "RunHandle", "RunTimeout",
     "SerializationError", "ServiceFailed", "ValidationError", "__version__", "configure", "deploy", "operator", "serve_asgi",
     "set_default_client",

@@ -351,5 +351,127 @@ def tokens_revoke(token_id):
     click.echo(f"revoked {token_id}")
 
 
+@main.group()
+def schedules():
+    """Run jobs on a cron expression or every period: list, set, pause, resume, delete."""
+
+
+@schedules.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def schedules_list(as_json):
+    """List the workspace's schedules and their next fire times."""
+    rows = _client().get("/schedules").json()["schedules"]
+    if as_json:
+        return _print_json(rows)
+
+    def when(r):
+        spec = r["schedule"]
+        return f"{spec['cron']} {spec.get('timezone', 'UTC')}" if "cron" in spec else f"every {spec['every']:g}s"
+
+    _table(rows, [("id", "id"), ("job", "job"), ("schedule", when), ("paused", "paused"),
+                  ("next", lambda r: _when(r["next_fire_at"])), ("last run", lambda r: r["last_run_id"] or "-"),
+                  ("error", lambda r: (r["last_error"] or "")[:50])])
+
+
+@schedules.command("set")
+@click.argument("job")
+@click.argument("cron", required=False)
+@click.option("--every", type=float, default=None, help="A period in seconds instead of a cron expression.")
+@click.option("--timezone", default="UTC", show_default=True, help="The cron expression's IANA time zone.")
+@click.option("--catchup", type=click.Choice(["last", "none", "all"]), default="last", show_default=True,
+              help="Fires missed while the platform was down: run once, skip them, or run each.")
+@click.option("--overlap", type=click.Choice(["skip", "allow", "queue"]), default="skip", show_default=True,
+              help="A fire while the previous run is still going: skip it, run anyway, or run after it.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def schedules_set(job, cron, every, timezone, catchup, overlap, as_json):
+    """Set JOB's schedule to CRON (e.g. "0 2 * * *"), or --every SECONDS."""
+    if bool(cron) == (every is not None):
+        raise click.UsageError('give a CRON expression (quoted: "0 2 * * *") or --every SECONDS')
+    body = {"cron": cron, "timezone": timezone} if cron else {"every": every}
+    row = _client().request("PUT", f"/job/{job}/schedule", json={**body, "catchup": catchup, "overlap": overlap}).json()
+    if as_json:
+        return _print_json(row)
+    click.echo(f"{row['job']}: schedule {row['id']}, next run at {_when(row['next_fire_at'])}")
+
+
+def _schedule_action(job: str, action: str, as_json: bool) -> None:
+    row = _client().post(f"/job/{job}/schedule/{action}").json()
+    if as_json:
+        return _print_json(row)
+    click.echo(f"{row['job']}: schedule {row['id']} " + ("paused" if row["paused"] else
+                                                          f"resumed, next run at {_when(row['next_fire_at'])}"))
+
+
+@schedules.command("pause")
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def schedules_pause(job, as_json):
+    """Pause JOB's schedule."""
+    _schedule_action(job, "pause", as_json)
+
+
+@schedules.command("resume")
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def schedules_resume(job, as_json):
+    """Resume JOB's schedule (fires missed while paused are not caught up)."""
+    _schedule_action(job, "resume", as_json)
+
+
+@schedules.command("delete")
+@click.argument("job")
+def schedules_delete(job):
+    """Delete JOB's schedule."""
+    _client().request("DELETE", f"/job/{job}/schedule")
+    click.echo(f"deleted the schedule of {job}")
+
+
+@main.group()
+def secrets():
+    """Workspace secrets, given to runs as environment variables (admins write; values are never shown)."""
+
+
+@secrets.command("set")
+@click.argument("name")
+@click.argument("pairs", nargs=-1)
+@click.option("--from-env-file", "env_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Read KEY=VALUE lines from a .env file.")
+def secrets_set(name, pairs, env_file):
+    """Create or replace secret NAME from KEY=VALUE pairs and/or --from-env-file F."""
+    values = {}
+    if env_file:
+        from dotenv import dotenv_values
+
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"expected KEY=VALUE, got {key!r}" + ("=..." if sep else ""))
+        values[key] = value
+    if not values:
+        raise click.UsageError("give KEY=VALUE pairs or --from-env-file F")
+    row = _client().request("PUT", f"/secrets/{name}", json={"values": values}).json()
+    click.echo(f"secret {row['name']} set: {', '.join(row['keys'])}")
+
+
+@secrets.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def secrets_list(as_json):
+    """List the workspace's secrets: names and keys, never values."""
+    rows = _client().get("/secrets").json()["secrets"]
+    if as_json:
+        return _print_json(rows)
+    _table(rows, [("name", "name"), ("keys", lambda r: ", ".join(r["keys"])),
+                  ("updated", lambda r: _when(r["updated_at"]))])
+
+
+@secrets.command("delete")
+@click.argument("name")
+def secrets_delete(name):
+    """Delete secret NAME (runs of jobs that use it fail, naming it, until it is set again)."""
+    _client().request("DELETE", f"/secrets/{name}")
+    click.echo(f"deleted secret {name}")
+
+
 if __name__ == "__main__":
     main()

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from .errors import BuildError, ConfigError, OpboxError, ValidationError, from_response
 from .progress import BuildOutput
 from .resource import Resource
+from .retries import Retries
+from .schedules import Schedule, from_dict as schedule_from
 
 if TYPE_CHECKING:  # the SDK's HTTP side is imported on use: the runtime imports this module too
     from .client import Client
@@ -19,16 +21,23 @@ if TYPE_CHECKING:  # the SDK's HTTP side is imported on use: the runtime imports
 
 
 def operator(name: str | None = None, resource: Resource | None = None, *, timeout: float | None = None,
-             max_retries: int | None = None, retention_days: float | None = None):
+             max_retries: int | None = None, retention_days: float | None = None, retries: Retries | None = None,
+             secrets: list[str] | tuple[str, ...] | None = None, schedule: Schedule | None = None):
     """Decorate a function to make it deployable with ``.deploy()``.
 
     ``resource`` asks for compute (``Resource(cpu="1", memory="2Gi", ...)``); ``timeout``
-    (seconds) and ``max_retries`` apply to each run; ``retention_days`` keeps finished runs'
-    arguments, results and logs that long (default: the platform's). All are checked here.
+    (seconds) and ``max_retries`` apply to each run (``retries=Retries(...)``: with backoff);
+    ``retention_days`` keeps finished runs' arguments, results and logs that long (default: the
+    platform's); ``secrets`` names workspace secrets given to runs as environment variables;
+    ``schedule`` (``Cron(...)`` or ``Period(...)``) makes the platform run the job by itself once
+    deployed. All are checked here.
     """
     if resource is not None and not isinstance(resource, Resource):
         raise ValidationError(f"resource must be an opbox.Resource, got {type(resource).__name__}")
-    spec = (resource or Resource()).merge(timeout=timeout, max_retries=max_retries, retention_days=retention_days)
+    spec = (resource or Resource()).merge(timeout=timeout, max_retries=max_retries, retention_days=retention_days,
+                                          retries=retries, secrets=secrets)
+    if schedule is not None:
+        schedule = schedule_from(schedule)
 
     def wrap(obj):
         if inspect.isclass(obj):
@@ -37,7 +46,7 @@ def operator(name: str | None = None, resource: Resource | None = None, *, timeo
             return make_servable(obj, name=name, resource=spec)
         if not callable(obj):
             raise ValidationError(f"@operator() decorates a function, got {type(obj).__name__}")
-        return Operator(obj, name=name, resource=spec)
+        return Operator(obj, name=name, resource=spec, schedule=schedule)
 
     return wrap
 
@@ -45,12 +54,14 @@ def operator(name: str | None = None, resource: Resource | None = None, *, timeo
 class Operator:
     """A deployable function. ``Operator.from_job(ref)`` gives the remote handle of a deployed one."""
 
-    def __init__(self, fn, *, name: str | None = None, resource: Resource | None = None):
+    def __init__(self, fn, *, name: str | None = None, resource: Resource | None = None,
+                 schedule: Schedule | None = None):
         functools.update_wrapper(self, fn)
         self.__opbox_target__ = fn  # what the runtime calls
         self.fn = fn
         self.name = name or fn.__name__
         self.resource = resource or Resource()
+        self.schedule = schedule
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -89,7 +100,7 @@ class Operator:
         from .client import default_client
 
         spec = (resource or self.resource).merge(timeout=timeout, max_retries=max_retries)
-        return deploy_function(self.fn, name or self.name, spec, client or default_client(), quiet)
+        return deploy_function(self.fn, name or self.name, spec, client or default_client(), quiet, self.schedule)
 
 
 def source_of(fn) -> tuple[Path, str]:
@@ -109,17 +120,19 @@ def source_of(fn) -> tuple[Path, str]:
     return path.parent, f"{path.stem}:{fn.__qualname__}"
 
 
-def deploy_function(fn, name: str, resource: Resource, client: "Client", quiet: bool) -> "RemoteFunction":
+def deploy_function(fn, name: str, resource: Resource, client: "Client", quiet: bool,
+                    schedule: Schedule | None = None) -> "RemoteFunction":
     from .remote import RemoteFunction
 
     folder, entry = source_of(fn)
-    job, version = build_version(folder, entry, name, "function", resource, client, quiet)
+    job, version = build_version(folder, entry, name, "function", resource, client, quiet, schedule)
     return RemoteFunction(job["id"], job["name"], version, client)
 
 
 def build_version(folder: Path, entry: str, name: str, kind: str, resource: Resource, client: "Client",
-                  quiet: bool) -> tuple[dict, int]:
-    """Pack ``folder``, upload it and build a new version of job ``name``: (job, version)."""
+                  quiet: bool, schedule: Schedule | None = None) -> tuple[dict, int]:
+    """Pack ``folder``, upload it and build a new version of job ``name``: (job, version); with ``schedule``,
+    the platform sets the job's schedule once the version is ready."""
     from . import serialization
     from .packaging import pack_folder
 
@@ -137,6 +150,8 @@ def build_version(folder: Path, entry: str, name: str, kind: str, resource: Reso
     body = {"name": name, "kind": kind, "entry": entry, "code_sha256": packed.sha256,
             "python": serialization.PYTHON, "cloudpickle": serialization.cloudpickle_version(),
             "resource": resource.to_dict()}
+    if schedule is not None:
+        body["schedule"] = schedule.to_dict()
     with BuildOutput(name, quiet) as output:
         for line in client.stream_lines("POST", "/jobs", json=body, timeout=None):
             if "log" in line:

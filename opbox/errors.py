@@ -43,6 +43,13 @@ class ValidationError(OpboxError, ValueError):
     status = 422
 
 
+class MissingSecret(ValidationError):
+    """A job names a workspace secret that does not exist (at deploy, or deleted since)."""
+
+    code = "missing_secret"
+    status = 422
+
+
 class BadRequest(ValidationError):
     code = "bad_request"
     status = 400

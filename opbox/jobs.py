@@ -8,6 +8,7 @@ from __future__ import annotations
 from . import serialization
 from .client import Client, default_client
 from .remote import ENVELOPE, RemoteFunction, RunHandle
+from .schedules import Schedule
 
 
 class Job:
@@ -41,6 +42,13 @@ class Job:
         else:
             resp = self.client.post(f"/job/{self.ref}/trigger", json={}, params=params)
         return RunHandle(resp.json()["run_id"], self.client)
+
+    def schedule(self, spec: Schedule | None) -> dict | None:
+        """Set the job's schedule (``Cron(...)``, ``Period(...)``), or with None delete it."""
+        if spec is None:
+            self.client.request("DELETE", f"/job/{self.ref}/schedule")
+            return None
+        return self.client.request("PUT", f"/job/{self.ref}/schedule", json=spec.to_dict()).json()
 
     def remote(self, version: int | None = None) -> RemoteFunction:
         job = self.info()

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
 
 from .errors import ValidationError
+from .retries import Retries
 
 # https://kubernetes.io/docs/reference/kubernetes-api/common-definitions/quantity/
 _QUANTITY = re.compile(r"^([+]?[0-9]+(?:\.[0-9]*)?|[+]?\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$")
@@ -21,6 +22,7 @@ _SUFFIX = {
     "Ki": Decimal(2) ** 10, "Mi": Decimal(2) ** 20, "Gi": Decimal(2) ** 30, "Ti": Decimal(2) ** 40,
     "Pi": Decimal(2) ** 50, "Ei": Decimal(2) ** 60,
 }
+SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9_]{0,62})$")  # a workspace secret's name
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")  # a node label's value
 
 
@@ -64,8 +66,11 @@ class Resource:
 
     ``cpu``, ``memory`` and ``disk`` use Kubernetes quantities. ``gpu`` names a GPU type
     (a node label value such as ``"nvidia-tesla-t4"``); ``gpu_count`` how many. ``timeout``
-    (seconds) and ``max_retries`` apply to each Job-Run; ``retention_days``, how long a finished
-    run's arguments, result and log are kept (default: the platform's ``OPBOX_RETENTION_DAYS``).
+    (seconds) and ``max_retries`` apply to each Job-Run (``retries``: with backoff and filters, see
+    ``Retries``); ``retention_days``, how long a finished run's arguments, result and log are kept
+    (default: the platform's ``OPBOX_RETENTION_DAYS``). ``env`` is for settings that are not secret
+    (it is stored with the version, as the versions API shows it); ``secrets`` names workspace secrets
+    whose keys become environment variables of runs and replicas (their values are never stored here).
     """
 
     cpu: str | None = None
@@ -77,6 +82,8 @@ class Resource:
     max_retries: int = 0
     env: dict[str, str] = field(default_factory=dict, hash=False)
     retention_days: float | None = None
+    secrets: tuple[str, ...] = ()
+    retries: Retries | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -104,6 +111,20 @@ class Resource:
         if not isinstance(self.env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
             raise ValidationError("env: expected a dict of str to str")
         set_(self, "env", dict(self.env))
+        names = (self.secrets,) if isinstance(self.secrets, str) else self.secrets
+        if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) and SECRET_NAME.fullmatch(n) for n in names):
+            raise ValidationError(f"secrets: expected names of workspace secrets (lowercase letters, digits, - and _), "
+                                  f"got {self.secrets!r}")
+        set_(self, "secrets", tuple(dict.fromkeys(names)))
+        if isinstance(self.retries, dict):
+            set_(self, "retries", Retries.from_dict(self.retries))
+        if self.retries is not None:
+            if not isinstance(self.retries, Retries):
+                raise ValidationError(f"retries: expected an opbox.Retries, got {type(self.retries).__name__}")
+            if self.max_retries not in (0, self.retries.max_retries):
+                raise ValidationError(f"max_retries={self.max_retries} and retries=Retries(max_retries="
+                                      f"{self.retries.max_retries}) disagree; give one")
+            set_(self, "max_retries", self.retries.max_retries)
 
     @property
     def memory_bytes(self) -> int | None:
@@ -118,7 +139,12 @@ class Resource:
         return None if self.cpu is None else float(parse_quantity(self.cpu))
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v not in (None, {}, 0) or k == "max_retries"}
+        out = {k: v for k, v in asdict(self).items() if v not in (None, {}, 0, ()) or k == "max_retries"}
+        if self.secrets:
+            out["secrets"] = list(self.secrets)
+        if self.retries is not None:
+            out["retries"] = self.retries.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "Resource":
@@ -133,6 +159,6 @@ class Resource:
 
     def merge(self, **overrides) -> "Resource":
         """A copy with the given fields replaced (``None`` values are ignored)."""
-        data = asdict(self)
+        data = {f: getattr(self, f) for f in self.__dataclass_fields__}
         data.update({k: v for k, v in overrides.items() if v is not None})
         return Resource(**data)

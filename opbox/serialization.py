@@ -60,7 +60,8 @@ def describe_exception(exc: BaseException) -> str:
 def dump_error(exc: BaseException, traceback_text: str) -> bytes:
     header = _pickle_header(ERROR)
     header.update(type=f"{type(exc).__module__}.{type(exc).__qualname__}", message=describe_exception(exc),
-                  traceback=traceback_text)
+                  traceback=traceback_text,
+                  bases=[f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__[1:-2]])  # for Retries(retry_on=)
     try:
         body = _cloudpickle().dumps(exc, protocol=5)
     except Exception:

@@ -21,6 +21,8 @@ from .control.payloads import Payloads
 from .ids import check_workspace
 from .control.runs import Limits, Runs
 from .control.retention import Retention
+from .control.schedules import Schedules
+from .control.secrets import Secrets, load_key
 from .control.services import Services
 from .records.base import Records
 from .records.sqlite import open_sqlite
@@ -89,12 +91,16 @@ class Platform:
         self.auth = Auth(self.records, self.secret, RateLimit(settings.rate_limit, settings.rate_burst))
         self.store = make_store(settings, self.secret)
         self.backend = make_backend(settings, self.auth.internal_token, bound_url or settings.url)
+        self.secrets = Secrets(self.records, load_key(settings.secrets_key_file or home / "secrets.key"),
+                               on_change=lambda workspace: self.runs.forget_versions(workspace))
         self.runs = Runs(self.records, self.backend, Limits(
             max_payload=settings.max_payload, max_log_bytes=settings.max_log_bytes, cancel_grace=settings.cancel_grace,
-            max_open_runs=settings.max_open_runs, storage_quota=settings.storage_quota))
+            max_open_runs=settings.max_open_runs, storage_quota=settings.storage_quota), secret_env=self.secrets.env)
         self.payloads = Payloads(self.store, home / "spool", settings.payload_inline)
         self.deploys = Deploys(self.records, self.store, make_builder(settings, self.store, self.backend), self.runs,
-                               settings.max_upload)
+                               settings.max_upload, check_secrets=self.secrets.check)
+        self.schedules = Schedules(self.records, self.runs, self.deploys)
+        self.deploys.on_ready.append(self._schedule_from_deploy)
         self.services = Services(self.records, self.backend, self.deploys, settings.max_payload,
                                  base_url=lambda: self.settings.url)
         if bound_url:
@@ -102,6 +108,11 @@ class Platform:
         self.proxy = Proxy(self.services)  # service calls: replica choice, in-flight counts, connections
         self.retention = Retention(self.records, self.store, settings)
         self._collector: asyncio.Task | None = None  # runs the retention every gc_interval
+
+    def _schedule_from_deploy(self, workspace: str, job, spec: dict) -> None:
+        """A deploy that carries a schedule sets the job's (one without leaves the job's as it is)."""
+        if spec.get("schedule") is not None:
+            self.schedules.set(workspace, job, spec["schedule"])
 
     def bootstrap(self) -> dict | None:
         """First start: make a workspace and an admin token. Uses OPBOX_WORKSPACE / OPBOX_TOKEN when set.
@@ -147,6 +158,7 @@ class Platform:
         requeued = self.runs.recover()
         if requeued:
             log.info("requeued %d runs after restart", requeued)
+        self.schedules.start()
         self._collector = asyncio.ensure_future(self._collect_every(self.settings.gc_interval))
 
     async def _collect_every(self, interval: float) -> None:
@@ -183,6 +195,7 @@ class Platform:
     async def close(self) -> None:
         if self._collector is not None:
             self._collector.cancel()
+        self.schedules.close()
         await self.proxy.close()
         await self.backend.close()
         self.records.close()

@@ -111,6 +111,8 @@ class Settings:
     wheelhouse: Path | None = setting("OPBOX_WHEELHOUSE", parse=Path)  # the wheel cache; default home/wheelhouse
     registry_auth_file: Path | None = setting("OPBOX_REGISTRY_AUTH_FILE", parse=Path)  # docker config.json
     registry_insecure: tuple[str, ...] = ()  # registry hosts reached over plain HTTP (OPBOX_REGISTRY_INSECURE)
+    # the key that encrypts workspace secrets; a file apart from the state file (default home/secrets.key)
+    secrets_key_file: Path | None = setting("OPBOX_SECRETS_KEY_FILE", parse=Path)
     s3_endpoint_url: str | None = setting("OPBOX_S3_ENDPOINT_URL")  # S3-compatible server, if the store URL names none
 
     @classmethod

@@ -7,6 +7,7 @@ import itertools
 import os
 import sys
 import textwrap
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +25,17 @@ def require(condition: bool, why: str) -> None:
         if IN_CI:
             pytest.fail(f"missing in CI: {why}")
         pytest.skip(why)
+
+
+def wait_for(check, timeout: float = 60.0, every: float = 0.05):
+    """``check()``'s first true value, asked every ``every`` s; AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
 
 
 @contextmanager

@@ -14,6 +14,7 @@ no layer above has to guess with ``hasattr``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, TypeVar
 
@@ -39,6 +40,8 @@ class VersionInfo:
     entry: str  # "module:qualname"
     resource: Resource
     artifact: Artifact = field(default_factory=Artifact)  # the builder's output: code_dir, venv, image...
+    # the values of ``resource.secrets`` (workspace secrets), for the processes' environment only
+    secret_env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def key(self) -> str:
@@ -180,8 +183,14 @@ class ServiceLogs(Protocol):
         Async: a backend may have to ask someone (the Kubernetes API) for it."""
 
 
+class InjectsSecrets(Protocol):
+    """Gives runtime processes their version's workspace secrets (``runtime_env(..., secrets=True)``): a
+    marker, with nothing to call. Deploys naming secrets are refused on a backend without it."""
+
+
 # what a backend without the ability cannot do, for NotSupported's message
-CANNOT = {WorkerPools: "keep warm worker pools", Serving: "serve classes", ServiceLogs: "show service logs"}
+CANNOT = {WorkerPools: "keep warm worker pools", Serving: "serve classes", ServiceLogs: "show service logs",
+          InjectsSecrets: "give runs workspace secrets yet"}
 
 
 def supports(backend: Backend, ability: type) -> bool:

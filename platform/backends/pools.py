@@ -40,6 +40,7 @@ class Worker:
     kill_reason: tuple[str, str] | None = None  # (status, reason) when the platform killed it
     token: str = ""  # its own random bearer token: handed to its process once at spawn, then forgotten
     token_hash: bytes = b""  # what the gateway keeps to check it (SHA-256)
+    generation: int = 0  # the pool's generation it was started in
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Pool:
     last_active: float = field(default_factory=time.monotonic)
     warm: int = 1  # workers kept while idle, until pool_idle passes
     failed_starts: int = 0  # workers in a row that died before asking for work
+    generation: int = 0  # bumped when the version's secrets change: older workers leave at their next poll
 
     @property
     def id(self) -> str:
@@ -120,6 +122,12 @@ class PoolManager:
         pool = self.pools.get(version.key)
         if pool is None:
             pool = self.pools[version.key] = Pool(version=version)
+        elif pool.version.secret_env != version.secret_env:  # new workers get the new values; old ones leave
+            pool.version = version
+            pool.generation += 1
+            for fut in pool.parked:
+                if not fut.done():
+                    fut.set_result(None)
         return pool
 
     def submit(self, ticket: RunTicket, version: VersionInfo) -> None:
@@ -208,6 +216,10 @@ class PoolManager:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while not self.closing:
+            if worker.generation != pool.generation:  # started with secrets that have changed since
+                pool.workers.pop(worker.id, None)
+                self._scale(pool)
+                return EXIT
             ticket = pool.queue.popleft() if pool.queue else None
             if ticket is None:
                 if self._should_exit(pool, worker):
@@ -322,7 +334,7 @@ class PoolManager:
     def _start_worker(self, pool: Pool) -> None:
         token = secrets.token_urlsafe(32)
         worker = Worker(id=f"w{time.monotonic_ns():x}", pool=pool, token=token,
-                        token_hash=hashlib.sha256(token.encode()).digest())
+                        token_hash=hashlib.sha256(token.encode()).digest(), generation=pool.generation)
         pool.workers[worker.id] = worker
         task = asyncio.ensure_future(self._run_worker(worker))
         self._tasks.add(task)

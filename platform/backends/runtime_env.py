@@ -17,16 +17,21 @@ from .base import ServiceInfo, VersionInfo
 def runtime_env(version: VersionInfo, *, in_image: bool = False, gateway_url: str | None = None,
                 worker: tuple[str, str, str] | None = None, run: tuple[str, str] | None = None,
                 serve: ServiceInfo | None = None, replica: str | None = None, init_file: str | None = None,
-                init_inline: bool = False, replica_token: str | None = None) -> dict[str, str]:
+                init_inline: bool = False, replica_token: str | None = None,
+                secrets: bool = False) -> dict[str, str]:
     """The variables for one runtime process of ``version``.
 
     ``in_image``: the code is the image's (``Artifact.image_code_dir``), not a folder here.
     ``worker``: (pool id, worker id, pool token) of a warm worker; ``run``: (run id, run token)
     of a one-shot run; ``serve``: a replica of this service, named ``replica``, reading its
     constructor's arguments from ``init_file`` or, ``init_inline``, from the variable itself.
+    ``secrets``: with the values of the version's workspace secrets (``version.secret_env``), for
+    spawn sites that hand the environment to a process directly (not those that write it into a
+    manifest or a command line); the runtime's own variables win over theirs.
     """
     artifact = version.artifact
-    env = {"PYTHONUNBUFFERED": "1", "OPBOX_ENTRY": version.entry,
+    env = dict(version.secret_env) if secrets else {}
+    env |= {"PYTHONUNBUFFERED": "1", "OPBOX_ENTRY": version.entry,
            "OPBOX_CODE_DIR": artifact.code_dir_in_image if in_image else artifact.code_dir}
     if gateway_url is not None:
         env["OPBOX_GATEWAY_URL"] = gateway_url

@@ -17,8 +17,9 @@ from typing import Callable
 from opbox.builder.base import BuildSpec
 from opbox.errors import BuildError, Conflict, NotFound, OpboxError, PayloadTooLarge, ValidationError
 from opbox.resource import Resource
+from opbox.schedules import from_dict as schedule_from
 
-from ..backends.base import VersionInfo
+from ..backends.base import InjectsSecrets, VersionInfo, require
 from ..ids import check_name
 from ..records.base import JobRecord, NewVersion, Records, VersionRecord
 from .runs import Runs
@@ -35,12 +36,18 @@ def code_key(workspace: str, sha256: str) -> str:
 
 
 class Deploys:
-    def __init__(self, records: Records, store, builder, runs: Runs, max_upload: int):
+    """``check_secrets(workspace, names)`` raises MissingSecret; ``on_ready(workspace, job, spec)`` hooks run
+    when a version is ready (the composition root sets the job's schedule there)."""
+
+    def __init__(self, records: Records, store, builder, runs: Runs, max_upload: int,
+                 check_secrets: Callable[[str, tuple], None] = lambda workspace, names: None):
         self.records = records
         self.store = store
         self.builder = builder
         self.runs = runs
         self.max_upload = max_upload
+        self.check_secrets = check_secrets
+        self.on_ready: list[Callable[[str, JobRecord, dict], None]] = []
 
     async def upload_slot(self, workspace: str, sha256: str, size: int) -> dict:
         if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
@@ -77,8 +84,14 @@ class Deploys:
         if not isinstance(cloudpickle, str) or len(cloudpickle) > 32:
             raise ValidationError("cloudpickle must be a version string")
         resource = Resource.from_dict(body.get("resource"))
+        if resource.secrets:
+            require(self.runs.backend, InjectsSecrets)  # 501 rather than runs without their secrets
+            self.check_secrets(workspace, resource.secrets)
+        schedule = schedule_from(body["schedule"]) if body.get("schedule") is not None else None
+        if schedule is not None and kind != "function":
+            raise ValidationError("only functions can have a schedule")
         return {"name": name, "kind": kind, "entry": entry, "code_sha256": sha, "python": python,
-                "cloudpickle": cloudpickle, "resource": resource}
+                "cloudpickle": cloudpickle, "resource": resource, "schedule": schedule}
 
     # -- reading -------------------------------------------------------------------
     def jobs(self, workspace: str) -> list[JobRecord]:
@@ -161,7 +174,10 @@ class Deploys:
                                         "\n".join(lines)[-MAX_BUILD_LOG:], time.time())
         info = self.runs.version_info(job.id, version)
         await self.runs.backend.prepare(info)
-        return self.job(workspace, job.id), version
+        job = self.job(workspace, job.id)
+        for hook in self.on_ready:
+            hook(workspace, job, spec)
+        return job, version
 
     def resolve(self, workspace: str, ref: str, version: int | None = None) -> tuple[JobRecord, VersionInfo]:
         """A job (by id or name) and the version to run: the given one or the latest ready one."""

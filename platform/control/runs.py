@@ -1,7 +1,9 @@
 """Job-Runs: their durable records and their lifecycle.
 
 queued → running → succeeded | failed | cancelled | timed_out. A failed run with retries
-left goes back to queued. Every change is written to the records before anyone is
+left goes back to queued, at once or (``Retries``) once its backoff has passed: ``retry_at`` is
+kept in the records, so a restart keeps the wait; the attempt that ended is recorded with its
+reason and the last log chunk it wrote. Every change is written to the records before anyone is
 told about it; waiters (long-polls, map result streams, log followers) are woken through
 the notifier. This module never decodes payloads: it stores and hands over bytes.
 """
@@ -17,14 +19,14 @@ from typing import Callable
 
 from opbox import envelope
 from opbox.builder.base import Artifact
-from opbox.errors import (Conflict, NotFound, PayloadTooLarge, QuotaExceeded, StorageFull, StorageQuotaExceeded,
-                          ValidationError)
+from opbox.errors import (Conflict, MissingSecret, NotFound, PayloadTooLarge, QuotaExceeded, StorageFull,
+                          StorageQuotaExceeded, ValidationError)
 from opbox.resource import Resource
 
 from ..backends.base import Backend, RunTicket, VersionInfo
 from ..ids import new_id
 from ..notify import Notifier
-from ..records.base import TERMINAL, BatchRecord, BatchResult, NewRun, Payload, Records, RunRecord, payload_size
+from ..records.base import TERMINAL, AttemptRecord, BatchRecord, BatchResult, NewRun, Payload, Records, RunRecord, payload_size
 from ..settings import Settings
 from .payloads import head_of
 
@@ -58,11 +60,16 @@ class Limits:
     storage_quota: int | None = Settings.storage_quota  # per workspace: bytes of payloads, logs and code
 
 
+SecretEnv = Callable[[str, tuple], dict]  # (workspace, secret names) -> their variables; MissingSecret if one is gone
+
+
 class Runs:
-    def __init__(self, records: Records, backend: Backend, limits: Limits = Limits()):
+    def __init__(self, records: Records, backend: Backend, limits: Limits = Limits(),
+                 secret_env: SecretEnv | None = None):
         self.records = records
         self.backend = backend
         self.limits = limits
+        self.secret_env = secret_env
         self.notifier = Notifier()
         self.batches: dict[str, BatchState] = {}
         self._versions: dict[tuple[str, int], VersionInfo] = {}
@@ -90,12 +97,19 @@ class Runs:
                 raise NotFound(f"job {job_id} has no version {version}")
             if row.status != "ready":
                 raise Conflict(f"version {version} of job {job.name} is {row.status}, not ready")
+            resource = Resource.from_dict(row.resource)
+            secret_env = self.secret_env(job.workspace, resource.secrets) if resource.secrets and self.secret_env else {}
             info = VersionInfo(
                 workspace=job.workspace, job_id=job_id, job_name=job.name, version=version, kind=job.kind,
-                entry=row.entry, resource=Resource.from_dict(row.resource), artifact=Artifact.from_dict(row.artifact),
+                entry=row.entry, resource=resource, artifact=Artifact.from_dict(row.artifact), secret_env=secret_env,
             )
             self._versions[key] = info
         return info
+
+    def forget_versions(self, workspace: str) -> None:
+        """The workspace's secrets changed: resolve its versions again when next used."""
+        for key in [k for k, v in self._versions.items() if v.workspace == workspace]:
+            del self._versions[key]
 
     # -- creating runs -------------------------------------------------------------
     def _check_payload(self, payload: Payload) -> None:
@@ -123,14 +137,14 @@ class Runs:
         """Bytes the workspace stores (arguments, results, logs, code) and its quota (None: no quota)."""
         return {"bytes": self.records.usage.of(workspace), "quota": self.limits.storage_quota}
 
-    def create(self, version: VersionInfo, payload: Payload, trigger: str) -> str:
+    def create(self, version: VersionInfo, payload: Payload, trigger: str, schedule_id: str | None = None) -> str:
         self._check_payload(payload)
         self.check_quota(version.workspace, payload_size(payload))
         self._reserve(version.workspace, 1)
         run_id = new_id("r")
         res = version.resource
         run = NewRun(run_id, version.workspace, version.job_id, version.version, trigger, time.time(),
-                     res.max_retries, res.timeout)
+                     res.max_retries, res.timeout, schedule_id=schedule_id)
         try:
             self.records.runs.create(run, payload)
         except BaseException:
@@ -279,6 +293,17 @@ class Runs:
     def result(self, run_id: str) -> Payload | None:
         return self.records.runs.result(run_id)
 
+    def attempts(self, run_id: str) -> list[AttemptRecord]:
+        """The run's earlier attempts (retried), oldest first; the run itself is its latest."""
+        return self.records.runs.attempts(run_id)
+
+    def attempt_logs(self, run: RunRecord, attempt: int) -> tuple[int, int | None]:
+        """The log chunks of one attempt: those with ``after < seq <= last`` (``last`` None: up to the end)."""
+        if not 0 <= attempt <= run.attempt:
+            raise NotFound(f"run {run.id} has no attempt {attempt} (its attempts are 0 to {run.attempt})")
+        bounds = {a.attempt: a.log_seq for a in self.attempts(run.id)}
+        return bounds.get(attempt - 1, -1), bounds.get(attempt)
+
     # -- events from backends (RunEvents) ----------------------------------------------
     def run_args(self, run_id: str) -> Payload | None:
         return self.records.runs.args(run_id)
@@ -292,11 +317,27 @@ class Runs:
             self._stall(f"start:{run_id}", lambda: self._redispatch(run_id))
             return False
 
-    def _redispatch(self, run_id: str) -> None:
+    def _redispatch(self, run_id: str, resubmit: bool = False) -> None:
+        """Dispatch a queued run again; ``resubmit``: a retry, which keeps its map slot (straight to the backend)."""
         run = self.records.runs.get(run_id)
-        if run is not None and run.status == "queued":
-            self._dispatch(RunTicket(run.id, run.workspace, run.job_id, run.version, run.timeout, run.attempt,
-                                     run.batch_id), self.version_info(run.job_id, run.version))
+        if run is None or run.status != "queued":
+            return  # cancelled while it waited
+        try:
+            version = self.version_info(run.job_id, run.version)
+        except (MissingSecret, NotFound, Conflict) as exc:
+            self._end(run_id, "failed", f"cannot run: {exc.message}",
+                      envelope.error_envelope(f"opbox.{type(exc).__name__}", exc.message), None, retriable=False)
+            return
+        ticket = RunTicket(run.id, run.workspace, run.job_id, run.version, run.timeout, run.attempt, run.batch_id)
+        if resubmit:
+            self.backend.submit(ticket, version)
+        else:
+            self._dispatch(ticket, version)
+
+    def _retry_at(self, run_id: str, at: float) -> None:
+        """Dispatch the run's next attempt at ``at`` (epoch seconds)."""
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(0.0, at - time.time()), self._redispatch, run_id, True)
 
     def run_finished(self, run_id: str, outcome: str, payload: Payload, error_type: str | None = None) -> None:
         if outcome not in ("succeeded", "failed"):
@@ -313,7 +354,7 @@ class Runs:
 
     def run_lost(self, run_id: str, reason: str, status: str = "failed") -> None:
         payload = envelope.error_envelope(f"opbox.{status}", reason)
-        self._end(run_id, status, reason, payload, None, retriable=status == "failed")
+        self._end(run_id, status, reason, payload, None, retriable=status in ("failed", "timed_out"))
 
     def append_log(self, run_id: str, data: bytes) -> None:
         """Append output; past the run's budget the oldest output goes, and a marker says so."""
@@ -358,11 +399,16 @@ class Runs:
         run = self.records.runs.get(run_id)
         if run is None or run.status in TERMINAL:
             return
-        if retriable and status == "failed" and run.attempt < run.max_retries:
-            self.records.runs.retry(run_id, f"attempt {run.attempt + 1} failed: {reason}")
-            version = self.version_info(run.job_id, run.version)
-            self.backend.submit(RunTicket(run_id, run.workspace, run.job_id, run.version, run.timeout,
-                                          run.attempt + 1, run.batch_id), version)
+        delay = self._retry_delay(run, status, payload) if retriable and run.attempt < run.max_retries else None
+        if delay is not None:
+            now = time.time()
+            self.append_log(run_id, f"\n[opbox: attempt {run.attempt + 1} of {run.max_retries + 1} {status}: {reason}; "
+                                    f"the next starts in {delay:g} s]\n".encode())
+            self.records.runs.retry(run, status, reason, error_type, now, now + delay if delay > 0 else None)
+            if delay > 0:
+                self._retry_at(run_id, now + delay)
+            else:
+                self._redispatch(run_id, resubmit=True)
             return
         size = payload_size(payload)
         if size > self.limits.max_payload:
@@ -385,6 +431,20 @@ class Runs:
             self.notifier.notify(f"batch:{run.batch_id}")
             if complete:  # the map's last item: its in-memory state goes (its record stays)
                 self.batches.pop(run.batch_id, None)
+
+    def _retry_delay(self, run: RunRecord, status: str, payload: Payload) -> float | None:
+        """Seconds before the run's next attempt, or None when this attempt's end is final. Without
+        ``Retries`` a failure is retried at once (``max_retries``); with it, as it says."""
+        row = self.records.jobs.version(run.job_id, run.version)
+        policy = Resource.from_dict(row.resource).retries if row is not None else None
+        if policy is None:
+            return 0.0 if status == "failed" else None
+        try:
+            header = envelope.read_header(head_of(payload))
+            types = [header["type"], *header.get("bases", ())] if header.get("kind") == envelope.ERROR else []
+        except Exception:
+            types = []
+        return policy.delay(run.attempt) if policy.retries(status, types) else None
 
     def _stall(self, key: str, retry: Callable[[], None]) -> None:
         """Keep a write a full disk refused; it is tried again every STALLED_RETRY seconds until it goes in."""
@@ -455,12 +515,19 @@ class Runs:
         for run in rows:
             try:
                 version = self.version_info(run.job_id, run.version)
-            except (NotFound, Conflict) as exc:
-                self.run_lost(run.id, f"cannot run after restart: {exc}")
+            except (NotFound, Conflict, MissingSecret) as exc:
+                self._end(run.id, "failed", f"cannot run after restart: {exc.message}",
+                          envelope.error_envelope(f"opbox.{type(exc).__name__}", exc.message), None, retriable=False)
                 continue
             if run.batch_id and run.batch_id not in self.batches:
                 batch = self.records.batches.get(run.batch_id)
                 self.batches[run.batch_id] = BatchState(run.batch_id, version, batch.concurrency if batch else None)
+            if run.retry_at is not None:  # waiting out a retry's backoff: it keeps its map slot meanwhile
+                state = self.batches.get(run.batch_id) if run.batch_id else None
+                if state is not None and state.limit is not None:
+                    state.inflight += 1
+                self._retry_at(run.id, run.retry_at)
+                continue
             self._dispatch(RunTicket(run.id, run.workspace, run.job_id, run.version, run.timeout, run.attempt,
                                      run.batch_id), version)
         return len(rows)

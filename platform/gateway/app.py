@@ -20,6 +20,8 @@ from ..core import Platform
 from . import routes_internal as internal
 from . import routes_jobs as jobs
 from . import routes_runs as runs
+from . import routes_schedules as schedules
+from . import routes_secrets as secrets
 from . import routes_serve as serve
 from .http import error_response
 
@@ -94,6 +96,15 @@ ROUTES = [
     Route(W + "/job/{job}/runs", jobs.call, methods=["POST"]),
     Route(W + "/job/{job}/trigger", jobs.trigger, methods=["POST"]),
     Route(W + "/job/{job}/batches", jobs.create_batch, methods=["POST"]),
+    Route(W + "/job/{job}/schedule", schedules.get_schedule),
+    Route(W + "/job/{job}/schedule", schedules.put_schedule, methods=["PUT"]),
+    Route(W + "/job/{job}/schedule", schedules.delete_schedule, methods=["DELETE"]),
+    Route(W + "/job/{job}/schedule/pause", schedules.pause_schedule, methods=["POST"]),
+    Route(W + "/job/{job}/schedule/resume", schedules.resume_schedule, methods=["POST"]),
+    Route(W + "/schedules", schedules.list_schedules),
+    Route(W + "/secrets", secrets.list_secrets),
+    Route(W + "/secrets/{name}", secrets.put_secret, methods=["PUT"]),
+    Route(W + "/secrets/{name}", secrets.delete_secret, methods=["DELETE"]),
     Route(W + "/batches/{batch}", jobs.get_batch),
     Route(W + "/batches/{batch}/items", jobs.add_items, methods=["POST"]),
     Route(W + "/batches/{batch}/seal", jobs.seal_batch, methods=["POST"]),
@@ -102,6 +113,7 @@ ROUTES = [
     Route(W + "/runs/{run}", runs.get_run),
     Route(W + "/runs/{run}/result", runs.get_result),
     Route(W + "/runs/{run}/logs", runs.get_logs),
+    Route(W + "/runs/{run}/attempts", runs.get_attempts),
     Route(W + "/runs/{run}/cancel", runs.cancel_run, methods=["POST"]),
     Route(W + "/tokens", runs.list_tokens),
     Route(W + "/tokens", runs.create_token, methods=["POST"]),

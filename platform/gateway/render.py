@@ -6,7 +6,8 @@ The fields and their names are the API's, kept as they were when the routes read
 
 from __future__ import annotations
 
-from ..records.base import BatchRecord, JobRecord, RunRecord, TokenRecord, VersionRecord
+from ..records.base import (TERMINAL, AttemptRecord, BatchRecord, JobRecord, RunRecord, ScheduleRecord, SecretRecord, TokenRecord,
+                            VersionRecord)
 
 
 def run_json(run: RunRecord, base: str = "") -> dict:
@@ -18,6 +19,10 @@ def run_json(run: RunRecord, base: str = "") -> dict:
         out["batch_id"], out["batch_index"] = run.batch_id, run.batch_index
     if run.expired_at is not None:
         out["expired_at"] = run.expired_at  # its arguments, result and log are gone (410)
+    if run.retry_at is not None:
+        out["retry_at"] = run.retry_at  # queued: its next attempt starts then
+    if run.schedule_id is not None:
+        out["schedule_id"] = run.schedule_id
     if base:
         out["links"] = {"self": f"{base}/runs/{run.id}", "result": f"{base}/runs/{run.id}/result",
                         "logs": f"{base}/runs/{run.id}/logs"}
@@ -40,6 +45,34 @@ def version_json(row: VersionRecord) -> dict:
             "code_sha256": row.code_sha256, "requirements_sha256": row.requirements_sha256, "python": row.python,
             "cloudpickle": row.cloudpickle, "created_at": row.created_at, "ready_at": row.ready_at,
             "error": row.error, "resource": row.resource}
+
+
+def attempt_json(attempt: AttemptRecord | RunRecord, base: str = "") -> dict:
+    """One attempt of a run: an earlier one (its record), or the run itself as its latest."""
+    if isinstance(attempt, RunRecord):
+        out = {"attempt": attempt.attempt, "status": attempt.status, "started_at": attempt.started_at,
+               "finished_at": attempt.finished_at, "reason": attempt.exit_reason if attempt.status in TERMINAL else None,
+               "error_type": attempt.error_type}
+        run_id = attempt.id
+    else:
+        out = {"attempt": attempt.attempt, "status": attempt.status, "started_at": attempt.started_at,
+               "finished_at": attempt.finished_at, "reason": attempt.reason, "error_type": attempt.error_type}
+        run_id = attempt.run_id
+    if base:
+        out["logs"] = f"{base}/runs/{run_id}/logs?attempt={out['attempt']}"
+    return out
+
+
+def schedule_json(row: ScheduleRecord, job_name: str | None = None) -> dict:
+    return {"id": row.id, "job_id": row.job_id, "job": job_name, "schedule": row.spec, "paused": row.paused,
+            "next_fire_at": None if row.paused else row.next_fire_at, "pending": row.pending,
+            "last_fire_at": row.last_fire_at, "last_run_id": row.last_run_id, "last_error": row.last_error,
+            "created_at": row.created_at, "updated_at": row.updated_at}
+
+
+def secret_json(row: SecretRecord) -> dict:
+    """A secret as the API shows it: its name and keys, never a value."""
+    return {"name": row.name, "keys": list(row.keys), "created_at": row.created_at, "updated_at": row.updated_at}
 
 
 def token_json(token: TokenRecord) -> dict:

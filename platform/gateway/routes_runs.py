@@ -14,7 +14,7 @@ from ..control.payloads import head_of
 from ..ids import check_name
 from ..records.base import TERMINAL
 from .http import json_body, ok, query_number
-from .render import SHUTTING_DOWN_LOG, run_json, token_json
+from .render import SHUTTING_DOWN_LOG, attempt_json, run_json, token_json
 from .routes_jobs import base_url, envelope_response, platform, workspace
 
 
@@ -71,27 +71,34 @@ async def get_result(request: Request):
 async def get_logs(request: Request):
     """
     summary: A run's output (stdout and stderr), as plain text; follow=1 streams it until the run ends
+    description: With attempt=N, the output of that attempt only (a retried run's attempts are 0, 1, ...).
     parameters:
       - {name: follow, in: query, schema: {type: boolean}}
+      - {name: attempt, in: query, schema: {type: integer, minimum: 0}}
     responses:
       200: {description: text/plain stream}
     """
     ws = workspace(request)
     runs = platform(request).runs
     run_id = request.path_params["run"]
-    expired(runs.get(ws, run_id), "log")
+    run = runs.get(ws, run_id)
+    expired(run, "log")
     follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
+    attempt = query_number(request, "attempt", None, 0, 1000, int)
+    after, last = runs.attempt_logs(run, attempt) if attempt is not None else (-2, None)
 
     async def stream():
-        after = -2
+        nonlocal after
         while True:
             chunks = runs.logs_after(run_id, after)
             for seq, data in chunks:
+                if last is not None and seq > last:
+                    return
                 after = seq
                 yield bytes(data)
             if chunks:
                 continue
-            if not follow or runs.get(ws, run_id).status in TERMINAL:
+            if not follow or last is not None or runs.get(ws, run_id).status in TERMINAL:
                 return
             if runs.notifier.closing:
                 yield SHUTTING_DOWN_LOG
@@ -99,6 +106,24 @@ async def get_logs(request: Request):
             await runs.notifier.wait(f"logs:{run_id}", 15.0)
 
     return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+
+
+async def get_attempts(request: Request):
+    """
+    summary: A run's attempts, oldest first (the last is the run as it is now)
+    description: >
+      Each with its number, status, reason, error type and a link to its own output. A run with retries
+      left goes back to queued after a failed attempt, with retry_at when its Retries policy waits.
+    responses:
+      200: {description: Attempts}
+      404: {description: No such run}
+    """
+    ws = workspace(request)
+    runs = platform(request).runs
+    run = runs.get(ws, request.path_params["run"])
+    base = base_url(request, ws)
+    return ok({"run_id": run.id, "attempts": [attempt_json(a, base) for a in runs.attempts(run.id)]
+               + [attempt_json(run, base)]})
 
 
 def expired(run, what: str) -> None:
@@ -121,11 +146,11 @@ async def cancel_run(request: Request):
     return ok(run_json(run, base_url(request, ws)))
 
 
-def _admin(request: Request) -> str:
+def admin(request: Request, what: str = "manage tokens") -> str:
     ws = request.path_params["workspace"]
     row = platform(request).auth.check(request.headers.get("authorization"), ws)
     if row.role != "admin":
-        raise Forbidden("only a workspace admin token may manage tokens")
+        raise Forbidden(f"only a workspace admin token may {what}")
     return ws
 
 
@@ -136,7 +161,7 @@ async def list_tokens(request: Request):
       200: {description: Tokens}
       403: {description: Not an admin token}
     """
-    ws = _admin(request)
+    ws = admin(request)
     return ok({"tokens": [token_json(t) for t in platform(request).auth.tokens(ws)]})
 
 
@@ -150,7 +175,7 @@ async def create_token(request: Request):
     responses:
       201: {description: The new token}
     """
-    ws = _admin(request)
+    ws = admin(request)
     body = await json_body(request, required=False)
     name = check_name(body.get("name", "token"), "token name")
     role = body.get("role", "member")
@@ -167,7 +192,7 @@ async def revoke_token(request: Request):
       200: {description: Revoked}
       404: {description: No such active token}
     """
-    ws = _admin(request)
+    ws = admin(request)
     platform(request).auth.revoke(ws, request.path_params["token"])
     return ok({"revoked": request.path_params["token"]})
 

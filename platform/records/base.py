@@ -43,6 +43,8 @@ class RunRecord:
     worker: str | None
     log_bytes: int
     expired_at: float | None = None  # its arguments, result and log were dropped (retention)
+    retry_at: float | None = None  # queued, waiting out its retry's backoff until then
+    schedule_id: str | None = None  # the schedule that started it
 
 
 class NewRun(NamedTuple):
@@ -58,6 +60,53 @@ class NewRun(NamedTuple):
     timeout: float | None
     batch_id: str | None = None
     batch_index: int | None = None
+    schedule_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """An earlier attempt of a run that was retried; its output is the run's log chunks up to ``log_seq``
+    (after the previous attempt's)."""
+
+    run_id: str
+    attempt: int
+    status: str
+    started_at: float | None
+    finished_at: float
+    reason: str | None
+    error_type: str | None
+    log_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRecord:
+    """When the platform runs a job by itself: its spec (``opbox.schedules``'s dict form) and next fire."""
+
+    id: str
+    workspace: str
+    job_id: str
+    spec: dict
+    anchor: float  # a Period's series starts here
+    next_fire_at: float
+    paused: bool
+    pending: bool  # overlap="queue": a fire waits for the previous run to end
+    last_fire_at: float | None
+    last_run_id: str | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRecord:
+    """A workspace secret: its keys' names in the clear, its values encrypted (``data``)."""
+
+    workspace: str
+    name: str
+    keys: tuple[str, ...]
+    data: bytes
+    created_at: float
+    updated_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +220,13 @@ class RunRecords(Protocol):
     def start(self, run_id: str, worker: str, at: float) -> bool:
         """queued -> running; False when the run is not queued (cancelled while it waited)."""
 
-    def retry(self, run_id: str, reason: str) -> None:
-        """Back to queued for its next attempt."""
+    def retry(self, run: RunRecord, status: str, reason: str | None, error_type: str | None, at: float,
+              retry_at: float | None) -> None:
+        """Back to queued for its next attempt (dispatched at ``retry_at`` when set), with the attempt that
+        ended (``status``, ``reason``) recorded, atomically."""
+
+    def attempts(self, run_id: str) -> list[AttemptRecord]:
+        """The run's earlier attempts, oldest first."""
 
     def finish(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
                result: Payload) -> bool:
@@ -315,6 +369,36 @@ class ServiceRecords(Protocol):
     def delete(self, workspace: str, name: str) -> None: ...
 
 
+class ScheduleRecords(Protocol):
+    def put(self, schedule: ScheduleRecord) -> ScheduleRecord:
+        """Create or replace the job's schedule (one per job; a replaced one keeps its id). Returns it."""
+
+    def get(self, workspace: str, job_id: str) -> ScheduleRecord | None: ...
+    def in_workspace(self, workspace: str) -> list[ScheduleRecord]: ...
+
+    def active(self) -> list[ScheduleRecord]:
+        """Schedules not paused, soonest first."""
+
+    def fired(self, schedule_id: str, next_fire_at: float, pending: bool, last_fire_at: float | None,
+              last_run_id: str | None, last_error: str | None) -> None: ...
+
+    def set_paused(self, schedule_id: str, paused: bool, next_fire_at: float, at: float) -> None: ...
+
+    def delete(self, workspace: str, job_id: str) -> bool:
+        """False when the job had no schedule."""
+
+
+class SecretRecords(Protocol):
+    def put(self, secret: SecretRecord) -> None:
+        """Create or replace (a replaced one keeps its created_at)."""
+
+    def get(self, workspace: str, name: str) -> SecretRecord | None: ...
+    def in_workspace(self, workspace: str) -> list[SecretRecord]: ...
+
+    def delete(self, workspace: str, name: str) -> bool:
+        """False when there was no such secret."""
+
+
 class Records(Protocol):
     """The whole store, one attribute per aggregate; ``core`` opens it and closes it."""
 
@@ -324,5 +408,7 @@ class Records(Protocol):
     tokens: TokenRecords
     services: ServiceRecords
     usage: UsageRecords
+    schedules: ScheduleRecords
+    secrets: SecretRecords
 
     def close(self) -> None: ...

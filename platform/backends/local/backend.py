@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from ...settings import Settings
-from ..base import RunEvents, RunTicket, ServiceLogs, Serving, VersionInfo, WorkerPools
+from ..base import InjectsSecrets, RunEvents, RunTicket, ServiceLogs, Serving, VersionInfo, WorkerPools
 from ..pools import PoolManager, PoolMethods, Worker, file_tail
 from ..replicas import ServiceMethods
 from ..runtime_env import runtime_env
@@ -51,7 +51,7 @@ class ProcessSpawner:
         version = worker.pool.version
         log_path = self.log_dir / worker.pool.id / f"{worker.id}.log"
         runtime = runtime_env(version, gateway_url=self.gateway_url,
-                              worker=(worker.pool.id, worker.id, worker.token))
+                              worker=(worker.pool.id, worker.id, worker.token), secrets=True)
         proc = await start_runtime(version, runtime, ["worker"], log_path, self.sandbox)
         return LocalProcess(proc, log_path)
 
@@ -65,7 +65,7 @@ class LocalBackend(PoolMethods, ServiceMethods):
     ``isolation="run"``: a fresh process per run (the batch entrypoint, as in a Kubernetes Job)."""
 
     name = "local"
-    abilities = frozenset({WorkerPools, Serving, ServiceLogs})
+    abilities = frozenset({WorkerPools, Serving, ServiceLogs, InjectsSecrets})
 
     def __init__(self, *, gateway_url: str, home: Path, token_for, max_workers: int, isolation: str = "worker",
                  worker_idle: float = Settings.worker_idle, pool_idle: float = Settings.pool_idle,

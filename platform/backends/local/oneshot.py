@@ -53,7 +53,7 @@ class OneShotRunner:
     async def _run(self, one: OneShotProc) -> None:
         ticket, version = one.ticket, one.version
         runtime = runtime_env(version, gateway_url=self.gateway_url,
-                              run=(ticket.run_id, self.token_for(f"run:{ticket.run_id}")))
+                              run=(ticket.run_id, self.token_for(f"run:{ticket.run_id}")), secrets=True)
         log_path = self.log_dir / version.key / f"{ticket.run_id}.log"
         timer = None
         try:

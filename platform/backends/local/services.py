@@ -29,7 +29,7 @@ class LocalServices(Replicas):
         sock, replica.url = loopback_listener()
         try:
             runtime = runtime_env(spec.version, serve=spec, replica=replica.id, init_file=str(init),
-                                  replica_token=replica.token)
+                                  replica_token=replica.token, secrets=True)
             replica.proc = await start_runtime(spec.version, runtime, ["serve", "--fd", str(sock.fileno())],
                                                replica.log_path, self.sandbox, readable=(str(init),),
                                                pass_fds=(sock.fileno(),))

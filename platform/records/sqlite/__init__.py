@@ -13,6 +13,7 @@ from .batches import SqliteBatches
 from .connection import Database
 from .jobs import SqliteJobs
 from .runs import SqliteRuns
+from .schedules import SqliteSchedules, SqliteSecrets
 from .services import SqliteServices
 from .tokens import SqliteTokens
 from .usage import SqliteUsage
@@ -29,6 +30,8 @@ class SqliteRecords:
         self.tokens = SqliteTokens(database)
         self.services = SqliteServices(database)
         self.usage = SqliteUsage(database)
+        self.schedules = SqliteSchedules(database)
+        self.secrets = SqliteSecrets(database)
 
     def close(self) -> None:
         self.database.close()

@@ -76,6 +76,25 @@ INSERT INTO usage(workspace, bytes)
   LEFT JOIN (SELECT run_id, SUM(length(data)) AS bytes FROM payloads GROUP BY run_id) p ON p.run_id = r.id
   GROUP BY r.workspace;
 """,
+    # 4: production jobs. Retries: a run waiting out its backoff is queued with retry_at (kept over a restart),
+    # and each earlier attempt is a row of attempts (its end, reason and the last log chunk it wrote). Runs a
+    # schedule started name it. Schedules with their next fire time; workspace secrets, encrypted (the key is
+    # a file apart from this one).
+    """
+ALTER TABLE runs ADD COLUMN retry_at REAL;
+ALTER TABLE runs ADD COLUMN schedule_id TEXT;
+CREATE TABLE attempts(
+  run_id TEXT NOT NULL, attempt INTEGER NOT NULL, status TEXT NOT NULL, started_at REAL, finished_at REAL NOT NULL,
+  reason TEXT, error_type TEXT, log_seq INTEGER NOT NULL, PRIMARY KEY(run_id, attempt)) WITHOUT ROWID;
+CREATE TABLE schedules(
+  id TEXT PRIMARY KEY, workspace TEXT NOT NULL, job_id TEXT NOT NULL, spec TEXT NOT NULL, anchor REAL NOT NULL,
+  next_fire_at REAL NOT NULL, paused INTEGER NOT NULL DEFAULT 0, pending INTEGER NOT NULL DEFAULT 0,
+  last_fire_at REAL, last_run_id TEXT, last_error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+  UNIQUE(workspace, job_id));
+CREATE TABLE secrets(
+  workspace TEXT NOT NULL, name TEXT NOT NULL, keys TEXT NOT NULL, data BLOB NOT NULL, created_at REAL NOT NULL,
+  updated_at REAL NOT NULL, PRIMARY KEY(workspace, name)) WITHOUT ROWID;
+""",
 )
 
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..base import Dropped, NewRun, Payload, RunRecord, StoredPayload, payload_size
+from ..base import AttemptRecord, Dropped, NewRun, Payload, RunRecord, StoredPayload, payload_size
 from .connection import Database, storage_errors
 
 COLUMNS = ("id, workspace, job_id, version, status, trigger, created_at, started_at, finished_at, exit_reason, "
-           "error_type, attempt, max_retries, timeout, batch_id, batch_index, done_seq, worker, log_bytes, expired_at")
+           "error_type, attempt, max_retries, timeout, batch_id, batch_index, done_seq, worker, log_bytes, expired_at, "
+           "retry_at, schedule_id")
 SELECT = f"SELECT {COLUMNS} FROM runs"
 INSERT = ("INSERT OR IGNORE INTO runs(id, workspace, job_id, version, trigger, created_at, max_retries, timeout, "
-          "batch_id, batch_index, status) VALUES (?,?,?,?,?,?,?,?,?,?,'queued')")
+          "batch_id, batch_index, schedule_id, status) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued')")
 OPEN_SQL = "status IN ('queued', 'running')"  # base.OPEN, as literals: so the partial index runs_open applies
 INSERT_PAYLOAD = "INSERT OR REPLACE INTO payloads(run_id, kind, data, object_key, size) VALUES (?,?,?,?,?)"
 ADD_USAGE = ("INSERT INTO usage(workspace, bytes) VALUES (?, ?) "
@@ -64,13 +65,26 @@ class SqliteRuns:
 
     def start(self, run_id: str, worker: str, at: float) -> bool:
         cur = self.db.execute(
-            "UPDATE runs SET status = 'running', started_at = ?, worker = ? WHERE id = ? AND status = 'queued'",
+            "UPDATE runs SET status = 'running', started_at = ?, worker = ?, retry_at = NULL WHERE id = ? "
+            "AND status = 'queued'",
             (at, worker, run_id))
         return cur.rowcount == 1
 
-    def retry(self, run_id: str, reason: str) -> None:
-        self.db.execute("UPDATE runs SET status = 'queued', attempt = attempt + 1, exit_reason = ?, started_at = NULL, "
-                        "worker = NULL WHERE id = ?", (reason, run_id))
+    def retry(self, run: RunRecord, status: str, reason: str | None, error_type: str | None, at: float,
+              retry_at: float | None) -> None:
+        with self.tx() as db:
+            (log_seq,) = db.execute("SELECT COALESCE(MAX(seq), -1) FROM logs WHERE run_id = ?", (run.id,)).fetchone()
+            db.execute("INSERT OR REPLACE INTO attempts(run_id, attempt, status, started_at, finished_at, reason, "
+                       "error_type, log_seq) VALUES (?,?,?,?,?,?,?,?)",
+                       (run.id, run.attempt, status, run.started_at, at, reason, error_type, log_seq))
+            db.execute("UPDATE runs SET status = 'queued', attempt = attempt + 1, exit_reason = ?, started_at = NULL, "
+                       "worker = NULL, retry_at = ? WHERE id = ?",
+                       (f"attempt {run.attempt + 1} {status}: {reason}", retry_at, run.id))
+
+    def attempts(self, run_id: str) -> list[AttemptRecord]:
+        return [AttemptRecord(*r) for r in self.db.execute(
+            "SELECT run_id, attempt, status, started_at, finished_at, reason, error_type, log_seq FROM attempts "
+            "WHERE run_id = ? ORDER BY attempt", (run_id,))]
 
     def finish(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
                result: Payload) -> bool:
@@ -78,7 +92,7 @@ class SqliteRuns:
         with self.tx() as db:
             db.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, exit_reason = COALESCE(?, exit_reason), error_type = ?, "
-                "started_at = COALESCE(started_at, ?) WHERE id = ?",
+                "started_at = COALESCE(started_at, ?), retry_at = NULL WHERE id = ?",
                 (status, at, reason, error_type, at, run.id))
             db.execute(INSERT_PAYLOAD, payload_row(run.id, "result", result))
             db.execute(ADD_USAGE, (run.workspace, payload_size(result)))
@@ -162,6 +176,7 @@ class SqliteRuns:
             return Dropped(0, 0, [])
         with self.tx() as db:
             freed, keys = self._drop(db, ids)
+            db.executemany("DELETE FROM attempts WHERE run_id = ?", ids)
             db.executemany("DELETE FROM runs WHERE id = ?", ids)
         return Dropped(len(ids), freed, keys)
 

@@ -77,6 +77,7 @@ class Runs:
         self.stalled: dict[str, Callable[[], None]] = {}  # writes a full disk refused, retried until it has room
         self._lost_log: dict[str, int] = {}  # per run: bytes of output a full disk refused
         self._retry_timer: asyncio.TimerHandle | None = None
+        self._handoff: dict[str, tuple[RunRecord, Payload] | None] = {}  # runs a call waits for, and their ends
 
     def _reserve(self, workspace: str, count: int) -> None:
         open_now = self.open_runs.get(workspace, 0)
@@ -290,6 +291,23 @@ class Runs:
                 return run
             await self.notifier.wait(run_id, left)
 
+    async def call(self, workspace: str, run_id: str, timeout: float) -> tuple[RunRecord, Payload | None]:
+        """For the call path, a run just created: its record and result once it ends (handed over in memory
+        by the end itself, as written, so neither is read back), or its record as it is after ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._handoff[run_id] = None
+        try:
+            while (ended := self._handoff[run_id]) is None:
+                left = deadline - loop.time()
+                if left <= 0 or self.notifier.closing:
+                    run = self.get(workspace, run_id)  # maybe ended another way (a stalled end written late)
+                    return run, self.result(run_id) if run.status in TERMINAL else None
+                await self.notifier.wait(run_id, left)
+            return ended
+        finally:
+            del self._handoff[run_id]
+
     def result(self, run_id: str) -> Payload | None:
         return self.records.runs.result(run_id)
 
@@ -415,15 +433,17 @@ class Runs:
             status, reason = "failed", f"result is {size} bytes; the limit is {self.limits.max_payload}"
             payload = envelope.error_envelope("opbox.PayloadTooLarge", reason)
         try:
-            complete = self.records.runs.finish(run, status, time.time(), reason, error_type, payload)
+            ended, complete = self.records.runs.finish(run, status, time.time(), reason, error_type, payload)
         except StorageFull as exc:
             if size <= SMALL_RESULT:
                 raise  # nothing smaller to write instead: the end waits for room (see _end)
             reason = f"the run ended ({status}) but its result ({size} bytes) could not be stored: {exc.message}"
             status, error_type = "failed", "opbox.StorageFull"
             payload = envelope.error_envelope(error_type, reason)
-            complete = self.records.runs.finish(run, status, time.time(), reason, error_type, payload)
+            ended, complete = self.records.runs.finish(run, status, time.time(), reason, error_type, payload)
         self.open_runs[run.workspace] = max(0, self.open_runs.get(run.workspace, 0) - 1)
+        if run_id in self._handoff:  # a call waits for it: it gets the record and result as written
+            self._handoff[run_id] = (ended, payload)
         self.notifier.notify(run_id)
         self.notifier.notify(f"logs:{run_id}")
         if run.batch_id:

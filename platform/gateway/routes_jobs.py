@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from opbox import envelope
 from opbox.errors import BadRequest, BuildError, OpboxError, ValidationError
 
-from ..records.base import TERMINAL, RunRecord, StoredPayload
+from ..records.base import TERMINAL, Payload, RunRecord, StoredPayload
 from .http import json_body, ok, payload_response, query_number, read_body, read_payload
 from .render import SHUTTING_DOWN_LINE, batch_json, job_json, run_json, version_json
 
@@ -182,13 +182,14 @@ def _version_param(request: Request) -> int | None:
     return query_number(request, "version", None, 1, 10**9, int)
 
 
-async def envelope_response(request: Request, run: RunRecord) -> Response:
-    """A finished run's result envelope, with its status in headers (the SDK's answer)."""
+async def envelope_response(request: Request, run: RunRecord, result: Payload | None = None) -> Response:
+    """A finished run's result envelope (read from the records unless given), with its status in headers
+    (the SDK's answer)."""
     headers = {"X-Opbox-Run-Id": run.id, "X-Opbox-Status": run.status, "X-Opbox-Version": str(run.version)}
     if run.exit_reason:
         headers["X-Opbox-Exit-Reason"] = json.dumps(run.exit_reason[:1000])
     plat = platform(request)
-    return await payload_response(plat.payloads, plat.runs.result(run.id), headers)
+    return await payload_response(plat.payloads, result if result is not None else plat.runs.result(run.id), headers)
 
 
 async def call(request: Request):
@@ -213,9 +214,9 @@ async def call(request: Request):
     payload = await read_payload(request, plat.payloads, ws, plat.settings.max_payload, "arguments")
     run_id = plat.runs.create(version, payload, trigger="call")
     wait = query_number(request, "wait", 0.0, 0, 300)
-    run = await plat.runs.wait(ws, run_id, wait)
+    run, result = await plat.runs.call(ws, run_id, wait)
     if run.status in TERMINAL:
-        return await envelope_response(request, run)
+        return await envelope_response(request, run, result)
     return JSONResponse(run_json(run, base_url(request, ws)), status_code=202)
 
 

@@ -229,9 +229,9 @@ class RunRecords(Protocol):
         """The run's earlier attempts, oldest first."""
 
     def finish(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
-               result: Payload) -> bool:
-        """The run's end, its result and (for a map item) its completion number, atomically. True when
-        this was the last item of a sealed map."""
+               result: Payload) -> tuple[RunRecord, bool]:
+        """The run's end, its result and (for a map item) its completion number, atomically. Returns the
+        ended run's record, and True when this was the last item of a sealed map."""
 
     def append_log(self, run_id: str, data: bytes, limit: int, marker: bytes, dropped: bool) -> bool:
         """Append output within the run's ``limit`` of bytes: the oldest chunks go first, and

@@ -7,6 +7,7 @@ turned into a ``RunRecord`` by position.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 from ..base import AttemptRecord, Dropped, NewRun, Payload, RunRecord, StoredPayload, payload_size
@@ -87,13 +88,14 @@ class SqliteRuns:
             "WHERE run_id = ? ORDER BY attempt", (run_id,))]
 
     def finish(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
-               result: Payload) -> bool:
+               result: Payload) -> tuple[RunRecord, bool]:
         complete = False
         with self.tx() as db:
-            db.execute(
+            row = db.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, exit_reason = COALESCE(?, exit_reason), error_type = ?, "
-                "started_at = COALESCE(started_at, ?), retry_at = NULL WHERE id = ?",
-                (status, at, reason, error_type, at, run.id))
+                f"started_at = COALESCE(started_at, ?), retry_at = NULL WHERE id = ? RETURNING {COLUMNS}",
+                (status, at, reason, error_type, at, run.id)).fetchone()
+            ended = RunRecord(*row)
             db.execute(INSERT_PAYLOAD, payload_row(run.id, "result", result))
             db.execute(ADD_USAGE, (run.workspace, payload_size(result)))
             if run.batch_id:
@@ -101,7 +103,8 @@ class SqliteRuns:
                                         (run.batch_id,)).fetchone()
                 db.execute("UPDATE runs SET done_seq = ? WHERE id = ?", (seq, run.id))
                 complete = total is not None and seq >= total
-        return complete
+                ended = replace(ended, done_seq=seq)
+        return ended, complete
 
     def append_log(self, run_id: str, data: bytes, limit: int, marker: bytes, dropped: bool) -> bool:
         row = self.db.execute("SELECT log_bytes, (SELECT COALESCE(MAX(seq), -1) + 1 FROM logs WHERE run_id = ?), "

@@ -33,6 +33,7 @@ from .payloads import head_of
 log = logging.getLogger("opbox.runs")
 
 LOG_DROPPED = b"[opbox: older output dropped: the run's log passed its size limit]\n"
+MIN_ITEMS_ADDED = 500  # a map's items are taken when this many (or all sent, or a tenth of the quota) fit in it
 SMALL_RESULT = 64 * 1024  # a result a full disk refused: above this size, the run ends failed saying so
 STALLED_RETRY = 1.0  # seconds between attempts to write what a full disk refused
 
@@ -191,6 +192,9 @@ class Runs:
         res = version.resource
         existing = self.records.batches.indexes(batch_id, start, start + len(payloads) - 1)
         room = self.limits.max_open_runs - self.open_runs.get(workspace, 0)
+        wanted = min(len(payloads) - len(existing), MIN_ITEMS_ADDED, max(1, self.limits.max_open_runs // 10))
+        if room < wanted:  # a handful at a time would cost a request each: 429 until a good part fits
+            self._reserve(workspace, wanted)
         now = time.time()
         rows, blobs, tickets = [], [], []
         accepted = 0

@@ -22,6 +22,7 @@ from .ids import check_workspace
 from .control.runs import Limits, Runs
 from .control.retention import Retention
 from .control.services import Services
+from .control.views import Views
 from .records.base import Records
 from .records.sqlite import open_sqlite
 from .proxy.proxy import Proxy
@@ -101,6 +102,7 @@ class Platform:
             self._refresh_credentials()
         self.proxy = Proxy(self.services)  # service calls: replica choice, in-flight counts, connections
         self.retention = Retention(self.records, self.store, settings)
+        self.views = Views(self.records)  # the runs API across jobs, maps' progress, the dashboard's overview
         self._collector: asyncio.Task | None = None  # runs the retention every gc_interval
 
     def bootstrap(self) -> dict | None:

@@ -21,6 +21,7 @@ from . import routes_internal as internal
 from . import routes_jobs as jobs
 from . import routes_runs as runs
 from . import routes_serve as serve
+from . import routes_views as views
 from .http import error_response
 
 log = logging.getLogger("opbox.gateway")
@@ -94,11 +95,13 @@ ROUTES = [
     Route(W + "/job/{job}/runs", jobs.call, methods=["POST"]),
     Route(W + "/job/{job}/trigger", jobs.trigger, methods=["POST"]),
     Route(W + "/job/{job}/batches", jobs.create_batch, methods=["POST"]),
+    Route(W + "/batches", views.list_batches),
     Route(W + "/batches/{batch}", jobs.get_batch),
     Route(W + "/batches/{batch}/items", jobs.add_items, methods=["POST"]),
     Route(W + "/batches/{batch}/seal", jobs.seal_batch, methods=["POST"]),
     Route(W + "/batches/{batch}/results", jobs.batch_results),
     Route(W + "/batches/{batch}/cancel", jobs.cancel_batch, methods=["POST"]),
+    Route(W + "/runs", views.list_runs),
     Route(W + "/runs/{run}", runs.get_run),
     Route(W + "/runs/{run}/result", runs.get_result),
     Route(W + "/runs/{run}/logs", runs.get_logs),

@@ -76,6 +76,14 @@ INSERT INTO usage(workspace, bytes)
   LEFT JOIN (SELECT run_id, SUM(length(data)) AS bytes FROM payloads GROUP BY run_id) p ON p.run_id = r.id
   GROUP BY r.workspace;
 """,
+    # 4: the runs API across jobs and the dashboard: a workspace's runs newest first (ids are time-ordered),
+    # by status and by trigger, and its maps; each filter walks its own index in id order (keyset paging)
+    """
+CREATE INDEX runs_by_workspace ON runs(workspace, id);
+CREATE INDEX runs_by_status ON runs(workspace, status, id);
+CREATE INDEX runs_by_trigger ON runs(workspace, trigger, id);
+CREATE INDEX batches_by_workspace ON batches(workspace, id);
+""",
 )
 
 

@@ -93,8 +93,10 @@ def test_batches_with_progress(plat, made):
     with plat.http() as http:
         body = http.get("/default/batches").json()
         latest = body["batches"][0]
-        assert latest["job_id"] == made["double"] and latest["total"] == 4
-        assert latest["counts"] == {"succeeded": 4} and latest["finished"] == 4
+        assert latest["job_id"] == made["double"] and latest["total"] == latest["done"] == 4
+        progress = http.get(f"/default/batches/{latest['id']}/progress").json()
+        assert progress["counts"] == {"succeeded": 4} and progress["finished"] == 4
+        assert http.get("/default/batches/b-nope/progress").status_code == 404
         assert len(http.get("/default/batches", params={"limit": 1}).json()["batches"]) == 1
 
 

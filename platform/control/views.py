@@ -66,14 +66,15 @@ class Views:
         return Page(rows[:limit], rows[limit - 1].id if len(rows) > limit else None)
 
     def batches(self, workspace: str, cursor: str | None = None, limit: int = 50) -> Page:
-        """The workspace's maps with their progress, newest first."""
+        """The workspace's maps, newest first (their counters: submitted, done, total; ``batch`` counts
+        one map's items by status)."""
         if not 1 <= limit <= MAX_PAGE:
             raise ValidationError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
         rows = self.records.batches.in_workspace(workspace, cursor, limit + 1)
-        items = [Progress(b, self.records.batches.status_counts(b.id)) for b in rows[:limit]]
-        return Page(items, rows[limit - 1].id if len(rows) > limit else None)
+        return Page(rows[:limit], rows[limit - 1].id if len(rows) > limit else None)
 
     def batch(self, workspace: str, batch_id: str) -> Progress:
+        """A map with its items counted by status (one walk of its items)."""
         row = self.records.batches.get(batch_id)
         if row is None or row.workspace != workspace:
             raise NotFound(f"no batch {batch_id}")

@@ -100,6 +100,7 @@ ROUTES = [
     Route(W + "/batches/{batch}/items", jobs.add_items, methods=["POST"]),
     Route(W + "/batches/{batch}/seal", jobs.seal_batch, methods=["POST"]),
     Route(W + "/batches/{batch}/results", jobs.batch_results),
+    Route(W + "/batches/{batch}/progress", views.batch_progress),
     Route(W + "/batches/{batch}/cancel", jobs.cancel_batch, methods=["POST"]),
     Route(W + "/runs", views.list_runs),
     Route(W + "/runs/{run}", runs.get_run),

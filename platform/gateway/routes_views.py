@@ -7,7 +7,7 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 
 from .http import ok, query_number
-from .render import page_json, progress_json, run_json
+from .render import batch_json, page_json, progress_json, run_json
 from .routes_jobs import base_url, platform, workspace
 
 FILTERS = ("job", "status", "trigger", "batch")
@@ -58,9 +58,10 @@ async def list_runs(request: Request):
 
 async def list_batches(request: Request):
     """
-    summary: The workspace's maps, newest first, with their progress
+    summary: The workspace's maps, newest first
     description: >
-      Each map with "counts" (its items by status) and "finished"; paged by cursor like the runs.
+      Each map with its counters (submitted, done, total); paged by cursor like the runs. A map's items
+      by status are at /{workspace}/batches/{batch}/progress.
     parameters:
       - {name: cursor, in: query, description: the previous page's next, schema: {type: string}}
       - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 1000, default: 50}}
@@ -70,4 +71,15 @@ async def list_batches(request: Request):
     ws = workspace(request)
     limit = query_number(request, "limit", 50, 1, 1000, int)
     page = platform(request).views.batches(ws, request.query_params.get("cursor") or None, limit)
-    return ok(page_json(page, "batches", progress_json, next_url(request)))
+    return ok(page_json(page, "batches", batch_json, next_url(request)))
+
+
+async def batch_progress(request: Request):
+    """
+    summary: A map's progress, its items counted by status
+    responses:
+      200: {description: 'The map with "counts" ({"queued": n, "running": n, "succeeded": n, ...}) and "finished"'}
+      404: {description: No such map}
+    """
+    ws = workspace(request)
+    return ok(progress_json(platform(request).views.batch(ws, request.path_params["batch"])))

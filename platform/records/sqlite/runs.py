@@ -133,9 +133,11 @@ class SqliteRuns:
                                     "GROUP BY status", (workspace,)).fetchall())
 
     def search(self, workspace: str, where: RunFilter, limit: int) -> list[RunRecord]:
-        # one equality filter and the id bounds: SQLite walks that filter's index (runs_by_job, runs_by_status,
-        # runs_by_trigger, runs_by_batch or runs_by_workspace) backwards and stops after ``limit`` rows
-        sql, params = f"{SELECT} WHERE workspace = ?", [workspace]
+        # SQLite walks one index backwards in id order and stops after ``limit`` rows: a map's or a job's
+        # (the most selective; "+workspace" keeps the planner off the workspace's), else runs_by_status,
+        # runs_by_trigger or runs_by_workspace
+        narrow = where.batch_id is not None or where.job_id is not None
+        sql, params = f"{SELECT} WHERE {'+' if narrow else ''}workspace = ?", [workspace]
         for column, value in (("job_id", where.job_id), ("status", where.status), ("trigger", where.trigger),
                               ("batch_id", where.batch_id)):
             if value is not None:

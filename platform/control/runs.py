@@ -23,6 +23,7 @@ from opbox.resource import Resource
 
 from ..backends.base import Backend, RunTicket, VersionInfo
 from ..ids import new_id
+from ..metrics import Metrics
 from ..notify import Notifier
 from ..records.base import TERMINAL, BatchRecord, BatchResult, NewRun, Payload, Records, RunRecord, payload_size
 from ..settings import Settings
@@ -70,6 +71,7 @@ class Runs:
         self.stalled: dict[str, Callable[[], None]] = {}  # writes a full disk refused, retried until it has room
         self._lost_log: dict[str, int] = {}  # per run: bytes of output a full disk refused
         self._retry_timer: asyncio.TimerHandle | None = None
+        self.metrics = Metrics()  # the platform's (core serves them)
 
     def _reserve(self, workspace: str, count: int) -> None:
         open_now = self.open_runs.get(workspace, 0)
@@ -136,6 +138,7 @@ class Runs:
         except BaseException:
             self.open_runs[version.workspace] -= 1
             raise
+        self.metrics.runs_created.labels(version.workspace, version.job_name, trigger).inc()
         self._dispatch(RunTicket(run_id, version.workspace, version.job_id, version.version, res.timeout), version)
         return run_id
 
@@ -200,6 +203,7 @@ class Runs:
             except BaseException:
                 self.open_runs[workspace] -= len(rows)
                 raise
+            self.metrics.runs_created.labels(workspace, version.job_name, "map").inc(len(rows))
             for ticket in tickets:
                 self._dispatch(ticket, version)
         return len(rows), accepted
@@ -378,6 +382,7 @@ class Runs:
             payload = envelope.error_envelope(error_type, reason)
             complete = self.records.runs.finish(run, status, time.time(), reason, error_type, payload)
         self.open_runs[run.workspace] = max(0, self.open_runs.get(run.workspace, 0) - 1)
+        self._count_end(run, status)
         self.notifier.notify(run_id)
         self.notifier.notify(f"logs:{run_id}")
         if run.batch_id:
@@ -386,9 +391,18 @@ class Runs:
             if complete:  # the map's last item: its in-memory state goes (its record stays)
                 self.batches.pop(run.batch_id, None)
 
+    def _count_end(self, run: RunRecord, status: str) -> None:
+        info = self._versions.get((run.job_id, run.version))
+        job, m = info.job_name if info else run.job_id, self.metrics
+        m.runs_finished.labels(run.workspace, job, run.trigger, status).inc()
+        if run.started_at is not None:
+            m.queue_wait.labels(run.workspace, job).observe(run.started_at - run.created_at)
+            m.run_duration.labels(run.workspace, job, status).observe(time.time() - run.started_at)
+
     def _stall(self, key: str, retry: Callable[[], None]) -> None:
         """Keep a write a full disk refused; it is tried again every STALLED_RETRY seconds until it goes in."""
         self.stalled[key] = retry
+        self.metrics.storage_errors.labels("state", "full").inc()
         if self._retry_timer is None:
             try:
                 self._retry_timer = asyncio.get_running_loop().call_later(STALLED_RETRY, self._retry_stalled)

@@ -14,7 +14,7 @@ from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
 from opbox import __version__
-from opbox.errors import OpboxError
+from opbox.errors import OpboxError, StorageError, StorageFull
 
 from ..core import Platform
 from . import routes_internal as internal
@@ -23,6 +23,7 @@ from . import routes_runs as runs
 from . import routes_serve as serve
 from . import routes_views as views
 from .http import error_response
+from .observe import RequestMetrics, metrics
 
 log = logging.getLogger("opbox.gateway")
 
@@ -70,6 +71,9 @@ def openapi_document(routes) -> dict:
 
 
 async def opbox_error(request: Request, exc: OpboxError):
+    if isinstance(exc, StorageError):
+        request.app.state.platform.metrics.storage_errors.labels(
+            exc.details.get("component", "store"), "full" if isinstance(exc, StorageFull) else "error").inc()
     return error_response(exc)
 
 
@@ -82,6 +86,7 @@ W = "/{workspace}"
 ROUTES = [
     Route("/healthz", healthz),
     Route("/openapi.json", openapi, include_in_schema=False),
+    Route("/metrics", metrics),
     # service calls first: the hot path should not try every other route's pattern before its own
     Route(W + "/serve/{name}/openapi.json", serve.service_openapi),
     Route(W + "/serve/{name}/{path:path}", serve.call, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
@@ -136,7 +141,8 @@ def create_app(platform: Platform) -> Starlette:
     app = Starlette(
         routes=platform.store.routes() + ROUTES,
         exception_handlers={OpboxError: opbox_error, Exception: unexpected_error},
-        middleware=[Middleware(serve.ServeFastPath, platform=platform)],  # service calls skip the router
+        # service calls skip the router (and the request metrics: they have their own)
+        middleware=[Middleware(serve.ServeFastPath, platform=platform), Middleware(RequestMetrics, platform=platform)],
         lifespan=lifespan,
     )
     app.state.platform = platform

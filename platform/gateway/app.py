@@ -22,6 +22,8 @@ from . import routes_jobs as jobs
 from . import routes_runs as runs
 from . import routes_serve as serve
 from . import routes_views as views
+from . import dashboard
+from .sessions import Sessions
 from .http import error_response
 from .observe import RequestMetrics, metrics
 
@@ -87,6 +89,8 @@ ROUTES = [
     Route("/healthz", healthz),
     Route("/openapi.json", openapi, include_in_schema=False),
     Route("/metrics", metrics),
+    Route("/", dashboard.home, include_in_schema=False),
+    dashboard.MOUNT,  # the dashboard, /_ui/...
     # service calls first: the hot path should not try every other route's pattern before its own
     Route(W + "/serve/{name}/openapi.json", serve.service_openapi),
     Route(W + "/serve/{name}/{path:path}", serve.call, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
@@ -146,4 +150,5 @@ def create_app(platform: Platform) -> Starlette:
         lifespan=lifespan,
     )
     app.state.platform = platform
+    app.state.sessions = Sessions(platform.secret, platform.settings.session_ttl)  # the dashboard's
     return app

@@ -64,6 +64,6 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send)
         finally:
-            route = scope.get("route")
-            self.histogram.labels(scope["method"], route.path if route is not None else "unmatched").observe(
-                time.perf_counter() - start)
+            route = scope.get("route")  # inside a mount (the dashboard), its path is the mount's root_path
+            template = scope.get("root_path", "") + route.path if route is not None else "unmatched"
+            self.histogram.labels(scope["method"], template).observe(time.perf_counter() - start)

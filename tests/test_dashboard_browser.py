@@ -1,0 +1,168 @@
+"""The dashboard in a real browser: Debian's headless Chromium driven by selenium through chromedriver.
+
+Logs in with the keyboard, opens each page, follows a live log until new lines arrive without a
+reload, cancels the run with the page's button. Screenshots of every page are saved as test artifacts
+under test-artifacts/dashboard/ (ignored by git); the README's pictures are copies of them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import require, user_module
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "dashboard"
+CODE = """
+import time
+from opbox import operator
+
+@operator()
+def ticker(n):
+    for i in range(n):
+        print(f"tick {i}", flush=True)
+        time.sleep(0.3)
+    return {"ticks": n}
+
+@operator()
+def broken():
+    raise ValueError("this run fails on purpose")
+"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require(os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK),
+            "chromium and chromium-driver (scripts/setup-browser.sh)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def fns(plat, client, tmp_path_factory):
+    with user_module(tmp_path_factory.mktemp("browser_proj"), "browsermod", CODE) as mod:
+        ticker, broken = mod.ticker.deploy(client=client, quiet=True), mod.broken.deploy(client=client, quiet=True)
+        assert ticker(2) == {"ticks": 2}
+        with pytest.raises(Exception):
+            broken()
+        assert ticker.map([1, 0, 2], progress=False) == [{"ticks": 1}, {"ticks": 0}, {"ticks": 2}]
+        yield {"ticker": ticker, "broken": broken}
+
+
+def wait_for(driver, condition, timeout: float = 20):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+
+
+def shot(driver, name: str) -> None:
+    driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+    assert (ARTIFACTS / f"{name}.png").stat().st_size > 1000
+
+
+def text(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def test_login_with_the_keyboard(plat, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(plat.url + "/_ui/runs")
+    assert browser.current_url.endswith("/_ui/login")
+    field = browser.switch_to.active_element  # the token field has the focus (autofocus)
+    assert field.get_attribute("id") == "token"
+    label = browser.find_element(By.CSS_SELECTOR, "label[for=token]")
+    assert label.text == "Token"
+    shot(browser, "login")
+    field.send_keys(plat.token, Keys.ENTER)
+    wait_for(browser, lambda d: d.current_url.endswith("/_ui/"))
+    assert plat.token not in browser.current_url
+    cookie = browser.get_cookie("opbox_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert browser.execute_script("return document.cookie") == ""  # scripts cannot read the session
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys(Keys.TAB)
+    skip = browser.switch_to.active_element
+    assert skip.text == "Skip to content"  # the first stop of the keyboard
+
+
+def test_each_page(plat, browser, fns):
+    from selenium.webdriver.common.by import By
+
+    failed = fns["broken"].runs(limit=1)[0]["id"]
+    done = fns["ticker"].runs(limit=1)[0]["id"]
+    pages = [
+        ("overview", "/_ui/", "Busiest jobs"), ("jobs", "/_ui/jobs", "ticker"),
+        ("job", f"/_ui/jobs/{fns['ticker'].job_id}", "Build log of version"),
+        ("runs", "/_ui/runs", failed), ("runs-failed", "/_ui/runs?status=failed", failed),
+        ("run-failed", f"/_ui/runs/{failed}", "this run fails on purpose"),
+        ("run-succeeded", f"/_ui/runs/{done}", "Result"), ("maps", "/_ui/maps", "Maps"),
+        ("services", "/_ui/services", "Services"), ("tokens", "/_ui/tokens", "bootstrap"),
+    ]
+    for name, path, expected in pages:
+        browser.get(plat.url + path)
+        assert expected in text(browser), name
+        shot(browser, name)
+    browser.get(plat.url + f"/_ui/runs/{failed}")
+    assert "Remote traceback" in text(browser)
+    browser.get(plat.url + "/_ui/maps")
+    browser.find_element(By.CSS_SELECTOR, "a[href^='/_ui/maps/b-']").click()
+    wait_for(browser, lambda d: "3 of 3 ended" in text(d))
+    assert browser.find_element(By.TAG_NAME, "progress").get_attribute("value") == "3"
+    shot(browser, "map")
+    browser.get(plat.url + "/_ui/runs")
+    browser.find_element(By.ID, "f-status").send_keys("failed")  # a select, chosen by typing
+    browser.find_element(By.CSS_SELECTOR, "form.filters button[type=submit]").click()
+    wait_for(browser, lambda d: "status=failed" in d.current_url)
+    statuses = {e.text for e in browser.find_elements(By.CSS_SELECTOR, "td .badge")}
+    assert statuses == {"failed"}
+
+
+def test_follow_a_live_log_and_cancel(plat, browser, fns):
+    from selenium.webdriver.common.by import By
+
+    run = fns["ticker"].submit(300)
+    browser.get(plat.url + f"/_ui/runs/{run.id}")
+    log = lambda d: d.find_element(By.CSS_SELECTOR, "#log pre").text  # noqa: E731
+    wait_for(browser, lambda d: "tick 1" in log(d))
+    first = log(browser)
+    browser.execute_script("window.notReloaded = true")  # gone if the page reloads
+    wait_for(browser, lambda d: len(log(d)) > len(first) and "tick 4" in log(d))
+    assert browser.execute_script("return window.notReloaded === true")  # htmx swapped it in: no reload
+    shot(browser, "run-live-log")
+    browser.find_element(By.XPATH, "//button[normalize-space()='Cancel this run']").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "status").text == "cancelled")
+    assert run.status()["status"] == "cancelled"
+    assert not browser.find_elements(By.XPATH, "//button[normalize-space()='Cancel this run']")
+    assert re.search(r"tick \d+", log(browser))
+    shot(browser, "run-cancelled")
+
+
+def test_logout(plat, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(plat.url + "/_ui/")
+    browser.find_element(By.XPATH, "//button[normalize-space()='Log out']").click()
+    wait_for(browser, lambda d: d.current_url.endswith("/_ui/login"))
+    assert browser.get_cookie("opbox_session") is None
+    browser.get(plat.url + "/_ui/runs")
+    assert browser.current_url.endswith("/_ui/login")

@@ -76,6 +76,12 @@ def shot(driver, name: str) -> None:
     assert (ARTIFACTS / f"{name}.png").stat().st_size > 1000
 
 
+def read(driver, selector: str) -> str:
+    """An element's text, read in one script call: htmx may swap the element between two webdriver calls."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.textContent : ''",
+                                 selector)
+
+
 def text(driver) -> str:
     from selenium.webdriver.common.by import By
 
@@ -142,7 +148,7 @@ def test_follow_a_live_log_and_cancel(plat, browser, fns):
 
     run = fns["ticker"].submit(300)
     browser.get(plat.url + f"/_ui/runs/{run.id}")
-    log = lambda d: d.find_element(By.CSS_SELECTOR, "#log pre").text  # noqa: E731
+    log = lambda d: read(d, "#log pre")  # noqa: E731
     wait_for(browser, lambda d: "tick 1" in log(d))
     first = log(browser)
     browser.execute_script("window.notReloaded = true")  # gone if the page reloads
@@ -150,7 +156,7 @@ def test_follow_a_live_log_and_cancel(plat, browser, fns):
     assert browser.execute_script("return window.notReloaded === true")  # htmx swapped it in: no reload
     shot(browser, "run-live-log")
     browser.find_element(By.XPATH, "//button[normalize-space()='Cancel this run']").click()
-    wait_for(browser, lambda d: d.find_element(By.ID, "status").text == "cancelled")
+    wait_for(browser, lambda d: read(d, "#status") == "cancelled")
     assert run.status()["status"] == "cancelled"
     assert not browser.find_elements(By.XPATH, "//button[normalize-space()='Cancel this run']")
     assert re.search(r"tick \d+", log(browser))

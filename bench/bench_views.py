@@ -144,15 +144,43 @@ def main():
                 "batches": "/default/batches",
             }
             out["api"] = {name: timed(http, url, args.repeat) for name, url in api.items()}
-            pages = dashboard_pages(plat, made)
-            if pages:
-                out["pages"] = pages(args.repeat)
+            out["pages"] = dashboard_pages(plat, made)(args.repeat)
     print(json.dumps(out, indent=2))
 
 
 def dashboard_pages(plat, made):
-    """The dashboard's pages timed with a logged-in session (None before the dashboard exists)."""
-    return None
+    """Each dashboard page, timed with a logged-in session: the client's wall time and the server's own
+    (its Server-Timing "app" figure)."""
+    import re
+
+    import httpx
+
+    browser = httpx.Client(base_url=plat.url, timeout=60)
+    form = browser.get("/_ui/login").text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
+    assert browser.post("/_ui/login", data={"token": plat.token, "csrf": csrf}).status_code == 303
+    job, batch, run = made["jobs"][3], made["batches"][5], made["last_run"]
+    pages = {
+        "overview": "/_ui/", "jobs": "/_ui/jobs", "job": f"/_ui/jobs/{job}", "runs": "/_ui/runs",
+        "runs?status=failed": "/_ui/runs?status=failed", "runs?job": f"/_ui/runs?job={job}",
+        "runs?batch": f"/_ui/runs?batch={batch}", "run": f"/_ui/runs/{run}", "run log": f"/_ui/runs/{run}/log",
+        "maps": "/_ui/maps", "map": f"/_ui/maps/{batch}", "services": "/_ui/services", "tokens": "/_ui/tokens",
+    }
+
+    def measure(repeat: int) -> dict:
+        out = {}
+        for name, url in pages.items():
+            wall, server = [], []
+            for _ in range(repeat):
+                t = time.perf_counter()
+                resp = browser.get(url)
+                wall.append(time.perf_counter() - t)
+                assert resp.status_code in (200, 286), (url, resp.status_code, resp.text[:300])  # 286: a log fragment's end
+                server.append(float(re.search(r"app;dur=([\d.]+)", resp.headers["server-timing"]).group(1)))
+            out[name] = {"server_median_ms": round(statistics.median(server), 1), "server_max_ms": round(max(server), 1),
+                         "wall_median_ms": round(statistics.median(wall) * 1000, 1)}
+        return out
+    return measure
 
 
 if __name__ == "__main__":

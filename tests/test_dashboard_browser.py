@@ -14,27 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require, user_module
+from conftest import require
+from test_dashboard import fns  # noqa: F401 (the same jobs and runs: chatty prints a line each 0.2 s, oops fails)
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "dashboard"
-CODE = """
-import time
-from opbox import operator
-
-@operator()
-def ticker(n):
-    for i in range(n):
-        print(f"tick {i}", flush=True)
-        time.sleep(0.3)
-    return {"ticks": n}
-
-@operator()
-def broken():
-    raise ValueError("this run fails on purpose")
-"""
-
-
 @pytest.fixture(scope="module")
 def browser():
     require(os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK),
@@ -52,17 +36,6 @@ def browser():
     ARTIFACTS.mkdir(parents=True)
     yield driver
     driver.quit()
-
-
-@pytest.fixture(scope="module")
-def fns(plat, client, tmp_path_factory):
-    with user_module(tmp_path_factory.mktemp("browser_proj"), "browsermod", CODE) as mod:
-        ticker, broken = mod.ticker.deploy(client=client, quiet=True), mod.broken.deploy(client=client, quiet=True)
-        assert ticker(2) == {"ticks": 2}
-        with pytest.raises(Exception):
-            broken()
-        assert ticker.map([1, 0, 2], progress=False) == [{"ticks": 1}, {"ticks": 0}, {"ticks": 2}]
-        yield {"ticker": ticker, "broken": broken}
 
 
 def wait_for(driver, condition, timeout: float = 20):
@@ -114,13 +87,13 @@ def test_login_with_the_keyboard(plat, browser):
 def test_each_page(plat, browser, fns):
     from selenium.webdriver.common.by import By
 
-    failed = fns["broken"].runs(limit=1)[0]["id"]
-    done = fns["ticker"].runs(limit=1)[0]["id"]
+    failed = fns["oops"].runs(limit=1)[0]["id"]
+    done = fns["chatty"].runs(limit=1)[0]["id"]
     pages = [
-        ("overview", "/_ui/", "Busiest jobs"), ("jobs", "/_ui/jobs", "ticker"),
-        ("job", f"/_ui/jobs/{fns['ticker'].job_id}", "Build log of version"),
+        ("overview", "/_ui/", "Busiest jobs"), ("jobs", "/_ui/jobs", "chatty"),
+        ("job", f"/_ui/jobs/{fns['chatty'].job_id}", "Build log of version"),
         ("runs", "/_ui/runs", failed), ("runs-failed", "/_ui/runs?status=failed", failed),
-        ("run-failed", f"/_ui/runs/{failed}", "this run fails on purpose"),
+        ("run-failed", f"/_ui/runs/{failed}", "missing thing"),
         ("run-succeeded", f"/_ui/runs/{done}", "Result"), ("maps", "/_ui/maps", "Maps"),
         ("services", "/_ui/services", "Services"), ("tokens", "/_ui/tokens", "bootstrap"),
     ]
@@ -132,8 +105,8 @@ def test_each_page(plat, browser, fns):
     assert "Remote traceback" in text(browser)
     browser.get(plat.url + "/_ui/maps")
     browser.find_element(By.CSS_SELECTOR, "a[href^='/_ui/maps/b-']").click()
-    wait_for(browser, lambda d: "3 of 3 ended" in text(d))
-    assert browser.find_element(By.TAG_NAME, "progress").get_attribute("value") == "3"
+    wait_for(browser, lambda d: "2 of 2 ended" in text(d))
+    assert browser.find_element(By.TAG_NAME, "progress").get_attribute("value") == "2"
     shot(browser, "map")
     browser.get(plat.url + "/_ui/runs")
     browser.find_element(By.ID, "f-status").send_keys("failed")  # a select, chosen by typing
@@ -146,20 +119,20 @@ def test_each_page(plat, browser, fns):
 def test_follow_a_live_log_and_cancel(plat, browser, fns):
     from selenium.webdriver.common.by import By
 
-    run = fns["ticker"].submit(300)
+    run = fns["chatty"].submit(300)
     browser.get(plat.url + f"/_ui/runs/{run.id}")
     log = lambda d: read(d, "#log pre")  # noqa: E731
-    wait_for(browser, lambda d: "tick 1" in log(d))
+    wait_for(browser, lambda d: "line 1" in log(d))
     first = log(browser)
     browser.execute_script("window.notReloaded = true")  # gone if the page reloads
-    wait_for(browser, lambda d: len(log(d)) > len(first) and "tick 4" in log(d))
+    wait_for(browser, lambda d: len(log(d)) > len(first) and "line 4" in log(d))
     assert browser.execute_script("return window.notReloaded === true")  # htmx swapped it in: no reload
     shot(browser, "run-live-log")
     browser.find_element(By.XPATH, "//button[normalize-space()='Cancel this run']").click()
     wait_for(browser, lambda d: read(d, "#status") == "cancelled")
     assert run.status()["status"] == "cancelled"
     assert not browser.find_elements(By.XPATH, "//button[normalize-space()='Cancel this run']")
-    assert re.search(r"tick \d+", log(browser))
+    assert re.search(r"line \d+", log(browser))
     shot(browser, "run-cancelled")
 
 

@@ -94,6 +94,8 @@ def test_every_page_renders(plat, fns):
         assert expected in resp.text, url
     assert "line 0" in browser.get(f"/_ui/runs/{run['id']}/log").text
     assert browser.get("/_ui/runs/r-nope").status_code == 404
+    assert browser.get("/_ui/runs?since_at=yesterday").status_code == 422
+    assert run["id"] in browser.get("/_ui/runs", params={"since_at": "2000-01-01T00:00"}).text
     assert browser.get("/_ui/static/htmx-2.0.11.min.js").status_code == 200
     assert "Zero-Clause BSD" in browser.get("/_ui/static/htmx-LICENSE.txt").text
     assert browser.get("/_ui/static/..%2Fbase.html").status_code == 404

@@ -22,6 +22,11 @@ def inc(x):
 @operator()
 def fail(x):
     raise RuntimeError("no")
+
+@operator()
+class Echo:
+    def twice(self, x: int) -> int:
+        return 2 * x
 """
 
 
@@ -41,6 +46,11 @@ def activity(mplat, tmp_path_factory):
         with pytest.raises(Exception):
             fail(1)
         assert inc.map([1, 2], progress=False) == [2, 3]
+        mod.Echo.deploy(client=client, quiet=True)
+        with httpx.Client(base_url=mplat.url, headers={"Authorization": f"Bearer {mplat.token}"}, timeout=60) as http:
+            assert http.post("/default/serve/Echo/twice", json={"x": 2}).json() == 4
+            assert http.post("/default/serve/Echo/twice", json={"y": 2}).status_code == 422
+            assert http.post("/default/serve/Echo/nope", json={}).status_code == 404
         run = inc.submit(5)
         assert run.result(timeout=30) == 6
         with mplat.http() as http:
@@ -81,9 +91,13 @@ def test_runs_pools_builds_and_routes(mplat, activity):
     assert value(s, "opbox_run_queue_wait_seconds_bucket", job="inc", le="+Inf") == 6
     assert value(s, "opbox_worker_starts_total", job="inc") >= 1
     assert value(s, "opbox_pool_workers", job="inc") >= 1
-    assert value(s, "opbox_build_seconds_count", workspace="default", outcome="ready") == 2
+    assert value(s, "opbox_build_seconds_count", workspace="default", outcome="ready") == 3
     assert value(s, "opbox_http_request_seconds_count", method="POST", route="/{workspace}/job/{job}/runs") >= 5
     assert value(s, "opbox_http_request_seconds_count", method="GET", route="/{workspace}/runs/{run}") >= 1
+    assert value(s, "opbox_service_calls_total", workspace="default", service="Echo", code="2xx") == 1
+    assert value(s, "opbox_service_calls_total", service="Echo", code="4xx") == 2
+    assert value(s, "opbox_service_call_seconds_count", service="Echo") == 3
+    assert value(s, "opbox_service_replicas", service="Echo") == 1
     labels = {v for rows in s.values() for l, _ in rows for v in l.values()}
     assert not [v for v in labels if re.match(r"r-[0-9a-f]{11}", v) or v.startswith("/default/")]  # bounded labels
 

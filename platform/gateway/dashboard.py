@@ -194,7 +194,10 @@ async def runs(request: Request):
     for name in ("since", "until"):  # the form's datetime-local inputs (UTC) as well as epoch seconds
         raw = request.query_params.get(f"{name}_at")
         if raw:
-            query[name] = datetime.datetime.fromisoformat(raw).replace(tzinfo=datetime.timezone.utc).timestamp()
+            try:
+                query[name] = datetime.datetime.fromisoformat(raw).replace(tzinfo=datetime.timezone.utc).timestamp()
+            except ValueError:
+                raise ValidationError(f"{name} must be a date and time (YYYY-MM-DDTHH:MM), got {raw!r}") from None
     result = plat.views.runs(sess[0].workspace, **query)
     names = {j.id: j.name for j in plat.deploys.jobs(sess[0].workspace)}
     return page(request, "runs.html", session=sess, nav="runs", page=result, names=names, query=query,

@@ -77,9 +77,10 @@ INSERT INTO usage(workspace, bytes)
   GROUP BY r.workspace;
 """,
     # 4: the runs API across jobs and the dashboard: a workspace's runs newest first (ids are time-ordered),
-    # by status, by trigger and by map, and its maps; each filter walks its own index in id order (keyset paging)
+    # by status, by trigger and by map, and its maps; each filter walks its own index in id order (keyset paging);
+    # the workspace's index carries job and status, so the overview's busiest jobs are counted from it alone
     """
-CREATE INDEX runs_by_workspace ON runs(workspace, id);
+CREATE INDEX runs_by_workspace ON runs(workspace, id, job_id, status);
 CREATE INDEX runs_by_status ON runs(workspace, status, id);
 CREATE INDEX runs_by_trigger ON runs(workspace, trigger, id);
 CREATE INDEX runs_by_batch_id ON runs(batch_id, id) WHERE batch_id IS NOT NULL;

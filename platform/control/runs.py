@@ -138,7 +138,7 @@ class Runs:
         except BaseException:
             self.open_runs[version.workspace] -= 1
             raise
-        self.metrics.runs_created.labels(version.workspace, version.job_name, trigger).inc()
+        self.metrics.runs_created(version.workspace, version.job_name, trigger).inc()
         self._dispatch(RunTicket(run_id, version.workspace, version.job_id, version.version, res.timeout), version)
         return run_id
 
@@ -203,7 +203,7 @@ class Runs:
             except BaseException:
                 self.open_runs[workspace] -= len(rows)
                 raise
-            self.metrics.runs_created.labels(workspace, version.job_name, "map").inc(len(rows))
+            self.metrics.runs_created(workspace, version.job_name, "map").inc(len(rows))
             for ticket in tickets:
                 self._dispatch(ticket, version)
         return len(rows), accepted
@@ -394,15 +394,15 @@ class Runs:
     def _count_end(self, run: RunRecord, status: str) -> None:
         info = self._versions.get((run.job_id, run.version))
         job, m = info.job_name if info else run.job_id, self.metrics
-        m.runs_finished.labels(run.workspace, job, run.trigger, status).inc()
+        m.runs_finished(run.workspace, job, run.trigger, status).inc()
         if run.started_at is not None:
-            m.queue_wait.labels(run.workspace, job).observe(run.started_at - run.created_at)
-            m.run_duration.labels(run.workspace, job, status).observe(time.time() - run.started_at)
+            m.queue_wait(run.workspace, job).observe(run.started_at - run.created_at)
+            m.run_duration(run.workspace, job, status).observe(time.time() - run.started_at)
 
     def _stall(self, key: str, retry: Callable[[], None]) -> None:
         """Keep a write a full disk refused; it is tried again every STALLED_RETRY seconds until it goes in."""
         self.stalled[key] = retry
-        self.metrics.storage_errors.labels("state", "full").inc()
+        self.metrics.storage_errors("state", "full").inc()
         if self._retry_timer is None:
             try:
                 self._retry_timer = asyncio.get_running_loop().call_later(STALLED_RETRY, self._retry_stalled)

@@ -74,7 +74,7 @@ def openapi_document(routes) -> dict:
 
 async def opbox_error(request: Request, exc: OpboxError):
     if isinstance(exc, StorageError):
-        request.app.state.platform.metrics.storage_errors.labels(
+        request.app.state.platform.metrics.storage_errors(
             exc.details.get("component", "store"), "full" if isinstance(exc, StorageFull) else "error").inc()
     return error_response(exc)
 

@@ -66,4 +66,4 @@ class RequestMetrics:
         finally:
             route = scope.get("route")  # inside a mount (the dashboard), its path is the mount's root_path
             template = scope.get("root_path", "") + route.path if route is not None else "unmatched"
-            self.histogram.labels(scope["method"], template).observe(time.perf_counter() - start)
+            self.histogram(scope["method"], template).observe(time.perf_counter() - start)

@@ -37,9 +37,9 @@ def build_counter(metrics, ws: str):
 
     def count(task: asyncio.Task) -> None:
         ok = not task.cancelled() and task.exception() is None
-        metrics.builds.labels(ws, "ready" if ok else "failed").observe(time.perf_counter() - start)
+        metrics.builds(ws, "ready" if ok else "failed").observe(time.perf_counter() - start)
         if not ok:
-            metrics.build_failures.labels(ws).inc()
+            metrics.build_failures(ws).inc()
     return count
 
 

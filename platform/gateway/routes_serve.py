@@ -161,10 +161,10 @@ async def serve_call(plat, scope, receive, send, ws: str, name: str, rest: str) 
 
 
 def count_call(metrics, ws: str, name: str, status: int, start: float) -> None:
-    metrics.service_latency.labels(ws, name).observe(time.perf_counter() - start)
-    metrics.service_calls.labels(ws, name, status_class(status)).inc()
+    metrics.service_latency(ws, name).observe(time.perf_counter() - start)
+    metrics.service_calls(ws, name, status_class(status)).inc()
     if status == 429:
-        metrics.service_rejected.labels(ws, name).inc()
+        metrics.service_rejected(ws, name).inc()
 
 
 async def send_answer(answer: Answer, send) -> None:

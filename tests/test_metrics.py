@@ -76,8 +76,9 @@ def value(samples: dict, name: str, **labels) -> float:
 
 def test_the_token_guards_metrics(mplat):
     assert httpx.get(mplat.url + "/metrics").status_code == 401
-    assert httpx.get(mplat.url + "/metrics", headers={"Authorization": f"Bearer {mplat.token}"}).status_code == 401
     assert httpx.get(mplat.url + "/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    workspace_token = httpx.get(mplat.url + "/metrics", headers={"Authorization": f"Bearer {mplat.token}"})
+    assert workspace_token.status_code == 403 and "metrics token" in workspace_token.json()["message"]
 
 
 def test_runs_pools_builds_and_routes(mplat, activity):
@@ -110,4 +111,5 @@ def test_own_port_needs_no_token(mplat, activity):
 
 def test_off_unless_configured(plat):
     resp = httpx.get(plat.url + "/metrics", headers={"Authorization": f"Bearer {plat.token}"})
-    assert resp.status_code == 404 and "OPBOX_METRICS_TOKEN" in resp.json()["message"]
+    assert resp.status_code == 403 and "none is set: set OPBOX_METRICS_TOKEN" in resp.json()["message"]
+    assert httpx.get(plat.url + "/metrics", headers={"Authorization": "Bearer guess"}).status_code == 401

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from opbox.errors import AuthError, NotFound
+from opbox.errors import AuthError, Forbidden
 
 from ..metrics import CONTENT_TYPE
 
@@ -21,25 +21,29 @@ def _scrape(request: Request) -> Response:
 
 async def metrics(request: Request):
     """
-    summary: Prometheus metrics (text format), with the metrics token (OPBOX_METRICS_TOKEN)
+    summary: Prometheus metrics (text format), for the metrics token (OPBOX_METRICS_TOKEN)
     description: >
       Runs made and ended, queue wait and run duration, pools and worker starts, service calls, builds,
-      storage errors and request latency per route. Answers 404 unless OPBOX_METRICS_TOKEN is set; the
-      metrics can also be served on their own port (OPBOX_METRICS_PORT).
-    security: [{bearer: []}]
+      storage errors and request latency per route. Only the metrics token reads them (workspace tokens
+      get 403); without OPBOX_METRICS_TOKEN set no token does. They can also be served on their own
+      port (OPBOX_METRICS_PORT).
     responses:
       200: {description: Prometheus text exposition format}
-      401: {description: Not the metrics token}
-      404: {description: Metrics are not served on this port}
+      401: {description: No token, or not a known one}
+      403: {description: A workspace token, not the metrics token}
     """
-    expected = request.app.state.platform.settings.metrics_token
-    if not expected:
-        raise NotFound("metrics are not served here: set OPBOX_METRICS_TOKEN (then scrape with it as a bearer "
-                       "token) or OPBOX_METRICS_PORT (their own port)")
+    platform = request.app.state.platform
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise AuthError("the metrics need 'Authorization: Bearer <OPBOX_METRICS_TOKEN>'")
-    return _scrape(request)
+    expected = platform.settings.metrics_token
+    if expected and hmac.compare_digest(token.encode(), expected.encode()):
+        return _scrape(request)
+    setting = "" if expected else " (none is set: set OPBOX_METRICS_TOKEN, or OPBOX_METRICS_PORT for their own port)"
+    if platform.auth.is_active(token):
+        raise Forbidden(f"a workspace token cannot read the metrics: scrape with the metrics token{setting}")
+    raise AuthError(f"the metrics need 'Authorization: Bearer <OPBOX_METRICS_TOKEN>'{setting}")
 
 
 def metrics_app(platform) -> Starlette:

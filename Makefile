@@ -22,8 +22,9 @@ run: install  ## start the platform (gateway, local backend, SQLite, local objec
 lint: install  ## import-linter contracts (layers; the platform never unpickles)
 	$(BIN)/lint-imports --no-cache
 
-test: install  ## everything: podman for the image tests, import contracts, the whole suite
+test: install  ## everything: podman for the image tests, chromium for the dashboard's, import contracts, the whole suite
 	bash scripts/setup-podman.sh
+	bash scripts/setup-browser.sh
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 

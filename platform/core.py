@@ -10,9 +10,11 @@ import secrets
 from dataclasses import replace
 from pathlib import Path
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
 from opbox.config import credentials_path, opbox_home
 
-from .backends.base import WorkerPools, require, supports
+from .backends.base import Serving, WorkerPools, require, supports
 from .backends.registry import make_backend, make_builder
 from .control import admin
 from .control.auth import Auth, RateLimit
@@ -24,6 +26,7 @@ from .control.retention import Retention
 from .control.schedules import Schedules
 from .control.secrets import Secrets, load_key
 from .control.services import Services
+from .control.views import Views
 from .records.base import Records
 from .records.sqlite import open_sqlite
 from .proxy.proxy import Proxy
@@ -107,12 +110,37 @@ class Platform:
             self._refresh_credentials()
         self.proxy = Proxy(self.services)  # service calls: replica choice, in-flight counts, connections
         self.retention = Retention(self.records, self.store, settings)
+        self.views = Views(self.records)
+        self.metrics = self.runs.metrics
+        self.metrics.gauges(self._levels)  # the runs API across jobs, maps' progress, the dashboard's overview
         self._collector: asyncio.Task | None = None  # runs the retention every gc_interval
 
     def _schedule_from_deploy(self, workspace: str, job, spec: dict) -> None:
         """A deploy that carries a schedule sets the job's (one without leaves the job's as it is)."""
         if spec.get("schedule") is not None:
             self.schedules.set(workspace, job, spec["schedule"])
+
+    def _levels(self):
+        """The metrics read when scraped: pools, workers started, open runs, services' replicas."""
+        workers = GaugeMetricFamily("opbox_pool_workers", "Warm workers per job, by state (idle, busy)",
+                                    labels=["workspace", "job", "state"])
+        queued = GaugeMetricFamily("opbox_pool_queued_runs", "Runs waiting in a pool for a worker", labels=["workspace", "job"])
+        starts = CounterMetricFamily("opbox_worker_starts", "Workers started (cold starts) per job", labels=["workspace", "job"])
+        if supports(self.backend, WorkerPools):
+            for size in require(self.backend, WorkerPools).pool_sizes():
+                workers.add_metric([size.workspace, size.job, "busy"], size.busy)
+                workers.add_metric([size.workspace, size.job, "idle"], size.workers - size.busy)
+                queued.add_metric([size.workspace, size.job], size.queued)
+                starts.add_metric([size.workspace, size.job], size.started)
+        open_runs = GaugeMetricFamily("opbox_open_runs", "Runs queued or running per workspace", labels=["workspace"])
+        for workspace, count in self.runs.open_runs.items():
+            open_runs.add_metric([workspace], count)
+        replicas = GaugeMetricFamily("opbox_service_replicas", "Replicas each service is set to run",
+                                     labels=["workspace", "service"])
+        if supports(self.backend, Serving):
+            for row in self.records.services.all():
+                replicas.add_metric([row.workspace, row.name], row.replicas)
+        return [workers, queued, starts, open_runs, replicas]
 
     def bootstrap(self) -> dict | None:
         """First start: make a workspace and an admin token. Uses OPBOX_WORKSPACE / OPBOX_TOKEN when set.

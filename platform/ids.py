@@ -30,3 +30,9 @@ def check_workspace(name: str) -> str:
             f"workspace {name!r} is not valid: use 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'"
         )
     return name
+
+
+def id_at(prefix: str, when: float) -> str:
+    """The smallest id ``new_id(prefix)`` makes at time ``when``: ids compare as their times do, so a time
+    range is a range of ids (the runs API's since/until)."""
+    return f"{prefix}-{max(0, int(when * 1000)):011x}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import sys
@@ -11,6 +12,7 @@ import uvicorn
 
 from .core import Platform
 from .gateway.app import create_app
+from .gateway.observe import metrics_app
 from .settings import Settings
 
 
@@ -44,7 +46,19 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
                             timeout_keep_alive=75, loop="auto", http="auto",
                             timeout_graceful_shutdown=STRAGGLERS)
     server = _Server(config, platform)
-    await server.serve(sockets=[sock])
+    if settings.metrics_port is None:
+        await server.serve(sockets=[sock])
+        return
+    metrics_sock = bind(settings.host, settings.metrics_port)
+    metrics_host, metrics_port = metrics_sock.getsockname()[:2]
+    print(f"opbox metrics on http://{metrics_host}:{metrics_port}/metrics", flush=True)
+    side = _Quiet(uvicorn.Config(metrics_app(platform), log_level="warning", access_log=False, lifespan="off"))
+    side_task = asyncio.ensure_future(side.serve(sockets=[metrics_sock]))
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        side.should_exit = True
+        await side_task
 
 
 STRAGGLERS = 3.0  # seconds uvicorn then gives requests still in flight (streams have ended already)
@@ -72,6 +86,14 @@ class _Server(uvicorn.Server):
         self.platform.begin_shutdown()
         task = asyncio.ensure_future(self.platform.drain())
         task.add_done_callback(lambda _: super(_Server, self).handle_exit(sig, frame))
+
+
+class _Quiet(uvicorn.Server):
+    """The metrics' own port: a second server on the same loop that leaves signals to the gateway's."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
 
 
 def main(settings: Settings) -> None:

@@ -114,6 +114,12 @@ class Settings:
     # the key that encrypts workspace secrets; a file apart from the state file (default home/secrets.key)
     secrets_key_file: Path | None = setting("OPBOX_SECRETS_KEY_FILE", parse=Path)
     s3_endpoint_url: str | None = setting("OPBOX_S3_ENDPOINT_URL")  # S3-compatible server, if the store URL names none
+    # Prometheus metrics: GET /metrics on the gateway with this bearer token, and/or on their own port (no
+    # token; bind it where only the scraper reaches); with neither, /metrics answers 404
+    metrics_token: str | None = setting("OPBOX_METRICS_TOKEN")
+    metrics_port: int | None = setting("OPBOX_METRICS_PORT", parse=int)
+    # the dashboard's browser sessions (a signed, HttpOnly cookie) last this many seconds
+    session_ttl: float = setting("OPBOX_SESSION_TTL", 8 * 3600.0, parse=float)
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, TypeVar
+from typing import ClassVar, NamedTuple, Protocol, TypeVar
 
 from opbox.builder.base import Artifact
 from opbox.errors import NotSupported
@@ -57,6 +57,17 @@ class RunTicket:
     timeout: float | None
     attempt: int = 0
     batch_id: str | None = None  # set for the items of a map
+
+
+class PoolSize(NamedTuple):
+    """A warm pool's size now, and how many workers it started so far (``WorkerPools.pool_sizes``)."""
+
+    workspace: str
+    job: str
+    workers: int
+    busy: int
+    queued: int
+    started: int
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,9 @@ class WorkerPools(Protocol):
     def busy(self) -> int:
         """Runs in the hands of this backend's workers, which end with the gateway: a stopping platform
         waits (up to its grace) for them to hand their results in."""
+
+    def pool_sizes(self) -> list[PoolSize]:
+        """Each pool's size now and its workers started so far (the platform's metrics)."""
 
 
 class Serving(Protocol):

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from opbox.errors import AuthError
 
-from .base import EXIT, IDLE, Completion, Lease, RunEvents, RunTicket, VersionInfo
+from .base import EXIT, IDLE, Completion, Lease, PoolSize, RunEvents, RunTicket, VersionInfo
 from .fairshare import FairShare
 
 log = logging.getLogger("opbox.pools")
@@ -53,6 +53,7 @@ class Pool:
     warm: int = 1  # workers kept while idle, until pool_idle passes
     failed_starts: int = 0  # workers in a row that died before asking for work
     generation: int = 0  # bumped when the version's secrets change: older workers leave at their next poll
+    started: int = 0  # workers started, ever (the platform's metrics: cold starts)
 
     @property
     def id(self) -> str:
@@ -196,6 +197,12 @@ class PoolManager:
             for p in self.pools.values() if p.version.workspace == workspace
         ]
 
+    def sizes(self) -> list[PoolSize]:
+        """Every pool's workers, busy ones, queued runs and workers started (the platform's metrics)."""
+        return [PoolSize(p.version.workspace, p.version.job_name, len(p.workers),
+                         sum(1 for w in p.workers.values() if w.run_id), len(p.queue), p.started)
+                for p in self.pools.values()]
+
     # -- worker side (called by the gateway's internal routes) --------------------------
     def find(self, pool_id: str, worker_id: str, token: str) -> Worker | None:
         """The worker ``worker_id`` of the pool, if the platform still has it (None: it should exit), once
@@ -336,6 +343,7 @@ class PoolManager:
         worker = Worker(id=f"w{time.monotonic_ns():x}", pool=pool, token=token,
                         token_hash=hashlib.sha256(token.encode()).digest(), generation=pool.generation)
         pool.workers[worker.id] = worker
+        pool.started += 1
         task = asyncio.ensure_future(self._run_worker(worker))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -375,3 +383,6 @@ class PoolMethods:
 
     def busy(self) -> int:
         return self.pools.leased
+
+    def pool_sizes(self) -> list[PoolSize]:
+        return self.pools.sizes()

@@ -74,6 +74,22 @@ class Auth:
         """The workspace's tokens, oldest first, revoked ones included."""
         return self.records.tokens.in_workspace(workspace)
 
+    def identify(self, token: str) -> TokenRecord | None:
+        """The active token with this value, whatever its workspace (the dashboard's login form); rate
+        limited like any request with it. None for an unknown or revoked one."""
+        token = token.strip()
+        if not token or len(token) > 200:
+            return None
+        digest = hash_token(token)
+        row = self.records.tokens.by_hash(digest)
+        if row is not None and self.rate_limit is not None:
+            self.rate_limit.take(digest, row.name)
+        return row
+
+    def active(self, workspace: str, token_id: str) -> TokenRecord | None:
+        """The workspace's token ``token_id`` if it is not revoked (a dashboard session's)."""
+        return next((t for t in self.tokens(workspace) if t.id == token_id and t.revoked_at is None), None)
+
     def is_active(self, token: str) -> bool:
         return self.records.tokens.by_hash(hash_token(token)) is not None
 

@@ -25,6 +25,7 @@ from opbox.resource import Resource
 
 from ..backends.base import Backend, RunTicket, VersionInfo
 from ..ids import new_id
+from ..metrics import Metrics
 from ..notify import Notifier
 from ..records.base import TERMINAL, AttemptRecord, BatchRecord, BatchResult, NewRun, Payload, Records, RunRecord, payload_size
 from ..settings import Settings
@@ -79,6 +80,7 @@ class Runs:
         self._lost_log: dict[str, int] = {}  # per run: bytes of output a full disk refused
         self._retry_timer: asyncio.TimerHandle | None = None
         self._handoff: dict[str, tuple[RunRecord, Payload] | None] = {}  # runs a call waits for, and their ends
+        self.metrics = Metrics()  # the platform's (core serves them)
 
     def _reserve(self, workspace: str, count: int) -> None:
         open_now = self.open_runs.get(workspace, 0)
@@ -152,6 +154,7 @@ class Runs:
         except BaseException:
             self.open_runs[version.workspace] -= 1
             raise
+        self.metrics.runs_created(version.workspace, version.job_name, trigger).inc()
         self._dispatch(RunTicket(run_id, version.workspace, version.job_id, version.version, res.timeout), version)
         return run_id
 
@@ -219,6 +222,7 @@ class Runs:
             except BaseException:
                 self.open_runs[workspace] -= len(rows)
                 raise
+            self.metrics.runs_created(workspace, version.job_name, "map").inc(len(rows))
             for ticket in tickets:
                 self._dispatch(ticket, version)
         return len(rows), accepted
@@ -448,6 +452,7 @@ class Runs:
         self.open_runs[run.workspace] = max(0, self.open_runs.get(run.workspace, 0) - 1)
         if run_id in self._handoff:  # a call waits for it: it gets the record and result as written
             self._handoff[run_id] = (ended, payload)
+        self._count_end(run, status)
         self.notifier.notify(run_id)
         self.notifier.notify(f"logs:{run_id}")
         if run.batch_id:
@@ -469,10 +474,18 @@ class Runs:
         except Exception:
             types = []
         return policy.delay(run.attempt) if policy.retries(status, types) else None
+    def _count_end(self, run: RunRecord, status: str) -> None:
+        info = self._versions.get((run.job_id, run.version))
+        job, m = info.job_name if info else run.job_id, self.metrics
+        m.runs_finished(run.workspace, job, run.trigger, status).inc()
+        if run.started_at is not None:
+            m.queue_wait(run.workspace, job).observe(run.started_at - run.created_at)
+            m.run_duration(run.workspace, job, status).observe(time.time() - run.started_at)
 
     def _stall(self, key: str, retry: Callable[[], None]) -> None:
         """Keep a write a full disk refused; it is tried again every STALLED_RETRY seconds until it goes in."""
         self.stalled[key] = retry
+        self.metrics.storage_errors("state", "full").inc()
         if self._retry_timer is None:
             try:
                 self._retry_timer = asyncio.get_running_loop().call_later(STALLED_RETRY, self._retry_stalled)

@@ -14,7 +14,7 @@ from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
 from opbox import __version__
-from opbox.errors import OpboxError
+from opbox.errors import OpboxError, StorageError, StorageFull
 
 from ..core import Platform
 from . import routes_internal as internal
@@ -23,7 +23,11 @@ from . import routes_runs as runs
 from . import routes_schedules as schedules
 from . import routes_secrets as secrets
 from . import routes_serve as serve
+from . import routes_views as views
+from . import dashboard
+from .sessions import Sessions
 from .http import error_response
+from .observe import RequestMetrics, metrics
 
 log = logging.getLogger("opbox.gateway")
 
@@ -71,6 +75,9 @@ def openapi_document(routes) -> dict:
 
 
 async def opbox_error(request: Request, exc: OpboxError):
+    if isinstance(exc, StorageError):
+        request.app.state.platform.metrics.storage_errors(
+            exc.details.get("component", "store"), "full" if isinstance(exc, StorageFull) else "error").inc()
     return error_response(exc)
 
 
@@ -83,6 +90,9 @@ W = "/{workspace}"
 ROUTES = [
     Route("/healthz", healthz),
     Route("/openapi.json", openapi, include_in_schema=False),
+    Route("/metrics", metrics),
+    Route("/", dashboard.home, include_in_schema=False),
+    dashboard.MOUNT,  # the dashboard, /_ui/...
     # service calls first: the hot path should not try every other route's pattern before its own
     Route(W + "/serve/{name}/openapi.json", serve.service_openapi),
     Route(W + "/serve/{name}/{path:path}", serve.call, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
@@ -105,11 +115,14 @@ ROUTES = [
     Route(W + "/secrets", secrets.list_secrets),
     Route(W + "/secrets/{name}", secrets.put_secret, methods=["PUT"]),
     Route(W + "/secrets/{name}", secrets.delete_secret, methods=["DELETE"]),
+    Route(W + "/batches", views.list_batches),
     Route(W + "/batches/{batch}", jobs.get_batch),
     Route(W + "/batches/{batch}/items", jobs.add_items, methods=["POST"]),
     Route(W + "/batches/{batch}/seal", jobs.seal_batch, methods=["POST"]),
     Route(W + "/batches/{batch}/results", jobs.batch_results),
+    Route(W + "/batches/{batch}/progress", views.batch_progress),
     Route(W + "/batches/{batch}/cancel", jobs.cancel_batch, methods=["POST"]),
+    Route(W + "/runs", views.list_runs),
     Route(W + "/runs/{run}", runs.get_run),
     Route(W + "/runs/{run}/result", runs.get_result),
     Route(W + "/runs/{run}/logs", runs.get_logs),
@@ -144,8 +157,10 @@ def create_app(platform: Platform) -> Starlette:
     app = Starlette(
         routes=platform.store.routes() + ROUTES,
         exception_handlers={OpboxError: opbox_error, Exception: unexpected_error},
-        middleware=[Middleware(serve.ServeFastPath, platform=platform)],  # service calls skip the router
+        # service calls skip the router (and the request metrics: they have their own)
+        middleware=[Middleware(serve.ServeFastPath, platform=platform), Middleware(RequestMetrics, platform=platform)],
         lifespan=lifespan,
     )
     app.state.platform = platform
+    app.state.sessions = Sessions(platform.secret, platform.settings.session_ttl)  # the dashboard's
     return app

@@ -6,6 +6,7 @@ The fields and their names are the API's, kept as they were when the routes read
 
 from __future__ import annotations
 
+from ..control.views import Page, Progress
 from ..records.base import (TERMINAL, AttemptRecord, BatchRecord, JobRecord, RunRecord, ScheduleRecord, SecretRecord, TokenRecord,
                             VersionRecord)
 
@@ -33,6 +34,17 @@ def batch_json(batch: BatchRecord) -> dict:
     return {"id": batch.id, "workspace": batch.workspace, "job_id": batch.job_id, "version": batch.version,
             "concurrency": batch.concurrency, "total": batch.total, "submitted": batch.submitted, "done": batch.done,
             "cancelled": int(batch.cancelled), "created_at": batch.created_at}
+
+
+def progress_json(progress: Progress) -> dict:
+    """A map with its items by status (queued, running, succeeded, ...) and how many have finished."""
+    return {**batch_json(progress.batch), "counts": progress.counts, "finished": progress.finished}
+
+
+def page_json(page: Page, key: str, render, next_url: str) -> dict:
+    """A page of a listing: its items under ``key``, the cursor of the next page and its URL (None at the end)."""
+    return {key: [render(item) for item in page.items], "next": page.next,
+            "next_url": f"{next_url}cursor={page.next}" if page.next else None}
 
 
 def job_json(job: JobRecord) -> dict:

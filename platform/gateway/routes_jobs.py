@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import struct
+import time
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -28,6 +29,18 @@ def workspace(request: Request) -> str:
     ws = request.path_params["workspace"]
     platform(request).auth.check(request.headers.get("authorization"), ws)
     return ws
+
+
+def build_counter(metrics, ws: str):
+    """A done-callback for a deploy's task: the build's time and outcome in the metrics."""
+    start = time.perf_counter()
+
+    def count(task: asyncio.Task) -> None:
+        ok = not task.cancelled() and task.exception() is None
+        metrics.builds(ws, "ready" if ok else "failed").observe(time.perf_counter() - start)
+        if not ok:
+            metrics.build_failures(ws).inc()
+    return count
 
 
 def base_url(request: Request, ws: str) -> str:
@@ -94,6 +107,7 @@ async def deploy(request: Request):
     lines: asyncio.Queue = asyncio.Queue()
     task = asyncio.ensure_future(plat.deploys.deploy(ws, spec, code, lines.put_nowait))
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # the build goes on if the client leaves
+    task.add_done_callback(build_counter(plat.metrics, ws))
 
     async def stream():
         while True:

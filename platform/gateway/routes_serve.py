@@ -8,11 +8,14 @@ once, and passes the replica's answer back as received, or renders the error. Th
 
 from __future__ import annotations
 
+import time
+
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from opbox.errors import OpboxError
 
+from ..metrics import status_class
 from ..proxy.upstream import Answer
 from .http import error_response, json_body, ok, query_number
 from .routes_jobs import platform, workspace
@@ -140,6 +143,7 @@ async def call(request: Request):
 async def serve_call(plat, scope, receive, send, ws: str, name: str, rest: str) -> None:
     """One call to service ``name``, from the request to the answer's last byte: the token, the proxy,
     the answer passed through, or the error as the API's JSON. Both ways in end here."""
+    start = time.perf_counter()
     try:
         authorization = None
         for k, v in scope["headers"]:
@@ -149,9 +153,18 @@ async def serve_call(plat, scope, receive, send, ws: str, name: str, rest: str) 
         plat.auth.check(authorization, ws)
         answer = await plat.proxy.call(scope, receive, ws, name, rest)
     except OpboxError as exc:
+        count_call(plat.metrics, ws, name, exc.status, start)
         await error_response(exc)(scope, receive, send)
         return
+    count_call(plat.metrics, ws, name, answer.status, start)
     await send_answer(answer, send)
+
+
+def count_call(metrics, ws: str, name: str, status: int, start: float) -> None:
+    metrics.service_latency(ws, name).observe(time.perf_counter() - start)
+    metrics.service_calls(ws, name, status_class(status)).inc()
+    if status == 429:
+        metrics.service_rejected(ws, name).inc()
 
 
 async def send_answer(answer: Answer, send) -> None:

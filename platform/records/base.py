@@ -109,6 +109,18 @@ class SecretRecord:
     updated_at: float
 
 
+class RunFilter(NamedTuple):
+    """Which of a workspace's runs to list: each field narrows (None: any). ``since_id`` and ``before_id``
+    bound the run ids (time-ordered, so a time range and a page cursor are both id bounds)."""
+
+    job_id: str | None = None
+    status: str | None = None
+    trigger: str | None = None
+    batch_id: str | None = None
+    since_id: str | None = None  # ids >= this
+    before_id: str | None = None  # ids < this
+
+
 @dataclass(frozen=True, slots=True)
 class BatchRecord:
     """A map: its items are runs with ``batch_id`` set; ``done`` numbers their completions."""
@@ -245,6 +257,15 @@ class RunRecords(Protocol):
     def open_counts(self, workspace: str) -> dict[str, int]:
         """How many runs are queued and running, by status (statuses with none are absent)."""
 
+    def search(self, workspace: str, where: RunFilter, limit: int) -> list[RunRecord]:
+        """The workspace's runs that match, newest (highest id) first."""
+
+    def status_counts(self, workspace: str, since_id: str, before_id: str | None = None) -> dict[str, int]:
+        """How many of the workspace's runs with ids in [since_id, before_id) are in each status."""
+
+    def busiest_jobs(self, workspace: str, since_id: str, limit: int) -> list[tuple[str, int, int]]:
+        """(job id, runs, failed runs) of the jobs with the most runs since ``since_id``, most first."""
+
     def expire(self, default_days: float, now: float, limit: int) -> Dropped:
         """Drop the arguments, results and logs of up to ``limit`` runs finished longer ago than their
         version's ``retention_days`` (else ``default_days``); mark them expired."""
@@ -298,6 +319,12 @@ class BatchRecords(Protocol):
 
     def results_after(self, batch_id: str, after: int, limit: int) -> list[BatchResult]:
         """Finished items with completion number > ``after``, in completion order."""
+
+    def in_workspace(self, workspace: str, before_id: str | None, limit: int) -> list[BatchRecord]:
+        """The workspace's maps, newest first; ``before_id`` is a batch id (a page cursor)."""
+
+    def status_counts(self, batch_id: str) -> dict[str, int]:
+        """How many of the map's items are in each status."""
 
 
 class JobRecords(Protocol):

@@ -13,6 +13,10 @@ INSERT_ITEM = ("INSERT INTO runs(id, workspace, job_id, version, trigger, create
                "batch_id, batch_index, schedule_id, status) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued')")
 
 
+def _record(row: tuple) -> BatchRecord:
+    return BatchRecord(*row[:8], bool(row[8]), row[9])
+
+
 @storage_errors
 class SqliteBatches:
     def __init__(self, database: Database):
@@ -28,9 +32,16 @@ class SqliteBatches:
 
     def get(self, batch_id: str) -> BatchRecord | None:
         row = self.db.execute(f"SELECT {COLUMNS} FROM batches WHERE id = ?", (batch_id,)).fetchone()
-        if row is None:
-            return None
-        return BatchRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], bool(row[8]), row[9])
+        return None if row is None else _record(row)
+
+    def in_workspace(self, workspace: str, before_id: str | None, limit: int) -> list[BatchRecord]:
+        return [_record(r) for r in self.db.execute(
+            f"SELECT {COLUMNS} FROM batches WHERE workspace = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            (workspace, before_id or "\uffff", limit))]
+
+    def status_counts(self, batch_id: str) -> dict[str, int]:
+        return dict(self.db.execute("SELECT status, COUNT(*) FROM runs WHERE batch_id = ? GROUP BY status",
+                                    (batch_id,)).fetchall())
 
     def add_items(self, batch_id: str, runs: Sequence[NewRun], args: Sequence[Payload]) -> None:
         with self.tx() as db:

@@ -86,8 +86,9 @@ def _translating(method):
             code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
             if code == SQLITE_FULL:
                 raise StorageFull(f"the disk holding the platform's state ({self.path}) is full: nothing new can be "
-                                  "stored until space is freed (what was stored is intact)") from None
+                                  "stored until space is freed (what was stored is intact)", component="state") from None
             if code == SQLITE_IOERR:
-                raise StorageError(f"the platform's state file {self.path} could not be written ({exc})") from None
+                raise StorageError(f"the platform's state file {self.path} could not be written ({exc})",
+                                   component="state") from None
             raise
     return call

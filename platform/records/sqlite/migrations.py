@@ -95,6 +95,18 @@ CREATE TABLE secrets(
   workspace TEXT NOT NULL, name TEXT NOT NULL, keys TEXT NOT NULL, data BLOB NOT NULL, created_at REAL NOT NULL,
   updated_at REAL NOT NULL, PRIMARY KEY(workspace, name)) WITHOUT ROWID;
 """,
+    # 5: the runs API across jobs and the dashboard: a workspace's runs newest first (ids are time-ordered),
+    # by status, by trigger and by map, and its maps (a map's items also by index: adding items checks which
+    # it has); each filter walks its own index in id order (keyset paging);
+    # the workspace's index carries job and status, so the overview's busiest jobs are counted from it alone
+    """
+CREATE INDEX runs_by_workspace ON runs(workspace, id, job_id, status);
+CREATE INDEX runs_by_status ON runs(workspace, status, id);
+CREATE INDEX runs_by_trigger ON runs(workspace, trigger, id);
+CREATE INDEX runs_by_batch_id ON runs(batch_id, id) WHERE batch_id IS NOT NULL;
+CREATE INDEX runs_by_batch_index ON runs(batch_id, batch_index) WHERE batch_id IS NOT NULL;
+CREATE INDEX batches_by_workspace ON batches(workspace, id);
+""",
 )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
-from ..base import AttemptRecord, Dropped, NewRun, Payload, RunRecord, StoredPayload, payload_size
+from ..base import AttemptRecord, Dropped, NewRun, Payload, RunFilter, RunRecord, StoredPayload, payload_size
 from .connection import Database, storage_errors
 
 COLUMNS = ("id, workspace, job_id, version, status, trigger, created_at, started_at, finished_at, exit_reason, "
@@ -148,6 +148,38 @@ class SqliteRuns:
     def open_counts(self, workspace: str) -> dict[str, int]:
         return dict(self.db.execute(f"SELECT status, COUNT(*) FROM runs WHERE workspace = ? AND {OPEN_SQL} "
                                     "GROUP BY status", (workspace,)).fetchall())
+
+    def search(self, workspace: str, where: RunFilter, limit: int) -> list[RunRecord]:
+        # SQLite walks one index backwards in id order and stops after ``limit`` rows: a map's or a job's
+        # (the most selective; "+workspace" keeps the planner off the workspace's), else runs_by_status,
+        # runs_by_trigger or runs_by_workspace
+        narrow = where.batch_id is not None or where.job_id is not None
+        sql, params = f"{SELECT} WHERE {'+' if narrow else ''}workspace = ?", [workspace]
+        for column, value in (("job_id", where.job_id), ("status", where.status), ("trigger", where.trigger),
+                              ("batch_id", where.batch_id)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        if where.since_id is not None:
+            sql += " AND id >= ?"
+            params.append(where.since_id)
+        if where.before_id is not None:
+            sql += " AND id < ?"
+            params.append(where.before_id)
+        params.append(limit)
+        return [RunRecord(*r) for r in self.db.execute(sql + " ORDER BY id DESC LIMIT ?", params)]
+
+    def status_counts(self, workspace: str, since_id: str, before_id: str | None = None) -> dict[str, int]:
+        return dict(self.db.execute(
+            "SELECT status, COUNT(*) FROM runs INDEXED BY runs_by_status WHERE workspace = ? AND status IN "
+            "('queued', 'running', 'succeeded', 'failed', 'cancelled', 'timed_out') AND id >= ? AND id < ? "
+            "GROUP BY status", (workspace, since_id, before_id or "\uffff")).fetchall())
+
+    def busiest_jobs(self, workspace: str, since_id: str, limit: int) -> list[tuple[str, int, int]]:
+        return self.db.execute(
+            "SELECT job_id, COUNT(*) AS n, SUM(status IN ('failed', 'timed_out')) FROM runs "
+            "WHERE workspace = ? AND id >= ? GROUP BY job_id ORDER BY n DESC LIMIT ?",
+            (workspace, since_id, limit)).fetchall()
 
     def requeue_running(self, reason: str) -> None:
         self.db.execute("UPDATE runs SET status = 'queued', started_at = NULL, worker = NULL, exit_reason = ? "

@@ -6,6 +6,7 @@ import datetime as dt
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -164,24 +165,52 @@ def jobs(as_json):
 
 
 @main.command()
-@click.argument("job")
-@click.option("--status", default=None, help="Only runs in this state.")
-@click.option("--limit", default=20, show_default=True)
+@click.argument("job", required=False)
+@click.option("--status", default=None, help="Only runs in this state (queued, running, succeeded, failed, ...).")
+@click.option("--trigger", default=None, help="Only runs made this way (call, trigger, map, schedule).")
+@click.option("--batch", default=None, help="Only the items of this map.")
+@click.option("--since", default=None, help="Only runs made since: a duration (30m, 6h, 2d) or epoch seconds.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1), help="How many (pages past 1,000).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def runs(job, status, limit, as_json):
-    """List the runs of JOB (id or name), newest first."""
-    from .jobs import Jobs
-
-    rows = Jobs(job, _client()).runs(limit=limit, status=status)
+def runs(job, status, trigger, batch, since, limit, as_json):
+    """List the workspace's runs (or JOB's, by id or name), newest first."""
+    params = {k: v for k, v in {"job": job, "status": status, "trigger": trigger, "batch": batch,
+                                "since": _since(since)}.items() if v is not None}
+    client, rows, cursor = _client(), [], None
+    if job is not None:
+        client.get(f"/job/{job}")  # an unknown job is an error here, not an empty list
+    while len(rows) < limit:
+        page = client.get("/runs", params={**params, "limit": min(1000, limit - len(rows)),
+                                            **({"cursor": cursor} if cursor else {})}).json()
+        rows += page["runs"]
+        cursor = page["next"]
+        if not cursor:
+            break
     if as_json:
         return _print_json(rows)
 
     def took(r):
         return f"{r['finished_at'] - r['started_at']:.3f}s" if r["finished_at"] and r["started_at"] else "-"
 
-    _table(rows, [("run", "id"), ("version", "version"), ("status", "status"), ("trigger", "trigger"),
-                  ("created", lambda r: _when(r["created_at"])), ("took", took),
+    _table(rows, [("run", "id"), ("job", "job_id"), ("version", "version"), ("status", "status"),
+                  ("trigger", "trigger"), ("created", lambda r: _when(r["created_at"])), ("took", took),
                   ("reason", lambda r: (r["exit_reason"] or "")[:60])])
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _since(value: str | None) -> float | None:
+    """``--since``: a duration back from now (90s, 30m, 6h, 2d) or a moment in epoch seconds."""
+    if value is None:
+        return None
+    try:
+        if value[-1:] in _UNITS:
+            return time.time() - float(value[:-1]) * _UNITS[value[-1]]
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a duration (30m, 6h, 2d) nor epoch seconds",
+                                 param_hint="--since") from None
 
 
 @main.command()

@@ -83,6 +83,27 @@ def test_a_failed_run_exits_non_zero_with_its_traceback(cli):
     assert again.returncode == 1 and "broken on 1" in again.stderr
 
 
+def test_runs_across_jobs_with_filters_and_pages_past_a_thousand(cli, plat):
+    cli("deploy", "climod.py:greet", "--json")
+    cli("deploy", "climod.py:broken", "--json")
+    ok = json.loads(cli("trigger", "greet", "--wait", "--json").stdout)
+    bad = json.loads(cli("trigger", "broken", "--wait", "--json", check=False).stdout)
+    every = json.loads(cli("runs", "--json", "--limit", "100").stdout)
+    assert {ok["run_id"], bad["run_id"]} <= {r["id"] for r in every}  # both jobs, one list
+    assert [r["id"] for r in every] == sorted((r["id"] for r in every), reverse=True)
+    failed = json.loads(cli("runs", "--status", "failed", "--since", "10m", "--json").stdout)
+    assert bad["run_id"] in {r["id"] for r in failed} and {r["status"] for r in failed} == {"failed"}
+    assert json.loads(cli("runs", "--since", str(time.time() + 3600), "--json").stdout) == []
+    assert "neither a duration" in cli("runs", "--since", "soon", check=False).stderr
+    with plat.http() as http:  # 1,100 more runs: a map of them, read back 1,050 at a time over two pages
+        from opbox import RemoteFunction
+        fn = RemoteFunction("greet", client=plat.client())
+        assert len(list(fn.map(["x"] * 1100))) == 1100
+        assert http.get(f"/{plat.workspace}/runs", params={"trigger": "map", "limit": 1000}).json()["next"]
+    mapped = json.loads(cli("runs", "greet", "--trigger", "map", "--limit", "1050", "--json").stdout)
+    assert len(mapped) == 1050 and len({r["id"] for r in mapped}) == 1050
+
+
 def test_follow_logs_and_cancel(cli):
     cli("deploy", "climod.py:napper", "--json")
     started = json.loads(cli("trigger", "napper", "--json").stdout)

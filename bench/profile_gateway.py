@@ -1,0 +1,147 @@
+"""Where the gateway's CPU goes: py-spy samples the gateway process of a fresh platform (as `make run`
+runs it) during N warm calls and during C concurrent callers, and this prints each profile's top frames.
+
+    python bench/profile_gateway.py [--calls 10000] [--callers 50] [--seconds 30] [--out bench/results]
+    python bench/profile_gateway.py --summarize bench/results/warm_call.txt
+
+py-spy (`make bench` installs it into .venv) must be allowed to read the gateway's memory (root, or
+ptrace_scope 0). Each phase leaves OUT/<phase>.txt (collapsed stacks, py-spy's raw format: speedscope or any
+flame graph tool draws it); the summary (self and inclusive shares of the sampled CPU,
+by function and by package) is printed as JSON. Sampling costs the gateway little but shares the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from harness import PRODUCT_DEFAULTS, cpu_seconds, machine
+
+HERE = Path(__file__).resolve().parent
+
+# what a frame's file says about who spends the time (first match wins)
+PACKAGES = (("/platform/records/", "opbox records (SQLite)"), ("sqlite3", "sqlite3"),
+            ("/platform/", "opbox platform"), ("/opbox/", "opbox sdk/envelope"), ("starlette", "starlette"),
+            ("uvicorn", "uvicorn"), ("httptools", "httptools"), ("h11", "h11"), ("uvloop", "uvloop"),
+            ("asyncio", "asyncio"), ("json", "json"), ("logging", "logging"), ("anyio", "anyio"),
+            ("email", "email/headers"), ("urllib", "urllib"), ("hashlib", "hashlib"), ("hmac", "hmac"),
+            ("threading", "threading"))
+
+
+def frame_package(frame: str) -> str:
+    for needle, name in PACKAGES:
+        if needle in frame:
+            return name
+    return "other"
+
+
+def short(frame: str) -> str:
+    """``func (/long/path/site-packages/pkg/mod.py)`` as ``func (pkg/mod.py)``."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    for cut in ("site-packages/", "/wt-bench/", "/lib/python3."):
+        if cut in where:
+            where = where.split(cut, 1)[1]
+            if cut == "/lib/python3.":
+                where = "stdlib/" + where.split("/", 1)[1]
+            break
+    return f"{name} ({where})"
+
+
+def summarize(raw: Path, top: int = 25) -> dict:
+    self_, incl, pkg, total = Counter(), Counter(), Counter(), 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [short(f) for f in stack.split(";")]
+        total += n
+        self_[frames[-1]] += n
+        pkg[frame_package(stack.split(";")[-1])] += n
+        for f in set(frames):
+            incl[f] += n
+    share = lambda c: round(100 * c / total, 1) if total else 0.0  # noqa: E731
+    return {"samples": total,
+            "self_by_package_pct": {k: share(v) for k, v in pkg.most_common()},
+            "self_pct": [[f, share(c)] for f, c in self_.most_common(top)],
+            "inclusive_pct": [[f, share(c)] for f, c in incl.most_common(top * 2)]}
+
+
+def record(pid: int, out: Path, rate: int):
+    """py-spy record of ``pid`` until stopped (SIGINT); collapsed stacks in out.txt."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("py-spy is not installed: `make bench` installs it into .venv")
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", str(rate), "--nolineno", "--format", "raw",
+                             "-o", str(out.with_suffix(".txt"))], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def stop(spy: subprocess.Popen) -> None:
+    time.sleep(0.5)
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=10_000)
+    parser.add_argument("--callers", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--rate", type=int, default=250, help="samples a second")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--summarize", type=Path, help="only print the summary of one collapsed-stacks file")
+    args = parser.parse_args()
+    if args.summarize:
+        print(json.dumps(summarize(args.summarize), indent=2))
+        return
+
+    from bench import CODE, concurrent_callers, timed_calls
+    from platform_fixture import running_platform
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    out: dict = {"machine": machine()}
+    with tempfile.TemporaryDirectory() as tmp, running_platform(Path(tmp) / "home", extra_env=PRODUCT_DEFAULTS) as plat:
+        code = Path(tmp) / "code"
+        code.mkdir()
+        (code / "bench_fns.py").write_text(CODE)
+        sys.path.insert(0, str(code))
+        import bench_fns
+
+        square = bench_fns.square.deploy(client=plat.client(), quiet=True)
+        timed_calls(square, 200)
+        pid = plat.proc.pid
+
+        spy = record(pid, args.out / "warm_call", args.rate)
+        time.sleep(1.0)  # py-spy attaches
+        before, t = cpu_seconds(pid), time.perf_counter()
+        timed_calls(square, args.calls)
+        out["warm_call"] = {"calls": args.calls, "wall_ms_per_call": round((time.perf_counter() - t) / args.calls * 1e3, 4),
+                            "gateway_cpu_ms_per_call": round((cpu_seconds(pid) - before) / args.calls * 1e3, 4)}
+        stop(spy)
+        out["warm_call"]["profile"] = summarize(args.out / "warm_call.txt")
+
+        spy = record(pid, args.out / "concurrent_callers", args.rate)
+        time.sleep(1.0)
+        out["concurrent_callers"] = concurrent_callers(plat, square, args.callers, args.seconds)
+        stop(spy)
+        out["concurrent_callers"]["profile"] = summarize(args.out / "concurrent_callers.txt")
+    out["machine"]["loadavg_at_end"] = list(__import__("os").getloadavg())
+    text = json.dumps(out, indent=2)
+    (args.out / "profile.json").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -72,19 +72,22 @@ from opbox.remote import RemoteFunction
 url, token, workspace, job, n, budget = sys.argv[1:7]
 n, budget = int(n), float(budget)
 square = RemoteFunction(job, client=Client(ClientConfig(url, token, workspace)))
-out, marks = [], []
+out, marks, error = [], [], None
 t = time.perf_counter()
 results = square.imap(range(n), progress=False)  # .map's loop, with a way out when the budget is spent
-for result in results:
-    out.append(result)
-    if len(out) % max(1, n // 20) == 0:
-        marks.append([len(out), round(time.perf_counter() - t, 2)])
-    if time.perf_counter() - t > budget:
-        break
+try:
+    for result in results:
+        out.append(result)
+        if len(out) % max(1, n // 20) == 0:
+            marks.append([len(out), round(time.perf_counter() - t, 2)])
+        if time.perf_counter() - t > budget:
+            break
+except Exception as exc:  # the map failed: say how far it got
+    error = f"{type(exc).__name__}: {exc}"
 took = time.perf_counter() - t
 results.close()  # a map left early cancels its remaining runs
-assert out[:3] == [0, 1, 4][:len(out)] and out[-1] == (len(out) - 1) ** 2
-print(json.dumps({"seconds": took, "done": len(out), "progress": marks,
+assert not out or (out[:3] == [0, 1, 4][:len(out)] and out[-1] == (len(out) - 1) ** 2)
+print(json.dumps({"seconds": took, "done": len(out), "progress": marks, "error": error,
                   "client_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -185,6 +188,7 @@ def big_map(plat, square, items: int, small_rate: float, budget: float) -> dict:
     child = json.loads(done.stdout.strip().splitlines()[-1])
     rate = child["done"] / child["seconds"]
     return {"items": items, "completed": child["done"] == items, "done": child["done"], "budget_s": budget,
+            "error": child["error"],
             "seconds": round(child["seconds"], 2), "items_per_s": round(rate, 1), "progress": child["progress"],
             "share_of_10k_rate": ratio(rate, small_rate), "client_peak_rss_mib": round(child["client_peak_rss_mib"], 1),
             "gateway_rss_before_mib": before, "gateway_peak_rss_mib": max(peak)}

@@ -1,7 +1,8 @@
 """Where the gateway's CPU goes: py-spy samples the gateway process of a fresh platform (as `make run`
-runs it) during N warm calls and during C concurrent callers, and this prints each profile's top frames.
+runs it) during N warm calls, during C concurrent callers and while 32 clients call a served class, during
+50 MiB argument+result round trips (bytes, numpy, DataFrame), and this prints each profile's top frames.
 
-    python bench/profile_gateway.py [--calls 10000] [--callers 50] [--seconds 30] [--out bench/results]
+    python bench/profile_gateway.py [--calls 10000] [--callers 50] [--seconds 30] [--payload-mib 50] [--out bench/results]
     python bench/profile_gateway.py --summarize bench/results/warm_call.txt
 
 py-spy (`make bench` installs it into .venv) must be allowed to read the gateway's memory (root, or
@@ -99,6 +100,8 @@ def main():
     parser.add_argument("--calls", type=int, default=10_000)
     parser.add_argument("--callers", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--served-seconds", type=float, default=10.0, help="0: no served-class phase")
+    parser.add_argument("--payload-mib", type=int, default=50, help="0: no payload phase")
     parser.add_argument("--rate", type=int, default=250, help="samples a second")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--summarize", type=Path, help="only print the summary of one collapsed-stacks file")
@@ -107,7 +110,7 @@ def main():
         print(json.dumps(summarize(args.summarize), indent=2))
         return
 
-    from bench import CODE, concurrent_callers, timed_calls
+    from bench import CODE, concurrent_callers, payloads, timed_calls
     from platform_fixture import running_platform
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +123,7 @@ def main():
         import bench_fns
 
         square = bench_fns.square.deploy(client=plat.client(), quiet=True)
+        echo = bench_fns.echo.deploy(client=plat.client(), quiet=True)
         timed_calls(square, 200)
         pid = plat.proc.pid
 
@@ -137,6 +141,23 @@ def main():
         out["concurrent_callers"] = concurrent_callers(plat, square, args.callers, args.seconds)
         stop(spy)
         out["concurrent_callers"]["profile"] = summarize(args.out / "concurrent_callers.txt")
+
+        if args.served_seconds:  # the gateway's part only: the direct runs leave it idle (not sampled)
+            from bench_serve import gateway_vs_direct
+
+            spy = record(pid, args.out / "served", args.rate)
+            time.sleep(1.0)
+            served = gateway_vs_direct(plat, Path(tmp) / "serve", [32], args.served_seconds, 1)["32_clients"]
+            stop(spy)
+            out["served"] = {k: served[k] for k in ("gateway_share_of_direct_rps", "added_p95_ms")}
+            out["served"]["profile"] = summarize(args.out / "served.txt")
+
+        if args.payload_mib:
+            spy = record(pid, args.out / "payload", args.rate)
+            time.sleep(1.0)
+            out["payload"] = payloads(echo, args.payload_mib, 3)
+            stop(spy)
+            out["payload"]["profile"] = summarize(args.out / "payload.txt")
     out["machine"]["loadavg_at_end"] = list(__import__("os").getloadavg())
     text = json.dumps(out, indent=2)
     (args.out / "profile.json").write_text(text + "\n")

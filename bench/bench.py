@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from harness import PRODUCT_DEFAULTS, cpu_seconds, load, machine, pct, rss_mib, tree_cpu_seconds
+from harness import PRODUCT_DEFAULTS, cpu_seconds, load, machine, pct, rss_mib, timed_calls, tree_cpu_seconds
 
 HERE = Path(__file__).resolve().parent
 PEERS_PYTHON = HERE.parent / ".bench-peers" / "bin" / "python"
@@ -98,15 +98,6 @@ def _square(x):
 
 def ratio(a, b, digits: int = 3):
     return round(a / b, digits) if a is not None and b else None
-
-
-def timed_calls(fn, n: int) -> list[float]:
-    times = []
-    for i in range(n):
-        t = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def latency(times: list[float]) -> dict:

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from harness import pct
+from harness import pct, timed_calls
 
 CODE = """
 import time
@@ -38,15 +38,6 @@ def spin(seconds=30.0):
 def echo(x=1):
     return x
 """
-
-
-def timed_calls(fn, n):
-    times = []
-    for i in range(n):
-        t = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def main():

@@ -23,6 +23,16 @@ def pct(values, q) -> float:
     return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 3)
 
 
+def timed_calls(fn, n: int) -> list[float]:
+    """The seconds of each of ``n`` calls ``fn(i)``, one after the other."""
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

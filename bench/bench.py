@@ -64,7 +64,7 @@ def echo(x=None):
 """
 
 BIG_MAP = """
-import json, resource, sys, time
+import json, os, resource, sys, threading, time
 from opbox.client import Client
 from opbox.config import ClientConfig
 from opbox.remote import RemoteFunction
@@ -72,23 +72,52 @@ from opbox.remote import RemoteFunction
 url, token, workspace, job, n, budget = sys.argv[1:7]
 n, budget = int(n), float(budget)
 square = RemoteFunction(job, client=Client(ClientConfig(url, token, workspace)))
-out, marks, error = [], [], None
+out, marks, last = [], [], [time.perf_counter()]
 t = time.perf_counter()
 results = square.imap(range(n), progress=False)  # .map's loop, with a way out when the budget is spent
+lock = threading.Lock()
+
+
+def report(error=None):
+    mapper = results.gi_frame.f_locals.get("self") if results.gi_frame else None
+    batch = {}
+    if mapper is not None:
+        try:
+            batch = square.client.get(f"/batches/{mapper.batch_id}").json()
+        except Exception as exc:
+            batch = {"error": repr(exc)}
+    with lock:
+        print(json.dumps({"seconds": time.perf_counter() - t, "done": len(out), "progress": marks, "error": error,
+                          "batch": batch, "client_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
+              flush=True)
+    return mapper
+
+
+def watchdog():  # results come in input order: one item that never ends stalls the loop before its budget check
+    while True:
+        time.sleep(1.0)
+        if time.perf_counter() - t > budget + 60:
+            mapper = report(f"stalled: no result in input order for {time.perf_counter() - last[0]:.0f} s")
+            if mapper is not None:
+                mapper._cancel()
+            os._exit(0)
+
+
+threading.Thread(target=watchdog, daemon=True).start()
+error = None
 try:
     for result in results:
         out.append(result)
+        last[0] = time.perf_counter()
         if len(out) % max(1, n // 20) == 0:
             marks.append([len(out), round(time.perf_counter() - t, 2)])
         if time.perf_counter() - t > budget:
             break
 except Exception as exc:  # the map failed: say how far it got
     error = f"{type(exc).__name__}: {exc}"
-took = time.perf_counter() - t
-results.close()  # a map left early cancels its remaining runs
 assert not out or (out[:3] == [0, 1, 4][:len(out)] and out[-1] == (len(out) - 1) ** 2)
-print(json.dumps({"seconds": took, "done": len(out), "progress": marks, "error": error,
-                  "client_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+report(error)
+results.close()  # a map left early cancels its remaining runs
 """
 
 
@@ -171,15 +200,19 @@ def big_map(plat, square, items: int, small_rate: float, budget: float) -> dict:
     try:
         done = subprocess.run([sys.executable, "-c", BIG_MAP, plat.url, plat.token, plat.workspace, square.job_id,
                                str(items), str(budget)], capture_output=True, text=True, timeout=budget + 600)
+    except subprocess.TimeoutExpired as exc:
+        return {"items": items, "error": f"the map's process did not end in {exc.timeout:.0f} s"}
     finally:
         stop.set()
         sampler.join()
-    if done.returncode != 0:
-        return {"items": items, "error": done.stderr[-2000:]}
-    child = json.loads(done.stdout.strip().splitlines()[-1])
-    rate = child["done"] / child["seconds"]
-    return {"items": items, "completed": child["done"] == items, "done": child["done"], "budget_s": budget,
-            "error": child["error"],
+    if done.returncode != 0 or not done.stdout.strip():
+        return {"items": items, "error": done.stderr[-2000:] or f"the map's process exited with {done.returncode}"}
+    child = json.loads(done.stdout.strip().splitlines()[0])
+    finished = max(child["done"], child["batch"].get("done") or 0)  # the gateway's count: results in any order
+    rate = finished / child["seconds"]
+    return {"items": items, "completed": child["done"] == items, "done": child["done"], "finished": finished,
+            "budget_s": budget,
+            "error": child["error"], "batch_on_the_gateway": child["batch"],
             "seconds": round(child["seconds"], 2), "items_per_s": round(rate, 1), "progress": child["progress"],
             "share_of_10k_rate": ratio(rate, small_rate), "client_peak_rss_mib": round(child["client_peak_rss_mib"], 1),
             "gateway_rss_before_mib": before, "gateway_peak_rss_mib": max(peak)}

@@ -1,7 +1,7 @@
 """opbox's figures (issue 12's goal table) and their ratios to Ray and Dask measured in the same run,
 printed as JSON. Never asserted in tests (tests/test_bench.py only checks the fields and their types).
 
-    python bench/bench.py [--quick] [--million] [--no-peers] [--out FILE]
+    python bench/bench.py [--quick] [--million [--big-map-budget S]] [--no-peers] [--out FILE]
 
 Runs the peers first (bench/peers.py in the .bench-peers virtualenv that `make bench-peers` makes, as a
 subprocess; without it the JSON says so and the ratios are null), then starts a fresh platform as
@@ -141,8 +141,11 @@ def peers(size: dict, python: Path) -> dict:
         print(f"bench: {why}", file=sys.stderr)
         return {"skipped": why}
     print("bench: measuring the peers (Ray, Dask) ...", file=sys.stderr)
-    done = subprocess.run([str(python), str(HERE / "peers.py"), "--calls", str(size["calls"]), "--map",
-                           str(size["map"])], capture_output=True, text=True, timeout=900)
+    try:
+        done = subprocess.run([str(python), str(HERE / "peers.py"), "--calls", str(size["calls"]), "--map",
+                               str(size["map"])], capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        return {"error": "peers.py did not end in 900 s"}
     if done.returncode != 0:
         return {"error": f"peers.py exited with {done.returncode}: {done.stderr[-2000:]}"}
     return json.loads(done.stdout.strip().splitlines()[-1])

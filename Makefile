@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 EXTRAS := test,s3,kubernetes
 
-.PHONY: install run test lint demo bench clean
+.PHONY: install run test lint demo bench bench-peers clean
 
 $(BIN)/python:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -31,8 +31,23 @@ test: install  ## everything: podman for the image tests, chromium for the dashb
 demo: install  ## the quickstart against a fresh platform, started and stopped here
 	$(BIN)/python scripts/demo.py
 
-bench: install  ## hot-path figures as JSON (bench/)
-	$(BIN)/python bench/bench.py
+PEERS := .bench-peers
+BENCH_TOOLS := numpy pandas py-spy
+
+$(VENV)/.bench-tools: $(VENV)/.installed  # what the bench measures with (payloads, profiles); never the product's dependencies
+	VIRTUAL_ENV=$(VENV) uv pip install --quiet $(BENCH_TOOLS)
+	@touch $@
+
+$(PEERS)/.installed:  # the peers (Ray, Dask) in a virtualenv of their own, never in opbox's
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	uv venv --quiet --python $(PYTHON) $(PEERS)
+	VIRTUAL_ENV=$(PEERS) uv pip install --quiet "ray==2.*" "dask[distributed]"
+	@touch $@
+
+bench-peers: $(PEERS)/.installed  ## the peers' virtualenv (Ray, Dask) that `make bench` measures beside opbox
+
+bench: $(VENV)/.bench-tools  ## opbox's figures and their ratios to the peers measured in the same run, as JSON (bench/); BENCH_ARGS=--quick|--million
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) $(PEERS) build dist *.egg-info .pytest_cache

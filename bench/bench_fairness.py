@@ -20,8 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+from harness import pct, timed_calls
 
 CODE = """
 import time
@@ -39,20 +38,6 @@ def spin(seconds=30.0):
 def echo(x=1):
     return x
 """
-
-
-def pct(values, q):
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 3)
-
-
-def timed_calls(fn, n):
-    times = []
-    for i in range(n):
-        t = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def main():

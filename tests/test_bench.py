@@ -1,0 +1,77 @@
+"""`bench/bench.py --quick` runs end to end and prints every figure of issue 12's goal table.
+
+A smoke test: it checks the JSON's fields and their types, never a timing (figures are printed by
+`make bench`, and compared only as ratios measured in one run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NUMBER = (int, float)
+
+
+def number(value) -> bool:
+    return isinstance(value, NUMBER) and not isinstance(value, bool) and value >= 0
+
+
+def figures(section: dict, *names: str) -> None:
+    for name in names:
+        assert number(section[name]), (name, section)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--quick", "--no-peers", "--out", str(out)],
+                          capture_output=True, text=True, timeout=280, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    printed = json.loads(done.stdout)
+    assert printed == json.loads(out.read_text())
+    return printed
+
+
+@pytest.mark.timeout(300)
+def test_quick_bench_prints_every_figure(quick):
+    assert quick["mode"] == "quick"
+    machine = quick["machine"]
+    assert machine["cpus"] >= 1 and len(machine["loadavg"]) == 3 and len(machine["loadavg_at_end"]) == 3
+    assert "skipped" in quick["peers"]  # --no-peers says so, and the ratios are null
+    assert set(quick["ratios"]) == {f"{figure}_vs_{peer}" for peer in ("ray", "dask")
+                                    for figure in ("warm_call_p50", "warm_call_p99", "map_runs_per_s")}
+    assert all(value is None for value in quick["ratios"].values())
+
+    figures(quick["warm_call_ms"], "p50", "p99", "mean", "n")
+    figures(quick["process_pool_floor_ms"], "p50", "p99")
+    figures(quick, "first_deploy_to_first_result_s", "redeploy_cached_requirements_to_first_result_s")
+    figures(quick["gateway_cpu_per_warm_call"], "calls", "gateway_ms_per_call", "workers_ms_per_call",
+            "client_ms_per_call", "wall_ms_per_call")
+    figures(quick["map"], "items", "seconds", "runs_per_s")
+    assert isinstance(quick["map_large"]["completed"], bool)
+    figures(quick["map_large"], "items", "done", "items_per_s", "share_of_10k_rate", "client_peak_rss_mib",
+            "gateway_peak_rss_mib")
+    callers = quick["concurrent_callers"]
+    figures(callers, "clients", "calls", "calls_per_s", "p50_ms", "p99_ms", "errors")
+    assert callers["clients"] == 50 and isinstance(callers["error_kinds"], dict)
+    payloads = quick["payloads"]
+    assert number(payloads["mib"])
+    assert "round_trip_s" in payloads["bytes"]
+    for kind in ("bytes", "numpy", "dataframe"):  # numpy and pandas are the bench's, not the product's
+        if "skipped" in payloads[kind]:
+            assert isinstance(payloads[kind]["skipped"], str)
+        else:
+            figures(payloads[kind], "round_trip_s", "local_2x_pickle_unpickle_s", "ratio_to_local")
+    served = quick["served_class"]
+    figures(served, "clients", "gateway_rps", "direct_rps", "gateway_share_of_direct_rps")
+    assert isinstance(served["added_p95_ms"], NUMBER)  # a difference: may be below zero
+    figures(quick["status_with_stored_runs"], "stored_runs", "p50_ms", "p99_ms", "one_run_stored_p50_ms")
+
+    assert len(quick["goals"]) == 9
+    for goal in quick["goals"]:
+        assert isinstance(goal["figure"], str) and isinstance(goal["goal"], str)
+        assert goal["met"] in (True, False, None)

@@ -11,13 +11,18 @@ import pytest
 from conftest import user_module
 
 CODE = """
-import os, time
+import json, os, time
 from opbox import operator
 
 @operator()
-def credentials(pause=0.0):
+def credentials(pause=0.0, to_file=None):
+    creds = {k: os.environ[k] for k in ("OPBOX_POOL", "OPBOX_WORKER_ID", "OPBOX_WORKER_TOKEN", "OPBOX_GATEWAY_URL")}
+    if to_file:
+        with open(to_file + ".tmp", "w") as f:
+            json.dump(creds, f)
+        os.rename(to_file + ".tmp", to_file)
     time.sleep(pause)
-    return {k: os.environ[k] for k in ("OPBOX_POOL", "OPBOX_WORKER_ID", "OPBOX_WORKER_TOKEN", "OPBOX_GATEWAY_URL")}
+    return creds
 """
 
 
@@ -48,3 +53,23 @@ def test_two_workers_of_one_pool_hold_different_tokens(fn):
     seen = {tuple(sorted(c.items())) for c in fn.map([0.3] * 6, concurrency=6, progress=False)}
     by_worker = {dict(c)["OPBOX_WORKER_ID"]: dict(c)["OPBOX_WORKER_TOKEN"] for c in seen}
     assert len(by_worker) >= 2 and len(set(by_worker.values())) == len(by_worker)
+
+
+def test_a_worker_that_asks_again_gets_the_run_it_holds_not_a_second_one(fn, tmp_path):
+    """The answer that leased a run can be lost (a reset connection the worker's channel retries): asked
+    again, the platform hands the same run again, so it never stays running with no one working on it."""
+    import json
+    import time
+
+    marker = tmp_path / "creds.json"
+    run = fn.submit(2.0, str(marker))
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    creds = json.loads(marker.read_text())
+    headers = {"Authorization": f"Bearer {creds['OPBOX_WORKER_TOKEN']}", "X-Opbox-Worker": creds["OPBOX_WORKER_ID"]}
+    with httpx.Client(base_url=creds["OPBOX_GATEWAY_URL"], timeout=10) as http:
+        again = http.post(f"/_internal/pools/{creds['OPBOX_POOL']}/next?wait=0", headers=headers)
+    assert again.status_code == 200 and again.headers["x-opbox-run"] == run.id
+    assert run.result(timeout=30)["OPBOX_WORKER_ID"] == creds["OPBOX_WORKER_ID"]

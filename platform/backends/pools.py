@@ -41,6 +41,7 @@ class Worker:
     token: str = ""  # its own random bearer token: handed to its process once at spawn, then forgotten
     token_hash: bytes = b""  # what the gateway keeps to check it (SHA-256)
     generation: int = 0  # the pool's generation it was started in
+    lease_timeout: float | None = None  # the timeout of the run it holds
 
 
 @dataclass
@@ -219,6 +220,8 @@ class PoolManager:
         worker.pool.failed_starts = 0
         if done is not None:
             self._complete(worker, done)
+        if worker.run_id is not None:  # it asks again without handing that run in: our answer never reached it
+            return self._lease_again(worker)
         pool = worker.pool
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -298,7 +301,21 @@ class PoolManager:
             worker.timer = asyncio.get_running_loop().call_later(
                 ticket.timeout, self.kill, worker, "timed_out", f"timed out after {ticket.timeout:g} s"
             )
+        worker.lease_timeout = ticket.timeout
         return Lease(ticket.run_id, args, ticket.timeout)
+
+    def _lease_again(self, worker: Worker) -> Lease | str:
+        """The run a worker holds, handed to it again (the answer that leased it was lost on the way: a
+        reset connection the worker's channel retried). Never a second run while it holds one: the first
+        would stay running with no one working on it."""
+        args = self.events.run_args(worker.run_id)
+        if args is None:  # expired or gone meanwhile: the run cannot be done
+            run_id, worker.run_id = worker.run_id, None
+            self._by_run.pop(run_id, None)
+            self.events.run_lost(run_id, "arguments missing from the store")
+            self._release(worker.pool.version.workspace)
+            return IDLE
+        return Lease(worker.run_id, args, worker.lease_timeout)
 
     def _complete(self, worker: Worker, done: Completion) -> None:
         if worker.run_id != done.run_id:

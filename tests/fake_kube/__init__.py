@@ -11,6 +11,7 @@ watch history) and node.py (what the job controller and the kubelet would do).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,7 @@ from servers import serve_app
 
 from .api import Api
 from .node import Node
+from .scheduler import DEFAULT_NODE
 from .store import Store
 
 
@@ -43,6 +45,7 @@ class FakeKube:
         self.node = Node(self.store, log_dir=self.folder / "pods")
         self.node.log_dir.mkdir(exist_ok=True)
         self.api = Api(self.store, self.node, validator or ManifestValidator())
+        self.store.create("nodes", copy.deepcopy(DEFAULT_NODE))
         self._serving = None
         self.url = ""
         self.kubeconfig = self.folder / "kubeconfig"
@@ -74,3 +77,21 @@ class FakeKube:
 
     def disconnect(self) -> None:
         httpx.post(self.url + "/_fake/disconnect", timeout=10).raise_for_status()
+
+    def evict(self, namespace: str, pod: str, message: str | None = None) -> None:
+        """The kubelet evicts ``pod`` (node pressure): DisruptionTarget, phase Failed, reason Evicted."""
+        httpx.post(self.url + "/_fake/evict", json={"namespace": namespace, "name": pod, "message": message},
+                   timeout=10).raise_for_status()
+
+    def lose_node(self, node: str = "fake-node") -> list[str]:
+        """``node`` stops answering: its pods get DisruptionTarget and are deleted."""
+        resp = httpx.post(self.url + f"/_fake/nodes/{node}/lose", timeout=10)
+        resp.raise_for_status()
+        return resp.json()["pods"]
+
+    def configure_node(self, **settings) -> dict:
+        """``hold_rollouts=True``: new Knative revisions wait before becoming ready; ``pull_failures``:
+        {image: n}, its next n pulls fail with a registry's 429."""
+        resp = httpx.post(self.url + "/_fake/node", json=settings, timeout=10)
+        resp.raise_for_status()
+        return resp.json()

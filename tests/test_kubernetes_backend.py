@@ -95,6 +95,7 @@ def kube(podman, tmp_path_factory):
 def plat(kube, podman, wheelhouse, tmp_path_factory):
     env = {"OPBOX_BACKEND": "kubernetes", "KUBECONFIG": str(kube.kubeconfig), "OPBOX_WHEELHOUSE": str(wheelhouse),
            "OPBOX_WORKSPACE": WORKSPACE, "OPBOX_K8S_MAX_INFLIGHT": "3", "OPBOX_K8S_WATCH_TIMEOUT": "20",
+           "OPBOX_K8S_WORKSPACE_INFLIGHT": "3", "OPBOX_K8S_IMAGE_PULL_PATIENCE": "3",
            "OPBOX_K8S_ENV": json.dumps({"TEAM_SETTING": "from-operator"})}
     with running_platform(tmp_path_factory.mktemp("home"), extra_env=env, timeout=60) as running:
         yield running
@@ -337,7 +338,8 @@ def test_a_class_is_a_knative_service(plat, client, kube, tmp_path_factory):
     assert container["command"] == ["python", "-m", "opbox.runtime", "serve", "--port", "8080"]
     assert container["image"].startswith("localhost/opbox-kube-e2e-scaler:")
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["OPBOX_ENTRY"] == "kubesvc:Scaler" and env["OPBOX_INIT_B64"]
+    assert env["OPBOX_ENTRY"] == "kubesvc:Scaler" and env["OPBOX_INIT_URL"].endswith("/Scaler/init")
+    assert "OPBOX_INIT_B64" not in env
     assert template["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] in ("0", "1")
 
     again = mod.Scaler.deploy(4, client=client, quiet=True)  # a new revision: replaced, not created

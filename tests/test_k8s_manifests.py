@@ -254,6 +254,7 @@ def test_rbac_is_least_privilege(built):
         ("", "secrets"): {"create", "get", "update", "delete"},
         ("", "pods"): {"get", "list", "watch"},
         ("", "pods/log"): {"get"},
+        ("", "events"): {"list", "watch"},
         ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
         ("serving.knative.dev", "services"): {"create", "get", "list", "watch", "update", "patch", "delete"},
         ("serving.knative.dev", "revisions"): {"get", "list", "watch"},

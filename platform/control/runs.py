@@ -274,6 +274,14 @@ class Runs:
         payload = envelope.error_envelope(f"opbox.{status}", reason)
         self._end(run_id, status, reason, payload, None, retriable=status == "failed")
 
+    def run_disrupted(self, run_id: str, reason: str) -> None:
+        run = self.records.runs.get(run_id)
+        if run is None or run.status in TERMINAL:
+            return
+        self.records.runs.requeue(run_id, reason)
+        self.backend.submit(RunTicket(run_id, run.workspace, run.job_id, run.version, run.timeout, run.attempt,
+                                      run.batch_id), self.version_info(run.job_id, run.version))
+
     def append_log(self, run_id: str, data: bytes) -> None:
         """Append output; past the run's budget the oldest output goes, and a marker says so."""
         if not data:

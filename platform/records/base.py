@@ -172,6 +172,9 @@ class RunRecords(Protocol):
     def retry(self, run_id: str, reason: str) -> None:
         """Back to queued for its next attempt."""
 
+    def requeue(self, run_id: str, reason: str) -> None:
+        """Back to queued for the same attempt (its pod was disrupted: not a retry)."""
+
     def finish(self, run_id: str, status: str, at: float, reason: str | None, error_type: str | None,
                result: bytes, batch_id: str | None) -> bool:
         """The run's end, its result and (for a map item) its completion number, atomically. True when

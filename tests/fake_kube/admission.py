@@ -307,13 +307,24 @@ def admit_pod(store, pod: dict) -> None:
         if violations:
             raise Refused(403, "Forbidden", f'pods "{name}" is forbidden: violates PodSecurity "restricted:latest": '
                           + ", ".join(violations))
+    admit_count(store, "pods", pod)
+
+
+def admit_count(store, plural: str, obj: dict) -> None:
+    """The ResourceQuota admission plugin's object counts: ``pods`` (those not finished) and
+    ``count/jobs.batch``; refused (403) with its "exceeded quota" message."""
+    meta = obj["metadata"]
+    resource = {"pods": "pods", "jobs": "count/jobs.batch"}.get(plural)
+    if resource is None:
+        return
     for quota in store.list("resourcequotas", meta["namespace"]):
         hard = (quota.get("spec") or {}).get("hard") or {}
-        if "pods" in hard:
-            used = sum(1 for p in store.list("pods", meta["namespace"])
-                       if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed"))
-            limit = int(parse_quantity(str(hard["pods"])))
-            if used + 1 > limit:
-                raise Refused(403, "Forbidden", f'pods "{name}" is forbidden: exceeded quota: '
-                              f"{quota['metadata']['name']}, requested: pods=1, used: pods={used}, "
-                              f"limited: pods={limit}")
+        if resource not in hard:
+            continue
+        used = sum(1 for o in store.list(plural, meta["namespace"])
+                   if (o.get("status") or {}).get("phase") not in ("Succeeded", "Failed"))
+        limit = int(parse_quantity(str(hard[resource])))
+        if used + 1 > limit:
+            raise Refused(403, "Forbidden", f'{plural} "{meta.get("name")}" is forbidden: exceeded quota: '
+                          f"{quota['metadata']['name']}, requested: {resource}=1, used: {resource}={used}, "
+                          f"limited: {resource}={limit}")

@@ -133,6 +133,8 @@ class Api:
             raise
         if plural == "pods" and old is None:
             admission.admit_pod(self.store, obj)
+        elif old is None:
+            admission.admit_count(self.store, plural, obj)
 
     def _list(self, request: Request, api_version: str, kind: str, plural: str, namespace, selector, fields):
         """A list, a page at a time with ``limit`` / ``continue`` (the token: the last name sent)."""

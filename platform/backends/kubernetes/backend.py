@@ -1,14 +1,25 @@
 """The kubernetes backend (``OPBOX_BACKEND=kubernetes``): each Job-Run attempt is a batch/v1 Job.
 
     submit   -> (namespace and service account of the workspace, once) a Secret with the run's
-                token, then the Job rendered by ``render.render_job``; at most ``max_inflight``
-                Jobs exist at once, the rest wait in a queue here
+                token, then the Job rendered by ``render.render_job`` (the Secret is deleted again
+                if the Job is refused); at most ``max_inflight`` Jobs exist at once, and at most
+                ``per_workspace`` of one workspace; the rest wait here, a queue per workspace, and a
+                free slot goes to the waiting workspace with the fewest Jobs
     the pod  -> ``python -m opbox.runtime run --run-id X``: takes its arguments from the gateway
                 (which marks the run running), ships its output and posts its result there
     watches  -> Jobs and pods of every opbox namespace (list, then watch from its resourceVersion;
                 relist on 410 Gone; reconnect on errors): a Job that failed without a result ends
                 its run with the pod's reason (OOMKilled, exit code, DeadlineExceeded -> timed_out,
                 ImagePullBackOff...) and the tail of the pod's log
+    not starting -> a pod that cannot start fails its run with the API's words: at once for what
+                will not mend (a missing Secret: CreateContainerConfigError; a PodSecurity refusal:
+                the Job's FailedCreate Event, from a watch of those Events), after
+                ``image_pull_patience`` for ImagePullBackOff (the kubelet retries, backing off: a
+                registry's 429 passes), after ``pending_timeout`` for the rest (Unschedulable,
+                a quota), saying what the scheduler or the API said last
+    disruptions -> a pod evicted, preempted or on a lost node (condition DisruptionTarget, or
+                reason Evicted) is run again without spending one of the user's retries
+                (``RunEvents.run_disrupted``, "evicted: ..."), up to MAX_DISRUPTIONS times
     cancel   -> delete the Job (propagationPolicy from the settings); its pod gets SIGTERM and,
                 after the pod's terminationGracePeriodSeconds (the platform's cancel grace, or
                 OPBOX_K8S_TERMINATION_GRACE), SIGKILL
@@ -47,7 +58,9 @@ log = logging.getLogger("opbox.kubernetes")
 
 MANAGED = "app.kubernetes.io/managed-by=opbox"
 # waiting reasons after which a pod will not start by itself
-FATAL_WAITING = {"ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
+FATAL_WAITING = {"ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError"}
+PULLING = {"ImagePullBackOff", "ErrImagePull"}  # the kubelet retries these (a registry's 429 passes)
+MAX_DISRUPTIONS = 3  # evictions of one run resubmitted without spending a retry; then it fails
 
 
 @dataclass
@@ -62,6 +75,14 @@ class Attempt:
     done: bool = False
     cancelled: bool = False
     pod: dict | None = None  # the latest state of its pod, from the pod watch
+    started: bool = False  # its pod ran (phase Running or later)
+    waiting: str = ""  # why its pod is not running yet, in the scheduler's or the API's words
+    pulling_since: float | None = None  # monotonic, when its pod began waiting for its image
+    timer: asyncio.TimerHandle | None = None  # the pending timeout
+
+    @property
+    def workspace(self) -> str:
+        return self.ticket.workspace
 
     @property
     def run_id(self) -> str:
@@ -102,8 +123,9 @@ class KubernetesBackend:
         self.events: RunEvents | None = None
         self.attempts: dict[str, Attempt] = {}  # by Job name
         self.current: dict[str, str] = {}  # run id -> the Job name of its current attempt
-        self.queue: deque[Attempt] = deque()
-        self.inflight: set[str] = set()
+        self.queues: dict[str, deque[Attempt]] = {}  # workspace -> attempts waiting for a slot
+        self.inflight: dict[str, str] = {}  # Job name -> workspace, of the Jobs being made or existing
+        self.disruptions: dict[str, int] = {}  # run id -> times its pod was disrupted
         self._namespaces: dict[str, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
         self.watchers: list[Watcher] = []
@@ -124,6 +146,8 @@ class KubernetesBackend:
                     label_selector=MANAGED, timeout=timeout),
             Watcher("pods", self.core.list_pod_for_all_namespaces, self.threadsafe(self._on_pod),
                     label_selector=MANAGED, timeout=timeout),
+            Watcher("job-events", self.core.list_event_for_all_namespaces, self.threadsafe(self._on_event),
+                    field_selector="involvedObject.kind=Job,reason=FailedCreate", timeout=timeout),
         ]
         for watcher in self.watchers:
             watcher.start()
@@ -179,9 +203,14 @@ class KubernetesBackend:
                               "(OPBOX_BUILDER=podman) and a registry the cluster pulls from (OPBOX_REGISTRY)")
 
     def describe(self, workspace: str) -> dict:
-        return {"backend": self.name, "jobs": {"inflight": len(self.inflight), "queued": len(self.queue),
+        mine = [a for a in self.attempts.values() if a.workspace == workspace and not a.done]
+        return {"backend": self.name, "jobs": {"inflight": len(self.inflight),
+                                              "queued": sum(len(q) for q in self.queues.values()),
                                               "max_inflight": self.settings.max_inflight,
-                                              "termination_grace": self.termination_grace},
+                                              "workspace_inflight": self.settings.per_workspace,
+                                              "termination_grace": self.termination_grace,
+                                              "waiting": {a.run_id: a.waiting for a in mine
+                                                          if a.waiting and not a.started}},
                 "services": self.knative.describe(workspace),
                 "watches": {w.what: {"resourceVersion": w.resource_version, "relists": w.relists,
                                      "reconnects": w.reconnects} for w in self.watchers}}
@@ -190,22 +219,33 @@ class KubernetesBackend:
     def submit(self, ticket: RunTicket, version: VersionInfo) -> None:
         try:
             namespace = self.settings.namespace(version.workspace)
-            name = render.job_name(ticket.run_id, ticket.attempt)
+            name = render.job_name(ticket.run_id, ticket.attempt, self.disruptions.get(ticket.run_id, 0))
         except ValidationError as exc:
             self.loop.call_soon(self.events.run_lost, ticket.run_id, f"cannot make a Job: {exc}")
             return
         attempt = Attempt(ticket, version, namespace, name)
         self.attempts[name] = attempt
         self.current[ticket.run_id] = name
-        self.queue.append(attempt)
+        self.queues.setdefault(ticket.workspace, deque()).append(attempt)
         self._fill()
 
     def _fill(self) -> None:
-        while self.queue and len(self.inflight) < self.settings.max_inflight:
-            attempt = self.queue.popleft()
+        """Start waiting attempts while slots are free: each to the workspace with the fewest Jobs
+        among those below their share, in order within a workspace."""
+        while len(self.inflight) < self.settings.max_inflight:
+            counts: dict[str, int] = {}
+            for workspace in self.inflight.values():
+                counts[workspace] = counts.get(workspace, 0) + 1
+            for workspace in [w for w, q in self.queues.items() if not q]:
+                del self.queues[workspace]
+            eligible = [w for w in self.queues if counts.get(w, 0) < self.settings.per_workspace]
+            if not eligible:
+                return
+            attempt = self.queues[min(eligible, key=lambda w: counts.get(w, 0))].popleft()
             if attempt.done:
                 continue
-            self.inflight.add(attempt.name)
+            self.inflight[attempt.name] = attempt.workspace
+            attempt.timer = self.loop.call_later(self.settings.pending_timeout, self._pending_expired, attempt)
             self._spawn(self._create(attempt))
 
     def _spawn(self, coro) -> None:
@@ -241,6 +281,8 @@ class KubernetesBackend:
                 created = await self.call(self.batch.create_namespaced_job, attempt.namespace, job)
             except ApiException as exc:
                 if exc.status != 409:
+                    if created_secret is not None:  # nothing would ever delete it
+                        await self._delete_secret(attempt.namespace, secret_name)
                     raise
                 created = await self.call(self.batch.read_namespaced_job, attempt.name, attempt.namespace)
                 labels = created["metadata"].get("labels") or {}
@@ -264,6 +306,15 @@ class KubernetesBackend:
             reason = api_error(exc) if isinstance(exc, ApiException) else f"{type(exc).__name__}: {exc}"
             log.warning("could not create the Job of %s: %s", ticket.run_id, reason)
             self._finish(attempt, f"could not create the run's Job {attempt.namespace}/{attempt.name}: {reason}")
+
+    async def _delete_secret(self, namespace: str, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            await asyncio.to_thread(self.core.delete_namespaced_secret, name, namespace, _request_timeout=30)
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("could not delete Secret %s/%s: %s", namespace, name, api_error(exc))
 
     async def call(self, fn, *args, conflict_ok: bool = False, **kwargs):
         """A client call in a thread, its answer as a dict (None for a tolerated 409)."""
@@ -322,25 +373,36 @@ class KubernetesBackend:
         if attempt.done:
             return
         attempt.done = True
-        self.inflight.discard(attempt.name)
+        if attempt.timer is not None:
+            attempt.timer.cancel()
+        self.inflight.pop(attempt.name, None)
         self.attempts.pop(attempt.name, None)
         current = self.current.get(attempt.run_id) == attempt.name
         if current:
             self.current.pop(attempt.run_id, None)
+            if status != "disrupted":
+                self.disruptions.pop(attempt.run_id, None)
         if reason is not None and current and not attempt.cancelled:
-            self.events.run_lost(attempt.run_id, reason, status)
+            if status == "disrupted":
+                self.events.run_disrupted(attempt.run_id, reason)
+            else:
+                self.events.run_lost(attempt.run_id, reason, status)
         self._fill()
+
+    def _pending_expired(self, attempt: Attempt) -> None:
+        if attempt.done or attempt.started:
+            return
+        self._spawn(self._delete_job(attempt))
+        self._finish(attempt, f"the run's pod did not start within {self.settings.pending_timeout:g} s "
+                              f"(OPBOX_K8S_PENDING_TIMEOUT): {attempt.waiting or 'no pod was made'}")
 
     # -- watch events ------------------------------------------------------------------
     def _on_job(self, kind: str, obj, started: float | None = None) -> None:
-        if kind == "SYNC":
-            seen = {item["metadata"]["name"] for item in obj}
+        if kind == "SYNC":  # obj: the (namespace, name) of every Job listed, each delivered already
             for attempt in list(self.attempts.values()):
-                if (attempt.created_at is not None and attempt.created_at < started and attempt.name not in seen
-                        and not attempt.done):
+                if (attempt.created_at is not None and attempt.created_at < started
+                        and (attempt.namespace, attempt.name) not in obj and not attempt.done):
                     self._finish(attempt, f"the run's Job {attempt.namespace}/{attempt.name} disappeared")
-            for item in obj:
-                self._on_job("MODIFIED", item)
             return
         attempt = self.attempts.get(obj["metadata"]["name"])
         if attempt is None or attempt.done or obj["metadata"].get("namespace") != attempt.namespace:
@@ -364,24 +426,51 @@ class KubernetesBackend:
                 return
 
     def _on_pod(self, kind: str, obj, started: float | None = None) -> None:
-        if kind == "SYNC":
-            for item in obj:
-                self._on_pod("MODIFIED", item)
+        if kind == "SYNC":  # each listed pod came as MODIFIED already
             return
         labels = obj["metadata"].get("labels") or {}
         attempt = self.attempts.get(labels.get("batch.kubernetes.io/job-name") or labels.get("job-name") or "")
         if attempt is None or attempt.done or kind == "DELETED":
             return
         attempt.pod = obj
-        for status in (obj.get("status") or {}).get("containerStatuses") or []:
-            waiting = (status.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in FATAL_WAITING:
-                reason = f"pod {obj['metadata']['name']} cannot start: {waiting['reason']}"
-                if waiting.get("message"):
-                    reason += f": {waiting['message']}"
-                self._spawn(self._delete_job(attempt))
-                self._finish(attempt, reason)
-                return
+        status, name = obj.get("status") or {}, obj["metadata"]["name"]
+        if status.get("phase") in ("Running", "Succeeded", "Failed"):
+            attempt.started = True
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                attempt.waiting = f"pod {name} is {condition.get('reason')}: {condition.get('message', '')}"
+        for container in status.get("containerStatuses") or []:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            why = waiting.get("reason")
+            if why not in FATAL_WAITING and why not in PULLING:
+                continue
+            attempt.waiting = f"pod {name} cannot start: {why}" + (f": {waiting['message']}" if waiting.get("message") else "")
+            if why in PULLING:
+                now = time.monotonic()
+                attempt.pulling_since = attempt.pulling_since or now
+                if now - attempt.pulling_since < self.settings.image_pull_patience:
+                    continue
+                attempt.waiting += f" (still after {self.settings.image_pull_patience:g} s of retries)"
+            self._spawn(self._delete_job(attempt))
+            self._finish(attempt, attempt.waiting)
+            return
+        if attempt.started:
+            attempt.waiting, attempt.pulling_since = "", None
+
+    def _on_event(self, kind: str, obj, started: float | None = None) -> None:
+        """A Job's FailedCreate Event: its pod was refused (PodSecurity, a quota, a webhook, a missing
+        ServiceAccount). PodSecurity will not change its mind: the run fails at once; the rest wait
+        for the pending timeout, with the API's message."""
+        if kind in ("SYNC", "DELETED"):
+            return
+        involved = obj.get("involvedObject") or {}
+        attempt = self.attempts.get(involved.get("name") or "")
+        if attempt is None or attempt.done or attempt.started or involved.get("namespace") != attempt.namespace:
+            return
+        attempt.waiting = f"the Job cannot make its pod: {obj.get('message', '')}"
+        if "violates PodSecurity" in (obj.get("message") or ""):
+            self._spawn(self._delete_job(attempt))
+            self._finish(attempt, attempt.waiting)
 
     async def _explain_failure(self, attempt: Attempt, condition: dict) -> None:
         """The Job failed: say why, from its pod (termination reason, exit code, log tail)."""
@@ -394,6 +483,15 @@ class KubernetesBackend:
                 pod = max(mine, key=lambda p: p["metadata"].get("creationTimestamp") or "")
         except Exception as exc:
             log.warning("could not read the pods of Job %s: %s", attempt.name, exc)
+        disruption = _disruption(pod) if pod is not None else None
+        if disruption is not None:
+            count = self.disruptions.get(attempt.run_id, 0) + 1
+            if count <= MAX_DISRUPTIONS:
+                self.disruptions[attempt.run_id] = count
+                self._finish(attempt, f"evicted: {disruption}; run again, not counted as a retry", "disrupted")
+            else:
+                self._finish(attempt, f"evicted: {disruption} ({count} times in a row: not run again)")
+            return
         parts = []
         if pod is not None:
             parts.append(self._pod_reason(attempt, pod))
@@ -426,6 +524,19 @@ class KubernetesBackend:
         except Exception as exc:
             log.info("no log for pod %s/%s: %s", namespace, pod, exc)
             return ""
+
+
+def _disruption(pod: dict) -> str | None:
+    """Why ``pod`` was disrupted (evicted, preempted, its node lost), or None. Kubernetes >= 1.26 says
+    so with the DisruptionTarget condition; a kubelet's eviction also sets reason Evicted."""
+    status = pod.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+            message = status.get("message") or condition.get("message") or ""
+            return f"{message} ({condition.get('reason')}, pod {pod['metadata']['name']})"
+    if status.get("reason") == "Evicted":
+        return f"{status.get('message', '')} (pod {pod['metadata']['name']})"
+    return None
 
 
 def create(settings: Settings, token_for, gateway_url: str) -> KubernetesBackend:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from opbox.errors import ConfigError
 
-from ...settings import env_int, env_json_strings
+from ...settings import env_float, env_int, env_json_strings
 from . import render
 
 
@@ -27,6 +27,11 @@ class KubernetesSettings:
     service_account: str | None = render.DEFAULT_SERVICE_ACCOUNT  # OPBOX_RUNNER_SERVICE_ACCOUNT ("" for none)
     gateway_url: str | None = None  # OPBOX_K8S_GATEWAY_URL: how pods reach the gateway (default OPBOX_PUBLIC_URL)
     max_inflight: int = 200  # OPBOX_K8S_MAX_INFLIGHT: Jobs at once; more runs wait in a queue
+    # OPBOX_K8S_WORKSPACE_INFLIGHT: Jobs at once of one workspace (None: half of max_inflight), so
+    # one workspace's stuck runs cannot hold every slot; free slots go to the workspace with fewest
+    workspace_inflight: int | None = None
+    pending_timeout: float = 600.0  # OPBOX_K8S_PENDING_TIMEOUT: seconds a run's pod may take to start
+    image_pull_patience: float = 300.0  # OPBOX_K8S_IMAGE_PULL_PATIENCE: seconds of ImagePullBackOff retries
     ttl_after_finished: int = render.DEFAULT_TTL_AFTER_FINISHED  # OPBOX_K8S_TTL_AFTER_FINISHED
     env: dict = field(default_factory=dict, hash=False)  # OPBOX_K8S_ENV: a JSON object of env for every run
     secrets: tuple[str, ...] = ()  # OPBOX_K8S_SECRETS: Secrets (in the workspace namespace) loaded as env
@@ -64,6 +69,10 @@ class KubernetesSettings:
             service_account=account or None,
             gateway_url=env.get("OPBOX_K8S_GATEWAY_URL") or None,
             max_inflight=max(1, env_int("OPBOX_K8S_MAX_INFLIGHT", cls.max_inflight)),
+            workspace_inflight=max(1, env_int("OPBOX_K8S_WORKSPACE_INFLIGHT", 0)) if
+            env.get("OPBOX_K8S_WORKSPACE_INFLIGHT") else None,
+            pending_timeout=max(1.0, env_float("OPBOX_K8S_PENDING_TIMEOUT", cls.pending_timeout)),
+            image_pull_patience=max(0.0, env_float("OPBOX_K8S_IMAGE_PULL_PATIENCE", cls.image_pull_patience)),
             ttl_after_finished=env_int("OPBOX_K8S_TTL_AFTER_FINISHED", cls.ttl_after_finished),
             env=run_env,
             secrets=_csv("OPBOX_K8S_SECRETS"),
@@ -74,6 +83,10 @@ class KubernetesSettings:
             watch_timeout=max(1, env_int("OPBOX_K8S_WATCH_TIMEOUT", cls.watch_timeout)),
             termination_grace=grace,
         )
+
+    @property
+    def per_workspace(self) -> int:
+        return self.workspace_inflight or max(1, self.max_inflight // 2)
 
     def namespace(self, workspace: str) -> str:
         return render.check_dns_label(self.namespace_template.replace("{workspace}", workspace),

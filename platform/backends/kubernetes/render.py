@@ -115,12 +115,13 @@ def service_name(name: str) -> str:
     return f"{cleaned}-{_digest(name)}"
 
 
-def job_name(run_id: str, attempt: int = 0) -> str:
+def job_name(run_id: str, attempt: int = 0, disruption: int = 0) -> str:
     """The Job of a Job-Run's attempt: ``opbox-run-<run id lowercased>`` (``.`` of map items as
-    ``-``), with ``-a<N>`` for retries: each attempt is a Job of its own."""
+    ``-``), with ``-a<N>`` for retries: each attempt is a Job of its own; and ``-d<N>`` when it is
+    run again after its pod was disrupted (evicted, its node lost)."""
     if not isinstance(run_id, str) or not run_id:
         raise ValidationError(f"run id {run_id!r}: expected a non-empty string")
-    suffix = f"-a{attempt}" if attempt else ""
+    suffix = (f"-a{attempt}" if attempt else "") + (f"-d{disruption}" if disruption else "")
     return check_dns_label(f"opbox-run-{run_id.lower().replace('.', '-')}{suffix}", "Job name (from the run id)")
 
 

@@ -53,6 +53,10 @@ class SqliteRuns:
         self.db.execute("UPDATE runs SET status = 'queued', attempt = attempt + 1, exit_reason = ?, started_at = NULL, "
                         "worker = NULL WHERE id = ?", (reason, run_id))
 
+    def requeue(self, run_id: str, reason: str) -> None:
+        self.db.execute("UPDATE runs SET status = 'queued', exit_reason = ?, started_at = NULL, worker = NULL "
+                        "WHERE id = ? AND status IN ('queued', 'running')", (reason, run_id))
+
     def finish(self, run_id: str, status: str, at: float, reason: str | None, error_type: str | None,
                result: bytes, batch_id: str | None) -> bool:
         complete = False

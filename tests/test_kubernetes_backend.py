@@ -451,3 +451,104 @@ def test_service_logs_skip_vanished_pods_and_report_api_errors(kube, tmp_path):
         down = knative(write_kubeconfig(tmp_path / "down", f"http://127.0.0.1:{unused.getsockname()[1]}"))
         with pytest.raises(Unavailable, match=f"cannot list the pods of Knative Service {NAMESPACE}/talker"):
             asyncio.run(down.logs(f"{WORKSPACE}/Talker", 1000))
+
+
+ROLLING_CODE = """
+from opbox import operator
+
+@operator()
+class Greeter:
+    def __init__(self, word: str, pad: str = ""):
+        if word == "crash":
+            raise RuntimeError("this revision cannot start")
+        self.word, self.pad = word, len(pad)
+
+    def greet(self) -> str:
+        return f"{self.word} {self.pad}"
+"""
+
+
+def test_rollouts_keep_the_ready_revision_serving_and_report_their_state(plat, client, kube, tmp_path_factory):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from opbox.errors import OpboxError, ValidationError
+
+    mod = e2e_code(tmp_path_factory.mktemp("kube_roll"), "kuberoll", ROLLING_CODE)
+    big = "x" * 300_000  # past what one environment variable may hold (128 KiB: E2BIG)
+    first = mod.Greeter.deploy("hello", big, client=client, quiet=True)
+    assert first.greet() == "hello 300000"
+    name = first.info()["knative_service"].split("/")[1]
+    (container,) = kube.store.get("services", NAMESPACE, name)["spec"]["template"]["spec"]["containers"]
+    assert max(len(e.get("value") or "") for e in container["env"]) < 4096, "the init args are not in the env"
+    http = plat.http()
+
+    kube.configure_node(hold_rollouts=True)  # the new revision comes up slowly
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            redeploy = pool.submit(mod.Greeter.deploy, "bonjour", client=client, quiet=True)
+            wait_for(lambda: kube.store.get("services", NAMESPACE, name).get("status", {}).get(
+                "observedGeneration") == 2, 120, "the rollout starting")
+            during = http.get(f"/{plat.workspace}/services/Greeter").json()
+            assert during["status"] == "ready" and during["rollout"]["state"] == "in_progress", during
+            assert first.greet() == "hello 300000", "the old revision answers during the rollout"
+            kube.configure_node(hold_rollouts=False)
+            second = redeploy.result(timeout=120)
+    finally:
+        kube.configure_node(hold_rollouts=False)
+    assert second.greet() == "bonjour 0"
+    assert http.get(f"/{plat.workspace}/services/Greeter").json()["rollout"]["state"] == "complete"
+
+    kube.configure_node(progress_deadline=10)  # a revision whose constructor fails never becomes ready
+    try:
+        with pytest.raises(OpboxError, match="(?s)could not roll out.*the previous revision goes on serving"):
+            mod.Greeter.deploy("crash", client=client, quiet=True)
+    finally:
+        kube.configure_node(progress_deadline=600)
+    after = http.get(f"/{plat.workspace}/services/Greeter").json()
+    assert after["status"] == "ready" and after["rollout"]["state"] == "failed", after
+    assert after["rollout"]["error"]["reason"] == "ProgressDeadlineExceeded"
+    assert second.greet() == "bonjour 0", "calls still reach the last ready revision"
+    env = {**os.environ, "OPBOX_URL": plat.url, "OPBOX_TOKEN": plat.token, "OPBOX_WORKSPACE": plat.workspace}
+    out = subprocess.run([sys.executable, "-m", "opbox.cli", "services"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "ROLLOUT" in out.stdout, out.stdout + out.stderr
+    assert out.stdout.splitlines()[1].split()[2:6] == [str(second.info()["version"]), "ready", "0/1", "failed"]
+    assert second.info()["version"] == second.info()["latest_version"] - 1, "the ready revision is the older one"
+
+    # what Knative's webhook would refuse is refused at deploy, in opbox's words; nothing changes
+    generation = kube.store.get("services", NAMESPACE, name)["metadata"]["generation"]
+    with pytest.raises(ValidationError, match="concurrency 2000 is more than Knative allows: at most 1000"):
+        mod.Greeter.deploy("hi", client=client, quiet=True, concurrency=2000)
+    with pytest.raises(ValidationError, match=r"scale_to_zero 7200 s is more than Knative allows: at most 3600 s"):
+        mod.Greeter.deploy("hi", client=client, quiet=True, scale_to_zero=7200)
+    assert kube.store.get("services", NAMESPACE, name)["metadata"]["generation"] == generation
+    assert http.get(f"/{plat.workspace}/services/Greeter").json()["concurrency"] == 16
+    second.delete()
+    assert kube.state()["rejected"] == []
+
+
+def test_evicted_and_stranded_runs_run_again_without_spending_a_retry(fns, kube):
+    from kubernetes import client as k8s, config
+
+    core = k8s.CoreV1Api(config.new_client_from_config(config_file=str(kube.kubeconfig)))
+    core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "fake-node-2"},
+                      "status": {"allocatable": {"cpu": "8", "memory": "32Gi", "pods": "110"}}})
+    try:
+        for disrupt in (lambda pod: kube.evict(NAMESPACE, pod, "The node was low on resource: memory."),
+                        lambda pod: kube.lose_node("fake-node")):
+            run = fns["sleeper"].submit(3)
+            pod = wait_for(lambda: [p for p in pods_of(kube, run.id) if p["status"].get("phase") == "Running"],
+                           60, "the run's pod running")[0]
+            disrupt(pod["metadata"]["name"])
+            assert run.result(timeout=120) == run.id, "run again to the end"
+            status = run.status()
+            assert status["attempt"] == 0, "no retry spent"
+            assert status["exit_reason"].startswith("evicted: "), status  # why it ran twice
+            assert ("low on resource" in status["exit_reason"]) or ("DeletionByTaintManager" in status["exit_reason"])
+            names = sorted(j["metadata"]["name"] for j in jobs_of(kube, run.id))
+            assert names == [f"opbox-run-{run.id.lower()}", f"opbox-run-{run.id.lower()}-d1"], names
+    finally:
+        node = kube.store.get("nodes", None, "fake-node")
+        node["spec"].pop("taints", None)
+        kube.store.put("nodes", node)
+        core.delete_node("fake-node-2")

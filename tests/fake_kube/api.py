@@ -377,10 +377,12 @@ class Api:
         return JSONResponse({"pods": self.node.lose_node(request.path_params["name"])})
 
     async def node_settings(self, request: Request):
-        """Test knobs of the simulated node: ``hold_rollouts``, ``pull_failures`` {image: count}."""
+        """Test knobs of the simulated node: ``hold_rollouts``, ``progress_deadline``, ``pull_failures`` {image: count}."""
         body = await request.json()
         if "hold_rollouts" in body:
             self.node.hold_rollouts = bool(body["hold_rollouts"])
+        if "progress_deadline" in body:
+            self.node.progress_deadline = float(body["progress_deadline"])
         self.node.pull_failures.update(body.get("pull_failures") or {})
         return JSONResponse({"hold_rollouts": self.node.hold_rollouts, "pull_failures": self.node.pull_failures})
 

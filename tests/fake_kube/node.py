@@ -70,6 +70,7 @@ class Node:
         self.replicas: dict[str, tuple[str, str]] = {}  # Knative Service uid -> (container, pod) serving it
         self.serving: dict[str, tuple[str, str]] = {}  # Knative Service uid -> (revision, url) traffic goes to
         self.hold_rollouts = False  # True: new revisions wait before they become ready (a slow rollout)
+        self.progress_deadline = 600.0  # Knative's progress-deadline (config-deployment): a revision not ready fails
         self.pull_failures: dict[str, int] = {}  # image -> pulls that fail first (a registry's 429)
         self.disrupted: dict[str, dict] = {}  # pod uid -> the status its disruption leaves
         self._pull_error = "not found"
@@ -622,14 +623,24 @@ class Node:
         self._replica_status(pod, {"running": {"startedAt": started}}, phase="Running", startTime=started,
                              podIP="127.0.0.1")
         url = f"http://127.0.0.1:{port}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.progress_deadline
         async with httpx.AsyncClient(timeout=2) as client:
-            while proc.returncode is None:
+            while proc.returncode is None and loop.time() < deadline:
                 try:
                     if (await client.get(url + "/readyz")).status_code == 200 and not self.hold_rollouts:
                         break
                 except httpx.HTTPError:
                     pass
                 await asyncio.sleep(0.1)
+            else:
+                if proc.returncode is None:  # never ready: Knative gives up after its progress deadline
+                    self._replica_status(pod, {"running": {"startedAt": started}})
+                    self._service_status(service, generation, "False", "ProgressDeadlineExceeded",
+                                         f'Revision "{revision}" failed to become ready within the progress '
+                                         f"deadline ({self.progress_deadline:g} s): {log_path.read_text()[-2000:].strip()}")
+                    await self._podman("rm", "--force", "--time", "0", name)
+                    return
         if proc.returncode is not None:
             # the failed pod stays (as a crash-looping one does) so its log can be read
             self._replica_status(pod, {"terminated": {"exitCode": proc.returncode, "reason": "Error",

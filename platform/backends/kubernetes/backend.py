@@ -71,6 +71,7 @@ class Attempt:
     version: VersionInfo
     namespace: str
     name: str
+    disruption: int = 0  # times the run's pod was disrupted before this attempt (its Job's "-d<N>")
     created_at: float | None = None  # monotonic, once the Job exists
     done: bool = False
     cancelled: bool = False
@@ -219,11 +220,12 @@ class KubernetesBackend:
     def submit(self, ticket: RunTicket, version: VersionInfo) -> None:
         try:
             namespace = self.settings.namespace(version.workspace)
-            name = render.job_name(ticket.run_id, ticket.attempt, self.disruptions.get(ticket.run_id, 0))
+            disruption = self.disruptions.get(ticket.run_id, 0)
+            name = render.job_name(ticket.run_id, ticket.attempt, disruption)
         except ValidationError as exc:
             self.loop.call_soon(self.events.run_lost, ticket.run_id, f"cannot make a Job: {exc}")
             return
-        attempt = Attempt(ticket, version, namespace, name)
+        attempt = Attempt(ticket, version, namespace, name, disruption=disruption)
         self.attempts[name] = attempt
         self.current[ticket.run_id] = name
         self.queues.setdefault(ticket.workspace, deque()).append(attempt)
@@ -264,6 +266,7 @@ class KubernetesBackend:
                 namespace=attempt.namespace, workspace=version.workspace, job_id=version.job_id,
                 version=version.version, image=version.artifact.image or "", gateway_url=self.gateway_url,
                 token_secret=secret_name, run_id=ticket.run_id, attempt=ticket.attempt, backoff_limit=0,
+                disruption=attempt.disruption,
                 resource=version.resource, service_account=self.settings.service_account,
                 env={**self.settings.env, **runtime_env(version, in_image=True)},
                 secrets=self.settings.secrets, image_pull_secrets=self.settings.image_pull_secrets,
@@ -483,9 +486,11 @@ class KubernetesBackend:
                 pod = max(mine, key=lambda p: p["metadata"].get("creationTimestamp") or "")
         except Exception as exc:
             log.warning("could not read the pods of Job %s: %s", attempt.name, exc)
+        if attempt.done:  # another watch event explained it meanwhile
+            return
         disruption = _disruption(pod) if pod is not None else None
         if disruption is not None:
-            count = self.disruptions.get(attempt.run_id, 0) + 1
+            count = attempt.disruption + 1
             if count <= MAX_DISRUPTIONS:
                 self.disruptions[attempt.run_id] = count
                 self._finish(attempt, f"evicted: {disruption}; run again, not counted as a retry", "disrupted")

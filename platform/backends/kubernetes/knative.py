@@ -115,10 +115,11 @@ class KnativeServices:
         secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                   "metadata": {"name": token_secret, "namespace": namespace, "labels": spec.labels()},
                   "stringData": {"token": backend.token_for(f"service:{info.key}")}}
-        await backend.call(backend.core.create_namespaced_secret, namespace, secret, conflict_ok=True)
+        previous = (self.services.get(info.key) or {}).get("info")
         entry = self.services.setdefault(info.key, {"changed": asyncio.Event()})
         entry.update(info=info, namespace=namespace, name=name, error=None)
         try:
+            await backend.call(backend.core.create_namespaced_secret, namespace, secret, conflict_ok=True)
             try:
                 created = await backend.call(backend.custom.create_namespaced_custom_object, GROUP, VERSION,
                                               namespace, PLURAL, manifest)
@@ -129,7 +130,11 @@ class KnativeServices:
                                               namespace, PLURAL, name)
                 created = await backend.call(backend.custom.patch_namespaced_custom_object, GROUP, VERSION,
                                               namespace, PLURAL, name, redeploy_patch(current, manifest))
-        except ApiException as exc:
+        except ApiException as exc:  # nothing changed: the service is as it was (or unknown)
+            if previous is None:
+                self.services.pop(info.key, None)
+            else:
+                entry["info"] = previous
             raise ClusterRefused(f"the cluster refused Knative Service {namespace}/{name}: {api_error(exc)}",
                                  status=exc.status) from None
         entry["generation"] = created["metadata"].get("generation", 1)
@@ -160,6 +165,8 @@ class KnativeServices:
         for entry in self.services.values():
             if entry.get("name") == meta["name"] and entry.get("namespace") == meta.get("namespace"):
                 entry["object"] = None if kind == "DELETED" else obj
+                if self._rollout(entry)[0] == "complete":
+                    entry["serving"] = entry["info"]  # the version calls reach, until a rollout completes
                 entry["changed"].set()
                 entry["changed"] = asyncio.Event()
 
@@ -226,7 +233,8 @@ class KnativeServices:
         rollout, condition = self._rollout(entry)
         info: ServiceInfo = entry["info"]
         error = {"reason": condition.get("reason"), "message": condition.get("message")} if rollout == "failed" else None
-        return {"status": state, "version": info.version.version, "latest_version": info.version.version,
+        serving: ServiceInfo = entry.get("serving") or info
+        return {"status": state, "version": serving.version.version, "latest_version": info.version.version,
                 "url": status.get("url"), "knative_service": f"{entry['namespace']}/{entry['name']}",
                 "revision": status.get("latestReadyRevisionName"),
                 "rollout": {"state": rollout, "revision": status.get("latestCreatedRevisionName"), "error": error},

@@ -320,6 +320,7 @@ class JobSpec(WorkloadSpec):
     run_id: str
     ttl_seconds_after_finished: int | None = DEFAULT_TTL_AFTER_FINISHED
     attempt: int = 0  # the platform's attempt number: part of the Job's name and labels
+    disruption: int = 0  # times this attempt's pod was disrupted before (evicted, its node lost): part of the name
     backoff_limit: int | None = None  # None: resource.max_retries (the kubernetes backend sets 0: it retries itself)
     # the pod's terminationGracePeriodSeconds: SIGTERM, then SIGKILL this many seconds later when
     # the Job is deleted (cancel) or its deadline passes; None: Kubernetes' default (30 s)
@@ -332,13 +333,14 @@ class JobSpec(WorkloadSpec):
             _positive_int(self.backoff_limit, "backoff_limit", zero=True)
         if self.termination_grace_period_seconds is not None:
             _positive_int(self.termination_grace_period_seconds, "termination_grace_period_seconds", zero=True)
-        job_name(self.run_id, self.attempt)
+        _positive_int(self.disruption, "disruption", zero=True)
+        job_name(self.run_id, self.attempt, self.disruption)
         if self.ttl_seconds_after_finished is not None:
             _positive_int(self.ttl_seconds_after_finished, "ttl_seconds_after_finished", zero=True)
 
     @property
     def name(self) -> str:
-        return job_name(self.run_id, self.attempt)
+        return job_name(self.run_id, self.attempt, self.disruption)
 
     def labels(self) -> dict[str, str]:
         return {**super().labels(), "opbox.dev/run": label_value(self.run_id), "opbox.dev/attempt": str(self.attempt)}

@@ -256,3 +256,32 @@ def test_a_class_built_by_kaniko_serves_from_the_pulled_image(plat, kube, regist
     assert image.startswith(f"{registry.host}/opbox/opbox-{WORKSPACE}-greeter:")
     assert image in kube.node.pulled, "the replica pulled the image kaniko pushed"
     assert f"Pushed {image}" in build_log(client, "Greeter")
+
+
+def test_the_build_context_streams_to_s3_never_to_a_temporary_file(s3, tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from opbox.builder.image import write_context_archive
+    from opbox.platform.backends.kubernetes.kaniko import upload_context
+    from opbox.platform.store.s3 import S3Store
+
+    store = S3Store(BUCKET, prefix="streamed/", endpoint_url=s3.endpoint_url, access_key=s3.access_key,
+                    secret_key=s3.secret_key, region=s3.region, multipart_threshold=5 * 1024 * 1024)
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM scratch\n")
+    (context / "big.whl").write_bytes(os.urandom(12 * 1024 * 1024))  # incompressible, as wheels are
+    expected = tmp_path / "expected.tar.gz"
+    size = write_context_archive(context, expected)
+
+    def no_temporary_files(*args, **kwargs):
+        raise AssertionError("the build context went through a temporary file")
+
+    for name in ("TemporaryDirectory", "NamedTemporaryFile", "TemporaryFile", "mkstemp", "mkdtemp"):
+        monkeypatch.setattr(tempfile, name, no_temporary_files)
+    assert upload_context(store, context, "builds/ctx.tar.gz") == size
+    monkeypatch.undo()
+    assert store.get("builds/ctx.tar.gz") == expected.read_bytes(), "the same reproducible archive"
+    head = store._client.head_object(Bucket=BUCKET, Key="streamed/builds/ctx.tar.gz")
+    assert int(head["ETag"].strip('"').rpartition("-")[2]) >= 2, "a multipart upload"

@@ -198,6 +198,11 @@ def test_kustomize_build_is_consistent(built):
     assert container["command"] == ["opbox", "up", "--host", "0.0.0.0", "--port", "8000", "--backend", "kubernetes"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/healthz" and startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    (budget,) = by_kind(built, "PodDisruptionBudget").values()
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert budget["spec"]["minAvailable"] == deployment["spec"]["replicas"] == 1
     assert spec["serviceAccountName"] in accounts
     labels = template["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()

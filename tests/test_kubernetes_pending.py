@@ -167,8 +167,10 @@ def test_each_workspace_gets_its_share_of_slots(kube):
             submit(backend, "greedy", f"r-greedy-{i}", resource=Resource(gpu_count=1))
         submit(backend, "modest", "r-modest", resource=Resource(gpu_count=1))
         jobs = lambda ns: [k for k in kube.store.objects if k[0] == "jobs" and k[1] == ns]  # noqa: E731
-        await wait_for(lambda: jobs("opbox-modest"), 30, "the other workspace's Job")
-        assert len(jobs("opbox-greedy")) == 1 and backend.describe("greedy")["jobs"]["queued"] == 2
+        await wait_for(lambda: jobs("opbox-modest") and jobs("opbox-greedy"), 30, "a Job of each workspace")
+        assert len(backend.inflight) == 2 and backend.describe("greedy")["jobs"]["queued"] == 2
+        assert sorted(backend.inflight.values()) == ["greedy", "modest"], "one slot each, two left free"
+        assert len(jobs("opbox-greedy")) == 1
     run(kube, scenario, max_inflight=4, workspace_inflight=1, pending_timeout=600)
 
 

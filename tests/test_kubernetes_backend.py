@@ -96,6 +96,7 @@ def plat(kube, podman, wheelhouse, tmp_path_factory):
     env = {"OPBOX_BACKEND": "kubernetes", "KUBECONFIG": str(kube.kubeconfig), "OPBOX_WHEELHOUSE": str(wheelhouse),
            "OPBOX_WORKSPACE": WORKSPACE, "OPBOX_K8S_MAX_INFLIGHT": "3", "OPBOX_K8S_WATCH_TIMEOUT": "20",
            "OPBOX_K8S_WORKSPACE_INFLIGHT": "3", "OPBOX_K8S_IMAGE_PULL_PATIENCE": "3",
+           "OPBOX_K8S_POOL_WORKERS": "3", "OPBOX_K8S_ITEMS_PER_WORKER": "2", "OPBOX_WORKER_IDLE": "5",
            "OPBOX_K8S_ENV": json.dumps({"TEAM_SETTING": "from-operator"})}
     with running_platform(tmp_path_factory.mktemp("home"), extra_env=env, timeout=60) as running:
         yield running
@@ -144,13 +145,47 @@ def test_call_runs_as_a_job_with_the_runs_image(fns, kube, client):
     assert fns["sleeper"](0).startswith("r-"), "the run id reaches the pod"
 
 
-def test_map_goes_through_jobs_and_respects_max_inflight(fns, kube, plat):
+def worker_jobs(kube: FakeKube, job_id: str) -> list[dict]:
+    return [o for (res, ns, _), o in list(kube.store.objects.items())
+            if res == "jobs" and ns == NAMESPACE and "opbox.dev/worker" in o["metadata"]["labels"]
+            and o["metadata"]["labels"]["opbox.dev/job"] == job_id.lower()]
+
+
+def test_map_items_go_to_a_pool_of_worker_pods_not_a_job_each(fns, kube, plat):
+    before = {k for k in kube.store.objects if k[0] == "jobs"}
     out = fns["score"].map(range(7), progress=False)
     assert out == [x * 2 for x in range(7)]
+    new_jobs = [kube.store.objects[k] for k in kube.store.objects if k[0] == "jobs" and k not in before]
+    workers = [j for j in new_jobs if "opbox.dev/worker" in j["metadata"]["labels"]]
+    assert new_jobs == workers, "no Job per item"
+    assert 1 <= len(workers) <= 3, "at most OPBOX_K8S_POOL_WORKERS pods"
+    (container,) = workers[0]["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "opbox.runtime", "worker"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["OPBOX_POOL"]["value"] == f"{fns['score'].job_id}.v1" and "secretKeyRef" in env["OPBOX_RUN_TOKEN"]["valueFrom"]
     status = plat.client().get("/status").json()
     assert status["backend"] == "kubernetes" and status["jobs"]["max_inflight"] == 3
-    runs = fns["sleeper"].map([0.5] * 6, progress=False)
-    assert len(set(runs)) == 6 and all("." in r for r in runs), "map items are runs b-....N"
+    assert any(p["pool"] == f"{fns['score'].job_id}.v1" for p in status["pools"])
+    # idle workers leave (OPBOX_WORKER_IDLE): their pods exit 0, their Jobs complete
+    wait_for(lambda: all(j["status"].get("succeeded") == 1 for j in worker_jobs(kube, fns["score"].job_id)),
+             60, "the idle workers leaving")
+
+
+def test_an_evicted_worker_pods_item_runs_again_without_spending_a_retry(fns, kube, plat):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        mapped = pool.submit(fns["sleeper"].map, [4, 4], progress=False)
+        busy = wait_for(lambda: [p for p in kube.store.list("pods", NAMESPACE)
+                                 if p["metadata"]["labels"].get("opbox.dev/job") == fns["sleeper"].job_id.lower()
+                                 and "opbox.dev/worker" in p["metadata"]["labels"]
+                                 and p["status"].get("phase") == "Running"], 60, "a worker pod running")[0]
+        time.sleep(1.5)  # let it take an item (a pod evicted before that holds nothing)
+        kube.evict(NAMESPACE, busy["metadata"]["name"], "The node was low on resource: memory.")
+        assert mapped.result(timeout=180) == [None, None]
+    runs = plat.http().get(f"/{plat.workspace}/job/{fns['sleeper'].job_id}/runs", params={"limit": 5}).json()["runs"]
+    evicted = [r for r in runs if (r.get("exit_reason") or "").startswith("evicted: ")]
+    assert evicted and all(r["status"] == "succeeded" and r["attempt"] == 0 for r in evicted), runs
 
 
 def test_three_triggers(fns, plat, client):

@@ -47,12 +47,14 @@ from dataclasses import dataclass
 from opbox.errors import ConfigError, ValidationError
 
 from ...settings import Settings
-from ..base import RunEvents, RunTicket, ServiceInfo, ServiceLogs, Serving, VersionInfo
+from ..base import RunEvents, RunTicket, ServiceInfo, ServiceLogs, Serving, VersionInfo, WorkerPools
+from ..pools import PoolManager, PoolMethods
 from ..runtime_env import runtime_env
 from . import render
 from .config import KubernetesSettings, api_client, api_error
 from .knative import KnativeServices
 from .watch import Watcher
+from .workers import PodSpawner, pod_disruption
 
 log = logging.getLogger("opbox.kubernetes")
 
@@ -105,12 +107,14 @@ def describe_container_exit(terminated: dict) -> str:
     return f"the run's container was killed by {name} (exit code {code})"
 
 
-class KubernetesBackend:
+class KubernetesBackend(PoolMethods):
     name = "kubernetes"
-    abilities = frozenset({Serving, ServiceLogs})  # runs are Jobs: no warm worker pools
+    # single runs are Jobs; map items go to warm pools of worker pods (workers.py)
+    abilities = frozenset({WorkerPools, Serving, ServiceLogs})
 
     def __init__(self, settings: KubernetesSettings, *, gateway_url: str, token_for, api=None,
-                 cancel_grace: float | None = None):
+                 cancel_grace: float | None = None, worker_idle: float = Settings.worker_idle,
+                 pool_idle: float = Settings.pool_idle):
         self.settings = settings
         # seconds between SIGTERM and SIGKILL for a cancelled run's pod: the gateway may not delete
         # pods (no RBAC for it), so the grace is the pod's terminationGracePeriodSeconds
@@ -131,12 +135,17 @@ class KubernetesBackend:
         self._tasks: set[asyncio.Task] = set()
         self.watchers: list[Watcher] = []
         self.knative = KnativeServices(self)  # its watch starts with the first service
+        self.spawner = PodSpawner(self)
+        self.pools = PoolManager(self.spawner, max_workers=max(1, settings.pool_workers), worker_idle=worker_idle,
+                                 pool_idle=pool_idle, max_running=settings.max_inflight,
+                                 items_per_worker=settings.items_per_worker, keep_warm=0)  # a pod is not kept idle
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self, events: RunEvents) -> None:
         from kubernetes import client
 
         self.events = events
+        self.pools.events = events
         self.loop = asyncio.get_running_loop()
         api = self._api or api_client(self.settings)
         self.batch, self.core = client.BatchV1Api(api), client.CoreV1Api(api)
@@ -193,6 +202,7 @@ class KubernetesBackend:
             log.exception("handling a watch event failed")
 
     async def close(self) -> None:
+        await self.pools.close()  # its workers' Jobs are deleted (their items run again after a restart)
         for watcher in self.watchers:
             watcher.stop()
         for task in list(self._tasks):
@@ -212,12 +222,16 @@ class KubernetesBackend:
                                               "termination_grace": self.termination_grace,
                                               "waiting": {a.run_id: a.waiting for a in mine
                                                           if a.waiting and not a.started}},
+                "pools": self.pools.describe(workspace),
                 "services": self.knative.describe(workspace),
                 "watches": {w.what: {"resourceVersion": w.resource_version, "relists": w.relists,
                                      "reconnects": w.reconnects} for w in self.watchers}}
 
     # -- runs --------------------------------------------------------------------------
     def submit(self, ticket: RunTicket, version: VersionInfo) -> None:
+        if ticket.batch_id is not None and self.settings.pool_workers:  # a map item: to the version's pool
+            self.pools.submit(ticket, version)
+            return
         try:
             namespace = self.settings.namespace(version.workspace)
             disruption = self.disruptions.get(ticket.run_id, 0)
@@ -248,9 +262,9 @@ class KubernetesBackend:
                 continue
             self.inflight[attempt.name] = attempt.workspace
             attempt.timer = self.loop.call_later(self.settings.pending_timeout, self._pending_expired, attempt)
-            self._spawn(self._create(attempt))
+            self.spawn_task(self._create(attempt))
 
-    def _spawn(self, coro) -> None:
+    def spawn_task(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -262,53 +276,68 @@ class KubernetesBackend:
         try:
             await self.ensure_namespace(attempt.namespace)
             secret_name = f"{attempt.name}-token"
-            spec = render.JobSpec(
-                namespace=attempt.namespace, workspace=version.workspace, job_id=version.job_id,
-                version=version.version, image=version.artifact.image or "", gateway_url=self.gateway_url,
-                token_secret=secret_name, run_id=ticket.run_id, attempt=ticket.attempt, backoff_limit=0,
-                disruption=attempt.disruption,
-                resource=version.resource, service_account=self.settings.service_account,
-                env={**self.settings.env, **runtime_env(version, in_image=True)},
-                secrets=self.settings.secrets, image_pull_secrets=self.settings.image_pull_secrets,
-                image_pull_policy=self.settings.image_pull_policy, gpu_label_key=self.settings.gpu_label_key,
-                ttl_seconds_after_finished=self.settings.ttl_after_finished,
-                termination_grace_period_seconds=self.termination_grace,
-            )
+            spec = render.JobSpec(**self.workload(version, attempt.namespace, secret_name), run_id=ticket.run_id,
+                                  attempt=ticket.attempt, backoff_limit=0, disruption=attempt.disruption)
             job = render.render_job(spec)
-            secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                      "metadata": {"name": secret_name, "namespace": attempt.namespace, "labels": spec.labels()},
-                      "stringData": {"token": self.token_for(f"run:{ticket.run_id}")}}
-            created_secret = await self.call(self.core.create_namespaced_secret, attempt.namespace, secret,
-                                              conflict_ok=True)
-            try:
-                created = await self.call(self.batch.create_namespaced_job, attempt.namespace, job)
-            except ApiException as exc:
-                if exc.status != 409:
-                    if created_secret is not None:  # nothing would ever delete it
-                        await self._delete_secret(attempt.namespace, secret_name)
-                    raise
-                created = await self.call(self.batch.read_namespaced_job, attempt.name, attempt.namespace)
-                labels = created["metadata"].get("labels") or {}
-                if labels.get("opbox.dev/run") != render.label_value(ticket.run_id):
-                    raise
-                log.info("adopting the existing Job %s/%s", attempt.namespace, attempt.name)
+
+            def ours(existing: dict) -> bool:  # a restarted gateway's run finds its Job: adopt it
+                labels = existing["metadata"].get("labels") or {}
+                return labels.get("opbox.dev/run") == render.label_value(ticket.run_id)
+
+            await self.create_with_token(attempt.namespace, job, secret_name, spec.labels(),
+                                         self.token_for(f"run:{ticket.run_id}"), adopt=ours)
             attempt.created_at = time.monotonic()
-            if created_secret is not None:  # the Secret goes when its Job goes (garbage collection)
-                owned = {**secret, "metadata": {**secret["metadata"],
-                                                "resourceVersion": created_secret["metadata"]["resourceVersion"],
-                                                "ownerReferences": [{
-                                                    "apiVersion": "batch/v1", "kind": "Job", "name": attempt.name,
-                                                    "uid": created["metadata"]["uid"]}]}}
-                try:
-                    await self.call(self.core.replace_namespaced_secret, secret_name, attempt.namespace, owned)
-                except ApiException as exc:  # not fatal: the Secret outlives its Job
-                    log.warning("could not tie Secret %s to its Job: %s", secret_name, api_error(exc))
             if attempt.done or attempt.cancelled:  # cancelled while we were creating it
                 await self._delete_job(attempt)
         except Exception as exc:
             reason = api_error(exc) if isinstance(exc, ApiException) else f"{type(exc).__name__}: {exc}"
             log.warning("could not create the Job of %s: %s", ticket.run_id, reason)
             self._finish(attempt, f"could not create the run's Job {attempt.namespace}/{attempt.name}: {reason}")
+
+    def workload(self, version: VersionInfo, namespace: str, token_secret: str) -> dict:
+        """What every pod of ``version`` has, a run's or a pool worker's (render.JobSpec, render.WorkerSpec)."""
+        settings = self.settings
+        return dict(namespace=namespace, workspace=version.workspace, job_id=version.job_id, version=version.version,
+                    image=version.artifact.image or "", gateway_url=self.gateway_url, token_secret=token_secret,
+                    resource=version.resource, service_account=settings.service_account,
+                    env={**settings.env, **runtime_env(version, in_image=True)}, secrets=settings.secrets,
+                    image_pull_secrets=settings.image_pull_secrets, image_pull_policy=settings.image_pull_policy,
+                    gpu_label_key=settings.gpu_label_key, ttl_seconds_after_finished=settings.ttl_after_finished,
+                    termination_grace_period_seconds=self.termination_grace)
+
+    async def create_with_token(self, namespace: str, job: dict, secret_name: str, labels: dict, token: str,
+                                adopt=None) -> dict:
+        """A Secret holding ``token`` (the pod's OPBOX_RUN_TOKEN), then ``job``, then the Secret tied to
+        the Job (so it is garbage-collected with it). A refused Job takes its Secret with it. On 409,
+        ``adopt(existing)`` says whether the Job of that name is ours to take over."""
+        from kubernetes.client.exceptions import ApiException
+
+        secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                  "metadata": {"name": secret_name, "namespace": namespace, "labels": labels},
+                  "stringData": {"token": token}}
+        created_secret = await self.call(self.core.create_namespaced_secret, namespace, secret, conflict_ok=True)
+        name = job["metadata"]["name"]
+        try:
+            created = await self.call(self.batch.create_namespaced_job, namespace, job)
+        except ApiException as exc:
+            if exc.status != 409 or adopt is None:
+                if created_secret is not None:  # nothing would ever delete it
+                    await self._delete_secret(namespace, secret_name)
+                raise
+            created = await self.call(self.batch.read_namespaced_job, name, namespace)
+            if not adopt(created):
+                raise
+            log.info("adopting the existing Job %s/%s", namespace, name)
+        if created_secret is not None:
+            owned = {**secret, "metadata": {**secret["metadata"],
+                                            "resourceVersion": created_secret["metadata"]["resourceVersion"],
+                                            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
+                                                                 "uid": created["metadata"]["uid"]}]}}
+            try:
+                await self.call(self.core.replace_namespaced_secret, secret_name, namespace, owned)
+            except ApiException as exc:  # not fatal: the Secret outlives its Job
+                log.warning("could not tie Secret %s to its Job: %s", secret_name, api_error(exc))
+        return created
 
     async def _delete_secret(self, namespace: str, name: str) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -351,6 +380,7 @@ class KubernetesBackend:
                 conflict_ok=True)
 
     async def cancel(self, run_id: str, grace: float) -> None:
+        await self.pools.cancel(run_id, grace)  # a leased map item (queued ones are skipped when leased)
         name = self.current.get(run_id)
         attempt = self.attempts.get(name) if name else None
         if attempt is None or attempt.done:
@@ -361,14 +391,17 @@ class KubernetesBackend:
         self._finish(attempt, None)
 
     async def _delete_job(self, attempt: Attempt) -> None:
+        await self.delete_job(attempt.namespace, attempt.name)
+
+    async def delete_job(self, namespace: str, name: str) -> None:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            await asyncio.to_thread(self.batch.delete_namespaced_job, attempt.name, attempt.namespace,
+            await asyncio.to_thread(self.batch.delete_namespaced_job, name, namespace,
                                     propagation_policy=self.settings.delete_propagation, _request_timeout=30)
         except ApiException as exc:
             if exc.status != 404:
-                log.warning("could not delete Job %s/%s: %s", attempt.namespace, attempt.name, api_error(exc))
+                log.warning("could not delete Job %s/%s: %s", namespace, name, api_error(exc))
 
     def _finish(self, attempt: Attempt, reason: str | None, status: str = "failed") -> None:
         """The attempt is over: free its slot and, when it is the run's current attempt and
@@ -395,17 +428,20 @@ class KubernetesBackend:
     def _pending_expired(self, attempt: Attempt) -> None:
         if attempt.done or attempt.started:
             return
-        self._spawn(self._delete_job(attempt))
+        self.spawn_task(self._delete_job(attempt))
         self._finish(attempt, f"the run's pod did not start within {self.settings.pending_timeout:g} s "
                               f"(OPBOX_K8S_PENDING_TIMEOUT): {attempt.waiting or 'no pod was made'}")
 
     # -- watch events ------------------------------------------------------------------
     def _on_job(self, kind: str, obj, started: float | None = None) -> None:
         if kind == "SYNC":  # obj: the (namespace, name) of every Job listed, each delivered already
+            self.spawner.resync(obj, started)
             for attempt in list(self.attempts.values()):
                 if (attempt.created_at is not None and attempt.created_at < started
                         and (attempt.namespace, attempt.name) not in obj and not attempt.done):
                     self._finish(attempt, f"the run's Job {attempt.namespace}/{attempt.name} disappeared")
+            return
+        if self.spawner.on_job(kind, obj):
             return
         attempt = self.attempts.get(obj["metadata"]["name"])
         if attempt is None or attempt.done or obj["metadata"].get("namespace") != attempt.namespace:
@@ -425,11 +461,17 @@ class KubernetesBackend:
                     self._finish(attempt, f"timed out after {timeout:g} s (the Job's activeDeadlineSeconds passed)",
                                  "timed_out")
                 else:
-                    self._spawn(self._explain_failure(attempt, condition))
+                    self.spawn_task(self._explain_failure(attempt, condition))
                 return
 
     def _on_pod(self, kind: str, obj, started: float | None = None) -> None:
         if kind == "SYNC":  # each listed pod came as MODIFIED already
+            return
+        worker = self.spawner.on_pod(obj) if kind != "DELETED" else None
+        if worker is not None:
+            why = _cannot_start(obj)
+            if why:
+                self.spawner.fail(worker, why)
             return
         labels = obj["metadata"].get("labels") or {}
         attempt = self.attempts.get(labels.get("batch.kubernetes.io/job-name") or labels.get("job-name") or "")
@@ -454,7 +496,7 @@ class KubernetesBackend:
                 if now - attempt.pulling_since < self.settings.image_pull_patience:
                     continue
                 attempt.waiting += f" (still after {self.settings.image_pull_patience:g} s of retries)"
-            self._spawn(self._delete_job(attempt))
+            self.spawn_task(self._delete_job(attempt))
             self._finish(attempt, attempt.waiting)
             return
         if attempt.started:
@@ -472,7 +514,7 @@ class KubernetesBackend:
             return
         attempt.waiting = f"the Job cannot make its pod: {obj.get('message', '')}"
         if "violates PodSecurity" in (obj.get("message") or ""):
-            self._spawn(self._delete_job(attempt))
+            self.spawn_task(self._delete_job(attempt))
             self._finish(attempt, attempt.waiting)
 
     async def _explain_failure(self, attempt: Attempt, condition: dict) -> None:
@@ -488,7 +530,7 @@ class KubernetesBackend:
             log.warning("could not read the pods of Job %s: %s", attempt.name, exc)
         if attempt.done:  # another watch event explained it meanwhile
             return
-        disruption = _disruption(pod) if pod is not None else None
+        disruption = pod_disruption(pod) if pod is not None else None
         if disruption is not None:
             count = attempt.disruption + 1
             if count <= MAX_DISRUPTIONS:
@@ -500,7 +542,7 @@ class KubernetesBackend:
         parts = []
         if pod is not None:
             parts.append(self._pod_reason(attempt, pod))
-            tail = await self._log_tail(attempt.namespace, pod["metadata"]["name"])
+            tail = await self.log_tail(attempt.namespace, pod["metadata"]["name"])
             if tail.strip():
                 parts.append(f"its log ends with:\n{tail.rstrip()}")
         else:
@@ -520,7 +562,7 @@ class KubernetesBackend:
             return f"pod {pod['metadata']['name']} failed: {status['reason']}: {status.get('message', '')}"
         return f"pod {pod['metadata']['name']} failed (phase {status.get('phase')})"
 
-    async def _log_tail(self, namespace: str, pod: str) -> str:
+    async def log_tail(self, namespace: str, pod: str) -> str:
         try:
             resp = await asyncio.to_thread(self.core.read_namespaced_pod_log, pod, namespace,
                                            tail_lines=self.settings.log_tail_lines, _preload_content=False,
@@ -531,20 +573,18 @@ class KubernetesBackend:
             return ""
 
 
-def _disruption(pod: dict) -> str | None:
-    """Why ``pod`` was disrupted (evicted, preempted, its node lost), or None. Kubernetes >= 1.26 says
-    so with the DisruptionTarget condition; a kubelet's eviction also sets reason Evicted."""
+def _cannot_start(pod: dict) -> str | None:
+    """Why a pool worker's pod will not start by itself (its runs are not leased yet: no patience)."""
     status = pod.get("status") or {}
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
-            message = status.get("message") or condition.get("message") or ""
-            return f"{message} ({condition.get('reason')}, pod {pod['metadata']['name']})"
-    if status.get("reason") == "Evicted":
-        return f"{status.get('message', '')} (pod {pod['metadata']['name']})"
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in FATAL_WAITING or waiting.get("reason") == "ImagePullBackOff":
+            return f"pod {pod['metadata']['name']} cannot start: {waiting['reason']}: {waiting.get('message', '')}"
     return None
 
 
 def create(settings: Settings, token_for, gateway_url: str) -> KubernetesBackend:
     """The registry's factory (``OPBOX_BACKEND=kubernetes``): its own settings are read here, once."""
     return KubernetesBackend(KubernetesSettings.from_env(), gateway_url=gateway_url, token_for=token_for,
-                             cancel_grace=settings.cancel_grace)
+                             cancel_grace=settings.cancel_grace, worker_idle=settings.worker_idle,
+                             pool_idle=settings.pool_idle)

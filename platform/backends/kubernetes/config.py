@@ -30,6 +30,10 @@ class KubernetesSettings:
     # OPBOX_K8S_WORKSPACE_INFLIGHT: Jobs at once of one workspace (None: half of max_inflight), so
     # one workspace's stuck runs cannot hold every slot; free slots go to the workspace with fewest
     workspace_inflight: int | None = None
+    # OPBOX_K8S_POOL_WORKERS: worker pods at most per job version's pool, which map items go to
+    # (workers.py); 0: a Job per map item, as for single runs
+    pool_workers: int = 50
+    items_per_worker: int = 50  # OPBOX_K8S_ITEMS_PER_WORKER: queued map items per worker pod started
     pending_timeout: float = 600.0  # OPBOX_K8S_PENDING_TIMEOUT: seconds a run's pod may take to start
     image_pull_patience: float = 300.0  # OPBOX_K8S_IMAGE_PULL_PATIENCE: seconds of ImagePullBackOff retries
     ttl_after_finished: int = render.DEFAULT_TTL_AFTER_FINISHED  # OPBOX_K8S_TTL_AFTER_FINISHED
@@ -71,6 +75,8 @@ class KubernetesSettings:
             max_inflight=max(1, env_int("OPBOX_K8S_MAX_INFLIGHT", cls.max_inflight)),
             workspace_inflight=max(1, env_int("OPBOX_K8S_WORKSPACE_INFLIGHT", 0)) if
             env.get("OPBOX_K8S_WORKSPACE_INFLIGHT") else None,
+            pool_workers=max(0, env_int("OPBOX_K8S_POOL_WORKERS", cls.pool_workers)),
+            items_per_worker=max(1, env_int("OPBOX_K8S_ITEMS_PER_WORKER", cls.items_per_worker)),
             pending_timeout=max(1.0, env_float("OPBOX_K8S_PENDING_TIMEOUT", cls.pending_timeout)),
             image_pull_patience=max(0.0, env_float("OPBOX_K8S_IMAGE_PULL_PATIENCE", cls.image_pull_patience)),
             ttl_after_finished=env_int("OPBOX_K8S_TTL_AFTER_FINISHED", cls.ttl_after_finished),

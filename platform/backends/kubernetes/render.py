@@ -363,6 +363,51 @@ class JobSpec(WorkloadSpec):
 
 
 @dataclass(frozen=True, kw_only=True)
+class WorkerSpec(WorkloadSpec):
+    """A warm worker of a job version's pool, as a batch/v1 Job of one pod running
+    ``python -m opbox.runtime worker``: it pulls map items from the gateway until the pool lets
+    it go (it exits 0, the Job completes). Its token (its own, as every worker's) comes from
+    ``token_secret``; run timeouts are the pool's, so the Job has no deadline."""
+
+    pool_id: str  # the version's key, "<job id>.v<N>"
+    worker_id: str
+    nonce: str = ""  # made part of the name: worker ids restart with the gateway, Job names must not
+    ttl_seconds_after_finished: int | None = DEFAULT_TTL_AFTER_FINISHED
+    termination_grace_period_seconds: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for what in ("pool_id", "worker_id"):
+            if not isinstance(getattr(self, what), str) or not getattr(self, what):
+                raise ValidationError(f"{what}: expected a non-empty string")
+        check_dns_label(self.name, "worker Job name")
+
+    @property
+    def name(self) -> str:
+        name = re.sub(r"[^a-z0-9-]+", "-", f"{self.worker_id}-{self.nonce}".lower()).strip("-")
+        return f"opbox-worker-{name}"
+
+    def labels(self) -> dict[str, str]:
+        return {**super().labels(), "opbox.dev/pool": label_value(self.pool_id),
+                "opbox.dev/worker": label_value(self.worker_id)}
+
+    def platform_env(self) -> dict[str, str]:
+        return {**super().platform_env(), "OPBOX_POOL": self.pool_id, "OPBOX_WORKER_ID": self.worker_id}
+
+    def context(self) -> dict[str, Any]:
+        return {
+            **super().context(),
+            "name": self.name,
+            "labels": self.labels(),
+            "command": list(self.command or ("python", "-m", "opbox.runtime", "worker")),
+            "backoff_limit": 0,
+            "active_deadline_seconds": None,
+            "ttl_seconds_after_finished": self.ttl_seconds_after_finished,
+            "termination_grace_period_seconds": self.termination_grace_period_seconds,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServiceSpec(WorkloadSpec):
     """A class as a Knative Service running the runtime in serve mode.
 
@@ -450,6 +495,11 @@ def _load(text: str, what: str) -> dict:
 
 def render_job(spec: JobSpec) -> dict:
     """The batch/v1 Job of one Job-Run."""
+    return _load(render_text("job.yaml.j2", **spec.context()), "job")
+
+
+def render_worker(spec: WorkerSpec) -> dict:
+    """The batch/v1 Job of one warm pool worker (the Job-Run template, the worker's command)."""
     return _load(render_text("job.yaml.j2", **spec.context()), "job")
 
 

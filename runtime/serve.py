@@ -434,7 +434,9 @@ def main(host: str, port: int | None, fd: int | None) -> int:
     env = os.environ
     app = ServeApp(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR") or os.getcwd(), read_init(),
                    concurrency=int(env.get("OPBOX_CONCURRENCY", defaults.CONCURRENCY)),
-                   queue=int(env.get("OPBOX_QUEUE", defaults.QUEUE)), token=env.get("OPBOX_REPLICA_TOKEN"))
+                   queue=int(env.get("OPBOX_QUEUE", defaults.QUEUE)),
+                   # a cluster replica's token is its service's (from its Secret): only the gateway calls it
+                   token=env.get("OPBOX_REPLICA_TOKEN") or env.get("OPBOX_RUN_TOKEN"))
     config = uvicorn.Config(app, host=host, port=port or 8080, log_level="warning", access_log=False, lifespan="on",
                             timeout_keep_alive=75, timeout_graceful_shutdown=60, proxy_headers=False,
                             server_header=False)

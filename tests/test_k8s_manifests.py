@@ -10,6 +10,7 @@ validator or CRD fails the run instead of skipping.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import re
@@ -24,6 +25,7 @@ from opbox.errors import ValidationError
 from opbox.platform.backends.kubernetes import render as r
 from opbox.resource import Resource
 
+from fake_kube.admission import restricted_violations  # PodSecurity "restricted", as the fake enforces it
 from k8s_schemas import (  # the validators, shared with the fake API server (tests/fake_kube)
     CRD_PATH,
     K8S_VERSIONS,
@@ -256,6 +258,9 @@ def test_rbac_is_least_privilege(built):
     expected = {
         ("", "namespaces"): {"get", "list", "create"},
         ("", "serviceaccounts"): {"get", "create"},
+        ("", "resourcequotas"): {"create"},
+        ("", "limitranges"): {"create"},
+        ("networking.k8s.io", "networkpolicies"): {"create"},
         ("", "secrets"): {"create", "get", "update", "delete"},
         ("", "pods"): {"get", "list", "watch"},
         ("", "pods/log"): {"get"},
@@ -357,6 +362,15 @@ def check_container(spec: r.WorkloadSpec, manifest: dict) -> None:
     security = container["securityContext"]
     assert security["allowPrivilegeEscalation"] is False and security["capabilities"] == {"drop": ["ALL"]}
     assert security.get("runAsNonRoot", False) is spec.run_as_non_root
+    if spec.run_as_non_root:  # what PodSecurity "restricted" asks (as the fake's admission checks it)
+        assert restricted_violations(pod) == []
+        assert security["runAsUser"] == security["runAsGroup"] == r.RUN_AS_USER
+        assert security["readOnlyRootFilesystem"] is True
+        assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+        assert pod["volumes"] == [{"name": "tmp", "emptyDir": {}}]
+        assert env["HOME"].get("value") == spec.user_env.get("HOME", "/tmp")
+    else:
+        assert restricted_violations(pod) and "volumes" not in pod
 
     requests, limits, selector, tolerations = r.to_resources(resource, spec.gpu_label_key)
     assert container.get("resources", {}).get("requests", {}) == requests
@@ -397,6 +411,26 @@ def test_rendered_job(kv, case):
     container = container_of(job)
     assert container["command"] == ["python", "-m", "opbox.runtime", "run", "--run-id", RUN_ID]
     assert {e["name"]: e.get("value") for e in container["env"]}["OPBOX_RUN_ID"] == RUN_ID
+    check_container(spec, job)
+
+
+@pytest.mark.parametrize("case", ["minimal", "non-root"])
+def test_rendered_worker_job(kv, case):
+    fields = {"pool_id": "job-0193a1b2c3d.v3", "worker_id": "w17f3a9c2b4d1e0", "nonce": "a1b2c3"}
+    values = {k: v for k, v in job_spec().__dict__.items() if k in {f.name for f in dataclasses.fields(r.WorkloadSpec)}}
+    spec = r.WorkerSpec(**{**values, "run_as_non_root": case == "non-root"}, **fields)
+    job = r.render_worker(spec)
+    for version in K8S_VERSIONS:
+        error = k8s_error(kv, job, version)
+        assert error is None, f"worker Job (Kubernetes {version}): {error}"
+    name = job["metadata"]["name"]
+    assert name == "opbox-worker-w17f3a9c2b4d1e0-a1b2c3" and DNS_1123.match(name)
+    assert job["metadata"]["labels"]["opbox.dev/worker"] == fields["worker_id"]
+    assert job["spec"]["backoffLimit"] == 0 and "activeDeadlineSeconds" not in job["spec"]
+    container = container_of(job)
+    assert container["command"] == ["python", "-m", "opbox.runtime", "worker"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["OPBOX_POOL"] == fields["pool_id"] and env["OPBOX_WORKER_ID"] == fields["worker_id"]
     check_container(spec, job)
 
 
@@ -456,6 +490,8 @@ def test_services_need_feature_flags_only_for_gpus(crd_schema, case):
     expected = {"kubernetes.podspec-tolerations"} if spec.resource.gpu_count else set()
     if spec.resource.gpu:
         expected.add("kubernetes.podspec-nodeselector")
+    if spec.run_as_non_root:  # the /tmp emptyDir: "enabled" by default (knative/serving config/core/configmaps/features.yaml)
+        expected.add("kubernetes.podspec-volumes-emptydir")
     assert flags == expected
 
 

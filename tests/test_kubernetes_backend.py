@@ -365,6 +365,10 @@ def test_a_class_is_a_knative_service(plat, client, kube, tmp_path_factory):
     assert model.times(x=5) == 15
     info = model.info()
     assert info["status"] == "ready" and info["url"].startswith("http://127.0.0.1:"), info
+    # the replica answers the gateway only: any other caller in the cluster is refused
+    direct = httpx.post(kube.store.get("services", NAMESPACE, info["knative_service"].split("/")[1])["status"]["url"]
+                        + "/call/times", json={"x": 5}, timeout=10)
+    assert direct.status_code == 401 and "through the gateway only" in direct.text
     namespace, name = info["knative_service"].split("/")
     assert namespace == NAMESPACE
     service = kube.store.get("services", NAMESPACE, name)

@@ -131,7 +131,29 @@ def test_refused_pod_creation_podsecurity_at_once_quota_after_the_pending_timeou
         _, reason = await wait_for(lambda: events.lost.get("r-quota"), 60, "the quota refusal")
         assert reason.startswith("the run's pod did not start within 3 s")
         assert "exceeded quota: limits, requested: pods=1, used: pods=0, limited: pods=0" in reason
-    run(kube, scenario, pending_timeout=3)
+    run(kube, scenario, pending_timeout=3, run_as_non_root=False)  # pods as the image's user: not "restricted"
+
+
+def test_a_workspace_namespace_is_sealed(kube):
+    async def scenario(backend, events):
+        submit(backend, "sealed", "r-sealed")
+        _, reason = await wait_for(lambda: events.lost.get("r-sealed"), 60, "the run ending")
+        assert "exited with code 1" in reason, "its pod was admitted under PodSecurity restricted and ran"
+    run(kube, scenario, resource_quota={"pods": "20", "requests.nvidia.com/gpu": "0"},
+        limit_range={"default": {"memory": "512Mi"}, "defaultRequest": {"cpu": "100m"}})
+    labels = kube.store.get("namespaces", None, "opbox-sealed")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert labels["pod-security.kubernetes.io/warn"] == labels["pod-security.kubernetes.io/audit"] == "restricted"
+    policy = kube.store.get("networkpolicies", "opbox-sealed", "opbox-egress")["spec"]
+    assert policy["podSelector"] == {} and policy["policyTypes"] == ["Egress"]
+    allowed = [rule["to"][0]["podSelector"]["matchLabels"] for rule in policy["egress"]]
+    assert allowed == [{"k8s-app": "kube-dns"}, {"app.kubernetes.io/component": "gateway"}]
+    assert kube.store.get("resourcequotas", "opbox-sealed", "opbox")["spec"]["hard"]["pods"] == "20"
+    assert kube.store.get("limitranges", "opbox-sealed", "opbox")["spec"]["limits"][0]["type"] == "Container"
+    (pod,) = [p for p in kube.store.list("pods", "opbox-sealed")]
+    security = pod["spec"]["containers"][0]["securityContext"]
+    assert (security["runAsUser"], security["readOnlyRootFilesystem"]) == (10001, True)
+    assert kube.state()["rejected"] == []
 
 
 def test_the_token_secret_goes_when_the_job_is_refused(kube):

@@ -90,7 +90,8 @@ class FakeKube:
         return resp.json()["pods"]
 
     def configure_node(self, **settings) -> dict:
-        """``hold_rollouts=True``: new Knative revisions wait before becoming ready; ``progress_deadline``:
+        """``hold_rollouts=True``: new Knative revisions wait before becoming ready; ``pod_start_delay``:
+        seconds each pod takes to start once bound; ``progress_deadline``:
         seconds a revision may take to be ready before it fails (Knative's default 600); ``pull_failures``:
         {image: n}, its next n pulls fail with a registry's 429."""
         resp = httpx.post(self.url + "/_fake/node", json=settings, timeout=10)

@@ -104,7 +104,8 @@ def meta_errors(meta: dict, path: str) -> list[str]:
 
 NAME_RULE = {"namespaces": "label", "nodes": "subdomain", "pods": "subdomain", "secrets": "subdomain",
              "serviceaccounts": "subdomain", "jobs": "subdomain", "events": "subdomain",
-             "resourcequotas": "subdomain", "services": "1035"}
+             "resourcequotas": "subdomain", "limitranges": "subdomain", "networkpolicies": "subdomain",
+             "services": "1035"}
 
 
 def validate(plural: str, obj: dict) -> list[str]:

@@ -47,6 +47,8 @@ KINDS = {  # (group, version, plural) -> (kind, namespaced)
     ("", "v1", "nodes"): ("Node", False),
     ("", "v1", "events"): ("Event", True),
     ("", "v1", "resourcequotas"): ("ResourceQuota", True),
+    ("", "v1", "limitranges"): ("LimitRange", True),
+    ("networking.k8s.io", "v1", "networkpolicies"): ("NetworkPolicy", True),
     ("batch", "v1", "jobs"): ("Job", True),
     ("serving.knative.dev", "v1", "services"): ("Service", True),
 }
@@ -377,17 +379,21 @@ class Api:
         return JSONResponse({"pods": self.node.lose_node(request.path_params["name"])})
 
     async def node_settings(self, request: Request):
-        """Test knobs of the simulated node: ``hold_rollouts``, ``progress_deadline``, ``pull_failures`` {image: count}."""
+        """Test knobs of the simulated node: ``hold_rollouts``, ``progress_deadline``, ``pod_start_delay``,
+        ``pull_failures`` {image: count}."""
         body = await request.json()
         if "hold_rollouts" in body:
             self.node.hold_rollouts = bool(body["hold_rollouts"])
         if "progress_deadline" in body:
             self.node.progress_deadline = float(body["progress_deadline"])
+        if "pod_start_delay" in body:
+            self.node.pod_start_delay = float(body["pod_start_delay"])
         self.node.pull_failures.update(body.get("pull_failures") or {})
         return JSONResponse({"hold_rollouts": self.node.hold_rollouts, "pull_failures": self.node.pull_failures})
 
     async def state(self, request: Request):
         return JSONResponse({"resourceVersion": self.store.rv, "rejected": self.store.rejected,
+                             "created": self.store.created,
                              "watches": len(self.store.watchers),
                              "objects": sorted("/".join(k) for k in self.store.objects)})
 

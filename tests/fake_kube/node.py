@@ -55,6 +55,22 @@ from .store import Store, now
 log = logging.getLogger("fake_kube.node")
 
 
+def security_args(pod_spec: dict, container: dict) -> list[str]:
+    """What the kubelet does with the pod's security context and emptyDir volumes: the uid and gid,
+    a read-only root filesystem, an emptyDir mounted where the container asks for it."""
+    context = {**(pod_spec.get("securityContext") or {}), **(container.get("securityContext") or {})}
+    args = []
+    if "runAsUser" in context:
+        args += ["--user", f"{context['runAsUser']}:{context.get('runAsGroup', context['runAsUser'])}"]
+    if context.get("readOnlyRootFilesystem"):
+        args.append("--read-only")
+    empty = {v["name"] for v in pod_spec.get("volumes") or [] if "emptyDir" in v}
+    for mount in container.get("volumeMounts") or []:
+        if mount["name"] in empty:
+            args += ["--tmpfs", f"{mount['mountPath']}:rw,mode=1777"]
+    return args
+
+
 class Node:
     def __init__(self, store: Store, log_dir: Path | None = None, podman: str = "podman"):
         self.store = store
@@ -70,6 +86,7 @@ class Node:
         self.replicas: dict[str, tuple[str, str]] = {}  # Knative Service uid -> (container, pod) serving it
         self.serving: dict[str, tuple[str, str]] = {}  # Knative Service uid -> (revision, url) traffic goes to
         self.hold_rollouts = False  # True: new revisions wait before they become ready (a slow rollout)
+        self.pod_start_delay = 0.0  # seconds a pod takes to start once bound (a sandbox, an image pull)
         self.progress_deadline = 600.0  # Knative's progress-deadline (config-deployment): a revision not ready fails
         self.pull_failures: dict[str, int] = {}  # image -> pulls that fail first (a registry's 429)
         self.disrupted: dict[str, dict] = {}  # pod uid -> the status its disruption leaves
@@ -330,6 +347,8 @@ class Node:
         (container,) = pod["spec"]["containers"]
         if not await self._bind(pod):
             return None
+        if self.pod_start_delay:
+            await asyncio.sleep(self.pod_start_delay)
         while True:  # the kubelet retries until the Secrets exist
             env, problem = self._env(namespace, container)
             if env is not None:
@@ -353,7 +372,8 @@ class Node:
         limits = (container.get("resources") or {}).get("limits") or {}
         name = f"k8s-{pod['metadata']['name']}-{uid[:8]}"
         args = ["run", "--name", name, "--network=host", "--init", "--pull=never",
-                "--label", f"opbox.fake-kube={self.instance}", "--entrypoint", container["command"][0]]
+                "--label", f"opbox.fake-kube={self.instance}", "--entrypoint", container["command"][0],
+                *security_args(pod["spec"], container)]
         cgroup = None
         if "memory" in limits:
             memory = int(parse_quantity(limits["memory"]))
@@ -610,7 +630,8 @@ class Node:
             command[command.index("--port") + 1] = str(port)
         name = f"ksvc-{meta['name'][:40]}-{generation}-{secrets.token_hex(3)}"
         args = ["run", "--name", name, "--network=host", "--init", "--pull=never",
-                "--label", f"opbox.fake-kube={self.instance}", "--entrypoint", command[0]]
+                "--label", f"opbox.fake-kube={self.instance}", "--entrypoint", command[0],
+                *security_args(service["spec"]["template"]["spec"], container)]
         for key in env:
             args += ["-e", key]
         args += [container["image"], *command[1:]]

@@ -13,7 +13,8 @@ import datetime as dt
 import uuid
 from collections import deque
 
-NAMESPACED = {"pods", "secrets", "serviceaccounts", "jobs", "services", "events", "resourcequotas"}
+NAMESPACED = {"pods", "secrets", "serviceaccounts", "jobs", "services", "events", "resourcequotas", "limitranges",
+              "networkpolicies"}
 
 
 def now() -> str:
@@ -72,6 +73,7 @@ class Store:
         self.requests: list[tuple[str, str]] = []  # (verb, path) of every API call
         self.rejected: list[str] = []  # objects that failed validation
         self.pages = 0  # list responses sent (a paginated list sends several)
+        self.created: dict[str, int] = {}  # objects created, by resource (the API's and the controllers')
 
     def key(self, resource: str, namespace: str | None, name: str) -> tuple[str, str, str]:
         return (resource, (namespace or "") if resource in NAMESPACED else "", name)
@@ -96,6 +98,7 @@ class Store:
         meta.setdefault("uid", str(uuid.uuid4()))
         meta.setdefault("creationTimestamp", now())
         meta.setdefault("generation", 1)
+        self.created[resource] = self.created.get(resource, 0) + 1
         return self.put(resource, obj, "ADDED")
 
     def put(self, resource: str, obj: dict, kind: str = "MODIFIED") -> dict:

@@ -50,7 +50,7 @@ from ...settings import Settings
 from ..base import RunEvents, RunTicket, ServiceInfo, ServiceLogs, Serving, VersionInfo, WorkerPools
 from ..pools import PoolManager, PoolMethods
 from ..runtime_env import runtime_env
-from . import render
+from . import namespaces, render
 from .config import KubernetesSettings, api_client, api_error
 from .knative import KnativeServices
 from .watch import Watcher
@@ -150,6 +150,7 @@ class KubernetesBackend(PoolMethods):
         api = self._api or api_client(self.settings)
         self.batch, self.core = client.BatchV1Api(api), client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.networking = client.NetworkingV1Api(api)
         timeout = self.settings.watch_timeout
         self.watchers = [
             Watcher("jobs", self.batch.list_job_for_all_namespaces, self.threadsafe(self._on_job),
@@ -303,7 +304,7 @@ class KubernetesBackend(PoolMethods):
                     env={**settings.env, **runtime_env(version, in_image=True)}, secrets=settings.secrets,
                     image_pull_secrets=settings.image_pull_secrets, image_pull_policy=settings.image_pull_policy,
                     gpu_label_key=settings.gpu_label_key, ttl_seconds_after_finished=settings.ttl_after_finished,
-                    termination_grace_period_seconds=self.termination_grace)
+                    termination_grace_period_seconds=self.termination_grace, run_as_non_root=settings.run_as_non_root)
 
     async def create_with_token(self, namespace: str, job: dict, secret_name: str, labels: dict, token: str,
                                 adopt=None) -> dict:
@@ -369,15 +370,21 @@ class KubernetesBackend(PoolMethods):
     async def _make_namespace(self, namespace: str) -> None:
         if not self.settings.create_namespaces:
             return
-        labels = {"app.kubernetes.io/managed-by": "opbox"}
-        await self.call(self.core.create_namespace,
-                         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": labels}},
-                         conflict_ok=True)
-        if self.settings.service_account:
+        settings = self.settings
+        await self.call(self.core.create_namespace, namespaces.namespace_manifest(namespace, settings),
+                        conflict_ok=True)
+        if settings.service_account:
             await self.call(self.core.create_namespaced_service_account, namespace, {
                 "apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False,
-                "metadata": {"name": self.settings.service_account, "namespace": namespace, "labels": labels}},
+                "metadata": {"name": settings.service_account, "namespace": namespace, "labels": namespaces.MANAGED}},
                 conflict_ok=True)
+        if settings.network_policy:
+            await self.call(self.networking.create_namespaced_network_policy, namespace,
+                            namespaces.egress_policy(namespace, settings), conflict_ok=True)
+        for manifest in namespaces.quota_manifests(namespace, settings):
+            create = (self.core.create_namespaced_resource_quota if manifest["kind"] == "ResourceQuota"
+                      else self.core.create_namespaced_limit_range)
+            await self.call(create, namespace, manifest, conflict_ok=True)
 
     async def cancel(self, run_id: str, grace: float) -> None:
         await self.pools.cancel(run_id, grace)  # a leased map item (queued ones are skipped when leased)

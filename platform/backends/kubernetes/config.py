@@ -48,6 +48,14 @@ class KubernetesSettings:
     # deleted (its pods' terminationGracePeriodSeconds); None: the platform's cancel grace
     termination_grace: int | None = None
     log_tail_lines: int = 20  # lines of a failed pod's log put in the run's exit reason
+    # workspace namespaces (namespaces.py) and their pods
+    pod_security: str | None = "restricted"  # OPBOX_K8S_POD_SECURITY: the namespaces' PodSecurity level ("": none)
+    run_as_non_root: bool = True  # OPBOX_K8S_RUN_AS_NON_ROOT: pods run as uid 10001 on a read-only root
+    network_policy: bool = True  # OPBOX_K8S_NETWORK_POLICY: default-deny egress but DNS and the gateway
+    gateway_namespace: str = "opbox-system"  # OPBOX_SYSTEM_NAMESPACE: where the gateway's pods are
+    gateway_port: int = 8000  # OPBOX_K8S_GATEWAY_PORT: the port its pods listen on
+    resource_quota: dict = field(default_factory=dict, hash=False)  # OPBOX_K8S_RESOURCE_QUOTA: spec.hard, JSON
+    limit_range: dict = field(default_factory=dict, hash=False)  # OPBOX_K8S_LIMIT_RANGE: a Container limit, JSON
 
     @classmethod
     def from_env(cls) -> "KubernetesSettings":
@@ -88,6 +96,13 @@ class KubernetesSettings:
             delete_propagation=propagation,
             watch_timeout=max(1, env_int("OPBOX_K8S_WATCH_TIMEOUT", cls.watch_timeout)),
             termination_grace=grace,
+            pod_security=_pod_security(env.get("OPBOX_K8S_POD_SECURITY", cls.pod_security)),
+            run_as_non_root=env.get("OPBOX_K8S_RUN_AS_NON_ROOT", "1") not in ("0", "false", "no"),
+            network_policy=env.get("OPBOX_K8S_NETWORK_POLICY", "1") not in ("0", "false", "no"),
+            gateway_namespace=env.get("OPBOX_SYSTEM_NAMESPACE") or cls.gateway_namespace,
+            gateway_port=env_int("OPBOX_K8S_GATEWAY_PORT", cls.gateway_port),
+            resource_quota=env_json_strings("OPBOX_K8S_RESOURCE_QUOTA", dict),
+            limit_range=_json_object("OPBOX_K8S_LIMIT_RANGE"),
         )
 
     @property
@@ -97,6 +112,23 @@ class KubernetesSettings:
     def namespace(self, workspace: str) -> str:
         return render.check_dns_label(self.namespace_template.replace("{workspace}", workspace),
                                       "namespace (from OPBOX_NAMESPACE_TEMPLATE)")
+
+
+def _pod_security(level: str | None) -> str | None:
+    if level and level not in ("privileged", "baseline", "restricted"):
+        raise ConfigError(f"OPBOX_K8S_POD_SECURITY must be privileged, baseline, restricted or empty, not {level!r}")
+    return level or None
+
+
+def _json_object(name: str) -> dict:
+    raw = os.environ.get(name) or "{}"
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a JSON object, got {raw!r}")
+    return value
 
 
 def api_client(settings: KubernetesSettings):

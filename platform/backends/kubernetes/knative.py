@@ -98,7 +98,7 @@ class KnativeServices:
             image_pull_secrets=settings.image_pull_secrets, image_pull_policy=settings.image_pull_policy,
             gpu_label_key=settings.gpu_label_key, min_scale=0 if info.scale_to_zero is not None else info.replicas,
             max_scale=max(info.replicas, 1), container_concurrency=info.concurrency,
-            scale_to_zero_retention=retention,
+            scale_to_zero_retention=retention, run_as_non_root=settings.run_as_non_root,
         )
 
     async def deploy(self, info: ServiceInfo, wait: float) -> dict:
@@ -219,8 +219,9 @@ class KnativeServices:
         entry = self._entry(key)
         await self._wait(entry, lambda: self._state(entry) != "deploying", wait)
         url = self._serving(entry)
-        if url:
-            return [url]
+        if url:  # with the service's token as userinfo: the proxy sends it, the replica checks it
+            token = self.backend.token_for(f"service:{key}")
+            return [url.replace("://", f"://opbox:{token}@", 1)]
         state, condition = self._rollout(entry)
         if state == "failed":
             raise ServiceFailed(f"Knative Service {entry['namespace']}/{entry['name']} is not ready: {_why(condition)}")

@@ -35,6 +35,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_GPU_LABEL_KEY = "nvidia.com/gpu.product"
 DEFAULT_SERVICE_ACCOUNT = "opbox-runner"
 DEFAULT_TTL_AFTER_FINISHED = 3600
+RUN_AS_USER = 10001  # the uid of non-root pods (the gateway's too)
 # Knative names revisions "<service>-00001"; keep that within a 63-character label.
 MAX_SERVICE_NAME = 56
 # Env the platform sets itself; users may not override it.
@@ -231,7 +232,10 @@ class WorkloadSpec:
     image_pull_secrets: tuple[str, ...] = ()
     image_pull_policy: str | None = None
     gpu_label_key: str = DEFAULT_GPU_LABEL_KEY
+    # the pod as PodSecurity "restricted" wants it: a non-root uid (whatever the image's user), a
+    # read-only root filesystem and a writable /tmp emptyDir (HOME too, for libraries' caches)
     run_as_non_root: bool = False
+    run_as_user: int = RUN_AS_USER
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -269,6 +273,7 @@ class WorkloadSpec:
         if self.image_pull_policy is not None and self.image_pull_policy not in _PULL_POLICIES:
             raise ValidationError(f"image_pull_policy {self.image_pull_policy!r}: expected one of {_PULL_POLICIES}")
         check_label_key(self.gpu_label_key, "gpu_label_key")
+        _positive_int(self.run_as_user, "run_as_user")
         for name, value in self.user_env.items():
             if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
                 raise ValidationError(
@@ -301,7 +306,8 @@ class WorkloadSpec:
             "namespace": self.namespace,
             "image": self.image,
             "image_pull_policy": self.image_pull_policy,
-            "env": list({**self.platform_env(), **self.user_env}.items()),
+            "env": list({**self.platform_env(), **({"HOME": "/tmp"} if self.run_as_non_root else {}),
+                         **self.user_env}.items()),
             "token_secret": self.token_secret,
             "token_secret_key": self.token_secret_key,
             "secrets": list(self.secrets),
@@ -310,6 +316,7 @@ class WorkloadSpec:
             "resource": self.resource,
             "gpu_label_key": self.gpu_label_key,
             "run_as_non_root": self.run_as_non_root,
+            "run_as_user": self.run_as_user,
         }
 
 

@@ -85,7 +85,8 @@ def knative(kv, crd_schema):
 
 # --- manifests/ and a small kustomize ----------------------------------------------------
 
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
+                  "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
 KUSTOMIZE_FIELDS = {"apiVersion", "kind", "namespace", "labels", "resources", "images"}
 
 
@@ -282,6 +283,48 @@ def test_rbac_is_least_privilege(built):
     bound = [s["name"] for kind in ("ClusterRoleBinding", "RoleBinding") for b in by_kind(built, kind).values()
              for s in b["subjects"]]
     assert "opbox-runner" not in bound, "opbox-runner must have no API permissions"
+
+
+def admission(user: str, kind: str, namespace: str, name: str, obj: dict | None, operation: str = "CREATE") -> dict:
+    return {"request": {"userInfo": {"username": user}, "kind": {"kind": kind}, "namespace": namespace, "name": name,
+                        "operation": operation}, "object": obj}
+
+
+GATEWAY = "system:serviceaccount:opbox-system:opbox-gateway"
+
+
+@pytest.mark.parametrize("request_, denied", [
+    (admission(GATEWAY, "Secret", "opbox-team-a", "opbox-run-r1-token", {"type": "Opaque"}), None),
+    (admission(GATEWAY, "Job", "opbox-team-a", "opbox-run-r1", {"spec": {}}), None),
+    (admission(GATEWAY, "Namespace", "", "opbox-team-a", {"metadata": {"name": "opbox-team-a"}}), None),
+    (admission(GATEWAY, "Job", "opbox-system", "opbox-build-1", {"spec": {}}), None),
+    (admission(GATEWAY, "Job", "opbox-team-a", "opbox-run-r1", None, "DELETE"), None),
+    (admission(GATEWAY, "Secret", "kube-system", "x", {"type": "Opaque"}), "only in opbox-* namespaces"),
+    (admission(GATEWAY, "Namespace", "", "default", {"metadata": {"name": "default"}}), "only in opbox-* namespaces"),
+    (admission(GATEWAY, "Secret", "opbox-team-a", "t", {"type": "kubernetes.io/service-account-token"}),
+     "service-account-token"),
+])
+def test_the_admission_policy_confines_the_gateway(built, request_, denied):
+    """The policy's CEL, evaluated with cel-python against admission requests (Kubernetes' CEL
+    libraries are not all there, but these expressions use only the language's core)."""
+    import celpy
+
+    (policy,) = by_kind(built, "ValidatingAdmissionPolicy").values()
+    (binding,) = by_kind(built, "ValidatingAdmissionPolicyBinding").values()
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"] and binding["spec"]["validationActions"] == ["Deny"]
+    env = celpy.Environment()
+    activation = {k: celpy.json_to_cel(v) for k, v in request_.items()}
+
+    def holds(expression: str) -> bool:
+        return bool(env.program(env.compile(expression)).evaluate(activation))
+
+    (condition,) = policy["spec"]["matchConditions"]
+    assert holds(condition["expression"])
+    other = {k: celpy.json_to_cel(v) for k, v in {**request_, "request": {**request_["request"], "userInfo": {
+        "username": "system:serviceaccount:kube-system:deployment-controller"}}}.items()}
+    assert not env.program(env.compile(condition["expression"])).evaluate(other), "others are not matched"
+    failed = [v["message"] for v in policy["spec"]["validations"] if not holds(v["expression"])]
+    assert failed == ([] if denied is None else [m for m in failed if denied in m]) and (denied is None or failed)
 
 
 # --- rendered Jobs and Knative Services --------------------------------------------------

@@ -4,12 +4,11 @@ talking to the fake with the real kubernetes client."""
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import pytest
 
-from fake_kube import FakeKube
+from fake_kube import FakeKube, wait_for
 from podman_env import podman  # noqa: F401 (fixture)
 from opbox.builder.image import DEFAULT_BASE_IMAGE
 
@@ -45,16 +44,6 @@ def refused(fn, *args) -> tuple[int, str]:
     with pytest.raises(ApiException) as info:
         fn(*args)
     return info.value.status, info.value.body
-
-
-def wait_for(predicate, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 def job(name: str, *, image: str = "localhost/nothing:1", command=("true",), labels=None, **pod) -> dict:

@@ -21,7 +21,7 @@ from opbox.builder.gateway_image import UID, build_gateway_image
 from opbox.builder.wheelhouse import Wheelhouse
 from opbox.resource import parse_quantity
 from podman_env import podman, wheelhouse  # noqa: F401 (fixtures)
-from s3server import require_weed, run_seaweedfs
+from s3server import seaweedfs_with_bucket
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 BUCKET = "opbox"
@@ -39,12 +39,7 @@ def image(podman, wheelhouse, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def s3():
-    require_weed()
-    with run_seaweedfs() as server:
-        from opbox.platform.store.s3 import S3Store
-
-        S3Store(BUCKET, endpoint_url=server.endpoint_url, access_key=server.access_key,
-                secret_key=server.secret_key, region=server.region).create_bucket_if_missing()
+    with seaweedfs_with_bucket(BUCKET) as server:
         yield server
 
 

@@ -28,7 +28,7 @@ from opbox.builder.registry import RegistryClient
 from platform_fixture import running_platform
 from podman_env import e2e_code, podman, wheelhouse  # noqa: F401 (fixtures)
 from registry_server import require_registry, run_registry
-from s3server import require_weed, run_seaweedfs
+from s3server import seaweedfs_with_bucket
 
 WORKSPACE = "kaniko-e2e"
 NAMESPACE = f"opbox-{WORKSPACE}"
@@ -79,12 +79,7 @@ def registry(podman):
 
 @pytest.fixture(scope="module")
 def s3():
-    require_weed()
-    with run_seaweedfs() as server:
-        from opbox.platform.store.s3 import S3Store
-
-        S3Store(BUCKET, endpoint_url=server.endpoint_url, access_key=server.access_key,
-                secret_key=server.secret_key, region=server.region).create_bucket_if_missing()
+    with seaweedfs_with_bucket(BUCKET) as server:
         yield server
 
 

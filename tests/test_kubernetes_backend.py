@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from fake_kube import FakeKube
+from fake_kube import FakeKube, wait_for
 from k8s_schemas import ManifestValidator
 from opbox import Jobs, Operator, RunCancelled, RunFailed, RunHandle, RunTimeout
 from opbox.errors import Unavailable
@@ -113,16 +113,6 @@ def jobs_of(kube: FakeKube, run_id: str) -> list[dict]:
     label = run_id.lower()
     return [o for (res, ns, _), o in list(kube.store.objects.items())
             if res == "jobs" and ns == NAMESPACE and o["metadata"]["labels"]["opbox.dev/run"].lower() == label]
-
-
-def wait_for(predicate, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 def test_call_runs_as_a_job_with_the_runs_image(fns, kube, client):

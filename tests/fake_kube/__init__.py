@@ -25,6 +25,19 @@ from .scheduler import DEFAULT_NODE
 from .store import Store
 
 
+def wait_for(predicate, timeout: float = 30, what: str = "condition"):
+    """``predicate()``'s first truthy value, polled until ``timeout`` (then AssertionError naming ``what``)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
 def write_kubeconfig(path: Path, server: str, token: str = "fake-token") -> Path:
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "fake",

@@ -112,7 +112,7 @@ def fns(plat, client, tmp_path_factory):
 def jobs_of(kube: FakeKube, run_id: str) -> list[dict]:
     label = run_id.lower()
     return [o for (res, ns, _), o in list(kube.store.objects.items())
-            if res == "jobs" and ns == NAMESPACE and o["metadata"]["labels"]["opbox.dev/run"].lower() == label]
+            if res == "jobs" and ns == NAMESPACE and o["metadata"]["labels"].get("opbox.dev/run", "").lower() == label]
 
 
 def test_call_runs_as_a_job_with_the_runs_image(fns, kube, client):

@@ -62,6 +62,8 @@ MANAGED = "app.kubernetes.io/managed-by=opbox"
 # waiting reasons after which a pod will not start by itself
 FATAL_WAITING = {"ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError"}
 PULLING = {"ImagePullBackOff", "ErrImagePull"}  # the kubelet retries these (a registry's 429 passes)
+TRANSIENT = {429, 500, 502, 503, 504}  # API answers worth asking again
+CALL_ATTEMPTS = 4
 MAX_DISRUPTIONS = 3  # evictions of one run resubmitted without spending a retry; then it fails
 
 
@@ -350,16 +352,28 @@ class KubernetesBackend(PoolMethods):
                 log.warning("could not delete Secret %s/%s: %s", namespace, name, api_error(exc))
 
     async def call(self, fn, *args, conflict_ok: bool = False, **kwargs):
-        """A client call in a thread, its answer as a dict (None for a tolerated 409)."""
+        """A client call in a thread, its answer as a dict (None for a tolerated 409). What an API
+        server says when it is overloaded or restarting (429, 5xx, a reset connection) is retried
+        with backoff, a few times: a create that did happen then meets 409, which callers handle."""
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
-        try:
-            resp = await asyncio.to_thread(fn, *args, _preload_content=False, _request_timeout=30, **kwargs)
-        except ApiException as exc:
-            if conflict_ok and exc.status == 409:
-                return None
-            raise
-        return json.loads(resp.data) if resp.data else {}
+        delay = 0.5
+        for attempt in range(CALL_ATTEMPTS):
+            try:
+                resp = await asyncio.to_thread(fn, *args, _preload_content=False, _request_timeout=30, **kwargs)
+            except ApiException as exc:
+                if conflict_ok and exc.status == 409:
+                    return None
+                if exc.status not in TRANSIENT or attempt == CALL_ATTEMPTS - 1:
+                    raise
+            except HTTPError:
+                if attempt == CALL_ATTEMPTS - 1:
+                    raise
+            else:
+                return json.loads(resp.data) if resp.data else {}
+            await asyncio.sleep(delay)
+            delay *= 2
 
     async def ensure_namespace(self, namespace: str) -> None:
         fut = self._namespaces.get(namespace)

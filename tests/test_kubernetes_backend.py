@@ -28,7 +28,9 @@ from opbox.platform.settings import Settings
 from platform_fixture import running_platform
 from podman_env import e2e_code, podman, remove_images, wheelhouse  # noqa: F401 (fixtures)
 
-WORKSPACE = "kube-e2e"
+# one of its own per test process: the images are labelled with it, and removed by it at the end,
+# so two checkouts' suites on one machine do not remove each other's images
+WORKSPACE = f"kube-e2e-{os.getpid()}"
 NAMESPACE = f"opbox-{WORKSPACE}"
 
 CODE = """
@@ -124,7 +126,7 @@ def test_call_runs_as_a_job_with_the_runs_image(fns, kube, client):
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["ttlSecondsAfterFinished"] == 3600
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["python", "-m", "opbox.runtime", "run", "--run-id", run.id]
-    assert container["image"].startswith("localhost/opbox-kube-e2e-scorer:")
+    assert container["image"].startswith(f"localhost/opbox-{WORKSPACE}-scorer:")
     env = {e["name"]: e for e in container["env"]}
     assert env["TEAM_SETTING"]["value"] == "from-operator"
     assert env["OPBOX_RUN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == f"opbox-run-{run.id.lower()}-token"
@@ -365,7 +367,7 @@ def test_a_class_is_a_knative_service(plat, client, kube, tmp_path_factory):
     template = service["spec"]["template"]
     container = template["spec"]["containers"][0]
     assert container["command"] == ["python", "-m", "opbox.runtime", "serve", "--port", "8080"]
-    assert container["image"].startswith("localhost/opbox-kube-e2e-scaler:")
+    assert container["image"].startswith(f"localhost/opbox-{WORKSPACE}-scaler:")
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["OPBOX_ENTRY"] == "kubesvc:Scaler" and env["OPBOX_INIT_URL"].endswith("/Scaler/init")
     assert "OPBOX_INIT_B64" not in env

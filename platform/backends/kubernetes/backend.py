@@ -205,7 +205,11 @@ class KubernetesBackend(PoolMethods):
             log.exception("handling a watch event failed")
 
     async def close(self) -> None:
-        await self.pools.close()  # its workers' Jobs are deleted (their items run again after a restart)
+        # the pools' workers go with the gateway, as in the other backends (their items run again
+        # after a restart): their Jobs are deleted now, not by tasks about to be cancelled
+        workers = list(self.spawner.by_job.values())
+        await asyncio.gather(*(self.delete_job(w.namespace, w.name) for w in workers), return_exceptions=True)
+        await self.pools.close()
         for watcher in self.watchers:
             watcher.stop()
         for task in list(self._tasks):

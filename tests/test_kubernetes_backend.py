@@ -574,7 +574,7 @@ def test_evicted_and_stranded_runs_run_again_without_spending_a_retry(fns, kube)
             assert run.result(timeout=120) == run.id, "run again to the end"
             status = run.status()
             assert status["attempt"] == 0, "no retry spent"
-            assert status["exit_reason"].startswith("evicted: "), status  # why it ran twice
+            assert (status["exit_reason"] or "").startswith("evicted: "), status  # why it ran twice
             assert ("low on resource" in status["exit_reason"]) or ("DeletionByTaintManager" in status["exit_reason"])
             names = sorted(j["metadata"]["name"] for j in jobs_of(kube, run.id))
             assert names == [f"opbox-run-{run.id.lower()}", f"opbox-run-{run.id.lower()}-d1"], names

@@ -453,7 +453,15 @@ class Node:
             **status, "conditions": [condition, *[c for c in current["status"].get("conditions") or []
                                                   if c["type"] != "DisruptionTarget"]]}
         self._update_pod(pod, conditions=self.disrupted[pod["metadata"]["uid"]]["conditions"])
-        self._spawn(self._podman("kill", self.containers[pod["metadata"]["uid"]]))
+        self._spawn(self._kill(pod["metadata"]["uid"]))
+
+    async def _kill(self, uid: str) -> None:
+        """SIGKILL the pod's container; one still being created refuses it, so ask until it is gone."""
+        while uid in self.containers:
+            code, _ = await self._podman("kill", self.containers[uid])
+            if code == 0:
+                return
+            await asyncio.sleep(0.2)
 
     async def _pull(self, pod: dict | None, image: str) -> bool:
         """Whether ``image`` is here, pulled first (as IfNotPresent does) from one of ``registries``."""

@@ -98,7 +98,7 @@ def test_every_backend_implements_what_it_declares(name):
     for ability in cls.abilities:
         for method in (m for m in vars(ability) if not m.startswith("_")):
             assert callable(getattr(cls, method, None)), f"{cls.__name__} declares {ability.__name__} without {method}"
-    assert Serving in cls.abilities and (WorkerPools in cls.abilities) == (name != "kubernetes")  # Jobs: no pools
+    assert Serving in cls.abilities and WorkerPools in cls.abilities  # kubernetes: map items go to worker pods
 
 
 def test_builders_are_refused_where_they_do_not_fit(tmp_path):

@@ -214,3 +214,19 @@ def test_relists_come_a_page_at_a_time(kube):
     kind, present, _ = delivered[-1]
     assert kind == "SYNC" and present == {("opbox-paged", f"s-{i}") for i in range(5)}
     assert int(watcher.resource_version) >= before[0]
+
+
+def test_an_api_refusal_of_a_service_is_a_clear_error_and_changes_nothing(kube):
+    from opbox.errors import ClusterRefused
+    from opbox.platform.backends.base import ServiceInfo
+
+    async def scenario(backend, events):
+        class_version = VersionInfo(workspace="absent", job_id="job-2", job_name="Model", version=1, kind="class",
+                                    entry="main:Model", resource=Resource(), artifact=Artifact(image=DEFAULT_BASE_IMAGE))
+        info = ServiceInfo(workspace="absent", name="model", version=class_version)
+        with pytest.raises(ClusterRefused, match='the cluster refused Knative Service opbox-absent/model: '
+                                                 '404 NotFound: namespaces "opbox-absent" not found') as raised:
+            await backend.knative.deploy(info, 0)
+        assert raised.value.status == 502 and raised.value.details["status"] == 404
+        assert "absent/model" not in backend.knative.services, "no service is left half-known"
+    run(kube, scenario, create_namespaces=False)  # the namespaces must exist, and this one does not

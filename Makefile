@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 EXTRAS := test,s3,kubernetes
 
-.PHONY: install run test lint demo bench bench-peers clean
+.PHONY: install run test lint demo bench bench-peers image clean
 
 $(BIN)/python:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -27,6 +27,9 @@ test: install  ## everything: podman for the image tests, chromium for the dashb
 	bash scripts/setup-browser.sh
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
+
+image: install  ## the gateway's image (manifests/deployment.yaml runs it), built with podman
+	$(BIN)/python -m opbox.builder.gateway_image
 
 demo: install  ## the quickstart against a fresh platform, started and stopped here
 	$(BIN)/python scripts/demo.py

@@ -36,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Protocol, runtime_checkable
+from typing import BinaryIO, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
 import jinja2
 
@@ -252,15 +252,19 @@ def prepare_context(
     return PreparedContext(dest, req_hash, tree_hash(dest / "code"), has_requirements)
 
 
-def write_context_archive(context_dir: Path, dest: Path) -> int:
-    """The context folder as a gzipped tar at ``dest`` (what an in-cluster builder fetches),
-    built reproducibly: sorted entries, no owners, mtime 0, executable bits kept. Returns its size."""
+def write_context_archive(context_dir: Path, dest: Path | BinaryIO) -> int:
+    """The context folder as a gzipped tar at ``dest`` (a path, or a stream: a pipe to an upload;
+    what an in-cluster builder fetches), built reproducibly: sorted entries, no owners, mtime 0,
+    executable bits kept. Returns its size."""
+    import contextlib
     import gzip
     import tarfile
 
     context_dir = Path(context_dir)
-    with open(dest, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with contextlib.ExitStack() as stack:
+        raw = _Counting(dest if hasattr(dest, "write") else stack.enter_context(open(dest, "wb")))
+        gz = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6))
+        tar = stack.enter_context(tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT))
         folders: set[str] = set()
         for rel, path in iter_tree(context_dir):
             parts = rel.split("/")[:-1]
@@ -276,7 +280,21 @@ def write_context_archive(context_dir: Path, dest: Path) -> int:
             info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
             with open(path, "rb") as f:
                 tar.addfile(info, f)
-    return Path(dest).stat().st_size
+    return raw.written
+
+
+class _Counting:
+    """A write-only file object that counts what passes through it."""
+
+    def __init__(self, out: BinaryIO):
+        self.out, self.written = out, 0
+
+    def write(self, data) -> int:
+        self.written += len(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 # --- builders --------------------------------------------------------------------------------

@@ -402,12 +402,21 @@ def build_opbox_wheel(source: Path, out: Path, log: Log = _quiet) -> Path:
         return target
 
 
-def wheel_requirements(wheel: Path) -> list[str]:
-    """The Requires-Dist lines of a wheel that apply without extras."""
+def wheel_requirements(wheel: Path, extras: Sequence[str] = ()) -> list[str]:
+    """The Requires-Dist lines of a wheel that apply without extras; with ``extras``, only those
+    of the named extras (their ``extra == ...`` marker dropped)."""
     with zipfile.ZipFile(wheel) as zf:
         name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
         meta = email.parser.HeaderParser().parsestr(zf.read(name).decode("utf-8"))
-    return [req for req in meta.get_all("Requires-Dist") or [] if not re.search(r"\bextra\s*==", req)]
+    lines = meta.get_all("Requires-Dist") or []
+    if not extras:
+        return [req for req in lines if not re.search(r"\bextra\s*==", req)]
+    wanted = []
+    for req in lines:
+        found = re.fullmatch(r"(.*?)\s*;\s*extra\s*==\s*[\"']([^\"']+)[\"']\s*", req)
+        if found and found.group(2) in extras:
+            wanted.append(found.group(1))
+    return wanted
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

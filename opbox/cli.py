@@ -238,7 +238,8 @@ def services(as_json):
     if as_json:
         return _print_json(rows)
     _table(rows, [("name", "name"), ("kind", "kind"), ("version", "version"), ("status", "status"),
-                  ("ready", lambda r: f"{r.get('ready_replicas', 0)}/{r['replicas']}"), ("url", "url")])
+                  ("ready", lambda r: f"{r.get('ready_replicas', 0)}/{r['replicas']}"),
+                  ("rollout", lambda r: (r.get("rollout") or {}).get("state", "-")), ("url", "url")])
 
 
 @main.command()

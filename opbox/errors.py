@@ -110,6 +110,14 @@ class Unavailable(OpboxError):
     status = 503
 
 
+class ClusterRefused(OpboxError):
+    """The Kubernetes API server (or an admission webhook, such as Knative's) refused what opbox
+    asked of it; the message is the API's own (``status`` and ``reason`` in ``details``)."""
+
+    code = "cluster_refused"
+    status = 502
+
+
 class ServiceFailed(OpboxError):
     """A service cannot answer: its replicas failed to start (the init error and log are in ``details``)."""
 

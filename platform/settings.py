@@ -40,6 +40,14 @@ def env_int(name: str, default: int) -> int:
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
 
 
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
 def env_json_strings(name: str, kind: type[dict] | type[list]):
     """A JSON object of strings (``kind=dict``) or list of strings (``kind=list``) from ``name``; empty when unset."""
     raw = os.environ.get(name) or ("{}" if kind is dict else "[]")

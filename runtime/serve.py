@@ -3,7 +3,7 @@
     python -m opbox.runtime serve --port 8080        (Knative; or --fd N: a socket the platform bound)
 
 Settings from the environment: OPBOX_ENTRY (module:qualname), OPBOX_CODE_DIR, the
-constructor's arguments as an args envelope in OPBOX_INIT_FILE (or base64 in OPBOX_INIT_B64),
+constructor's arguments as an args envelope in OPBOX_INIT_FILE (or fetched from OPBOX_INIT_URL),
 OPBOX_CONCURRENCY (requests run at once; 0: no limit) and OPBOX_QUEUE (requests that may
 wait for a slot; beyond that: 429 with Retry-After).
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import inspect
 import json
@@ -23,6 +24,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
+from urllib.parse import urlsplit
 
 from opbox import defaults, serialization
 from opbox.errors import SerializationError
@@ -436,12 +438,28 @@ def _json_arguments(method, body: bytes) -> tuple[tuple, dict]:
 
 
 def read_init() -> bytes:
+    """The constructor's arguments: a file (local and container backends), or fetched from the
+    gateway with the service's token and checked against their digest (a cluster's pods)."""
     path = os.environ.get("OPBOX_INIT_FILE")
     if path:
         with open(path, "rb") as f:
             return f.read()
-    raw = os.environ.get("OPBOX_INIT_B64")
-    return base64.b64decode(raw) if raw else b""
+    url = os.environ.get("OPBOX_INIT_URL")
+    if not url:
+        return b""
+    from .channel import Channel
+
+    parts = urlsplit(url)
+    channel = Channel(f"{parts.scheme}://{parts.netloc}", os.environ.get("OPBOX_RUN_TOKEN", ""), "serve")
+    try:
+        status, _, data = channel.request("GET", parts.path)
+    finally:
+        channel.close()
+    if status != 200:
+        raise RuntimeError(f"cannot fetch the constructor's arguments from {url}: HTTP {status}: {data[:500]!r}")
+    if hashlib.sha256(data).hexdigest() != os.environ.get("OPBOX_INIT_SHA256"):
+        raise RuntimeError(f"the constructor's arguments from {url} are not the ones this revision was deployed with")
+    return data
 
 
 def main(host: str, port: int | None, fd: int | None) -> int:
@@ -450,7 +468,9 @@ def main(host: str, port: int | None, fd: int | None) -> int:
     env = os.environ
     app = ServeApp(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR") or os.getcwd(), read_init(),
                    concurrency=int(env.get("OPBOX_CONCURRENCY", defaults.CONCURRENCY)),
-                   queue=int(env.get("OPBOX_QUEUE", defaults.QUEUE)), token=env.get("OPBOX_REPLICA_TOKEN"))
+                   queue=int(env.get("OPBOX_QUEUE", defaults.QUEUE)),
+                   # a cluster replica's token is its service's (from its Secret): only the gateway calls it
+                   token=env.get("OPBOX_REPLICA_TOKEN") or env.get("OPBOX_RUN_TOKEN"))
     config = uvicorn.Config(app, host=host, port=port or 8080, log_level="warning", access_log=False, lifespan="on",
                             timeout_keep_alive=75, timeout_graceful_shutdown=60, proxy_headers=False,
                             server_header=False)

@@ -48,8 +48,9 @@ def _ok(answer) -> None:
 def main() -> int:
     env = os.environ
     pool, worker = env["OPBOX_POOL"], env["OPBOX_WORKER_ID"]
-    channel = Channel(env["OPBOX_GATEWAY_URL"], env["OPBOX_WORKER_TOKEN"], worker)
-    logs = Channel(env["OPBOX_GATEWAY_URL"], env["OPBOX_WORKER_TOKEN"], worker, patience=10)
+    token = env.get("OPBOX_WORKER_TOKEN") or env["OPBOX_RUN_TOKEN"]  # a cluster pod's comes from its Secret
+    channel = Channel(env["OPBOX_GATEWAY_URL"], token, worker)
+    logs = Channel(env["OPBOX_GATEWAY_URL"], token, worker, patience=10)
     execute = Executor(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR"))
     capture = OutputCapture(lambda run_id, data: _ok(logs.request("POST", f"/_internal/pools/{pool}/runs/{run_id}/logs", data)))
     signal.signal(signal.SIGTERM, _terminate)

@@ -154,3 +154,15 @@ def _free_port_pair(offset: int) -> tuple[int, int]:
                 continue
             return port, port + offset
     raise RuntimeError(f"found no two free ports {offset} apart")
+
+
+@contextmanager
+def seaweedfs_with_bucket(bucket: str) -> Iterator[S3Server]:
+    """A SeaweedFS server (skipping the test when ``weed`` is missing) with ``bucket`` made."""
+    require_weed()
+    with run_seaweedfs() as server:
+        from opbox.platform.store.s3 import S3Store
+
+        S3Store(bucket, endpoint_url=server.endpoint_url, access_key=server.access_key,
+                secret_key=server.secret_key, region=server.region).create_bucket_if_missing()
+        yield server

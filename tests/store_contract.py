@@ -119,6 +119,21 @@ class StoreContract:
         with pytest.raises(FileNotFoundError):
             store.put_file("files/none", tmp_path / "missing")
 
+    def test_put_stream_from_a_pipe(self, store):
+        data = os.urandom(700_000)
+        read_fd, write_fd = os.pipe()  # not seekable, its size unknown ahead: as kaniko's context goes up
+
+        def write():
+            with os.fdopen(write_fd, "wb") as out:
+                out.write(data)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        with os.fdopen(read_fd, "rb") as stream:
+            store.put_stream("files/streamed.bin", stream)
+        writer.join()
+        assert store.get("files/streamed.bin") == data
+
     @pytest.mark.parametrize("key", BAD_KEYS)
     def test_bad_keys_rejected(self, store, key):
         for call in (

@@ -4,6 +4,8 @@ gateway; the rest are unit checks of the seams the end-to-end tests go through."
 
 from __future__ import annotations
 
+import hashlib
+
 import dataclasses
 import importlib
 import inspect
@@ -96,7 +98,7 @@ def test_every_backend_implements_what_it_declares(name):
     for ability in cls.abilities:
         for method in (m for m in vars(ability) if not m.startswith("_")):
             assert callable(getattr(cls, method, None)), f"{cls.__name__} declares {ability.__name__} without {method}"
-    assert Serving in cls.abilities and (WorkerPools in cls.abilities) == (name != "kubernetes")  # Jobs: no pools
+    assert Serving in cls.abilities and WorkerPools in cls.abilities  # kubernetes: map items go to worker pods
 
 
 def test_builders_are_refused_where_they_do_not_fit(tmp_path):
@@ -128,8 +130,9 @@ def test_runtime_env_is_the_contract_of_every_spawn_site():
         **base, "OPBOX_INIT_FILE": "/init", "OPBOX_CONCURRENCY": "4", "OPBOX_QUEUE": "8", "OPBOX_SERVICE": "model",
         "OPBOX_REPLICA": "r1-v3"}
     image = _version(code_dir="/code/abc", image="localhost/opbox-model:abc")
-    assert runtime_env(image, in_image=True, serve=service, init_inline=True) == {
-        **base, "OPBOX_CODE_DIR": "/app", "OPBOX_CONCURRENCY": "4", "OPBOX_QUEUE": "8", "OPBOX_INIT_B64": "AQ=="}
+    assert runtime_env(image, in_image=True, serve=service, init_url="http://gw/init") == {
+        **base, "OPBOX_CODE_DIR": "/app", "OPBOX_CONCURRENCY": "4", "OPBOX_QUEUE": "8",
+        "OPBOX_INIT_URL": "http://gw/init", "OPBOX_INIT_SHA256": hashlib.sha256(b"\x01").hexdigest()}
     assert "HF_HOME" not in runtime_env(local), "Resource.env is merged by each backend, under the runtime's"
 
 

@@ -10,6 +10,7 @@ validator or CRD fails the run instead of skipping.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import re
@@ -24,6 +25,7 @@ from opbox.errors import ValidationError
 from opbox.platform.backends.kubernetes import render as r
 from opbox.resource import Resource
 
+from fake_kube.admission import restricted_violations  # PodSecurity "restricted", as the fake enforces it
 from k8s_schemas import (  # the validators, shared with the fake API server (tests/fake_kube)
     CRD_PATH,
     K8S_VERSIONS,
@@ -83,7 +85,8 @@ def knative(kv, crd_schema):
 
 # --- manifests/ and a small kustomize ----------------------------------------------------
 
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
+                  "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
 KUSTOMIZE_FIELDS = {"apiVersion", "kind", "namespace", "labels", "resources", "images"}
 
 
@@ -198,6 +201,11 @@ def test_kustomize_build_is_consistent(built):
     assert container["command"] == ["opbox", "up", "--host", "0.0.0.0", "--port", "8000", "--backend", "kubernetes"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/healthz" and startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    (budget,) = by_kind(built, "PodDisruptionBudget").values()
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert budget["spec"]["minAvailable"] == deployment["spec"]["replicas"] == 1
     assert spec["serviceAccountName"] in accounts
     labels = template["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -251,9 +259,13 @@ def test_rbac_is_least_privilege(built):
     expected = {
         ("", "namespaces"): {"get", "list", "create"},
         ("", "serviceaccounts"): {"get", "create"},
+        ("", "resourcequotas"): {"create"},
+        ("", "limitranges"): {"create"},
+        ("networking.k8s.io", "networkpolicies"): {"create"},
         ("", "secrets"): {"create", "get", "update", "delete"},
         ("", "pods"): {"get", "list", "watch"},
         ("", "pods/log"): {"get"},
+        ("", "events"): {"list", "watch"},
         ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
         ("serving.knative.dev", "services"): {"create", "get", "list", "watch", "update", "patch", "delete"},
         ("serving.knative.dev", "revisions"): {"get", "list", "watch"},
@@ -271,6 +283,75 @@ def test_rbac_is_least_privilege(built):
     bound = [s["name"] for kind in ("ClusterRoleBinding", "RoleBinding") for b in by_kind(built, kind).values()
              for s in b["subjects"]]
     assert "opbox-runner" not in bound, "opbox-runner must have no API permissions"
+
+
+def admission(user: str, kind: str, namespace: str, name: str, obj: dict | None, operation: str = "CREATE") -> dict:
+    return {"request": {"userInfo": {"username": user}, "kind": {"kind": kind}, "namespace": namespace, "name": name,
+                        "operation": operation}, "object": obj}
+
+
+GATEWAY = "system:serviceaccount:opbox-system:opbox-gateway"
+
+
+POLICY_CASES = [
+    (admission(GATEWAY, "Secret", "opbox-team-a", "opbox-run-r1-token", {"type": "Opaque"}), None),
+    (admission(GATEWAY, "Job", "opbox-team-a", "opbox-run-r1", {"spec": {}}), None),
+    (admission(GATEWAY, "Namespace", "", "opbox-team-a", {"metadata": {"name": "opbox-team-a"}}), None),
+    (admission(GATEWAY, "Job", "opbox-system", "opbox-build-1", {"spec": {}}), None),
+    (admission(GATEWAY, "Job", "opbox-team-a", "opbox-run-r1", None, "DELETE"), None),
+    (admission(GATEWAY, "Secret", "kube-system", "x", {"type": "Opaque"}), "only in opbox-* namespaces"),
+    (admission(GATEWAY, "Namespace", "", "default", {"metadata": {"name": "default"}}), "only in opbox-* namespaces"),
+    (admission(GATEWAY, "Secret", "opbox-team-a", "t", {"type": "kubernetes.io/service-account-token"}),
+     "service-account-token"),
+]
+# cel-python evaluates the CEL in an environment of its own (uv run --with): it brings google-re2,
+# which the packaging code's pathspec would pick up in the test environment
+CEL = """
+import celpy, json, sys
+job = json.load(sys.stdin)
+env = celpy.Environment()
+programs = [env.program(env.compile(e)) for e in job["expressions"]]
+out = [[bool(p.evaluate({k: celpy.json_to_cel(v) for k, v in case.items()})) for p in programs]
+       for case in job["cases"]]
+print(json.dumps(out))
+"""
+
+
+def evaluate_cel(expressions: list[str], cases: list[dict]) -> list[list[bool]]:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "uv", "run", "--no-project", "--quiet", "--with",
+                           "cel-python>=0.5,<0.6", "python", "-c", CEL],
+                          input=json.dumps({"expressions": expressions, "cases": cases}),
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 and "cel-python" in done.stderr and not IN_CI:
+        pytest.skip(f"cel-python cannot be installed here: {done.stderr.strip()[-300:]}")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_admission_policy_confines_the_gateway(built):
+    """The policy's CEL, evaluated by cel-python against admission requests (Kubernetes' own CEL
+    libraries are not there, but these expressions use only the language's core)."""
+    (policy,) = by_kind(built, "ValidatingAdmissionPolicy").values()
+    (binding,) = by_kind(built, "ValidatingAdmissionPolicyBinding").values()
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"] and binding["spec"]["validationActions"] == ["Deny"]
+    (condition,) = policy["spec"]["matchConditions"]
+    validations = policy["spec"]["validations"]
+    others = [{**case, "request": {**case["request"], "userInfo": {
+        "username": "system:serviceaccount:kube-system:deployment-controller"}}} for case, _ in POLICY_CASES]
+    results = evaluate_cel([condition["expression"]] + [v["expression"] for v in validations],
+                           [case for case, _ in POLICY_CASES] + others)
+    for (case, denied), (matched, *passed) in zip(POLICY_CASES, results):
+        assert matched, f"the gateway's request is matched: {case}"
+        failed = [v["message"] for v, ok in zip(validations, passed) if not ok]
+        if denied is None:
+            assert failed == [], case
+        else:
+            assert failed and all(denied in message for message in failed), (case, failed)
+    assert not any(matched for matched, *_ in results[len(POLICY_CASES):]), "other users are not matched"
 
 
 # --- rendered Jobs and Knative Services --------------------------------------------------
@@ -351,6 +432,15 @@ def check_container(spec: r.WorkloadSpec, manifest: dict) -> None:
     security = container["securityContext"]
     assert security["allowPrivilegeEscalation"] is False and security["capabilities"] == {"drop": ["ALL"]}
     assert security.get("runAsNonRoot", False) is spec.run_as_non_root
+    if spec.run_as_non_root:  # what PodSecurity "restricted" asks (as the fake's admission checks it)
+        assert restricted_violations(pod) == []
+        assert security["runAsUser"] == security["runAsGroup"] == r.RUN_AS_USER
+        assert security["readOnlyRootFilesystem"] is True
+        assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+        assert pod["volumes"] == [{"name": "tmp", "emptyDir": {}}]
+        assert env["HOME"].get("value") == spec.user_env.get("HOME", "/tmp")
+    else:
+        assert restricted_violations(pod) and "volumes" not in pod
 
     requests, limits, selector, tolerations = r.to_resources(resource, spec.gpu_label_key)
     assert container.get("resources", {}).get("requests", {}) == requests
@@ -391,6 +481,26 @@ def test_rendered_job(kv, case):
     container = container_of(job)
     assert container["command"] == ["python", "-m", "opbox.runtime", "run", "--run-id", RUN_ID]
     assert {e["name"]: e.get("value") for e in container["env"]}["OPBOX_RUN_ID"] == RUN_ID
+    check_container(spec, job)
+
+
+@pytest.mark.parametrize("case", ["minimal", "non-root"])
+def test_rendered_worker_job(kv, case):
+    fields = {"pool_id": "job-0193a1b2c3d.v3", "worker_id": "w17f3a9c2b4d1e0", "nonce": "a1b2c3"}
+    values = {k: v for k, v in job_spec().__dict__.items() if k in {f.name for f in dataclasses.fields(r.WorkloadSpec)}}
+    spec = r.WorkerSpec(**{**values, "run_as_non_root": case == "non-root"}, **fields)
+    job = r.render_worker(spec)
+    for version in K8S_VERSIONS:
+        error = k8s_error(kv, job, version)
+        assert error is None, f"worker Job (Kubernetes {version}): {error}"
+    name = job["metadata"]["name"]
+    assert name == "opbox-worker-w17f3a9c2b4d1e0-a1b2c3" and DNS_1123.match(name)
+    assert job["metadata"]["labels"]["opbox.dev/worker"] == fields["worker_id"]
+    assert job["spec"]["backoffLimit"] == 0 and "activeDeadlineSeconds" not in job["spec"]
+    container = container_of(job)
+    assert container["command"] == ["python", "-m", "opbox.runtime", "worker"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["OPBOX_POOL"] == fields["pool_id"] and env["OPBOX_WORKER_ID"] == fields["worker_id"]
     check_container(spec, job)
 
 
@@ -450,6 +560,8 @@ def test_services_need_feature_flags_only_for_gpus(crd_schema, case):
     expected = {"kubernetes.podspec-tolerations"} if spec.resource.gpu_count else set()
     if spec.resource.gpu:
         expected.add("kubernetes.podspec-nodeselector")
+    if spec.run_as_non_root:  # the /tmp emptyDir: "enabled" by default (knative/serving config/core/configmaps/features.yaml)
+        expected.add("kubernetes.podspec-volumes-emptydir")
     assert flags == expected
 
 

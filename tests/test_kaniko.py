@@ -28,7 +28,7 @@ from opbox.builder.registry import RegistryClient
 from platform_fixture import running_platform
 from podman_env import e2e_code, podman, wheelhouse  # noqa: F401 (fixtures)
 from registry_server import require_registry, run_registry
-from s3server import require_weed, run_seaweedfs
+from s3server import seaweedfs_with_bucket
 
 WORKSPACE = "kaniko-e2e"
 NAMESPACE = f"opbox-{WORKSPACE}"
@@ -79,12 +79,7 @@ def registry(podman):
 
 @pytest.fixture(scope="module")
 def s3():
-    require_weed()
-    with run_seaweedfs() as server:
-        from opbox.platform.store.s3 import S3Store
-
-        S3Store(BUCKET, endpoint_url=server.endpoint_url, access_key=server.access_key,
-                secret_key=server.secret_key, region=server.region).create_bucket_if_missing()
+    with seaweedfs_with_bucket(BUCKET) as server:
         yield server
 
 
@@ -256,3 +251,32 @@ def test_a_class_built_by_kaniko_serves_from_the_pulled_image(plat, kube, regist
     assert image.startswith(f"{registry.host}/opbox/opbox-{WORKSPACE}-greeter:")
     assert image in kube.node.pulled, "the replica pulled the image kaniko pushed"
     assert f"Pushed {image}" in build_log(client, "Greeter")
+
+
+def test_the_build_context_streams_to_s3_never_to_a_temporary_file(s3, tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from opbox.builder.image import write_context_archive
+    from opbox.platform.backends.kubernetes.kaniko import upload_context
+    from opbox.platform.store.s3 import S3Store
+
+    store = S3Store(BUCKET, prefix="streamed/", endpoint_url=s3.endpoint_url, access_key=s3.access_key,
+                    secret_key=s3.secret_key, region=s3.region, multipart_threshold=5 * 1024 * 1024)
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM scratch\n")
+    (context / "big.whl").write_bytes(os.urandom(12 * 1024 * 1024))  # incompressible, as wheels are
+    expected = tmp_path / "expected.tar.gz"
+    size = write_context_archive(context, expected)
+
+    def no_temporary_files(*args, **kwargs):
+        raise AssertionError("the build context went through a temporary file")
+
+    for name in ("TemporaryDirectory", "NamedTemporaryFile", "TemporaryFile", "mkstemp", "mkdtemp"):
+        monkeypatch.setattr(tempfile, name, no_temporary_files)
+    assert upload_context(store, context, "builds/ctx.tar.gz") == size
+    monkeypatch.undo()
+    assert store.get("builds/ctx.tar.gz") == expected.read_bytes(), "the same reproducible archive"
+    head = store._client.head_object(Bucket=BUCKET, Key="streamed/builds/ctx.tar.gz")
+    assert int(head["ETag"].strip('"').rpartition("-")[2]) >= 2, "a multipart upload"

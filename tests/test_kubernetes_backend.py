@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from fake_kube import FakeKube
+from fake_kube import FakeKube, wait_for
 from k8s_schemas import ManifestValidator
 from opbox import Jobs, Operator, RunCancelled, RunFailed, RunHandle, RunTimeout
 from opbox.errors import Unavailable
@@ -28,7 +28,9 @@ from opbox.platform.settings import Settings
 from platform_fixture import running_platform
 from podman_env import e2e_code, podman, remove_images, wheelhouse  # noqa: F401 (fixtures)
 
-WORKSPACE = "kube-e2e"
+# one of its own per test process: the images are labelled with it, and removed by it at the end,
+# so two checkouts' suites on one machine do not remove each other's images
+WORKSPACE = f"kube-e2e-{os.getpid()}"
 NAMESPACE = f"opbox-{WORKSPACE}"
 
 CODE = """
@@ -95,6 +97,8 @@ def kube(podman, tmp_path_factory):
 def plat(kube, podman, wheelhouse, tmp_path_factory):
     env = {"OPBOX_BACKEND": "kubernetes", "KUBECONFIG": str(kube.kubeconfig), "OPBOX_WHEELHOUSE": str(wheelhouse),
            "OPBOX_WORKSPACE": WORKSPACE, "OPBOX_K8S_MAX_INFLIGHT": "3", "OPBOX_K8S_WATCH_TIMEOUT": "20",
+           "OPBOX_K8S_WORKSPACE_INFLIGHT": "3", "OPBOX_K8S_IMAGE_PULL_PATIENCE": "3",
+           "OPBOX_K8S_POOL_WORKERS": "3", "OPBOX_K8S_ITEMS_PER_WORKER": "2", "OPBOX_WORKER_IDLE": "5",
            "OPBOX_K8S_ENV": json.dumps({"TEAM_SETTING": "from-operator"})}
     with running_platform(tmp_path_factory.mktemp("home"), extra_env=env, timeout=60) as running:
         yield running
@@ -110,17 +114,7 @@ def fns(plat, client, tmp_path_factory):
 def jobs_of(kube: FakeKube, run_id: str) -> list[dict]:
     label = run_id.lower()
     return [o for (res, ns, _), o in list(kube.store.objects.items())
-            if res == "jobs" and ns == NAMESPACE and o["metadata"]["labels"]["opbox.dev/run"].lower() == label]
-
-
-def wait_for(predicate, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
+            if res == "jobs" and ns == NAMESPACE and o["metadata"]["labels"].get("opbox.dev/run", "").lower() == label]
 
 
 def test_call_runs_as_a_job_with_the_runs_image(fns, kube, client):
@@ -132,7 +126,7 @@ def test_call_runs_as_a_job_with_the_runs_image(fns, kube, client):
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["ttlSecondsAfterFinished"] == 3600
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["python", "-m", "opbox.runtime", "run", "--run-id", run.id]
-    assert container["image"].startswith("localhost/opbox-kube-e2e-scorer:")
+    assert container["image"].startswith(f"localhost/opbox-{WORKSPACE}-scorer:")
     env = {e["name"]: e for e in container["env"]}
     assert env["TEAM_SETTING"]["value"] == "from-operator"
     assert env["OPBOX_RUN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == f"opbox-run-{run.id.lower()}-token"
@@ -143,13 +137,47 @@ def test_call_runs_as_a_job_with_the_runs_image(fns, kube, client):
     assert fns["sleeper"](0).startswith("r-"), "the run id reaches the pod"
 
 
-def test_map_goes_through_jobs_and_respects_max_inflight(fns, kube, plat):
+def worker_jobs(kube: FakeKube, job_id: str) -> list[dict]:
+    return [o for (res, ns, _), o in list(kube.store.objects.items())
+            if res == "jobs" and ns == NAMESPACE and "opbox.dev/worker" in o["metadata"]["labels"]
+            and o["metadata"]["labels"]["opbox.dev/job"] == job_id.lower()]
+
+
+def test_map_items_go_to_a_pool_of_worker_pods_not_a_job_each(fns, kube, plat):
+    before = {k for k in kube.store.objects if k[0] == "jobs"}
     out = fns["score"].map(range(7), progress=False)
     assert out == [x * 2 for x in range(7)]
+    new_jobs = [kube.store.objects[k] for k in kube.store.objects if k[0] == "jobs" and k not in before]
+    workers = [j for j in new_jobs if "opbox.dev/worker" in j["metadata"]["labels"]]
+    assert new_jobs == workers, "no Job per item"
+    assert 1 <= len(workers) <= 3, "at most OPBOX_K8S_POOL_WORKERS pods"
+    (container,) = workers[0]["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "opbox.runtime", "worker"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["OPBOX_POOL"]["value"] == f"{fns['score'].job_id}.v1" and "secretKeyRef" in env["OPBOX_RUN_TOKEN"]["valueFrom"]
     status = plat.client().get("/status").json()
     assert status["backend"] == "kubernetes" and status["jobs"]["max_inflight"] == 3
-    runs = fns["sleeper"].map([0.5] * 6, progress=False)
-    assert len(set(runs)) == 6 and all("." in r for r in runs), "map items are runs b-....N"
+    assert any(p["pool"] == f"{fns['score'].job_id}.v1" for p in status["pools"])
+    # idle workers leave (OPBOX_WORKER_IDLE): their pods exit 0, their Jobs complete
+    wait_for(lambda: all(j["status"].get("succeeded") == 1 for j in worker_jobs(kube, fns["score"].job_id)),
+             60, "the idle workers leaving")
+
+
+def test_an_evicted_worker_pods_item_runs_again_without_spending_a_retry(fns, kube, plat):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        mapped = pool.submit(fns["sleeper"].map, [4, 4], progress=False)
+        busy = wait_for(lambda: [p for p in kube.store.list("pods", NAMESPACE)
+                                 if p["metadata"]["labels"].get("opbox.dev/job") == fns["sleeper"].job_id.lower()
+                                 and "opbox.dev/worker" in p["metadata"]["labels"]
+                                 and p["status"].get("phase") == "Running"], 60, "a worker pod running")[0]
+        time.sleep(1.5)  # let it take an item (a pod evicted before that holds nothing)
+        kube.evict(NAMESPACE, busy["metadata"]["name"], "The node was low on resource: memory.")
+        assert mapped.result(timeout=180) == [None, None]
+    runs = plat.http().get(f"/{plat.workspace}/job/{fns['sleeper'].job_id}/runs", params={"limit": 5}).json()["runs"]
+    evicted = [r for r in runs if (r.get("exit_reason") or "").startswith("evicted: ")]
+    assert evicted and all(r["status"] == "succeeded" and r["attempt"] == 0 for r in evicted), runs
 
 
 def test_three_triggers(fns, plat, client):
@@ -329,15 +357,20 @@ def test_a_class_is_a_knative_service(plat, client, kube, tmp_path_factory):
     assert model.times(x=5) == 15
     info = model.info()
     assert info["status"] == "ready" and info["url"].startswith("http://127.0.0.1:"), info
+    # the replica answers the gateway only: any other caller in the cluster is refused
+    direct = httpx.post(kube.store.get("services", NAMESPACE, info["knative_service"].split("/")[1])["status"]["url"]
+                        + "/call/times", json={"x": 5}, timeout=10)
+    assert direct.status_code == 401 and "through the gateway only" in direct.text
     namespace, name = info["knative_service"].split("/")
     assert namespace == NAMESPACE
     service = kube.store.get("services", NAMESPACE, name)
     template = service["spec"]["template"]
     container = template["spec"]["containers"][0]
     assert container["command"] == ["python", "-m", "opbox.runtime", "serve", "--port", "8080"]
-    assert container["image"].startswith("localhost/opbox-kube-e2e-scaler:")
+    assert container["image"].startswith(f"localhost/opbox-{WORKSPACE}-scaler:")
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["OPBOX_ENTRY"] == "kubesvc:Scaler" and env["OPBOX_INIT_B64"]
+    assert env["OPBOX_ENTRY"] == "kubesvc:Scaler" and env["OPBOX_INIT_URL"].endswith("/Scaler/init")
+    assert "OPBOX_INIT_B64" not in env
     assert template["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] in ("0", "1")
 
     again = mod.Scaler.deploy(4, client=client, quiet=True)  # a new revision: replaced, not created
@@ -449,3 +482,104 @@ def test_service_logs_skip_vanished_pods_and_report_api_errors(kube, tmp_path):
         down = knative(write_kubeconfig(tmp_path / "down", f"http://127.0.0.1:{unused.getsockname()[1]}"))
         with pytest.raises(Unavailable, match=f"cannot list the pods of Knative Service {NAMESPACE}/talker"):
             asyncio.run(down.logs(f"{WORKSPACE}/Talker", 1000))
+
+
+ROLLING_CODE = """
+from opbox import operator
+
+@operator()
+class Greeter:
+    def __init__(self, word: str, pad: str = ""):
+        if word == "crash":
+            raise RuntimeError("this revision cannot start")
+        self.word, self.pad = word, len(pad)
+
+    def greet(self) -> str:
+        return f"{self.word} {self.pad}"
+"""
+
+
+def test_rollouts_keep_the_ready_revision_serving_and_report_their_state(plat, client, kube, tmp_path_factory):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from opbox.errors import OpboxError, ValidationError
+
+    mod = e2e_code(tmp_path_factory.mktemp("kube_roll"), "kuberoll", ROLLING_CODE)
+    big = "x" * 300_000  # past what one environment variable may hold (128 KiB: E2BIG)
+    first = mod.Greeter.deploy("hello", big, client=client, quiet=True)
+    assert first.greet() == "hello 300000"
+    name = first.info()["knative_service"].split("/")[1]
+    (container,) = kube.store.get("services", NAMESPACE, name)["spec"]["template"]["spec"]["containers"]
+    assert max(len(e.get("value") or "") for e in container["env"]) < 4096, "the init args are not in the env"
+    http = plat.http()
+
+    kube.configure_node(hold_rollouts=True)  # the new revision comes up slowly
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            redeploy = pool.submit(mod.Greeter.deploy, "bonjour", client=client, quiet=True)
+            wait_for(lambda: kube.store.get("services", NAMESPACE, name).get("status", {}).get(
+                "observedGeneration") == 2, 120, "the rollout starting")
+            during = http.get(f"/{plat.workspace}/services/Greeter").json()
+            assert during["status"] == "ready" and during["rollout"]["state"] == "in_progress", during
+            assert first.greet() == "hello 300000", "the old revision answers during the rollout"
+            kube.configure_node(hold_rollouts=False)
+            second = redeploy.result(timeout=120)
+    finally:
+        kube.configure_node(hold_rollouts=False)
+    assert second.greet() == "bonjour 0"
+    assert http.get(f"/{plat.workspace}/services/Greeter").json()["rollout"]["state"] == "complete"
+
+    kube.configure_node(progress_deadline=10)  # a revision whose constructor fails never becomes ready
+    try:
+        with pytest.raises(OpboxError, match="(?s)could not roll out.*the previous revision goes on serving"):
+            mod.Greeter.deploy("crash", client=client, quiet=True)
+    finally:
+        kube.configure_node(progress_deadline=600)
+    after = http.get(f"/{plat.workspace}/services/Greeter").json()
+    assert after["status"] == "ready" and after["rollout"]["state"] == "failed", after
+    assert after["rollout"]["error"]["reason"] == "ProgressDeadlineExceeded"
+    assert second.greet() == "bonjour 0", "calls still reach the last ready revision"
+    env = {**os.environ, "OPBOX_URL": plat.url, "OPBOX_TOKEN": plat.token, "OPBOX_WORKSPACE": plat.workspace}
+    out = subprocess.run([sys.executable, "-m", "opbox.cli", "services"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "ROLLOUT" in out.stdout, out.stdout + out.stderr
+    assert out.stdout.splitlines()[1].split()[2:6] == [str(second.info()["version"]), "ready", "0/1", "failed"]
+    assert second.info()["version"] == second.info()["latest_version"] - 1, "the ready revision is the older one"
+
+    # what Knative's webhook would refuse is refused at deploy, in opbox's words; nothing changes
+    generation = kube.store.get("services", NAMESPACE, name)["metadata"]["generation"]
+    with pytest.raises(ValidationError, match="concurrency 2000 is more than Knative allows: at most 1000"):
+        mod.Greeter.deploy("hi", client=client, quiet=True, concurrency=2000)
+    with pytest.raises(ValidationError, match=r"scale_to_zero 7200 s is more than Knative allows: at most 3600 s"):
+        mod.Greeter.deploy("hi", client=client, quiet=True, scale_to_zero=7200)
+    assert kube.store.get("services", NAMESPACE, name)["metadata"]["generation"] == generation
+    assert http.get(f"/{plat.workspace}/services/Greeter").json()["concurrency"] == 16
+    second.delete()
+    assert kube.state()["rejected"] == []
+
+
+def test_evicted_and_stranded_runs_run_again_without_spending_a_retry(fns, kube):
+    from kubernetes import client as k8s, config
+
+    core = k8s.CoreV1Api(config.new_client_from_config(config_file=str(kube.kubeconfig)))
+    core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "fake-node-2"},
+                      "status": {"allocatable": {"cpu": "8", "memory": "32Gi", "pods": "110"}}})
+    try:
+        for disrupt in (lambda pod: kube.evict(NAMESPACE, pod, "The node was low on resource: memory."),
+                        lambda pod: kube.lose_node("fake-node")):
+            run = fns["sleeper"].submit(3)
+            pod = wait_for(lambda: [p for p in pods_of(kube, run.id) if p["status"].get("phase") == "Running"],
+                           60, "the run's pod running")[0]
+            disrupt(pod["metadata"]["name"])
+            assert run.result(timeout=120) == run.id, "run again to the end"
+            status = run.status()
+            assert status["attempt"] == 0, "no retry spent"
+            assert (status["exit_reason"] or "").startswith("evicted: "), status  # why it ran twice
+            assert ("low on resource" in status["exit_reason"]) or ("DeletionByTaintManager" in status["exit_reason"])
+            names = sorted(j["metadata"]["name"] for j in jobs_of(kube, run.id))
+            assert names == [f"opbox-run-{run.id.lower()}", f"opbox-run-{run.id.lower()}-d1"], names
+    finally:
+        node = kube.store.get("nodes", None, "fake-node")
+        node["spec"].pop("taints", None)
+        kube.store.put("nodes", node)
+        core.delete_node("fake-node-2")

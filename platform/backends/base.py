@@ -123,6 +123,10 @@ class RunEvents(Protocol):
     def run_lost(self, run_id: str, reason: str, status: str = "failed") -> None:
         """The run's process ended without a result (crash, kill, OOM, timeout)."""
 
+    def run_disrupted(self, run_id: str, reason: str) -> None:
+        """The run's pod was disrupted (evicted, its node lost): queue it again, its arguments
+        ready to be fetched once more, without spending one of its retries."""
+
     def append_log(self, run_id: str, data: bytes) -> None: ...
 
 

@@ -107,10 +107,14 @@ def describe_exit(returncode: int | None) -> str:
 
 class PoolManager:
     def __init__(self, spawner: Spawner, *, max_workers: int, worker_idle: float, pool_idle: float,
-                 max_running: int | None = None) -> None:
+                 max_running: int | None = None, items_per_worker: int = 1, keep_warm: int = 1) -> None:
         self.fair = FairShare(max_running or max_workers)
         self.spawner = spawner
         self.max_workers = max_workers
+        # queued runs per worker started: 1 starts a worker per waiting run (processes are cheap);
+        # a cluster's pods cost seconds each, so there a worker is started per this many
+        self.items_per_worker = max(1, items_per_worker)
+        self.keep_warm = keep_warm  # workers a new pool keeps while idle, until pool_idle passes
         self.worker_idle = worker_idle
         self.pool_idle = pool_idle
         self.pools: dict[str, Pool] = {}
@@ -123,7 +127,7 @@ class PoolManager:
     def pool(self, version: VersionInfo) -> Pool:
         pool = self.pools.get(version.key)
         if pool is None:
-            pool = self.pools[version.key] = Pool(version=version)
+            pool = self.pools[version.key] = Pool(version=version, warm=self.keep_warm)
         elif pool.version.secret_env != version.secret_env:  # new workers get the new values; old ones leave
             pool.version = version
             pool.generation += 1
@@ -272,6 +276,19 @@ class PoolManager:
             return
         self._scale(pool)
 
+    def worker_disrupted(self, worker: Worker, reason: str) -> None:
+        """The worker's pod was disrupted (evicted, its node lost): its run goes back to the queue
+        (``RunEvents.run_disrupted``) without spending a retry, before the worker is reported gone."""
+        run_id = worker.run_id
+        if run_id is None:
+            return
+        if worker.timer:
+            worker.timer.cancel()
+        self._by_run.pop(run_id, None)
+        worker.run_id = None
+        self._release(worker.pool.version.workspace)
+        self.events.run_disrupted(run_id, reason)
+
     def _fail_queue(self, pool: Pool, reason: str) -> None:
         while pool.queue and not any(w.polled for w in pool.workers.values()):
             self.events.run_lost(pool.queue.popleft().run_id, reason)
@@ -350,7 +367,7 @@ class PoolManager:
     def _scale(self, pool: Pool) -> None:
         if self.closing:  # stopping: what is queued stays queued (durably) for the next start
             return
-        missing = len(pool.queue) - len(pool.parked) - pool.starting
+        missing = -(-len(pool.queue) // self.items_per_worker) - len(pool.parked) - pool.starting
         room = self.max_workers - len(pool.workers)
         for _ in range(max(0, min(missing, room))):
             self._start_worker(pool)

@@ -9,7 +9,7 @@ the process (inherited environment, ``podman -e``, a pod template) stays the bac
 
 from __future__ import annotations
 
-import base64
+import hashlib
 
 from .base import ServiceInfo, VersionInfo
 
@@ -17,14 +17,15 @@ from .base import ServiceInfo, VersionInfo
 def runtime_env(version: VersionInfo, *, in_image: bool = False, gateway_url: str | None = None,
                 worker: tuple[str, str, str] | None = None, run: tuple[str, str] | None = None,
                 serve: ServiceInfo | None = None, replica: str | None = None, init_file: str | None = None,
-                init_inline: bool = False, replica_token: str | None = None,
+                init_url: str | None = None, replica_token: str | None = None,
                 secrets: bool = False) -> dict[str, str]:
     """The variables for one runtime process of ``version``.
 
     ``in_image``: the code is the image's (``Artifact.image_code_dir``), not a folder here.
     ``worker``: (pool id, worker id, pool token) of a warm worker; ``run``: (run id, run token)
     of a one-shot run; ``serve``: a replica of this service, named ``replica``, reading its
-    constructor's arguments from ``init_file`` or, ``init_inline``, from the variable itself.
+    constructor's arguments from ``init_file`` or, ``init_url``, from the gateway (with the run token,
+    checked against their digest: a cluster pod has no file of ours, and an env var is too small).
     ``secrets``: with the values of the version's workspace secrets (``version.secret_env``), for
     spawn sites that hand the environment to a process directly (not those that write it into a
     manifest or a command line); the runtime's own variables win over theirs.
@@ -47,8 +48,8 @@ def runtime_env(version: VersionInfo, *, in_image: bool = False, gateway_url: st
             env["OPBOX_SERVICE"], env["OPBOX_REPLICA"] = serve.name, replica
         if replica_token is not None:  # calls must carry it: other local processes share the loopback
             env["OPBOX_REPLICA_TOKEN"] = replica_token
-        if init_inline and serve.init:
-            env["OPBOX_INIT_B64"] = base64.b64encode(serve.init).decode()
+        if init_url is not None and serve.init:
+            env["OPBOX_INIT_URL"], env["OPBOX_INIT_SHA256"] = init_url, hashlib.sha256(serve.init).hexdigest()
     return env
 
 

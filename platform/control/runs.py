@@ -382,6 +382,13 @@ class Runs:
         payload = envelope.error_envelope(f"opbox.{status}", reason)
         self._end(run_id, status, reason, payload, None, retriable=status in ("failed", "timed_out"))
 
+    def run_disrupted(self, run_id: str, reason: str) -> None:
+        run = self.records.runs.get(run_id)
+        if run is None or run.status in TERMINAL:
+            return
+        self.records.runs.requeue(run_id, reason)
+        self._redispatch(run_id, resubmit=True)  # it keeps its map slot, as a retry does
+
     def append_log(self, run_id: str, data: bytes) -> None:
         """Append output; past the run's budget the oldest output goes, and a marker says so."""
         if not data:

@@ -16,7 +16,7 @@ import logging
 import time
 
 from opbox import defaults, envelope
-from opbox.errors import NotFound, NotSupported, PayloadTooLarge, ServiceFailed, ValidationError
+from opbox.errors import ClusterRefused, NotFound, NotSupported, PayloadTooLarge, ServiceFailed, ValidationError
 
 from ..backends.base import ServiceInfo, ServiceLogs, Serving, require, supports
 from ..ids import check_name
@@ -115,6 +115,14 @@ class Services:
         self.kinds[f"{workspace}/{name}"] = row.kind
         try:
             await self.backend.deploy_service(self._info(row), wait)
+        except (ValidationError, ClusterRefused):  # refused before anything started: the record stays as it was
+            if old is None:
+                self.records.services.delete(workspace, name)
+                self.kinds.pop(f"{workspace}/{name}", None)
+            else:
+                self.records.services.put(old)
+                self.kinds[f"{workspace}/{name}"] = old.kind
+            raise
         except ServiceFailed:
             if old is not None and self.backend.service_status(f"{workspace}/{name}")["status"] != "failed":
                 self.records.services.put(old)  # the old version goes on serving: the record (and a restart) say so
@@ -124,6 +132,10 @@ class Services:
 
     def get(self, workspace: str, name: str) -> dict:
         return self._json(self._row(workspace, name))
+
+    def init_args(self, workspace: str, name: str) -> bytes:
+        """The constructor's arguments a service's replicas start with (an args envelope, as stored)."""
+        return self._row(workspace, name).init
 
     def _json(self, row: ServiceRecord) -> dict:
         out = {"name": row.name, "kind": row.kind, "job_id": row.job_id, "version": row.version,

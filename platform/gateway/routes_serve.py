@@ -80,6 +80,15 @@ async def get_service(request: Request):
     return ok(platform(request).services.get(ws, _name(request)))
 
 
+async def service_init(request: Request):
+    """A cluster replica fetches its constructor's arguments (an args envelope, passed on as
+    stored, never decoded here), with the service's own internal token."""
+    plat = platform(request)
+    ws, name = request.path_params["workspace"], _name(request)
+    plat.auth.check_internal(request.headers.get("authorization"), f"service:{ws}/{name}")
+    return Response(plat.services.init_args(ws, name), media_type="application/octet-stream")
+
+
 async def delete_service(request: Request):
     """
     summary: Delete a service (its replicas finish the calls in flight, then stop)

@@ -240,6 +240,9 @@ class RunRecords(Protocol):
     def attempts(self, run_id: str) -> list[AttemptRecord]:
         """The run's earlier attempts, oldest first."""
 
+    def requeue(self, run_id: str, reason: str) -> None:
+        """Back to queued for the same attempt (its pod was disrupted: not a retry)."""
+
     def finish(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
                result: Payload) -> tuple[RunRecord, bool]:
         """The run's end, its result and (for a map item) its completion number, atomically. Returns the

@@ -45,6 +45,9 @@ class ObjectStore(Protocol):
     def put_file(self, key: str, path: str | PathLike[str]) -> None:
         """Upload a file from disk (S3: multipart above the store's threshold)."""
 
+    def put_stream(self, key: str, stream: BinaryIO) -> None:
+        """Upload what ``stream`` yields until its end, size unknown ahead (S3: always multipart)."""
+
     def get(self, key: str) -> bytes: ...
 
     def get_file(self, key: str, path: str | PathLike[str]) -> None:

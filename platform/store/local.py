@@ -82,6 +82,9 @@ class LocalStore:
         with open(path, "rb") as src:  # a missing source is the caller's FileNotFoundError
             self._write(key, lambda f: shutil.copyfileobj(src, f, _WRITE_BUFFER))
 
+    def put_stream(self, key: str, stream: BinaryIO) -> None:
+        self._write(key, lambda f: shutil.copyfileobj(stream, f, _WRITE_BUFFER))
+
     def get(self, key: str) -> bytes:
         with self.open(key) as f:
             return f.read()

@@ -109,6 +109,11 @@ class S3Store:
         with self._errors("put", key):
             self._client.upload_file(os.fspath(path), self.bucket, name, Config=self._transfer)
 
+    def put_stream(self, key: str, stream: BinaryIO) -> None:
+        name = self._name(key)
+        with self._errors("put", key):  # a non-seekable stream goes up in parts of multipart_chunksize
+            self._client.upload_fileobj(stream, self.bucket, name, Config=self._transfer)
+
     def get(self, key: str) -> bytes:
         name = self._name(key)
 

@@ -11,6 +11,7 @@ watch history) and node.py (what the job controller and the kubelet would do).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,21 @@ from servers import serve_app
 
 from .api import Api
 from .node import Node
+from .scheduler import DEFAULT_NODE
 from .store import Store
+
+
+def wait_for(predicate, timeout: float = 30, what: str = "condition"):
+    """``predicate()``'s first truthy value, polled until ``timeout`` (then AssertionError naming ``what``)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 def write_kubeconfig(path: Path, server: str, token: str = "fake-token") -> Path:
@@ -43,6 +58,7 @@ class FakeKube:
         self.node = Node(self.store, log_dir=self.folder / "pods")
         self.node.log_dir.mkdir(exist_ok=True)
         self.api = Api(self.store, self.node, validator or ManifestValidator())
+        self.store.create("nodes", copy.deepcopy(DEFAULT_NODE))
         self._serving = None
         self.url = ""
         self.kubeconfig = self.folder / "kubeconfig"
@@ -74,3 +90,23 @@ class FakeKube:
 
     def disconnect(self) -> None:
         httpx.post(self.url + "/_fake/disconnect", timeout=10).raise_for_status()
+
+    def evict(self, namespace: str, pod: str, message: str | None = None) -> None:
+        """The kubelet evicts ``pod`` (node pressure): DisruptionTarget, phase Failed, reason Evicted."""
+        httpx.post(self.url + "/_fake/evict", json={"namespace": namespace, "name": pod, "message": message},
+                   timeout=10).raise_for_status()
+
+    def lose_node(self, node: str = "fake-node") -> list[str]:
+        """``node`` stops answering: its pods get DisruptionTarget and are deleted."""
+        resp = httpx.post(self.url + f"/_fake/nodes/{node}/lose", timeout=10)
+        resp.raise_for_status()
+        return resp.json()["pods"]
+
+    def configure_node(self, **settings) -> dict:
+        """``hold_rollouts=True``: new Knative revisions wait before becoming ready; ``pod_start_delay``:
+        seconds each pod takes to start once bound; ``progress_deadline``:
+        seconds a revision may take to be ready before it fails (Knative's default 600); ``pull_failures``:
+        {image: n}, its next n pulls fail with a registry's 429."""
+        resp = httpx.post(self.url + "/_fake/node", json=settings, timeout=10)
+        resp.raise_for_status()
+        return resp.json()

@@ -12,8 +12,14 @@ propagationPolicy and gracePeriodSeconds, from the query or a DeleteOptions body
 object created or replaced must pass the validators of tests/k8s_schemas.py; one that does
 not is refused with 422 Invalid and recorded in ``store.rejected``.
 
+Before an object is stored, admission.py does what the real control plane does beyond the schema
+(defaults, names and labels, immutable fields, Knative's webhooks, PodSecurity and quota for
+pods); lists honour ``limit`` / ``continue`` and ``fieldSelector``.
+
 Test hooks: POST /_fake/compact (watch history gone: resuming gets 410), POST
-/_fake/disconnect (every watch stream ends), POST /_fake/expire (both at once), GET /_fake/state.
+/_fake/disconnect (every watch stream ends), POST /_fake/expire (both at once), GET /_fake/state,
+POST /_fake/evict (the kubelet evicts a pod), POST /_fake/nodes/{name}/lose (a node is lost),
+POST /_fake/node (hold rollouts, make pulls fail).
 """
 
 from __future__ import annotations
@@ -22,22 +28,34 @@ import asyncio
 import base64
 import copy
 import json
+import uuid
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from .store import Store, matches, parse_selector
+from . import admission
+from .admission import Refused
+from .store import Store, field_matches, matches, parse_selector
 
 KINDS = {  # (group, version, plural) -> (kind, namespaced)
     ("", "v1", "namespaces"): ("Namespace", False),
     ("", "v1", "pods"): ("Pod", True),
     ("", "v1", "secrets"): ("Secret", True),
     ("", "v1", "serviceaccounts"): ("ServiceAccount", True),
+    ("", "v1", "nodes"): ("Node", False),
+    ("", "v1", "events"): ("Event", True),
+    ("", "v1", "resourcequotas"): ("ResourceQuota", True),
+    ("", "v1", "limitranges"): ("LimitRange", True),
+    ("networking.k8s.io", "v1", "networkpolicies"): ("NetworkPolicy", True),
     ("batch", "v1", "jobs"): ("Job", True),
     ("serving.knative.dev", "v1", "services"): ("Service", True),
 }
+
+
+def refused(exc: Refused) -> JSONResponse:
+    return status(exc.code, exc.reason, exc.message)
 
 
 def status(code: int, reason: str, message: str) -> JSONResponse:
@@ -96,6 +114,54 @@ class Api:
             self.store.rejected.append(f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}: {errors}")
         return errors
 
+    def _admit(self, plural: str, kind: str, obj: dict, old: dict | None) -> None:
+        """What happens after the schema check (admission.py): defaults, the API server's validation,
+        immutable fields, Knative's webhooks, pod admission. Raises Refused."""
+        meta = obj["metadata"]
+        if old is None:
+            meta.setdefault("uid", str(uuid.uuid4()))  # the Job's generated selector names it
+        admission.default(plural, obj, old)
+        try:
+            if plural == "services":
+                admission.knative_webhook(obj, old)
+            else:
+                errors = admission.validate(plural, obj)
+                if errors:
+                    raise Refused(422, "Invalid", f"{kind} {meta.get('name')!r} is invalid: " + "; ".join(errors))
+            if old is not None:
+                admission.check_update(plural, old, obj)
+        except Refused as exc:
+            self.store.rejected.append(f"{kind}/{meta.get('name')}: {exc.message}")
+            raise
+        if plural == "pods" and old is None:
+            admission.admit_pod(self.store, obj)
+        elif old is None:
+            admission.admit_count(self.store, plural, obj)
+
+    def _list(self, request: Request, api_version: str, kind: str, plural: str, namespace, selector, fields):
+        """A list, a page at a time with ``limit`` / ``continue`` (the token: the last name sent)."""
+        items = [o for o in self.store.list(plural, namespace, selector) if field_matches(o, fields)]
+        params = request.query_params
+        after = params.get("continue")
+        if after:
+            try:
+                after = base64.urlsafe_b64decode(after.encode()).decode()
+            except ValueError:
+                return status(400, "BadRequest", "invalid continue token")
+            items = [o for o in items if self._order(o) > tuple(json.loads(after))]
+        meta = {"resourceVersion": str(self.store.rv)}
+        limit = int(params.get("limit") or 0)
+        if limit and len(items) > limit:
+            meta["remainingItemCount"] = len(items) - limit
+            items = items[:limit]
+            meta["continue"] = base64.urlsafe_b64encode(json.dumps(self._order(items[-1])).encode()).decode()
+        self.store.pages += 1
+        return JSONResponse({"apiVersion": api_version, "kind": f"{kind}List", "metadata": meta, "items": items})
+
+    @staticmethod
+    def _order(obj: dict) -> tuple[str, str]:
+        return obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
+
     @staticmethod
     def _secret_data(obj: dict) -> None:
         if obj.get("kind") == "Secret" and "stringData" in obj:
@@ -113,11 +179,10 @@ class Api:
         self.store.requests.append((request.method, request.url.path))
         if request.method == "GET":
             selector = parse_selector(request.query_params.get("labelSelector"))
+            fields = parse_selector(request.query_params.get("fieldSelector"))
             if (request.query_params.get("watch") or "").lower() in ("1", "true"):  # ParseBool, as Go does
-                return self._watch(request, plural, namespace, selector)
-            items = self.store.list(plural, namespace, selector)
-            return JSONResponse({"apiVersion": f"{group}/{version}".lstrip("/"), "kind": f"{kind}List",
-                                 "metadata": {"resourceVersion": str(self.store.rv)}, "items": items})
+                return self._watch(request, plural, namespace, selector, fields)
+            return self._list(request, f"{group}/{version}".lstrip("/"), kind, plural, namespace, selector, fields)
         body = await request.json()
         if body.get("kind") != kind:
             return status(400, "BadRequest", f"expected kind {kind}, got {body.get('kind')!r}")
@@ -130,6 +195,10 @@ class Api:
         errors = self._validate(body)
         if errors:
             return status(422, "Invalid", f"{kind} {meta.get('name')!r} is invalid: " + "; ".join(errors))
+        try:
+            self._admit(plural, kind, body, None)
+        except Refused as exc:
+            return refused(exc)
         if self.store.get(plural, namespace, meta.get("name", "")) is not None:
             return status(409, "AlreadyExists", f'{plural} "{meta.get("name")}" already exists')
         self._secret_data(body)
@@ -137,7 +206,7 @@ class Api:
         self.node.created(plural, created)
         return JSONResponse(created, status_code=201)
 
-    def _watch(self, request: Request, plural: str, namespace: str | None, selector) -> StreamingResponse:
+    def _watch(self, request: Request, plural: str, namespace: str | None, selector, fields) -> StreamingResponse:
         store = self.store
         since = request.query_params.get("resourceVersion")
         timeout = float(request.query_params.get("timeoutSeconds") or 1800)
@@ -146,7 +215,7 @@ class Api:
 
         def wanted(resource: str, obj: dict) -> bool:
             return (resource == plural and (namespace is None or obj["metadata"].get("namespace") == namespace)
-                    and matches(obj, selector))
+                    and matches(obj, selector) and field_matches(obj, fields))
 
         def line(kind: str, obj: dict) -> bytes:
             return (json.dumps({"type": kind, "object": obj}) + "\n").encode()
@@ -164,7 +233,8 @@ class Api:
                             yield line(kind, obj)
                 else:
                     for obj in store.list(plural, namespace, selector):
-                        yield line("ADDED", obj)
+                        if field_matches(obj, fields):
+                            yield line("ADDED", obj)
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + timeout
                 while True:
@@ -227,6 +297,10 @@ class Api:
         errors = self._validate(merged)
         if errors:
             return status(422, "Invalid", f"{kind} {name!r} is invalid: " + "; ".join(errors))
+        try:
+            self._admit(plural, kind, merged, current)
+        except Refused as exc:
+            return refused(exc)
         self._secret_data(merged)
         if merged.get("spec") != current.get("spec"):
             merged["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
@@ -295,8 +369,31 @@ class Api:
         self.store.disconnect()
         return JSONResponse({"watches": len(self.store.watchers)})
 
+    async def evict(self, request: Request):
+        body = await request.json()
+        done = self.node.evict(body["namespace"], body["name"], body.get("message") or
+                               "The node was low on resource: memory.")
+        return JSONResponse({"evicted": done}, status_code=200 if done else 404)
+
+    async def lose_node(self, request: Request):
+        return JSONResponse({"pods": self.node.lose_node(request.path_params["name"])})
+
+    async def node_settings(self, request: Request):
+        """Test knobs of the simulated node: ``hold_rollouts``, ``progress_deadline``, ``pod_start_delay``,
+        ``pull_failures`` {image: count}."""
+        body = await request.json()
+        if "hold_rollouts" in body:
+            self.node.hold_rollouts = bool(body["hold_rollouts"])
+        if "progress_deadline" in body:
+            self.node.progress_deadline = float(body["progress_deadline"])
+        if "pod_start_delay" in body:
+            self.node.pod_start_delay = float(body["pod_start_delay"])
+        self.node.pull_failures.update(body.get("pull_failures") or {})
+        return JSONResponse({"hold_rollouts": self.node.hold_rollouts, "pull_failures": self.node.pull_failures})
+
     async def state(self, request: Request):
         return JSONResponse({"resourceVersion": self.store.rv, "rejected": self.store.rejected,
+                             "created": self.store.created,
                              "watches": len(self.store.watchers),
                              "objects": sorted("/".join(k) for k in self.store.objects)})
 
@@ -308,6 +405,9 @@ class Api:
             Route("/_fake/disconnect", self.disconnect, methods=["POST"]),
             Route("/_fake/expire", self.expire, methods=["POST"]),
             Route("/_fake/state", self.state, methods=["GET"]),
+            Route("/_fake/evict", self.evict, methods=["POST"]),
+            Route("/_fake/nodes/{name}/lose", self.lose_node, methods=["POST"]),
+            Route("/_fake/node", self.node_settings, methods=["POST"]),
             Route("/api/v1/namespaces/{ns}/pods/{name}/log", self.pod_log, methods=["GET"]),
             Route("/api/v1/namespaces/{ns}/{plural}/{name}", self.item, methods=methods_i),
             Route("/api/v1/namespaces/{ns}/{plural}", self.collection, methods=methods_c),

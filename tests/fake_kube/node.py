@@ -47,10 +47,28 @@ from pathlib import Path
 from opbox.platform.backends.container.podman import MemoryCgroup
 from opbox.resource import parse_quantity
 
+from .admission import Refused, admit_pod
 from .kaniko import is_kaniko, pull_secret_auth, run_kaniko
+from .scheduler import record_event, schedule
 from .store import Store, now
 
 log = logging.getLogger("fake_kube.node")
+
+
+def security_args(pod_spec: dict, container: dict) -> list[str]:
+    """What the kubelet does with the pod's security context and emptyDir volumes: the uid and gid,
+    a read-only root filesystem, an emptyDir mounted where the container asks for it."""
+    context = {**(pod_spec.get("securityContext") or {}), **(container.get("securityContext") or {})}
+    args = []
+    if "runAsUser" in context:
+        args += ["--user", f"{context['runAsUser']}:{context.get('runAsGroup', context['runAsUser'])}"]
+    if context.get("readOnlyRootFilesystem"):
+        args.append("--read-only")
+    empty = {v["name"] for v in pod_spec.get("volumes") or [] if "emptyDir" in v}
+    for mount in container.get("volumeMounts") or []:
+        if mount["name"] in empty:
+            args += ["--tmpfs", f"{mount['mountPath']}:rw,mode=1777"]
+    return args
 
 
 class Node:
@@ -66,6 +84,13 @@ class Node:
         self.pulled: list[str] = []  # images pulled, in order
         self.revisions: dict[str, tuple] = {}  # Knative Service uid -> (generation started, None)
         self.replicas: dict[str, tuple[str, str]] = {}  # Knative Service uid -> (container, pod) serving it
+        self.serving: dict[str, tuple[str, str]] = {}  # Knative Service uid -> (revision, url) traffic goes to
+        self.hold_rollouts = False  # True: new revisions wait before they become ready (a slow rollout)
+        self.pod_start_delay = 0.0  # seconds a pod takes to start once bound (a sandbox, an image pull)
+        self.progress_deadline = 600.0  # Knative's progress-deadline (config-deployment): a revision not ready fails
+        self.pull_failures: dict[str, int] = {}  # image -> pulls that fail first (a registry's 429)
+        self.disrupted: dict[str, dict] = {}  # pod uid -> the status its disruption leaves
+        self._pull_error = "not found"
 
     # -- hooks from the API ---------------------------------------------------------------
     def created(self, resource: str, obj: dict) -> None:
@@ -176,13 +201,17 @@ class Node:
         if deadline is not None:
             timer = asyncio.get_running_loop().call_later(
                 deadline, lambda: self._spawn(self._deadline(namespace, name, uid)))
-        failed = 0
+        failed = refusals = 0
         try:
             while True:
                 job = self._job(namespace, name, uid)
                 if job is None or uid in self.deadline_hit:
                     return
                 pod = self._make_pod(job)
+                if pod is None:  # refused (quota, PodSecurity): the controller tries again, backing off
+                    refusals += 1
+                    await asyncio.sleep(min(10.0, 0.5 * 2 ** refusals))
+                    continue
                 job["status"]["active"] = 1
                 self.store.put("jobs", job)
                 phase = await self._run_pod(pod)
@@ -233,7 +262,8 @@ class Node:
             self._condition("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")])
         self.store.put("jobs", job)
 
-    def _make_pod(self, job: dict) -> dict:
+    def _make_pod(self, job: dict) -> dict | None:
+        """The Job's next pod; None (and a FailedCreate Event on the Job) when admission refuses it."""
         meta, template = job["metadata"], job["spec"]["template"]
         labels = {**(template.get("metadata", {}).get("labels") or {}), "job-name": meta["name"],
                   "batch.kubernetes.io/job-name": meta["name"], "controller-uid": meta["uid"],
@@ -244,10 +274,38 @@ class Node:
                          "labels": labels, "ownerReferences": [{
                              "apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"],
                              "controller": True, "blockOwnerDeletion": True}]},
-            "spec": {**template["spec"], "nodeName": "fake-node"},
-            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]},
+            "spec": dict(template["spec"]),
+            "status": {"phase": "Pending"},
         }
+        try:
+            admit_pod(self.store, pod)
+        except Refused as exc:
+            record_event(self.store, job, "FailedCreate", f"Error creating: {exc.message}", "job-controller")
+            return None
         return self.store.create("pods", pod)
+
+    async def _bind(self, pod: dict) -> bool:
+        """The scheduler: bind ``pod`` to a node that fits, retrying while none does (the pod stays
+        Pending with PodScheduled=False, reason Unschedulable); False if the pod went meanwhile."""
+        reported = None
+        while True:
+            node, why = schedule(self.store, pod)
+            current = self.store.get("pods", pod["metadata"]["namespace"], pod["metadata"]["name"])
+            if current is None or current["metadata"]["uid"] != pod["metadata"]["uid"]:
+                return False
+            if node is not None:
+                current["spec"]["nodeName"] = node
+                current["status"]["conditions"] = [{"type": "PodScheduled", "status": "True",
+                                                    "lastTransitionTime": now()}]
+                self.store.put("pods", current)
+                return True
+            if why != reported:
+                reported = why
+                current["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                                    "message": why, "lastTransitionTime": now()}]
+                self.store.put("pods", current)
+                record_event(self.store, current, "FailedScheduling", why, "default-scheduler")
+            await asyncio.sleep(0.5)
 
     # -- the kubelet ----------------------------------------------------------------------
     def _update_pod(self, pod: dict, **status) -> dict | None:
@@ -287,6 +345,10 @@ class Node:
         """Run the pod's one container to the end; its phase, or None if the pod was deleted."""
         namespace, uid = pod["metadata"]["namespace"], pod["metadata"]["uid"]
         (container,) = pod["spec"]["containers"]
+        if not await self._bind(pod):
+            return None
+        if self.pod_start_delay:
+            await asyncio.sleep(self.pod_start_delay)
         while True:  # the kubelet retries until the Secrets exist
             env, problem = self._env(namespace, container)
             if env is not None:
@@ -297,19 +359,21 @@ class Node:
             await asyncio.sleep(0.2)
         if is_kaniko(container["image"]):
             return await self._run_kaniko(pod, container, env)
-        if not await self._pull(pod, container["image"]):
+        backoff = 0.3
+        while not await self._pull(pod, container["image"]):  # the kubelet retries, backing off
             for reason in ("ErrImagePull", "ImagePullBackOff"):
                 message = f'Back-off pulling image "{container["image"]}"' if reason == "ImagePullBackOff" else \
-                    f'failed to pull and unpack image "{container["image"]}": not found'
+                    f'failed to pull and unpack image "{container["image"]}": {self._pull_error}'
                 if self._update_pod(pod, containerStatuses=self._container_status(
                         container, {"waiting": {"reason": reason, "message": message}})) is None:
                     return None
-                await asyncio.sleep(0.3)
-            return await self._wait_deleted(pod)
+                await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
         limits = (container.get("resources") or {}).get("limits") or {}
         name = f"k8s-{pod['metadata']['name']}-{uid[:8]}"
         args = ["run", "--name", name, "--network=host", "--init", "--pull=never",
-                "--label", f"opbox.fake-kube={self.instance}", "--entrypoint", container["command"][0]]
+                "--label", f"opbox.fake-kube={self.instance}", "--entrypoint", container["command"][0],
+                *security_args(pod["spec"], container)]
         cgroup = None
         if "memory" in limits:
             memory = int(parse_quantity(limits["memory"]))
@@ -342,16 +406,70 @@ class Node:
             if cgroup is not None:
                 cgroup.remove()
         reason = "Completed" if code == 0 else ("OOMKilled" if oom else "Error")
-        phase = "Succeeded" if code == 0 else "Failed"
+        disruption = self.disrupted.pop(uid, None)
+        phase = "Succeeded" if code == 0 and disruption is None else "Failed"
         terminated = {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": now(),
                       "containerID": f"podman://{name}"}
         if self._update_pod(pod, phase=phase, containerStatuses=self._container_status(
-                container, {"terminated": terminated}, containerID=f"podman://{name}")) is None:
+                container, {"terminated": terminated}, containerID=f"podman://{name}"),
+                **(disruption or {})) is None:
             return None
+        if disruption and disruption.get("conditions", [{}])[0].get("reason") == "DeletionByTaintManager":
+            self._spawn(self._delete_pod(pod, 0))  # the taint manager deletes the pods of a lost node
         return phase
+
+    # -- disruptions -------------------------------------------------------------------
+    def evict(self, namespace: str, name: str, message: str) -> bool:
+        """The kubelet evicts a running pod (node pressure): DisruptionTarget, then phase Failed with
+        reason Evicted, its container killed."""
+        pod = self.store.get("pods", namespace, name)
+        if pod is None or pod["metadata"]["uid"] not in self.containers:
+            return False
+        self._disrupt(pod, "TerminationByKubelet", message, reason="Evicted", message=message)
+        return True
+
+    def lose_node(self, node: str) -> list[str]:
+        """The node stops answering: it is tainted unreachable, and its pods get DisruptionTarget
+        (DeletionByTaintManager) and are deleted. The pods it ran, by name."""
+        current = self.store.get("nodes", None, node)
+        if current is None:
+            return []
+        current.setdefault("spec", {})["taints"] = [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute",
+                                                      "timeAdded": now()}]
+        current["status"]["conditions"] = [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown",
+                                            "message": "Kubelet stopped posting node status."}]
+        self.store.put("nodes", current)
+        lost = [p for p in self.store.list("pods") if p["spec"].get("nodeName") == node
+                and p["metadata"]["uid"] in self.containers]
+        for pod in lost:
+            self._disrupt(pod, "DeletionByTaintManager", "Taint manager: deleting due to NoExecute taint")
+        return [p["metadata"]["name"] for p in lost]
+
+    def _disrupt(self, pod: dict, why: str, text: str, **status) -> None:
+        condition = {"type": "DisruptionTarget", "status": "True", "reason": why, "message": text,
+                     "lastTransitionTime": now()}
+        current = self.store.get("pods", pod["metadata"]["namespace"], pod["metadata"]["name"])
+        self.disrupted[pod["metadata"]["uid"]] = {
+            **status, "conditions": [condition, *[c for c in current["status"].get("conditions") or []
+                                                  if c["type"] != "DisruptionTarget"]]}
+        self._update_pod(pod, conditions=self.disrupted[pod["metadata"]["uid"]]["conditions"])
+        self._spawn(self._kill(pod["metadata"]["uid"]))
+
+    async def _kill(self, uid: str) -> None:
+        """SIGKILL the pod's container; one still being created refuses it, so ask until it is gone."""
+        while uid in self.containers:
+            code, _ = await self._podman("kill", self.containers[uid])
+            if code == 0:
+                return
+            await asyncio.sleep(0.2)
 
     async def _pull(self, pod: dict | None, image: str) -> bool:
         """Whether ``image`` is here, pulled first (as IfNotPresent does) from one of ``registries``."""
+        if self.pull_failures.get(image):
+            self.pull_failures[image] -= 1
+            self._pull_error = "unexpected status from HEAD request: 429 Too Many Requests"
+            return False
+        self._pull_error = "not found"
         if (await self._podman("image", "exists", image))[0] == 0:
             return True
         host = image.split("/", 1)[0]
@@ -384,11 +502,6 @@ class Node:
             return None
         return phase
 
-    async def _wait_deleted(self, pod: dict) -> None:
-        while self.store.get("pods", pod["metadata"]["namespace"], pod["metadata"]["name"]) is not None:
-            await asyncio.sleep(0.2)
-        return None
-
     # -- Knative Serving: one replica per Service, on a free port of 127.0.0.1 -------------------
     # Each replica is also a Pod object, as Knative's Deployment would make it: named
     # <revision>-deployment-<hash>-<id>, labelled serving.knative.dev/{service,configuration,revision}
@@ -405,20 +518,30 @@ class Node:
         self.revisions[current["metadata"]["uid"]] = (generation, None)
         self._spawn(self._run_revision(current, generation))
 
-    def _service_status(self, service: dict, generation: int, ready: str, url: str | None,
-                        reason: str = "", message: str = "") -> None:
+    def _service_status(self, service: dict, generation: int, ready: str, reason: str = "",
+                        message: str = "") -> None:
+        """The Service's status while revision ``generation`` is ``ready`` (Unknown: coming up).
+        As Knative's service_lifecycle.go: Ready follows ConfigurationsReady, while RoutesReady stays
+        True, and the traffic on the last ready revision, as long as one serves (``self.serving``)."""
         meta = service["metadata"]
         current = self.store.get("services", meta["namespace"], meta["name"])
         if current is None or current["metadata"]["uid"] != meta["uid"]:
             return
         revision = f"{meta['name']}-{generation:05d}"
-        status = {"observedGeneration": generation, "latestCreatedRevisionName": revision,
-                  "conditions": [{"type": t, "status": ready, "lastTransitionTime": now(),
-                                  **({"reason": reason, "message": message} if reason else {})}
-                                 for t in ("ConfigurationsReady", "Ready", "RoutesReady")]}
-        if url:
-            status.update(url=url, address={"url": url}, latestReadyRevisionName=revision,
-                          traffic=[{"revisionName": revision, "latestRevision": True, "percent": 100}])
+        serving = self.serving.get(meta["uid"])
+        routes = "True" if serving else ("Unknown" if ready == "Unknown" else "False")
+
+        def condition(kind: str, state: str, why: str = "", text: str = "") -> dict:
+            return {"type": kind, "status": state, "lastTransitionTime": now(),
+                    **({"reason": why, "message": text} if why else {})}
+
+        status = {"observedGeneration": generation, "latestCreatedRevisionName": revision, "conditions": [
+            condition("ConfigurationsReady", ready, reason, message), condition("Ready", ready, reason, message),
+            condition("RoutesReady", routes, *(("", "") if serving else (reason, message)))]}
+        if serving:
+            status.update(url=serving[1], address={"url": serving[1]}, latestReadyRevisionName=serving[0],
+                          traffic=[{"revisionName": serving[0], "latestRevision": serving[0] == revision,
+                                    "percent": 100}])
         current["status"] = status
         self.store.put("services", current)
 
@@ -492,16 +615,19 @@ class Node:
         meta = service["metadata"]
         uid = meta["uid"]
         (container,) = service["spec"]["template"]["spec"]["containers"]
+        revision = f"{meta['name']}-{generation:05d}"
+        self._service_status(service, generation, "Unknown", "RevisionMissing",
+                             f'Configuration "{meta["name"]}" is waiting for a Revision to become ready.')
         env, problem = self._env(meta["namespace"], container)
         if env is None:
-            self._service_status(service, generation, "False", None, "CreateContainerConfigError", problem)
+            self._service_status(service, generation, "False", "RevisionFailed",
+                                 f'Revision "{revision}" failed with message: {problem}.')
             return
         pod = self._revision_pod(service, generation, container)
-        revision = f"{meta['name']}-{generation:05d}"
         if not await self._pull(pod, container["image"]):
             message = f'Unable to fetch image "{container["image"]}": not found'
             self._replica_status(pod, {"waiting": {"reason": "ImagePullBackOff", "message": message}})
-            self._service_status(service, generation, "False", None, "RevisionFailed",
+            self._service_status(service, generation, "False", "RevisionFailed",
                                  f'Revision "{revision}" failed with message: {message}.')
             return
         with socket.socket() as probe:
@@ -512,7 +638,8 @@ class Node:
             command[command.index("--port") + 1] = str(port)
         name = f"ksvc-{meta['name'][:40]}-{generation}-{secrets.token_hex(3)}"
         args = ["run", "--name", name, "--network=host", "--init", "--pull=never",
-                "--label", f"opbox.fake-kube={self.instance}", "--entrypoint", command[0]]
+                "--label", f"opbox.fake-kube={self.instance}", "--entrypoint", command[0],
+                *security_args(service["spec"]["template"]["spec"], container)]
         for key in env:
             args += ["-e", key]
         args += [container["image"], *command[1:]]
@@ -525,28 +652,39 @@ class Node:
         self._replica_status(pod, {"running": {"startedAt": started}}, phase="Running", startTime=started,
                              podIP="127.0.0.1")
         url = f"http://127.0.0.1:{port}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.progress_deadline
         async with httpx.AsyncClient(timeout=2) as client:
-            while proc.returncode is None:
+            while proc.returncode is None and loop.time() < deadline:
                 try:
-                    if (await client.get(url + "/readyz")).status_code == 200:
+                    if (await client.get(url + "/readyz")).status_code == 200 and not self.hold_rollouts:
                         break
                 except httpx.HTTPError:
                     pass
                 await asyncio.sleep(0.1)
+            else:
+                if proc.returncode is None:  # never ready: Knative gives up after its progress deadline
+                    self._replica_status(pod, {"running": {"startedAt": started}})
+                    self._service_status(service, generation, "False", "ProgressDeadlineExceeded",
+                                         f'Revision "{revision}" failed to become ready within the progress '
+                                         f"deadline ({self.progress_deadline:g} s): {log_path.read_text()[-2000:].strip()}")
+                    await self._podman("rm", "--force", "--time", "0", name)
+                    return
         if proc.returncode is not None:
             # the failed pod stays (as a crash-looping one does) so its log can be read
             self._replica_status(pod, {"terminated": {"exitCode": proc.returncode, "reason": "Error",
                                                       "startedAt": started, "finishedAt": now()}}, phase="Failed")
             tail = log_path.read_text(errors="replace")[-2000:]
-            self._service_status(service, generation, "False", None, "RevisionFailed",
-                                 f"Revision failed with exit code {proc.returncode}: {tail}")
+            self._service_status(service, generation, "False", "RevisionFailed",
+                                 f'Revision "{revision}" failed with message: Container failed with: {tail}')
             await self._podman("rm", "--force", "--time", "0", name)
             return
         self._update_pod(pod, conditions=[{"type": t, "status": "True", "lastTransitionTime": now()}
                                           for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")])
         previous = self.replicas.get(uid)
         self.replicas[uid] = (name, pod["metadata"]["name"])
-        self._service_status(service, generation, "True", url)
+        self.serving[uid] = (revision, url)
+        self._service_status(service, generation, "True")
         # the older revisions' pods go (the ready one's after its container stopped)
         await self._stop_replica(previous[0] if previous else None,
                                  [p for p in self._service_pods(uid) if p["metadata"]["uid"] != pod["metadata"]["uid"]])
@@ -565,4 +703,5 @@ class Node:
 
     async def _stop_service(self, uid: str) -> None:
         replica = self.replicas.pop(uid, None)
+        self.serving.pop(uid, None)
         await self._stop_replica(replica[0] if replica else None, self._service_pods(uid))

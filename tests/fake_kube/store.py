@@ -13,7 +13,8 @@ import datetime as dt
 import uuid
 from collections import deque
 
-NAMESPACED = {"pods", "secrets", "serviceaccounts", "jobs", "services"}
+NAMESPACED = {"pods", "secrets", "serviceaccounts", "jobs", "services", "events", "resourcequotas", "limitranges",
+              "networkpolicies"}
 
 
 def now() -> str:
@@ -50,6 +51,18 @@ def matches(obj: dict, selector: list) -> bool:
     return True
 
 
+def field_matches(obj: dict, selector: list) -> bool:
+    """A field selector (``involvedObject.name=x,reason=FailedCreate``) over dotted paths."""
+    for key, op, value in selector:
+        node = obj
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        found = "" if node is None else str(node)
+        if (op == "=" and found != value) or (op == "!=" and found == value):
+            return False
+    return True
+
+
 class Store:
     def __init__(self, history: int = 100_000):
         self.rv = 0
@@ -59,6 +72,8 @@ class Store:
         self.watchers: set[asyncio.Queue] = set()
         self.requests: list[tuple[str, str]] = []  # (verb, path) of every API call
         self.rejected: list[str] = []  # objects that failed validation
+        self.pages = 0  # list responses sent (a paginated list sends several)
+        self.created: dict[str, int] = {}  # objects created, by resource (the API's and the controllers')
 
     def key(self, resource: str, namespace: str | None, name: str) -> tuple[str, str, str]:
         return (resource, (namespace or "") if resource in NAMESPACED else "", name)
@@ -83,6 +98,7 @@ class Store:
         meta.setdefault("uid", str(uuid.uuid4()))
         meta.setdefault("creationTimestamp", now())
         meta.setdefault("generation", 1)
+        self.created[resource] = self.created.get(resource, 0) + 1
         return self.put(resource, obj, "ADDED")
 
     def put(self, resource: str, obj: dict, kind: str = "MODIFIED") -> dict:

@@ -1,14 +1,25 @@
 """The kubernetes backend (``OPBOX_BACKEND=kubernetes``): each Job-Run attempt is a batch/v1 Job.
 
     submit   -> (namespace and service account of the workspace, once) a Secret with the run's
-                token, then the Job rendered by ``render.render_job``; at most ``max_inflight``
-                Jobs exist at once, the rest wait in a queue here
+                token, then the Job rendered by ``render.render_job`` (the Secret is deleted again
+                if the Job is refused); at most ``max_inflight`` Jobs exist at once, and at most
+                ``per_workspace`` of one workspace; the rest wait here, a queue per workspace, and a
+                free slot goes to the waiting workspace with the fewest Jobs
     the pod  -> ``python -m opbox.runtime run --run-id X``: takes its arguments from the gateway
                 (which marks the run running), ships its output and posts its result there
     watches  -> Jobs and pods of every opbox namespace (list, then watch from its resourceVersion;
                 relist on 410 Gone; reconnect on errors): a Job that failed without a result ends
                 its run with the pod's reason (OOMKilled, exit code, DeadlineExceeded -> timed_out,
                 ImagePullBackOff...) and the tail of the pod's log
+    not starting -> a pod that cannot start fails its run with the API's words: at once for what
+                will not mend (a missing Secret: CreateContainerConfigError; a PodSecurity refusal:
+                the Job's FailedCreate Event, from a watch of those Events), after
+                ``image_pull_patience`` for ImagePullBackOff (the kubelet retries, backing off: a
+                registry's 429 passes), after ``pending_timeout`` for the rest (Unschedulable,
+                a quota), saying what the scheduler or the API said last
+    disruptions -> a pod evicted, preempted or on a lost node (condition DisruptionTarget, or
+                reason Evicted) is run again without spending one of the user's retries
+                (``RunEvents.run_disrupted``, "evicted: ..."), up to MAX_DISRUPTIONS times
     cancel   -> delete the Job (propagationPolicy from the settings); its pod gets SIGTERM and,
                 after the pod's terminationGracePeriodSeconds (the platform's cancel grace, or
                 OPBOX_K8S_TERMINATION_GRACE), SIGKILL
@@ -36,18 +47,24 @@ from dataclasses import dataclass
 from opbox.errors import ConfigError, ValidationError
 
 from ...settings import Settings
-from ..base import RunEvents, RunTicket, ServiceInfo, ServiceLogs, Serving, VersionInfo
+from ..base import RunEvents, RunTicket, ServiceInfo, ServiceLogs, Serving, VersionInfo, WorkerPools
+from ..pools import PoolManager, PoolMethods
 from ..runtime_env import runtime_env
-from . import render
+from . import namespaces, render
 from .config import KubernetesSettings, api_client, api_error
 from .knative import KnativeServices
 from .watch import Watcher
+from .workers import PodSpawner, pod_disruption
 
 log = logging.getLogger("opbox.kubernetes")
 
 MANAGED = "app.kubernetes.io/managed-by=opbox"
 # waiting reasons after which a pod will not start by itself
-FATAL_WAITING = {"ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
+FATAL_WAITING = {"ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError"}
+PULLING = {"ImagePullBackOff", "ErrImagePull"}  # the kubelet retries these (a registry's 429 passes)
+TRANSIENT = {429, 500, 502, 503, 504}  # API answers worth asking again
+CALL_ATTEMPTS = 4
+MAX_DISRUPTIONS = 3  # evictions of one run resubmitted without spending a retry; then it fails
 
 
 @dataclass
@@ -58,10 +75,19 @@ class Attempt:
     version: VersionInfo
     namespace: str
     name: str
+    disruption: int = 0  # times the run's pod was disrupted before this attempt (its Job's "-d<N>")
     created_at: float | None = None  # monotonic, once the Job exists
     done: bool = False
     cancelled: bool = False
     pod: dict | None = None  # the latest state of its pod, from the pod watch
+    started: bool = False  # its pod ran (phase Running or later)
+    waiting: str = ""  # why its pod is not running yet, in the scheduler's or the API's words
+    pulling_since: float | None = None  # monotonic, when its pod began waiting for its image
+    timer: asyncio.TimerHandle | None = None  # the pending timeout
+
+    @property
+    def workspace(self) -> str:
+        return self.ticket.workspace
 
     @property
     def run_id(self) -> str:
@@ -83,12 +109,14 @@ def describe_container_exit(terminated: dict) -> str:
     return f"the run's container was killed by {name} (exit code {code})"
 
 
-class KubernetesBackend:
+class KubernetesBackend(PoolMethods):
     name = "kubernetes"
-    abilities = frozenset({Serving, ServiceLogs})  # runs are Jobs: no warm worker pools
+    # single runs are Jobs; map items go to warm pools of worker pods (workers.py)
+    abilities = frozenset({WorkerPools, Serving, ServiceLogs})
 
     def __init__(self, settings: KubernetesSettings, *, gateway_url: str, token_for, api=None,
-                 cancel_grace: float | None = None):
+                 cancel_grace: float | None = None, worker_idle: float = Settings.worker_idle,
+                 pool_idle: float = Settings.pool_idle):
         self.settings = settings
         # seconds between SIGTERM and SIGKILL for a cancelled run's pod: the gateway may not delete
         # pods (no RBAC for it), so the grace is the pod's terminationGracePeriodSeconds
@@ -102,28 +130,37 @@ class KubernetesBackend:
         self.events: RunEvents | None = None
         self.attempts: dict[str, Attempt] = {}  # by Job name
         self.current: dict[str, str] = {}  # run id -> the Job name of its current attempt
-        self.queue: deque[Attempt] = deque()
-        self.inflight: set[str] = set()
+        self.queues: dict[str, deque[Attempt]] = {}  # workspace -> attempts waiting for a slot
+        self.inflight: dict[str, str] = {}  # Job name -> workspace, of the Jobs being made or existing
+        self.disruptions: dict[str, int] = {}  # run id -> times its pod was disrupted
         self._namespaces: dict[str, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
         self.watchers: list[Watcher] = []
         self.knative = KnativeServices(self)  # its watch starts with the first service
+        self.spawner = PodSpawner(self)
+        self.pools = PoolManager(self.spawner, max_workers=max(1, settings.pool_workers), worker_idle=worker_idle,
+                                 pool_idle=pool_idle, max_running=settings.max_inflight,
+                                 items_per_worker=settings.items_per_worker, keep_warm=0)  # a pod is not kept idle
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self, events: RunEvents) -> None:
         from kubernetes import client
 
         self.events = events
+        self.pools.events = events
         self.loop = asyncio.get_running_loop()
         api = self._api or api_client(self.settings)
         self.batch, self.core = client.BatchV1Api(api), client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.networking = client.NetworkingV1Api(api)
         timeout = self.settings.watch_timeout
         self.watchers = [
             Watcher("jobs", self.batch.list_job_for_all_namespaces, self.threadsafe(self._on_job),
                     label_selector=MANAGED, timeout=timeout),
             Watcher("pods", self.core.list_pod_for_all_namespaces, self.threadsafe(self._on_pod),
                     label_selector=MANAGED, timeout=timeout),
+            Watcher("job-events", self.core.list_event_for_all_namespaces, self.threadsafe(self._on_event),
+                    field_selector="involvedObject.kind=Job,reason=FailedCreate", timeout=timeout),
         ]
         for watcher in self.watchers:
             watcher.start()
@@ -168,6 +205,11 @@ class KubernetesBackend:
             log.exception("handling a watch event failed")
 
     async def close(self) -> None:
+        # the pools' workers go with the gateway, as in the other backends (their items run again
+        # after a restart): their Jobs are deleted now, not by tasks about to be cancelled
+        workers = list(self.spawner.by_job.values())
+        await asyncio.gather(*(self.delete_job(w.namespace, w.name) for w in workers), return_exceptions=True)
+        await self.pools.close()
         for watcher in self.watchers:
             watcher.stop()
         for task in list(self._tasks):
@@ -179,36 +221,57 @@ class KubernetesBackend:
                               "(OPBOX_BUILDER=podman) and a registry the cluster pulls from (OPBOX_REGISTRY)")
 
     def describe(self, workspace: str) -> dict:
-        return {"backend": self.name, "jobs": {"inflight": len(self.inflight), "queued": len(self.queue),
+        mine = [a for a in self.attempts.values() if a.workspace == workspace and not a.done]
+        return {"backend": self.name, "jobs": {"inflight": len(self.inflight),
+                                              "queued": sum(len(q) for q in self.queues.values()),
                                               "max_inflight": self.settings.max_inflight,
-                                              "termination_grace": self.termination_grace},
+                                              "workspace_inflight": self.settings.per_workspace,
+                                              "termination_grace": self.termination_grace,
+                                              "waiting": {a.run_id: a.waiting for a in mine
+                                                          if a.waiting and not a.started}},
+                "pools": self.pools.describe(workspace),
                 "services": self.knative.describe(workspace),
                 "watches": {w.what: {"resourceVersion": w.resource_version, "relists": w.relists,
                                      "reconnects": w.reconnects} for w in self.watchers}}
 
     # -- runs --------------------------------------------------------------------------
     def submit(self, ticket: RunTicket, version: VersionInfo) -> None:
+        if ticket.batch_id is not None and self.settings.pool_workers:  # a map item: to the version's pool
+            self.pools.submit(ticket, version)
+            return
         try:
             namespace = self.settings.namespace(version.workspace)
-            name = render.job_name(ticket.run_id, ticket.attempt)
+            disruption = self.disruptions.get(ticket.run_id, 0)
+            name = render.job_name(ticket.run_id, ticket.attempt, disruption)
         except ValidationError as exc:
             self.loop.call_soon(self.events.run_lost, ticket.run_id, f"cannot make a Job: {exc}")
             return
-        attempt = Attempt(ticket, version, namespace, name)
+        attempt = Attempt(ticket, version, namespace, name, disruption=disruption)
         self.attempts[name] = attempt
         self.current[ticket.run_id] = name
-        self.queue.append(attempt)
+        self.queues.setdefault(ticket.workspace, deque()).append(attempt)
         self._fill()
 
     def _fill(self) -> None:
-        while self.queue and len(self.inflight) < self.settings.max_inflight:
-            attempt = self.queue.popleft()
+        """Start waiting attempts while slots are free: each to the workspace with the fewest Jobs
+        among those below their share, in order within a workspace."""
+        while len(self.inflight) < self.settings.max_inflight:
+            counts: dict[str, int] = {}
+            for workspace in self.inflight.values():
+                counts[workspace] = counts.get(workspace, 0) + 1
+            for workspace in [w for w, q in self.queues.items() if not q]:
+                del self.queues[workspace]
+            eligible = [w for w in self.queues if counts.get(w, 0) < self.settings.per_workspace]
+            if not eligible:
+                return
+            attempt = self.queues[min(eligible, key=lambda w: counts.get(w, 0))].popleft()
             if attempt.done:
                 continue
-            self.inflight.add(attempt.name)
-            self._spawn(self._create(attempt))
+            self.inflight[attempt.name] = attempt.workspace
+            attempt.timer = self.loop.call_later(self.settings.pending_timeout, self._pending_expired, attempt)
+            self.spawn_task(self._create(attempt))
 
-    def _spawn(self, coro) -> None:
+    def spawn_task(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -220,44 +283,17 @@ class KubernetesBackend:
         try:
             await self.ensure_namespace(attempt.namespace)
             secret_name = f"{attempt.name}-token"
-            spec = render.JobSpec(
-                namespace=attempt.namespace, workspace=version.workspace, job_id=version.job_id,
-                version=version.version, image=version.artifact.image or "", gateway_url=self.gateway_url,
-                token_secret=secret_name, run_id=ticket.run_id, attempt=ticket.attempt, backoff_limit=0,
-                resource=version.resource, service_account=self.settings.service_account,
-                env={**self.settings.env, **runtime_env(version, in_image=True)},
-                secrets=self.settings.secrets, image_pull_secrets=self.settings.image_pull_secrets,
-                image_pull_policy=self.settings.image_pull_policy, gpu_label_key=self.settings.gpu_label_key,
-                ttl_seconds_after_finished=self.settings.ttl_after_finished,
-                termination_grace_period_seconds=self.termination_grace,
-            )
+            spec = render.JobSpec(**self.workload(version, attempt.namespace, secret_name), run_id=ticket.run_id,
+                                  attempt=ticket.attempt, backoff_limit=0, disruption=attempt.disruption)
             job = render.render_job(spec)
-            secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                      "metadata": {"name": secret_name, "namespace": attempt.namespace, "labels": spec.labels()},
-                      "stringData": {"token": self.token_for(f"run:{ticket.run_id}")}}
-            created_secret = await self.call(self.core.create_namespaced_secret, attempt.namespace, secret,
-                                              conflict_ok=True)
-            try:
-                created = await self.call(self.batch.create_namespaced_job, attempt.namespace, job)
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-                created = await self.call(self.batch.read_namespaced_job, attempt.name, attempt.namespace)
-                labels = created["metadata"].get("labels") or {}
-                if labels.get("opbox.dev/run") != render.label_value(ticket.run_id):
-                    raise
-                log.info("adopting the existing Job %s/%s", attempt.namespace, attempt.name)
+
+            def ours(existing: dict) -> bool:  # a restarted gateway's run finds its Job: adopt it
+                labels = existing["metadata"].get("labels") or {}
+                return labels.get("opbox.dev/run") == render.label_value(ticket.run_id)
+
+            await self.create_with_token(attempt.namespace, job, secret_name, spec.labels(),
+                                         self.token_for(f"run:{ticket.run_id}"), adopt=ours)
             attempt.created_at = time.monotonic()
-            if created_secret is not None:  # the Secret goes when its Job goes (garbage collection)
-                owned = {**secret, "metadata": {**secret["metadata"],
-                                                "resourceVersion": created_secret["metadata"]["resourceVersion"],
-                                                "ownerReferences": [{
-                                                    "apiVersion": "batch/v1", "kind": "Job", "name": attempt.name,
-                                                    "uid": created["metadata"]["uid"]}]}}
-                try:
-                    await self.call(self.core.replace_namespaced_secret, secret_name, attempt.namespace, owned)
-                except ApiException as exc:  # not fatal: the Secret outlives its Job
-                    log.warning("could not tie Secret %s to its Job: %s", secret_name, api_error(exc))
             if attempt.done or attempt.cancelled:  # cancelled while we were creating it
                 await self._delete_job(attempt)
         except Exception as exc:
@@ -265,17 +301,83 @@ class KubernetesBackend:
             log.warning("could not create the Job of %s: %s", ticket.run_id, reason)
             self._finish(attempt, f"could not create the run's Job {attempt.namespace}/{attempt.name}: {reason}")
 
-    async def call(self, fn, *args, conflict_ok: bool = False, **kwargs):
-        """A client call in a thread, its answer as a dict (None for a tolerated 409)."""
+    def workload(self, version: VersionInfo, namespace: str, token_secret: str) -> dict:
+        """What every pod of ``version`` has, a run's or a pool worker's (render.JobSpec, render.WorkerSpec)."""
+        settings = self.settings
+        return dict(namespace=namespace, workspace=version.workspace, job_id=version.job_id, version=version.version,
+                    image=version.artifact.image or "", gateway_url=self.gateway_url, token_secret=token_secret,
+                    resource=version.resource, service_account=settings.service_account,
+                    env={**settings.env, **runtime_env(version, in_image=True)}, secrets=settings.secrets,
+                    image_pull_secrets=settings.image_pull_secrets, image_pull_policy=settings.image_pull_policy,
+                    gpu_label_key=settings.gpu_label_key, ttl_seconds_after_finished=settings.ttl_after_finished,
+                    termination_grace_period_seconds=self.termination_grace, run_as_non_root=settings.run_as_non_root)
+
+    async def create_with_token(self, namespace: str, job: dict, secret_name: str, labels: dict, token: str,
+                                adopt=None) -> dict:
+        """A Secret holding ``token`` (the pod's OPBOX_RUN_TOKEN), then ``job``, then the Secret tied to
+        the Job (so it is garbage-collected with it). A refused Job takes its Secret with it. On 409,
+        ``adopt(existing)`` says whether the Job of that name is ours to take over."""
+        from kubernetes.client.exceptions import ApiException
+
+        secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                  "metadata": {"name": secret_name, "namespace": namespace, "labels": labels},
+                  "stringData": {"token": token}}
+        created_secret = await self.call(self.core.create_namespaced_secret, namespace, secret, conflict_ok=True)
+        name = job["metadata"]["name"]
+        try:
+            created = await self.call(self.batch.create_namespaced_job, namespace, job)
+        except ApiException as exc:
+            if exc.status != 409 or adopt is None:
+                if created_secret is not None:  # nothing would ever delete it
+                    await self._delete_secret(namespace, secret_name)
+                raise
+            created = await self.call(self.batch.read_namespaced_job, name, namespace)
+            if not adopt(created):
+                raise
+            log.info("adopting the existing Job %s/%s", namespace, name)
+        if created_secret is not None:
+            owned = {**secret, "metadata": {**secret["metadata"],
+                                            "resourceVersion": created_secret["metadata"]["resourceVersion"],
+                                            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
+                                                                 "uid": created["metadata"]["uid"]}]}}
+            try:
+                await self.call(self.core.replace_namespaced_secret, secret_name, namespace, owned)
+            except ApiException as exc:  # not fatal: the Secret outlives its Job
+                log.warning("could not tie Secret %s to its Job: %s", secret_name, api_error(exc))
+        return created
+
+    async def _delete_secret(self, namespace: str, name: str) -> None:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            resp = await asyncio.to_thread(fn, *args, _preload_content=False, _request_timeout=30, **kwargs)
+            await asyncio.to_thread(self.core.delete_namespaced_secret, name, namespace, _request_timeout=30)
         except ApiException as exc:
-            if conflict_ok and exc.status == 409:
-                return None
-            raise
-        return json.loads(resp.data) if resp.data else {}
+            if exc.status != 404:
+                log.warning("could not delete Secret %s/%s: %s", namespace, name, api_error(exc))
+
+    async def call(self, fn, *args, conflict_ok: bool = False, **kwargs):
+        """A client call in a thread, its answer as a dict (None for a tolerated 409). What an API
+        server says when it is overloaded or restarting (429, 5xx, a reset connection) is retried
+        with backoff, a few times: a create that did happen then meets 409, which callers handle."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        delay = 0.5
+        for attempt in range(CALL_ATTEMPTS):
+            try:
+                resp = await asyncio.to_thread(fn, *args, _preload_content=False, _request_timeout=30, **kwargs)
+            except ApiException as exc:
+                if conflict_ok and exc.status == 409:
+                    return None
+                if exc.status not in TRANSIENT or attempt == CALL_ATTEMPTS - 1:
+                    raise
+            except HTTPError:
+                if attempt == CALL_ATTEMPTS - 1:
+                    raise
+            else:
+                return json.loads(resp.data) if resp.data else {}
+            await asyncio.sleep(delay)
+            delay *= 2
 
     async def ensure_namespace(self, namespace: str) -> None:
         fut = self._namespaces.get(namespace)
@@ -286,17 +388,24 @@ class KubernetesBackend:
     async def _make_namespace(self, namespace: str) -> None:
         if not self.settings.create_namespaces:
             return
-        labels = {"app.kubernetes.io/managed-by": "opbox"}
-        await self.call(self.core.create_namespace,
-                         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": labels}},
-                         conflict_ok=True)
-        if self.settings.service_account:
+        settings = self.settings
+        await self.call(self.core.create_namespace, namespaces.namespace_manifest(namespace, settings),
+                        conflict_ok=True)
+        if settings.service_account:
             await self.call(self.core.create_namespaced_service_account, namespace, {
                 "apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False,
-                "metadata": {"name": self.settings.service_account, "namespace": namespace, "labels": labels}},
+                "metadata": {"name": settings.service_account, "namespace": namespace, "labels": namespaces.MANAGED}},
                 conflict_ok=True)
+        if settings.network_policy:
+            await self.call(self.networking.create_namespaced_network_policy, namespace,
+                            namespaces.egress_policy(namespace, settings), conflict_ok=True)
+        for manifest in namespaces.quota_manifests(namespace, settings):
+            create = (self.core.create_namespaced_resource_quota if manifest["kind"] == "ResourceQuota"
+                      else self.core.create_namespaced_limit_range)
+            await self.call(create, namespace, manifest, conflict_ok=True)
 
     async def cancel(self, run_id: str, grace: float) -> None:
+        await self.pools.cancel(run_id, grace)  # a leased map item (queued ones are skipped when leased)
         name = self.current.get(run_id)
         attempt = self.attempts.get(name) if name else None
         if attempt is None or attempt.done:
@@ -307,14 +416,17 @@ class KubernetesBackend:
         self._finish(attempt, None)
 
     async def _delete_job(self, attempt: Attempt) -> None:
+        await self.delete_job(attempt.namespace, attempt.name)
+
+    async def delete_job(self, namespace: str, name: str) -> None:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            await asyncio.to_thread(self.batch.delete_namespaced_job, attempt.name, attempt.namespace,
+            await asyncio.to_thread(self.batch.delete_namespaced_job, name, namespace,
                                     propagation_policy=self.settings.delete_propagation, _request_timeout=30)
         except ApiException as exc:
             if exc.status != 404:
-                log.warning("could not delete Job %s/%s: %s", attempt.namespace, attempt.name, api_error(exc))
+                log.warning("could not delete Job %s/%s: %s", namespace, name, api_error(exc))
 
     def _finish(self, attempt: Attempt, reason: str | None, status: str = "failed") -> None:
         """The attempt is over: free its slot and, when it is the run's current attempt and
@@ -322,25 +434,39 @@ class KubernetesBackend:
         if attempt.done:
             return
         attempt.done = True
-        self.inflight.discard(attempt.name)
+        if attempt.timer is not None:
+            attempt.timer.cancel()
+        self.inflight.pop(attempt.name, None)
         self.attempts.pop(attempt.name, None)
         current = self.current.get(attempt.run_id) == attempt.name
         if current:
             self.current.pop(attempt.run_id, None)
+            if status != "disrupted":
+                self.disruptions.pop(attempt.run_id, None)
         if reason is not None and current and not attempt.cancelled:
-            self.events.run_lost(attempt.run_id, reason, status)
+            if status == "disrupted":
+                self.events.run_disrupted(attempt.run_id, reason)
+            else:
+                self.events.run_lost(attempt.run_id, reason, status)
         self._fill()
+
+    def _pending_expired(self, attempt: Attempt) -> None:
+        if attempt.done or attempt.started:
+            return
+        self.spawn_task(self._delete_job(attempt))
+        self._finish(attempt, f"the run's pod did not start within {self.settings.pending_timeout:g} s "
+                              f"(OPBOX_K8S_PENDING_TIMEOUT): {attempt.waiting or 'no pod was made'}")
 
     # -- watch events ------------------------------------------------------------------
     def _on_job(self, kind: str, obj, started: float | None = None) -> None:
-        if kind == "SYNC":
-            seen = {item["metadata"]["name"] for item in obj}
+        if kind == "SYNC":  # obj: the (namespace, name) of every Job listed, each delivered already
+            self.spawner.resync(obj, started)
             for attempt in list(self.attempts.values()):
-                if (attempt.created_at is not None and attempt.created_at < started and attempt.name not in seen
-                        and not attempt.done):
+                if (attempt.created_at is not None and attempt.created_at < started
+                        and (attempt.namespace, attempt.name) not in obj and not attempt.done):
                     self._finish(attempt, f"the run's Job {attempt.namespace}/{attempt.name} disappeared")
-            for item in obj:
-                self._on_job("MODIFIED", item)
+            return
+        if self.spawner.on_job(kind, obj):
             return
         attempt = self.attempts.get(obj["metadata"]["name"])
         if attempt is None or attempt.done or obj["metadata"].get("namespace") != attempt.namespace:
@@ -360,28 +486,61 @@ class KubernetesBackend:
                     self._finish(attempt, f"timed out after {timeout:g} s (the Job's activeDeadlineSeconds passed)",
                                  "timed_out")
                 else:
-                    self._spawn(self._explain_failure(attempt, condition))
+                    self.spawn_task(self._explain_failure(attempt, condition))
                 return
 
     def _on_pod(self, kind: str, obj, started: float | None = None) -> None:
-        if kind == "SYNC":
-            for item in obj:
-                self._on_pod("MODIFIED", item)
+        if kind == "SYNC":  # each listed pod came as MODIFIED already
+            return
+        worker = self.spawner.on_pod(obj) if kind != "DELETED" else None
+        if worker is not None:
+            why = _cannot_start(obj)
+            if why:
+                self.spawner.fail(worker, why)
             return
         labels = obj["metadata"].get("labels") or {}
         attempt = self.attempts.get(labels.get("batch.kubernetes.io/job-name") or labels.get("job-name") or "")
         if attempt is None or attempt.done or kind == "DELETED":
             return
         attempt.pod = obj
-        for status in (obj.get("status") or {}).get("containerStatuses") or []:
-            waiting = (status.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in FATAL_WAITING:
-                reason = f"pod {obj['metadata']['name']} cannot start: {waiting['reason']}"
-                if waiting.get("message"):
-                    reason += f": {waiting['message']}"
-                self._spawn(self._delete_job(attempt))
-                self._finish(attempt, reason)
-                return
+        status, name = obj.get("status") or {}, obj["metadata"]["name"]
+        if status.get("phase") in ("Running", "Succeeded", "Failed"):
+            attempt.started = True
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                attempt.waiting = f"pod {name} is {condition.get('reason')}: {condition.get('message', '')}"
+        for container in status.get("containerStatuses") or []:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            why = waiting.get("reason")
+            if why not in FATAL_WAITING and why not in PULLING:
+                continue
+            attempt.waiting = f"pod {name} cannot start: {why}" + (f": {waiting['message']}" if waiting.get("message") else "")
+            if why in PULLING:
+                now = time.monotonic()
+                attempt.pulling_since = attempt.pulling_since or now
+                if now - attempt.pulling_since < self.settings.image_pull_patience:
+                    continue
+                attempt.waiting += f" (still after {self.settings.image_pull_patience:g} s of retries)"
+            self.spawn_task(self._delete_job(attempt))
+            self._finish(attempt, attempt.waiting)
+            return
+        if attempt.started:
+            attempt.waiting, attempt.pulling_since = "", None
+
+    def _on_event(self, kind: str, obj, started: float | None = None) -> None:
+        """A Job's FailedCreate Event: its pod was refused (PodSecurity, a quota, a webhook, a missing
+        ServiceAccount). PodSecurity will not change its mind: the run fails at once; the rest wait
+        for the pending timeout, with the API's message."""
+        if kind in ("SYNC", "DELETED"):
+            return
+        involved = obj.get("involvedObject") or {}
+        attempt = self.attempts.get(involved.get("name") or "")
+        if attempt is None or attempt.done or attempt.started or involved.get("namespace") != attempt.namespace:
+            return
+        attempt.waiting = f"the Job cannot make its pod: {obj.get('message', '')}"
+        if "violates PodSecurity" in (obj.get("message") or ""):
+            self.spawn_task(self._delete_job(attempt))
+            self._finish(attempt, attempt.waiting)
 
     async def _explain_failure(self, attempt: Attempt, condition: dict) -> None:
         """The Job failed: say why, from its pod (termination reason, exit code, log tail)."""
@@ -394,10 +553,21 @@ class KubernetesBackend:
                 pod = max(mine, key=lambda p: p["metadata"].get("creationTimestamp") or "")
         except Exception as exc:
             log.warning("could not read the pods of Job %s: %s", attempt.name, exc)
+        if attempt.done:  # another watch event explained it meanwhile
+            return
+        disruption = pod_disruption(pod) if pod is not None else None
+        if disruption is not None:
+            count = attempt.disruption + 1
+            if count <= MAX_DISRUPTIONS:
+                self.disruptions[attempt.run_id] = count
+                self._finish(attempt, f"evicted: {disruption}; run again, not counted as a retry", "disrupted")
+            else:
+                self._finish(attempt, f"evicted: {disruption} ({count} times in a row: not run again)")
+            return
         parts = []
         if pod is not None:
             parts.append(self._pod_reason(attempt, pod))
-            tail = await self._log_tail(attempt.namespace, pod["metadata"]["name"])
+            tail = await self.log_tail(attempt.namespace, pod["metadata"]["name"])
             if tail.strip():
                 parts.append(f"its log ends with:\n{tail.rstrip()}")
         else:
@@ -417,7 +587,7 @@ class KubernetesBackend:
             return f"pod {pod['metadata']['name']} failed: {status['reason']}: {status.get('message', '')}"
         return f"pod {pod['metadata']['name']} failed (phase {status.get('phase')})"
 
-    async def _log_tail(self, namespace: str, pod: str) -> str:
+    async def log_tail(self, namespace: str, pod: str) -> str:
         try:
             resp = await asyncio.to_thread(self.core.read_namespaced_pod_log, pod, namespace,
                                            tail_lines=self.settings.log_tail_lines, _preload_content=False,
@@ -428,7 +598,18 @@ class KubernetesBackend:
             return ""
 
 
+def _cannot_start(pod: dict) -> str | None:
+    """Why a pool worker's pod will not start by itself (its runs are not leased yet: no patience)."""
+    status = pod.get("status") or {}
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in FATAL_WAITING or waiting.get("reason") == "ImagePullBackOff":
+            return f"pod {pod['metadata']['name']} cannot start: {waiting['reason']}: {waiting.get('message', '')}"
+    return None
+
+
 def create(settings: Settings, token_for, gateway_url: str) -> KubernetesBackend:
     """The registry's factory (``OPBOX_BACKEND=kubernetes``): its own settings are read here, once."""
     return KubernetesBackend(KubernetesSettings.from_env(), gateway_url=gateway_url, token_for=token_for,
-                             cancel_grace=settings.cancel_grace)
+                             cancel_grace=settings.cancel_grace, worker_idle=settings.worker_idle,
+                             pool_idle=settings.pool_idle)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from opbox.errors import ConfigError
 
-from ...settings import env_int, env_json_strings
+from ...settings import env_float, env_int, env_json_strings
 from . import render
 
 
@@ -27,6 +27,15 @@ class KubernetesSettings:
     service_account: str | None = render.DEFAULT_SERVICE_ACCOUNT  # OPBOX_RUNNER_SERVICE_ACCOUNT ("" for none)
     gateway_url: str | None = None  # OPBOX_K8S_GATEWAY_URL: how pods reach the gateway (default OPBOX_PUBLIC_URL)
     max_inflight: int = 200  # OPBOX_K8S_MAX_INFLIGHT: Jobs at once; more runs wait in a queue
+    # OPBOX_K8S_WORKSPACE_INFLIGHT: Jobs at once of one workspace (None: half of max_inflight), so
+    # one workspace's stuck runs cannot hold every slot; free slots go to the workspace with fewest
+    workspace_inflight: int | None = None
+    # OPBOX_K8S_POOL_WORKERS: worker pods at most per job version's pool, which map items go to
+    # (workers.py); 0: a Job per map item, as for single runs
+    pool_workers: int = 50
+    items_per_worker: int = 50  # OPBOX_K8S_ITEMS_PER_WORKER: queued map items per worker pod started
+    pending_timeout: float = 600.0  # OPBOX_K8S_PENDING_TIMEOUT: seconds a run's pod may take to start
+    image_pull_patience: float = 300.0  # OPBOX_K8S_IMAGE_PULL_PATIENCE: seconds of ImagePullBackOff retries
     ttl_after_finished: int = render.DEFAULT_TTL_AFTER_FINISHED  # OPBOX_K8S_TTL_AFTER_FINISHED
     env: dict = field(default_factory=dict, hash=False)  # OPBOX_K8S_ENV: a JSON object of env for every run
     secrets: tuple[str, ...] = ()  # OPBOX_K8S_SECRETS: Secrets (in the workspace namespace) loaded as env
@@ -39,6 +48,14 @@ class KubernetesSettings:
     # deleted (its pods' terminationGracePeriodSeconds); None: the platform's cancel grace
     termination_grace: int | None = None
     log_tail_lines: int = 20  # lines of a failed pod's log put in the run's exit reason
+    # workspace namespaces (namespaces.py) and their pods
+    pod_security: str | None = "restricted"  # OPBOX_K8S_POD_SECURITY: the namespaces' PodSecurity level ("": none)
+    run_as_non_root: bool = True  # OPBOX_K8S_RUN_AS_NON_ROOT: pods run as uid 10001 on a read-only root
+    network_policy: bool = True  # OPBOX_K8S_NETWORK_POLICY: default-deny egress but DNS and the gateway
+    gateway_namespace: str = "opbox-system"  # OPBOX_SYSTEM_NAMESPACE: where the gateway's pods are
+    gateway_port: int = 8000  # OPBOX_K8S_GATEWAY_PORT: the port its pods listen on
+    resource_quota: dict = field(default_factory=dict, hash=False)  # OPBOX_K8S_RESOURCE_QUOTA: spec.hard, JSON
+    limit_range: dict = field(default_factory=dict, hash=False)  # OPBOX_K8S_LIMIT_RANGE: a Container limit, JSON
 
     @classmethod
     def from_env(cls) -> "KubernetesSettings":
@@ -64,6 +81,12 @@ class KubernetesSettings:
             service_account=account or None,
             gateway_url=env.get("OPBOX_K8S_GATEWAY_URL") or None,
             max_inflight=max(1, env_int("OPBOX_K8S_MAX_INFLIGHT", cls.max_inflight)),
+            workspace_inflight=max(1, env_int("OPBOX_K8S_WORKSPACE_INFLIGHT", 0)) if
+            env.get("OPBOX_K8S_WORKSPACE_INFLIGHT") else None,
+            pool_workers=max(0, env_int("OPBOX_K8S_POOL_WORKERS", cls.pool_workers)),
+            items_per_worker=max(1, env_int("OPBOX_K8S_ITEMS_PER_WORKER", cls.items_per_worker)),
+            pending_timeout=max(1.0, env_float("OPBOX_K8S_PENDING_TIMEOUT", cls.pending_timeout)),
+            image_pull_patience=max(0.0, env_float("OPBOX_K8S_IMAGE_PULL_PATIENCE", cls.image_pull_patience)),
             ttl_after_finished=env_int("OPBOX_K8S_TTL_AFTER_FINISHED", cls.ttl_after_finished),
             env=run_env,
             secrets=_csv("OPBOX_K8S_SECRETS"),
@@ -73,11 +96,39 @@ class KubernetesSettings:
             delete_propagation=propagation,
             watch_timeout=max(1, env_int("OPBOX_K8S_WATCH_TIMEOUT", cls.watch_timeout)),
             termination_grace=grace,
+            pod_security=_pod_security(env.get("OPBOX_K8S_POD_SECURITY", cls.pod_security)),
+            run_as_non_root=env.get("OPBOX_K8S_RUN_AS_NON_ROOT", "1") not in ("0", "false", "no"),
+            network_policy=env.get("OPBOX_K8S_NETWORK_POLICY", "1") not in ("0", "false", "no"),
+            gateway_namespace=env.get("OPBOX_SYSTEM_NAMESPACE") or cls.gateway_namespace,
+            gateway_port=env_int("OPBOX_K8S_GATEWAY_PORT", cls.gateway_port),
+            resource_quota=env_json_strings("OPBOX_K8S_RESOURCE_QUOTA", dict),
+            limit_range=_json_object("OPBOX_K8S_LIMIT_RANGE"),
         )
+
+    @property
+    def per_workspace(self) -> int:
+        return self.workspace_inflight or max(1, self.max_inflight // 2)
 
     def namespace(self, workspace: str) -> str:
         return render.check_dns_label(self.namespace_template.replace("{workspace}", workspace),
                                       "namespace (from OPBOX_NAMESPACE_TEMPLATE)")
+
+
+def _pod_security(level: str | None) -> str | None:
+    if level and level not in ("privileged", "baseline", "restricted"):
+        raise ConfigError(f"OPBOX_K8S_POD_SECURITY must be privileged, baseline, restricted or empty, not {level!r}")
+    return level or None
+
+
+def _json_object(name: str) -> dict:
+    raw = os.environ.get(name) or "{}"
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a JSON object, got {raw!r}")
+    return value
 
 
 def api_client(settings: KubernetesSettings):

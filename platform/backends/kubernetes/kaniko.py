@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import secrets
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -165,6 +164,33 @@ def render_kaniko_job(spec: KanikoJobSpec) -> dict:
     return render._load(render.render_text("kaniko-job.yaml.j2", **spec.context()), "kaniko-job")
 
 
+def upload_context(store, context_dir: Path, key: str) -> int:
+    """The build context as a tar.gz streamed to ``key`` in the store (S3: a multipart upload),
+    never written to the gateway's disk: a context with CUDA wheels passes the 2 GiB ``/tmp``
+    emptyDir the gateway has, whose overflow gets the pod evicted. Returns its size."""
+    read_fd, write_fd = os.pipe()
+    written: dict = {}
+
+    def write() -> None:
+        try:
+            with os.fdopen(write_fd, "wb") as out:
+                written["size"] = write_context_archive(context_dir, out)
+        except BaseException as exc:  # the upload then ends early: say why, below
+            written["error"] = exc
+
+    writer = threading.Thread(target=write, name="opbox-kaniko-context", daemon=True)
+    writer.start()
+    try:
+        with os.fdopen(read_fd, "rb") as stream:
+            store.put_stream(key, stream)
+    finally:
+        writer.join()
+    if "error" in written:  # the object is a truncated archive: it goes
+        store.delete(key)
+        raise BuildError(f"could not pack the build context {context_dir}: {written['error']}")
+    return written["size"]
+
+
 def s3_env(location: dict, endpoint_override: str | None = None) -> dict[str, str]:
     """The environment kaniko's S3 client reads to fetch ``location`` (from ``S3Store.location``)."""
     env = {"AWS_REGION": location.get("region") or "us-east-1"}
@@ -221,10 +247,7 @@ class KanikoBuilder:
             raise BuildError(f"no Dockerfile in {context_dir}")
         name = f"opbox-build-{hashlib.sha256(tag.encode()).hexdigest()[:12]}-{secrets.token_hex(3)}"
         key = f"builds/{name}.tar.gz"
-        with tempfile.TemporaryDirectory(prefix="opbox-kaniko-") as tmp:
-            archive = Path(tmp) / "context.tar.gz"
-            size = write_context_archive(context_dir, archive)
-            self.store.put_file(key, archive)
+        size = upload_context(self.store, context_dir, key)
         lines: list[str] = []
 
         def record(line: str) -> None:

@@ -1,20 +1,26 @@
 """Services (classes, ASGI apps) on a cluster: one ``serving.knative.dev/v1`` Service each.
 
-    deploy_service  -> a Secret with the service's token, then the Service rendered by
-                       ``render.render_service`` created, or replaced (resourceVersion from a
-                       read) when it exists: Knative rolls out the new revision and shifts
-                       traffic once it is ready
-    a watch         -> the Services' ``Ready`` condition (list + watch, as for Jobs): ready when
-                       Ready=True for the current generation, failed when Ready=False with a reason
-    endpoints       -> ``[status.url]``: Knative routes and scales (its activator holds calls
-                       while a service scaled to zero starts again)
+    deploy_service  -> refused at once when Knative's webhook would refuse it (concurrency above
+                       1000, scale_to_zero above 1 h); a Secret with the service's token, then the
+                       Service rendered by ``render.render_service`` created, or when it exists
+                       merge-patched (patch.py; a PUT would drop the creator annotation Knative's
+                       webhook guards): Knative rolls out the new revision and shifts traffic once
+                       it is ready. A refusal is a ``ClusterRefused`` with the API's message.
+    a watch         -> the Services' status (list + watch, as for Jobs), read as two things:
+                       serving (RoutesReady=True with a ready revision: calls go to it) and the
+                       rollout of the current generation (Ready Unknown: in progress, True: done,
+                       False: failed while the previous revision goes on serving)
+    endpoints       -> ``[status.url]`` whenever a ready revision serves: Knative routes and scales
+                       (its activator holds calls while a service scaled to zero starts again)
     delete_service  -> delete the Service (its revisions and pods go with it)
     logs            -> the logs of the Service's pods (label serving.knative.dev/service), container
                        ``opbox`` only (not Knative's queue-proxy), oldest revision first, each pod's
                        read bounded by tailLines and limitBytes
 
-The constructor's arguments travel base64-encoded in OPBOX_INIT_B64 (an env var: a Service
-template has no other per-service data channel; the args envelope is small).
+The constructor's arguments are fetched by each replica from the gateway
+(``OPBOX_INIT_URL``, with the service's token, checked against ``OPBOX_INIT_SHA256``): an env var
+cannot carry them (Linux caps one at 128 KiB, E2BIG), nor etcd beyond ~1.5 MB, and opbox allows
+64 MiB. The digest is in the pod template, so new arguments make a new revision.
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ import asyncio
 import functools
 import logging
 
-from opbox.errors import NotFound, ServiceFailed, Unavailable
+from opbox.errors import ClusterRefused, NotFound, ServiceFailed, Unavailable, ValidationError
 
 from ..base import ServiceInfo
 from ..runtime_env import runtime_env
 from . import render
 from .config import api_error
+from .patch import redeploy_patch
 from .watch import Watcher
 
 log = logging.getLogger("opbox.kubernetes")
@@ -36,6 +43,27 @@ log = logging.getLogger("opbox.kubernetes")
 GROUP, VERSION, PLURAL = "serving.knative.dev", "v1", "services"
 CONTAINER = "opbox"  # the user container's name in templates/kubernetes/knative-service.yaml.j2
 LINE_GUESS = 100  # bytes a log line is assumed to take when asking for the last lines of a pod's log
+# What Knative's validating webhook allows (knative/serving pkg/apis/config/defaults.go
+# DefaultMaxRevisionContainerConcurrency; pkg/apis/autoscaling/register.go WindowMax, which bounds
+# scale-to-zero-pod-retention-period in annotation_validation.go validateLastPodRetention)
+MAX_CONCURRENCY = 1000
+MAX_SCALE_TO_ZERO = 3600.0
+
+
+def check_limits(info: ServiceInfo) -> None:
+    """``ValidationError`` for what Knative would refuse, said in opbox's terms."""
+    if info.concurrency > MAX_CONCURRENCY:
+        raise ValidationError(f"concurrency {info.concurrency} is more than Knative allows: at most {MAX_CONCURRENCY} "
+                              "calls at once per replica (its containerConcurrency) on the kubernetes backend")
+    if info.scale_to_zero is not None and info.scale_to_zero > MAX_SCALE_TO_ZERO:
+        raise ValidationError(f"scale_to_zero {info.scale_to_zero:g} s is more than Knative allows: at most "
+                              f"{MAX_SCALE_TO_ZERO:g} s (1 h, its scale-to-zero-pod-retention-period) on the "
+                              "kubernetes backend")
+
+
+def init_path(info: ServiceInfo) -> str:
+    """Where a replica fetches the constructor's arguments (gateway/routes_serve.py service_init)."""
+    return f"/_internal/services/{info.workspace}/{info.name}/init"
 
 
 class KnativeServices:
@@ -57,7 +85,8 @@ class KnativeServices:
 
     def _spec(self, info: ServiceInfo, namespace: str, token_secret: str) -> render.ServiceSpec:
         version, settings = info.version, self.backend.settings
-        env = {**settings.env, **runtime_env(version, in_image=True, serve=info, init_inline=True)}
+        init_url = self.backend.gateway_url.rstrip("/") + init_path(info)
+        env = {**settings.env, **runtime_env(version, in_image=True, serve=info, init_url=init_url)}
         retention = None
         if info.scale_to_zero is not None:
             retention = f"{max(0, int(info.scale_to_zero))}s"
@@ -69,12 +98,13 @@ class KnativeServices:
             image_pull_secrets=settings.image_pull_secrets, image_pull_policy=settings.image_pull_policy,
             gpu_label_key=settings.gpu_label_key, min_scale=0 if info.scale_to_zero is not None else info.replicas,
             max_scale=max(info.replicas, 1), container_concurrency=info.concurrency,
-            scale_to_zero_retention=retention,
+            scale_to_zero_retention=retention, run_as_non_root=settings.run_as_non_root,
         )
 
     async def deploy(self, info: ServiceInfo, wait: float) -> dict:
         from kubernetes.client.exceptions import ApiException
 
+        check_limits(info)
         backend = self.backend
         namespace = backend.settings.namespace(info.workspace)
         await backend.ensure_namespace(namespace)
@@ -85,23 +115,37 @@ class KnativeServices:
         secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                   "metadata": {"name": token_secret, "namespace": namespace, "labels": spec.labels()},
                   "stringData": {"token": backend.token_for(f"service:{info.key}")}}
-        await backend.call(backend.core.create_namespaced_secret, namespace, secret, conflict_ok=True)
+        previous = (self.services.get(info.key) or {}).get("info")
         entry = self.services.setdefault(info.key, {"changed": asyncio.Event()})
         entry.update(info=info, namespace=namespace, name=name, error=None)
         try:
-            created = await backend.call(backend.custom.create_namespaced_custom_object, GROUP, VERSION, namespace,
-                                          PLURAL, manifest)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            current = await backend.call(backend.custom.get_namespaced_custom_object, GROUP, VERSION, namespace,
-                                          PLURAL, name)
-            manifest["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-            created = await backend.call(backend.custom.replace_namespaced_custom_object, GROUP, VERSION,
-                                          namespace, PLURAL, name, manifest)
+            await backend.call(backend.core.create_namespaced_secret, namespace, secret, conflict_ok=True)
+            try:
+                created = await backend.call(backend.custom.create_namespaced_custom_object, GROUP, VERSION,
+                                              namespace, PLURAL, manifest)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                current = await backend.call(backend.custom.get_namespaced_custom_object, GROUP, VERSION,
+                                              namespace, PLURAL, name)
+                created = await backend.call(backend.custom.patch_namespaced_custom_object, GROUP, VERSION,
+                                              namespace, PLURAL, name, redeploy_patch(current, manifest))
+        except ApiException as exc:  # nothing changed: the service is as it was (or unknown)
+            if previous is None:
+                self.services.pop(info.key, None)
+            else:
+                entry["info"] = previous
+            raise ClusterRefused(f"the cluster refused Knative Service {namespace}/{name}: {api_error(exc)}",
+                                 status=exc.status) from None
         entry["generation"] = created["metadata"].get("generation", 1)
         entry.setdefault("object", created)
-        await self._wait(entry, lambda: self._state(entry) != "deploying", wait)
+        await self._wait(entry, lambda: self._rollout(entry)[0] != "in_progress", wait)
+        state, condition = self._rollout(entry)
+        if state == "failed":
+            raise ServiceFailed(f"Knative Service {namespace}/{name} could not roll out version "
+                                f"{info.version.version}: {_why(condition)}"
+                                + ("; the previous revision goes on serving" if self._serving(entry) else ""),
+                                cause={"reason": condition.get("reason"), "message": condition.get("message")})
         return self.status(info.key)
 
     async def _wait(self, entry: dict, done, wait: float) -> None:
@@ -115,31 +159,44 @@ class KnativeServices:
                 return
 
     def _on_service(self, kind: str, obj, started: float | None = None) -> None:
-        items = obj if kind == "SYNC" else [obj]
-        for item in items:
-            meta = item["metadata"]
-            for entry in self.services.values():
-                if entry.get("name") == meta["name"] and entry.get("namespace") == meta.get("namespace"):
-                    if kind == "DELETED":
-                        entry["object"] = None
-                    else:
-                        entry["object"] = item
-                    entry["changed"].set()
-                    entry["changed"] = asyncio.Event()
+        if kind == "SYNC":  # every object listed came as MODIFIED already
+            return
+        meta = obj["metadata"]
+        for entry in self.services.values():
+            if entry.get("name") == meta["name"] and entry.get("namespace") == meta.get("namespace"):
+                entry["object"] = None if kind == "DELETED" else obj
+                if self._rollout(entry)[0] == "complete":
+                    entry["serving"] = entry["info"]  # the version calls reach, until a rollout completes
+                entry["changed"].set()
+                entry["changed"] = asyncio.Event()
 
-    def _ready(self, entry: dict) -> tuple[str | None, dict | None]:
-        obj = entry.get("object") or {}
-        status = obj.get("status") or {}
+    @staticmethod
+    def _conditions(entry: dict) -> dict[str, dict]:
+        status = (entry.get("object") or {}).get("status") or {}
+        return {c.get("type"): c for c in status.get("conditions") or []}
+
+    def _serving(self, entry: dict) -> str | None:
+        """The URL calls go to, when a ready revision serves (RoutesReady=True): during a rollout and
+        after a failed one that is the previous revision (Knative's service_lifecycle.go)."""
+        status = (entry.get("object") or {}).get("status") or {}
+        routes = self._conditions(entry).get("RoutesReady") or {}
+        if routes.get("status") == "True" and status.get("latestReadyRevisionName") and status.get("url"):
+            return status["url"]
+        return None
+
+    def _rollout(self, entry: dict) -> tuple[str, dict]:
+        """The rollout of the generation opbox last wrote: in_progress, complete or failed (with the
+        Ready condition that says why)."""
+        status = (entry.get("object") or {}).get("status") or {}
         if status.get("observedGeneration", 0) < entry.get("generation", 1):
-            return None, None
-        for condition in status.get("conditions") or []:
-            if condition.get("type") == "Ready":
-                return condition.get("status"), condition
-        return None, None
+            return "in_progress", {}
+        ready = self._conditions(entry).get("Ready") or {}
+        return {"True": "complete", "False": "failed"}.get(ready.get("status"), "in_progress"), ready
 
     def _state(self, entry: dict) -> str:
-        ready, _ = self._ready(entry)
-        return {"True": "ready", "False": "failed"}.get(ready or "", "deploying")
+        if self._serving(entry):
+            return "ready"
+        return "failed" if self._rollout(entry)[0] == "failed" else "deploying"
 
     async def delete(self, key: str) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -161,25 +218,28 @@ class KnativeServices:
     async def endpoints(self, key: str, wait: float) -> list[str]:
         entry = self._entry(key)
         await self._wait(entry, lambda: self._state(entry) != "deploying", wait)
-        state = self._state(entry)
+        url = self._serving(entry)
+        if url:  # with the service's token as userinfo: the proxy sends it, the replica checks it
+            token = self.backend.token_for(f"service:{key}")
+            return [url.replace("://", f"://opbox:{token}@", 1)]
+        state, condition = self._rollout(entry)
         if state == "failed":
-            _, condition = self._ready(entry)
-            raise ServiceFailed(f"Knative Service {entry['namespace']}/{entry['name']} is not ready: "
-                                f"{condition.get('reason')}: {condition.get('message', '')}")
-        url = ((entry.get("object") or {}).get("status") or {}).get("url")
-        return [url] if state == "ready" and url else []
+            raise ServiceFailed(f"Knative Service {entry['namespace']}/{entry['name']} is not ready: {_why(condition)}")
+        return []
 
     def status(self, key: str) -> dict:
         entry = self._entry(key)
-        obj = entry.get("object") or {}
-        _, condition = self._ready(entry)
+        status = (entry.get("object") or {}).get("status") or {}
         state = self._state(entry)
+        rollout, condition = self._rollout(entry)
         info: ServiceInfo = entry["info"]
-        return {"status": state, "version": info.version.version, "latest_version": info.version.version,
-                "url": (obj.get("status") or {}).get("url"), "knative_service": f"{entry['namespace']}/{entry['name']}",
-                "revision": (obj.get("status") or {}).get("latestReadyRevisionName"),
-                "error": None if state != "failed" or condition is None else
-                {"reason": condition.get("reason"), "message": condition.get("message")}}
+        error = {"reason": condition.get("reason"), "message": condition.get("message")} if rollout == "failed" else None
+        serving: ServiceInfo = entry.get("serving") or info
+        return {"status": state, "version": serving.version.version, "latest_version": info.version.version,
+                "url": status.get("url"), "knative_service": f"{entry['namespace']}/{entry['name']}",
+                "revision": status.get("latestReadyRevisionName"),
+                "rollout": {"state": rollout, "revision": status.get("latestCreatedRevisionName"), "error": error},
+                "error": error if state == "failed" else None}
 
     async def logs(self, key: str, limit: int) -> str:
         """What the Service's pods printed: the user container's log of each pod (Knative's
@@ -246,8 +306,13 @@ class KnativeServices:
         return data.decode(errors="replace")
 
     def describe(self, workspace: str) -> list[dict]:
-        return [{"service": key, "status": self._state(e), "knative_service": f"{e['namespace']}/{e['name']}"}
+        return [{"service": key, "status": self._state(e), "rollout": self._rollout(e)[0],
+                 "knative_service": f"{e['namespace']}/{e['name']}"}
                 for key, e in self.services.items() if key.startswith(f"{workspace}/")]
+
+
+def _why(condition: dict) -> str:
+    return f"{condition.get('reason')}: {condition.get('message', '')}"
 
 
 def _pod_order(pod: dict) -> tuple:

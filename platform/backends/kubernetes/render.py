@@ -35,6 +35,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_GPU_LABEL_KEY = "nvidia.com/gpu.product"
 DEFAULT_SERVICE_ACCOUNT = "opbox-runner"
 DEFAULT_TTL_AFTER_FINISHED = 3600
+RUN_AS_USER = 10001  # the uid of non-root pods (the gateway's too)
 # Knative names revisions "<service>-00001"; keep that within a 63-character label.
 MAX_SERVICE_NAME = 56
 # Env the platform sets itself; users may not override it.
@@ -115,12 +116,13 @@ def service_name(name: str) -> str:
     return f"{cleaned}-{_digest(name)}"
 
 
-def job_name(run_id: str, attempt: int = 0) -> str:
+def job_name(run_id: str, attempt: int = 0, disruption: int = 0) -> str:
     """The Job of a Job-Run's attempt: ``opbox-run-<run id lowercased>`` (``.`` of map items as
-    ``-``), with ``-a<N>`` for retries: each attempt is a Job of its own."""
+    ``-``), with ``-a<N>`` for retries: each attempt is a Job of its own; and ``-d<N>`` when it is
+    run again after its pod was disrupted (evicted, its node lost)."""
     if not isinstance(run_id, str) or not run_id:
         raise ValidationError(f"run id {run_id!r}: expected a non-empty string")
-    suffix = f"-a{attempt}" if attempt else ""
+    suffix = (f"-a{attempt}" if attempt else "") + (f"-d{disruption}" if disruption else "")
     return check_dns_label(f"opbox-run-{run_id.lower().replace('.', '-')}{suffix}", "Job name (from the run id)")
 
 
@@ -230,7 +232,10 @@ class WorkloadSpec:
     image_pull_secrets: tuple[str, ...] = ()
     image_pull_policy: str | None = None
     gpu_label_key: str = DEFAULT_GPU_LABEL_KEY
+    # the pod as PodSecurity "restricted" wants it: a non-root uid (whatever the image's user), a
+    # read-only root filesystem and a writable /tmp emptyDir (HOME too, for libraries' caches)
     run_as_non_root: bool = False
+    run_as_user: int = RUN_AS_USER
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -268,6 +273,7 @@ class WorkloadSpec:
         if self.image_pull_policy is not None and self.image_pull_policy not in _PULL_POLICIES:
             raise ValidationError(f"image_pull_policy {self.image_pull_policy!r}: expected one of {_PULL_POLICIES}")
         check_label_key(self.gpu_label_key, "gpu_label_key")
+        _positive_int(self.run_as_user, "run_as_user")
         for name, value in self.user_env.items():
             if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
                 raise ValidationError(
@@ -300,7 +306,8 @@ class WorkloadSpec:
             "namespace": self.namespace,
             "image": self.image,
             "image_pull_policy": self.image_pull_policy,
-            "env": list({**self.platform_env(), **self.user_env}.items()),
+            "env": list({**self.platform_env(), **({"HOME": "/tmp"} if self.run_as_non_root else {}),
+                         **self.user_env}.items()),
             "token_secret": self.token_secret,
             "token_secret_key": self.token_secret_key,
             "secrets": list(self.secrets),
@@ -309,6 +316,7 @@ class WorkloadSpec:
             "resource": self.resource,
             "gpu_label_key": self.gpu_label_key,
             "run_as_non_root": self.run_as_non_root,
+            "run_as_user": self.run_as_user,
         }
 
 
@@ -319,6 +327,7 @@ class JobSpec(WorkloadSpec):
     run_id: str
     ttl_seconds_after_finished: int | None = DEFAULT_TTL_AFTER_FINISHED
     attempt: int = 0  # the platform's attempt number: part of the Job's name and labels
+    disruption: int = 0  # times this attempt's pod was disrupted before (evicted, its node lost): part of the name
     backoff_limit: int | None = None  # None: resource.max_retries (the kubernetes backend sets 0: it retries itself)
     # the pod's terminationGracePeriodSeconds: SIGTERM, then SIGKILL this many seconds later when
     # the Job is deleted (cancel) or its deadline passes; None: Kubernetes' default (30 s)
@@ -331,13 +340,14 @@ class JobSpec(WorkloadSpec):
             _positive_int(self.backoff_limit, "backoff_limit", zero=True)
         if self.termination_grace_period_seconds is not None:
             _positive_int(self.termination_grace_period_seconds, "termination_grace_period_seconds", zero=True)
-        job_name(self.run_id, self.attempt)
+        _positive_int(self.disruption, "disruption", zero=True)
+        job_name(self.run_id, self.attempt, self.disruption)
         if self.ttl_seconds_after_finished is not None:
             _positive_int(self.ttl_seconds_after_finished, "ttl_seconds_after_finished", zero=True)
 
     @property
     def name(self) -> str:
-        return job_name(self.run_id, self.attempt)
+        return job_name(self.run_id, self.attempt, self.disruption)
 
     def labels(self) -> dict[str, str]:
         return {**super().labels(), "opbox.dev/run": label_value(self.run_id), "opbox.dev/attempt": str(self.attempt)}
@@ -354,6 +364,51 @@ class JobSpec(WorkloadSpec):
             "command": list(self.command or ("python", "-m", "opbox.runtime", "run", "--run-id", self.run_id)),
             "backoff_limit": self.resource.max_retries if self.backoff_limit is None else self.backoff_limit,
             "active_deadline_seconds": None if timeout is None else max(1, math.ceil(timeout)),
+            "ttl_seconds_after_finished": self.ttl_seconds_after_finished,
+            "termination_grace_period_seconds": self.termination_grace_period_seconds,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSpec(WorkloadSpec):
+    """A warm worker of a job version's pool, as a batch/v1 Job of one pod running
+    ``python -m opbox.runtime worker``: it pulls map items from the gateway until the pool lets
+    it go (it exits 0, the Job completes). Its token (its own, as every worker's) comes from
+    ``token_secret``; run timeouts are the pool's, so the Job has no deadline."""
+
+    pool_id: str  # the version's key, "<job id>.v<N>"
+    worker_id: str
+    nonce: str = ""  # made part of the name: worker ids restart with the gateway, Job names must not
+    ttl_seconds_after_finished: int | None = DEFAULT_TTL_AFTER_FINISHED
+    termination_grace_period_seconds: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for what in ("pool_id", "worker_id"):
+            if not isinstance(getattr(self, what), str) or not getattr(self, what):
+                raise ValidationError(f"{what}: expected a non-empty string")
+        check_dns_label(self.name, "worker Job name")
+
+    @property
+    def name(self) -> str:
+        name = re.sub(r"[^a-z0-9-]+", "-", f"{self.worker_id}-{self.nonce}".lower()).strip("-")
+        return f"opbox-worker-{name}"
+
+    def labels(self) -> dict[str, str]:
+        return {**super().labels(), "opbox.dev/pool": label_value(self.pool_id),
+                "opbox.dev/worker": label_value(self.worker_id)}
+
+    def platform_env(self) -> dict[str, str]:
+        return {**super().platform_env(), "OPBOX_POOL": self.pool_id, "OPBOX_WORKER_ID": self.worker_id}
+
+    def context(self) -> dict[str, Any]:
+        return {
+            **super().context(),
+            "name": self.name,
+            "labels": self.labels(),
+            "command": list(self.command or ("python", "-m", "opbox.runtime", "worker")),
+            "backoff_limit": 0,
+            "active_deadline_seconds": None,
             "ttl_seconds_after_finished": self.ttl_seconds_after_finished,
             "termination_grace_period_seconds": self.termination_grace_period_seconds,
         }
@@ -447,6 +502,11 @@ def _load(text: str, what: str) -> dict:
 
 def render_job(spec: JobSpec) -> dict:
     """The batch/v1 Job of one Job-Run."""
+    return _load(render_text("job.yaml.j2", **spec.context()), "job")
+
+
+def render_worker(spec: WorkerSpec) -> dict:
+    """The batch/v1 Job of one warm pool worker (the Job-Run template, the worker's command)."""
     return _load(render_text("job.yaml.j2", **spec.context()), "job")
 
 

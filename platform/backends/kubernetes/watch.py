@@ -1,14 +1,16 @@
 """A list-then-watch loop over one kind of object, in a thread, handing events to the event loop.
 
-    list (a resync: every object, and the resourceVersion to watch from)
+    list (a resync: every object, a page of ``page`` at a time with ``limit`` / ``continue``, so a
+    relist of 100k objects is not one response; and the resourceVersion to watch from)
     watch from that resourceVersion (bookmarks keep it fresh) until the server ends the stream,
     then watch again from the last resourceVersion seen;
     on ``410 Gone`` (the version is too old: the server compacted its history) list again;
     on any other error (connection reset, API server restarting) wait a little and reconnect.
 
 Events arrive as ``deliver(type, object)`` with plain dicts (the JSON the API server sent);
-a resync arrives as ``deliver("SYNC", items, started)`` where ``started`` is the monotonic
-time the list was asked for (objects made after it may be missing from ``items``).
+a resync delivers each listed object as ``MODIFIED`` as its page arrives, then
+``deliver("SYNC", present, started)``: the (namespace, name) of every object listed, and the
+monotonic time the list was asked for (objects made after it may be missing from ``present``).
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ log = logging.getLogger("opbox.kubernetes")
 
 
 class Watcher:
-    def __init__(self, what: str, list_fn: Callable, deliver: Callable, *, label_selector: str,
-                 timeout: int = 300, max_delay: float = 10.0):
+    def __init__(self, what: str, list_fn: Callable, deliver: Callable, *, label_selector: str | None = None,
+                 field_selector: str | None = None, timeout: int = 300, max_delay: float = 10.0, page: int = 500):
         self.what = what
         self.list_fn = list_fn
         self.deliver = deliver
-        self.label_selector = label_selector
+        self.selectors = {k: v for k, v in (("label_selector", label_selector), ("field_selector", field_selector)) if v}
+        self.page = page
         self.timeout = timeout
         self.max_delay = max_delay
         self.resource_version: str | None = None
@@ -58,14 +61,25 @@ class Watcher:
 
     def _list(self) -> None:
         started = time.monotonic()
-        resp = self.list_fn(label_selector=self.label_selector, _preload_content=False, _request_timeout=60)
-        data = json.loads(resp.data)
-        self.resource_version = data["metadata"]["resourceVersion"]
+        present, token = set(), None
+        while True:  # a 410 on a page (its continue token expired) propagates: the loop lists again
+            resp = self.list_fn(**self.selectors, limit=self.page, _continue=token, _preload_content=False,
+                                _request_timeout=60)
+            data = json.loads(resp.data)
+            for item in data.get("items") or []:
+                present.add((item["metadata"].get("namespace"), item["metadata"]["name"]))
+                self.deliver("MODIFIED", item)
+            if token is None:  # every page is of the first page's snapshot
+                version = data["metadata"]["resourceVersion"]
+            token = data["metadata"].get("continue")
+            if not token:
+                break
+        self.resource_version = version
         self.relists += 1
-        self.deliver("SYNC", data.get("items") or [], started)
+        self.deliver("SYNC", present, started)
 
     def _watch(self) -> None:
-        resp = self.list_fn(label_selector=self.label_selector, watch=True, resource_version=self.resource_version,
+        resp = self.list_fn(**self.selectors, watch=True, resource_version=self.resource_version,
                             allow_watch_bookmarks=True, timeout_seconds=self.timeout, _preload_content=False,
                             _request_timeout=(10, self.timeout + 30))
         self._resp = resp

@@ -87,6 +87,10 @@ class SqliteRuns:
             "SELECT run_id, attempt, status, started_at, finished_at, reason, error_type, log_seq FROM attempts "
             "WHERE run_id = ? ORDER BY attempt", (run_id,))]
 
+    def requeue(self, run_id: str, reason: str) -> None:
+        self.db.execute("UPDATE runs SET status = 'queued', exit_reason = ?, started_at = NULL, worker = NULL "
+                        "WHERE id = ? AND status IN ('queued', 'running')", (reason, run_id))
+
     def finish(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
                result: Payload) -> tuple[RunRecord, bool]:
         complete = False

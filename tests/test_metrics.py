@@ -113,3 +113,19 @@ def test_off_unless_configured(plat):
     resp = httpx.get(plat.url + "/metrics", headers={"Authorization": f"Bearer {plat.token}"})
     assert resp.status_code == 403 and "none is set: set OPBOX_METRICS_TOKEN" in resp.json()["message"]
     assert httpx.get(plat.url + "/metrics", headers={"Authorization": "Bearer guess"}).status_code == 401
+
+
+def test_the_grafana_dashboard_charts_metrics_the_gateway_exports(mplat, activity):
+    """Every metric the shipped dashboard queries is one a real gateway exports (by its exposed name)."""
+    import json
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parent.parent / "manifests" / "monitoring" / "grafana-dashboard.json")
+                           .read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\b(opbox_[a-z_]+)", e)}
+    text = httpx.get(mplat.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=30).text
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    exported = {family.name + suffix for family in text_string_to_metric_families(text)  # declared, samples or not
+                for suffix in suffixes.get(family.type, ("",))}
+    assert len(used) >= 12 and used <= exported, used - exported

@@ -29,12 +29,16 @@ def _pickle_header(kind: str) -> dict:
     return {"kind": kind, "fmt": "cloudpickle", "python": PYTHON, "cloudpickle": cloudpickle_version()}
 
 
-def dump_args(args: tuple = (), kwargs: dict | None = None) -> bytes:
+def dump_args(args: tuple = (), kwargs: dict | None = None, stream: bool = False) -> bytes:
+    """An args envelope; ``stream``: the call streams its generator's items (``remote_gen``)."""
     try:
         body = _cloudpickle().dumps((tuple(args), dict(kwargs or {})), protocol=5)
     except Exception as exc:
         raise SerializationError(f"arguments could not be pickled: {type(exc).__name__}: {exc}") from exc
-    return pack(_pickle_header(ARGS), body)
+    header = _pickle_header(ARGS)
+    if stream:
+        header["stream"] = True
+    return pack(header, body)
 
 
 def dump_result(value) -> bytes:
@@ -103,12 +107,18 @@ def load_body(header: dict, body) -> object:
         ) from exc
 
 
-def load_args(data: bytes) -> tuple[tuple, dict]:
+def load_call(data: bytes) -> tuple[tuple, dict, bool]:
+    """An args envelope's arguments, and whether the call streams its items."""
     header, body = unpack(data)
     if header["kind"] != ARGS:
         raise SerializationError(f"expected an args envelope, got {header['kind']!r}")
     value = load_body(header, body)
     if header.get("fmt") == "json":
-        return tuple(value.get("args") or ()), dict(value.get("kwargs") or {})
+        return tuple(value.get("args") or ()), dict(value.get("kwargs") or {}), False
     args, kwargs = value
+    return args, kwargs, header.get("stream", False)
+
+
+def load_args(data: bytes) -> tuple[tuple, dict]:
+    args, kwargs, _ = load_call(data)
     return args, kwargs

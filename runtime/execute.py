@@ -72,6 +72,12 @@ async def collect(values) -> list:
     return [value async for value in values]
 
 
+async def ship_all(values, ship) -> None:
+    """Each of an async generator's values to ``ship``, as it is yielded."""
+    async for value in values:
+        ship(value)
+
+
 class Executor:
     """Runs calls of one entry point. ``preload`` imports it ahead of the first run; an import
     error is kept and fails each run with its traceback (the worker does not crash-loop)."""
@@ -108,21 +114,36 @@ class Executor:
         except Exception as exc:
             self.import_error = exc
 
-    def __call__(self, args_payload: bytes) -> tuple[str, bytes]:
+    def stream(self, value, ship) -> int:
+        """A streaming call (``remote_gen``): the generator's values shipped as items; the result is their count."""
+        if isinstance(value, types.GeneratorType):
+            for item in value:
+                ship(item)
+        elif isinstance(value, types.AsyncGeneratorType):
+            self.settle(ship_all(value, ship))
+        else:
+            raise TypeError(f"remote_gen streams the values of a generator function; {self.entry} returned "
+                            f"{type(value).__name__}, not a generator: call it with f(...) instead")
+        return ship.count
+
+    def __call__(self, args_payload: bytes, ship=None) -> tuple[str, bytes]:
+        """One call; ``ship`` sends a streaming call's items (see ``items.ItemShipper``)."""
         try:
             if self.target is None:
                 if self.import_error is not None:
                     exc, self.import_error = self.import_error, None
                     raise exc
                 self.target = load_target(self.entry, self.code_dir)
-            args, kwargs = serialization.load_args(args_payload)
+            args, kwargs, streams = serialization.load_call(args_payload)
         except SerializationError as exc:
             return "failed", serialization.dump_error(exc, "")
         except Exception as exc:
             return "failed", serialization.dump_error(exc, _user_traceback(exc, 1))
         try:
             value = self.target(*args, **kwargs)
-            if isinstance(value, _DEFERRED):
+            if streams and ship is not None:
+                value = self.stream(value, ship)
+            elif isinstance(value, _DEFERRED):
                 value = self.settle(value)
         except Exception as exc:
             return "failed", serialization.dump_error(exc, _user_tb(exc))

@@ -18,6 +18,7 @@ from opbox.errors import OpboxError
 
 from ..core import Platform
 from . import routes_internal as internal
+from . import routes_items as items
 from . import routes_jobs as jobs
 from . import routes_runs as runs
 from . import routes_serve as serve
@@ -103,6 +104,8 @@ ROUTES = [
     Route(W + "/runs/{run}/result", runs.get_result),
     Route(W + "/runs/{run}/logs", runs.get_logs),
     Route(W + "/runs/{run}/cancel", runs.cancel_run, methods=["POST"]),
+    Route(W + "/runs/{run}/items", items.stream_items),
+    Route(W + "/runs/{run}/items/{seq}", items.get_item),
     Route(W + "/tokens", runs.list_tokens),
     Route(W + "/tokens", runs.create_token, methods=["POST"]),
     Route(W + "/tokens/{token}", runs.revoke_token, methods=["DELETE"]),
@@ -117,6 +120,8 @@ ROUTES = [
     Route("/_internal/runs/{run}/args", internal.run_args, include_in_schema=False),
     Route("/_internal/runs/{run}/logs", internal.run_logs, methods=["POST"], include_in_schema=False),
     Route("/_internal/runs/{run}/result", internal.run_result, methods=["POST"], include_in_schema=False),
+    Route("/_internal/pools/{pool}/runs/{run}/items", internal.worker_items, methods=["POST"], include_in_schema=False),
+    Route("/_internal/runs/{run}/items", internal.run_items, methods=["POST"], include_in_schema=False),
 ]
 
 

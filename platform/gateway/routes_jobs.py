@@ -15,7 +15,8 @@ from opbox.errors import BadRequest, BuildError, OpboxError, ValidationError
 
 from ..records.base import TERMINAL, RunRecord, StoredPayload
 from .http import json_body, ok, payload_response, query_number, read_body, read_payload
-from .render import SHUTTING_DOWN_LINE, batch_json, job_json, run_json, version_json
+from .follow import follow_ndjson
+from .render import batch_json, job_json, run_json, version_json
 
 _FRAME = struct.Struct(">I")
 
@@ -374,31 +375,16 @@ async def batch_results(request: Request):
     runs.batch(ws, batch_id)
     after = query_number(request, "after", 0, 0, 10**12, int)
 
-    async def stream():
-        nonlocal after
-        while True:
-            rows = runs.batch_results(batch_id, after)
-            if rows:
-                out = []
-                for r in rows:
-                    line = {"index": r.index, "run_id": r.run_id, "status": r.status, "seq": r.seq,
-                            "exit_reason": r.exit_reason}
-                    if r.payload is None:
-                        line["expired"] = True  # kept past its retention: the record stays, the result is gone
-                    elif isinstance(r.payload, StoredPayload):  # large: read it from the run's result route
-                        line["stored"], line["size"] = True, r.payload.size
-                    else:
-                        line["payload"] = base64.b64encode(r.payload).decode()
-                    out.append(json.dumps(line))
-                after = rows[-1].seq
-                yield "\n".join(out) + "\n"
-                continue
-            if runs.batch_over(batch_id, after):
-                return
-            if runs.notifier.closing:  # the SDK reconnects from `after` once a gateway answers again
-                yield SHUTTING_DOWN_LINE
-                return
-            if not await runs.notifier.wait(f"batch:{batch_id}", 15.0):
-                yield '{"heartbeat": true}\n'
+    def render(r) -> tuple[int, dict]:
+        line = {"index": r.index, "run_id": r.run_id, "status": r.status, "seq": r.seq, "exit_reason": r.exit_reason}
+        if r.payload is None:
+            line["expired"] = True  # kept past its retention: the record stays, the result is gone
+        elif isinstance(r.payload, StoredPayload):  # large: read it from the run's result route
+            line["stored"], line["size"] = True, r.payload.size
+        else:
+            line["payload"] = base64.b64encode(r.payload).decode()
+        return r.seq, line
 
-    return StreamingResponse(stream(), media_type="application/x-ndjson")
+    return follow_ndjson(after, lambda a: runs.batch_results(batch_id, a), render,
+                         lambda a: "" if runs.batch_over(batch_id, a) else None,
+                         lambda: runs.notifier.wait(f"batch:{batch_id}", 15.0), lambda: runs.notifier.closing)

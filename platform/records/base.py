@@ -225,6 +225,22 @@ class UsageRecords(Protocol):
     def add(self, workspace: str, delta: int) -> None: ...
 
 
+class ItemRecords(Protocol):
+    """A streaming run's items, numbered from 1 in the order its generator yielded them."""
+
+    def add(self, run_id: str, workspace: str, seq: int, item: Payload) -> bool:
+        """Item ``seq`` and its bytes in the workspace's usage, atomically; False (nothing written) when
+        the run has an item ``seq`` already (a resent request, or a retried attempt yielding it again)."""
+
+    def after(self, run_id: str, after: int, limit: int) -> list[tuple[int, Payload]]:
+        """Items with ``seq`` > ``after``, in order."""
+
+    def get(self, run_id: str, seq: int) -> Payload | None: ...
+
+    def count(self, run_id: str) -> int:
+        """The highest ``seq`` stored (0: none)."""
+
+
 class BatchRecords(Protocol):
     def create(self, batch_id: str, workspace: str, job_id: str, version: int, concurrency: int | None,
                at: float) -> None: ...
@@ -324,5 +340,6 @@ class Records(Protocol):
     tokens: TokenRecords
     services: ServiceRecords
     usage: UsageRecords
+    items: ItemRecords
 
     def close(self) -> None: ...

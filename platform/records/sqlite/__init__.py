@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .batches import SqliteBatches
 from .connection import Database
+from .items import SqliteItems
 from .jobs import SqliteJobs
 from .runs import SqliteRuns
 from .services import SqliteServices
@@ -29,6 +30,7 @@ class SqliteRecords:
         self.tokens = SqliteTokens(database)
         self.services = SqliteServices(database)
         self.usage = SqliteUsage(database)
+        self.items = SqliteItems(database)
 
     def close(self) -> None:
         self.database.close()

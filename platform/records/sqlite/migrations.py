@@ -76,6 +76,14 @@ INSERT INTO usage(workspace, bytes)
   LEFT JOIN (SELECT run_id, SUM(length(data)) AS bytes FROM payloads GROUP BY run_id) p ON p.run_id = r.id
   GROUP BY r.workspace;
 """,
+    # 4: a streaming run's items (a generator's values, numbered from 1 as they are yielded): inline, or a
+    # reference to the object store (the row keeps the key, the size and the envelope's head)
+    """
+CREATE TABLE run_items(
+  run_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, object_key TEXT, size INTEGER NOT NULL,
+  PRIMARY KEY(run_id, seq));
+CREATE INDEX run_items_by_object ON run_items(object_key) WHERE object_key IS NOT NULL;
+""",
 )
 
 

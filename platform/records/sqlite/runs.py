@@ -175,13 +175,15 @@ class SqliteRuns:
                                               (run_id,)).fetchone()
             size = log_bytes
             for key, payload_bytes in db.execute("SELECT object_key, COALESCE(size, length(data)) FROM payloads "
-                                                 "WHERE run_id = ?", (run_id,)):
+                                                 "WHERE run_id = ? UNION ALL SELECT object_key, size FROM run_items "
+                                                 "WHERE run_id = ?", (run_id, run_id)):
                 size += payload_bytes
                 if key is not None:
                     keys.append(key)
             freed[workspace] = freed.get(workspace, 0) + size
         db.executemany("DELETE FROM payloads WHERE run_id = ?", ids)
         db.executemany("DELETE FROM logs WHERE run_id = ?", ids)
+        db.executemany("DELETE FROM run_items WHERE run_id = ?", ids)
         db.executemany(ADD_USAGE, [(workspace, -size) for workspace, size in freed.items()])
         return sum(freed.values()), keys
 
@@ -189,6 +191,8 @@ class SqliteRuns:
         found: set[str] = set()
         for start in range(0, len(keys), 500):
             chunk = list(keys[start:start + 500])
+            marks = ",".join("?" * len(chunk))
             found.update(r[0] for r in self.db.execute(
-                f"SELECT object_key FROM payloads WHERE object_key IN ({','.join('?' * len(chunk))})", chunk))
+                f"SELECT object_key FROM payloads WHERE object_key IN ({marks}) UNION ALL "
+                f"SELECT object_key FROM run_items WHERE object_key IN ({marks})", chunk * 2))
         return found

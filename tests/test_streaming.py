@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -199,3 +200,15 @@ def test_large_items_live_in_the_object_store_count_in_usage_and_expire(setup):
     with pytest.raises(Gone, match="items of run .* expired"):
         list(started.items())
     assert client.get("/status").json()["storage"]["bytes"] < before + grew - 3 * 10_000
+
+
+def test_the_readme_example_runs(setup, tmp_path):
+    plat, _, _ = setup
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Streaming a generator function's values"):]
+    (tmp_path / "countdown_example.py").write_text(section.split("```python\n", 1)[1].split("```", 1)[0])
+    env = {**plat.env, "OPBOX_URL": plat.url, "OPBOX_TOKEN": plat.token, "OPBOX_WORKSPACE": plat.workspace}
+    out = subprocess.run([sys.executable, "countdown_example.py"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["3", "2", "1", "[3, 2, 1]", "3", "2", "1", "[5, 4, 3, 2, 1] 5", "[2, 1]"]

@@ -20,7 +20,7 @@ from opbox.resource import Resource
 
 from ..backends.base import VersionInfo
 from ..ids import check_name
-from ..records.base import JobRecord, NewVersion, Records, VersionRecord
+from ..records.base import OPEN, JobRecord, NewVersion, Records, VersionRecord
 from .runs import Runs
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -91,6 +91,25 @@ class Deploys:
         if job is None:
             raise NotFound(f"no job {ref!r} in workspace {workspace}")
         return job
+
+    async def delete_job(self, workspace: str, ref: str) -> dict:
+        """Delete a job with its versions, runs (arguments, results, logs, items) and maps. Refused (409) while
+        it has runs queued or running, a version building, or a service serving it: nothing in flight
+        breaks. Its code archive and environments go with the next retention pass once nothing uses them."""
+        job = self.job(workspace, ref)
+        busy = [status for status in OPEN if self.records.runs.of_job(job.id, status, None, 1)]
+        if busy:
+            raise Conflict(f"job {job.name!r} has runs {' and '.join(busy)}: cancel them (opbox cancel RUN) or let "
+                           "them end, then delete it", open=busy)
+        if any(v.status == "building" for v in self.versions(job)):
+            raise Conflict(f"job {job.name!r} has a version building: delete it once the build has ended")
+        serving = sorted(s.name for s in self.records.services.in_workspace(workspace) if s.job_id == job.id)
+        if serving:
+            raise Conflict(f"job {job.name!r} is served as {', '.join(serving)}: delete the service first "
+                           "(opbox services delete NAME)", services=serving)
+        dropped = self.records.jobs.delete(job.id)
+        await asyncio.to_thread(lambda: [self.store.delete(key) for key in dropped.object_keys])
+        return {"deleted": job.id, "name": job.name, "runs": dropped.runs, "bytes": dropped.bytes}
 
     def versions(self, job: JobRecord) -> list[VersionRecord]:
         """The job's versions, newest first."""

@@ -89,6 +89,7 @@ ROUTES = [
     Route(W + "/jobs", jobs.deploy, methods=["POST"]),
     Route(W + "/uploads", jobs.create_upload, methods=["POST"]),
     Route(W + "/job/{job}", jobs.get_job),
+    Route(W + "/job/{job}", jobs.delete_job, methods=["DELETE"]),
     Route(W + "/job/{job}/versions", jobs.list_versions),
     Route(W + "/job/{job}/build-log", jobs.build_log),
     Route(W + "/job/{job}/runs", jobs.list_runs),

@@ -133,6 +133,21 @@ async def get_job(request: Request):
     return ok(job_json(job))
 
 
+async def delete_job(request: Request):
+    """
+    summary: Delete a job with its versions, runs (arguments, results, logs, items) and maps
+    description: >
+      Refused with 409 while the job has runs queued or running (cancel them or let them end), a version
+      building, or a service serving it (delete the service first): nothing in flight breaks.
+    responses:
+      200: {description: '{"deleted": job id, "name", "runs": runs deleted, "bytes": bytes freed}'}
+      404: {description: No such job}
+      409: {description: Runs are open, a build is going on, or a service serves the job}
+    """
+    ws = workspace(request)
+    return ok(await platform(request).deploys.delete_job(ws, request.path_params["job"]))
+
+
 def _job(request: Request, ws: str):
     plat = platform(request)
     return plat.deploys.job(ws, request.path_params["job"]), plat

@@ -271,6 +271,10 @@ class JobRecords(Protocol):
     def in_workspace(self, workspace: str) -> list[JobRecord]:
         """Newest first."""
 
+    def delete(self, job_id: str) -> Dropped:
+        """The job, its versions, its maps and its runs with their payloads, logs and items, atomically; their bytes
+        come off the workspace's usage. Returns what went (the caller deletes the objects in the store)."""
+
     def add_version(self, workspace: str, name: str, kind: str, version: NewVersion) -> tuple[JobRecord, int]:
         """A new version (building) of the job, made when missing; atomically. Raises Conflict
         when the job exists with another kind."""

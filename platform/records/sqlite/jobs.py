@@ -7,8 +7,9 @@ import json
 from opbox.errors import Conflict
 
 from ...ids import new_id
-from ..base import JobRecord, NewVersion, VersionRecord
+from ..base import Dropped, JobRecord, NewVersion, VersionRecord
 from .connection import Database, storage_errors
+from .runs import drop_run_data
 
 JOB = "SELECT id, workspace, name, kind, created_at, latest_version FROM jobs"
 VERSION = ("SELECT job_id, version, status, entry, code_key, code_sha256, requirements_sha256, python, cloudpickle, "
@@ -40,6 +41,14 @@ class SqliteJobs:
     def in_workspace(self, workspace: str) -> list[JobRecord]:
         return [JobRecord(*r) for r in self.db.execute(f"{JOB} WHERE workspace = ? ORDER BY created_at DESC",
                                                        (workspace,))]
+
+    def delete(self, job_id: str) -> Dropped:
+        ids = [(r[0],) for r in self.db.execute("SELECT id FROM runs WHERE job_id = ?", (job_id,))]
+        with self.tx() as db:
+            freed, keys = drop_run_data(db, ids)
+            for table, column in (("runs", "job_id"), ("batches", "job_id"), ("versions", "job_id"), ("jobs", "id")):
+                db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job_id,))
+        return Dropped(len(ids), freed, keys)
 
     def add_version(self, workspace: str, name: str, kind: str, version: NewVersion) -> tuple[JobRecord, int]:
         with self.tx() as db:

@@ -112,14 +112,17 @@ def source_of(fn) -> tuple[Path, str]:
 def deploy_function(fn, name: str, resource: Resource, client: "Client", quiet: bool) -> "RemoteFunction":
     from .remote import RemoteFunction
 
+    from .runtime.schema import call_schema  # the runtime's reading of a signature (stdlib only)
+
     folder, entry = source_of(fn)
-    job, version = build_version(folder, entry, name, "function", resource, client, quiet)
+    job, version = build_version(folder, entry, name, "function", resource, client, quiet, call_schema(fn))
     return RemoteFunction(job["id"], job["name"], version, client)
 
 
 def build_version(folder: Path, entry: str, name: str, kind: str, resource: Resource, client: "Client",
-                  quiet: bool) -> tuple[dict, int]:
-    """Pack ``folder``, upload it and build a new version of job ``name``: (job, version)."""
+                  quiet: bool, signature: dict | None = None) -> tuple[dict, int]:
+    """Pack ``folder``, upload it and build a new version of job ``name``: (job, version). ``signature``: the
+    function's parameters, which the platform checks JSON triggers against."""
     from . import serialization
     from .packaging import pack_folder
 
@@ -136,7 +139,7 @@ def build_version(folder: Path, entry: str, name: str, kind: str, resource: Reso
                 raise OpboxError(f"upload failed with HTTP {resp.status_code}: {resp.text[:300]}") from None
     body = {"name": name, "kind": kind, "entry": entry, "code_sha256": packed.sha256,
             "python": serialization.PYTHON, "cloudpickle": serialization.cloudpickle_version(),
-            "resource": resource.to_dict()}
+            "resource": resource.to_dict(), **({"signature": signature} if signature else {})}
     with BuildOutput(name, quiet) as output:
         for line in client.stream_lines("POST", "/jobs", json=body, timeout=None):
             if "log" in line:

@@ -21,6 +21,7 @@ from opbox.resource import Resource
 from ..backends.base import VersionInfo
 from ..ids import check_name
 from ..records.base import OPEN, JobRecord, NewVersion, Records, VersionRecord
+from . import signature as signatures
 from .runs import Runs
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -78,7 +79,7 @@ class Deploys:
             raise ValidationError("cloudpickle must be a version string")
         resource = Resource.from_dict(body.get("resource"))
         return {"name": name, "kind": kind, "entry": entry, "code_sha256": sha, "python": python,
-                "cloudpickle": cloudpickle, "resource": resource}
+                "cloudpickle": cloudpickle, "resource": resource, "signature": signatures.parse(body.get("signature"))}
 
     # -- reading -------------------------------------------------------------------
     def jobs(self, workspace: str) -> list[JobRecord]:
@@ -125,7 +126,8 @@ class Deploys:
     def _new_version(self, workspace: str, spec: dict) -> tuple[JobRecord, int]:
         version = NewVersion(entry=spec["entry"], code_key=code_key(workspace, spec["code_sha256"]),
                              code_sha256=spec["code_sha256"], python=spec["python"], cloudpickle=spec["cloudpickle"],
-                             resource=spec["resource"].to_dict(), created_at=time.time())
+                             resource=spec["resource"].to_dict(), created_at=time.time(),
+                             signature=spec.get("signature"))
         return self.records.jobs.add_version(workspace, spec["name"], spec["kind"], version)
 
     async def load_code(self, workspace: str, sha256: str) -> bytes:
@@ -181,6 +183,12 @@ class Deploys:
         info = self.runs.version_info(job.id, version)
         await self.runs.backend.prepare(info)
         return self.job(workspace, job.id), version
+
+    def check_json_call(self, version: VersionInfo, args: list | None, kwargs: dict | None) -> None:
+        """422 naming the function's signature when JSON arguments do not fit it (versions deployed with one)."""
+        row = self.records.jobs.version(version.job_id, version.version)
+        if row is not None and row.signature:
+            signatures.check(row.signature, args or [], kwargs or {})
 
     def resolve(self, workspace: str, ref: str, version: int | None = None) -> tuple[JobRecord, VersionInfo]:
         """A job (by id or name) and the version to run: the given one or the latest ready one."""

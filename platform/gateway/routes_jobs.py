@@ -247,6 +247,7 @@ async def trigger(request: Request):
           schema: {type: object, properties: {args: {type: array}, kwargs: {type: object}, version: {type: integer}}}
     responses:
       202: {description: The run's id and where to read its status, result and logs}
+      422: {description: 'JSON arguments that do not fit the function: missing or unknown ones (validation_error, naming the signature)'}
       507: {description: No room for the arguments (storage_full, storage_quota_exceeded)}
     """
     ws = workspace(request)
@@ -266,6 +267,8 @@ async def trigger(request: Request):
             version_no = body["version"]
         payload = envelope.json_args(body.get("args"), body.get("kwargs"))
     _, version = plat.deploys.resolve(ws, request.path_params["job"], version_no)
+    if not ctype.startswith(envelope.CONTENT_TYPE):
+        plat.deploys.check_json_call(version, body.get("args"), body.get("kwargs"))
     run_id = plat.runs.create(version, payload, trigger="trigger")
     run = plat.runs.get(ws, run_id)
     return JSONResponse({"run_id": run_id, **run_json(run, base_url(request, ws))}, status_code=202)

@@ -116,6 +116,7 @@ class VersionRecord:
     error: str | None
     created_at: float
     ready_at: float | None
+    signature: dict | None = None  # a function's parameters (``runtime.schema.call_schema``); None: unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,7 @@ class NewVersion:
     cloudpickle: str
     resource: dict
     created_at: float
+    signature: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)

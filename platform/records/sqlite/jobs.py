@@ -13,11 +13,12 @@ from .runs import drop_run_data
 
 JOB = "SELECT id, workspace, name, kind, created_at, latest_version FROM jobs"
 VERSION = ("SELECT job_id, version, status, entry, code_key, code_sha256, requirements_sha256, python, cloudpickle, "
-           "resource, artifact, error, created_at, ready_at FROM versions")
+           "resource, artifact, error, created_at, ready_at, signature FROM versions")
 
 
 def _version(row: tuple) -> VersionRecord:
-    return VersionRecord(*row[:9], json.loads(row[9]), json.loads(row[10]) if row[10] else None, *row[11:])
+    return VersionRecord(*row[:9], json.loads(row[9]), json.loads(row[10]) if row[10] else None, *row[11:14],
+                         json.loads(row[14]) if row[14] else None)
 
 
 @storage_errors
@@ -65,9 +66,10 @@ class SqliteJobs:
                                 (job.id,)).fetchone()[0]
             db.execute(
                 "INSERT INTO versions(job_id, version, status, entry, code_key, code_sha256, requirements_sha256, "
-                "python, cloudpickle, resource, created_at) VALUES (?,?,'building',?,?,?,'',?,?,?,?)",
+                "python, cloudpickle, resource, created_at, signature) VALUES (?,?,'building',?,?,?,'',?,?,?,?,?)",
                 (job.id, number, version.entry, version.code_key, version.code_sha256, version.python,
-                 version.cloudpickle, json.dumps(version.resource), version.created_at))
+                 version.cloudpickle, json.dumps(version.resource), version.created_at,
+                 json.dumps(version.signature) if version.signature else None))
         return job, number
 
     def version(self, job_id: str, version: int) -> VersionRecord | None:

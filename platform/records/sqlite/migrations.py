@@ -77,8 +77,10 @@ INSERT INTO usage(workspace, bytes)
   GROUP BY r.workspace;
 """,
     # 4: a streaming run's items (a generator's values, numbered from 1 as they are yielded): inline, or a
-    # reference to the object store (the row keeps the key, the size and the envelope's head)
+    # reference to the object store (the row keeps the key, the size and the envelope's head); a function
+    # version's signature (JSON, from the SDK at deploy), which JSON triggers are checked against
     """
+ALTER TABLE versions ADD COLUMN signature TEXT;
 CREATE TABLE run_items(
   run_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, object_key TEXT, size INTEGER NOT NULL,
   PRIMARY KEY(run_id, seq));

@@ -119,9 +119,9 @@ def call_schema(fn) -> dict | None:
 
 
 def openapi_document(title: str, methods: dict, prefix: str) -> dict:
-    error = {"description": "The method raised", "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"error": {"type": "object", "properties": {
-            "type": {"type": "string"}, "message": {"type": "string"}, "traceback": {"type": "string"}}}}}}}}
+    error = {"description": "The method raised (error: remote_error)", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"error": {"type": "string"}, "message": {"type": "string"}, "details": {
+            "type": "object", "properties": {"type": {"type": "string"}, "traceback": {"type": "string"}}}}}}}}
     paths = {}
     for name, method in sorted(methods.items()):
         doc = inspect.getdoc(method) or ""

@@ -31,6 +31,10 @@ def add(a, b=0, *, scale=1):
 @operator()
 def anything(*args, **kwargs):
     return [list(args), kwargs]
+
+@operator()
+def fails(key):
+    return {}[key]
 """
 JOB_LIB = '__version__ = "2.0"\n\nclass Other:\n    pass\n'  # the job's copy: Thing is gone, Other is new
 CALLER_LIB = '__version__ = "1.0"\n\nclass Thing:\n    pass\n'
@@ -48,7 +52,8 @@ def setup(client, tmp_path_factory):
             import fakecause
 
             yield fakecause, mod.kind.deploy(client=client, quiet=True), mod.make.deploy(client=client, quiet=True), \
-                mod.add.deploy(client=client, quiet=True), mod.anything.deploy(client=client, quiet=True)
+                mod.add.deploy(client=client, quiet=True), mod.anything.deploy(client=client, quiet=True), \
+                mod.fails.deploy(client=client, quiet=True)
         finally:
             sys.path.remove(str(caller_dir))
             sys.modules.pop("fakecause", None)
@@ -88,7 +93,7 @@ def test_a_json_trigger_that_does_not_fit_the_signature_is_a_422_naming_it(setup
 
 
 def test_json_triggers_that_fit_run(setup, plat):
-    _, _, _, add, anything = setup
+    _, _, _, add, anything, _ = setup
     with plat.http() as http:
         ws = plat.workspace
         run = http.post(f"/{ws}/job/{add.job_id}/trigger", json={"args": [1], "kwargs": {"b": 2, "scale": 3}}).json()
@@ -96,3 +101,12 @@ def test_json_triggers_that_fit_run(setup, plat):
         run = http.post(f"/{ws}/job/{anything.job_id}/trigger", json={"args": [1], "kwargs": {"z": 2}}).json()
         assert http.get(f"/{ws}/runs/{run['run_id']}/result", params={"wait": 60}).json()["result"] == [[1], {"z": 2}]
         assert http.get(f"/{ws}/job/{add.job_id}/versions").json()["versions"][0]["signature"] == "add(a, b=0, *, scale=1)"
+
+
+def test_a_remote_traceback_shows_the_users_frames_by_their_project_paths(setup, plat):
+    fails = setup[5]
+    with pytest.raises(KeyError) as info:
+        fails("missing")
+    text = info.value.remote_traceback
+    assert 'File "causemod.py", line' in text and "return {}[key]" in text
+    assert str(plat.home) not in text and "opbox/runtime" not in text, "no server paths, no runtime frames"

@@ -19,7 +19,7 @@ from opbox import RunHandle
 from opbox.client import Client
 from opbox.config import ClientConfig
 from opbox.remote import RemoteFunction
-from opbox.errors import Gone
+from opbox.errors import Gone, StorageQuotaExceeded
 from conftest import user_module
 from platform_fixture import running_platform
 from tcp_proxy import SwitchableProxy
@@ -74,9 +74,23 @@ def endless(marker):
 @operator()
 def plain(x):
     return x + 1
+
+@operator(max_retries=1)
+def flaky(marker):
+    yield 0
+    yield 1
+    if not os.path.exists(marker):  # the first attempt breaks after two items; the retry yields them again
+        open(marker, "w").close()
+        raise RuntimeError("the first attempt breaks")
+    yield 2
+
+@operator()
+def chunks(n):
+    for i in range(n):
+        yield bytes([i]) * 300_000
 """
 
-NAMES = ("gated", "agated", "count", "fails_after", "endless", "plain")
+NAMES = ("gated", "agated", "count", "fails_after", "endless", "plain", "flaky")
 SECONDS = 1.5
 ENV = {"OPBOX_PAYLOAD_INLINE": "2048", "OPBOX_RETENTION_DAYS": str(SECONDS / 86400), "OPBOX_GC_MIN_AGE": "0",
        "OPBOX_GC_INTERVAL": "3600"}
@@ -153,6 +167,24 @@ def test_a_broken_connection_resumes_where_it_was(setup, tmp_path):
         proxy.down()
         client.close()
     assert seen == ["first", {"second": 2}], "each item once, in order, across the reconnect"
+
+
+def test_a_retried_run_goes_on_from_the_items_it_had_sent(setup, tmp_path):
+    _, _, f = setup
+    run = f["flaky"].submit_gen(str(tmp_path / "first-attempt"))
+    assert list(run.items()) == [0, 1, 2], "each item once: the retry's repeats of items 1 and 2 are dropped"
+    assert run.status()["attempt"] == 1 and run.result() == 3
+
+
+def test_items_count_against_the_storage_quota(tmp_path_factory):
+    with running_platform(tmp_path_factory.mktemp("quota_home"), extra_env={"OPBOX_STORAGE_QUOTA": "1Mi"}) as plat, \
+            user_module(tmp_path_factory.mktemp("quota_proj"), "streamquota", CODE) as mod:
+        chunks = mod.chunks.deploy(client=plat.client(), quiet=True)
+        seen = []
+        with pytest.raises(StorageQuotaExceeded, match="quota is 1048576"):
+            for value in chunks.remote_gen(10):
+                seen.append(value)
+        assert 1 <= len(seen) < 4 and seen[0] == bytes([0]) * 300_000, "the items that fitted came first"
 
 
 def test_a_failed_run_raises_after_its_items(setup):

@@ -113,3 +113,12 @@ def test_services_delete_and_a_served_job_is_not_deleted_under_it(setup):
     assert out.returncode == 0 and "deleted service Greeter" in out.stdout
     assert "Greeter" not in cli("services").stdout
     assert cli("jobs", "delete", "Greeter", "--yes").returncode == 0
+
+
+def test_jobs_delete_refuses_while_a_map_is_in_flight(setup, client):
+    cli, fns = setup
+    batch = client.post(f"/job/{fns['broken'].job_id}/batches", json={}).json()["batch_id"]  # items still to come
+    out = cli("jobs", "delete", "broken", "--yes")
+    assert out.returncode == 1 and batch in out.stderr and "opbox cancel --batch" in out.stderr
+    assert cli("cancel", "--batch", batch).returncode == 0
+    assert cli("jobs", "delete", "broken", "--yes").returncode == 0

@@ -95,13 +95,17 @@ class Deploys:
 
     async def delete_job(self, workspace: str, ref: str) -> dict:
         """Delete a job with its versions, runs (arguments, results, logs, items) and maps. Refused (409) while
-        it has runs queued or running, a version building, or a service serving it: nothing in flight
-        breaks. Its code archive and environments go with the next retention pass once nothing uses them."""
+        it has runs queued or running, a map in flight, a version building, or a service serving it: nothing
+        in flight breaks. Its code archive and environments go with the next retention pass once nothing uses them."""
         job = self.job(workspace, ref)
         busy = [status for status in OPEN if self.records.runs.of_job(job.id, status, None, 1)]
         if busy:
             raise Conflict(f"job {job.name!r} has runs {' and '.join(busy)}: cancel them (opbox cancel RUN) or let "
                            "them end, then delete it", open=busy)
+        maps = sorted(b for b, state in self.runs.batches.items() if state.version.job_id == job.id)
+        if maps:
+            raise Conflict(f"job {job.name!r} has maps in flight ({', '.join(maps)}): let them end or cancel them "
+                           "(opbox cancel --batch BATCH), then delete it", maps=maps)
         if any(v.status == "building" for v in self.versions(job)):
             raise Conflict(f"job {job.name!r} has a version building: delete it once the build has ended")
         serving = sorted(s.name for s in self.records.services.in_workspace(workspace) if s.job_id == job.id)

@@ -137,12 +137,12 @@ async def delete_job(request: Request):
     """
     summary: Delete a job with its versions, runs (arguments, results, logs, items) and maps
     description: >
-      Refused with 409 while the job has runs queued or running (cancel them or let them end), a version
-      building, or a service serving it (delete the service first): nothing in flight breaks.
+      Refused with 409 while the job has runs queued or running (cancel them or let them end), a map in
+      flight, a version building, or a service serving it (delete the service first): nothing in flight breaks.
     responses:
       200: {description: '{"deleted": job id, "name", "runs": runs deleted, "bytes": bytes freed}'}
       404: {description: No such job}
-      409: {description: Runs are open, a build is going on, or a service serves the job}
+      409: {description: Runs are open, a map is in flight, a build is going on, or a service serves the job}
     """
     ws = workspace(request)
     return ok(await platform(request).deploys.delete_job(ws, request.path_params["job"]))

@@ -153,15 +153,34 @@ def deploy(target, name, as_json):
         click.echo(f"deployed {remote.name} version {remote.version} (job {remote.job_id})")
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def jobs(as_json):
-    """List the workspace's jobs."""
+@click.pass_context
+def jobs(ctx, as_json):
+    """List the workspace's jobs (or: opbox jobs delete JOB)."""
+    if ctx.invoked_subcommand is not None:
+        return
     rows = _client().get("/jobs").json()["jobs"]
     if as_json:
         return _print_json(rows)
     _table(rows, [("id", "id"), ("name", "name"), ("kind", "kind"), ("latest", "latest_version"),
                   ("created", lambda r: _when(r["created_at"]))])
+
+
+@jobs.command("delete")
+@click.argument("job")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def jobs_delete(job, yes, as_json):
+    """Delete JOB with its versions, runs and their results and logs (refused while runs are open)."""
+    if not yes:
+        click.confirm(f"delete job {job} with all its versions and runs?", abort=True)
+    answer = _client().request("DELETE", f"/job/{job}").json()
+    if as_json:
+        return _print_json(answer)
+    click.echo(f"deleted job {answer['name']} ({answer['deleted']}): {answer['runs']} runs, {_size(answer['bytes'])}")
+
+
 
 
 @main.command()
@@ -230,16 +249,56 @@ def logs(run, follow, service):
         click.echo(chunk, nl=False)
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def services(as_json):
-    """List the workspace's services (classes and ASGI apps served over HTTP) and their status."""
+@click.pass_context
+def services(ctx, as_json):
+    """List the workspace's services (classes and ASGI apps served over HTTP) and their status
+    (or: opbox services delete NAME)."""
+    if ctx.invoked_subcommand is not None:
+        return
     rows = _client().get("/services").json()["services"]
     if as_json:
         return _print_json(rows)
     _table(rows, [("name", "name"), ("kind", "kind"), ("version", "version"), ("status", "status"),
                   ("ready", lambda r: f"{r.get('ready_replicas', 0)}/{r['replicas']}"),
                   ("rollout", lambda r: (r.get("rollout") or {}).get("state", "-")), ("url", "url")])
+
+
+@services.command("delete")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def services_delete(name, as_json):
+    """Delete service NAME (its replicas finish the calls in flight, then stop); its job stays."""
+    answer = _client().request("DELETE", f"/services/{name}").json()
+    return _print_json(answer) if as_json else click.echo(f"deleted service {answer['deleted']}")
+
+
+@main.command()
+@click.argument("job")
+@click.argument("args", nargs=-1)
+@click.option("--kwargs", "kwargs_json", default=None, help='JSON object of keyword arguments, e.g. \'{"i": 3}\'.')
+@click.option("--json", "as_json", is_flag=True, help="Print the whole answer as JSON (same exit code).")
+def call(job, args, kwargs_json, as_json):
+    """Run JOB with ARGS and print its result; exit 1 when it fails (its remote traceback on stderr).
+
+    Each ARG is read as JSON when it parses (3, 2.5, true, "[1, 2]") and as a string otherwise."""
+    body = {"args": [_json_or_text(a) for a in args]}
+    if kwargs_json:
+        try:
+            body["kwargs"] = json.loads(kwargs_json)
+        except ValueError as exc:
+            raise click.UsageError(f"--kwargs must be JSON: {exc}") from None
+    client = _client()
+    answer = client.post(f"/job/{job}/trigger", json=body).json()
+    _show_result(_wait_result(client, answer["run_id"]), as_json)
+
+
+def _json_or_text(arg: str):
+    try:
+        return json.loads(arg)
+    except ValueError:
+        return arg
 
 
 @main.command()

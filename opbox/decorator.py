@@ -124,15 +124,18 @@ def deploy_function(fn, name: str, resource: Resource, client: "Client", quiet: 
                     schedule: Schedule | None = None) -> "RemoteFunction":
     from .remote import RemoteFunction
 
+    from .runtime.schema import call_schema  # the runtime's reading of a signature (stdlib only)
+
     folder, entry = source_of(fn)
-    job, version = build_version(folder, entry, name, "function", resource, client, quiet, schedule)
+    job, version = build_version(folder, entry, name, "function", resource, client, quiet, schedule, call_schema(fn))
     return RemoteFunction(job["id"], job["name"], version, client)
 
 
 def build_version(folder: Path, entry: str, name: str, kind: str, resource: Resource, client: "Client",
-                  quiet: bool, schedule: Schedule | None = None) -> tuple[dict, int]:
+                  quiet: bool, schedule: Schedule | None = None, signature: dict | None = None) -> tuple[dict, int]:
     """Pack ``folder``, upload it and build a new version of job ``name``: (job, version); with ``schedule``,
-    the platform sets the job's schedule once the version is ready."""
+    the platform sets the job's schedule once the version is ready. ``signature``: the function's parameters,
+    which the platform checks JSON triggers against."""
     from . import serialization
     from .packaging import pack_folder
 
@@ -149,7 +152,7 @@ def build_version(folder: Path, entry: str, name: str, kind: str, resource: Reso
                 raise OpboxError(f"upload failed with HTTP {resp.status_code}: {resp.text[:300]}") from None
     body = {"name": name, "kind": kind, "entry": entry, "code_sha256": packed.sha256,
             "python": serialization.PYTHON, "cloudpickle": serialization.cloudpickle_version(),
-            "resource": resource.to_dict()}
+            "resource": resource.to_dict(), **({"signature": signature} if signature else {})}
     if schedule is not None:
         body["schedule"] = schedule.to_dict()
     with BuildOutput(name, quiet) as output:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any, AsyncIterator, Iterable, Iterator
@@ -15,6 +16,7 @@ from .mapping import Mappable
 from .outcome import decode
 from .progress import progress_bar
 from .remote_map import ACCEPT_ENVELOPE, _AsyncMap, _Map
+from .streaming import aiter_items, iter_items
 from .twin import twin
 
 ENVELOPE = {"Content-Type": serialization.CONTENT_TYPE}
@@ -109,6 +111,17 @@ class RunHandle:
             yield from resp.iter_text()
 
     @twin
+    def items(self, after: int = 0) -> Iterator:
+        """The values a streaming run's generator yields (a run started by ``f.remote_gen(...)``), each as it is
+        produced, from item ``after + 1`` on: a reader that stopped at item N resumes with ``items(after=N)``.
+        Ends with the run; a failed run raises its error after its items. ``async for x in run.items.aio()``."""
+        return iter_items(self, after)
+
+    @items.aio
+    def items(self, after: int = 0) -> AsyncIterator:
+        return aiter_items(self, after)
+
+    @twin
     def cancel(self) -> dict:
         return self.client.post(f"/runs/{self.id}/cancel").json()
 
@@ -168,15 +181,54 @@ class RemoteFunction(Mappable):
     @twin
     def submit(self, *args, **kwargs) -> RunHandle:
         """Start a run and return at once (``await f.submit.aio(...)``: the same, awaitable)."""
-        resp = self.client.post(f"/job/{self.job_id}/runs", content=serialization.dump_args(args, kwargs),
-                                headers=ENVELOPE, params=self._params())
-        return RunHandle(resp.headers.get("x-opbox-run-id") or resp.json()["id"], self.client)
+        return self._start(serialization.dump_args(args, kwargs))
 
     @submit.aio
     async def submit(self, *args, **kwargs) -> RunHandle:
-        resp = await self.client.apost(f"/job/{self.job_id}/runs", content=serialization.dump_args(args, kwargs),
-                                       headers=ENVELOPE, params=self._params())
+        return await self._astart(serialization.dump_args(args, kwargs))
+
+    @twin
+    def submit_gen(self, *args, **kwargs) -> RunHandle:
+        """Start a streaming run of a generator function and return its handle at once: read its values with
+        ``run.items()`` (from any process, resuming with ``run.items(after=N)``)."""
+        return self._start(serialization.dump_args(args, kwargs, stream=True))
+
+    @submit_gen.aio
+    async def submit_gen(self, *args, **kwargs) -> RunHandle:
+        return await self._astart(serialization.dump_args(args, kwargs, stream=True))
+
+    def _start(self, payload: bytes) -> RunHandle:
+        resp = self.client.post(f"/job/{self.job_id}/runs", content=payload, headers=ENVELOPE, params=self._params())
         return RunHandle(resp.headers.get("x-opbox-run-id") or resp.json()["id"], self.client)
+
+    async def _astart(self, payload: bytes) -> RunHandle:
+        resp = await self.client.apost(f"/job/{self.job_id}/runs", content=payload, headers=ENVELOPE,
+                                       params=self._params())
+        return RunHandle(resp.headers.get("x-opbox-run-id") or resp.json()["id"], self.client)
+
+    @twin
+    def remote_gen(self, *args, **kwargs) -> Iterator:
+        """A generator function's values, each as soon as the remote run yields it (``f(...)`` returns them
+        all as a list). The run starts when iteration does; each item is stored by the platform as it is
+        yielded, so a broken connection resumes where it was. Stopping early cancels the run; a failed
+        run raises its error after its items. ``async for x in f.remote_gen.aio(...)``: the same, awaitable."""
+        run = self.submit_gen(*args, **kwargs)
+        try:
+            yield from run.items()
+        except (GeneratorExit, KeyboardInterrupt):
+            with contextlib.suppress(Exception):  # best effort: the caller is leaving
+                run.cancel()
+            raise
+
+    @remote_gen.aio
+    async def remote_gen(self, *args, **kwargs) -> AsyncIterator:
+        run = await self.submit_gen.aio(*args, **kwargs)
+        try:
+            async for value in run.items.aio():
+                yield value
+        except (GeneratorExit, asyncio.CancelledError):
+            run.cancel_soon()
+            raise
 
     def runs(self, limit: int = 50, status: str | None = None) -> list[dict]:
         params = {"limit": limit, **({"status": status} if status else {})}

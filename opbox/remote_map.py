@@ -91,8 +91,8 @@ class _Order:
 class _Reconnects:
     """Backoff for a results stream that broke; Unavailable once it stays broken."""
 
-    def __init__(self, client: Client, batch_id: str):
-        self.client, self.batch_id = client, batch_id
+    def __init__(self, client: Client, what: str):
+        self.client, self.what = client, what
         self.deadline: float | None = None
         self.delay = 0.1
 
@@ -102,7 +102,7 @@ class _Reconnects:
     def pause(self, exc: Exception) -> float:
         self.deadline = self.deadline or time.monotonic() + self.client.retry_for * 2
         if time.monotonic() > self.deadline:
-            raise Unavailable(f"lost the gateway during map {self.batch_id}: {exc}") from exc
+            raise Unavailable(f"lost the gateway during {self.what}: {exc}") from exc
         pause, self.delay = self.delay, min(self.delay * 2, 2.0)
         return pause
 
@@ -159,7 +159,7 @@ class _Map:
 
     def _stream(self) -> Iterator[dict]:
         """Result lines from completion number 1 on, reconnecting (from where it was) if the stream breaks."""
-        after, reconnects = 0, _Reconnects(self.client, self.batch_id)
+        after, reconnects = 0, _Reconnects(self.client, f"map {self.batch_id}")
         while True:
             try:
                 for line in self.client.stream_lines("GET", f"/batches/{self.batch_id}/results",
@@ -265,7 +265,7 @@ class _AsyncMap:
             frames = frames[answer["accepted"]:]
 
     async def _stream(self) -> AsyncIterator[dict]:
-        after, reconnects = 0, _Reconnects(self.client, self.batch_id)
+        after, reconnects = 0, _Reconnects(self.client, f"map {self.batch_id}")
         while True:
             try:
                 async for line in self.client.astream_lines("GET", f"/batches/{self.batch_id}/results",

@@ -13,6 +13,7 @@ from .envelope import (  # noqa: F401  (re-exported for the SDK and runtime)
     unpack,
 )
 from .errors import SerializationError
+from .libraries import differences, dumps
 
 
 def _cloudpickle():
@@ -25,27 +26,34 @@ def cloudpickle_version() -> str:
     return _cloudpickle().__version__
 
 
-def _pickle_header(kind: str) -> dict:
-    return {"kind": kind, "fmt": "cloudpickle", "python": PYTHON, "cloudpickle": cloudpickle_version()}
+def _pickle_header(kind: str, libs: dict | None = None) -> dict:
+    header = {"kind": kind, "fmt": "cloudpickle", "python": PYTHON, "cloudpickle": cloudpickle_version()}
+    if libs:
+        header["libs"] = libs  # versions of the libraries the pickled objects' classes are from
+    return header
 
 
-def dump_args(args: tuple = (), kwargs: dict | None = None) -> bytes:
+def dump_args(args: tuple = (), kwargs: dict | None = None, stream: bool = False) -> bytes:
+    """An args envelope; ``stream``: the call streams its generator's items (``remote_gen``)."""
     try:
-        body = _cloudpickle().dumps((tuple(args), dict(kwargs or {})), protocol=5)
+        body, libs = dumps((tuple(args), dict(kwargs or {})))
     except Exception as exc:
         raise SerializationError(f"arguments could not be pickled: {type(exc).__name__}: {exc}") from exc
-    return pack(_pickle_header(ARGS), body)
+    header = _pickle_header(ARGS, libs)
+    if stream:
+        header["stream"] = True
+    return pack(header, body)
 
 
 def dump_result(value) -> bytes:
-    header = _pickle_header(RESULT)
+    body, libs = dumps(value)
+    header = _pickle_header(RESULT, libs)
     try:
         rendered = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
         rendered = None
     if rendered is not None and len(rendered) <= JSON_INLINE_LIMIT:
         header["json"] = value
-    body = _cloudpickle().dumps(value, protocol=5)
     return pack(header, body)
 
 
@@ -58,14 +66,14 @@ def describe_exception(exc: BaseException) -> str:
 
 
 def dump_error(exc: BaseException, traceback_text: str) -> bytes:
-    header = _pickle_header(ERROR)
+    try:
+        body, libs = dumps(exc)
+    except Exception:
+        body, libs = b"", None  # the header still names the type, the message and the traceback
+    header = _pickle_header(ERROR, libs)
     header.update(type=f"{type(exc).__module__}.{type(exc).__qualname__}", message=describe_exception(exc),
                   traceback=traceback_text,
                   bases=[f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__[1:-2]])  # for Retries(retry_on=)
-    try:
-        body = _cloudpickle().dumps(exc, protocol=5)
-    except Exception:
-        body = b""  # the header still names the type, the message and the traceback
     return pack(header, body)
 
 
@@ -97,19 +105,32 @@ def load_body(header: dict, body) -> object:
     try:
         return _cloudpickle().loads(body)
     except Exception as exc:
+        kind = header.get("kind")
+        differ = differences(header.get("libs"), pickled_by_caller=kind == ARGS)
+        if differ:
+            raise SerializationError(
+                f"could not unpickle the {kind} payload: library versions differ: {differ}; install the same "
+                f"versions on both sides (requirements.txt for the job): {type(exc).__name__}: {exc}",
+                libraries=header.get("libs")) from exc
         raise SerializationError(
-            f"could not unpickle the {header.get('kind')} payload (made by Python {header.get('python')}, "
+            f"could not unpickle the {kind} payload (made by Python {header.get('python')}, "
             f"cloudpickle {header.get('cloudpickle')}; this side: Python {PYTHON}, cloudpickle "
             f"{cloudpickle_version()}): {type(exc).__name__}: {exc}"
         ) from exc
 
 
-def load_args(data: bytes) -> tuple[tuple, dict]:
+def load_call(data: bytes) -> tuple[tuple, dict, bool]:
+    """An args envelope's arguments, and whether the call streams its items."""
     header, body = unpack(data)
     if header["kind"] != ARGS:
         raise SerializationError(f"expected an args envelope, got {header['kind']!r}")
     value = load_body(header, body)
     if header.get("fmt") == "json":
-        return tuple(value.get("args") or ()), dict(value.get("kwargs") or {})
+        return tuple(value.get("args") or ()), dict(value.get("kwargs") or {}), False
     args, kwargs = value
+    return args, kwargs, header.get("stream", False)
+
+
+def load_args(data: bytes) -> tuple[tuple, dict]:
+    args, kwargs, _ = load_call(data)
     return args, kwargs

@@ -14,6 +14,7 @@ import sys
 from .capture import OutputCapture
 from .channel import Channel, GatewayGone
 from .execute import Executor, within_limit
+from .items import ItemShipper
 from .reaper import become_subreaper, end_leftovers
 from .worker import _ok
 
@@ -32,7 +33,8 @@ def main(run_id: str) -> int:
         become_subreaper()
         capture.start(run_id)
         try:
-            outcome, payload = execute(args)
+            items = ItemShipper(channel, f"/_internal/runs/{run_id}/items", headers.get("X-Opbox-Result-Limit"))
+            outcome, payload = execute(args, items)
         finally:
             end_leftovers()
             capture.stop()

@@ -13,10 +13,15 @@ from opbox import serialization
 from opbox.errors import PayloadTooLarge, SerializationError
 
 
+_CODE_DIRS: list[str] = []  # where user code is imported from: its files show relative to it in tracebacks
+
+
 def load_target(entry: str, code_dir: str | None = None):
     """Import ``module:qualname`` from the code folder; unwrap an @operator to the user's object."""
     if code_dir and code_dir not in sys.path:
         sys.path.insert(0, code_dir)
+    if code_dir:
+        _CODE_DIRS.extend({code_dir, os.path.abspath(code_dir)} - set(_CODE_DIRS))
     module_name, _, qualname = entry.partition(":")
     module = importlib.import_module(module_name)
     try:
@@ -35,12 +40,19 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _PLUMBING = (_HERE + os.sep, os.path.join("concurrent", "futures"), os.path.join("asyncio", ""))
 
 
+def _relative(text: str) -> str:
+    """A traceback with the user's files named as in their project (``File "main.py"``), not by server paths."""
+    for folder in _CODE_DIRS:
+        text = text.replace(f'File "{folder.rstrip(os.sep)}{os.sep}', 'File "')
+    return text
+
+
 def _user_tb(exc: BaseException) -> str:
     """The traceback from the user's first frame on (the runtime's, the thread pool's and asyncio's frames cut)."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None and any(p in tb.tb_frame.f_code.co_filename for p in _PLUMBING):
         tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb))
+    return _relative("".join(traceback.format_exception(type(exc), exc, tb)))
 
 
 def _user_traceback(exc: BaseException, skip: int) -> str:
@@ -49,9 +61,10 @@ def _user_traceback(exc: BaseException, skip: int) -> str:
         if tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
     try:
-        return "".join(traceback.format_exception(type(exc), exc, tb))
+        return _relative("".join(traceback.format_exception(type(exc), exc, tb)))
     except Exception:  # the exception's __str__ raises: the frames, then a line naming it
-        return "".join(traceback.format_tb(tb)) + f"{type(exc).__qualname__}: {serialization.describe_exception(exc)}\n"
+        return _relative("".join(traceback.format_tb(tb))) + \
+            f"{type(exc).__qualname__}: {serialization.describe_exception(exc)}\n"
 
 
 def within_limit(outcome: str, payload: bytes, limit: str | None) -> tuple[str, bytes]:
@@ -70,6 +83,12 @@ _DEFERRED = (types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType)
 async def collect(values) -> list:
     """An async generator's values, as a list."""
     return [value async for value in values]
+
+
+async def ship_all(values, ship) -> None:
+    """Each of an async generator's values to ``ship``, as it is yielded."""
+    async for value in values:
+        ship(value)
 
 
 class Executor:
@@ -108,21 +127,36 @@ class Executor:
         except Exception as exc:
             self.import_error = exc
 
-    def __call__(self, args_payload: bytes) -> tuple[str, bytes]:
+    def stream(self, value, ship) -> int:
+        """A streaming call (``remote_gen``): the generator's values shipped as items; the result is their count."""
+        if isinstance(value, types.GeneratorType):
+            for item in value:
+                ship(item)
+        elif isinstance(value, types.AsyncGeneratorType):
+            self.settle(ship_all(value, ship))
+        else:
+            raise TypeError(f"remote_gen streams the values of a generator function; {self.entry} returned "
+                            f"{type(value).__name__}, not a generator: call it with f(...) instead")
+        return ship.count
+
+    def __call__(self, args_payload: bytes, ship=None) -> tuple[str, bytes]:
+        """One call; ``ship`` sends a streaming call's items (see ``items.ItemShipper``)."""
         try:
             if self.target is None:
                 if self.import_error is not None:
                     exc, self.import_error = self.import_error, None
                     raise exc
                 self.target = load_target(self.entry, self.code_dir)
-            args, kwargs = serialization.load_args(args_payload)
+            args, kwargs, streams = serialization.load_call(args_payload)
         except SerializationError as exc:
             return "failed", serialization.dump_error(exc, "")
         except Exception as exc:
             return "failed", serialization.dump_error(exc, _user_traceback(exc, 1))
         try:
             value = self.target(*args, **kwargs)
-            if isinstance(value, _DEFERRED):
+            if streams and ship is not None:
+                value = self.stream(value, ship)
+            elif isinstance(value, _DEFERRED):
                 value = self.settle(value)
         except Exception as exc:
             return "failed", serialization.dump_error(exc, _user_tb(exc))

@@ -105,10 +105,23 @@ def _request_schema(method) -> dict:
     return out
 
 
+def call_schema(fn) -> dict | None:
+    """A function's parameters as JSON, for the platform to check JSON triggers against without importing the
+    code: ``{"text": "add(a, b=0)", "params": [{"name", "kind", "required", "schema"}]}`` (None: no signature)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    hints = _hints(fn)
+    params = [{"name": name, "kind": param.kind.name.lower(), "required": param.default is param.empty,
+               "schema": schema_of(hints.get(name, param.annotation))} for name, param in sig.parameters.items()]
+    return {"text": f"{getattr(fn, '__name__', 'function')}{sig}"[:2000], "params": params}
+
+
 def openapi_document(title: str, methods: dict, prefix: str) -> dict:
-    error = {"description": "The method raised", "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"error": {"type": "object", "properties": {
-            "type": {"type": "string"}, "message": {"type": "string"}, "traceback": {"type": "string"}}}}}}}}
+    error = {"description": "The method raised (error: remote_error)", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"error": {"type": "string"}, "message": {"type": "string"}, "details": {
+            "type": "object", "properties": {"type": {"type": "string"}, "traceback": {"type": "string"}}}}}}}}
     paths = {}
     for name, method in sorted(methods.items()):
         doc = inspect.getdoc(method) or ""

@@ -90,7 +90,7 @@ class StreamReply:
             async for value in self.values:
                 await send({"type": "http.response.body", "body": self._frame(value), "more_body": True})
         except Exception as exc:
-            error = {"error": {"type": _type_name(exc), "message": str(exc), "traceback": _user_tb(exc)}}
+            error = method_error(exc)
             await send({"type": "http.response.body", "body": self._frame(error), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
@@ -103,12 +103,22 @@ def json_reply(status: int, data, headers: dict | None = None) -> Reply:
     return Reply(status, json.dumps(data).encode(), headers=headers)
 
 
-def problem(status: int, code: str, message: str, **details) -> Reply:
-    """The platform's error shape for calls that never reached the method (404, 422, 429, 503)."""
+def error_body(code: str, message: str, **details) -> dict:
+    """The platform's one error shape: ``{"error": code, "message", "details"}``."""
     body = {"error": code, "message": message}
     if details:
         body["details"] = details
-    return json_reply(status, body, {"retry-after": 1} if status in (429, 503) else None)
+    return body
+
+
+def problem(status: int, code: str, message: str, **details) -> Reply:
+    """An error answer for calls that never reached the method (404, 422, 429, 503) or whose result failed."""
+    return json_reply(status, error_body(code, message, **details), {"retry-after": 1} if status in (429, 503) else None)
+
+
+def method_error(exc: BaseException) -> dict:
+    """A method's exception in the same shape: its type and traceback (your frames only) in the details."""
+    return error_body("remote_error", str(exc), type=_type_name(exc), traceback=_user_tb(exc))
 
 
 class ServeApp:
@@ -369,14 +379,12 @@ class ServeApp:
         try:
             value = await self._invoke(method, args, kwargs)
         except Exception as exc:
-            return json_reply(500, {"error": {"type": _type_name(exc), "message": str(exc),
-                                              "traceback": _user_tb(exc)}})
+            return json_reply(500, method_error(exc))
         try:
             return Reply(200, json.dumps(value, default=_json_default, allow_nan=False).encode())
         except (TypeError, ValueError, RecursionError) as exc:
-            return json_reply(500, {"error": {
-                "type": "opbox.errors.SerializationError", "traceback": "",
-                "message": f"the result of {name}() is not JSON ({exc}); call it with the opbox SDK for Python objects"}})
+            return problem(500, "serialization_error", f"the result of {name}() is not JSON ({exc}); call it with "
+                           "the opbox SDK for Python objects", type="opbox.errors.SerializationError")
 
     def _openapi_reply(self, scope) -> Reply:
         prefix = dict(scope["headers"]).get(b"x-forwarded-prefix", b"").decode()

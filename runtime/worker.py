@@ -16,6 +16,7 @@ from opbox.serialization import dump_error
 from .capture import OutputCapture
 from .channel import Channel, GatewayGone
 from .execute import Executor, within_limit
+from .items import ItemShipper
 from .reaper import become_subreaper, end_leftovers
 
 
@@ -58,6 +59,7 @@ def main() -> int:
     become_subreaper()
     execute.preload()  # before asking for work: the first run does not pay for the import
     next_path = f"/_internal/pools/{pool}/next?wait=10"
+    runs_path = f"/_internal/pools/{pool}/runs"
     done_headers, body = None, b""
     while True:
         try:
@@ -77,7 +79,8 @@ def main() -> int:
         capture.start(run_id)
         _Lease.held = True
         try:
-            outcome, body = execute(data)
+            items = ItemShipper(channel, f"{runs_path}/{run_id}/items", headers.get("X-Opbox-Result-Limit"))
+            outcome, body = execute(data, items)
         except RunCancelled as exc:  # the platform has ended the run already; this result is ignored
             outcome, body = "failed", dump_error(exc, "")
         finally:

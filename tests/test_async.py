@@ -244,7 +244,8 @@ def test_a_served_generator_method_streams_through_the_gateway(fns, plat, tmp_pa
     assert events.headers["content-type"].startswith("text/event-stream")
     data = [json.loads(line[len("data: "):]) for line in events.text.splitlines() if line.startswith("data: ")]
     assert data[:3] == [0, 1, 2]
-    assert data[3]["error"]["type"].endswith("ValueError") and data[3]["error"]["message"] == "after the values"
+    assert data[3]["error"] == "remote_error" and data[3]["message"] == "after the values"
+    assert data[3]["details"]["type"].endswith("ValueError")
 
 
 def test_a_served_generator_method_called_from_python_returns_the_list(fns, tmp_path):

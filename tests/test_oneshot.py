@@ -31,6 +31,12 @@ def boom():
 @operator()
 def die():
     os._exit(9)
+
+@operator()
+def count(n):
+    for i in range(n):
+        print(f"item {i}")
+        yield i
 """
 
 
@@ -42,7 +48,7 @@ def oneshot(tmp_path_factory):
         sys.path.insert(0, str(folder))
         mod = importlib.import_module("oneshotmod")
         client = plat.client()
-        yield plat, {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("pid_of", "hang", "boom", "die")}
+        yield plat, {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("pid_of", "hang", "boom", "die", "count")}
         sys.modules.pop("oneshotmod", None)
 
 
@@ -68,3 +74,11 @@ def test_failures_timeouts_and_crashes(oneshot):
     with pytest.raises(RunFailed, match="exited with code 9"):
         f["die"]()
     assert plat.client().get("/status").json()["isolation"] == "run"
+
+
+def test_a_one_shot_run_streams_its_generator_items(oneshot):
+    _, f = oneshot
+    assert list(f["count"].remote_gen(3)) == [0, 1, 2]
+    run = f["count"].submit_gen(2)
+    assert list(run.items()) == [0, 1] and run.result() == 2
+    assert "item 1" in "".join(run.logs())

@@ -165,8 +165,10 @@ def test_exception_is_a_json_error(model, plat):
     with plat.http() as http:
         resp = http.post(url(plat, "serve", "Model", "fail"))
         assert resp.status_code == 500
-        error = resp.json()["error"]
-        assert error["type"] == "builtins.ValueError" and error["message"] == "bad value 42"
+        body = resp.json()  # the platform's one error shape
+        assert body["error"] == "remote_error" and body["message"] == "bad value 42"
+        error = body["details"]
+        assert error["type"] == "builtins.ValueError"
         assert 'raise ValueError("bad value 42")' in error["traceback"]
         assert "opbox/runtime" not in error["traceback"]
 

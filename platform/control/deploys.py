@@ -21,7 +21,8 @@ from opbox.schedules import from_dict as schedule_from
 
 from ..backends.base import InjectsSecrets, VersionInfo, require
 from ..ids import check_name
-from ..records.base import JobRecord, NewVersion, Records, VersionRecord
+from ..records.base import OPEN, JobRecord, NewVersion, Records, VersionRecord
+from . import signature as signatures
 from .runs import Runs
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -91,7 +92,8 @@ class Deploys:
         if schedule is not None and kind != "function":
             raise ValidationError("only functions can have a schedule")
         return {"name": name, "kind": kind, "entry": entry, "code_sha256": sha, "python": python,
-                "cloudpickle": cloudpickle, "resource": resource, "schedule": schedule}
+                "cloudpickle": cloudpickle, "resource": resource, "schedule": schedule,
+                "signature": signatures.parse(body.get("signature"))}
 
     # -- reading -------------------------------------------------------------------
     def jobs(self, workspace: str) -> list[JobRecord]:
@@ -104,6 +106,30 @@ class Deploys:
         if job is None:
             raise NotFound(f"no job {ref!r} in workspace {workspace}")
         return job
+
+    async def delete_job(self, workspace: str, ref: str) -> dict:
+        """Delete a job with its versions, runs (arguments, results, logs, items, attempts), maps and schedule.
+        Refused (409) while
+        it has runs queued or running, a map in flight, a version building, or a service serving it: nothing
+        in flight breaks. Its code archive and environments go with the next retention pass once nothing uses them."""
+        job = self.job(workspace, ref)
+        busy = [status for status in OPEN if self.records.runs.of_job(job.id, status, None, 1)]
+        if busy:
+            raise Conflict(f"job {job.name!r} has runs {' and '.join(busy)}: cancel them (opbox cancel RUN) or let "
+                           "them end, then delete it", open=busy)
+        maps = sorted(b for b, state in self.runs.batches.items() if state.version.job_id == job.id)
+        if maps:
+            raise Conflict(f"job {job.name!r} has maps in flight ({', '.join(maps)}): let them end or cancel them "
+                           "(opbox cancel --batch BATCH), then delete it", maps=maps)
+        if any(v.status == "building" for v in self.versions(job)):
+            raise Conflict(f"job {job.name!r} has a version building: delete it once the build has ended")
+        serving = sorted(s.name for s in self.records.services.in_workspace(workspace) if s.job_id == job.id)
+        if serving:
+            raise Conflict(f"job {job.name!r} is served as {', '.join(serving)}: delete the service first "
+                           "(opbox services delete NAME)", services=serving)
+        dropped = self.records.jobs.delete(job.id)
+        await asyncio.to_thread(lambda: [self.store.delete(key) for key in dropped.object_keys])
+        return {"deleted": job.id, "name": job.name, "runs": dropped.runs, "bytes": dropped.bytes}
 
     def versions(self, job: JobRecord) -> list[VersionRecord]:
         """The job's versions, newest first."""
@@ -119,7 +145,8 @@ class Deploys:
     def _new_version(self, workspace: str, spec: dict) -> tuple[JobRecord, int]:
         version = NewVersion(entry=spec["entry"], code_key=code_key(workspace, spec["code_sha256"]),
                              code_sha256=spec["code_sha256"], python=spec["python"], cloudpickle=spec["cloudpickle"],
-                             resource=spec["resource"].to_dict(), created_at=time.time())
+                             resource=spec["resource"].to_dict(), created_at=time.time(),
+                             signature=spec.get("signature"))
         return self.records.jobs.add_version(workspace, spec["name"], spec["kind"], version)
 
     async def load_code(self, workspace: str, sha256: str) -> bytes:
@@ -178,6 +205,12 @@ class Deploys:
         for hook in self.on_ready:
             hook(workspace, job, spec)
         return job, version
+
+    def check_json_call(self, version: VersionInfo, args: list | None, kwargs: dict | None) -> None:
+        """422 naming the function's signature when JSON arguments do not fit it (versions deployed with one)."""
+        row = self.records.jobs.version(version.job_id, version.version)
+        if row is not None and row.signature:
+            signatures.check(row.signature, args or [], kwargs or {})
 
     def resolve(self, workspace: str, ref: str, version: int | None = None) -> tuple[JobRecord, VersionInfo]:
         """A job (by id or name) and the version to run: the given one or the latest ready one."""

@@ -18,6 +18,7 @@ from opbox.errors import OpboxError, StorageError, StorageFull
 
 from ..core import Platform
 from . import routes_internal as internal
+from . import routes_items as items
 from . import routes_jobs as jobs
 from . import routes_runs as runs
 from . import routes_schedules as schedules
@@ -100,6 +101,7 @@ ROUTES = [
     Route(W + "/jobs", jobs.deploy, methods=["POST"]),
     Route(W + "/uploads", jobs.create_upload, methods=["POST"]),
     Route(W + "/job/{job}", jobs.get_job),
+    Route(W + "/job/{job}", jobs.delete_job, methods=["DELETE"]),
     Route(W + "/job/{job}/versions", jobs.list_versions),
     Route(W + "/job/{job}/build-log", jobs.build_log),
     Route(W + "/job/{job}/runs", jobs.list_runs),
@@ -128,6 +130,8 @@ ROUTES = [
     Route(W + "/runs/{run}/logs", runs.get_logs),
     Route(W + "/runs/{run}/attempts", runs.get_attempts),
     Route(W + "/runs/{run}/cancel", runs.cancel_run, methods=["POST"]),
+    Route(W + "/runs/{run}/items", items.stream_items),
+    Route(W + "/runs/{run}/items/{seq}", items.get_item),
     Route(W + "/tokens", runs.list_tokens),
     Route(W + "/tokens", runs.create_token, methods=["POST"]),
     Route(W + "/tokens/{token}", runs.revoke_token, methods=["DELETE"]),
@@ -143,6 +147,8 @@ ROUTES = [
     Route("/_internal/runs/{run}/args", internal.run_args, include_in_schema=False),
     Route("/_internal/runs/{run}/logs", internal.run_logs, methods=["POST"], include_in_schema=False),
     Route("/_internal/runs/{run}/result", internal.run_result, methods=["POST"], include_in_schema=False),
+    Route("/_internal/pools/{pool}/runs/{run}/items", internal.worker_items, methods=["POST"], include_in_schema=False),
+    Route("/_internal/runs/{run}/items", internal.run_items, methods=["POST"], include_in_schema=False),
 ]
 
 

@@ -53,10 +53,13 @@ def job_json(job: JobRecord) -> dict:
 
 
 def version_json(row: VersionRecord) -> dict:
-    return {"job_id": row.job_id, "version": row.version, "status": row.status, "entry": row.entry,
-            "code_sha256": row.code_sha256, "requirements_sha256": row.requirements_sha256, "python": row.python,
-            "cloudpickle": row.cloudpickle, "created_at": row.created_at, "ready_at": row.ready_at,
-            "error": row.error, "resource": row.resource}
+    out = {"job_id": row.job_id, "version": row.version, "status": row.status, "entry": row.entry,
+           "code_sha256": row.code_sha256, "requirements_sha256": row.requirements_sha256, "python": row.python,
+           "cloudpickle": row.cloudpickle, "created_at": row.created_at, "ready_at": row.ready_at,
+           "error": row.error, "resource": row.resource}
+    if row.signature:  # a function deployed with its signature (JSON triggers are checked against it)
+        out["signature"] = row.signature["text"]
+    return out
 
 
 def attempt_json(attempt: AttemptRecord | RunRecord, base: str = "") -> dict:

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from opbox import envelope
-from opbox.errors import AuthError, Conflict, NotFound, StorageError
+from opbox.errors import AuthError, BadRequest, Conflict, NotFound, StorageError
 
 from ..backends.base import Completion, Lease, WorkerPools, require
 from .http import payload_response, query_number, read_body, read_payload
@@ -71,6 +71,23 @@ async def worker_logs(request: Request):
     return Response(status_code=204)
 
 
+async def worker_items(request: Request):
+    plat, _, worker = _worker(request)
+    run_id = request.path_params["run"]
+    if worker is None or worker.run_id != run_id:  # a worker streams the items of the run in its hands only
+        raise NotFound(f"run {run_id} is not this worker's")
+    await _item(request, plat, run_id, worker.pool.version.workspace)
+    return Response(status_code=204)
+
+
+async def _item(request: Request, plat, run_id: str, workspace: str) -> None:
+    """Keep the item (``?seq=N``, from 1) a streaming run's generator has just yielded."""
+    seq = query_number(request, "seq", None, 1, 10**12, int)
+    if seq is None:
+        raise BadRequest("query parameter 'seq' is required")
+    plat.items.add(run_id, seq, await read_payload(request, plat.payloads, workspace, plat.settings.max_payload, "item"))
+
+
 # -- one-shot batch runs (python -m opbox.runtime run --run-id X) -----------------------
 def _run(request: Request):
     plat = platform(request)
@@ -106,4 +123,13 @@ async def run_result(request: Request):
         raise NotFound(f"no run {run_id}")
     outcome, payload = await _result(request, plat, run.workspace)
     plat.runs.run_finished(run_id, outcome, payload)
+    return Response(status_code=204)
+
+
+async def run_items(request: Request):
+    plat, run_id = _run(request)
+    run = plat.runs.find(run_id)
+    if run is None:
+        raise NotFound(f"no run {run_id}")
+    await _item(request, plat, run_id, run.workspace)
     return Response(status_code=204)

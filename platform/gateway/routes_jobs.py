@@ -16,7 +16,8 @@ from opbox.errors import BadRequest, BuildError, OpboxError, ValidationError
 
 from ..records.base import TERMINAL, Payload, RunRecord, StoredPayload
 from .http import json_body, ok, payload_response, query_number, read_body, read_payload
-from .render import SHUTTING_DOWN_LINE, batch_json, job_json, run_json, version_json
+from .follow import follow_ndjson
+from .render import batch_json, job_json, run_json, version_json
 
 _FRAME = struct.Struct(">I")
 
@@ -146,6 +147,21 @@ async def get_job(request: Request):
     return ok(job_json(job))
 
 
+async def delete_job(request: Request):
+    """
+    summary: Delete a job with its versions, runs (arguments, results, logs, items) and maps
+    description: >
+      Refused with 409 while the job has runs queued or running (cancel them or let them end), a map in
+      flight, a version building, or a service serving it (delete the service first): nothing in flight breaks.
+    responses:
+      200: {description: '{"deleted": job id, "name", "runs": runs deleted, "bytes": bytes freed}'}
+      404: {description: No such job}
+      409: {description: Runs are open, a map is in flight, a build is going on, or a service serves the job}
+    """
+    ws = workspace(request)
+    return ok(await platform(request).deploys.delete_job(ws, request.path_params["job"]))
+
+
 def _job(request: Request, ws: str):
     plat = platform(request)
     return plat.deploys.job(ws, request.path_params["job"]), plat
@@ -246,6 +262,7 @@ async def trigger(request: Request):
           schema: {type: object, properties: {args: {type: array}, kwargs: {type: object}, version: {type: integer}}}
     responses:
       202: {description: The run's id and where to read its status, result and logs}
+      422: {description: 'JSON arguments that do not fit the function: missing or unknown ones (validation_error, naming the signature)'}
       507: {description: No room for the arguments (storage_full, storage_quota_exceeded)}
     """
     ws = workspace(request)
@@ -265,6 +282,8 @@ async def trigger(request: Request):
             version_no = body["version"]
         payload = envelope.json_args(body.get("args"), body.get("kwargs"))
     _, version = plat.deploys.resolve(ws, request.path_params["job"], version_no)
+    if not ctype.startswith(envelope.CONTENT_TYPE):
+        plat.deploys.check_json_call(version, body.get("args"), body.get("kwargs"))
     run_id = plat.runs.create(version, payload, trigger="trigger")
     run = plat.runs.get(ws, run_id)
     return JSONResponse({"run_id": run_id, **run_json(run, base_url(request, ws))}, status_code=202)
@@ -389,31 +408,16 @@ async def batch_results(request: Request):
     runs.batch(ws, batch_id)
     after = query_number(request, "after", 0, 0, 10**12, int)
 
-    async def stream():
-        nonlocal after
-        while True:
-            rows = runs.batch_results(batch_id, after)
-            if rows:
-                out = []
-                for r in rows:
-                    line = {"index": r.index, "run_id": r.run_id, "status": r.status, "seq": r.seq,
-                            "exit_reason": r.exit_reason}
-                    if r.payload is None:
-                        line["expired"] = True  # kept past its retention: the record stays, the result is gone
-                    elif isinstance(r.payload, StoredPayload):  # large: read it from the run's result route
-                        line["stored"], line["size"] = True, r.payload.size
-                    else:
-                        line["payload"] = base64.b64encode(r.payload).decode()
-                    out.append(json.dumps(line))
-                after = rows[-1].seq
-                yield "\n".join(out) + "\n"
-                continue
-            if runs.batch_over(batch_id, after):
-                return
-            if runs.notifier.closing:  # the SDK reconnects from `after` once a gateway answers again
-                yield SHUTTING_DOWN_LINE
-                return
-            if not await runs.notifier.wait(f"batch:{batch_id}", 15.0):
-                yield '{"heartbeat": true}\n'
+    def render(r) -> tuple[int, dict]:
+        line = {"index": r.index, "run_id": r.run_id, "status": r.status, "seq": r.seq, "exit_reason": r.exit_reason}
+        if r.payload is None:
+            line["expired"] = True  # kept past its retention: the record stays, the result is gone
+        elif isinstance(r.payload, StoredPayload):  # large: read it from the run's result route
+            line["stored"], line["size"] = True, r.payload.size
+        else:
+            line["payload"] = base64.b64encode(r.payload).decode()
+        return r.seq, line
 
-    return StreamingResponse(stream(), media_type="application/x-ndjson")
+    return follow_ndjson(after, lambda a: runs.batch_results(batch_id, a), render,
+                         lambda a: "" if runs.batch_over(batch_id, a) else None,
+                         lambda: runs.notifier.wait(f"batch:{batch_id}", 15.0), lambda: runs.notifier.closing)

@@ -133,7 +133,8 @@ async def call(request: Request):
       For a class, POST /{workspace}/serve/{name}/{method} calls the method. A JSON object body is the
       keyword arguments ({"x": [1, 2]}); {"args": [...], "kwargs": {...}} or a JSON array passes positional
       ones. The answer is the JSON result; 422 names the signature when arguments do not fit; 404 for an
-      unknown method; 500 {"error": {"type", "message", "traceback"}} when the method raised; 429 with
+      unknown method; 500 when the method raised; every error is {"error": code, "message", "details"}
+      (a method's exception: remote_error, with details {"type", "traceback"}); 429 with
       Retry-After when the replicas' concurrency and queues are full. With Content-Type
       application/x-opbox-envelope (the SDK) arguments and result travel pickled. For an ASGI app, every
       method and path under /{workspace}/serve/{name}/ reaches the app's own routes.

@@ -177,6 +177,7 @@ class VersionRecord:
     error: str | None
     created_at: float
     ready_at: float | None
+    signature: dict | None = None  # a function's parameters (``runtime.schema.call_schema``); None: unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +189,7 @@ class NewVersion:
     cloudpickle: str
     resource: dict
     created_at: float
+    signature: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +305,22 @@ class UsageRecords(Protocol):
     def add(self, workspace: str, delta: int) -> None: ...
 
 
+class ItemRecords(Protocol):
+    """A streaming run's items, numbered from 1 in the order its generator yielded them."""
+
+    def add(self, run_id: str, workspace: str, seq: int, item: Payload) -> bool:
+        """Item ``seq`` and its bytes in the workspace's usage, atomically; False (nothing written) when
+        the run has an item ``seq`` already (a resent request, or a retried attempt yielding it again)."""
+
+    def after(self, run_id: str, after: int, limit: int) -> list[tuple[int, Payload]]:
+        """Items with ``seq`` > ``after``, in order."""
+
+    def get(self, run_id: str, seq: int) -> Payload | None: ...
+
+    def count(self, run_id: str) -> int:
+        """The highest ``seq`` stored (0: none)."""
+
+
 class BatchRecords(Protocol):
     def create(self, batch_id: str, workspace: str, job_id: str, version: int, concurrency: int | None,
                at: float) -> None: ...
@@ -338,6 +356,10 @@ class JobRecords(Protocol):
 
     def in_workspace(self, workspace: str) -> list[JobRecord]:
         """Newest first."""
+
+    def delete(self, job_id: str) -> Dropped:
+        """The job, its versions, its maps and its runs with their payloads, logs and items, atomically; their bytes
+        come off the workspace's usage. Returns what went (the caller deletes the objects in the store)."""
 
     def add_version(self, workspace: str, name: str, kind: str, version: NewVersion) -> tuple[JobRecord, int]:
         """A new version (building) of the job, made when missing; atomically. Raises Conflict
@@ -440,5 +462,6 @@ class Records(Protocol):
     usage: UsageRecords
     schedules: ScheduleRecords
     secrets: SecretRecords
+    items: ItemRecords
 
     def close(self) -> None: ...

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .batches import SqliteBatches
 from .connection import Database
+from .items import SqliteItems
 from .jobs import SqliteJobs
 from .runs import SqliteRuns
 from .schedules import SqliteSchedules, SqliteSecrets
@@ -32,6 +33,7 @@ class SqliteRecords:
         self.usage = SqliteUsage(database)
         self.schedules = SqliteSchedules(database)
         self.secrets = SqliteSecrets(database)
+        self.items = SqliteItems(database)
 
     def close(self) -> None:
         self.database.close()

@@ -7,16 +7,18 @@ import json
 from opbox.errors import Conflict
 
 from ...ids import new_id
-from ..base import JobRecord, NewVersion, VersionRecord
+from ..base import Dropped, JobRecord, NewVersion, VersionRecord
 from .connection import Database, storage_errors
+from .runs import drop_run_data
 
 JOB = "SELECT id, workspace, name, kind, created_at, latest_version FROM jobs"
 VERSION = ("SELECT job_id, version, status, entry, code_key, code_sha256, requirements_sha256, python, cloudpickle, "
-           "resource, artifact, error, created_at, ready_at FROM versions")
+           "resource, artifact, error, created_at, ready_at, signature FROM versions")
 
 
 def _version(row: tuple) -> VersionRecord:
-    return VersionRecord(*row[:9], json.loads(row[9]), json.loads(row[10]) if row[10] else None, *row[11:])
+    return VersionRecord(*row[:9], json.loads(row[9]), json.loads(row[10]) if row[10] else None, *row[11:14],
+                         json.loads(row[14]) if row[14] else None)
 
 
 @storage_errors
@@ -41,6 +43,16 @@ class SqliteJobs:
         return [JobRecord(*r) for r in self.db.execute(f"{JOB} WHERE workspace = ? ORDER BY created_at DESC",
                                                        (workspace,))]
 
+    def delete(self, job_id: str) -> Dropped:
+        ids = [(r[0],) for r in self.db.execute("SELECT id FROM runs WHERE job_id = ?", (job_id,))]
+        with self.tx() as db:
+            freed, keys = drop_run_data(db, ids)
+            db.executemany("DELETE FROM attempts WHERE run_id = ?", ids)
+            for table, column in (("runs", "job_id"), ("batches", "job_id"), ("versions", "job_id"),
+                                  ("schedules", "job_id"), ("jobs", "id")):
+                db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job_id,))
+        return Dropped(len(ids), freed, keys)
+
     def add_version(self, workspace: str, name: str, kind: str, version: NewVersion) -> tuple[JobRecord, int]:
         with self.tx() as db:
             row = db.execute(f"{JOB} WHERE workspace = ? AND name = ?", (workspace, name)).fetchone()
@@ -56,9 +68,10 @@ class SqliteJobs:
                                 (job.id,)).fetchone()[0]
             db.execute(
                 "INSERT INTO versions(job_id, version, status, entry, code_key, code_sha256, requirements_sha256, "
-                "python, cloudpickle, resource, created_at) VALUES (?,?,'building',?,?,?,'',?,?,?,?)",
+                "python, cloudpickle, resource, created_at, signature) VALUES (?,?,'building',?,?,?,'',?,?,?,?,?)",
                 (job.id, number, version.entry, version.code_key, version.code_sha256, version.python,
-                 version.cloudpickle, json.dumps(version.resource), version.created_at))
+                 version.cloudpickle, json.dumps(version.resource), version.created_at,
+                 json.dumps(version.signature) if version.signature else None))
         return job, number
 
     def version(self, job_id: str, version: int) -> VersionRecord | None:

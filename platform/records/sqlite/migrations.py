@@ -107,6 +107,16 @@ CREATE INDEX runs_by_batch_id ON runs(batch_id, id) WHERE batch_id IS NOT NULL;
 CREATE INDEX runs_by_batch_index ON runs(batch_id, batch_index) WHERE batch_id IS NOT NULL;
 CREATE INDEX batches_by_workspace ON batches(workspace, id);
 """,
+    # 6: a streaming run's items (a generator's values, numbered from 1 as they are yielded): inline, or a
+    # reference to the object store (the row keeps the key, the size and the envelope's head); a function
+    # version's signature (JSON, from the SDK at deploy), which JSON triggers are checked against
+    """
+ALTER TABLE versions ADD COLUMN signature TEXT;
+CREATE TABLE run_items(
+  run_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, object_key TEXT, size INTEGER NOT NULL,
+  PRIMARY KEY(run_id, seq));
+CREATE INDEX run_items_by_object ON run_items(object_key) WHERE object_key IS NOT NULL;
+""",
 )
 
 

@@ -36,6 +36,29 @@ def as_payload(data: bytes, key: str | None, size: int | None) -> Payload:
     return data if key is None else StoredPayload(key, size, data)
 
 
+def drop_run_data(db, ids: list[tuple[str]]) -> tuple[int, list[str]]:
+    """Delete the runs' payloads, logs and items, taking their bytes off their workspaces' usage; returns the
+    bytes freed and the object-store keys of payloads that lived there (the caller deletes those)."""
+    freed: dict[str, int] = {}
+    keys: list[str] = []
+    for (run_id,) in ids:
+        workspace, log_bytes = db.execute("SELECT workspace, log_bytes FROM runs WHERE id = ?",
+                                          (run_id,)).fetchone()
+        size = log_bytes
+        for key, payload_bytes in db.execute("SELECT object_key, COALESCE(size, length(data)) FROM payloads "
+                                             "WHERE run_id = ? UNION ALL SELECT object_key, size FROM run_items "
+                                             "WHERE run_id = ?", (run_id, run_id)):
+            size += payload_bytes
+            if key is not None:
+                keys.append(key)
+        freed[workspace] = freed.get(workspace, 0) + size
+    db.executemany("DELETE FROM payloads WHERE run_id = ?", ids)
+    db.executemany("DELETE FROM logs WHERE run_id = ?", ids)
+    db.executemany("DELETE FROM run_items WHERE run_id = ?", ids)
+    db.executemany(ADD_USAGE, [(workspace, -size) for workspace, size in freed.items()])
+    return sum(freed.values()), keys
+
+
 @storage_errors
 class SqliteRuns:
     def __init__(self, database: Database):
@@ -203,7 +226,7 @@ class SqliteRuns:
         if not ids:
             return Dropped(0, 0, [])
         with self.tx() as db:
-            freed, keys = self._drop(db, ids)
+            freed, keys = drop_run_data(db, ids)
             db.executemany("UPDATE runs SET expired_at = ?, log_bytes = 0 WHERE id = ?", [(now, i) for (i,) in ids])
         return Dropped(len(ids), freed, keys)
 
@@ -214,35 +237,17 @@ class SqliteRuns:
         if not ids:
             return Dropped(0, 0, [])
         with self.tx() as db:
-            freed, keys = self._drop(db, ids)
+            freed, keys = drop_run_data(db, ids)
             db.executemany("DELETE FROM attempts WHERE run_id = ?", ids)
             db.executemany("DELETE FROM runs WHERE id = ?", ids)
         return Dropped(len(ids), freed, keys)
-
-    def _drop(self, db, ids: list[tuple[str]]) -> tuple[int, list[str]]:
-        """Delete the runs' payloads and logs, taking their bytes off their workspaces' usage; returns the
-        bytes freed and the object-store keys of payloads that lived there (the caller deletes those)."""
-        freed: dict[str, int] = {}
-        keys: list[str] = []
-        for (run_id,) in ids:
-            workspace, log_bytes = db.execute("SELECT workspace, log_bytes FROM runs WHERE id = ?",
-                                              (run_id,)).fetchone()
-            size = log_bytes
-            for key, payload_bytes in db.execute("SELECT object_key, COALESCE(size, length(data)) FROM payloads "
-                                                 "WHERE run_id = ?", (run_id,)):
-                size += payload_bytes
-                if key is not None:
-                    keys.append(key)
-            freed[workspace] = freed.get(workspace, 0) + size
-        db.executemany("DELETE FROM payloads WHERE run_id = ?", ids)
-        db.executemany("DELETE FROM logs WHERE run_id = ?", ids)
-        db.executemany(ADD_USAGE, [(workspace, -size) for workspace, size in freed.items()])
-        return sum(freed.values()), keys
 
     def stored_keys(self, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for start in range(0, len(keys), 500):
             chunk = list(keys[start:start + 500])
+            marks = ",".join("?" * len(chunk))
             found.update(r[0] for r in self.db.execute(
-                f"SELECT object_key FROM payloads WHERE object_key IN ({','.join('?' * len(chunk))})", chunk))
+                f"SELECT object_key FROM payloads WHERE object_key IN ({marks}) UNION ALL "
+                f"SELECT object_key FROM run_items WHERE object_key IN ({marks})", chunk * 2))
         return found

@@ -298,7 +298,7 @@ def seed_runs(state: Path, template_run: str, count: int) -> None:
     from opbox.platform.ids import new_id
     from opbox.platform.records.base import NewRun
     from opbox.platform.records.sqlite import open_sqlite
-    from opbox.platform.records.sqlite.runs import INSERT, INSERT_ARGS
+    from opbox.platform.records.sqlite.runs import INSERT, INSERT_PAYLOAD, payload_row
 
     records = open_sqlite(state)
     try:
@@ -310,9 +310,8 @@ def seed_runs(state: Path, template_run: str, count: int) -> None:
                           run.max_retries, run.timeout) for _ in range(min(chunk, count - start))]
             with records.database.tx() as db:
                 db.executemany(INSERT, new)
-                db.executemany(INSERT_ARGS, [(r.id, args) for r in new])
-                db.executemany("INSERT INTO payloads(run_id, kind, data) VALUES (?, 'result', ?)",
-                               [(r.id, result) for r in new])
+                db.executemany(INSERT_PAYLOAD, [payload_row(r.id, "args", args) for r in new])
+                db.executemany(INSERT_PAYLOAD, [payload_row(r.id, "result", result) for r in new])
                 db.execute("UPDATE runs SET status = 'succeeded', started_at = created_at, finished_at = created_at, "
                            "worker = 'seed' WHERE status = 'queued'")
     finally:

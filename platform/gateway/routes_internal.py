@@ -96,6 +96,15 @@ def _run(request: Request):
     return plat, run_id
 
 
+def _run_record(request: Request):
+    """The authenticated one-shot run's platform and record (404 when it is gone)."""
+    plat, run_id = _run(request)
+    run = plat.runs.find(run_id)
+    if run is None:
+        raise NotFound(f"no run {run_id}")
+    return plat, run
+
+
 async def run_args(request: Request):
     plat, run_id = _run(request)
     if not plat.runs.run_started(run_id, request.headers.get("x-opbox-worker", "batch")):
@@ -117,19 +126,13 @@ async def run_logs(request: Request):
 
 
 async def run_result(request: Request):
-    plat, run_id = _run(request)
-    run = plat.runs.find(run_id)
-    if run is None:
-        raise NotFound(f"no run {run_id}")
+    plat, run = _run_record(request)
     outcome, payload = await _result(request, plat, run.workspace)
-    plat.runs.run_finished(run_id, outcome, payload)
+    plat.runs.run_finished(run.id, outcome, payload)
     return Response(status_code=204)
 
 
 async def run_items(request: Request):
-    plat, run_id = _run(request)
-    run = plat.runs.find(run_id)
-    if run is None:
-        raise NotFound(f"no run {run_id}")
-    await _item(request, plat, run_id, run.workspace)
+    plat, run = _run_record(request)
+    await _item(request, plat, run.id, run.workspace)
     return Response(status_code=204)

@@ -8,12 +8,16 @@ import math
 import threading
 import time
 import weakref
+from urllib.parse import quote
 
 import httpx
 
-from . import errors
+from . import envelope, errors
 from .config import ClientConfig
+from .wire import KeepAliveTransport, proxies_in_environment
 
+ENVELOPE_TYPE = {"Content-Type": envelope.CONTENT_TYPE}
+ENVELOPE_TYPE_BYTES = envelope.CONTENT_TYPE.encode("ascii")
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)  # the request never left: safe to resend
 CONNECT_ERRORS = (*NOT_SENT, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)  # it may have arrived
 
@@ -36,9 +40,17 @@ class Client:
         headers = {"User-Agent": "opbox-sdk"}
         if self.config.token:
             headers["Authorization"] = f"Bearer {self.config.token}"
-        self.http = httpx.Client(base_url=self.config.url, headers=headers,
-                                 timeout=httpx.Timeout(30.0, read=330.0),
-                                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        self.wire = None if proxies_in_environment() else KeepAliveTransport(httpx.HTTPTransport(limits=limits))
+        self.http = httpx.Client(base_url=self.config.url, headers=headers, timeout=httpx.Timeout(30.0, read=330.0),
+                                 limits=limits, transport=self.wire)
+        base = self.http.base_url
+        if base.scheme != "http":
+            self.wire = None  # TLS: httpx's transport does all of it
+        self._address, self._timeouts = (base.host, base.port or 80), self.http.timeout.as_dict()
+        self._target = f"{base.raw_path.decode('ascii').rstrip('/')}/{self.config.workspace}"
+        self._head = "".join(f"{name}: {value}\r\n" for name, value in
+                             [("Host", base.netloc.decode("ascii")), *self.http.headers.items()]).encode("latin-1")
         self.retry_for = retry_for
         self._async: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> httpx.AsyncClient
 
@@ -59,6 +71,24 @@ class Client:
 
     def path(self, path: str) -> str:
         return f"/{self.config.workspace}{path}"
+
+    def post_envelope(self, path: str, body: bytes, query: str) -> httpx.Response:
+        """POST an envelope (``path`` in the workspace, ``query`` made by the caller) and return the answer, or
+        raise as ``request`` does: the call path, sent in one write over the thread's keep-alive connection."""
+        if self.wire is None:
+            return self.request("POST", f"{path}?{query}", content=body, headers=ENVELOPE_TYPE)
+        head = (f"POST {self._target}{quote(path)}?{query} HTTP/1.1\r\n".encode("ascii") + self._head
+                + b"Content-Type: %s\r\nContent-Length: %d\r\n\r\n" % (ENVELOPE_TYPE_BYTES, len(body)))
+        try:
+            status, headers, content = self.wire.exchange(self._address, "POST", head, body, self._timeouts)
+        except CONNECT_ERRORS as exc:  # as ``send`` without retry: the run may exist, never send it twice
+            _Retries(self, False, 0.0).after_error(exc)
+            raise
+        resp = httpx.Response(status, headers=headers, content=content)
+        if status >= 400:
+            resp.request = httpx.Request("POST", self.http.base_url.join(self.path(path)))
+            raise_for(resp)
+        return resp
 
     def request(self, method: str, path: str, *, retry: bool = False, wait_quota: bool = False,
                 **kwargs) -> httpx.Response:

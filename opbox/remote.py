@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 from typing import Any, AsyncIterator, Iterable, Iterator
+from urllib.parse import urlencode
 
 import httpx
 
@@ -155,10 +156,13 @@ class RemoteFunction(Mappable):
             extra["version"] = self.version
         return extra
 
+    @property
+    def _call_query(self) -> str:
+        return urlencode(self._params(wait=LONG_POLL))
+
     def __call__(self, *args, **kwargs) -> Any:
         payload = serialization.dump_args(args, kwargs)
-        resp = self.client.post(f"/job/{self.job_id}/runs", content=payload, headers=ENVELOPE,
-                                params=self._params(wait=LONG_POLL))
+        resp = self.client.post_envelope(f"/job/{self.job_id}/runs", payload, self._call_query)
         if resp.status_code == 200:
             return decode(resp.headers["x-opbox-status"], resp.content, resp.headers["x-opbox-run-id"], _reason(resp))
         return RunHandle(resp.json()["id"], self.client).result()

@@ -12,7 +12,32 @@ import time
 from urllib.parse import urlsplit
 
 
+ONE_WRITE_MAX = 1 << 20  # bodies up to this size go out with the request's head in one write
+
+
 class GatewayGone(Exception):
+    pass
+
+
+class _OneWrite:
+    """http.client sends a request's head and body in two writes (two wake-ups of the gateway); this sends
+    an in-memory body of up to ``ONE_WRITE_MAX`` bytes in the same write as the head."""
+
+    def _send_output(self, message_body=None, encode_chunked=False):
+        if isinstance(message_body, (bytes, bytearray)) and len(message_body) <= ONE_WRITE_MAX:
+            self._buffer.extend((b"", b""))
+            head = b"\r\n".join(self._buffer)
+            del self._buffer[:]
+            self.send(head + message_body)
+            return
+        super()._send_output(message_body, encode_chunked)
+
+
+class _Connection(_OneWrite, http.client.HTTPConnection):
+    pass
+
+
+class _TLSConnection(_OneWrite, http.client.HTTPSConnection):
     pass
 
 
@@ -27,7 +52,7 @@ class Channel:
         self.conn: http.client.HTTPConnection | None = None
 
     def _connect(self, timeout: float) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        cls = _TLSConnection if self.https else _Connection
         conn = cls(self.host, self.port, timeout=timeout)
         conn.connect()
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -196,3 +196,24 @@ def test_concurrent_callers(fns):
     for t in threads:
         t.join()
     assert not errors and results == {i: 2 * i for i in range(40)}
+
+
+def test_the_hot_routes_answer_as_the_router_would(fns, plat, client):
+    """A call and a worker's next are routed by splitting the path (gateway/app.py HotRouter): the same
+    answers as the routes' patterns give, and nothing else taken for them."""
+    import httpx
+
+    _, f = fns
+    base = plat.url
+    token = {"Authorization": client.http.headers["authorization"]}
+    envelope = {"Content-Type": serialization.CONTENT_TYPE, **token}
+    ok = httpx.post(f"{base}/{client.workspace}/job/{f['add'].job_id}/runs", params={"wait": 30}, headers=envelope,
+                    content=serialization.dump_args((2, 3), {}))
+    assert ok.status_code == 200 and ok.headers["x-opbox-status"] == "succeeded"
+    other = httpx.post(f"{base}/not-mine/job/{f['add'].job_id}/runs", headers=envelope, content=b"x")
+    assert other.status_code == 404 and "error" in other.json()  # another workspace is not seen
+    # the dashboard's and internal paths are not calls
+    assert httpx.post(f"{base}/_ui/job/x/runs", headers=token).status_code in (404, 405)
+    lease = httpx.post(f"{base}/_internal/pools/nope/next", headers=token)
+    assert lease.status_code in (401, 403, 404) and "error" in lease.json()
+    assert httpx.get(f"{base}/{client.workspace}/job/{f['add'].job_id}/runs", headers=token).status_code == 200

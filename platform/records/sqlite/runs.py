@@ -20,6 +20,13 @@ SELECT = f"SELECT {COLUMNS} FROM runs"
 INSERT = ("INSERT OR IGNORE INTO runs(id, workspace, job_id, version, trigger, created_at, max_retries, timeout, "
           "batch_id, batch_index, schedule_id, status) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued')")
 OPEN_SQL = "status IN ('queued', 'running')"  # base.OPEN, as literals: so the partial index runs_open applies
+ENDED_BADLY_SQL = "status IN ('failed', 'timed_out', 'cancelled')"  # as the partial index runs_ended_badly
+STATUSES = frozenset({"queued", "running", "succeeded", "failed", "cancelled", "timed_out"})
+# the partial index a status filter walks (the planner, without statistics, would rather walk the workspace's)
+# and the term that tells SQLite the partial index holds the rows (it must appear as the index has it)
+STATUS_INDEX = {**dict.fromkeys(("queued", "running"), (" INDEXED BY runs_open", f" AND {OPEN_SQL}")),
+                **dict.fromkeys(("failed", "cancelled", "timed_out"),
+                                (" INDEXED BY runs_ended_badly", f" AND {ENDED_BADLY_SQL}"))}
 INSERT_PAYLOAD = "INSERT OR REPLACE INTO payloads(run_id, kind, data, object_key, size) VALUES (?,?,?,?,?)"
 ADD_USAGE = ("INSERT INTO usage(workspace, bytes) VALUES (?, ?) "
              "ON CONFLICT(workspace) DO UPDATE SET bytes = bytes + excluded.bytes")
@@ -116,21 +123,19 @@ class SqliteRuns:
 
     def finish(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
                result: Payload) -> tuple[RunRecord, bool]:
-        complete = False
+        complete, seq = False, None
         with self.tx() as db:
+            if run.batch_id:  # its completion number first, so the run's row is written once
+                seq, total = db.execute("UPDATE batches SET done = done + 1 WHERE id = ? RETURNING done, total",
+                                        (run.batch_id,)).fetchone()
+                complete = total is not None and seq >= total
             row = db.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, exit_reason = COALESCE(?, exit_reason), error_type = ?, "
-                f"started_at = COALESCE(started_at, ?), retry_at = NULL WHERE id = ? RETURNING {COLUMNS}",
-                (status, at, reason, error_type, at, run.id)).fetchone()
+                f"started_at = COALESCE(started_at, ?), retry_at = NULL, done_seq = COALESCE(?, done_seq) WHERE id = ? "
+                f"RETURNING {COLUMNS}", (status, at, reason, error_type, at, seq, run.id)).fetchone()
             ended = RunRecord(*row)
             db.execute(INSERT_PAYLOAD, payload_row(run.id, "result", result))
             db.execute(ADD_USAGE, (run.workspace, payload_size(result)))
-            if run.batch_id:
-                seq, total = db.execute("UPDATE batches SET done = done + 1 WHERE id = ? RETURNING done, total",
-                                        (run.batch_id,)).fetchone()
-                db.execute("UPDATE runs SET done_seq = ? WHERE id = ?", (seq, run.id))
-                complete = total is not None and seq >= total
-                ended = replace(ended, done_seq=seq)
         return ended, complete
 
     def append_log(self, run_id: str, data: bytes, limit: int, marker: bytes, dropped: bool) -> bool:
@@ -173,17 +178,23 @@ class SqliteRuns:
         return [RunRecord(*r) for r in self.db.execute(sql + " ORDER BY id DESC LIMIT ?", params)]
 
     def open_counts(self, workspace: str) -> dict[str, int]:
-        return dict(self.db.execute(f"SELECT status, COUNT(*) FROM runs WHERE workspace = ? AND {OPEN_SQL} "
-                                    "GROUP BY status", (workspace,)).fetchall())
+        return dict(self.db.execute(f"SELECT status, COUNT(*) FROM runs INDEXED BY runs_open WHERE workspace = ? "
+                                    f"AND {OPEN_SQL} GROUP BY status", (workspace,)).fetchall())
 
     def search(self, workspace: str, where: RunFilter, limit: int) -> list[RunRecord]:
         # SQLite walks one index backwards in id order and stops after ``limit`` rows: a map's or a job's
-        # (the most selective; "+workspace" keeps the planner off the workspace's), else runs_by_status,
-        # runs_by_trigger or runs_by_workspace
+        # (the most selective; "+workspace" keeps the planner off the workspace's), else runs_open or
+        # runs_ended_badly (a status written as a literal, so the planner sees the partial index applies),
+        # runs_by_trigger or runs_by_workspace (succeeded runs: most runs, found soon in id order)
         narrow = where.batch_id is not None or where.job_id is not None
-        sql, params = f"{SELECT} WHERE {'+' if narrow else ''}workspace = ?", [workspace]
-        for column, value in (("job_id", where.job_id), ("status", where.status), ("trigger", where.trigger),
-                              ("batch_id", where.batch_id)):
+        index, implied = ("", "") if narrow else STATUS_INDEX.get(where.status, ("", ""))
+        sql, params = f"{SELECT}{index} WHERE {'+' if narrow else ''}workspace = ?{implied}", [workspace]
+        if where.status in STATUSES:
+            sql += f" AND status = '{where.status}'"
+        elif where.status is not None:
+            sql += " AND status = ?"
+            params.append(where.status)
+        for column, value in (("job_id", where.job_id), ("trigger", where.trigger), ("batch_id", where.batch_id)):
             if value is not None:
                 sql += f" AND {column} = ?"
                 params.append(value)
@@ -197,23 +208,38 @@ class SqliteRuns:
         return [RunRecord(*r) for r in self.db.execute(sql + " ORDER BY id DESC LIMIT ?", params)]
 
     def status_counts(self, workspace: str, since_id: str, before_id: str | None = None) -> dict[str, int]:
-        return dict(self.db.execute(
-            "SELECT status, COUNT(*) FROM runs INDEXED BY runs_by_status WHERE workspace = ? AND status IN "
-            "('queued', 'running', 'succeeded', 'failed', 'cancelled', 'timed_out') AND id >= ? AND id < ? "
-            "GROUP BY status", (workspace, since_id, before_id or "\uffff")).fetchall())
+        # from three indexes, none of them read past its own entries: all runs in the range (runs_by_workspace),
+        # the open ones (runs_open), the ones that ended badly (runs_ended_badly); the rest succeeded
+        bounds = (workspace, since_id, before_id or "\uffff")
+        (total,) = self.db.execute("SELECT COUNT(*) FROM runs WHERE workspace = ? AND id >= ? AND id < ?",
+                                   bounds).fetchone()
+        counts: dict[str, int] = {}
+        for index, statuses in (("runs_open", OPEN_SQL), ("runs_ended_badly", ENDED_BADLY_SQL)):
+            counts.update(self.db.execute(
+                f"SELECT status, COUNT(*) FROM runs INDEXED BY {index} WHERE {statuses} AND workspace = ? "
+                "AND id >= ? AND id < ? GROUP BY status", bounds).fetchall())
+        succeeded = total - sum(counts.values())
+        if succeeded:
+            counts["succeeded"] = succeeded
+        return counts
 
     def busiest_jobs(self, workspace: str, since_id: str, limit: int) -> list[tuple[str, int, int]]:
-        return self.db.execute(
-            "SELECT job_id, COUNT(*) AS n, SUM(status IN ('failed', 'timed_out')) FROM runs "
-            "WHERE workspace = ? AND id >= ? GROUP BY job_id ORDER BY n DESC LIMIT ?",
-            (workspace, since_id, limit)).fetchall()
+        busiest = self.db.execute(
+            "SELECT job_id, COUNT(*) AS n FROM runs WHERE workspace = ? AND id >= ? GROUP BY job_id "
+            "ORDER BY n DESC LIMIT ?", (workspace, since_id, limit)).fetchall()
+        failed = dict(self.db.execute(
+            f"SELECT job_id, COUNT(*) FROM runs INDEXED BY runs_ended_badly WHERE {ENDED_BADLY_SQL} "
+            "AND status != 'cancelled' AND workspace = ? AND id >= ? "
+            "GROUP BY job_id", (workspace, since_id)).fetchall())
+        return [(job_id, n, failed.get(job_id, 0)) for job_id, n in busiest]
 
     def requeue_running(self, reason: str) -> None:
-        self.db.execute("UPDATE runs SET status = 'queued', started_at = NULL, worker = NULL, exit_reason = ? "
-                        "WHERE status = 'running'", (reason,))
+        self.db.execute("UPDATE runs INDEXED BY runs_open SET status = 'queued', started_at = NULL, worker = NULL, "
+                        f"exit_reason = ? WHERE {OPEN_SQL} AND status = 'running'", (reason,))
 
     def queued(self) -> list[RunRecord]:
-        return [RunRecord(*r) for r in self.db.execute(f"{SELECT} WHERE status = 'queued' ORDER BY id")]
+        return [RunRecord(*r) for r in self.db.execute(
+            f"{SELECT} INDEXED BY runs_open WHERE {OPEN_SQL} AND status = 'queued' ORDER BY id")]
 
     # -- retention ---------------------------------------------------------------------------
     def expire(self, default_days: float, now: float, limit: int) -> Dropped:

@@ -10,10 +10,11 @@ import sys
 
 import uvicorn
 
+from opbox.http_protocol import http_protocol
+
 from .core import Platform
 from .gateway.app import create_app
 from .gateway.observe import metrics_app
-from .gateway.protocol import CoalescingHttpToolsProtocol
 from .settings import Settings
 
 
@@ -44,7 +45,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     platform = Platform(settings, bound_url=f"http://{host if ':' not in host else f'[{host}]'}:{port}")
     announce(platform.bootstrap(), platform)
     config = uvicorn.Config(create_app(platform), log_level="warning", access_log=False, lifespan="on",
-                            timeout_keep_alive=75, loop="auto", http=CoalescingHttpToolsProtocol,
+                            timeout_keep_alive=75, loop="auto", http=http_protocol(),
                             timeout_graceful_shutdown=STRAGGLERS)
     server = _Server(config, platform)
     if settings.metrics_port is None:

@@ -473,6 +473,8 @@ def read_init() -> bytes:
 def main(host: str, port: int | None, fd: int | None) -> int:
     import uvicorn
 
+    from opbox.http_protocol import http_protocol
+
     env = os.environ
     app = ServeApp(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR") or os.getcwd(), read_init(),
                    concurrency=int(env.get("OPBOX_CONCURRENCY", defaults.CONCURRENCY)),
@@ -481,7 +483,7 @@ def main(host: str, port: int | None, fd: int | None) -> int:
                    token=env.get("OPBOX_REPLICA_TOKEN") or env.get("OPBOX_RUN_TOKEN"))
     config = uvicorn.Config(app, host=host, port=port or 8080, log_level="warning", access_log=False, lifespan="on",
                             timeout_keep_alive=75, timeout_graceful_shutdown=60, proxy_headers=False,
-                            server_header=False)
+                            server_header=False, http=http_protocol())
     server = uvicorn.Server(config)
     if fd is not None:  # a TCP socket the platform bound and passed down (family detected from the fd)
         import socket

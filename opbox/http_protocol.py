@@ -1,4 +1,5 @@
-"""uvicorn's HTTP protocol with each answer's writes coalesced into one.
+"""uvicorn's HTTP protocol with each answer's writes coalesced into one (server side: the gateway and the
+runtime's serve mode use it; nothing on the SDK's paths imports this module).
 
 uvicorn writes an answer's head when the app sends ``http.response.start`` and its body at
 ``http.response.body``: two ``send`` syscalls, and on loopback two wake-ups of the caller (the
@@ -11,8 +12,7 @@ answer still goes out chunk by chunk, each as its step ends.
 from __future__ import annotations
 
 import asyncio
-
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import importlib.util
 
 
 class CoalescingTransport:
@@ -57,8 +57,15 @@ class CoalescingTransport:
         return getattr(self.transport, name)
 
 
-class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a ``CoalescingTransport``."""
+def http_protocol():
+    """uvicorn's ``http`` setting: its httptools protocol over a ``CoalescingTransport``, or "auto" where
+    httptools is not installed (uvicorn then uses h11, as it would)."""
+    if importlib.util.find_spec("httptools") is None:
+        return "auto"
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+    class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    return CoalescingHttpToolsProtocol

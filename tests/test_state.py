@@ -59,3 +59,23 @@ def test_the_sqlite_adapter_has_every_method_of_the_records_port(tmp_path):
                 assert list(implemented.parameters) == list(declared.parameters)[1:], (aggregate, method)
     finally:
         records.close()
+
+
+def test_jobs_looked_up_by_id_or_name_follow_every_write(tmp_path):
+    """Calls find their job in memory (records.sqlite.jobs); a new version, a ready one and a delete show at once."""
+    from opbox.platform.records.base import NewVersion
+
+    records = open_sqlite(tmp_path / "state.db")
+    new = NewVersion(entry="m:f", code_key="k", code_sha256="s", python="3.11", cloudpickle="3", resource={},
+                     created_at=time.time())
+    job, number = records.jobs.add_version("ws", "f", "function", new)
+    assert records.jobs.get("ws", "f").latest_version is None
+    records.jobs.version_ready(job.id, number, {"kind": "venv"}, "r", "log", time.time())
+    assert records.jobs.get("ws", "f").latest_version == number == records.jobs.get("ws", job.id).latest_version
+    _, second = records.jobs.add_version("ws", "f", "function", new)
+    records.jobs.version_ready(job.id, second, {"kind": "venv"}, "r", "log", time.time())
+    assert records.jobs.get("ws", job.id).latest_version == second
+    assert records.jobs.get("other", job.id) is None
+    records.jobs.delete(job.id)
+    assert records.jobs.get("ws", "f") is None and records.jobs.get("ws", job.id) is None
+    records.close()

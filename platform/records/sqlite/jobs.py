@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 from opbox.errors import Conflict
@@ -11,6 +12,7 @@ from ..base import Dropped, JobRecord, NewVersion, VersionRecord
 from .connection import Database, storage_errors
 from .runs import drop_run_data
 
+FOUND_MAX = 10_000  # jobs looked up kept in memory (emptied past it)
 JOB = "SELECT id, workspace, name, kind, created_at, latest_version FROM jobs"
 VERSION = ("SELECT job_id, version, status, entry, code_key, code_sha256, requirements_sha256, python, cloudpickle, "
            "resource, artifact, error, created_at, ready_at, signature FROM versions")
@@ -21,20 +23,42 @@ def _version(row: tuple) -> VersionRecord:
                          json.loads(row[14]) if row[14] else None)
 
 
+def _writes(method):
+    """A method that writes jobs: the jobs kept in memory go, before it and after it."""
+    @functools.wraps(method)
+    def write(self, *args, **kwargs):
+        self._found.clear()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._found.clear()
+    return write
+
+
 @storage_errors
 class SqliteJobs:
     def __init__(self, database: Database):
         self.db = database.db
         self.path = database.path
         self.tx = database.tx
+        # (workspace, id or name) -> the job, for every call's lookup; this process is the file's only writer
+        # and every write to jobs is a method here, which empties it after writing (``_writes``)
+        self._found: dict[tuple[str, str], JobRecord] = {}
 
     def _job(self, sql: str, params: tuple) -> JobRecord | None:
         row = self.db.execute(sql, params).fetchone()
         return JobRecord(*row) if row is not None else None
 
     def get(self, workspace: str, ref: str) -> JobRecord | None:
-        return (self._job(f"{JOB} WHERE workspace = ? AND id = ?", (workspace, ref))
-                or self._job(f"{JOB} WHERE workspace = ? AND name = ?", (workspace, ref)))
+        job = self._found.get((workspace, ref))
+        if job is None:
+            job = (self._job(f"{JOB} WHERE workspace = ? AND id = ?", (workspace, ref))
+                   or self._job(f"{JOB} WHERE workspace = ? AND name = ?", (workspace, ref)))
+            if job is not None:
+                if len(self._found) >= FOUND_MAX:
+                    self._found.clear()
+                self._found[(workspace, ref)] = job
+        return job
 
     def by_id(self, job_id: str) -> JobRecord | None:
         return self._job(f"{JOB} WHERE id = ?", (job_id,))
@@ -43,6 +67,7 @@ class SqliteJobs:
         return [JobRecord(*r) for r in self.db.execute(f"{JOB} WHERE workspace = ? ORDER BY created_at DESC",
                                                        (workspace,))]
 
+    @_writes
     def delete(self, job_id: str) -> Dropped:
         ids = [(r[0],) for r in self.db.execute("SELECT id FROM runs WHERE job_id = ?", (job_id,))]
         with self.tx() as db:
@@ -53,6 +78,7 @@ class SqliteJobs:
                 db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job_id,))
         return Dropped(len(ids), freed, keys)
 
+    @_writes
     def add_version(self, workspace: str, name: str, kind: str, version: NewVersion) -> tuple[JobRecord, int]:
         with self.tx() as db:
             row = db.execute(f"{JOB} WHERE workspace = ? AND name = ?", (workspace, name)).fetchone()
@@ -106,6 +132,7 @@ class SqliteJobs:
         return self.db.execute("UPDATE versions SET status = 'failed', error = ? WHERE status = 'building'",
                                (error,)).rowcount
 
+    @_writes
     def version_ready(self, job_id: str, version: int, artifact: dict, requirements_sha256: str, build_log: str,
                       at: float) -> None:
         with self.tx() as db:

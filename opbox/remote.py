@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator
 
 import httpx
 
-from . import serialization
+from . import serialization, tracecontext
 from .client import Client, default_client, raise_for
 from .mapping import Mappable
 from .outcome import decode
@@ -20,6 +20,12 @@ from .streaming import aiter_items, iter_items
 from .twin import twin
 
 ENVELOPE = {"Content-Type": serialization.CONTENT_TYPE}
+
+
+def run_headers() -> dict:
+    """A new run's request headers: the envelope's type and the caller's ``traceparent``, when it has one."""
+    traceparent = tracecontext.from_caller()
+    return ENVELOPE if traceparent is None else {**ENVELOPE, tracecontext.HEADER: traceparent}
 LONG_POLL = 60.0
 _BACKGROUND: set = set()  # cancel requests sent on behalf of cancelled tasks (kept until they are done)
 
@@ -157,7 +163,7 @@ class RemoteFunction(Mappable):
 
     def __call__(self, *args, **kwargs) -> Any:
         payload = serialization.dump_args(args, kwargs)
-        resp = self.client.post(f"/job/{self.job_id}/runs", content=payload, headers=ENVELOPE,
+        resp = self.client.post(f"/job/{self.job_id}/runs", content=payload, headers=run_headers(),
                                 params=self._params(wait=LONG_POLL))
         if resp.status_code == 200:
             return decode(resp.headers["x-opbox-status"], resp.content, resp.headers["x-opbox-run-id"], _reason(resp))
@@ -198,11 +204,11 @@ class RemoteFunction(Mappable):
         return await self._astart(serialization.dump_args(args, kwargs, stream=True))
 
     def _start(self, payload: bytes) -> RunHandle:
-        resp = self.client.post(f"/job/{self.job_id}/runs", content=payload, headers=ENVELOPE, params=self._params())
+        resp = self.client.post(f"/job/{self.job_id}/runs", content=payload, headers=run_headers(), params=self._params())
         return RunHandle(resp.headers.get("x-opbox-run-id") or resp.json()["id"], self.client)
 
     async def _astart(self, payload: bytes) -> RunHandle:
-        resp = await self.client.apost(f"/job/{self.job_id}/runs", content=payload, headers=ENVELOPE,
+        resp = await self.client.apost(f"/job/{self.job_id}/runs", content=payload, headers=run_headers(),
                                        params=self._params())
         return RunHandle(resp.headers.get("x-opbox-run-id") or resp.json()["id"], self.client)
 

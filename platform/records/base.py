@@ -45,6 +45,8 @@ class RunRecord:
     expired_at: float | None = None  # its arguments, result and log were dropped (retention)
     retry_at: float | None = None  # queued, waiting out its retry's backoff until then
     schedule_id: str | None = None  # the schedule that started it
+    traceparent: str | None = None  # W3C: its trace and its own span (what its environment's TRACEPARENT says)
+    parent_span_id: str | None = None  # the caller's span in that trace (None: the trace began with the run)
 
 
 class NewRun(NamedTuple):
@@ -61,6 +63,8 @@ class NewRun(NamedTuple):
     batch_id: str | None = None
     batch_index: int | None = None
     schedule_id: str | None = None
+    traceparent: str | None = None
+    parent_span_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

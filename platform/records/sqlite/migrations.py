@@ -117,6 +117,11 @@ CREATE TABLE run_items(
   PRIMARY KEY(run_id, seq));
 CREATE INDEX run_items_by_object ON run_items(object_key) WHERE object_key IS NOT NULL;
 """,
+    # 7: W3C trace context: a run's traceparent (its trace and its own span) and its caller's span
+    """
+ALTER TABLE runs ADD COLUMN traceparent TEXT;
+ALTER TABLE runs ADD COLUMN parent_span_id TEXT;
+""",
 )
 
 

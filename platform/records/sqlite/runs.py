@@ -15,10 +15,11 @@ from .connection import Database, storage_errors
 
 COLUMNS = ("id, workspace, job_id, version, status, trigger, created_at, started_at, finished_at, exit_reason, "
            "error_type, attempt, max_retries, timeout, batch_id, batch_index, done_seq, worker, log_bytes, expired_at, "
-           "retry_at, schedule_id")
+           "retry_at, schedule_id, traceparent, parent_span_id")
 SELECT = f"SELECT {COLUMNS} FROM runs"
 INSERT = ("INSERT OR IGNORE INTO runs(id, workspace, job_id, version, trigger, created_at, max_retries, timeout, "
-          "batch_id, batch_index, schedule_id, status) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued')")
+          "batch_id, batch_index, schedule_id, traceparent, parent_span_id, status) "
+          "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'queued')")
 OPEN_SQL = "status IN ('queued', 'running')"  # base.OPEN, as literals: so the partial index runs_open applies
 INSERT_PAYLOAD = "INSERT OR REPLACE INTO payloads(run_id, kind, data, object_key, size) VALUES (?,?,?,?,?)"
 ADD_USAGE = ("INSERT INTO usage(workspace, bytes) VALUES (?, ?) "

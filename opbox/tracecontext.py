@@ -70,9 +70,10 @@ def trace_id_of(name: str) -> str:
 def start(value: str | None) -> tuple[TraceParent, str | None]:
     """A run's own trace parent (the caller's trace, or a new sampled one, with a new span: the run's), and the
     caller's span id (None when the trace starts here)."""
-    caller = parse(value)
+    caller = parse(value) if value else None
     if caller is None:
-        return TraceParent(new_trace_id(), new_span_id(), "01"), None
+        ids = os.urandom(24).hex()  # one call for both ids: this runs for every run
+        return TraceParent(ids[:32], ids[32:], "01"), None
     return caller.child(), caller.span_id
 
 

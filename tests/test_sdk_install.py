@@ -66,6 +66,9 @@ def test_the_base_install_has_no_server_dependency(sdk_venv):
 
 
 def test_opbox_up_without_the_platform_extra_says_how_to_install_it(sdk_venv, tmp_path):
+    listed = subprocess.run([str(sdk_venv / "bin" / "opbox"), "--help"], capture_output=True, text=True, timeout=60,
+                            env=_clean_env())
+    assert listed.returncode == 0 and "up" in listed.stdout and "call" in listed.stdout, listed.stderr
     for args in (["up", "--port", "0"], ["gc"], ["workspace", "create", "team-b"]):
         out = subprocess.run([str(sdk_venv / "bin" / "opbox"), *args], capture_output=True, text=True, timeout=60,
                              env=_clean_env(OPBOX_HOME=str(tmp_path / "home")))

@@ -122,6 +122,15 @@ CREATE INDEX run_items_by_object ON run_items(object_key) WHERE object_key IS NO
 ALTER TABLE runs ADD COLUMN traceparent TEXT;
 ALTER TABLE runs ADD COLUMN parent_span_id TEXT;
 """,
+    # 8: the overview's settled hours, counted once (runs per job and status created in the hour starting at
+    # `hour`, epoch seconds); a row with job_id '' marks an hour as counted. Written when the overview reads
+    # an hour whose runs have all ended; deleting runs drops their hours' rows in the same transaction
+    """
+CREATE TABLE run_hours(
+  workspace TEXT NOT NULL, hour INTEGER NOT NULL, job_id TEXT NOT NULL, status TEXT NOT NULL, n INTEGER NOT NULL,
+  PRIMARY KEY(workspace, hour, job_id, status)) WITHOUT ROWID;
+CREATE INDEX run_hours_by_job ON run_hours(job_id);
+""",
 )
 
 

@@ -38,6 +38,12 @@ def run_spans() -> RunSpans | None:
     scope = InstrumentationScope("opbox.platform")
 
     def export(run: RunRecord, job: str) -> None:
+        try:
+            _export(run, job)
+        except Exception:  # a span is never worth a run's end
+            log.exception("could not export the span of run %s", run.id)
+
+    def _export(run: RunRecord, job: str) -> None:
         trace = tracecontext.parse(run.traceparent)
         if trace is None or run.finished_at is None:
             return

@@ -195,3 +195,23 @@ def test_a_one_shot_run_gets_its_traceparent_too(tmp_path, monkeypatch, user_cod
         own = tracecontext.parse(answer["traceparent"])
         assert own is not None and own.trace_id == CALLER_TRACE and own.span_id != CALLER_SPAN
         client.close()
+
+
+def test_without_an_endpoint_nothing_of_opentelemetry_is_imported():
+    """The gateway's and the runtime's tracing with no OTLP endpoint: no exporter, and no OTel module loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys, opbox.platform.server, opbox.runtime.worker, opbox.remote, opbox.remote_map\n"
+            "from opbox.platform.tracing import run_spans\n"
+            "from opbox.runtime.tracing import run_context\n"
+            "from opbox import tracecontext\n"
+            "assert run_spans() is None\n"
+            f"with run_context({CALLER!r}, 'm:f', 'r-1'):\n"
+            "    import os; assert os.environ['TRACEPARENT'] == " + repr(CALLER) + "\n"
+            "assert tracecontext.from_caller() == " + repr(CALLER) + "\n"
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

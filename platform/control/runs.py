@@ -495,6 +495,7 @@ class Runs:
         except Exception:
             types = []
         return policy.delay(run.attempt) if policy.retries(status, types) else None
+
     def _job_name(self, run: RunRecord) -> str:
         info = self._versions.get((run.job_id, run.version))
         return info.job_name if info else run.job_id

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from . import tracecontext
 from .errors import OpboxError
 from .platform.backends import registry  # names only: each backend is imported when chosen
 
@@ -299,7 +300,7 @@ def call(job, args, kwargs_json, as_json):
         except ValueError as exc:
             raise click.UsageError(f"--kwargs must be JSON: {exc}") from None
     client = _client()
-    answer = client.post(f"/job/{job}/trigger", json=body).json()
+    answer = client.post(f"/job/{job}/trigger", json=body, headers=tracecontext.caller_headers()).json()
     _show_result(_wait_result(client, answer["run_id"]), as_json)
 
 
@@ -327,7 +328,7 @@ def trigger(job, args_json, kwargs_json, wait, as_json):
     except ValueError as exc:
         raise click.UsageError(f"--args/--kwargs must be JSON: {exc}") from None
     client = _client()
-    answer = client.post(f"/job/{job}/trigger", json=body).json()
+    answer = client.post(f"/job/{job}/trigger", json=body, headers=tracecontext.caller_headers()).json()
     if wait:
         return _show_result(_wait_result(client, answer["run_id"]), as_json)
     if as_json:

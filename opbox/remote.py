@@ -24,8 +24,7 @@ ENVELOPE = {"Content-Type": serialization.CONTENT_TYPE}
 
 def run_headers() -> dict:
     """A new run's request headers: the envelope's type and the caller's ``traceparent``, when it has one."""
-    traceparent = tracecontext.from_caller()
-    return ENVELOPE if traceparent is None else {**ENVELOPE, tracecontext.HEADER: traceparent}
+    return tracecontext.caller_headers(ENVELOPE)
 LONG_POLL = 60.0
 _BACKGROUND: set = set()  # cancel requests sent on behalf of cancelled tasks (kept until they are done)
 

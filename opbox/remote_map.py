@@ -109,8 +109,7 @@ class _Reconnects:
 
 def _items_headers() -> dict:
     """A map's item requests' headers: the caller's ``traceparent`` goes with its items (each a run)."""
-    traceparent = tracecontext.from_caller()
-    return OCTETS if traceparent is None else {**OCTETS, tracecontext.HEADER: traceparent}
+    return tracecontext.caller_headers(OCTETS)
 
 
 def _stopped(batch_id: str) -> None:

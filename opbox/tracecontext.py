@@ -87,3 +87,10 @@ def from_caller() -> str | None:
         if context.is_valid:
             return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
     return os.environ.get(ENV) or None
+
+
+def caller_headers(headers: dict | None = None) -> dict:
+    """``headers`` with the caller's ``traceparent`` added, when it has one."""
+    traceparent = from_caller()
+    headers = headers or {}
+    return headers if traceparent is None else {**headers, HEADER: traceparent}

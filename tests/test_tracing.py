@@ -215,3 +215,20 @@ def test_without_an_endpoint_nothing_of_opentelemetry_is_imported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_trigger_from_the_sdk_and_the_cli_carries_the_callers_trace(plat, where, monkeypatch):
+    import subprocess
+    import sys
+
+    from opbox import Jobs
+
+    monkeypatch.setenv("TRACEPARENT", CALLER)
+    monkeypatch.delitem(sys.modules, "opentelemetry.trace", raising=False)
+    run = Jobs("where", plat.client()).trigger(6)
+    assert run.status()["parent_span_id"] == CALLER_SPAN and run.result()["traceparent"].split("-")[1] == CALLER_TRACE
+    env = {**os.environ, "OPBOX_URL": plat.url, "OPBOX_TOKEN": plat.token, "OPBOX_WORKSPACE": plat.workspace}
+    out = subprocess.run([sys.executable, "-m", "opbox.cli", "call", "where", "7", "--json"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert CALLER_TRACE in out.stdout

@@ -232,3 +232,19 @@ def test_a_trigger_from_the_sdk_and_the_cli_carries_the_callers_trace(plat, wher
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert CALLER_TRACE in out.stdout
+
+
+def test_the_sdk_sends_the_active_opentelemetry_span_of_the_caller(plat, where, monkeypatch):
+    from opentelemetry.sdk.trace import TracerProvider
+
+    monkeypatch.setenv("TRACEPARENT", CALLER)  # the active span wins over the environment
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("caller") as span:
+        context = span.get_span_context()
+        answer = where(8)
+        mapped = where.map([1, 2], progress=False)
+    trace_id, span_id = f"{context.trace_id:032x}", f"{context.span_id:016x}"
+    for value in [answer, *mapped]:
+        own = tracecontext.parse(value["traceparent"])
+        assert own.trace_id == trace_id and own.span_id != span_id
+    assert tracecontext.from_caller() == CALLER  # no span active any more: the environment's again

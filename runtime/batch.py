@@ -35,8 +35,9 @@ def main(run_id: str) -> int:
         capture.start(run_id)
         try:
             items = ItemShipper(channel, f"/_internal/runs/{run_id}/items", headers.get("X-Opbox-Result-Limit"))
-            with run_context(headers.get("X-Opbox-Traceparent"), execute.entry, run_id):
+            with run_context(headers.get("X-Opbox-Traceparent"), execute.entry, run_id) as traced:
                 outcome, payload = execute(args, items)
+                traced(outcome)
         finally:
             end_leftovers()
             capture.stop()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 from opbox import otel, tracecontext
 
@@ -28,20 +28,30 @@ def _get_tracer():
     return _tracer
 
 
+def _untraced(outcome: str) -> None:
+    pass
+
+
 @contextlib.contextmanager
-def run_context(traceparent: str | None, entry: str, run_id: str) -> Iterator[None]:
-    """Around one run's call of the user's function (a warm worker sets it per run)."""
+def run_context(traceparent: str | None, entry: str, run_id: str) -> Iterator[Callable[[str], None]]:
+    """Around one run's call of the user's function (a warm worker sets it per run); gives a function to
+    call with the run's outcome (succeeded, failed...), which the span records."""
     if traceparent:
         os.environ[tracecontext.ENV] = traceparent
     else:
         os.environ.pop(tracecontext.ENV, None)
     tracer = _get_tracer() if traceparent else False
     if not tracer:
-        yield
+        yield _untraced
         return
+    from opentelemetry.trace import Status, StatusCode
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     parent = TraceContextTextMapPropagator().extract({tracecontext.HEADER: traceparent})
     with tracer.start_as_current_span(f"execute {entry}", context=parent,
-                                      attributes={"opbox.run_id": run_id, "code.function": entry}):
-        yield
+                                      attributes={"opbox.run_id": run_id, "code.function": entry}) as span:
+        def ended(outcome: str) -> None:
+            span.set_attribute("opbox.outcome", outcome)
+            span.set_status(Status(StatusCode.OK if outcome == "succeeded" else StatusCode.ERROR))
+
+        yield ended

@@ -81,8 +81,9 @@ def main() -> int:
         _Lease.held = True
         try:
             items = ItemShipper(channel, f"{runs_path}/{run_id}/items", headers.get("X-Opbox-Result-Limit"))
-            with run_context(headers.get("X-Opbox-Traceparent"), execute.entry, run_id):
+            with run_context(headers.get("X-Opbox-Traceparent"), execute.entry, run_id) as traced:
                 outcome, body = execute(data, items)
+                traced(outcome)
         except RunCancelled as exc:  # the platform has ended the run already; this result is ignored
             outcome, body = "failed", dump_error(exc, "")
         finally:

@@ -30,6 +30,10 @@ from opbox import operator
 @operator()
 def where(x):
     return {"traceparent": os.environ.get("TRACEPARENT"), "x": x}
+
+@operator()
+def boom():
+    raise ValueError("no")
 """
 
 
@@ -127,9 +131,14 @@ def plat(tmp_path_factory, receiver):
 
 
 @pytest.fixture(scope="module")
-def where(plat, client, tmp_path_factory):
+def deployed(plat, client, tmp_path_factory):
     with user_module(tmp_path_factory.mktemp("trace_proj"), "tracemod", CODE) as mod:
-        yield mod.where.deploy(client=client, quiet=True)
+        yield {"where": mod.where.deploy(client=client, quiet=True), "boom": mod.boom.deploy(client=client, quiet=True)}
+
+
+@pytest.fixture(scope="module")
+def where(deployed):
+    return deployed["where"]
 
 
 def test_a_call_joins_the_callers_trace_in_record_environment_and_spans(plat, where, receiver, monkeypatch):
@@ -156,6 +165,7 @@ def test_a_call_joins_the_callers_trace_in_record_environment_and_spans(plat, wh
     executed, _ = by_service["opbox-runtime"]  # the runtime's: the function's execution, a child of the run's
     assert executed.trace_id.hex() == CALLER_TRACE and executed.parent_span_id.hex() == own.span_id
     assert executed.name.startswith("execute ")
+    assert {a.key: a.value.string_value for a in executed.attributes}["opbox.outcome"] == "succeeded"
 
     page = login(plat).get(f"/_ui/runs/{run.id}")
     assert page.status_code == 200
@@ -248,3 +258,22 @@ def test_the_sdk_sends_the_active_opentelemetry_span_of_the_caller(plat, where, 
         own = tracecontext.parse(value["traceparent"])
         assert own.trace_id == trace_id and own.span_id != span_id
     assert tracecontext.from_caller() == CALLER  # no span active any more: the environment's again
+
+
+def test_a_failed_runs_spans_say_so(plat, deployed, receiver, monkeypatch):
+    monkeypatch.setenv("TRACEPARENT", CALLER)
+    monkeypatch.delitem(__import__("sys").modules, "opentelemetry.trace", raising=False)
+    run = deployed["boom"].submit()
+    with pytest.raises(ValueError):
+        run.result()
+
+    def both():
+        found = {service: (span, attrs) for service, span, attrs in receiver.find(**{"opbox.run_id": run.id})}
+        return found if {"opbox-gateway", "opbox-runtime"} <= set(found) else None
+
+    spans = wait_for(both, timeout=30)
+    gateway, attrs = spans["opbox-gateway"]
+    assert attrs["opbox.status"] == "failed" and gateway.status.code == gateway.status.STATUS_CODE_ERROR
+    executed, _ = spans["opbox-runtime"]
+    assert executed.status.code == executed.status.STATUS_CODE_ERROR
+    assert {a.key: a.value.string_value for a in executed.attributes}["opbox.outcome"] == "failed"

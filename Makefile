@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS := test,s3,kubernetes
+EXTRAS := platform,test,s3,kubernetes
 
 .PHONY: install run test lint demo bench bench-peers image clean
 

@@ -1,6 +1,6 @@
 """The gateway's own image (what ``manifests/deployment.yaml`` runs), built like a job image: the
 same base image, the same wheelhouse (opbox's wheel built from this source tree, its dependencies
-and those of the ``s3`` and ``kubernetes`` extras, fetched on the host), the same Jinja templates
+and those of the ``platform``, ``s3`` and ``kubernetes`` extras, fetched on the host), the same Jinja templates
 (``templates/docker/Dockerfile.gateway.j2``), the same ``podman build --network=none``.
 
     python -m opbox.builder.gateway_image [--tag T] [--base-image B] [--wheelhouse DIR]
@@ -20,7 +20,7 @@ from .image import DEFAULT_BASE_IMAGE, Log, PodmanBuilder, _environment, _quiet
 from .wheelhouse import DEFAULT_PYTHON_VERSION, Wheelhouse, wheel_requirements
 
 REPOSITORY = "localhost/opbox-gateway"
-EXTRAS = ("s3", "kubernetes")
+EXTRAS = ("platform", "s3", "kubernetes")
 UID = 10001  # manifests/deployment.yaml runAsUser / runAsGroup / fsGroup
 
 

@@ -43,7 +43,7 @@ import jinja2
 from opbox.errors import BuildError, ConfigError, ValidationError
 from opbox.processes import die_with_parent
 
-from .wheelhouse import Wheelhouse, iter_tree, requirements_hash, tree_hash
+from .wheelhouse import RUNTIME_EXTRAS, Wheelhouse, iter_tree, requirements_hash, tree_hash
 
 Log = Callable[[str], None]
 
@@ -147,6 +147,7 @@ def render_dockerfile(ctx: DockerContextSpec, template: str = "docker/Dockerfile
         code_hash=ctx.code_hash,
         opbox_version=ctx.opbox_version or "unknown",
         has_requirements=ctx.has_requirements,
+        runtime_extras=",".join(RUNTIME_EXTRAS),
         labels=ctx.all_labels(),
     )
 

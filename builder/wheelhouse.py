@@ -8,9 +8,9 @@ package they install comes from a wheelhouse that this module fills beforehand:
   where the key is the requirements hash (plus Python version and platform). Unchanged
   requirements are never downloaded twice, so a version that only changes code reuses them.
 * ``runtime_wheels()``: opbox's own wheel (built from the source tree this module belongs
-  to) plus its dependencies (starlette, uvicorn[standard], httpx, ... as the wheel's
-  metadata says), cached under ``<cache>/runtime/<source hash>/`` and
-  ``<cache>/runtime-deps/<dependency hash>/``.
+  to) plus its dependencies and those of its ``serve`` extra (httpx, cloudpickle,
+  uvicorn[standard], ... as the wheel's metadata says: ``RUNTIME_EXTRAS``), cached under
+  ``<cache>/runtime/<source hash>/`` and ``<cache>/runtime-deps/<dependency hash>/``.
 
 Downloads first ask pip for binary wheels of the image's exact tags
 (``--only-binary=:all: --python-version X.Y --implementation cp --platform manylinux_2_N_x86_64``
@@ -43,6 +43,7 @@ Log = Callable[[str], None]
 
 #: Python of the base image (Debian bookworm's python3) and its glibc (2.36)
 DEFAULT_PYTHON_VERSION = "3.11"
+RUNTIME_EXTRAS = ("serve",)  # what a job image installs: opbox[serve] (served classes need uvicorn)
 DEFAULT_GLIBC = (2, 36)
 DEFAULT_ARCH = "x86_64"
 
@@ -250,7 +251,7 @@ class Wheelhouse:
             return RuntimeWheels(dest, next(dest.glob("opbox-*.whl")), version)
         with self._staging(dest) as tmp:
             wheel = self._opbox_wheel(tmp, log)
-            deps = wheel_requirements(wheel)
+            deps = wheel_requirements(wheel) + wheel_requirements(wheel, RUNTIME_EXTRAS)
             deps_key = sha256_text("\n".join(sorted(deps)) + f"\n{self.target}")[:24]
             deps_dir = self.cache_dir / "runtime-deps" / deps_key
             if not (deps_dir / ".complete").exists():

@@ -11,8 +11,22 @@ from pathlib import Path
 
 import click
 
+from . import tracecontext
 from .errors import OpboxError
 from .platform.backends import registry  # names only: each backend is imported when chosen
+
+
+def _platform(module: str):
+    """``opbox.platform.<module>``, or a clear error when the platform's extra is not installed (the SDK alone
+    is the base install): the commands that run the platform on this machine go through here."""
+    try:
+        return importlib.import_module(f"{__package__}.platform.{module}")
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] == "opbox":
+            raise
+        raise click.ClickException(
+            f"this command runs the platform, whose dependencies are not installed here (no module named "
+            f"{exc.name!r}): pip install 'opbox[platform]'") from None
 
 
 def _client():
@@ -71,8 +85,8 @@ def main():
               help="worker: warm pools (fast); run: a fresh process per run [default: worker, or OPBOX_ISOLATION].")
 def up(host, port, home, backend, builder, max_workers, isolation):
     """Start the platform: gateway, backend, state and object store."""
-    from .platform.server import main as serve  # the CLI is the one SDK module allowed to start the platform
-    from .platform.settings import Settings
+    serve = _platform("server").main  # the CLI is the one SDK module allowed to start the platform
+    Settings = _platform("settings").Settings
 
     serve(Settings.from_env(host=host, port=port, home=home, backend=backend, builder=builder, max_workers=max_workers,
                             isolation=isolation))
@@ -83,10 +97,8 @@ def up(host, port, home, backend, builder, max_workers, isolation):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def gc(home, as_json):
     """Drop what retention says has expired and collect unused files now (on the platform's machine)."""
-    from .platform.core import collect_garbage
-    from .platform.settings import Settings
-
-    done = collect_garbage(Settings.from_env(home=home))
+    collect_garbage = _platform("core").collect_garbage
+    done = collect_garbage(_platform("settings").Settings.from_env(home=home))
     if as_json:
         return _print_json(done)
     click.echo(f"expired {done['runs_expired']} runs' payloads and logs ({_size(done['payload_bytes'])}), "
@@ -116,9 +128,7 @@ def workspace():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def workspace_create(name, home, as_json):
     """Create workspace NAME with an admin token (shown once)."""
-    from .platform.core import create_workspace
-
-    creds = create_workspace(home, name)
+    creds = _platform("core").create_workspace(home, name)
     if as_json:
         return _print_json(creds)
     click.echo(f"workspace {name} created; its admin token (shown only now):\n  export OPBOX_WORKSPACE={name}\n"
@@ -290,7 +300,7 @@ def call(job, args, kwargs_json, as_json):
         except ValueError as exc:
             raise click.UsageError(f"--kwargs must be JSON: {exc}") from None
     client = _client()
-    answer = client.post(f"/job/{job}/trigger", json=body).json()
+    answer = client.post(f"/job/{job}/trigger", json=body, headers=tracecontext.caller_headers()).json()
     _show_result(_wait_result(client, answer["run_id"]), as_json)
 
 
@@ -318,7 +328,7 @@ def trigger(job, args_json, kwargs_json, wait, as_json):
     except ValueError as exc:
         raise click.UsageError(f"--args/--kwargs must be JSON: {exc}") from None
     client = _client()
-    answer = client.post(f"/job/{job}/trigger", json=body).json()
+    answer = client.post(f"/job/{job}/trigger", json=body, headers=tracecontext.caller_headers()).json()
     if wait:
         return _show_result(_wait_result(client, answer["run_id"]), as_json)
     if as_json:

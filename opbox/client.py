@@ -72,19 +72,22 @@ class Client:
     def path(self, path: str) -> str:
         return f"/{self.config.workspace}{path}"
 
-    def post_envelope(self, path: str, body: bytes, query: str) -> httpx.Response:
-        """POST an envelope (``path`` in the workspace, ``query`` made by the caller) and return the answer, or
-        raise as ``request`` does: the call path, sent in one write over the thread's keep-alive connection."""
+    def post_envelope(self, path: str, body: bytes, query: str, headers: dict | None = None) -> httpx.Response:
+        """POST an envelope (``path`` in the workspace, ``query`` made by the caller, ``headers`` beside the
+        client's) and return the answer, or raise as ``request`` does: the call path, sent in one write over
+        the thread's keep-alive connection."""
         if self.wire is None:
-            return self.request("POST", f"{path}?{query}", content=body, headers=ENVELOPE_TYPE)
+            return self.request("POST", f"{path}?{query}", content=body, headers={**ENVELOPE_TYPE, **(headers or {})})
         head = (f"POST {self._target}{quote(path)}?{query} HTTP/1.1\r\n".encode("ascii") + self._head
-                + b"Content-Type: %s\r\nContent-Length: %d\r\n\r\n" % (ENVELOPE_TYPE_BYTES, len(body)))
+                + b"Content-Type: %s\r\nContent-Length: %d\r\n" % (ENVELOPE_TYPE_BYTES, len(body))
+                + "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items()).encode("latin-1")
+                + b"\r\n")
         try:
-            status, headers, content = self.wire.exchange(self._address, "POST", head, body, self._timeouts)
+            status, answer_headers, content = self.wire.exchange(self._address, "POST", head, body, self._timeouts)
         except CONNECT_ERRORS as exc:  # as ``send`` without retry: the run may exist, never send it twice
             _Retries(self, False, 0.0).after_error(exc)
             raise
-        resp = httpx.Response(status, headers=headers, content=content)
+        resp = httpx.Response(status, headers=answer_headers, content=content)
         if status >= 400:
             resp.request = httpx.Request("POST", self.http.base_url.join(self.path(path)))
             raise_for(resp)

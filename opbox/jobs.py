@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from . import serialization
+from . import serialization, tracecontext
 from .client import Client, default_client
 from .remote import ENVELOPE, RemoteFunction, RunHandle
 from .schedules import Schedule
@@ -38,9 +38,10 @@ class Job:
         params = {"version": version} if version else {}
         if args or kwargs:
             resp = self.client.post(f"/job/{self.ref}/trigger", content=serialization.dump_args(args, kwargs),
-                                    headers=ENVELOPE, params=params)
+                                    headers=tracecontext.caller_headers(ENVELOPE), params=params)
         else:
-            resp = self.client.post(f"/job/{self.ref}/trigger", json={}, params=params)
+            resp = self.client.post(f"/job/{self.ref}/trigger", json={}, params=params,
+                                    headers=tracecontext.caller_headers())
         return RunHandle(resp.json()["run_id"], self.client)
 
     def schedule(self, spec: Schedule | None) -> dict | None:

@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 import httpx
 
-from . import serialization
+from . import serialization, tracecontext
 from .client import Client, default_client, raise_for
 from .mapping import Mappable
 from .outcome import decode
@@ -21,6 +21,13 @@ from .streaming import aiter_items, iter_items
 from .twin import twin
 
 ENVELOPE = {"Content-Type": serialization.CONTENT_TYPE}
+
+
+def run_headers() -> dict:
+    """A new run's request headers: the envelope's type and the caller's ``traceparent``, when it has one."""
+    return tracecontext.caller_headers(ENVELOPE)
+
+
 LONG_POLL = 60.0
 _BACKGROUND: set = set()  # cancel requests sent on behalf of cancelled tasks (kept until they are done)
 
@@ -162,7 +169,8 @@ class RemoteFunction(Mappable):
 
     def __call__(self, *args, **kwargs) -> Any:
         payload = serialization.dump_args(args, kwargs)
-        resp = self.client.post_envelope(f"/job/{self.job_id}/runs", payload, self._call_query)
+        resp = self.client.post_envelope(f"/job/{self.job_id}/runs", payload, self._call_query,
+                                         tracecontext.caller_headers())
         if resp.status_code == 200:
             return decode(resp.headers["x-opbox-status"], resp.content, resp.headers["x-opbox-run-id"], _reason(resp))
         return RunHandle(resp.json()["id"], self.client).result()
@@ -202,11 +210,11 @@ class RemoteFunction(Mappable):
         return await self._astart(serialization.dump_args(args, kwargs, stream=True))
 
     def _start(self, payload: bytes) -> RunHandle:
-        resp = self.client.post(f"/job/{self.job_id}/runs", content=payload, headers=ENVELOPE, params=self._params())
+        resp = self.client.post(f"/job/{self.job_id}/runs", content=payload, headers=run_headers(), params=self._params())
         return RunHandle(resp.headers.get("x-opbox-run-id") or resp.json()["id"], self.client)
 
     async def _astart(self, payload: bytes) -> RunHandle:
-        resp = await self.client.apost(f"/job/{self.job_id}/runs", content=payload, headers=ENVELOPE,
+        resp = await self.client.apost(f"/job/{self.job_id}/runs", content=payload, headers=run_headers(),
                                        params=self._params())
         return RunHandle(resp.headers.get("x-opbox-run-id") or resp.json()["id"], self.client)
 

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator
 
 import httpx
 
-from . import serialization
+from . import serialization, tracecontext
 from .client import CONNECT_ERRORS, Client
 from .errors import Gone, Unavailable
 from .mapping import aiter_items
@@ -107,6 +107,11 @@ class _Reconnects:
         return pause
 
 
+def _items_headers() -> dict:
+    """A map's item requests' headers: the caller's ``traceparent`` goes with its items (each a run)."""
+    return tracecontext.caller_headers(OCTETS)
+
+
 def _stopped(batch_id: str) -> None:
     print(f"opbox: map {batch_id} stopped before its end: its remaining runs were cancelled "
           f"(progress: opbox batch {batch_id})", file=sys.stderr)
@@ -123,6 +128,7 @@ class _Map:
         self.error: BaseException | None = None
         self.cancelled = False
         self.sent = 0  # items the platform has stored
+        self.headers = _items_headers()  # here: the caller's trace context is this thread's, not the submitter's
         self.stop = threading.Event()
         self.submitter = threading.Thread(target=self._submit, args=(items, kwargs, star), daemon=True,
                                           name=f"opbox-map-{batch_id}")
@@ -152,7 +158,7 @@ class _Map:
         while frames:  # under a quota the platform may take only a prefix; the rest goes again
             answer = self.client.request("POST", f"/batches/{self.batch_id}/items", params={"start": start},
                                          content=b"".join(frames), retry=True, wait_quota=True,
-                                         headers=OCTETS).json()
+                                         headers=self.headers).json()
             start += answer["accepted"]
             self.sent = start
             frames = frames[answer["accepted"]:]
@@ -229,6 +235,7 @@ class _AsyncMap:
         self.total: int | None = None
         self.error: BaseException | None = None
         self.sent = 0
+        self.headers = _items_headers()
         self.cancelled = False
         self.sealed = asyncio.Event()
 
@@ -259,7 +266,7 @@ class _AsyncMap:
         while frames:
             answer = (await self.client.arequest("POST", f"/batches/{self.batch_id}/items", params={"start": start},
                                                  content=b"".join(frames), retry=True, wait_quota=True,
-                                                 headers=OCTETS)).json()
+                                                 headers=self.headers)).json()
             start += answer["accepted"]
             self.sent = start
             frames = frames[answer["accepted"]:]

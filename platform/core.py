@@ -32,6 +32,7 @@ from .records.base import Records
 from .records.sqlite import open_sqlite
 from .proxy.proxy import Proxy
 from .settings import Settings
+from .tracing import run_spans
 
 log = logging.getLogger("opbox.platform")
 
@@ -114,6 +115,7 @@ class Platform:
         self.retention = Retention(self.records, self.store, settings)
         self.views = Views(self.records)
         self.metrics = self.runs.metrics
+        self.runs.spans = run_spans()  # OTEL_EXPORTER_OTLP_ENDPOINT and opbox[otel]: a span per run, at its end
         self.metrics.gauges(self._levels)  # the runs API across jobs, maps' progress, the dashboard's overview
         self._collector: asyncio.Task | None = None  # runs the retention every gc_interval
 
@@ -228,4 +230,6 @@ class Platform:
         self.schedules.close()
         await self.proxy.close()
         await self.backend.close()
+        if self.runs.spans is not None:
+            await asyncio.to_thread(self.runs.spans.shutdown)  # export what is batched
         self.records.close()

@@ -16,6 +16,7 @@ from .channel import Channel, GatewayGone
 from .execute import Executor, within_limit
 from .items import ItemShipper
 from .reaper import become_subreaper, end_leftovers
+from .tracing import run_context
 from .worker import _ok
 
 
@@ -34,7 +35,9 @@ def main(run_id: str) -> int:
         capture.start(run_id)
         try:
             items = ItemShipper(channel, f"/_internal/runs/{run_id}/items", headers.get("X-Opbox-Result-Limit"))
-            outcome, payload = execute(args, items)
+            with run_context(headers.get("X-Opbox-Traceparent"), execute.entry, run_id) as traced:
+                outcome, payload = execute(args, items)
+                traced(outcome)
         finally:
             end_leftovers()
             capture.stop()

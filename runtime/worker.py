@@ -18,6 +18,7 @@ from .channel import Channel, GatewayGone
 from .execute import Executor, within_limit
 from .items import ItemShipper
 from .reaper import become_subreaper, end_leftovers
+from .tracing import run_context
 
 
 def _terminate(signum, frame):  # the platform stops this worker: unwind the user's code, then exit
@@ -80,7 +81,9 @@ def main() -> int:
         _Lease.held = True
         try:
             items = ItemShipper(channel, f"{runs_path}/{run_id}/items", headers.get("X-Opbox-Result-Limit"))
-            outcome, body = execute(data, items)
+            with run_context(headers.get("X-Opbox-Traceparent"), execute.entry, run_id) as traced:
+                outcome, body = execute(data, items)
+                traced(outcome)
         except RunCancelled as exc:  # the platform has ended the run already; this result is ignored
             outcome, body = "failed", dump_error(exc, "")
         finally:

@@ -95,7 +95,7 @@ def test_render_dockerfile_layers_in_order():
         "COPY wheels/requirements/",
         "RUN /opt/venv/bin/pip install --no-index --find-links /wheels/requirements -r",
         "COPY wheels/runtime/",
-        "RUN /opt/venv/bin/pip install --no-index --find-links /wheels/runtime opbox",
+        "RUN /opt/venv/bin/pip install --no-index --find-links /wheels/runtime \"opbox[serve]\"",
         f"FROM {DEFAULT_BASE_IMAGE}",
         "COPY --from=deps /opt/venv /opt/venv",
         "WORKDIR /app",

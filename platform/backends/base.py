@@ -57,6 +57,7 @@ class RunTicket:
     timeout: float | None
     attempt: int = 0
     batch_id: str | None = None  # set for the items of a map
+    traceparent: str | None = None  # the run's (its runtime's TRACEPARENT)
 
 
 class PoolSize(NamedTuple):
@@ -77,6 +78,7 @@ class Lease:
     run_id: str
     args: Payload
     timeout: float | None
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ class Worker:
     token_hash: bytes = b""  # what the gateway keeps to check it (SHA-256)
     generation: int = 0  # the pool's generation it was started in
     lease_timeout: float | None = None  # the timeout of the run it holds
+    lease_traceparent: str | None = None  # and its traceparent
 
 
 @dataclass
@@ -318,8 +319,8 @@ class PoolManager:
             worker.timer = asyncio.get_running_loop().call_later(
                 ticket.timeout, self.kill, worker, "timed_out", f"timed out after {ticket.timeout:g} s"
             )
-        worker.lease_timeout = ticket.timeout
-        return Lease(ticket.run_id, args, ticket.timeout)
+        worker.lease_timeout, worker.lease_traceparent = ticket.timeout, ticket.traceparent
+        return Lease(ticket.run_id, args, ticket.timeout, ticket.traceparent)
 
     def _lease_again(self, worker: Worker) -> Lease | str:
         """The run a worker holds, handed to it again (the answer that leased it was lost on the way: a
@@ -332,7 +333,7 @@ class PoolManager:
             self.events.run_lost(run_id, "arguments missing from the store")
             self._release(worker.pool.version.workspace)
             return IDLE
-        return Lease(worker.run_id, args, worker.lease_timeout)
+        return Lease(worker.run_id, args, worker.lease_timeout, worker.lease_traceparent)
 
     def _complete(self, worker: Worker, done: Completion) -> None:
         if worker.run_id != done.run_id:

@@ -10,6 +10,9 @@ the process (inherited environment, ``podman -e``, a pod template) stays the bac
 from __future__ import annotations
 
 import hashlib
+import os
+
+from opbox.otel import ENDPOINT_VARS
 
 from .base import ServiceInfo, VersionInfo
 
@@ -36,6 +39,8 @@ def runtime_env(version: VersionInfo, *, in_image: bool = False, gateway_url: st
            "OPBOX_CODE_DIR": artifact.code_dir_in_image if in_image else artifact.code_dir}
     if gateway_url is not None:
         env["OPBOX_GATEWAY_URL"] = gateway_url
+    # the runtime's spans go where the gateway's do (the endpoints only: the exporter's headers may hold a secret)
+    env |= {name: os.environ[name] for name in ENDPOINT_VARS if os.environ.get(name)}
     if worker is not None:
         env["OPBOX_POOL"], env["OPBOX_WORKER_ID"], env["OPBOX_WORKER_TOKEN"] = worker
     if run is not None:

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from opbox import envelope
+from opbox import envelope, tracecontext
 from opbox.builder.base import Artifact
 from opbox.errors import (Conflict, MissingSecret, NotFound, PayloadTooLarge, QuotaExceeded, StorageFull,
                           StorageQuotaExceeded, ValidationError)
@@ -29,6 +29,7 @@ from ..metrics import Metrics
 from ..notify import Notifier
 from ..records.base import TERMINAL, AttemptRecord, BatchRecord, BatchResult, NewRun, Payload, Records, RunRecord, payload_size
 from ..settings import Settings
+from ..tracing import RunSpans
 from .payloads import head_of
 
 log = logging.getLogger("opbox.runs")
@@ -81,6 +82,7 @@ class Runs:
         self._retry_timer: asyncio.TimerHandle | None = None
         self._handoff: dict[str, tuple[RunRecord, Payload] | None] = {}  # runs a call waits for, and their ends
         self.metrics = Metrics()  # the platform's (core serves them)
+        self.spans: RunSpans | None = None  # a span per ended run, when an OTLP endpoint is configured
 
     def _reserve(self, workspace: str, count: int) -> None:
         open_now = self.open_runs.get(workspace, 0)
@@ -141,21 +143,25 @@ class Runs:
         """Bytes the workspace stores (arguments, results, logs, code) and its quota (None: no quota)."""
         return {"bytes": self.records.usage.of(workspace), "quota": self.limits.storage_quota}
 
-    def create(self, version: VersionInfo, payload: Payload, trigger: str, schedule_id: str | None = None) -> str:
+    def create(self, version: VersionInfo, payload: Payload, trigger: str, schedule_id: str | None = None,
+               traceparent: str | None = None) -> str:
+        """A run, queued and handed to the backend; ``traceparent``: the caller's (checked; else a new trace)."""
         self._check_payload(payload)
         self.check_quota(version.workspace, payload_size(payload))
         self._reserve(version.workspace, 1)
         run_id = new_id("r")
         res = version.resource
+        trace, parent_span = tracecontext.start(traceparent)
         run = NewRun(run_id, version.workspace, version.job_id, version.version, trigger, time.time(),
-                     res.max_retries, res.timeout, schedule_id=schedule_id)
+                     res.max_retries, res.timeout, None, None, schedule_id, str(trace), parent_span)
         try:
             self.records.runs.create(run, payload)
         except BaseException:
             self.open_runs[version.workspace] -= 1
             raise
         self.metrics.runs_created(version.workspace, version.job_name, trigger).inc()
-        self._dispatch(RunTicket(run_id, version.workspace, version.job_id, version.version, res.timeout), version)
+        self._dispatch(RunTicket(run_id, version.workspace, version.job_id, version.version, res.timeout,
+                                 traceparent=run.traceparent), version)
         return run_id
 
     def create_batch(self, version: VersionInfo, concurrency: int | None) -> str:
@@ -173,8 +179,10 @@ class Runs:
             raise NotFound(f"no batch {batch_id}")
         return row
 
-    def add_items(self, workspace: str, batch_id: str, start: int, payloads: list[Payload]) -> tuple[int, int]:
-        """Add items ``start, start+1, ...`` to a batch; idempotent per index.
+    def add_items(self, workspace: str, batch_id: str, start: int, payloads: list[Payload],
+                  traceparent: str | None = None) -> tuple[int, int]:
+        """Add items ``start, start+1, ...`` to a batch; idempotent per index. Each item is a run with a span of
+        its own in the caller's trace (``traceparent``), else in the map's (its trace id made from its id).
 
         Returns (new, accepted): how many were new, and how many from the front are now stored.
         Under the workspace's open-runs quota only a prefix may fit; the caller sends the rest
@@ -199,6 +207,8 @@ class Runs:
         if room < wanted:  # a handful at a time would cost a request each: 429 until a good part fits
             self._reserve(workspace, wanted)
         now = time.time()
+        caller = tracecontext.parse(traceparent)
+        trace_id, parent_span, flags = caller or (tracecontext.trace_id_of(batch_id), None, "01")
         rows, blobs, tickets = [], [], []
         accepted = 0
         for offset, payload in enumerate(payloads):
@@ -207,11 +217,12 @@ class Runs:
                 if len(rows) >= room:
                     break
                 run_id = f"r-{batch_id[2:]}.{index}"  # time-ordered like other runs; unique per index
+                trace = f"00-{trace_id}-{tracecontext.new_span_id()}-{flags}"
                 rows.append(NewRun(run_id, workspace, version.job_id, version.version, "map", now,
-                                   res.max_retries, res.timeout, batch_id, index))
+                                   res.max_retries, res.timeout, batch_id, index, None, trace, parent_span))
                 blobs.append(payload)
                 tickets.append(RunTicket(run_id, workspace, version.job_id, version.version, res.timeout,
-                                         batch_id=batch_id))
+                                         batch_id=batch_id, traceparent=trace))
             accepted += 1
         if accepted == 0:
             self._reserve(workspace, 1)  # raises the quota's 429
@@ -354,7 +365,8 @@ class Runs:
             self._end(run_id, "failed", f"cannot run: {exc.message}",
                       envelope.error_envelope(f"opbox.{type(exc).__name__}", exc.message), None, retriable=False)
             return
-        ticket = RunTicket(run.id, run.workspace, run.job_id, run.version, run.timeout, run.attempt, run.batch_id)
+        ticket = RunTicket(run.id, run.workspace, run.job_id, run.version, run.timeout, run.attempt, run.batch_id,
+                           run.traceparent)
         if resubmit:
             self.backend.submit(ticket, version)
         else:
@@ -460,6 +472,8 @@ class Runs:
         if run_id in self._handoff:  # a call waits for it: it gets the record and result as written
             self._handoff[run_id] = (ended, payload)
         self._count_end(run, status)
+        if self.spans is not None:
+            self.spans(ended, self._job_name(run))
         self.notifier.notify(run_id)
         self.notifier.notify(f"logs:{run_id}")
         if run.batch_id:
@@ -481,9 +495,13 @@ class Runs:
         except Exception:
             types = []
         return policy.delay(run.attempt) if policy.retries(status, types) else None
-    def _count_end(self, run: RunRecord, status: str) -> None:
+
+    def _job_name(self, run: RunRecord) -> str:
         info = self._versions.get((run.job_id, run.version))
-        job, m = info.job_name if info else run.job_id, self.metrics
+        return info.job_name if info else run.job_id
+
+    def _count_end(self, run: RunRecord, status: str) -> None:
+        job, m = self._job_name(run), self.metrics
         m.runs_finished(run.workspace, job, run.trigger, status).inc()
         if run.started_at is not None:
             m.queue_wait(run.workspace, job).observe(run.started_at - run.created_at)
@@ -573,5 +591,5 @@ class Runs:
                 self._retry_at(run.id, run.retry_at)
                 continue
             self._dispatch(RunTicket(run.id, run.workspace, run.job_id, run.version, run.timeout, run.attempt,
-                                     run.batch_id), version)
+                                     run.batch_id, run.traceparent), version)
         return len(rows)

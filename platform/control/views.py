@@ -1,8 +1,8 @@
 """Read models across jobs: the runs API's search, maps with their progress, a workspace's overview.
 
 Everything here reads the records through the port's indexed queries (``RunRecords.search``,
-``status_counts``, ``busiest_jobs``, ``BatchRecords.in_workspace``): each is bounded by a limit or a
-time window, so answers stay fast however many runs are stored.
+``hour_counts``, ``BatchRecords.in_workspace``): each is bounded by a limit or a time window, so answers
+stay fast however many runs are stored; the overview's settled hours are counted once and kept.
 """
 
 from __future__ import annotations
@@ -85,14 +85,20 @@ class Views:
         that window with their failures."""
         now = time.time() if now is None else now
         start = (int(now) // 3600 - hours + 1) * 3600
-        buckets = [(start + 3600 * h, self.records.runs.status_counts(
-            workspace, id_at("r", start + 3600 * h), id_at("r", start + 3600 * (h + 1)))) for h in range(hours)]
-        names = {j.id: j.name for j in self.records.jobs.in_workspace(workspace)}
-        busiest = [{"job_id": job_id, "name": names.get(job_id, job_id), "runs": n, "failed": failed}
-                   for job_id, n, failed in self.records.runs.busiest_jobs(workspace, id_at("r", start), 10)]
-        totals: dict[str, int] = {}
-        for _, counts in buckets:
+        per_hour = self.records.runs.hour_counts(workspace, [start + 3600 * h for h in range(hours)], now)
+        buckets, totals, jobs = [], {}, {}
+        for hour, rows in per_hour.items():
+            counts: dict[str, int] = {}
+            for job_id, status, n in rows:
+                counts[status] = counts.get(status, 0) + n
+                job = jobs.setdefault(job_id, [0, 0])
+                job[0] += n
+                job[1] += n if status in ("failed", "timed_out") else 0
+            buckets.append({"start": hour, "counts": counts})
             for status, n in counts.items():
                 totals[status] = totals.get(status, 0) + n
-        return {"since": start, "hours": [{"start": t, "counts": c} for t, c in buckets], "totals": totals,
-                "busiest_jobs": busiest, "open": self.records.runs.open_counts(workspace)}
+        names = {j.id: j.name for j in self.records.jobs.in_workspace(workspace)}
+        busiest = [{"job_id": job_id, "name": names.get(job_id, job_id), "runs": n, "failed": failed}
+                   for job_id, (n, failed) in sorted(jobs.items(), key=lambda item: (-item[1][0], item[0]))[:10]]
+        return {"since": start, "hours": buckets, "totals": totals, "busiest_jobs": busiest,
+                "open": self.records.runs.open_counts(workspace)}

@@ -24,6 +24,8 @@ def run_json(run: RunRecord, base: str = "") -> dict:
         out["retry_at"] = run.retry_at  # queued: its next attempt starts then
     if run.schedule_id is not None:
         out["schedule_id"] = run.schedule_id
+    if run.traceparent is not None:  # W3C: the run's trace and its own span; parent_span_id: its caller's
+        out["traceparent"], out["parent_span_id"] = run.traceparent, run.parent_span_id
     if base:
         out["links"] = {"self": f"{base}/runs/{run.id}", "result": f"{base}/runs/{run.id}/result",
                         "logs": f"{base}/runs/{run.id}/logs"}

@@ -45,6 +45,8 @@ async def worker_next(request: Request):
         headers = {"X-Opbox-Run": answer.run_id, "X-Opbox-Result-Limit": str(plat.settings.max_payload)}
         if answer.timeout:
             headers["X-Opbox-Timeout"] = str(answer.timeout)
+        if answer.traceparent:
+            headers["X-Opbox-Traceparent"] = answer.traceparent
         return await payload_response(plat.payloads, answer.args, headers)
     return Response(status_code=204, headers={"X-Opbox-Action": answer})
 
@@ -116,6 +118,8 @@ async def run_args(request: Request):
     headers = {"X-Opbox-Result-Limit": str(plat.settings.max_payload)}
     if run is not None and run.timeout:
         headers["X-Opbox-Timeout"] = str(run.timeout)
+    if run is not None and run.traceparent:
+        headers["X-Opbox-Traceparent"] = run.traceparent
     return await payload_response(plat.payloads, args, headers)
 
 

@@ -228,6 +228,7 @@ async def call(request: Request):
     parameters:
       - {name: wait, in: query, description: seconds to wait for the result, schema: {type: number, minimum: 0, maximum: 300}}
       - {name: version, in: query, schema: {type: integer, minimum: 1}}
+      - {name: traceparent, in: header, description: 'W3C trace context of the caller: the run joins its trace (invalid or absent: a new trace)', schema: {type: string}}
     requestBody:
       required: true
       content:
@@ -242,7 +243,7 @@ async def call(request: Request):
     plat = platform(request)
     _, version = plat.deploys.resolve(ws, request.path_params["job"], _version_param(request))
     payload = await read_payload(request, plat.payloads, ws, plat.settings.max_payload, "arguments")
-    run_id = plat.runs.create(version, payload, trigger="call")
+    run_id = plat.runs.create(version, payload, trigger="call", traceparent=request.headers.get("traceparent"))
     wait = query_number(request, "wait", 0.0, 0, 300)
     run, result = await plat.runs.call(ws, run_id, wait)
     if run.status in TERMINAL:
@@ -256,6 +257,8 @@ async def trigger(request: Request):
     description: >
       The body is optional: JSON {"args": [...], "kwargs": {...}, "version": N}, or a pickled args envelope.
       Without arguments the function runs with its defaults.
+    parameters:
+      - {name: traceparent, in: header, description: 'W3C trace context of the caller: the run joins its trace (invalid or absent: a new trace)', schema: {type: string}}
     requestBody:
       content:
         application/json:
@@ -284,7 +287,7 @@ async def trigger(request: Request):
     _, version = plat.deploys.resolve(ws, request.path_params["job"], version_no)
     if not ctype.startswith(envelope.CONTENT_TYPE):
         plat.deploys.check_json_call(version, body.get("args"), body.get("kwargs"))
-    run_id = plat.runs.create(version, payload, trigger="trigger")
+    run_id = plat.runs.create(version, payload, trigger="trigger", traceparent=request.headers.get("traceparent"))
     run = plat.runs.get(ws, run_id)
     return JSONResponse({"run_id": run_id, **run_json(run, base_url(request, ws))}, status_code=202)
 
@@ -335,6 +338,7 @@ async def add_items(request: Request):
       429 when none fits.
     parameters:
       - {name: start, in: query, required: true, schema: {type: integer, minimum: 0}}
+      - {name: traceparent, in: header, description: 'W3C trace context of the caller: the run joins its trace (invalid or absent: a new trace)', schema: {type: string}}
     requestBody:
       required: true
       content:
@@ -350,7 +354,8 @@ async def add_items(request: Request):
         raise ValidationError("query parameter 'start' is required")
     frames = split_frames(await read_body(request, plat.settings.max_request_body))
     frames = [await plat.payloads.keep(ws, frame) for frame in frames]  # large items go to the object store
-    added, accepted = plat.runs.add_items(ws, request.path_params["batch"], start, frames)
+    added, accepted = plat.runs.add_items(ws, request.path_params["batch"], start, frames,
+                                          request.headers.get("traceparent"))
     return ok({"added": added, "accepted": accepted, "received": len(frames)})
 
 

@@ -45,6 +45,8 @@ class RunRecord:
     expired_at: float | None = None  # its arguments, result and log were dropped (retention)
     retry_at: float | None = None  # queued, waiting out its retry's backoff until then
     schedule_id: str | None = None  # the schedule that started it
+    traceparent: str | None = None  # W3C: its trace and its own span (what its environment's TRACEPARENT says)
+    parent_span_id: str | None = None  # the caller's span in that trace (None: the trace began with the run)
 
 
 class NewRun(NamedTuple):
@@ -61,6 +63,8 @@ class NewRun(NamedTuple):
     batch_id: str | None = None
     batch_index: int | None = None
     schedule_id: str | None = None
+    traceparent: str | None = None
+    parent_span_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,11 +269,9 @@ class RunRecords(Protocol):
     def search(self, workspace: str, where: RunFilter, limit: int) -> list[RunRecord]:
         """The workspace's runs that match, newest (highest id) first."""
 
-    def status_counts(self, workspace: str, since_id: str, before_id: str | None = None) -> dict[str, int]:
-        """How many of the workspace's runs with ids in [since_id, before_id) are in each status."""
-
-    def busiest_jobs(self, workspace: str, since_id: str, limit: int) -> list[tuple[str, int, int]]:
-        """(job id, runs, failed runs) of the jobs with the most runs since ``since_id``, most first."""
+    def hour_counts(self, workspace: str, hours: Sequence[int], now: float) -> dict[int, list[tuple[str, str, int]]]:
+        """The runs created in each hour (its start, epoch seconds) as (job id, status, count). Hours whose runs
+        have all ended may be kept counted; what could still change is counted at each call."""
 
     def expire(self, default_days: float, now: float, limit: int) -> Dropped:
         """Drop the arguments, results and logs of up to ``limit`` runs finished longer ago than their

@@ -73,8 +73,8 @@ class SqliteJobs:
         with self.tx() as db:
             freed, keys = drop_run_data(db, ids)
             db.executemany("DELETE FROM attempts WHERE run_id = ?", ids)
-            for table, column in (("runs", "job_id"), ("batches", "job_id"), ("versions", "job_id"),
-                                  ("schedules", "job_id"), ("jobs", "id")):
+            for table, column in (("runs", "job_id"), ("run_hours", "job_id"), ("batches", "job_id"),
+                                  ("versions", "job_id"), ("schedules", "job_id"), ("jobs", "id")):
                 db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job_id,))
         return Dropped(len(ids), freed, keys)
 

@@ -117,7 +117,21 @@ CREATE TABLE run_items(
   PRIMARY KEY(run_id, seq));
 CREATE INDEX run_items_by_object ON run_items(object_key) WHERE object_key IS NOT NULL;
 """,
-    # 7: fewer index writes per run. A run's status changes twice after its insert, each change in a commit of its
+    # 7: W3C trace context: a run's traceparent (its trace and its own span) and its caller's span
+    """
+ALTER TABLE runs ADD COLUMN traceparent TEXT;
+ALTER TABLE runs ADD COLUMN parent_span_id TEXT;
+""",
+    # 8: the overview's settled hours, counted once (runs per job and status created in the hour starting at
+    # `hour`, epoch seconds); a row with job_id '' marks an hour as counted. Written when the overview reads
+    # an hour whose runs have all ended; deleting runs drops their hours' rows in the same transaction
+    """
+CREATE TABLE run_hours(
+  workspace TEXT NOT NULL, hour INTEGER NOT NULL, job_id TEXT NOT NULL, status TEXT NOT NULL, n INTEGER NOT NULL,
+  PRIMARY KEY(workspace, hour, job_id, status)) WITHOUT ROWID;
+CREATE INDEX run_hours_by_job ON run_hours(job_id);
+""",
+    # 9: fewer index writes per run. A run's status changes twice after its insert, each change in a commit of its
     # own, and every index holding the status is rewritten at each: the workspace's index now keeps only what
     # never changes (id, job), open runs and runs that ended badly have small partial indexes (a run is in
     # each at most while it is open, or once it failed), and succeeded runs are what the others leave
@@ -126,7 +140,7 @@ DROP INDEX runs_by_status;
 DROP INDEX runs_by_workspace;
 DROP INDEX runs_open;
 CREATE INDEX runs_by_workspace ON runs(workspace, id, job_id);
-CREATE INDEX runs_open ON runs(status, workspace, id) WHERE status IN ('queued', 'running');
+CREATE INDEX runs_open ON runs(status, workspace, id, job_id) WHERE status IN ('queued', 'running');
 CREATE INDEX runs_ended_badly ON runs(status, workspace, id, job_id) WHERE status IN ('failed', 'timed_out', 'cancelled');
 """,
 )

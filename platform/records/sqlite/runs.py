@@ -7,18 +7,31 @@ turned into a ``RunRecord`` by position.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from dataclasses import replace
 from typing import Sequence
 
+from ...ids import id_at
 from ..base import AttemptRecord, Dropped, NewRun, Payload, RunFilter, RunRecord, StoredPayload, payload_size
 from .connection import Database, storage_errors
 
+log = logging.getLogger("opbox.records")
+SETTLE_AFTER = 120.0  # seconds after an hour's end before it may be kept counted (a run id made then, stored later)
+
+
+def hour_of(run_id: str) -> int:
+    """The start (epoch seconds) of the hour a run id was made in (ids begin with their time in ms, in hex)."""
+    return int(run_id[2:13], 16) // 3_600_000 * 3600
+
+
 COLUMNS = ("id, workspace, job_id, version, status, trigger, created_at, started_at, finished_at, exit_reason, "
            "error_type, attempt, max_retries, timeout, batch_id, batch_index, done_seq, worker, log_bytes, expired_at, "
-           "retry_at, schedule_id")
+           "retry_at, schedule_id, traceparent, parent_span_id")
 SELECT = f"SELECT {COLUMNS} FROM runs"
 INSERT = ("INSERT OR IGNORE INTO runs(id, workspace, job_id, version, trigger, created_at, max_retries, timeout, "
-          "batch_id, batch_index, schedule_id, status) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued')")
+          "batch_id, batch_index, schedule_id, traceparent, parent_span_id, status) "
+          "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'queued')")
 OPEN_SQL = "status IN ('queued', 'running')"  # base.OPEN, as literals: so the partial index runs_open applies
 ENDED_BADLY_SQL = "status IN ('failed', 'timed_out', 'cancelled')"  # as the partial index runs_ended_badly
 STATUSES = frozenset({"queued", "running", "succeeded", "failed", "cancelled", "timed_out"})
@@ -207,31 +220,68 @@ class SqliteRuns:
         params.append(limit)
         return [RunRecord(*r) for r in self.db.execute(sql + " ORDER BY id DESC LIMIT ?", params)]
 
-    def status_counts(self, workspace: str, since_id: str, before_id: str | None = None) -> dict[str, int]:
-        # from three indexes, none of them read past its own entries: all runs in the range (runs_by_workspace),
-        # the open ones (runs_open), the ones that ended badly (runs_ended_badly); the rest succeeded
-        bounds = (workspace, since_id, before_id or "\uffff")
-        (total,) = self.db.execute("SELECT COUNT(*) FROM runs WHERE workspace = ? AND id >= ? AND id < ?",
-                                   bounds).fetchone()
-        counts: dict[str, int] = {}
-        for index, statuses in (("runs_open", OPEN_SQL), ("runs_ended_badly", ENDED_BADLY_SQL)):
-            counts.update(self.db.execute(
-                f"SELECT status, COUNT(*) FROM runs INDEXED BY {index} WHERE {statuses} AND workspace = ? "
-                "AND id >= ? AND id < ? GROUP BY status", bounds).fetchall())
-        succeeded = total - sum(counts.values())
-        if succeeded:
-            counts["succeeded"] = succeeded
-        return counts
+    def hour_counts(self, workspace: str, hours: Sequence[int], now: float) -> dict[int, list[tuple[str, str, int]]]:
+        """Each hour's runs as (job id, status, count): a settled hour's from ``run_hours`` (counted once, the
+        first time it is read settled), the others' counted now. An hour is settled when it ended a while ago,
+        every run in it has ended (terminal runs never change status) and no map still taking items could add
+        runs to it (a map's items have ids of its creation time); deleting runs drops their hours' rows."""
+        if not hours:
+            return {}
+        frontier = self._unsettled_from(workspace, hours[0])
+        settled = {h for h in hours if h + 3600 <= now - SETTLE_AFTER and id_at("r", h + 3600) <= frontier}
+        found: dict[int, list[tuple[str, str, int]]] = {}
+        if settled:
+            for hour, job_id, status, n in self.db.execute(
+                    "SELECT hour, job_id, status, n FROM run_hours WHERE workspace = ? AND hour >= ? AND hour <= ?",
+                    (workspace, min(settled), max(settled))):
+                if hour in settled:
+                    rows = found.setdefault(hour, [])
+                    if job_id:  # '' marks the hour as counted
+                        rows.append((job_id, status, n))
+        kept = []
+        for hour in hours:
+            if hour in found:
+                continue
+            found[hour] = rows = self._count_hour(workspace, id_at("r", hour), id_at("r", hour + 3600))
+            if hour in settled:
+                kept += [(workspace, hour, "", "", 0), *((workspace, hour, *row) for row in rows)]
+        if kept:
+            try:
+                with self.tx() as db:
+                    db.executemany("INSERT OR REPLACE INTO run_hours(workspace, hour, job_id, status, n) "
+                                   "VALUES (?,?,?,?,?)", kept)
+            except sqlite3.Error as exc:  # keeping them is an optimisation: the counts stand (a full disk, a lock)
+                log.warning("could not keep the overview's counts of %d hours: %s", len(settled), exc)
+        return {hour: found[hour] for hour in hours}
 
-    def busiest_jobs(self, workspace: str, since_id: str, limit: int) -> list[tuple[str, int, int]]:
-        busiest = self.db.execute(
-            "SELECT job_id, COUNT(*) AS n FROM runs WHERE workspace = ? AND id >= ? GROUP BY job_id "
-            "ORDER BY n DESC LIMIT ?", (workspace, since_id, limit)).fetchall()
-        failed = dict(self.db.execute(
-            f"SELECT job_id, COUNT(*) FROM runs INDEXED BY runs_ended_badly WHERE {ENDED_BADLY_SQL} "
-            "AND status != 'cancelled' AND workspace = ? AND id >= ? "
-            "GROUP BY job_id", (workspace, since_id)).fetchall())
-        return [(job_id, n, failed.get(job_id, 0)) for job_id, n in busiest]
+    def _count_hour(self, workspace: str, since_id: str, before_id: str) -> list[tuple[str, str, int]]:
+        """(job id, status, count) of the runs with ids in the range, from three indexes and none of their rows:
+        each job's runs (runs_by_workspace), its open ones (runs_open) and the ones that ended badly
+        (runs_ended_badly); the rest succeeded."""
+        bounds = (workspace, since_id, before_id)
+        left = dict(self.db.execute("SELECT job_id, COUNT(*) FROM runs INDEXED BY runs_by_workspace WHERE workspace = ? "
+                                    "AND id >= ? AND id < ? GROUP BY job_id", bounds).fetchall())
+        rows = []
+        for index, statuses in (("runs_open", OPEN_SQL), ("runs_ended_badly", ENDED_BADLY_SQL)):
+            for job_id, status, n in self.db.execute(
+                    f"SELECT job_id, status, COUNT(*) FROM runs INDEXED BY {index} WHERE {statuses} AND workspace = ? "
+                    "AND id >= ? AND id < ? GROUP BY job_id, status", bounds):
+                rows.append((job_id, status, n))
+                left[job_id] -= n
+        return rows + [(job_id, "succeeded", n) for job_id, n in left.items() if n]
+
+    def _unsettled_from(self, workspace: str, since: int) -> str:
+        """The smallest run id at or after which runs may still change or be added: the oldest open run's, or
+        the first id of a map (created since ``since``) that may still take items."""
+        (oldest_open,) = self.db.execute(
+            f"SELECT MIN(id) FROM (SELECT MIN(id) AS id FROM runs INDEXED BY runs_open WHERE {OPEN_SQL} AND "
+            f"status = 'queued' AND workspace = ? UNION ALL SELECT MIN(id) FROM runs INDEXED BY runs_open WHERE "
+            f"{OPEN_SQL} AND status = 'running' AND workspace = ?)",
+            (workspace, workspace)).fetchone()
+        (open_map,) = self.db.execute(
+            "SELECT MIN(id) FROM batches WHERE workspace = ? AND id >= ? AND cancelled = 0 AND "
+            "(total IS NULL OR submitted < total)", (workspace, id_at("b", since))).fetchone()
+        return min(oldest_open or "\uffff", f"r-{open_map[2:]}" if open_map else "\uffff")
 
     def requeue_running(self, reason: str) -> None:
         self.db.execute("UPDATE runs INDEXED BY runs_open SET status = 'queued', started_at = NULL, worker = NULL, "
@@ -266,6 +316,7 @@ class SqliteRuns:
             freed, keys = drop_run_data(db, ids)
             db.executemany("DELETE FROM attempts WHERE run_id = ?", ids)
             db.executemany("DELETE FROM runs WHERE id = ?", ids)
+            db.executemany("DELETE FROM run_hours WHERE hour = ?", [(h,) for h in {hour_of(i) for (i,) in ids}])
         return Dropped(len(ids), freed, keys)
 
     def stored_keys(self, keys: Sequence[str]) -> set[str]:

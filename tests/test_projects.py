@@ -162,6 +162,11 @@ def test_cli_deploys_a_package_module_by_path_with_and_without_root(plat, tmp_pa
     assert Operator.from_job("clins", client=plat.client())(5) == 11
 
 
+def test_deploy_help_shows_root():
+    done = subprocess.run([*OPBOX, "deploy", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--root DIRECTORY" in done.stdout and "pyproject.toml" in done.stdout
+
+
 def test_an_entry_that_cannot_be_imported_fails_the_deploy_with_the_error(client, user_code):
     mod = user_code("""
         from opbox import operator

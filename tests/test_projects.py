@@ -115,6 +115,35 @@ def test_a_package_project_run_as_a_module_deploys_and_its_calls_work(plat, tmp_
     assert f"installing {expected}" in log and "importing myproj.jobs.train:train" in log
 
 
+def test_a_class_of_a_package_is_served_with_its_project(client, tmp_path):
+    root = write_tree(tmp_path / "svcproj", {
+        ".git/HEAD": "ref: refs/heads/main\n",  # a repository's root is a project root too
+        "svcpkg/__init__.py": "", "svcpkg/utils.py": "def double(x):\n    return 2 * x\n",
+        "svcpkg/models/__init__.py": "",
+        "svcpkg/models/scaler.py": """
+            from opbox import operator
+            from svcpkg.utils import double
+
+            @operator()
+            class Scaler:
+                def scale(self, x):
+                    return double(x)
+        """,
+    })
+    sys.path.insert(0, str(root))
+    try:
+        mod = importlib.import_module("svcpkg.models.scaler")
+        service = mod.Scaler.deploy(client=client, quiet=True)
+        assert service.scale(21) == 42
+        versions = client.get("/job/Scaler/versions").json()["versions"]
+        assert versions[0]["entry"] == "svcpkg.models.scaler:Scaler"
+        service.delete()
+    finally:
+        sys.path.remove(str(root))
+        for name in ("svcpkg", "svcpkg.utils", "svcpkg.models", "svcpkg.models.scaler"):
+            sys.modules.pop(name, None)
+
+
 def test_root_finding_and_entries(tmp_path):
     root = write_tree(tmp_path / "proj", {"setup.cfg": "", "pkg/__init__.py": "", "pkg/sub/__init__.py": "",
                                           "pkg/sub/mod.py": "def f():\n    return 1\n", "single/main.py": "def g(): pass\n",

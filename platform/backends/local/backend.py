@@ -90,6 +90,7 @@ class LocalBackend(PoolMethods, ServiceMethods):
 
     async def start(self, events: RunEvents) -> None:
         self.pools.events = self.oneshot.events = events
+        await asyncio.to_thread(gpus.detect)  # once, off the event loop (nvidia-smi may take a moment)
         self._watchdog = asyncio.ensure_future(self._watch_memory())
 
     async def close(self) -> None:

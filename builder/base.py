@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Protocol
 
+from opbox.image import Image
+
 IMAGE_CODE_DIR = "/app"  # where the code lives inside a job image (its working directory)
 
 # the stored JSON's key for a field, where the two differ (records made before the type existed)
@@ -26,6 +28,8 @@ class BuildSpec:
     version: int
     code_sha256: str
     python: str  # the client's Python minor version, e.g. "3.11"
+    entry: str = ""  # module:qualname, which the build imports once to fail early ("": not checked)
+    image: Image | None = None  # the version's image customization (``@operator(image=...)``)
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,14 @@ class Artifact:
 class Builder(Protocol):
     name: str
 
+    def check_image(self, image: Image) -> None:
+        """Raise ``ValidationError`` (with what to do) when this builder cannot honour ``image``: called at
+        deploy, before the code is uploaded."""
+
     async def build(self, spec: BuildSpec, zip_bytes: bytes, log: Callable[[str], None]) -> Artifact:
         """Build ``spec`` from the archive; every line of output goes to ``log`` as it comes.
-        Raises ``BuildError`` (with the output in its ``log``) when the build fails."""
+        Raises ``BuildError`` (with the output in its ``log``) when the build fails, or when importing
+        ``spec.entry`` in the built environment fails (the runtime's ``check`` mode, never the gateway)."""
 
 
 class Isolation(Protocol):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -41,6 +42,7 @@ from typing import BinaryIO, Callable, Iterable, Mapping, Protocol, runtime_chec
 import jinja2
 
 from opbox.errors import BuildError, ConfigError, ValidationError
+from opbox.image import IMAGE_REF, Image
 from opbox.processes import die_with_parent
 
 from .wheelhouse import RUNTIME_EXTRAS, Wheelhouse, iter_tree, requirements_hash, tree_hash
@@ -55,14 +57,11 @@ TAG_SCHEMA = "opbox-image-tag/1"
 
 _HASH = re.compile(r"[0-9a-f]{8,128}")
 _LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
-# docker/distribution reference grammar, simplified: [host[:port]/]path[:tag][@digest]
-_IMAGE_REF = re.compile(
-    r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]+)?/)?"
-    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
+_IMAGE_REF = IMAGE_REF  # the SDK's, which checks Image(base=...)
 _PREFIX = re.compile(
     r"[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]+)?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ENTRY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*")
 
 
 def _quiet(_line: str) -> None:
@@ -83,6 +82,10 @@ class DockerContextSpec:
     opbox_version: str = ""
     has_requirements: bool = True
     labels: tuple[tuple[str, str], ...] = ()  # extra labels; a Mapping is accepted too
+    apt: tuple[str, ...] = ()  # Image(apt=...): a system layer both stages start from
+    image_pip_hash: str = ""  # Image(pip=...): the hash of its requirements ("": none)
+    run: tuple[str, ...] = ()  # Image(run=...): one RUN each, after the venv and before the code
+    entry: str = ""  # module:qualname, imported once after the code is in ("": not checked)
 
     def __post_init__(self) -> None:
         if isinstance(self.labels, Mapping):
@@ -98,6 +101,11 @@ class DockerContextSpec:
                 raise ValidationError(f"{name} must be a lowercase hex digest, not {getattr(self, name)!r}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,127}|", self.opbox_version):
             raise ValidationError(f"bad opbox_version {self.opbox_version!r}")
+        Image(apt=self.apt, run=self.run)  # the same checks as the SDK's: nothing leaves its line
+        if self.image_pip_hash and not _HASH.fullmatch(self.image_pip_hash):
+            raise ValidationError(f"image_pip_hash must be a lowercase hex digest, not {self.image_pip_hash!r}")
+        if self.entry and not _ENTRY.fullmatch(self.entry):
+            raise ValidationError(f"entry must look like 'module:qualname', not {self.entry!r}")
         for key, value in self.labels:
             if not _LABEL_KEY.fullmatch(key):
                 raise ValidationError(f"bad label key {key!r}")
@@ -149,6 +157,10 @@ def render_dockerfile(ctx: DockerContextSpec, template: str = "docker/Dockerfile
         has_requirements=ctx.has_requirements,
         runtime_extras=",".join(RUNTIME_EXTRAS),
         labels=ctx.all_labels(),
+        apt=ctx.apt,
+        image_pip_hash=ctx.image_pip_hash,
+        run=ctx.run,
+        entry=ctx.entry,
     )
 
 
@@ -219,6 +231,8 @@ def prepare_context(
     dest: Path,
     *,
     runtime_wheels: Path | None = None,
+    image_requirements: Path | None = None,
+    image_wheels: Path | None = None,
 ) -> PreparedContext:
     """Assemble the build context folder ``dest`` (created; must not exist or be empty):
 
@@ -227,6 +241,8 @@ def prepare_context(
         dest/wheels/requirements/   the wheels of ``wheelhouse``
         dest/wheels/runtime/        opbox's wheel and its dependencies (``runtime_wheels``,
                                     or ``wheelhouse`` again when that holds them too)
+        dest/image-requirements.txt and dest/wheels/image/
+                                    ``Image(pip=...)`` and its wheels, when given
 
     Wheels are hard-linked when the filesystem allows. The Dockerfile is written by the caller.
     """
@@ -248,6 +264,9 @@ def prepare_context(
     else:
         (dest / "requirements.txt").write_text("")
     _copy_wheels(Path(wheelhouse), dest / "wheels" / "requirements")
+    if image_requirements is not None:
+        shutil.copyfile(image_requirements, dest / "image-requirements.txt")
+        _copy_wheels(Path(image_wheels or wheelhouse), dest / "wheels" / "image")
     if not _copy_wheels(Path(runtime_wheels or wheelhouse), dest / "wheels" / "runtime"):
         raise BuildError(f"no wheels for the opbox runtime in {runtime_wheels or wheelhouse}")
     return PreparedContext(dest, req_hash, tree_hash(dest / "code"), has_requirements)
@@ -310,7 +329,8 @@ class ImageBuilder(Protocol):
 
     def build(self, context_dir: Path, tag: str, log: Log) -> str:
         """Build (or find) ``tag``, handing each output line to ``log``; return the tag.
-        Raises ``BuildError`` (with the whole output as ``log``) on failure."""
+        Raises ``BuildError`` (with the whole output as ``log``) on failure. A builder that builds offline
+        takes ``network=True`` for the builds that need it (``Image(apt=...)``)."""
 
 
 class PodmanBuilder:
@@ -320,7 +340,8 @@ class PodmanBuilder:
     podman builds with ``--layers`` by default, and the one binary also answers
     ``image exists`` and runs the images (the podman backend's ``podman run``), so a host
     needs one tool configured, not two. The build runs with ``--network=none``: every
-    package comes from the wheelhouse in the context.
+    package comes from the wheelhouse in the context, except with ``network=True`` (an image with
+    apt packages: apt-get needs its mirrors; pip still reads only the wheelhouse).
     """
 
     def __init__(self, podman: str = "podman", *, timeout: float | None = 1800.0,
@@ -343,7 +364,7 @@ class PodmanBuilder:
     def remove(self, tag: str) -> None:
         subprocess.run([self._exe(), "rmi", "--force", tag], stdin=subprocess.DEVNULL, capture_output=True)
 
-    def build(self, context_dir: Path, tag: str, log: Log = _quiet) -> str:
+    def build(self, context_dir: Path, tag: str, log: Log = _quiet, *, network: bool = False) -> str:
         context_dir = Path(context_dir)
         self.lock_dir.mkdir(parents=True, exist_ok=True)
         lock_path = self.lock_dir / (hashlib.sha256(tag.encode()).hexdigest()[:24] + ".lock")
@@ -354,7 +375,8 @@ class PodmanBuilder:
                 return tag
             if not (context_dir / "Dockerfile").is_file():
                 raise BuildError(f"no Dockerfile in {context_dir}")
-            cmd = [self._exe(), "build", "--layers", "--network=none", "--pull=missing", "--force-rm",
+            cmd = [self._exe(), "build", "--layers", *([] if network else ["--network=none"]), "--pull=missing",
+                   "--force-rm",
                    "--tag", tag, "--file", str(context_dir / "Dockerfile"), *self.extra_args, str(context_dir)]
             log("$ " + " ".join(cmd))
             code, output = self._stream(cmd, log)
@@ -422,11 +444,15 @@ def build_job_image(
     labels: Mapping[str, str] | None = None,
     work_dir: Path | None = None,
     log: Log = _quiet,
+    image: Image | None = None,
+    entry: str = "",
 ) -> BuiltImage:
     """Hash, tag, and build a job version's image unless that tag exists.
 
-    The no-op path hashes the code, the requirements and opbox's source and asks the builder;
-    it downloads and copies nothing.
+    ``image`` adds its layers (its ``base`` replaces ``base_image``); ``entry`` is imported once
+    in the image, so a version whose entry cannot be imported fails here. The no-op path hashes
+    the code, the requirements and opbox's source and asks the builder; it downloads and copies
+    nothing.
     """
     start = time.monotonic()
     lines: list[str] = []
@@ -435,7 +461,28 @@ def build_job_image(
         lines.append(line)
         log(line)
 
+    image = image or Image()
+    image_requirements: Path | None = None
+    if image.pip:
+        image_requirements = Path(tempfile.mkdtemp(prefix="opbox-image-pip-", dir=work_dir)) / "requirements.txt"
+        image_requirements.write_text("\n".join(image.pip) + "\n")
+    try:
+        return _build_job_image(code_dir, requirements, image_requirements, start=start, record=record,
+                                lines=lines, job_name=job_name, wheelhouse=wheelhouse, builder=builder,
+                                registry_prefix=registry_prefix, base_image=image.base or base_image,
+                                labels=labels, work_dir=work_dir, image=image, entry=entry)
+    finally:
+        if image_requirements is not None:
+            shutil.rmtree(image_requirements.parent, ignore_errors=True)
+
+
+def _build_job_image(code_dir: Path, requirements: Path | None, image_requirements: Path | None, *, start: float,
+                     record: Log, lines: list[str], job_name: str, wheelhouse: Wheelhouse, builder: ImageBuilder,
+                     registry_prefix: str, base_image: str, labels: Mapping[str, str] | None,
+                     work_dir: Path | None, image: Image, entry: str) -> BuiltImage:
     spec = DockerContextSpec(
+        apt=image.apt, run=image.run, entry=entry,
+        image_pip_hash=requirements_hash(image_requirements) if image_requirements is not None else "",
         base_image=base_image,
         python_version=wheelhouse.python_version,
         requirements_hash=requirements_hash(requirements),
@@ -451,12 +498,17 @@ def build_job_image(
         record(f"image {tag} exists: nothing to build")
         return BuiltImage(tag, False, time.monotonic() - start, spec, "\n".join(lines))
     req_wheels = wheelhouse.requirement_wheels(requirements if spec.has_requirements else None, record)
+    image_wheels = wheelhouse.requirement_wheels(image_requirements, record) if image_requirements else None
     runtime = wheelhouse.runtime_wheels(record)
     if runtime.version != spec.opbox_version:  # opbox's source changed under us
         raise BuildError(f"opbox changed while building ({spec.opbox_version} -> {runtime.version}): try again")
     with tempfile.TemporaryDirectory(prefix="opbox-context-", dir=work_dir) as tmp:
         context = prepare_context(code_dir, requirements if spec.has_requirements else None, req_wheels,
-                                  Path(tmp) / "context", runtime_wheels=runtime.path)
+                                  Path(tmp) / "context", runtime_wheels=runtime.path,
+                                  image_requirements=image_requirements, image_wheels=image_wheels)
         (context.path / "Dockerfile").write_text(dockerfile)
-        builder.build(context.path, tag, record)
+        if image.apt and "network" in inspect.signature(builder.build).parameters:
+            builder.build(context.path, tag, record, network=True)  # type: ignore[call-arg]
+        else:  # offline builders get it this way; others (in a cluster) have a network anyway
+            builder.build(context.path, tag, record)
     return BuiltImage(tag, True, time.monotonic() - start, spec, "\n".join(lines))

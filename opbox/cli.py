@@ -138,24 +138,39 @@ def workspace_create(name, home, as_json):
 @main.command()
 @click.argument("target")
 @click.option("--name", default=None, help="Job name [default: the function's name].")
+@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The project folder to pack; the file is imported as its dotted module under it "
+                   "[default: the file's folder, or for a file in a package the nearest folder up holding "
+                   "pyproject.toml, setup.cfg, .git or requirements.txt].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def deploy(target, name, as_json):
-    """Deploy FILE:FUNCTION (e.g. moonshot/main.py:foo) as a new version of its job."""
+def deploy(target, name, root, as_json):
+    """Deploy FILE:FUNCTION (e.g. moonshot/main.py:foo, or myproj/jobs/train.py:train) as a new version of its job."""
+    from .project import find_root, module_path_name
+
     path, _, attr = target.rpartition(":")
     if not path or not attr:
         raise click.UsageError("TARGET must look like path/to/file.py:function")
     file = Path(path).resolve()
     if not file.is_file():
         raise click.UsageError(f"no such file: {path}")
-    sys.path.insert(0, str(file.parent))
-    spec = importlib.util.spec_from_file_location(file.stem, file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[file.stem] = module
-    spec.loader.exec_module(module)
+    if root is None and (file.parent / "__init__.py").is_file():  # a module of a package: its project
+        root = find_root(file.parent)
+    if root is not None:
+        root = root.resolve()
+        if root not in file.parents:
+            raise click.UsageError(f"{path} is not inside the root {root}")
+        sys.path.insert(0, str(root))
+        module = importlib.import_module(module_path_name(file, root))
+    else:
+        sys.path.insert(0, str(file.parent))
+        spec = importlib.util.spec_from_file_location(file.stem, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[file.stem] = module
+        spec.loader.exec_module(module)
     op = getattr(module, attr, None)
     if op is None or not hasattr(op, "deploy"):
         raise click.UsageError(f"{attr} in {path} is not decorated with @operator()")
-    remote = op.deploy(name=name, quiet=as_json)
+    remote = op.deploy(name=name, quiet=as_json, **({"root": root} if root is not None else {}))
     info = {"job_id": remote.job_id, "name": remote.name, "version": remote.version}
     if as_json:
         _print_json(info)

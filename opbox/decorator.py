@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import BuildError, ConfigError, OpboxError, ValidationError, from_response
+from .image import Image
 from .progress import BuildOutput
+from .project import source_of
 from .resource import Resource
 from .retries import Retries
 from .schedules import Schedule, from_dict as schedule_from
@@ -22,7 +24,8 @@ if TYPE_CHECKING:  # the SDK's HTTP side is imported on use: the runtime imports
 
 def operator(name: str | None = None, resource: Resource | None = None, *, timeout: float | None = None,
              max_retries: int | None = None, retention_days: float | None = None, retries: Retries | None = None,
-             secrets: list[str] | tuple[str, ...] | None = None, schedule: Schedule | None = None):
+             secrets: list[str] | tuple[str, ...] | None = None, schedule: Schedule | None = None,
+             image: Image | None = None):
     """Decorate a function to make it deployable with ``.deploy()``.
 
     ``resource`` asks for compute (``Resource(cpu="1", memory="2Gi", ...)``); ``timeout``
@@ -30,10 +33,13 @@ def operator(name: str | None = None, resource: Resource | None = None, *, timeo
     ``retention_days`` keeps finished runs' arguments, results and logs that long (default: the
     platform's); ``secrets`` names workspace secrets given to runs as environment variables;
     ``schedule`` (``Cron(...)`` or ``Period(...)``) makes the platform run the job by itself once
-    deployed. All are checked here.
+    deployed; ``image`` (``Image(base=..., apt=[...], pip=[...], run=[...])``) what the job's container
+    image is made of (the local backend takes its ``pip`` only). All are checked here.
     """
     if resource is not None and not isinstance(resource, Resource):
         raise ValidationError(f"resource must be an opbox.Resource, got {type(resource).__name__}")
+    if image is not None and not isinstance(image, Image):
+        raise ValidationError(f"image must be an opbox.Image, got {type(image).__name__}")
     spec = (resource or Resource()).merge(timeout=timeout, max_retries=max_retries, retention_days=retention_days,
                                           retries=retries, secrets=secrets)
     if schedule is not None:
@@ -43,10 +49,10 @@ def operator(name: str | None = None, resource: Resource | None = None, *, timeo
         if inspect.isclass(obj):
             from .serving import make_servable
 
-            return make_servable(obj, name=name, resource=spec)
+            return make_servable(obj, name=name, resource=spec, image=image)
         if not callable(obj):
             raise ValidationError(f"@operator() decorates a function, got {type(obj).__name__}")
-        return Operator(obj, name=name, resource=spec, schedule=schedule)
+        return Operator(obj, name=name, resource=spec, schedule=schedule, image=image)
 
     return wrap
 
@@ -55,13 +61,14 @@ class Operator:
     """A deployable function. ``Operator.from_job(ref)`` gives the remote handle of a deployed one."""
 
     def __init__(self, fn, *, name: str | None = None, resource: Resource | None = None,
-                 schedule: Schedule | None = None):
+                 schedule: Schedule | None = None, image: Image | None = None):
         functools.update_wrapper(self, fn)
         self.__opbox_target__ = fn  # what the runtime calls
         self.fn = fn
         self.name = name or fn.__name__
         self.resource = resource or Resource()
         self.schedule = schedule
+        self.image = image
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -87,8 +94,12 @@ class Operator:
         return RemoteFunction(job["id"], job["name"], version, client)
 
     def deploy(self, *, name: str | None = None, resource: Resource | None = None, timeout: float | None = None,
-               max_retries: int | None = None, client: "Client | None" = None, quiet: bool = False) -> "RemoteFunction":
-        """Pack the folder that holds this function's file, upload it, build it: a new version of the job.
+               max_retries: int | None = None, client: "Client | None" = None, quiet: bool = False,
+               root: str | os.PathLike | None = None) -> "RemoteFunction":
+        """Pack the function's project, upload it, build it: a new version of the job.
+
+        The folder packed is the file's own for a single file; for a module of a package, the nearest folder
+        up holding pyproject.toml, setup.cfg, .git or requirements.txt; ``root`` names it instead.
 
         Build output goes to stderr (unless ``quiet``). Returns the remote handle, pinned to
         the new version. A failed build raises ``BuildError`` with the build log.
@@ -100,47 +111,36 @@ class Operator:
         from .client import default_client
 
         spec = (resource or self.resource).merge(timeout=timeout, max_retries=max_retries)
-        return deploy_function(self.fn, name or self.name, spec, client or default_client(), quiet, self.schedule)
-
-
-def source_of(fn) -> tuple[Path, str]:
-    """The folder to pack and the entry point (``module:qualname``) of a function."""
-    try:
-        path = inspect.getsourcefile(inspect.unwrap(fn))
-    except TypeError:
-        path = None
-    if not path or not path.endswith(".py") or not os.path.isfile(path):
-        raise ValidationError(
-            f"{fn.__qualname__} is defined in a notebook cell or at the interactive prompt; opbox deploys code from "
-            f".py files: put it in a module beside the notebook (say mymodule.py) and deploy it by module: "
-            f"opbox.deploy(\"mymodule:{fn.__qualname__}\")")
-    if "<locals>" in fn.__qualname__:
-        raise ValidationError(f"{fn.__qualname__} is defined inside a function; deploy a module-level function")
-    path = Path(path).resolve()
-    return path.parent, f"{path.stem}:{fn.__qualname__}"
+        return deploy_function(self.fn, name or self.name, spec, client or default_client(), quiet, self.schedule,
+                               image=self.image, root=root)
 
 
 def deploy_function(fn, name: str, resource: Resource, client: "Client", quiet: bool,
-                    schedule: Schedule | None = None) -> "RemoteFunction":
+                    schedule: Schedule | None = None, *, image: Image | None = None,
+                    root: str | os.PathLike | None = None) -> "RemoteFunction":
     from .remote import RemoteFunction
 
     from .runtime.schema import call_schema  # the runtime's reading of a signature (stdlib only)
 
-    folder, entry = source_of(fn)
-    job, version = build_version(folder, entry, name, "function", resource, client, quiet, schedule, call_schema(fn))
+    folder, entry = source_of(fn, root)
+    job, version = build_version(folder, entry, name, "function", resource, client, quiet, schedule, call_schema(fn),
+                                 image=image)
     return RemoteFunction(job["id"], job["name"], version, client)
 
 
 def build_version(folder: Path, entry: str, name: str, kind: str, resource: Resource, client: "Client",
-                  quiet: bool, schedule: Schedule | None = None, signature: dict | None = None) -> tuple[dict, int]:
+                  quiet: bool, schedule: Schedule | None = None, signature: dict | None = None, *,
+                  image: Image | None = None) -> tuple[dict, int]:
     """Pack ``folder``, upload it and build a new version of job ``name``: (job, version); with ``schedule``,
     the platform sets the job's schedule once the version is ready. ``signature``: the function's parameters,
-    which the platform checks JSON triggers against."""
+    which the platform checks JSON triggers against. The platform checks ``resource`` and ``image`` against its
+    backend and builder before the code is sent (a GPU it has not, apt packages on the local backend)."""
     from . import serialization
     from .packaging import pack_folder
 
+    wanted = {"resource": resource.to_dict(), **({"image": image.to_dict()} if image is not None else {})}
     packed = pack_folder(folder)
-    slot = client.post("/uploads", json={"sha256": packed.sha256, "size": len(packed.data)}, ).json()
+    slot = client.post("/uploads", json={"sha256": packed.sha256, "size": len(packed.data), **wanted}).json()
     if not slot["exists"]:
         upload = slot["upload"]
         resp = client.http.request(upload["method"], upload["url"], content=packed.data, headers=upload["headers"],
@@ -152,7 +152,7 @@ def build_version(folder: Path, entry: str, name: str, kind: str, resource: Reso
                 raise OpboxError(f"upload failed with HTTP {resp.status_code}: {resp.text[:300]}") from None
     body = {"name": name, "kind": kind, "entry": entry, "code_sha256": packed.sha256,
             "python": serialization.PYTHON, "cloudpickle": serialization.cloudpickle_version(),
-            "resource": resource.to_dict(), **({"signature": signature} if signature else {})}
+            **wanted, **({"signature": signature} if signature else {})}
     if schedule is not None:
         body["schedule"] = schedule.to_dict()
     with BuildOutput(name, quiet) as output:

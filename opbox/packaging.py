@@ -155,6 +155,30 @@ def pack_folder(folder: Path, *, max_bytes: int = 100 * 1024**2,
     )
 
 
+def project_requirements(folder: Path) -> tuple[str, str]:
+    """A project's requirements and where they came from: ``requirements.txt`` at its root, else
+    ``pyproject.toml``'s ``[project] dependencies`` (one a line), else none (``("", "")``)."""
+    folder = Path(folder)
+    req = folder / REQUIREMENTS_FILE
+    if req.is_file():
+        return req.read_text(encoding="utf-8-sig", errors="replace"), REQUIREMENTS_FILE
+    pyproject = folder / "pyproject.toml"
+    if not pyproject.is_file():
+        return "", ""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        data = tomllib.loads(pyproject.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PackagingError(f"cannot read pyproject.toml: {exc}", path=str(pyproject)) from exc
+    deps = (data.get("project") or {}).get("dependencies") or []
+    if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+        raise PackagingError("pyproject.toml: [project] dependencies must be a list of strings", path=str(pyproject))
+    return ("\n".join(deps) + "\n" if deps else ""), "pyproject.toml [project] dependencies"
+
+
 def normalize_requirements(text: str) -> str:
     """Drop comments, blank lines and surrounding spaces: cosmetic edits keep the hash."""
     lines = (_COMMENT.sub("", line).strip() for line in text.splitlines())

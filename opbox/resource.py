@@ -71,6 +71,8 @@ class Resource:
     (default: the platform's ``OPBOX_RETENTION_DAYS``). ``env`` is for settings that are not secret
     (it is stored with the version, as the versions API shows it); ``secrets`` names workspace secrets
     whose keys become environment variables of runs and replicas (their values are never stored here).
+    ``allow_cpu_fallback``: a GPU job deploys on a backend without a GPU (with a warning) instead of
+    being refused.
     """
 
     cpu: str | None = None
@@ -84,6 +86,7 @@ class Resource:
     retention_days: float | None = None
     secrets: tuple[str, ...] = ()
     retries: Retries | None = None
+    allow_cpu_fallback: bool = False
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -95,6 +98,8 @@ class Resource:
                 f"gpu: {self.gpu!r} is not a GPU type (a node label value such as 'nvidia-tesla-t4' or 'Tesla-T4')")
         if isinstance(self.gpu_count, bool) or not isinstance(self.gpu_count, int) or self.gpu_count < 0:
             raise ValidationError(f"gpu_count: expected a whole number >= 0, got {self.gpu_count!r}")
+        if not isinstance(self.allow_cpu_fallback, bool):
+            raise ValidationError(f"allow_cpu_fallback: expected True or False, got {self.allow_cpu_fallback!r}")
         if self.gpu is not None and self.gpu_count == 0:
             set_(self, "gpu_count", 1)
         if self.timeout is not None:

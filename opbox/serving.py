@@ -25,13 +25,13 @@ if TYPE_CHECKING:
 RESERVED = ("deploy",)
 
 
-def make_servable(cls, *, name: str | None, resource: Resource):
+def make_servable(cls, *, name: str | None, resource: Resource, image=None):
     """What ``@operator()`` does to a class: the class itself, with a ``deploy`` classmethod attached."""
     for attr in RESERVED:
         if attr in cls.__dict__:
             raise ValidationError(f"{cls.__qualname__} defines {attr}(); @operator() attaches its own "
                                   f"{attr} classmethod to deployable classes: rename yours")
-    cls.__opbox_service__ = {"name": name or cls.__name__, "resource": resource}
+    cls.__opbox_service__ = {"name": name or cls.__name__, "resource": resource, "image": image}
     cls.deploy = classmethod(_deploy_class)
     return cls
 
@@ -47,7 +47,7 @@ def _deploy_class(cls, *init_args, name: str | None = None, replicas: int = defa
                   concurrency: int = defaults.CONCURRENCY, queue: int = defaults.QUEUE,
                   scale_to_zero: float | None = defaults.SCALE_TO_ZERO, resource: Resource | None = None,
                   timeout: float | None = None, wait: float = 300.0, client: "Client | None" = None,
-                  quiet: bool = False, **init_kwargs) -> "RemoteService":
+                  quiet: bool = False, root: str | os.PathLike | None = None, **init_kwargs) -> "RemoteService":
     """Deploy this class as a service: ``Model.deploy(*init_args, **init_kwargs)``.
 
     The folder holding the class's file is packed and built as a new version; the service
@@ -56,20 +56,21 @@ def _deploy_class(cls, *init_args, name: str | None = None, replicas: int = defa
     at most ``concurrency`` calls at once with ``queue`` more waiting (then 429). After
     ``scale_to_zero`` idle seconds the replicas stop (``None``: never); the next call starts
     them again. Redeploying a name rolls the service to the new version. Returns once the new
-    version answers (up to ``wait`` seconds).
+    version answers (up to ``wait`` seconds). ``root``: the folder to pack (default: as for functions).
     """
     from . import serialization
     from .client import default_client
-    from .decorator import build_version, source_of
+    from .decorator import build_version
+    from .project import source_of
 
     _not_in_runtime(f"{cls.__name__}.deploy()")
     meta = getattr(cls, "__opbox_service__", {})
     service = name or meta.get("name") or cls.__name__
     spec = (resource or meta.get("resource") or Resource()).merge(timeout=timeout)
     client = client or default_client()
-    folder, entry = source_of(cls)
+    folder, entry = source_of(cls, root)
     init = serialization.dump_args(init_args, init_kwargs)
-    job, version = build_version(folder, entry, service, "class", spec, client, quiet)
+    job, version = build_version(folder, entry, service, "class", spec, client, quiet, image=meta.get("image"))
     return _put_service(client, service, job, version, init, wait, replicas=replicas, concurrency=concurrency,
                         queue=queue, scale_to_zero=scale_to_zero)
 

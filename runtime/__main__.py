@@ -3,6 +3,7 @@
   worker            a warm worker: pull runs of one job version from the gateway (local and container pools)
   run --run-id ID   run one Job-Run and exit (Kubernetes Jobs, one-shot mode)
   serve --port N    serve a class's methods (or an ASGI app) over HTTP (local services, Knative)
+  check             import the entry once and exit (the builders run it: a deploy fails on an import error)
 
 Both take their settings from the environment: OPBOX_GATEWAY_URL, OPBOX_ENTRY
 (module:qualname), OPBOX_CODE_DIR, and a scoped token (OPBOX_WORKER_TOKEN / OPBOX_RUN_TOKEN).
@@ -26,12 +27,21 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")), help="default: $PORT or 8080")
     serve.add_argument("--fd", type=int, default=None, help="serve on this inherited, bound socket instead")
+    check = sub.add_parser("check", help="import the entry once; exit 1 with the traceback if it fails")
+    check.add_argument("--entry", default=os.environ.get("OPBOX_ENTRY"), help="default: $OPBOX_ENTRY")
+    check.add_argument("--code-dir", default=os.environ.get("OPBOX_CODE_DIR"), help="default: $OPBOX_CODE_DIR")
     args = parser.parse_args(argv)
     os.environ["OPBOX_RUNTIME"] = "1"  # user code can tell; deploy() refuses to run here
     if args.mode == "worker":
         from .worker import main as worker_main
 
         return worker_main()
+    if args.mode == "check":
+        if not args.entry:
+            parser.error("check needs --entry or OPBOX_ENTRY")
+        from .check import main as check_main
+
+        return check_main(args.entry, args.code_dir)
     if args.mode == "serve":
         from .serve import main as serve_main
 

@@ -208,9 +208,17 @@ class InjectsSecrets(Protocol):
     marker, with nothing to call. Deploys naming secrets are refused on a backend without it."""
 
 
+class ChecksResources(Protocol):
+    """Knows at deploy whether it can give runs what their ``Resource`` asks for (a backend without it takes
+    every resource, as a cluster's scheduler does)."""
+
+    def check_resource(self, resource: Resource) -> list[str]:
+        """Raise ``ValidationError`` (saying what to do) when it cannot; else the warnings to show the deployer."""
+
+
 # what a backend without the ability cannot do, for NotSupported's message
 CANNOT = {WorkerPools: "keep warm worker pools", Serving: "serve classes", ServiceLogs: "show service logs",
-          InjectsSecrets: "give runs workspace secrets yet"}
+          InjectsSecrets: "give runs workspace secrets yet", ChecksResources: "check resources at deploy"}
 
 
 def supports(backend: Backend, ability: type) -> bool:

@@ -16,10 +16,11 @@ from typing import Callable
 
 from opbox.builder.base import BuildSpec
 from opbox.errors import BuildError, Conflict, NotFound, OpboxError, PayloadTooLarge, ValidationError
+from opbox.image import Image
 from opbox.resource import Resource
 from opbox.schedules import from_dict as schedule_from
 
-from ..backends.base import InjectsSecrets, VersionInfo, require
+from ..backends.base import ChecksResources, InjectsSecrets, VersionInfo, require, supports
 from ..ids import check_name
 from ..records.base import OPEN, JobRecord, NewVersion, Records, VersionRecord
 from . import signature as signatures
@@ -65,6 +66,18 @@ class Deploys:
         return {"key": key, "exists": False, "upload": {"url": signed.url, "method": signed.method,
                                                         "headers": dict(signed.headers)}}
 
+    def check_wanted(self, resource: Resource | dict | None, image: Image | dict | None) -> list[str]:
+        """Whether the backend and builder can honour a deploy's resource and image: raises ValidationError saying
+        what to do, or returns warnings (a GPU job allowed to fall back to the CPU)."""
+        if not isinstance(resource, Resource):
+            resource = Resource.from_dict(resource)
+        if image is not None and not isinstance(image, Image):
+            image = Image.from_dict(image)
+        if image is not None:
+            self.builder.check_image(image)
+        backend = self.runs.backend
+        return backend.check_resource(resource) if supports(backend, ChecksResources) else []
+
     def parse_spec(self, workspace: str, body: dict) -> dict:
         if not isinstance(body, dict):
             raise ValidationError("expected a JSON object")
@@ -85,6 +98,8 @@ class Deploys:
         if not isinstance(cloudpickle, str) or len(cloudpickle) > 32:
             raise ValidationError("cloudpickle must be a version string")
         resource = Resource.from_dict(body.get("resource"))
+        image = Image.from_dict(body.get("image"))
+        warnings = self.check_wanted(resource, image)
         if resource.secrets:
             require(self.runs.backend, InjectsSecrets)  # 501 rather than runs without their secrets
             self.check_secrets(workspace, resource.secrets)
@@ -92,7 +107,8 @@ class Deploys:
         if schedule is not None and kind != "function":
             raise ValidationError("only functions can have a schedule")
         return {"name": name, "kind": kind, "entry": entry, "code_sha256": sha, "python": python,
-                "cloudpickle": cloudpickle, "resource": resource, "schedule": schedule,
+                "cloudpickle": cloudpickle, "resource": resource, "schedule": schedule, "image": image,
+                "warnings": warnings,
                 "signature": signatures.parse(body.get("signature"))}
 
     # -- reading -------------------------------------------------------------------
@@ -186,8 +202,10 @@ class Deploys:
             log(line)
 
         emit(f"building {job.name} version {version}")
-        build = BuildSpec(workspace=workspace, job_name=job.name, version=version,
-                          code_sha256=spec["code_sha256"], python=spec["python"])
+        for warning in spec.get("warnings") or ():
+            emit(f"warning: {warning}")
+        build = BuildSpec(workspace=workspace, job_name=job.name, version=version, code_sha256=spec["code_sha256"],
+                          python=spec["python"], entry=spec["entry"], image=spec.get("image"))
         try:
             artifact = await self.builder.build(build, zip_bytes, emit)
         except Exception as exc:

@@ -62,19 +62,27 @@ async def create_upload(request: Request):
     """
     summary: Ask where to upload a code archive
     description: Answers a signed, expiring upload URL, or exists=true when an archive with that sha256 is stored already.
+      With the deploy's resource and image, checks first that the backend and builder can honour them (a GPU on
+      the local backend without one, apt packages there), so a deploy that would be refused sends no code.
     requestBody:
       required: true
       content:
         application/json:
-          schema: {type: object, required: [sha256, size], properties: {sha256: {type: string}, size: {type: integer}}}
+          schema:
+            type: object
+            required: [sha256, size]
+            properties: {sha256: {type: string}, size: {type: integer}, resource: {type: object}, image: {type: object}}
     responses:
       200: {description: Upload slot}
       413: {description: Archive too large}
+      422: {description: The resource or image cannot be honoured here (the message says what to do)}
       507: {description: The workspace's storage quota is reached (storage_quota_exceeded)}
     """
     ws = workspace(request)
     body = await json_body(request)
-    return ok(await platform(request).deploys.upload_slot(ws, body.get("sha256"), body.get("size")))
+    deploys = platform(request).deploys
+    deploys.check_wanted(body.get("resource"), body.get("image"))
+    return ok(await deploys.upload_slot(ws, body.get("sha256"), body.get("size")))
 
 
 async def deploy(request: Request):
@@ -96,6 +104,7 @@ async def deploy(request: Request):
               python: {type: string}
               cloudpickle: {type: string}
               resource: {type: object}
+              image: {type: object, description: 'Image customization: base, apt, pip, run (see opbox.Image)'}
     responses:
       200: {description: NDJSON build stream}
       404: {description: No uploaded code with that sha256}

@@ -3,7 +3,8 @@
 Each worker is ``python -m opbox.runtime worker`` from the version's virtualenv, started as
 every local process is (``process.py``). Memory limits are enforced by a watchdog that kills a worker whose
 resident memory passes its ``Resource.memory`` (as the kernel's OOM killer does in a pod);
-timeouts by the pool. CPU, disk and GPU requests are recorded for the cluster backends.
+timeouts by the pool. GPUs: a job gets this machine's (``gpus.py``: ``CUDA_VISIBLE_DEVICES``), and a deploy
+asking for more than there are is refused. CPU and disk requests are recorded for the cluster backends.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import logging
 from pathlib import Path
 
 from ...settings import Settings
-from ..base import InjectsSecrets, RunEvents, RunTicket, ServiceLogs, Serving, VersionInfo, WorkerPools
+from opbox.resource import Resource
+
+from ..base import ChecksResources, InjectsSecrets, RunEvents, RunTicket, ServiceLogs, Serving, VersionInfo, WorkerPools
 from ..pools import PoolManager, PoolMethods, Worker, file_tail
 from ..replicas import ServiceMethods
 from ..runtime_env import runtime_env
+from . import gpus
 from .oneshot import OneShotRunner
 from .process import rss_bytes, signal_runtime, start_runtime
 from .sandbox import Sandbox, open_sandbox
@@ -65,7 +69,7 @@ class LocalBackend(PoolMethods, ServiceMethods):
     ``isolation="run"``: a fresh process per run (the batch entrypoint, as in a Kubernetes Job)."""
 
     name = "local"
-    abilities = frozenset({WorkerPools, Serving, ServiceLogs, InjectsSecrets})
+    abilities = frozenset({WorkerPools, Serving, ServiceLogs, InjectsSecrets, ChecksResources})
 
     def __init__(self, *, gateway_url: str, home: Path, token_for, max_workers: int, isolation: str = "worker",
                  worker_idle: float = Settings.worker_idle, pool_idle: float = Settings.pool_idle,
@@ -86,6 +90,7 @@ class LocalBackend(PoolMethods, ServiceMethods):
 
     async def start(self, events: RunEvents) -> None:
         self.pools.events = self.oneshot.events = events
+        await asyncio.to_thread(gpus.detect)  # once, off the event loop (nvidia-smi may take a moment)
         self._watchdog = asyncio.ensure_future(self._watch_memory())
 
     async def close(self) -> None:
@@ -100,6 +105,10 @@ class LocalBackend(PoolMethods, ServiceMethods):
             return
         self.pools.retire(keep={version.key} | {k for k, p in self.pools.pools.items() if p.version.job_id != version.job_id})
         self.pools.warm_up(version, 1)
+
+    def check_resource(self, resource: Resource) -> list[str]:
+        """A GPU job needs this machine's GPUs (gpus.py); memory and timeouts are enforced, CPU and disk recorded."""
+        return gpus.check(resource)
 
     def busy(self) -> int:
         return self.pools.leased + len(self.oneshot.running)

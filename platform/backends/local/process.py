@@ -20,6 +20,7 @@ from pathlib import Path
 from opbox.processes import die_with_parent, tree
 
 from ..base import VersionInfo
+from . import gpus
 from .sandbox import Sandbox
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -32,12 +33,16 @@ SANDBOX_CODE_DIR = "/app"
 
 def process_env(version: VersionInfo, runtime: Mapping[str, str], sealed: bool = False) -> dict[str, str]:
     """The environment of a runtime process: the allow-listed part of this one's, the version's
-    ``Resource.env``, then ``runtime``; in a sandbox, home and temp are its private /tmp."""
+    ``Resource.env``, the GPUs granted to a job that asks for some (``CUDA_VISIBLE_DEVICES``), then
+    ``runtime``; in a sandbox, home and temp are its private /tmp."""
     passed = PASSED if sealed else PASSED + UNSEALED
     env = {name: os.environ[name] for name in passed if name in os.environ}
     if sealed:
         env["HOME"] = env["TMPDIR"] = "/tmp"
     env.update(version.resource.env)
+    devices = gpus.visible_devices(version.resource)
+    if devices is not None:  # the GPUs granted to the job (gpus.py)
+        env["CUDA_VISIBLE_DEVICES"] = devices
     env.update(runtime)
     if sealed:
         env["OPBOX_CODE_DIR"] = SANDBOX_CODE_DIR

@@ -228,6 +228,31 @@ def test_a_missing_secret_is_create_container_config_error(kube):
     batch.delete_namespaced_job("secretless", NS, propagation_policy="Background")
 
 
+def test_secrets_data_is_base64_with_valid_keys_and_names(kube):
+    core = apis(kube)["core"]
+
+    def secret(name, data=None, string_data=None):
+        body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque"}
+        if data is not None:
+            body["data"] = data
+        if string_data is not None:
+            body["stringData"] = string_data
+        return body
+
+    code, body = refused(core.create_namespaced_secret, NS, secret("plain", {"K": "not base64!"}))
+    assert code == 400 and "illegal base64 data" in body
+    code, body = refused(core.create_namespaced_secret, NS, secret("Bad_Name", {"K": "dg=="}))
+    assert code == 422 and "RFC 1123 subdomain" in body
+    code, body = refused(core.create_namespaced_secret, NS, secret("badkey", {"no/slash": "dg=="}))
+    assert code == 422 and "valid config key" in body
+    code, body = refused(core.create_namespaced_secret, NS, secret("huge", string_data={"K": "x" * (1024 * 1024 + 1)}))
+    assert code == 422 and "must have at most 1048576 bytes" in body
+    made = core.create_namespaced_secret(NS, secret("good", {"K": "dg=="}, {"S": "plain text"}))
+    assert made.data == {"K": "dg==", "S": "cGxhaW4gdGV4dA=="} and made.string_data is None
+    assert refused(core.replace_namespaced_secret, "good", NS, secret("good", {"K": "%%%"}))[0] == 400
+    core.delete_namespaced_secret("good", NS)
+
+
 def test_refused_pod_creation_is_a_failed_create_event_and_no_pod(kube):
     core, batch = apis(kube)["core"], apis(kube)["batch"]
     core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "opbox-strict", "labels": {

@@ -583,3 +583,33 @@ def test_evicted_and_stranded_runs_run_again_without_spending_a_retry(fns, kube)
         node["spec"].pop("taints", None)
         kube.store.put("nodes", node)
         core.delete_node("fake-node-2")
+
+
+SECRET_CODE = """
+import os
+from opbox import operator
+
+@operator(secrets=["kube-hf"])
+def read_secret(_=None):
+    return os.environ.get("HF_TOKEN")
+"""
+
+
+def test_workspace_secrets_become_kubernetes_secrets_that_runs_and_workers_load(plat, client, kube, tmp_path_factory):
+    client.request("PUT", "/secrets/kube-hf", json={"values": {"HF_TOKEN": "first-value"}})
+    made = kube.store.get("secrets", NAMESPACE, "opbox-secret-kube-hf")
+    assert made["metadata"]["labels"]["opbox.dev/secret"] == "kube-hf" and made["data"] == {"HF_TOKEN": "Zmlyc3QtdmFsdWU="}
+    mod = e2e_code(tmp_path_factory.mktemp("kube_secret"), "kubesecretmod", SECRET_CODE)
+    fn = mod.read_secret.deploy(client=client, quiet=True)
+    run = fn.submit()
+    assert run.result(timeout=60) == "first-value"
+    (job,) = jobs_of(kube, run.id)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["envFrom"] == [{"secretRef": {"name": "opbox-secret-kube-hf"}}]
+    assert "first-value" not in json.dumps(job)
+    assert fn.map([1, 2, 3], progress=False) == ["first-value"] * 3  # worker pods load it too
+    client.request("PUT", "/secrets/kube-hf", json={"values": {"HF_TOKEN": "second-value"}})
+    assert kube.store.get("secrets", NAMESPACE, "opbox-secret-kube-hf")["data"] == {"HF_TOKEN": "c2Vjb25kLXZhbHVl"}
+    assert fn() == "second-value"
+    client.request("DELETE", "/secrets/kube-hf")
+    assert kube.store.get("secrets", NAMESPACE, "opbox-secret-kube-hf") is None

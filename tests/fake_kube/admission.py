@@ -24,12 +24,18 @@ Each rule is ported (read, not copied) from the source that enforces it:
   ``revision_defaults.go`` / ``route_defaults.go`` (timeoutSeconds 300, all traffic to the latest
   revision). A denial is HTTP 400 "admission webhook ... denied the request", as the API server
   relays a webhook's answer;
+- Secrets: their ``data`` is ``[]byte``, so JSON decoding refuses a value that is not standard base64
+  (HTTP 400 ``illegal base64 data``, encoding/json with encoding/base64.StdEncoding), and
+  ``pkg/apis/core/validation/validation.go`` ValidateSecret wants keys that are IsConfigMapKey
+  (``[-._a-zA-Z0-9]+``, <= 253) and at most MaxSecretSize (1 MiB) of data in all;
 - pods: k8s.io/pod-security-admission ``policy/check_*.go`` for the ``restricted`` level, and the
   ResourceQuota admission plugin's "exceeded quota" for ``pods``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 
@@ -120,6 +126,35 @@ def validate(plural: str, obj: dict) -> list[str]:
         out += _job_errors(obj)
     elif plural == "pods":
         out += _pod_spec_errors(obj.get("spec") or {}, "spec")
+    elif plural == "secrets":
+        out += _secret_errors(obj)
+    return out
+
+
+CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+MAX_SECRET_SIZE = 1024 * 1024  # pkg/apis/core/types.go MaxSecretSize
+
+
+def decode_secret(secret: dict) -> None:
+    """What JSON decoding of a Secret's ``data`` ([]byte) refuses: a value that is not standard base64."""
+    for key, value in (secret.get("data") or {}).items():
+        try:
+            if not isinstance(value, str):
+                raise ValueError("not a string")
+            base64.b64decode(value, validate=True)
+        except (ValueError, binascii.Error):
+            raise Refused(400, "BadRequest", f'Secret in version "v1" cannot be handled as a Secret: '
+                                             f'illegal base64 data in data[{key!r}]') from None
+
+
+def _secret_errors(secret: dict) -> list[str]:
+    data = {**(secret.get("data") or {}), **(secret.get("stringData") or {})}
+    out = [f"data[{key}]: Invalid value: {key!r}: a valid config key must consist of alphanumeric characters, "
+           "'-', '_' or '.'" for key in data if not CONFIG_KEY.fullmatch(key) or len(key) > 253]
+    size = sum(len(base64.b64decode(v)) for v in (secret.get("data") or {}).values())
+    size += sum(len(v.encode()) for v in (secret.get("stringData") or {}).values())
+    if size > MAX_SECRET_SIZE:
+        out.append(f"data: Too long: must have at most {MAX_SECRET_SIZE} bytes")
     return out
 
 

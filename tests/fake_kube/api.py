@@ -122,6 +122,8 @@ class Api:
             meta.setdefault("uid", str(uuid.uuid4()))  # the Job's generated selector names it
         admission.default(plural, obj, old)
         try:
+            if plural == "secrets":
+                admission.decode_secret(obj)
             if plural == "services":
                 admission.knative_webhook(obj, old)
             else:

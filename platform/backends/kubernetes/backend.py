@@ -36,6 +36,7 @@ run in threads (``asyncio.to_thread``), watches in threads of their own.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import math
@@ -44,10 +45,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from opbox.errors import ConfigError, ValidationError
+from opbox.errors import ClusterRefused, ConfigError, ValidationError
 
 from ...settings import Settings
-from ..base import RunEvents, RunTicket, ServiceInfo, ServiceLogs, Serving, VersionInfo, WorkerPools
+from ..base import (InjectsSecrets, MirrorsSecrets, RunEvents, RunTicket, ServiceInfo, ServiceLogs, Serving, VersionInfo,
+                    WorkerPools)
 from ..pools import PoolManager, PoolMethods
 from ..runtime_env import runtime_env
 from . import namespaces, render
@@ -112,7 +114,8 @@ def describe_container_exit(terminated: dict) -> str:
 class KubernetesBackend(PoolMethods):
     name = "kubernetes"
     # single runs are Jobs; map items go to warm pools of worker pods (workers.py)
-    abilities = frozenset({WorkerPools, Serving, ServiceLogs})
+    # workspace secrets are Kubernetes Secrets of the workspace's namespace, loaded by envFrom
+    abilities = frozenset({WorkerPools, Serving, ServiceLogs, InjectsSecrets, MirrorsSecrets})
 
     def __init__(self, settings: KubernetesSettings, *, gateway_url: str, token_for, api=None,
                  cancel_grace: float | None = None, worker_idle: float = Settings.worker_idle,
@@ -307,10 +310,44 @@ class KubernetesBackend(PoolMethods):
         return dict(namespace=namespace, workspace=version.workspace, job_id=version.job_id, version=version.version,
                     image=version.artifact.image or "", gateway_url=self.gateway_url, token_secret=token_secret,
                     resource=version.resource, service_account=settings.service_account,
-                    env={**settings.env, **runtime_env(version, in_image=True)}, secrets=settings.secrets,
+                    env={**settings.env, **runtime_env(version, in_image=True)}, secrets=self.secret_refs(version),
                     image_pull_secrets=settings.image_pull_secrets, image_pull_policy=settings.image_pull_policy,
                     gpu_label_key=settings.gpu_label_key, ttl_seconds_after_finished=settings.ttl_after_finished,
                     termination_grace_period_seconds=self.termination_grace, run_as_non_root=settings.run_as_non_root)
+
+    def secret_refs(self, version: VersionInfo) -> tuple[str, ...]:
+        """The Secrets a pod of ``version`` loads whole (``envFrom``): OPBOX_K8S_SECRETS, then the
+        version's workspace secrets in their order (a later one's key wins, as in the other backends)."""
+        return self.settings.secrets + tuple(render.secret_object_name(name) for name in version.resource.secrets)
+
+    # -- workspace secrets as Kubernetes Secrets (MirrorsSecrets) -------------------------
+    async def put_secret(self, workspace: str, name: str, values) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        namespace, object_name = self.settings.namespace(workspace), render.secret_object_name(name)
+        secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                  "metadata": {"name": object_name, "namespace": namespace,
+                               "labels": {**namespaces.MANAGED, "opbox.dev/workspace": render.label_value(workspace),
+                                          "opbox.dev/secret": render.label_value(name)}},
+                  "data": {key: base64.b64encode(value.encode()).decode() for key, value in values.items()}}
+        try:
+            await self.ensure_namespace(namespace)
+            if await self.call(self.core.create_namespaced_secret, namespace, secret, conflict_ok=True) is None:
+                await self.call(self.core.replace_namespaced_secret, object_name, namespace, secret)
+        except ApiException as exc:
+            raise ClusterRefused(f"the cluster refused Secret {namespace}/{object_name} (secret {name!r}): "
+                                 f"{api_error(exc)}", status=exc.status) from None
+
+    async def delete_secret(self, workspace: str, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        namespace, object_name = self.settings.namespace(workspace), render.secret_object_name(name)
+        try:
+            await self.call(self.core.delete_namespaced_secret, object_name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise ClusterRefused(f"the cluster refused to delete Secret {namespace}/{object_name}: "
+                                     f"{api_error(exc)}", status=exc.status) from None
 
     async def create_with_token(self, namespace: str, job: dict, secret_name: str, labels: dict, token: str,
                                 adopt=None) -> dict:
@@ -496,6 +533,7 @@ class KubernetesBackend(PoolMethods):
         if worker is not None:
             why = _cannot_start(obj)
             if why:
+                why += secret_hint(why, worker.worker.pool.version)
                 self.spawner.fail(worker, why)
             return
         labels = obj["metadata"].get("labels") or {}
@@ -515,6 +553,7 @@ class KubernetesBackend(PoolMethods):
             if why not in FATAL_WAITING and why not in PULLING:
                 continue
             attempt.waiting = f"pod {name} cannot start: {why}" + (f": {waiting['message']}" if waiting.get("message") else "")
+            attempt.waiting += secret_hint(waiting.get("message") or "", attempt.version)
             if why in PULLING:
                 now = time.monotonic()
                 attempt.pulling_since = attempt.pulling_since or now
@@ -596,6 +635,15 @@ class KubernetesBackend(PoolMethods):
         except Exception as exc:
             log.info("no log for pod %s/%s: %s", namespace, pod, exc)
             return ""
+
+
+def secret_hint(message: str, version: VersionInfo) -> str:
+    """For a kubelet's 'secret "opbox-secret-x" not found': which workspace secret that is, and what to do."""
+    for name in version.resource.secrets:
+        if f'secret "{render.secret_object_name(name)}" not found' in message:
+            return (f" (the workspace secret {name!r} is not in the cluster: set it again with "
+                    f"`opbox secrets set {name} KEY=VALUE`)")
+    return ""
 
 
 def _cannot_start(pod: dict) -> str | None:

@@ -116,6 +116,18 @@ def service_name(name: str) -> str:
     return f"{cleaned}-{_digest(name)}"
 
 
+SECRET_PREFIX = "opbox-secret-"
+
+
+def secret_object_name(name: str) -> str:
+    """The Kubernetes Secret of the workspace secret ``name`` (``[a-z0-9][-a-z0-9_]*``): ``opbox-secret-<name>``,
+    with ``_`` (not allowed in object names) made ``-`` and a hash suffix, so ``a_b`` and ``a-b`` stay apart."""
+    cleaned = name.replace("_", "-")
+    if cleaned != name:
+        cleaned = f"{cleaned.rstrip('-')}-{_digest(name)}"
+    return check_dns_subdomain(SECRET_PREFIX + cleaned, "Secret name (from the secret's name)")
+
+
 def job_name(run_id: str, attempt: int = 0, disruption: int = 0) -> str:
     """The Job of a Job-Run's attempt: ``opbox-run-<run id lowercased>`` (``.`` of map items as
     ``-``), with ``-a<N>`` for retries: each attempt is a Job of its own; and ``-d<N>`` when it is

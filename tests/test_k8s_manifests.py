@@ -189,9 +189,8 @@ def test_kustomization_covers_the_base_and_not_the_examples():
 
 
 def test_kustomize_build_is_consistent(built):
-    kust = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
-    namespace = kust["namespace"]
-    assert by_kind(built, "Namespace").keys() == {namespace}
+    namespace = "opbox-system"  # every namespaced object names it (the kustomization has no namespace: field)
+    assert by_kind(built, "Namespace").keys() == {namespace, "opbox-builds"}
     accounts = by_kind(built, "ServiceAccount")
     assert accounts.keys() == {"opbox-gateway", "opbox-runner"}
     assert accounts["opbox-runner"]["automountServiceAccountToken"] is False
@@ -233,7 +232,9 @@ def test_kustomize_build_is_consistent(built):
     config = config_maps["opbox-config"]["data"]
     assert config["OPBOX_STORE_URL"].startswith("s3://")
     assert {"OPBOX_S3_ENDPOINT_URL", "OPBOX_REGISTRY", "OPBOX_NAMESPACE_TEMPLATE"} <= config.keys()
-    assert config["OPBOX_BUILDER"] == "kaniko" and "{workspace}" in config["OPBOX_NAMESPACE_TEMPLATE"]
+    assert config["OPBOX_BUILDER"] == "buildkit" and "{workspace}" in config["OPBOX_NAMESPACE_TEMPLATE"]
+    builds = by_kind(built, "Namespace")[config["OPBOX_BUILD_NAMESPACE"]]["metadata"]["labels"]
+    assert builds["pod-security.kubernetes.io/enforce"] == "privileged", "rootless BuildKit asks for Unconfined"
     # the registry credentials the kaniko builder checks tags with are mounted where the config says
     auth_dir, _, auth_name = config["OPBOX_REGISTRY_AUTH_FILE"].rpartition("/")
     secret = volumes[mounts[auth_dir]]["secret"]
@@ -815,6 +816,56 @@ def test_user_env_overrides_operator_env_and_keeps_order():
     names = [name for name, _ in env]
     assert names[:5] == ["OPBOX_GATEWAY_URL", "OPBOX_WORKSPACE", "OPBOX_JOB_ID", "OPBOX_VERSION", "OPBOX_RUN_ID"]
     assert dict(env)["A"] == "user" and dict(env)["B"] == "operator" and len(names) == len(set(names))
+
+
+# --- the BuildKit build Job (OPBOX_BUILDER=buildkit, the default in manifests/) ------------------
+
+def buildkit_spec(**overrides):
+    from opbox.platform.backends.kubernetes.buildkit import DEFAULT_IMAGE, BuildKitJobSpec
+
+    spec = dict(
+        name="opbox-build-0123456789ab-a1b2c3", namespace="opbox-builds", image=DEFAULT_IMAGE,
+        context_url="https://s3.example.com/opbox/builds/x.tar.gz?X-Amz-Signature=abc&X-Amz-Expires=1800",
+        destination="registry.example.com/opbox/opbox-team-a-score:0123456789ab",
+        push_secret="opbox-build-0123456789ab-a1b2c3-push", cache_ref="registry.example.com/opbox/opbox-cache:buildcache",
+        insecure=True, service_account="opbox-builder", labels={"app.kubernetes.io/managed-by": "opbox"},
+        active_deadline_seconds=1200, ttl_seconds_after_finished=600, cpu="1", memory="4Gi")
+    spec.update(overrides)
+    return BuildKitJobSpec(**spec)
+
+
+BUILDKIT_CASES = {"everything": {}, "bare": dict(cache_ref=None, insecure=False, service_account=None, cpu=None,
+                                                  memory=None)}
+
+
+@pytest.mark.parametrize("case", BUILDKIT_CASES)
+def test_rendered_buildkit_job(kv, case):
+    from opbox.platform.backends.kubernetes.buildkit import render_buildkit_job
+
+    spec = buildkit_spec(**BUILDKIT_CASES[case])
+    job = render_buildkit_job(spec)
+    for version in K8S_VERSIONS:
+        error = k8s_error(kv, job, version)
+        assert error is None, f"buildkit Job {case!r} (Kubernetes {version}): {error}"
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["buildctl-daemonless.sh"] and container["args"][:5] == [
+        "build", "--frontend", "dockerfile.v0", "--opt", f"context={spec.context_url}"]
+    assert ("--export-cache" in container["args"]) is bool(spec.cache_ref)
+    assert all(("registry.insecure=true" in a) is spec.insecure for a in container["args"] if a.startswith("type="))
+    assert container["env"] == [{"name": "DOCKER_CONFIG", "value": "/home/user/.docker"}] and "envFrom" not in container
+    assert [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v] == [spec.push_secret]
+    security = container["securityContext"]
+    assert security["runAsUser"] == 1000 and security["runAsNonRoot"] and "privileged" not in security
+    assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
+    assert restricted_violations(pod), "not 'restricted' (nor 'baseline'): hence a namespace of its own"
+
+
+def test_buildkit_job_refuses_what_could_break_its_flags():
+    for bad in (dict(destination="x,push=false"), dict(context_url="s3://bucket/key"), dict(push_secret="Bad Name"),
+                dict(cache_ref="a b")):
+        with pytest.raises(ValidationError):
+            buildkit_spec(**bad)
 
 
 # --- the kaniko build Job (OPBOX_BUILDER=kaniko) -------------------------------------------

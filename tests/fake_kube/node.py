@@ -48,6 +48,7 @@ from opbox.platform.backends.container.podman import MemoryCgroup
 from opbox.resource import parse_quantity
 
 from .admission import Refused, admit_pod
+from .buildkit import is_buildkit, run_buildkit
 from .kaniko import is_kaniko, pull_secret_auth, run_kaniko
 from .scheduler import record_event, schedule
 from .store import Store, now
@@ -359,6 +360,8 @@ class Node:
             await asyncio.sleep(0.2)
         if is_kaniko(container["image"]):
             return await self._run_kaniko(pod, container, env)
+        if is_buildkit(container["image"]):
+            return await self._run_kaniko(pod, container, env, run_buildkit, "buildkit")
         backoff = 0.3
         while not await self._pull(pod, container["image"]):  # the kubelet retries, backing off
             for reason in ("ErrImagePull", "ImagePullBackOff"):
@@ -487,18 +490,19 @@ class Node:
         self.pulled.append(image)
         return code == 0
 
-    async def _run_kaniko(self, pod: dict, container: dict, env: dict[str, str]) -> str | None:
-        """The kaniko executor, emulated (fake_kube/kaniko.py): build, push, exit."""
+    async def _run_kaniko(self, pod: dict, container: dict, env: dict[str, str], runner=run_kaniko,
+                          tool: str = "kaniko") -> str | None:
+        """An image builder, emulated (fake_kube/kaniko.py, fake_kube/buildkit.py): build, push, exit."""
         uid, started = pod["metadata"]["uid"], now()
         self._update_pod(pod, phase="Running", startTime=started, containerStatuses=self._container_status(
-            container, {"running": {"startedAt": started}}, containerID=f"kaniko://{uid}"))
+            container, {"running": {"startedAt": started}}, containerID=f"{tool}://{uid}"))
         with open(self.log_dir / f"{uid}.log", "ab") as out:
-            code = await run_kaniko(self.podman, self.store, pod, container, env, out)
+            code = await runner(self.podman, self.store, pod, container, env, out)
         terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "startedAt": started,
-                      "finishedAt": now(), "containerID": f"kaniko://{uid}"}
+                      "finishedAt": now(), "containerID": f"{tool}://{uid}"}
         phase = "Succeeded" if code == 0 else "Failed"
         if self._update_pod(pod, phase=phase, containerStatuses=self._container_status(
-                container, {"terminated": terminated}, containerID=f"kaniko://{uid}")) is None:
+                container, {"terminated": terminated}, containerID=f"{tool}://{uid}")) is None:
             return None
         return phase
 

@@ -271,3 +271,25 @@ def _digest(text: str) -> str:
     import hashlib
 
     return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def test_the_gateway_reads_only_what_it_labelled(kube):
+    """Cluster-wide lists and watches carry opbox's label selector; Events (which carry no labels of
+    ours) are read per workspace namespace, never cluster-wide; workspace namespaces are labelled."""
+    first = len(kube.store.queries)
+
+    async def scenario(backend, events):
+        submit(backend, "narrow", "r-narrow")
+        await wait_for(lambda: events.lost.get("r-narrow"), 60, "the run ending")
+        await wait_for(lambda: [q for q in kube.store.queries[first:] if "/events" in q[1]], 30, "the event watch")
+    run(kube, scenario)
+    reads = [(path, query) for method, path, query in kube.store.queries[first:] if method == "GET"]
+    cluster_wide = [(path, query) for path, query in reads if "/namespaces/" not in path]
+    assert {path for path, _ in cluster_wide} == {"/apis/batch/v1/jobs", "/api/v1/pods"}
+    assert all(query.get("labelSelector") == "app.kubernetes.io/managed-by=opbox" for _, query in cluster_wide)
+    event_reads = [(path, query) for path, query in reads if path.endswith("/events")]
+    assert event_reads and all(path == "/api/v1/namespaces/opbox-narrow/events" and
+                               "reason=FailedCreate" in query["fieldSelector"]
+                               for path, query in event_reads)
+    labels = kube.store.get("namespaces", None, "opbox-narrow")["metadata"]["labels"]
+    assert labels["opbox.dev/workspace"] == "narrow" and labels["app.kubernetes.io/managed-by"] == "opbox"

@@ -7,8 +7,9 @@
                 free slot goes to the waiting workspace with the fewest Jobs
     the pod  -> ``python -m opbox.runtime run --run-id X``: takes its arguments from the gateway
                 (which marks the run running), ships its output and posts its result there
-    watches  -> Jobs and pods of every opbox namespace (list, then watch from its resourceVersion;
-                relist on 410 Gone; reconnect on errors): a Job that failed without a result ends
+    watches  -> Jobs and pods labelled app.kubernetes.io/managed-by=opbox, cluster-wide (list, then watch
+                from its resourceVersion; relist on 410 Gone; reconnect on errors); the FailedCreate
+                Events of each workspace namespace in use, namespace by namespace: a Job that failed without a result ends
                 its run with the pod's reason (OOMKilled, exit code, DeadlineExceeded -> timed_out,
                 ImagePullBackOff...) and the tail of the pod's log
     not starting -> a pod that cannot start fails its run with the API's words: at once for what
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import math
@@ -162,9 +164,8 @@ class KubernetesBackend(PoolMethods):
                     label_selector=MANAGED, timeout=timeout),
             Watcher("pods", self.core.list_pod_for_all_namespaces, self.threadsafe(self._on_pod),
                     label_selector=MANAGED, timeout=timeout),
-            Watcher("job-events", self.core.list_event_for_all_namespaces, self.threadsafe(self._on_event),
-                    field_selector="involvedObject.kind=Job,reason=FailedCreate", timeout=timeout),
-        ]
+        ]  # a Job's FailedCreate Events are watched per workspace namespace (ensure_namespace): Events carry
+        # no labels of ours, and a cluster-wide watch would read every other team's
         for watcher in self.watchers:
             watcher.start()
 
@@ -284,7 +285,7 @@ class KubernetesBackend(PoolMethods):
 
         version, ticket = attempt.version, attempt.ticket
         try:
-            await self.ensure_namespace(attempt.namespace)
+            await self.ensure_namespace(attempt.namespace, attempt.workspace)
             secret_name = f"{attempt.name}-token"
             spec = render.JobSpec(**self.workload(version, attempt.namespace, secret_name), run_id=ticket.run_id,
                                   attempt=ticket.attempt, backoff_limit=0, disruption=attempt.disruption)
@@ -331,7 +332,7 @@ class KubernetesBackend(PoolMethods):
                                           "opbox.dev/secret": render.label_value(name)}},
                   "data": {key: base64.b64encode(value.encode()).decode() for key, value in values.items()}}
         try:
-            await self.ensure_namespace(namespace)
+            await self.ensure_namespace(namespace, workspace)
             if await self.call(self.core.create_namespaced_secret, namespace, secret, conflict_ok=True) is None:
                 await self.call(self.core.replace_namespaced_secret, object_name, namespace, secret)
         except ApiException as exc:
@@ -416,17 +417,24 @@ class KubernetesBackend(PoolMethods):
             await asyncio.sleep(delay)
             delay *= 2
 
-    async def ensure_namespace(self, namespace: str) -> None:
+    async def ensure_namespace(self, namespace: str, workspace: str) -> None:
+        """The workspace's namespace made (once), and its Jobs' FailedCreate Events watched from then on."""
         fut = self._namespaces.get(namespace)
         if fut is None or (fut.done() and fut.exception() is not None):
-            fut = self._namespaces[namespace] = asyncio.ensure_future(self._make_namespace(namespace))
+            fut = self._namespaces[namespace] = asyncio.ensure_future(self._make_namespace(namespace, workspace))
         await asyncio.shield(fut)
+        if not any(w.what == f"job-events/{namespace}" for w in self.watchers):
+            watcher = Watcher(f"job-events/{namespace}", functools.partial(self.core.list_namespaced_event, namespace),
+                              self.threadsafe(self._on_event), field_selector="involvedObject.kind=Job,reason=FailedCreate",
+                              timeout=self.settings.watch_timeout)
+            self.watchers.append(watcher)
+            watcher.start()
 
-    async def _make_namespace(self, namespace: str) -> None:
+    async def _make_namespace(self, namespace: str, workspace: str) -> None:
         if not self.settings.create_namespaces:
             return
         settings = self.settings
-        await self.call(self.core.create_namespace, namespaces.namespace_manifest(namespace, settings),
+        await self.call(self.core.create_namespace, namespaces.namespace_manifest(namespace, workspace, settings),
                         conflict_ok=True)
         if settings.service_account:
             await self.call(self.core.create_namespaced_service_account, namespace, {
@@ -488,6 +496,19 @@ class KubernetesBackend(PoolMethods):
         self._fill()
 
     def _pending_expired(self, attempt: Attempt) -> None:
+        if attempt.done or attempt.started:
+            return
+        self.spawn_task(self._expire(attempt))
+
+    async def _expire(self, attempt: Attempt) -> None:
+        if not attempt.waiting and attempt.created_at is not None:  # the Events' watch may lag: ask once
+            try:
+                listed = await self.call(self.core.list_namespaced_event, attempt.namespace,
+                                         field_selector=f"involvedObject.name={attempt.name},reason=FailedCreate")
+                for event in (listed.get("items") or [])[-1:]:
+                    attempt.waiting = f"the Job cannot make its pod: {event.get('message', '')}"
+            except Exception as exc:
+                log.info("could not read the Events of Job %s: %s", attempt.name, exc)
         if attempt.done or attempt.started:
             return
         self.spawn_task(self._delete_job(attempt))

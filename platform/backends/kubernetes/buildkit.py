@@ -238,9 +238,10 @@ class BuildKitBuilder(KanikoBuilder):
         """The push Secret owned by its Job: gone with it, should the gateway stop before deleting it."""
         owner = [{"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
                   "uid": job["metadata"]["uid"]}]
-        try:
-            self._call(core.patch_namespaced_secret, secret["metadata"]["name"], secret["metadata"]["namespace"],
-                       {"metadata": {"ownerReferences": owner}})
+        owned = {**secret, "metadata": {**secret["metadata"], "ownerReferences": owner}}
+        try:  # an update (the gateway's RBAC grants update on Secrets, not patch)
+            self._call(core.replace_namespaced_secret, secret["metadata"]["name"], secret["metadata"]["namespace"],
+                       owned)
         except Exception as exc:  # not fatal: the build deletes it when it ends
             log.warning("could not tie Secret %s to its build Job: %s", secret["metadata"]["name"], exc)
 

@@ -107,7 +107,7 @@ class KnativeServices:
         check_limits(info)
         backend = self.backend
         namespace = backend.settings.namespace(info.workspace)
-        await backend.ensure_namespace(namespace)
+        await backend.ensure_namespace(namespace, info.workspace)
         name = render.service_name(info.name)
         token_secret = f"opbox-service-{name}-token"
         spec = self._spec(info, namespace, token_secret)

@@ -67,7 +67,7 @@ class PodSpawner:
     async def spawn(self, worker: Worker) -> PodWorker:
         backend, version = self.backend, worker.pool.version
         namespace = backend.settings.namespace(version.workspace)
-        await backend.ensure_namespace(namespace)
+        await backend.ensure_namespace(namespace, version.workspace)
         nonce = secrets.token_hex(3)
         secret_name = f"opbox-worker-{nonce}-{worker.id}-token".lower()
         spec = render.WorkerSpec(**backend.workload(version, namespace, secret_name), pool_id=worker.pool.id,

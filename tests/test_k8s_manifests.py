@@ -304,10 +304,10 @@ def test_rbac_is_least_privilege(built):
         ("", "limitranges"): {"create"},
         ("networking.k8s.io", "networkpolicies"): {"create"},
         ("", "secrets"): {"create", "update", "delete"},  # never read
-        ("", "pods"): {"list", "watch"},
+        ("", "pods"): {"list", "watch", "delete"},
         ("", "pods/log"): {"get"},
         ("", "events"): {"list", "watch"},
-        ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
+        ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
         ("serving.knative.dev", "services"): {"create", "get", "list", "watch", "patch", "delete"},
     }
     roles = by_kind(built, "ClusterRole")
@@ -525,7 +525,7 @@ def test_rendered_job(kv, case):
 
 @pytest.mark.parametrize("case", ["minimal", "non-root"])
 def test_rendered_worker_job(kv, case):
-    fields = {"pool_id": "job-0193a1b2c3d.v3", "worker_id": "w17f3a9c2b4d1e0", "nonce": "a1b2c3"}
+    fields = {"pool_id": "job-0193a1b2c3d.v3", "name": "opbox-workers-1a2b3c4d-a1b2c3", "workers": 7}
     values = {k: v for k, v in job_spec().__dict__.items() if k in {f.name for f in dataclasses.fields(r.WorkloadSpec)}}
     spec = r.WorkerSpec(**{**values, "run_as_non_root": case == "non-root"}, **fields)
     job = r.render_worker(spec)
@@ -533,14 +533,20 @@ def test_rendered_worker_job(kv, case):
         error = k8s_error(kv, job, version)
         assert error is None, f"worker Job (Kubernetes {version}): {error}"
     name = job["metadata"]["name"]
-    assert name == "opbox-worker-w17f3a9c2b4d1e0-a1b2c3" and DNS_1123.match(name)
-    assert job["metadata"]["labels"]["opbox.dev/worker"] == fields["worker_id"]
-    assert job["spec"]["backoffLimit"] == 0 and "activeDeadlineSeconds" not in job["spec"]
+    assert name == fields["name"] and DNS_1123.match(name)
+    assert job["metadata"]["labels"]["opbox.dev/worker"] == "pool"
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["backoffLimitPerIndex"] == 0
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 7
+    assert "backoffLimit" not in job["spec"] and "activeDeadlineSeconds" not in job["spec"]
     container = container_of(job)
     assert container["command"] == ["python", "-m", "opbox.runtime", "worker"]
+    assert container["env"][0] == {"name": "OPBOX_WORKER_INDEX", "valueFrom": {"fieldRef": {
+        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["OPBOX_POOL"] == fields["pool_id"] and env["OPBOX_WORKER_ID"] == fields["worker_id"]
+    assert env["OPBOX_POOL"] == fields["pool_id"] and env["OPBOX_WORKER_ID"] == f"{name}-$(OPBOX_WORKER_INDEX)"
     check_container(spec, job)
+    with pytest.raises(ValidationError, match="at most 50"):
+        r.WorkerSpec(**values, pool_id="p", name="opbox-workers-" + "a" * 40)
 
 
 @pytest.mark.parametrize("case", SERVICE_CASES)

@@ -7,7 +7,8 @@ Each rule is ported (read, not copied) from the source that enforces it:
 - names and labels: k8s.io/apimachinery ``pkg/util/validation/validation.go`` (IsDNS1123Label,
   IsDNS1123Subdomain, IsDNS1035Label, IsQualifiedName, IsValidLabelValue) as used by
   ``pkg/api/validation/objectmeta.go`` (ValidateObjectMeta, ValidateAnnotations: 256 KiB in all);
-- Jobs: kubernetes ``pkg/apis/batch/v1/defaults.go`` (completions, parallelism, backoffLimit 6,
+- Jobs: kubernetes ``pkg/apis/batch/v1/defaults.go`` (completions, parallelism, backoffLimit 6, or
+  MaxInt32 with ``backoffLimitPerIndex``,
   completionMode, suspend, podReplacementPolicy), ``pkg/registry/batch/job/strategy.go``
   (generateSelector: the controller-uid selector and template labels), and
   ``pkg/apis/batch/validation/validation.go`` (ValidateJobSpecUpdate: selector, template,
@@ -249,6 +250,8 @@ def default(plural: str, obj: dict, old: dict | None = None) -> None:
     meta = obj.setdefault("metadata", {})
     if plural == "jobs":
         spec = obj.setdefault("spec", {})
+        if "backoffLimitPerIndex" in spec:
+            spec.setdefault("backoffLimit", 2147483647)
         for key, value in (("completions", 1), ("parallelism", 1), ("backoffLimit", 6),
                            ("completionMode", "NonIndexed"), ("suspend", False),
                            ("podReplacementPolicy", "TerminatingOrFailed"), ("manualSelector", None)):
@@ -291,6 +294,12 @@ def check_update(plural: str, old: dict, new: dict) -> None:
         if (old.get("spec") or {}).get(field) != (new.get("spec") or {}).get(field):
             errors.append(f"spec.{field}: Invalid value: {json.dumps(new['spec'].get(field))[:200]}: "
                           "field is immutable")
+    if plural == "jobs":  # validation.go ValidateJobSpecUpdate: elastic Indexed Jobs (GA 1.31)
+        spec, before = new.get("spec") or {}, old.get("spec") or {}
+        if spec.get("completions") != before.get("completions") and (
+                spec.get("completionMode") != "Indexed" or spec.get("completions") != spec.get("parallelism")):
+            errors.append(f"spec.completions: Invalid value: {spec.get('completions')}: can only be modified in "
+                          "tandem with spec.parallelism for Indexed Jobs")
     if errors:
         raise Refused(422, "Invalid", f"{new['kind']}.{group(plural)} {new['metadata']['name']!r} is invalid: "
                       + "; ".join(errors))

@@ -211,8 +211,8 @@ class KubernetesBackend(PoolMethods):
     async def close(self) -> None:
         # the pools' workers go with the gateway, as in the other backends (their items run again
         # after a restart): their Jobs are deleted now, not by tasks about to be cancelled
-        workers = list(self.spawner.by_job.values())
-        await asyncio.gather(*(self.delete_job(w.namespace, w.name) for w in workers), return_exceptions=True)
+        jobs = self.spawner.jobs()
+        await asyncio.gather(*(self.delete_job(j.namespace, j.name) for j in jobs), return_exceptions=True)
         await self.pools.close()
         for watcher in self.watchers:
             watcher.stop()
@@ -473,6 +473,17 @@ class KubernetesBackend(PoolMethods):
             if exc.status != 404:
                 log.warning("could not delete Job %s/%s: %s", namespace, name, api_error(exc))
 
+    async def delete_pod(self, namespace: str, name: str) -> None:
+        """A pool worker's pod (its index of the pool's Job), with the platform's grace (SIGTERM, then SIGKILL)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            await asyncio.to_thread(self.core.delete_namespaced_pod, name, namespace,
+                                    grace_period_seconds=self.termination_grace, _request_timeout=30)
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("could not delete pod %s/%s: %s", namespace, name, api_error(exc))
+
     def _finish(self, attempt: Attempt, reason: str | None, status: str = "failed") -> None:
         """The attempt is over: free its slot and, when it is the run's current attempt and
         ``reason`` is given, tell the platform (ignored if the run already has its result)."""
@@ -550,9 +561,9 @@ class KubernetesBackend(PoolMethods):
     def _on_pod(self, kind: str, obj, started: float | None = None) -> None:
         if kind == "SYNC":  # each listed pod came as MODIFIED already
             return
-        worker = self.spawner.on_pod(obj) if kind != "DELETED" else None
+        worker = self.spawner.on_pod(kind, obj)
         if worker is not None:
-            why = _cannot_start(obj)
+            why = _cannot_start(obj) if kind != "DELETED" and not worker.ended.done() else None
             if why:
                 why += secret_hint(why, worker.worker.pool.version)
                 self.spawner.fail(worker, why)

@@ -116,6 +116,33 @@ class RegistryClient:
         raise RegistryError(f"registry {host} {why} {repo}:{tag} (HTTP {answer.status_code})",
                             registry=host, status=answer.status_code)
 
+    def push_token(self, host: str, repositories: Iterable[str]) -> tuple[str, float] | None:
+        """A bearer token that may pull and push ``repositories`` of ``host`` and nothing else, asked of
+        the registry's token server with this client's credentials, and its lifetime in seconds (the
+        token server's choice); None when the registry hands out no tokens (Basic authentication or
+        none). ``RegistryError`` when the token server refuses."""
+        scheme = "http" if host in self.insecure_hosts else "https"
+        answer = self._request("GET", f"{scheme}://{_API_HOST.get(host, host)}/v2/", host)
+        challenge = answer.headers.get("www-authenticate", "") if answer.status_code == 401 else ""
+        kind, _, rest = challenge.strip().partition(" ")
+        params = {k.lower(): quoted if quoted is not None else bare for k, quoted, bare in _PARAM.findall(rest)}
+        if kind.lower() != "bearer" or not params.get("realm"):
+            return None
+        query = [("scope", f"repository:{repo}:pull,push") for repo in dict.fromkeys(repositories)]
+        if params.get("service"):
+            query.insert(0, ("service", params["service"]))
+        answer = self._request("GET", params["realm"], host, params=query, auth=self.credentials(host),
+                               follow_redirects=True)
+        try:
+            body = answer.json() if answer.status_code == 200 else {}
+            token, expires_in = body.get("token") or body.get("access_token"), float(body.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            token = None
+        if not token:
+            raise RegistryError(f"the token server {params['realm']} of registry {host} gave no push token "
+                                f"(HTTP {answer.status_code})", registry=host, status=answer.status_code)
+        return token, expires_in
+
     def _authorization(self, host: str, challenge: str, scope: str) -> str:
         """The ``Authorization`` header that answers a ``WWW-Authenticate`` challenge."""
         scheme, _, rest = challenge.strip().partition(" ")

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from opbox.config import credentials_path, opbox_home
 
-from .backends.base import Serving, WorkerPools, require, supports
+from .backends.base import MirrorsSecrets, Serving, WorkerPools, require, supports
 from .backends.registry import make_backend, make_builder
 from .control import admin
 from .control.auth import Auth, RateLimit
@@ -97,7 +97,9 @@ class Platform:
         self.store = make_store(settings, self.secret)
         self.backend = make_backend(settings, self.auth.internal_token, bound_url or settings.url)
         self.secrets = Secrets(self.records, load_key(settings.secrets_key_file or home / "secrets.key"),
-                               on_change=lambda workspace: self.runs.forget_versions(workspace))
+                               on_change=lambda workspace: self.runs.forget_versions(workspace),
+                               mirror=require(self.backend, MirrorsSecrets) if supports(self.backend, MirrorsSecrets)
+                               else None)
         self.runs = Runs(self.records, self.backend, Limits(
             max_payload=settings.max_payload, max_log_bytes=settings.max_log_bytes, cancel_grace=settings.cancel_grace,
             max_open_runs=settings.max_open_runs, storage_quota=settings.storage_quota), secret_env=self.secrets.env)
@@ -183,6 +185,7 @@ class Platform:
 
     async def start(self) -> None:
         await self.backend.start(self.runs)
+        await self.secrets.sync()  # a backend keeping secrets of its own catches up
         await self.services.start()  # redeploys the services recorded before a restart
         failed_builds = self.deploys.recover()
         if failed_builds:

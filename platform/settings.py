@@ -113,7 +113,7 @@ class Settings:
     rate_burst: float = setting("OPBOX_RATE_BURST", 2000.0, parse=float)
     # SIGTERM/SIGINT: seconds the gateway waits for runs in its workers' hands to hand their results in
     shutdown_grace: float = setting("OPBOX_SHUTDOWN_GRACE", 10.0, parse=float)
-    builder: str | None = setting("OPBOX_BUILDER")  # local (a virtualenv), podman or kaniko; default: the backend's
+    builder: str | None = setting("OPBOX_BUILDER")  # local (a virtualenv), podman, buildkit or kaniko; default: the backend's
     base_image: str | None = setting("OPBOX_BASE_IMAGE")  # image builders: the image job images start from
     registry: str = setting("OPBOX_REGISTRY", "localhost")  # image builders' tag prefix: registry.example.com/opbox
     wheelhouse: Path | None = setting("OPBOX_WHEELHOUSE", parse=Path)  # the wheel cache; default home/wheelhouse

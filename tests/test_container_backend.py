@@ -159,3 +159,37 @@ def test_a_class_is_served_from_containers(plat, client, podman, tmp_path_factor
                          capture_output=True, text=True).stdout.split():
         assert time.monotonic() < deadline, "the service's containers were not removed"
         time.sleep(0.5)
+
+
+SECRET_CODE = """
+import os
+from opbox import operator
+
+@operator(secrets=["podman-hf"])
+def read_secret():
+    return os.environ.get("HF_TOKEN"), os.environ.get("LD_PRELOAD")
+
+@operator(secrets=["podman-pem"])
+def read_pem():
+    return os.environ.get("PEM")
+"""
+
+
+def test_workspace_secrets_reach_containers_through_a_fifo_env_file(plat, client, podman, tmp_path_factory):
+    import glob
+    import tempfile
+
+    value = "s3cr3t value # with = signs "
+    client.request("PUT", "/secrets/podman-hf", json={"values": {"HF_TOKEN": value, "LD_PRELOAD": "/nowhere.so"}})
+    client.request("PUT", "/secrets/podman-pem", json={"values": {"PEM": "-----BEGIN\nKEY-----"}})
+    mod = e2e_code(tmp_path_factory.mktemp("podman_secret"), "podsecret", SECRET_CODE)
+    fn = mod.read_secret.deploy(client=client, quiet=True)
+    # podman itself never had LD_PRELOAD (it started the container); the container has it as set
+    assert tuple(fn()) == (value, "/nowhere.so")
+    assert not glob.glob(tempfile.gettempdir() + "/opbox-env-*"), "the FIFO and its folder are gone"
+    client.request("PUT", "/secrets/podman-hf", json={"values": {"HF_TOKEN": "rotated"}})
+    assert tuple(fn()) == ("rotated", None), "new values: new containers"
+    pem = mod.read_pem.deploy(client=client, quiet=True)
+    with pytest.raises(RunFailed, match="the secret variable PEM holds a line break"):
+        pem()
+    assert not glob.glob(tempfile.gettempdir() + "/opbox-env-*")

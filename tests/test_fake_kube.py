@@ -228,6 +228,65 @@ def test_a_missing_secret_is_create_container_config_error(kube):
     batch.delete_namespaced_job("secretless", NS, propagation_policy="Background")
 
 
+def test_secrets_data_is_base64_with_valid_keys_and_names(kube):
+    core = apis(kube)["core"]
+
+    def secret(name, data=None, string_data=None):
+        body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque"}
+        if data is not None:
+            body["data"] = data
+        if string_data is not None:
+            body["stringData"] = string_data
+        return body
+
+    code, body = refused(core.create_namespaced_secret, NS, secret("plain", {"K": "not base64!"}))
+    assert code == 400 and "illegal base64 data" in body
+    code, body = refused(core.create_namespaced_secret, NS, secret("Bad_Name", {"K": "dg=="}))
+    assert code == 422 and "RFC 1123 subdomain" in body
+    code, body = refused(core.create_namespaced_secret, NS, secret("badkey", {"no/slash": "dg=="}))
+    assert code == 422 and "valid config key" in body
+    code, body = refused(core.create_namespaced_secret, NS, secret("huge", string_data={"K": "x" * (1024 * 1024 + 1)}))
+    assert code == 422 and "must have at most 1048576 bytes" in body
+    made = core.create_namespaced_secret(NS, secret("good", {"K": "dg=="}, {"S": "plain text"}))
+    assert made.data == {"K": "dg==", "S": "cGxhaW4gdGV4dA=="} and made.string_data is None
+    assert refused(core.replace_namespaced_secret, "good", NS, secret("good", {"K": "%%%"}))[0] == 400
+    core.delete_namespaced_secret("good", NS)
+
+
+def test_indexed_jobs_run_a_pod_per_index_and_grow_in_tandem(kube):
+    """completionMode Indexed: a pod per index with JOB_COMPLETION_INDEX and the index label and annotation;
+    completions may change only with parallelism (elastic Indexed Jobs); backoffLimitPerIndex 0: a failed
+    index is not run again, the others go on, and the Job ends Failed (FailedIndexes)."""
+    batch = apis(kube)["batch"]
+    script = ("import os, sys; i = os.environ['JOB_COMPLETION_INDEX']; print('index', i, os.environ['WHO']); "
+              "sys.exit(3 if i == '1' else 0)")
+    body = job("indexed", image=DEFAULT_BASE_IMAGE, command=("python3", "-c", script), container={"env": [
+        {"name": "IDX", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        {"name": "WHO", "value": "w-$(IDX)"}]})
+    body["spec"].update(completionMode="Indexed", completions=2, parallelism=2, backoffLimitPerIndex=0)
+    del body["spec"]["backoffLimit"]
+    batch.create_namespaced_job(NS, body)
+    code, text = refused(batch.patch_namespaced_job, "indexed", NS, {"spec": {"completions": 3}})
+    assert code == 422 and "in tandem with spec.parallelism" in text
+    batch.patch_namespaced_job("indexed", NS, {"spec": {"completions": 3, "parallelism": 3}})
+
+    def ended():
+        found = kube.store.get("jobs", NS, "indexed")
+        return found if any(c["type"] in ("Complete", "Failed") for c in found["status"].get("conditions") or []) else None
+    done = wait_for(ended, 60, "the Job ending")
+    status = done["status"]
+    assert (status["completedIndexes"], status["failedIndexes"]) == ("0,2", "1")
+    assert [c["reason"] for c in status["conditions"] if c["type"] == "Failed"] == ["FailedIndexes"]
+    pods = sorted(pods_of(kube, "indexed"), key=lambda p: p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"])
+    assert [p["metadata"]["name"].rsplit("-", 1)[0] for p in pods] == ["indexed-0", "indexed-1", "indexed-2"]
+    assert "index 2 w-2" in kube.node.pod_log(NS, pods[2]["metadata"]["name"])
+    batch.delete_namespaced_job("indexed", NS, propagation_policy="Background")
+    batch.create_namespaced_job(NS, job("not-indexed"))
+    code, text = refused(batch.patch_namespaced_job, "not-indexed", NS, {"spec": {"completions": 2, "parallelism": 2}})
+    assert code == 422 and "in tandem with spec.parallelism for Indexed Jobs" in text
+    batch.delete_namespaced_job("not-indexed", NS, propagation_policy="Background")
+
+
 def test_refused_pod_creation_is_a_failed_create_event_and_no_pod(kube):
     core, batch = apis(kube)["core"], apis(kube)["batch"]
     core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "opbox-strict", "labels": {

@@ -189,9 +189,8 @@ def test_kustomization_covers_the_base_and_not_the_examples():
 
 
 def test_kustomize_build_is_consistent(built):
-    kust = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
-    namespace = kust["namespace"]
-    assert by_kind(built, "Namespace").keys() == {namespace}
+    namespace = "opbox-system"  # every namespaced object names it (the kustomization has no namespace: field)
+    assert by_kind(built, "Namespace").keys() == {namespace, "opbox-builds"}
     accounts = by_kind(built, "ServiceAccount")
     assert accounts.keys() == {"opbox-gateway", "opbox-runner"}
     assert accounts["opbox-runner"]["automountServiceAccountToken"] is False
@@ -233,7 +232,9 @@ def test_kustomize_build_is_consistent(built):
     config = config_maps["opbox-config"]["data"]
     assert config["OPBOX_STORE_URL"].startswith("s3://")
     assert {"OPBOX_S3_ENDPOINT_URL", "OPBOX_REGISTRY", "OPBOX_NAMESPACE_TEMPLATE"} <= config.keys()
-    assert config["OPBOX_BUILDER"] == "kaniko" and "{workspace}" in config["OPBOX_NAMESPACE_TEMPLATE"]
+    assert config["OPBOX_BUILDER"] == "buildkit" and "{workspace}" in config["OPBOX_NAMESPACE_TEMPLATE"]
+    builds = by_kind(built, "Namespace")[config["OPBOX_BUILD_NAMESPACE"]]["metadata"]["labels"]
+    assert builds["pod-security.kubernetes.io/enforce"] == "privileged", "rootless BuildKit asks for Unconfined"
     # the registry credentials the kaniko builder checks tags with are mounted where the config says
     auth_dir, _, auth_name = config["OPBOX_REGISTRY_AUTH_FILE"].rpartition("/")
     secret = volumes[mounts[auth_dir]]["secret"]
@@ -266,21 +267,48 @@ def test_kustomize_build_is_consistent(built):
             assert doc["metadata"]["namespace"] == namespace
 
 
+def test_rbac_grants_what_the_code_calls_and_no_more():
+    """Each kubernetes-client method the backend and the builders call, by its verb and resource, is
+    granted; and each grant is used (the gateway reads no Secret, lists no namespace)."""
+    import re
+
+    verbs = {"create": "create", "replace": "update", "patch": "patch", "delete": "delete", "read": "get",
+             "list": "list", "get": "get"}
+    resources = {"job": ("batch", "jobs"), "pod": ("", "pods"), "pod_log": ("", "pods/log"),
+                 "secret": ("", "secrets"), "namespace": ("", "namespaces"), "event": ("", "events"),
+                 "service_account": ("", "serviceaccounts"), "resource_quota": ("", "resourcequotas"),
+                 "limit_range": ("", "limitranges"), "network_policy": ("networking.k8s.io", "networkpolicies"),
+                 "custom_object": ("serving.knative.dev", "services")}
+    source = "".join(p.read_text() for p in (ROOT / "platform" / "backends" / "kubernetes").glob("*.py"))
+    called: dict[tuple[str, str], set[str]] = {}
+    for verb, kind in re.findall(r"\.(create|replace|patch|delete|read|list|get)_(?:namespaced_|cluster_)?"
+                                 r"([a-z_]+?)(?:_for_all_namespaces)?\b", source):
+        if kind in resources:
+            called.setdefault(resources[kind], set()).add(verbs[verb])
+            if verb == "list":  # every list is also watched (watch.py, the builders' _watch)
+                called[resources[kind]].add("watch")
+    (role,) = [d for d in kustomize_build(MANIFESTS) if d["kind"] == "ClusterRole"]
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    assert called == granted
+
+
 def test_rbac_is_least_privilege(built):
     expected = {
-        ("", "namespaces"): {"get", "list", "create"},
-        ("", "serviceaccounts"): {"get", "create"},
+        ("", "namespaces"): {"create"},
+        ("", "serviceaccounts"): {"create"},
         ("", "resourcequotas"): {"create"},
         ("", "limitranges"): {"create"},
         ("networking.k8s.io", "networkpolicies"): {"create"},
-        ("", "secrets"): {"create", "get", "update", "delete"},
-        ("", "pods"): {"get", "list", "watch"},
+        ("", "secrets"): {"create", "update", "delete"},  # never read
+        ("", "pods"): {"list", "watch", "delete"},
         ("", "pods/log"): {"get"},
         ("", "events"): {"list", "watch"},
-        ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
-        ("serving.knative.dev", "services"): {"create", "get", "list", "watch", "update", "patch", "delete"},
-        ("serving.knative.dev", "revisions"): {"get", "list", "watch"},
-        ("serving.knative.dev", "routes"): {"get", "list", "watch"},
+        ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
+        ("serving.knative.dev", "services"): {"create", "get", "list", "watch", "patch", "delete"},
     }
     roles = by_kind(built, "ClusterRole")
     assert roles.keys() == {"opbox-gateway"} and not by_kind(built, "Role")
@@ -497,7 +525,7 @@ def test_rendered_job(kv, case):
 
 @pytest.mark.parametrize("case", ["minimal", "non-root"])
 def test_rendered_worker_job(kv, case):
-    fields = {"pool_id": "job-0193a1b2c3d.v3", "worker_id": "w17f3a9c2b4d1e0", "nonce": "a1b2c3"}
+    fields = {"pool_id": "job-0193a1b2c3d.v3", "name": "opbox-workers-1a2b3c4d-a1b2c3", "workers": 7}
     values = {k: v for k, v in job_spec().__dict__.items() if k in {f.name for f in dataclasses.fields(r.WorkloadSpec)}}
     spec = r.WorkerSpec(**{**values, "run_as_non_root": case == "non-root"}, **fields)
     job = r.render_worker(spec)
@@ -505,14 +533,20 @@ def test_rendered_worker_job(kv, case):
         error = k8s_error(kv, job, version)
         assert error is None, f"worker Job (Kubernetes {version}): {error}"
     name = job["metadata"]["name"]
-    assert name == "opbox-worker-w17f3a9c2b4d1e0-a1b2c3" and DNS_1123.match(name)
-    assert job["metadata"]["labels"]["opbox.dev/worker"] == fields["worker_id"]
-    assert job["spec"]["backoffLimit"] == 0 and "activeDeadlineSeconds" not in job["spec"]
+    assert name == fields["name"] and DNS_1123.match(name)
+    assert job["metadata"]["labels"]["opbox.dev/worker"] == "pool"
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["backoffLimitPerIndex"] == 0
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 7
+    assert "backoffLimit" not in job["spec"] and "activeDeadlineSeconds" not in job["spec"]
     container = container_of(job)
     assert container["command"] == ["python", "-m", "opbox.runtime", "worker"]
+    assert container["env"][0] == {"name": "OPBOX_WORKER_INDEX", "valueFrom": {"fieldRef": {
+        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["OPBOX_POOL"] == fields["pool_id"] and env["OPBOX_WORKER_ID"] == fields["worker_id"]
+    assert env["OPBOX_POOL"] == fields["pool_id"] and env["OPBOX_WORKER_ID"] == f"{name}-$(OPBOX_WORKER_INDEX)"
     check_container(spec, job)
+    with pytest.raises(ValidationError, match="at most 50"):
+        r.WorkerSpec(**values, pool_id="p", name="opbox-workers-" + "a" * 40)
 
 
 @pytest.mark.parametrize("case", SERVICE_CASES)
@@ -815,6 +849,56 @@ def test_user_env_overrides_operator_env_and_keeps_order():
     names = [name for name, _ in env]
     assert names[:5] == ["OPBOX_GATEWAY_URL", "OPBOX_WORKSPACE", "OPBOX_JOB_ID", "OPBOX_VERSION", "OPBOX_RUN_ID"]
     assert dict(env)["A"] == "user" and dict(env)["B"] == "operator" and len(names) == len(set(names))
+
+
+# --- the BuildKit build Job (OPBOX_BUILDER=buildkit, the default in manifests/) ------------------
+
+def buildkit_spec(**overrides):
+    from opbox.platform.backends.kubernetes.buildkit import DEFAULT_IMAGE, BuildKitJobSpec
+
+    spec = dict(
+        name="opbox-build-0123456789ab-a1b2c3", namespace="opbox-builds", image=DEFAULT_IMAGE,
+        context_url="https://s3.example.com/opbox/builds/x.tar.gz?X-Amz-Signature=abc&X-Amz-Expires=1800",
+        destination="registry.example.com/opbox/opbox-team-a-score:0123456789ab",
+        push_secret="opbox-build-0123456789ab-a1b2c3-push", cache_ref="registry.example.com/opbox/opbox-cache:buildcache",
+        insecure=True, service_account="opbox-builder", labels={"app.kubernetes.io/managed-by": "opbox"},
+        active_deadline_seconds=1200, ttl_seconds_after_finished=600, cpu="1", memory="4Gi")
+    spec.update(overrides)
+    return BuildKitJobSpec(**spec)
+
+
+BUILDKIT_CASES = {"everything": {}, "bare": dict(cache_ref=None, insecure=False, service_account=None, cpu=None,
+                                                  memory=None)}
+
+
+@pytest.mark.parametrize("case", BUILDKIT_CASES)
+def test_rendered_buildkit_job(kv, case):
+    from opbox.platform.backends.kubernetes.buildkit import render_buildkit_job
+
+    spec = buildkit_spec(**BUILDKIT_CASES[case])
+    job = render_buildkit_job(spec)
+    for version in K8S_VERSIONS:
+        error = k8s_error(kv, job, version)
+        assert error is None, f"buildkit Job {case!r} (Kubernetes {version}): {error}"
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["buildctl-daemonless.sh"] and container["args"][:5] == [
+        "build", "--frontend", "dockerfile.v0", "--opt", f"context={spec.context_url}"]
+    assert ("--export-cache" in container["args"]) is bool(spec.cache_ref)
+    assert all(("registry.insecure=true" in a) is spec.insecure for a in container["args"] if a.startswith("type="))
+    assert container["env"] == [{"name": "DOCKER_CONFIG", "value": "/home/user/.docker"}] and "envFrom" not in container
+    assert [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v] == [spec.push_secret]
+    security = container["securityContext"]
+    assert security["runAsUser"] == 1000 and security["runAsNonRoot"] and "privileged" not in security
+    assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
+    assert restricted_violations(pod), "not 'restricted' (nor 'baseline'): hence a namespace of its own"
+
+
+def test_buildkit_job_refuses_what_could_break_its_flags():
+    for bad in (dict(destination="x,push=false"), dict(context_url="s3://bucket/key"), dict(push_secret="Bad Name"),
+                dict(cache_ref="a b")):
+        with pytest.raises(ValidationError):
+            buildkit_spec(**bad)
 
 
 # --- the kaniko build Job (OPBOX_BUILDER=kaniko) -------------------------------------------

@@ -144,23 +144,33 @@ def worker_jobs(kube: FakeKube, job_id: str) -> list[dict]:
 
 
 def test_map_items_go_to_a_pool_of_worker_pods_not_a_job_each(fns, kube, plat):
-    before = {k for k in kube.store.objects if k[0] == "jobs"}
+    before = {k for k in kube.store.objects if k[0] in ("jobs", "pods")}
     out = fns["score"].map(range(7), progress=False)
     assert out == [x * 2 for x in range(7)]
     new_jobs = [kube.store.objects[k] for k in kube.store.objects if k[0] == "jobs" and k not in before]
-    workers = [j for j in new_jobs if "opbox.dev/worker" in j["metadata"]["labels"]]
-    assert new_jobs == workers, "no Job per item"
-    assert 1 <= len(workers) <= 3, "at most OPBOX_K8S_POOL_WORKERS pods"
-    (container,) = workers[0]["spec"]["template"]["spec"]["containers"]
+    (job,) = new_jobs  # one Job for the pool's workers: not one per item, not one per worker
+    spec = job["spec"]
+    assert job["metadata"]["labels"]["opbox.dev/worker"] == "pool" and spec["completionMode"] == "Indexed"
+    assert 1 <= spec["completions"] == spec["parallelism"] <= 3, "at most OPBOX_K8S_POOL_WORKERS pods"
+    pods = [kube.store.objects[k] for k in kube.store.objects if k[0] == "pods" and k not in before
+            and kube.store.objects[k]["metadata"]["labels"].get("job-name") == job["metadata"]["name"]]
+    indexes = sorted(int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]) for p in pods)
+    assert indexes == list(range(spec["completions"])), "a pod per index, each its own worker"
+    (container,) = spec["template"]["spec"]["containers"]
     assert container["command"] == ["python", "-m", "opbox.runtime", "worker"]
     env = {e["name"]: e for e in container["env"]}
     assert env["OPBOX_POOL"]["value"] == f"{fns['score'].job_id}.v1" and "secretKeyRef" in env["OPBOX_RUN_TOKEN"]["valueFrom"]
+    assert env["OPBOX_WORKER_ID"]["value"] == job["metadata"]["name"] + "-$(OPBOX_WORKER_INDEX)"
+    secrets_made = [k for k in kube.store.objects if k[0] == "secrets" and k[2] == job["metadata"]["name"] + "-token"]
+    assert len(secrets_made) == 1, "one token Secret for the Job"
     status = plat.client().get("/status").json()
     assert status["backend"] == "kubernetes" and status["jobs"]["max_inflight"] == 3
     assert any(p["pool"] == f"{fns['score'].job_id}.v1" for p in status["pools"])
-    # idle workers leave (OPBOX_WORKER_IDLE): their pods exit 0, their Jobs complete
-    wait_for(lambda: all(j["status"].get("succeeded") == 1 for j in worker_jobs(kube, fns["score"].job_id)),
+    # idle workers leave (OPBOX_WORKER_IDLE): their pods exit 0, their indexes complete, and so does the Job
+    wait_for(lambda: any(c["type"] == "Complete" for c in (kube.store.get("jobs", NAMESPACE, job["metadata"]["name"])
+                                                           or {"status": {}})["status"].get("conditions") or []),
              60, "the idle workers leaving")
+    assert kube.store.get("jobs", NAMESPACE, job["metadata"]["name"])["status"]["succeeded"] == spec["completions"]
 
 
 def test_an_evicted_worker_pods_item_runs_again_without_spending_a_retry(fns, kube, plat):
@@ -583,3 +593,33 @@ def test_evicted_and_stranded_runs_run_again_without_spending_a_retry(fns, kube)
         node["spec"].pop("taints", None)
         kube.store.put("nodes", node)
         core.delete_node("fake-node-2")
+
+
+SECRET_CODE = """
+import os
+from opbox import operator
+
+@operator(secrets=["kube-hf"])
+def read_secret(_=None):
+    return os.environ.get("HF_TOKEN")
+"""
+
+
+def test_workspace_secrets_become_kubernetes_secrets_that_runs_and_workers_load(plat, client, kube, tmp_path_factory):
+    client.request("PUT", "/secrets/kube-hf", json={"values": {"HF_TOKEN": "first-value"}})
+    made = kube.store.get("secrets", NAMESPACE, "opbox-secret-kube-hf")
+    assert made["metadata"]["labels"]["opbox.dev/secret"] == "kube-hf" and made["data"] == {"HF_TOKEN": "Zmlyc3QtdmFsdWU="}
+    mod = e2e_code(tmp_path_factory.mktemp("kube_secret"), "kubesecretmod", SECRET_CODE)
+    fn = mod.read_secret.deploy(client=client, quiet=True)
+    run = fn.submit()
+    assert run.result(timeout=60) == "first-value"
+    (job,) = jobs_of(kube, run.id)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["envFrom"] == [{"secretRef": {"name": "opbox-secret-kube-hf"}}]
+    assert "first-value" not in json.dumps(job)
+    assert fn.map([1, 2, 3], progress=False) == ["first-value"] * 3  # worker pods load it too
+    client.request("PUT", "/secrets/kube-hf", json={"values": {"HF_TOKEN": "second-value"}})
+    assert kube.store.get("secrets", NAMESPACE, "opbox-secret-kube-hf")["data"] == {"HF_TOKEN": "c2Vjb25kLXZhbHVl"}
+    assert fn() == "second-value"
+    client.request("DELETE", "/secrets/kube-hf")
+    assert kube.store.get("secrets", NAMESPACE, "opbox-secret-kube-hf") is None

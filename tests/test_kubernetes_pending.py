@@ -230,3 +230,66 @@ def test_an_api_refusal_of_a_service_is_a_clear_error_and_changes_nothing(kube):
         assert raised.value.status == 502 and raised.value.details["status"] == 404
         assert "absent/model" not in backend.knative.services, "no service is left half-known"
     run(kube, scenario, create_namespaces=False)  # the namespaces must exist, and this one does not
+
+
+def test_workspace_secrets_are_kubernetes_secrets_loaded_by_env_from(kube):
+    from opbox.errors import ClusterRefused
+
+    async def scenario(backend, events):
+        await backend.put_secret("vault", "hf_token", {"HF_TOKEN": "v1", "MULTI": "two\nlines"})
+        made = kube.store.get("secrets", "opbox-vault", "opbox-secret-hf-token-" + _digest("hf_token"))
+        assert made["data"] == {"HF_TOKEN": "djE=", "MULTI": "dHdvCmxpbmVz"} and made["type"] == "Opaque"
+        assert made["metadata"]["labels"]["opbox.dev/secret"] == "hf_token"
+        await backend.put_secret("vault", "hf_token", {"HF_TOKEN": "v2"})  # set again: replaced
+        made = kube.store.get("secrets", "opbox-vault", made["metadata"]["name"])
+        assert made["data"] == {"HF_TOKEN": "djI="}
+        await backend.put_secret("vault", "other", {"K": "v"})
+        secrets = Resource(secrets=["hf_token", "other"])
+        submit(backend, "vault", "r-has", resource=secrets)  # the base image has no opbox: exits 1 once started
+        _, reason = await wait_for(lambda: events.lost.get("r-has"), 60, "the run ending")
+        assert "exited with code 1" in reason, reason
+        (job,) = [o for (res, ns, name), o in kube.store.objects.items() if res == "jobs" and name == "opbox-run-r-has"]
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        assert container["envFrom"] == [{"secretRef": {"name": made["metadata"]["name"]}},
+                                        {"secretRef": {"name": "opbox-secret-other"}}]
+        assert "v2" not in str(job), "values stay in the Secret, never in the Job"
+        await backend.delete_secret("vault", "other")
+        await backend.delete_secret("vault", "other")  # nothing left to delete is fine
+        assert kube.store.get("secrets", "opbox-vault", "opbox-secret-other") is None
+        submit(backend, "vault", "r-lacks", resource=secrets)
+        _, reason = await wait_for(lambda: events.lost.get("r-lacks"), 60, "the run failing")
+        assert 'CreateContainerConfigError: secret "opbox-secret-other" not found' in reason
+        assert "(the workspace secret 'other' is not in the cluster: set it again with `opbox secrets set other" in reason
+        with pytest.raises(ClusterRefused, match=r"the cluster refused Secret opbox-vault/opbox-secret-big \(secret "
+                                                 r"'big'\): 422 Invalid: .*must have at most 1048576 bytes"):
+            await backend.put_secret("vault", "big", {"K": "x" * (1024 * 1024 + 1)})
+    run(kube, scenario, pending_timeout=600)
+    assert kube.state()["rejected"][-1].startswith("Secret/opbox-secret-big")
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def test_the_gateway_reads_only_what_it_labelled(kube):
+    """Cluster-wide lists and watches carry opbox's label selector; Events (which carry no labels of
+    ours) are read per workspace namespace, never cluster-wide; workspace namespaces are labelled."""
+    first = len(kube.store.queries)
+
+    async def scenario(backend, events):
+        submit(backend, "narrow", "r-narrow")
+        await wait_for(lambda: events.lost.get("r-narrow"), 60, "the run ending")
+        await wait_for(lambda: [q for q in kube.store.queries[first:] if "/events" in q[1]], 30, "the event watch")
+    run(kube, scenario)
+    reads = [(path, query) for method, path, query in kube.store.queries[first:] if method == "GET"]
+    cluster_wide = [(path, query) for path, query in reads if "/namespaces/" not in path]
+    assert {path for path, _ in cluster_wide} == {"/apis/batch/v1/jobs", "/api/v1/pods"}
+    assert all(query.get("labelSelector") == "app.kubernetes.io/managed-by=opbox" for _, query in cluster_wide)
+    event_reads = [(path, query) for path, query in reads if path.endswith("/events")]
+    assert event_reads and all(path == "/api/v1/namespaces/opbox-narrow/events" and
+                               "reason=FailedCreate" in query["fieldSelector"]
+                               for path, query in event_reads)
+    labels = kube.store.get("namespaces", None, "opbox-narrow")["metadata"]["labels"]
+    assert labels["opbox.dev/workspace"] == "narrow" and labels["app.kubernetes.io/managed-by"] == "opbox"

@@ -216,9 +216,23 @@ class ChecksResources(Protocol):
         """Raise ``ValidationError`` (saying what to do) when it cannot; else the warnings to show the deployer."""
 
 
+class MirrorsSecrets(Protocol):
+    """Keeps each workspace secret as an object of its own that its processes reference (the kubernetes
+    backend: a Kubernetes Secret in the workspace's namespace, loaded by ``envFrom``), rather than
+    writing values into what it starts. ``Secrets`` (control/secrets.py) calls these on every set and
+    delete, and ``put_secret`` for every secret when the platform starts."""
+
+    async def put_secret(self, workspace: str, name: str, values: Mapping[str, str]) -> None:
+        """Create or replace the object of secret ``name``; ``ClusterRefused`` with the API's words."""
+
+    async def delete_secret(self, workspace: str, name: str) -> None:
+        """Delete it (nothing to delete is fine)."""
+
+
 # what a backend without the ability cannot do, for NotSupported's message
 CANNOT = {WorkerPools: "keep warm worker pools", Serving: "serve classes", ServiceLogs: "show service logs",
-          InjectsSecrets: "give runs workspace secrets yet", ChecksResources: "check resources at deploy"}
+          InjectsSecrets: "give runs workspace secrets yet", ChecksResources: "check resources at deploy",
+          MirrorsSecrets: "keep secrets of its own"}
 
 
 def supports(backend: Backend, ability: type) -> bool:

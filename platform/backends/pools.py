@@ -77,6 +77,10 @@ class WorkerHandle(Protocol):
 
 
 class Spawner(Protocol):
+    """Starts workers. It may also have ``identity(pool) -> (worker id, token)`` for the next worker it
+    will be asked to spawn (the kubernetes backend: a pod of the pool's Job, named by its index, with
+    the Job's token); without it, a worker gets a random id and a token of its own."""
+
     async def spawn(self, worker: Worker) -> WorkerHandle:
         """Start a worker process (or container) for ``worker.pool``; return its handle."""
 
@@ -374,8 +378,9 @@ class PoolManager:
             self._start_worker(pool)
 
     def _start_worker(self, pool: Pool) -> None:
-        token = secrets.token_urlsafe(32)
-        worker = Worker(id=f"w{time.monotonic_ns():x}", pool=pool, token=token,
+        identity = getattr(self.spawner, "identity", None)  # a spawner may name its workers (a Job's pods)
+        worker_id, token = identity(pool) if identity else (f"w{time.monotonic_ns():x}", secrets.token_urlsafe(32))
+        worker = Worker(id=worker_id, pool=pool, token=token,
                         token_hash=hashlib.sha256(token.encode()).digest(), generation=pool.generation)
         pool.workers[worker.id] = worker
         pool.started += 1

@@ -64,10 +64,18 @@ def _kaniko_builder(settings: Settings, store, backend) -> Builder:
     return create_builder(settings, store, backend)
 
 
+def _buildkit_builder(settings: Settings, store, backend) -> Builder:
+    from .kubernetes.buildkit import create_builder
+
+    return create_builder(settings, store, backend)
+
+
 BUILDERS = {kind.name: kind for kind in (
     BuilderKind("local", _local_builder, ("local",),
                 "the {backend} backend runs images: use the podman builder, not {builder!r}"),
     BuilderKind("podman", _podman_builder),
+    BuilderKind("buildkit", _buildkit_builder, ("kubernetes",),
+                "the buildkit builder runs in the cluster: use it with OPBOX_BACKEND=kubernetes"),
     BuilderKind("kaniko", _kaniko_builder, ("kubernetes",),
                 "the kaniko builder runs in the cluster: use it with OPBOX_BACKEND=kubernetes"),
 )}
@@ -96,7 +104,7 @@ def make_backend(settings: Settings, token_for: Callable[[str], str], gateway_ur
 
 def make_builder(settings: Settings, store, backend: Backend) -> Builder:
     """The builder ``settings.builder`` names, else the backend's default; refused when it does
-    not suit the backend (``local`` makes no images; ``kaniko`` builds in the cluster)."""
+    not suit the backend (``local`` makes no images; ``buildkit`` and ``kaniko`` build in the cluster)."""
     name = settings.builder or BACKENDS[settings.backend].default_builder
     kind = BUILDERS.get(name)
     if kind is None:

@@ -5,11 +5,16 @@ a file of its own (``OPBOX_SECRETS_KEY_FILE``, default ``OPBOX_HOME/secrets.key`
 from the state file, so a copy of ``state.db`` alone reveals no value. Values leave this module only
 as the environment of a job version's processes (``env``): no route returns them, no log line or
 error message names them, and versions record the secrets' names only.
+
+A backend that keeps secrets as objects of its own (``MirrorsSecrets``: the kubernetes backend's
+Kubernetes Secrets) hears of every set and delete before the record changes, so a refusal by the
+cluster leaves both as they were; at start (``sync``) it is given every secret, to catch up.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -21,7 +26,10 @@ from cryptography.fernet import Fernet, InvalidToken
 from opbox.errors import ConfigError, MissingSecret, NotFound, ValidationError
 from opbox.resource import SECRET_NAME
 
+from ..backends.base import MirrorsSecrets
 from ..records.base import Records, SecretRecord
+
+log = logging.getLogger("opbox.secrets")
 
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 RESERVED = ("OPBOX_",)  # the runtime's own variables: a secret may not replace them
@@ -48,12 +56,14 @@ def load_key(path: Path) -> bytes:
 
 
 class Secrets:
-    def __init__(self, records: Records, key: bytes, on_change: Callable[[str], None] = lambda workspace: None):
+    def __init__(self, records: Records, key: bytes, on_change: Callable[[str], None] = lambda workspace: None,
+                 mirror: MirrorsSecrets | None = None):
         self.records = records
         self.fernet = Fernet(key)
         self.on_change = on_change  # a workspace's secrets changed: versions resolved before are stale
+        self.mirror = mirror  # the backend, when it keeps secrets as objects of its own
 
-    def set(self, workspace: str, name: str, values: dict) -> SecretRecord:
+    async def set(self, workspace: str, name: str, values: dict) -> SecretRecord:
         if not isinstance(name, str) or not SECRET_NAME.fullmatch(name):
             raise ValidationError("a secret's name is 1-63 lowercase letters, digits, '-' and '_'")
         if not isinstance(values, dict) or not values:
@@ -67,6 +77,8 @@ class Secrets:
         data = json.dumps(values).encode()
         if len(data) > MAX_BYTES:
             raise ValidationError(f"secret {name} is {len(data)} bytes; the limit is {MAX_BYTES}")
+        if self.mirror is not None:  # first: a refusal leaves the record as it was
+            await self.mirror.put_secret(workspace, name, dict(values))
         now = time.time()
         self.records.secrets.put(SecretRecord(workspace, name, tuple(sorted(values)), self.fernet.encrypt(data),
                                               now, now))
@@ -76,10 +88,24 @@ class Secrets:
     def list(self, workspace: str) -> list[SecretRecord]:
         return self.records.secrets.in_workspace(workspace)
 
-    def delete(self, workspace: str, name: str) -> None:
-        if not self.records.secrets.delete(workspace, name):
+    async def delete(self, workspace: str, name: str) -> None:
+        if self.records.secrets.get(workspace, name) is None:
             raise NotFound(f"no secret {name!r} in workspace {workspace}")
+        if self.mirror is not None:
+            await self.mirror.delete_secret(workspace, name)
+        self.records.secrets.delete(workspace, name)
         self.on_change(workspace)
+
+    async def sync(self) -> None:
+        """Give the mirroring backend every secret (set while it was down, or before it was chosen).
+        One that cannot be decrypted or is refused is logged (by name only) and skipped."""
+        if self.mirror is None:
+            return
+        for row in self.records.secrets.all():
+            try:
+                await self.mirror.put_secret(row.workspace, row.name, self._values(row))
+            except Exception as exc:
+                log.warning("secret %s of workspace %s is not in the cluster: %s", row.name, row.workspace, exc)
 
     def check(self, workspace: str, names: tuple[str, ...]) -> None:
         """MissingSecret naming every secret of ``names`` the workspace lacks."""
@@ -95,10 +121,12 @@ class Secrets:
         self.check(workspace, names)
         env: dict[str, str] = {}
         for name in names:
-            row = self.records.secrets.get(workspace, name)
-            try:
-                env.update(json.loads(self.fernet.decrypt(row.data)))
-            except InvalidToken:
-                raise ConfigError(f"secret {name!r} cannot be decrypted with this platform's secrets key (was the "
-                                  "key file replaced?); set it again") from None
+            env.update(self._values(self.records.secrets.get(workspace, name)))
         return env
+
+    def _values(self, row: SecretRecord) -> dict[str, str]:
+        try:
+            return json.loads(self.fernet.decrypt(row.data))
+        except InvalidToken:
+            raise ConfigError(f"secret {row.name!r} cannot be decrypted with this platform's secrets key (was the "
+                              "key file replaced?); set it again") from None

@@ -39,10 +39,11 @@ async def put_secret(request: Request):
       200: {description: The secret's name and keys}
       403: {description: Not an admin token}
       422: {description: Invalid name, key or value}
+      502: {description: The cluster refused the secret's Kubernetes Secret (kubernetes backend); nothing changed}
     """
     ws = admin(request, "write secrets")
     body = await json_body(request)
-    row = platform(request).secrets.set(ws, request.path_params["name"], body.get("values"))
+    row = await platform(request).secrets.set(ws, request.path_params["name"], body.get("values"))
     return ok(secret_json(row))
 
 
@@ -55,5 +56,5 @@ async def delete_secret(request: Request):
       404: {description: No such secret}
     """
     ws = admin(request, "delete secrets")
-    platform(request).secrets.delete(ws, request.path_params["name"])
+    await platform(request).secrets.delete(ws, request.path_params["name"])
     return ok({"deleted": request.path_params["name"]})

@@ -448,6 +448,8 @@ class SecretRecords(Protocol):
 
     def get(self, workspace: str, name: str) -> SecretRecord | None: ...
     def in_workspace(self, workspace: str) -> list[SecretRecord]: ...
+    def all(self) -> list[SecretRecord]:
+        """Every workspace's, by workspace and name (a backend that mirrors them catches up at start)."""
 
     def delete(self, workspace: str, name: str) -> bool:
         """False when there was no such secret."""

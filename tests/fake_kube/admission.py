@@ -7,7 +7,8 @@ Each rule is ported (read, not copied) from the source that enforces it:
 - names and labels: k8s.io/apimachinery ``pkg/util/validation/validation.go`` (IsDNS1123Label,
   IsDNS1123Subdomain, IsDNS1035Label, IsQualifiedName, IsValidLabelValue) as used by
   ``pkg/api/validation/objectmeta.go`` (ValidateObjectMeta, ValidateAnnotations: 256 KiB in all);
-- Jobs: kubernetes ``pkg/apis/batch/v1/defaults.go`` (completions, parallelism, backoffLimit 6,
+- Jobs: kubernetes ``pkg/apis/batch/v1/defaults.go`` (completions, parallelism, backoffLimit 6, or
+  MaxInt32 with ``backoffLimitPerIndex``,
   completionMode, suspend, podReplacementPolicy), ``pkg/registry/batch/job/strategy.go``
   (generateSelector: the controller-uid selector and template labels), and
   ``pkg/apis/batch/validation/validation.go`` (ValidateJobSpecUpdate: selector, template,
@@ -24,12 +25,18 @@ Each rule is ported (read, not copied) from the source that enforces it:
   ``revision_defaults.go`` / ``route_defaults.go`` (timeoutSeconds 300, all traffic to the latest
   revision). A denial is HTTP 400 "admission webhook ... denied the request", as the API server
   relays a webhook's answer;
+- Secrets: their ``data`` is ``[]byte``, so JSON decoding refuses a value that is not standard base64
+  (HTTP 400 ``illegal base64 data``, encoding/json with encoding/base64.StdEncoding), and
+  ``pkg/apis/core/validation/validation.go`` ValidateSecret wants keys that are IsConfigMapKey
+  (``[-._a-zA-Z0-9]+``, <= 253) and at most MaxSecretSize (1 MiB) of data in all;
 - pods: k8s.io/pod-security-admission ``policy/check_*.go`` for the ``restricted`` level, and the
   ResourceQuota admission plugin's "exceeded quota" for ``pods``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 
@@ -120,6 +127,35 @@ def validate(plural: str, obj: dict) -> list[str]:
         out += _job_errors(obj)
     elif plural == "pods":
         out += _pod_spec_errors(obj.get("spec") or {}, "spec")
+    elif plural == "secrets":
+        out += _secret_errors(obj)
+    return out
+
+
+CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+MAX_SECRET_SIZE = 1024 * 1024  # pkg/apis/core/types.go MaxSecretSize
+
+
+def decode_secret(secret: dict) -> None:
+    """What JSON decoding of a Secret's ``data`` ([]byte) refuses: a value that is not standard base64."""
+    for key, value in (secret.get("data") or {}).items():
+        try:
+            if not isinstance(value, str):
+                raise ValueError("not a string")
+            base64.b64decode(value, validate=True)
+        except (ValueError, binascii.Error):
+            raise Refused(400, "BadRequest", f'Secret in version "v1" cannot be handled as a Secret: '
+                                             f'illegal base64 data in data[{key!r}]') from None
+
+
+def _secret_errors(secret: dict) -> list[str]:
+    data = {**(secret.get("data") or {}), **(secret.get("stringData") or {})}
+    out = [f"data[{key}]: Invalid value: {key!r}: a valid config key must consist of alphanumeric characters, "
+           "'-', '_' or '.'" for key in data if not CONFIG_KEY.fullmatch(key) or len(key) > 253]
+    size = sum(len(base64.b64decode(v)) for v in (secret.get("data") or {}).values())
+    size += sum(len(v.encode()) for v in (secret.get("stringData") or {}).values())
+    if size > MAX_SECRET_SIZE:
+        out.append(f"data: Too long: must have at most {MAX_SECRET_SIZE} bytes")
     return out
 
 
@@ -214,6 +250,8 @@ def default(plural: str, obj: dict, old: dict | None = None) -> None:
     meta = obj.setdefault("metadata", {})
     if plural == "jobs":
         spec = obj.setdefault("spec", {})
+        if "backoffLimitPerIndex" in spec:
+            spec.setdefault("backoffLimit", 2147483647)
         for key, value in (("completions", 1), ("parallelism", 1), ("backoffLimit", 6),
                            ("completionMode", "NonIndexed"), ("suspend", False),
                            ("podReplacementPolicy", "TerminatingOrFailed"), ("manualSelector", None)):
@@ -256,6 +294,12 @@ def check_update(plural: str, old: dict, new: dict) -> None:
         if (old.get("spec") or {}).get(field) != (new.get("spec") or {}).get(field):
             errors.append(f"spec.{field}: Invalid value: {json.dumps(new['spec'].get(field))[:200]}: "
                           "field is immutable")
+    if plural == "jobs":  # validation.go ValidateJobSpecUpdate: elastic Indexed Jobs (GA 1.31)
+        spec, before = new.get("spec") or {}, old.get("spec") or {}
+        if spec.get("completions") != before.get("completions") and (
+                spec.get("completionMode") != "Indexed" or spec.get("completions") != spec.get("parallelism")):
+            errors.append(f"spec.completions: Invalid value: {spec.get('completions')}: can only be modified in "
+                          "tandem with spec.parallelism for Indexed Jobs")
     if errors:
         raise Refused(422, "Invalid", f"{new['kind']}.{group(plural)} {new['metadata']['name']!r} is invalid: "
                       + "; ".join(errors))

@@ -122,6 +122,8 @@ class Api:
             meta.setdefault("uid", str(uuid.uuid4()))  # the Job's generated selector names it
         admission.default(plural, obj, old)
         try:
+            if plural == "secrets":
+                admission.decode_secret(obj)
             if plural == "services":
                 admission.knative_webhook(obj, old)
             else:
@@ -177,6 +179,7 @@ class Api:
         kind, namespaced = info
         namespace = request.path_params.get("ns")
         self.store.requests.append((request.method, request.url.path))
+        self.store.queries.append((request.method, request.url.path, dict(request.query_params)))
         if request.method == "GET":
             selector = parse_selector(request.query_params.get("labelSelector"))
             fields = parse_selector(request.query_params.get("fieldSelector"))

@@ -38,6 +38,7 @@ import asyncio
 import base64
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -48,11 +49,37 @@ from opbox.platform.backends.container.podman import MemoryCgroup
 from opbox.resource import parse_quantity
 
 from .admission import Refused, admit_pod
+from .buildkit import is_buildkit, run_buildkit
 from .kaniko import is_kaniko, pull_secret_auth, run_kaniko
 from .scheduler import record_event, schedule
 from .store import Store, now
 
 log = logging.getLogger("fake_kube.node")
+
+
+def field_value(pod: dict, path: str) -> str:
+    """The downward API's ``fieldRef``: metadata.name / namespace / uid, metadata.labels['k'],
+    metadata.annotations['k'], spec.nodeName, spec.serviceAccountName."""
+    meta = pod["metadata"]
+    keyed = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+    if keyed:
+        return (meta.get(keyed[1]) or {}).get(keyed[2], "")
+    simple = {"metadata.name": meta.get("name"), "metadata.namespace": meta.get("namespace"),
+              "metadata.uid": meta.get("uid"), "spec.nodeName": pod["spec"].get("nodeName"),
+              "spec.serviceAccountName": pod["spec"].get("serviceAccountName")}
+    return simple.get(path) or ""
+
+
+def _ranges(indexes: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as the Job status writes it: ``"0-2,5"``."""
+    out, start = [], None
+    for i, index in enumerate(indexes):
+        if start is None:
+            start = index
+        if i + 1 == len(indexes) or indexes[i + 1] != index + 1:
+            out.append(f"{start}-{index}" if index > start else str(start))
+            start = None
+    return ",".join(out)
 
 
 def security_args(pod_spec: dict, container: dict) -> list[str]:
@@ -94,7 +121,9 @@ class Node:
 
     # -- hooks from the API ---------------------------------------------------------------
     def created(self, resource: str, obj: dict) -> None:
-        if resource == "jobs":
+        if resource == "jobs" and obj["spec"].get("completionMode") == "Indexed":
+            self._spawn(self._run_indexed_job(obj["metadata"]["namespace"], obj["metadata"]["name"]))
+        elif resource == "jobs":
             self._spawn(self._run_job(obj["metadata"]["namespace"], obj["metadata"]["name"]))
         elif resource == "services":
             self._serve(obj)
@@ -244,6 +273,67 @@ class Node:
             if job is not None:
                 self.delete("jobs", job, "Background", None)
 
+    async def _run_indexed_job(self, namespace: str, name: str) -> None:
+        """The job controller for ``completionMode: Indexed``: a pod per index (``JOB_COMPLETION_INDEX``,
+        the ``batch.kubernetes.io/job-completion-index`` label and annotation), at most ``parallelism``
+        at once, ``completions`` followed as it is patched (elastic Indexed Jobs); with
+        ``backoffLimitPerIndex: 0`` a failed (or deleted) index is not run again and the others go on;
+        the Job ends Complete when every index succeeded, else Failed (FailedIndexes)."""
+        job = self.store.get("jobs", namespace, name)
+        uid = job["metadata"]["uid"]
+        job["status"] = {"startTime": now(), "active": 0}
+        self.store.put("jobs", job)
+        done: dict[int, str] = {}  # index -> Succeeded / Failed
+        running: dict[int, asyncio.Task] = {}
+        refusals = 0
+        while True:
+            job = self._job(namespace, name, uid)
+            if job is None:
+                for task in running.values():
+                    task.cancel()
+                return
+            spec = job["spec"]
+            for index in [i for i, t in running.items() if t.done()]:
+                phase = running.pop(index).result()
+                done[index] = "Succeeded" if phase == "Succeeded" else "Failed"
+            completions, parallelism = spec.get("completions", 1), spec.get("parallelism", 1)
+            for index in range(completions):
+                if len(running) >= parallelism:
+                    break
+                if index in done or index in running:
+                    continue
+                pod = self._make_pod(job, index)
+                if pod is None:
+                    refusals += 1
+                    await asyncio.sleep(min(10.0, 0.5 * 2 ** refusals))
+                    break
+                running[index] = asyncio.ensure_future(self._run_pod(pod))
+            succeeded = sorted(i for i, p in done.items() if p == "Succeeded" and i < completions)
+            failed = sorted(i for i, p in done.items() if p == "Failed" and i < completions)
+            status = {**job["status"], "active": len(running), "succeeded": len(succeeded), "failed": len(failed),
+                      "completedIndexes": _ranges(succeeded)}
+            if failed:
+                status["failedIndexes"] = _ranges(failed)
+            if len(succeeded) + len(failed) >= completions and not running:
+                status["completionTime"] = now()
+                status["conditions"] = ([self._condition("SuccessCriteriaMet", "CompletionsReached", "Reached expected number of succeeded pods"),
+                                         self._condition("Complete", "CompletionsReached", "Reached expected number of succeeded pods")]
+                                        if not failed else
+                                        [self._condition("FailureTarget", "FailedIndexes", "Job has failed indexes"),
+                                         self._condition("Failed", "FailedIndexes", "Job has failed indexes")])
+            if status != job["status"]:
+                job["status"] = status
+                self.store.put("jobs", job)
+            if "conditions" in status:
+                break
+            await asyncio.sleep(0.1)
+        ttl = spec.get("ttlSecondsAfterFinished")
+        if ttl is not None:
+            await asyncio.sleep(ttl)
+            job = self._job(namespace, name, uid)
+            if job is not None:
+                self.delete("jobs", job, "Background", None)
+
     @staticmethod
     def _condition(kind: str, reason: str, message: str) -> dict:
         return {"type": kind, "status": "True", "reason": reason, "message": message,
@@ -262,19 +352,30 @@ class Node:
             self._condition("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")])
         self.store.put("jobs", job)
 
-    def _make_pod(self, job: dict) -> dict | None:
-        """The Job's next pod; None (and a FailedCreate Event on the Job) when admission refuses it."""
+    def _make_pod(self, job: dict, index: int | None = None) -> dict | None:
+        """The Job's next pod (of ``index`` in an Indexed Job); None (and a FailedCreate Event on the Job)
+        when admission refuses it."""
         meta, template = job["metadata"], job["spec"]["template"]
         labels = {**(template.get("metadata", {}).get("labels") or {}), "job-name": meta["name"],
                   "batch.kubernetes.io/job-name": meta["name"], "controller-uid": meta["uid"],
                   "batch.kubernetes.io/controller-uid": meta["uid"]}
+        annotations = dict(template.get("metadata", {}).get("annotations") or {})
+        spec = dict(template["spec"])
+        prefix = meta["name"][:57]
+        if index is not None:  # pkg/controller/job/indexed_job_utils.go
+            labels["batch.kubernetes.io/job-completion-index"] = annotations[
+                "batch.kubernetes.io/job-completion-index"] = str(index)
+            spec["containers"] = [{**c, "env": [*(c.get("env") or []), {"name": "JOB_COMPLETION_INDEX", "valueFrom": {
+                "fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-completion-index']"}}}]}
+                for c in spec["containers"]]
+            prefix = f"{meta['name'][:50]}-{index}"
         pod = {
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"{meta['name'][:57]}-{secrets.token_hex(3)[:5]}", "namespace": meta["namespace"],
-                         "labels": labels, "ownerReferences": [{
+            "metadata": {"name": f"{prefix}-{secrets.token_hex(3)[:5]}", "namespace": meta["namespace"],
+                         "labels": labels, "annotations": annotations, "ownerReferences": [{
                              "apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"],
                              "controller": True, "blockOwnerDeletion": True}]},
-            "spec": dict(template["spec"]),
+            "spec": spec,
             "status": {"phase": "Pending"},
         }
         try:
@@ -319,7 +420,7 @@ class Node:
         return [{"name": container["name"], "image": container["image"], "imageID": "", "restartCount": 0,
                  "ready": "running" in state, "started": "running" in state, "state": state, **extra}]
 
-    def _env(self, namespace: str, container: dict) -> tuple[dict[str, str] | None, str]:
+    def _env(self, namespace: str, container: dict, pod: dict | None = None) -> tuple[dict[str, str] | None, str]:
         env: dict[str, str] = {}
         for source in container.get("envFrom") or []:
             ref = source.get("secretRef")
@@ -329,8 +430,11 @@ class Node:
                     return None, f'secret "{ref["name"]}" not found'
                 env.update({k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()})
         for item in container.get("env") or []:
-            if "value" in item:
-                env[item["name"]] = item["value"]
+            if "value" in item:  # $(VAR) of a variable defined before it expands; $$ is a literal $
+                env[item["name"]] = re.sub(r"\$\$|\$\(([-._a-zA-Z0-9]+)\)", lambda m: "$" if m[0] == "$$" else
+                                           env.get(m[1], m[0]), item["value"])
+            elif "fieldRef" in (item.get("valueFrom") or {}) and pod is not None:
+                env[item["name"]] = field_value(pod, item["valueFrom"]["fieldRef"]["fieldPath"])
             elif "secretKeyRef" in (item.get("valueFrom") or {}):
                 ref = item["valueFrom"]["secretKeyRef"]
                 secret = self.store.get("secrets", namespace, ref["name"])
@@ -350,7 +454,7 @@ class Node:
         if self.pod_start_delay:
             await asyncio.sleep(self.pod_start_delay)
         while True:  # the kubelet retries until the Secrets exist
-            env, problem = self._env(namespace, container)
+            env, problem = self._env(namespace, container, pod)
             if env is not None:
                 break
             if self._update_pod(pod, containerStatuses=self._container_status(
@@ -359,6 +463,8 @@ class Node:
             await asyncio.sleep(0.2)
         if is_kaniko(container["image"]):
             return await self._run_kaniko(pod, container, env)
+        if is_buildkit(container["image"]):
+            return await self._run_kaniko(pod, container, env, run_buildkit, "buildkit")
         backoff = 0.3
         while not await self._pull(pod, container["image"]):  # the kubelet retries, backing off
             for reason in ("ErrImagePull", "ImagePullBackOff"):
@@ -487,18 +593,19 @@ class Node:
         self.pulled.append(image)
         return code == 0
 
-    async def _run_kaniko(self, pod: dict, container: dict, env: dict[str, str]) -> str | None:
-        """The kaniko executor, emulated (fake_kube/kaniko.py): build, push, exit."""
+    async def _run_kaniko(self, pod: dict, container: dict, env: dict[str, str], runner=run_kaniko,
+                          tool: str = "kaniko") -> str | None:
+        """An image builder, emulated (fake_kube/kaniko.py, fake_kube/buildkit.py): build, push, exit."""
         uid, started = pod["metadata"]["uid"], now()
         self._update_pod(pod, phase="Running", startTime=started, containerStatuses=self._container_status(
-            container, {"running": {"startedAt": started}}, containerID=f"kaniko://{uid}"))
+            container, {"running": {"startedAt": started}}, containerID=f"{tool}://{uid}"))
         with open(self.log_dir / f"{uid}.log", "ab") as out:
-            code = await run_kaniko(self.podman, self.store, pod, container, env, out)
+            code = await runner(self.podman, self.store, pod, container, env, out)
         terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "startedAt": started,
-                      "finishedAt": now(), "containerID": f"kaniko://{uid}"}
+                      "finishedAt": now(), "containerID": f"{tool}://{uid}"}
         phase = "Succeeded" if code == 0 else "Failed"
         if self._update_pod(pod, phase=phase, containerStatuses=self._container_status(
-                container, {"terminated": terminated}, containerID=f"kaniko://{uid}")) is None:
+                container, {"terminated": terminated}, containerID=f"{tool}://{uid}")) is None:
             return None
         return phase
 

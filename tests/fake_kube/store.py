@@ -71,6 +71,7 @@ class Store:
         self.oldest = 0  # resume from a resourceVersion below this: 410 Gone
         self.watchers: set[asyncio.Queue] = set()
         self.requests: list[tuple[str, str]] = []  # (verb, path) of every API call
+        self.queries: list[tuple[str, str, dict]] = []  # (verb, path, query) of every call on a collection
         self.rejected: list[str] = []  # objects that failed validation
         self.pages = 0  # list responses sent (a paginated list sends several)
         self.created: dict[str, int] = {}  # objects created, by resource (the API's and the controllers')

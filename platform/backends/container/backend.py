@@ -12,7 +12,7 @@ import asyncio
 from pathlib import Path
 
 from ...settings import Settings
-from ..base import RunEvents, RunTicket, ServiceLogs, Serving, VersionInfo, WorkerPools
+from ..base import InjectsSecrets, RunEvents, RunTicket, ServiceLogs, Serving, VersionInfo, WorkerPools
 from ..pools import PoolManager, PoolMethods
 from ..replicas import ServiceMethods
 from .podman import PodmanSpawner
@@ -21,7 +21,8 @@ from .services import ContainerServices
 
 class ContainerBackend(PoolMethods, ServiceMethods):
     name = "container"
-    abilities = frozenset({WorkerPools, Serving, ServiceLogs})
+    # workspace secrets: passed at container create through a FIFO --env-file (envfile.py)
+    abilities = frozenset({WorkerPools, Serving, ServiceLogs, InjectsSecrets})
 
     def __init__(self, *, gateway_url: str, home: Path, token_for, max_workers: int,
                  worker_idle: float = Settings.worker_idle, pool_idle: float = Settings.pool_idle,

@@ -32,6 +32,7 @@ from opbox.errors import ConfigError
 from ..base import VersionInfo
 from ..pools import Worker, file_tail
 from ..runtime_env import runtime_env
+from .envfile import SecretEnvFile
 
 log = logging.getLogger("opbox.container")
 
@@ -164,6 +165,7 @@ class PodmanSpawner:
         name = "opbox-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", f"{worker.pool.id}-{worker.id}-{secrets.token_hex(3)}")
         env = container_env(version, runtime_env(version, in_image=True, gateway_url=self.gateway_url,
                                                  worker=(worker.pool.id, worker.id, worker.token)))
+        secret_env = SecretEnvFile(version.secret_env) if version.secret_env else None
         cgroup = None
         if version.resource.memory_bytes and MemoryCgroup.usable():
             cgroup = MemoryCgroup(name, version.resource.memory_bytes)
@@ -171,13 +173,20 @@ class PodmanSpawner:
                "--label", f"{LABEL}=1", "--label", f"opbox.pool={worker.pool.id}",
                # conmon (and podman's exit cleanup) stay out of the limited cgroup: only the container counts
                *(["--cgroups=no-conmon", "--cgroup-parent", cgroup.rel] if cgroup else []), *container_args(version.resource, memory=not cgroup),
-               *[a for key in env for a in ("-e", key)], image, "worker"]
+               *(secret_env.args() if secret_env else []), *[a for key in env for a in ("-e", key)], image, "worker"]
         log_path = self.log_dir / worker.pool.id / f"{worker.id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
-            proc = await asyncio.create_subprocess_exec(  # cwd: conmon drops files (such as "oom") there
-                *cmd, env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True, cwd=str(log_path.parent))
+        try:
+            with open(log_path, "ab") as out:
+                proc = await asyncio.create_subprocess_exec(  # cwd: conmon drops files (such as "oom") there
+                    *cmd, env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                    stderr=asyncio.subprocess.STDOUT, start_new_session=True, cwd=str(log_path.parent))
+        except BaseException:
+            if secret_env:
+                secret_env.discard()
+            raise
+        if secret_env:
+            self._background(secret_env.feed(proc))
         return Container(self, worker, name, proc, log_path, cgroup)
 
     def signal(self, worker: Worker, signum: int) -> None:

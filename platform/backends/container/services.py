@@ -13,6 +13,7 @@ import signal
 
 from ..replicas import Replica, Replicas, loopback_listener
 from ..runtime_env import runtime_env
+from .envfile import SecretEnvFile
 from .podman import LABEL, container_args, container_env, job_image
 
 
@@ -29,11 +30,12 @@ class ContainerServices(Replicas):
         name = "opbox-svc-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", f"{spec.key}-{replica.id}-{secrets.token_hex(3)}")
         env = container_env(version, runtime_env(version, in_image=True, serve=spec, replica=replica.id, replica_token=replica.token,
                                                  init_file="/opbox/init"))
+        secret_env = SecretEnvFile(version.secret_env) if version.secret_env else None
         cmd = [self.podman._exe(), "run", "--rm", "--name", name, "--network=host", "--init", "--pull=never",
                "--label", f"{LABEL}=1", "--label", f"opbox.service={spec.key}",
                "--preserve-fds=1", "-v", f"{self._init_path(spec)}:/opbox/init:ro",
-               *container_args(version.resource), *[a for key in env for a in ("-e", key)],
-               image, "serve", "--fd", "3"]
+               *container_args(version.resource), *(secret_env.args() if secret_env else []),
+               *[a for key in env for a in ("-e", key)], image, "serve", "--fd", "3"]
         sock, replica.url = loopback_listener()
         try:
             fd = sock.fileno()
@@ -44,8 +46,14 @@ class ContainerServices(Replicas):
                     stderr=asyncio.subprocess.STDOUT, start_new_session=True, cwd=str(replica.log_path.parent),
                     pass_fds=(3,), preexec_fn=lambda: os.dup2(fd, 3))  # podman passes fds from 3 on
             self.names[replica.id] = name
+        except BaseException:
+            if secret_env:
+                secret_env.discard()
+            raise
         finally:
             sock.close()
+        if secret_env:
+            self.podman._background(secret_env.feed(replica.proc))
 
     def _signal(self, replica: Replica, signum: int) -> None:
         name = self.names.get(replica.id)

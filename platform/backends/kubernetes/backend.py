@@ -7,8 +7,9 @@
                 free slot goes to the waiting workspace with the fewest Jobs
     the pod  -> ``python -m opbox.runtime run --run-id X``: takes its arguments from the gateway
                 (which marks the run running), ships its output and posts its result there
-    watches  -> Jobs and pods of every opbox namespace (list, then watch from its resourceVersion;
-                relist on 410 Gone; reconnect on errors): a Job that failed without a result ends
+    watches  -> Jobs and pods labelled app.kubernetes.io/managed-by=opbox, cluster-wide (list, then watch
+                from its resourceVersion; relist on 410 Gone; reconnect on errors); the FailedCreate
+                Events of each workspace namespace in use, namespace by namespace: a Job that failed without a result ends
                 its run with the pod's reason (OOMKilled, exit code, DeadlineExceeded -> timed_out,
                 ImagePullBackOff...) and the tail of the pod's log
     not starting -> a pod that cannot start fails its run with the API's words: at once for what
@@ -36,6 +37,8 @@ run in threads (``asyncio.to_thread``), watches in threads of their own.
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
 import json
 import logging
 import math
@@ -44,10 +47,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from opbox.errors import ConfigError, ValidationError
+from opbox.errors import ClusterRefused, ConfigError, ValidationError
 
 from ...settings import Settings
-from ..base import RunEvents, RunTicket, ServiceInfo, ServiceLogs, Serving, VersionInfo, WorkerPools
+from ..base import (InjectsSecrets, MirrorsSecrets, RunEvents, RunTicket, ServiceInfo, ServiceLogs, Serving, VersionInfo,
+                    WorkerPools)
 from ..pools import PoolManager, PoolMethods
 from ..runtime_env import runtime_env
 from . import namespaces, render
@@ -112,7 +116,8 @@ def describe_container_exit(terminated: dict) -> str:
 class KubernetesBackend(PoolMethods):
     name = "kubernetes"
     # single runs are Jobs; map items go to warm pools of worker pods (workers.py)
-    abilities = frozenset({WorkerPools, Serving, ServiceLogs})
+    # workspace secrets are Kubernetes Secrets of the workspace's namespace, loaded by envFrom
+    abilities = frozenset({WorkerPools, Serving, ServiceLogs, InjectsSecrets, MirrorsSecrets})
 
     def __init__(self, settings: KubernetesSettings, *, gateway_url: str, token_for, api=None,
                  cancel_grace: float | None = None, worker_idle: float = Settings.worker_idle,
@@ -159,9 +164,8 @@ class KubernetesBackend(PoolMethods):
                     label_selector=MANAGED, timeout=timeout),
             Watcher("pods", self.core.list_pod_for_all_namespaces, self.threadsafe(self._on_pod),
                     label_selector=MANAGED, timeout=timeout),
-            Watcher("job-events", self.core.list_event_for_all_namespaces, self.threadsafe(self._on_event),
-                    field_selector="involvedObject.kind=Job,reason=FailedCreate", timeout=timeout),
-        ]
+        ]  # a Job's FailedCreate Events are watched per workspace namespace (ensure_namespace): Events carry
+        # no labels of ours, and a cluster-wide watch would read every other team's
         for watcher in self.watchers:
             watcher.start()
 
@@ -207,8 +211,8 @@ class KubernetesBackend(PoolMethods):
     async def close(self) -> None:
         # the pools' workers go with the gateway, as in the other backends (their items run again
         # after a restart): their Jobs are deleted now, not by tasks about to be cancelled
-        workers = list(self.spawner.by_job.values())
-        await asyncio.gather(*(self.delete_job(w.namespace, w.name) for w in workers), return_exceptions=True)
+        jobs = self.spawner.jobs()
+        await asyncio.gather(*(self.delete_job(j.namespace, j.name) for j in jobs), return_exceptions=True)
         await self.pools.close()
         for watcher in self.watchers:
             watcher.stop()
@@ -281,7 +285,7 @@ class KubernetesBackend(PoolMethods):
 
         version, ticket = attempt.version, attempt.ticket
         try:
-            await self.ensure_namespace(attempt.namespace)
+            await self.ensure_namespace(attempt.namespace, attempt.workspace)
             secret_name = f"{attempt.name}-token"
             spec = render.JobSpec(**self.workload(version, attempt.namespace, secret_name), run_id=ticket.run_id,
                                   attempt=ticket.attempt, backoff_limit=0, disruption=attempt.disruption)
@@ -307,10 +311,44 @@ class KubernetesBackend(PoolMethods):
         return dict(namespace=namespace, workspace=version.workspace, job_id=version.job_id, version=version.version,
                     image=version.artifact.image or "", gateway_url=self.gateway_url, token_secret=token_secret,
                     resource=version.resource, service_account=settings.service_account,
-                    env={**settings.env, **runtime_env(version, in_image=True)}, secrets=settings.secrets,
+                    env={**settings.env, **runtime_env(version, in_image=True)}, secrets=self.secret_refs(version),
                     image_pull_secrets=settings.image_pull_secrets, image_pull_policy=settings.image_pull_policy,
                     gpu_label_key=settings.gpu_label_key, ttl_seconds_after_finished=settings.ttl_after_finished,
                     termination_grace_period_seconds=self.termination_grace, run_as_non_root=settings.run_as_non_root)
+
+    def secret_refs(self, version: VersionInfo) -> tuple[str, ...]:
+        """The Secrets a pod of ``version`` loads whole (``envFrom``): OPBOX_K8S_SECRETS, then the
+        version's workspace secrets in their order (a later one's key wins, as in the other backends)."""
+        return self.settings.secrets + tuple(render.secret_object_name(name) for name in version.resource.secrets)
+
+    # -- workspace secrets as Kubernetes Secrets (MirrorsSecrets) -------------------------
+    async def put_secret(self, workspace: str, name: str, values) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        namespace, object_name = self.settings.namespace(workspace), render.secret_object_name(name)
+        secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                  "metadata": {"name": object_name, "namespace": namespace,
+                               "labels": {**namespaces.MANAGED, "opbox.dev/workspace": render.label_value(workspace),
+                                          "opbox.dev/secret": render.label_value(name)}},
+                  "data": {key: base64.b64encode(value.encode()).decode() for key, value in values.items()}}
+        try:
+            await self.ensure_namespace(namespace, workspace)
+            if await self.call(self.core.create_namespaced_secret, namespace, secret, conflict_ok=True) is None:
+                await self.call(self.core.replace_namespaced_secret, object_name, namespace, secret)
+        except ApiException as exc:
+            raise ClusterRefused(f"the cluster refused Secret {namespace}/{object_name} (secret {name!r}): "
+                                 f"{api_error(exc)}", status=exc.status) from None
+
+    async def delete_secret(self, workspace: str, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        namespace, object_name = self.settings.namespace(workspace), render.secret_object_name(name)
+        try:
+            await self.call(self.core.delete_namespaced_secret, object_name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise ClusterRefused(f"the cluster refused to delete Secret {namespace}/{object_name}: "
+                                     f"{api_error(exc)}", status=exc.status) from None
 
     async def create_with_token(self, namespace: str, job: dict, secret_name: str, labels: dict, token: str,
                                 adopt=None) -> dict:
@@ -379,17 +417,24 @@ class KubernetesBackend(PoolMethods):
             await asyncio.sleep(delay)
             delay *= 2
 
-    async def ensure_namespace(self, namespace: str) -> None:
+    async def ensure_namespace(self, namespace: str, workspace: str) -> None:
+        """The workspace's namespace made (once), and its Jobs' FailedCreate Events watched from then on."""
         fut = self._namespaces.get(namespace)
         if fut is None or (fut.done() and fut.exception() is not None):
-            fut = self._namespaces[namespace] = asyncio.ensure_future(self._make_namespace(namespace))
+            fut = self._namespaces[namespace] = asyncio.ensure_future(self._make_namespace(namespace, workspace))
         await asyncio.shield(fut)
+        if not any(w.what == f"job-events/{namespace}" for w in self.watchers):
+            watcher = Watcher(f"job-events/{namespace}", functools.partial(self.core.list_namespaced_event, namespace),
+                              self.threadsafe(self._on_event), field_selector="involvedObject.kind=Job,reason=FailedCreate",
+                              timeout=self.settings.watch_timeout)
+            self.watchers.append(watcher)
+            watcher.start()
 
-    async def _make_namespace(self, namespace: str) -> None:
+    async def _make_namespace(self, namespace: str, workspace: str) -> None:
         if not self.settings.create_namespaces:
             return
         settings = self.settings
-        await self.call(self.core.create_namespace, namespaces.namespace_manifest(namespace, settings),
+        await self.call(self.core.create_namespace, namespaces.namespace_manifest(namespace, workspace, settings),
                         conflict_ok=True)
         if settings.service_account:
             await self.call(self.core.create_namespaced_service_account, namespace, {
@@ -428,6 +473,17 @@ class KubernetesBackend(PoolMethods):
             if exc.status != 404:
                 log.warning("could not delete Job %s/%s: %s", namespace, name, api_error(exc))
 
+    async def delete_pod(self, namespace: str, name: str) -> None:
+        """A pool worker's pod (its index of the pool's Job), with the platform's grace (SIGTERM, then SIGKILL)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            await asyncio.to_thread(self.core.delete_namespaced_pod, name, namespace,
+                                    grace_period_seconds=self.termination_grace, _request_timeout=30)
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("could not delete pod %s/%s: %s", namespace, name, api_error(exc))
+
     def _finish(self, attempt: Attempt, reason: str | None, status: str = "failed") -> None:
         """The attempt is over: free its slot and, when it is the run's current attempt and
         ``reason`` is given, tell the platform (ignored if the run already has its result)."""
@@ -451,6 +507,19 @@ class KubernetesBackend(PoolMethods):
         self._fill()
 
     def _pending_expired(self, attempt: Attempt) -> None:
+        if attempt.done or attempt.started:
+            return
+        self.spawn_task(self._expire(attempt))
+
+    async def _expire(self, attempt: Attempt) -> None:
+        if not attempt.waiting and attempt.created_at is not None:  # the Events' watch may lag: ask once
+            try:
+                listed = await self.call(self.core.list_namespaced_event, attempt.namespace,
+                                         field_selector=f"involvedObject.name={attempt.name},reason=FailedCreate")
+                for event in (listed.get("items") or [])[-1:]:
+                    attempt.waiting = f"the Job cannot make its pod: {event.get('message', '')}"
+            except Exception as exc:
+                log.info("could not read the Events of Job %s: %s", attempt.name, exc)
         if attempt.done or attempt.started:
             return
         self.spawn_task(self._delete_job(attempt))
@@ -492,10 +561,11 @@ class KubernetesBackend(PoolMethods):
     def _on_pod(self, kind: str, obj, started: float | None = None) -> None:
         if kind == "SYNC":  # each listed pod came as MODIFIED already
             return
-        worker = self.spawner.on_pod(obj) if kind != "DELETED" else None
+        worker = self.spawner.on_pod(kind, obj)
         if worker is not None:
-            why = _cannot_start(obj)
+            why = _cannot_start(obj) if kind != "DELETED" and not worker.ended.done() else None
             if why:
+                why += secret_hint(why, worker.worker.pool.version)
                 self.spawner.fail(worker, why)
             return
         labels = obj["metadata"].get("labels") or {}
@@ -515,6 +585,7 @@ class KubernetesBackend(PoolMethods):
             if why not in FATAL_WAITING and why not in PULLING:
                 continue
             attempt.waiting = f"pod {name} cannot start: {why}" + (f": {waiting['message']}" if waiting.get("message") else "")
+            attempt.waiting += secret_hint(waiting.get("message") or "", attempt.version)
             if why in PULLING:
                 now = time.monotonic()
                 attempt.pulling_since = attempt.pulling_since or now
@@ -596,6 +667,15 @@ class KubernetesBackend(PoolMethods):
         except Exception as exc:
             log.info("no log for pod %s/%s: %s", namespace, pod, exc)
             return ""
+
+
+def secret_hint(message: str, version: VersionInfo) -> str:
+    """For a kubelet's 'secret "opbox-secret-x" not found': which workspace secret that is, and what to do."""
+    for name in version.resource.secrets:
+        if f'secret "{render.secret_object_name(name)}" not found' in message:
+            return (f" (the workspace secret {name!r} is not in the cluster: set it again with "
+                    f"`opbox secrets set {name} KEY=VALUE`)")
+    return ""
 
 
 def _cannot_start(pod: dict) -> str | None:

@@ -204,7 +204,10 @@ def s3_env(location: dict, endpoint_override: str | None = None) -> dict[str, st
 
 class KanikoBuilder:
     """An ``ImageBuilder`` that builds in the cluster. ``store`` must be an S3 store (kaniko
-    fetches its context from S3); ``registry`` answers whether a tag exists."""
+    fetches its context from S3); ``registry`` answers whether a tag exists. (buildkit.py builds on
+    its way of following a build Job.)"""
+
+    tool, container, memory_setting = "kaniko", CONTAINER, "OPBOX_KANIKO_MEMORY"
 
     def __init__(self, settings: KanikoSettings, *, store, registry, kube_settings, insecure_registries=(),
                  api=None, poll_timeout: int = 60):
@@ -339,7 +342,7 @@ class KanikoBuilder:
         _, core = self._kube()
         try:
             # read timeout: the longest silence we wait through (pushing a big layer says nothing)
-            resp = core.read_namespaced_pod_log(pod["metadata"]["name"], namespace, container=CONTAINER, follow=True,
+            resp = core.read_namespaced_pod_log(pod["metadata"]["name"], namespace, container=self.container, follow=True,
                                                 _preload_content=False, _request_timeout=(10, 900))
         except Exception as exc:
             log(f"(the build log could not be read: {exc})")
@@ -387,8 +390,8 @@ class KanikoBuilder:
                 ended = (container.get("state") or {}).get("terminated")
                 if ended:
                     if ended.get("reason") == "OOMKilled":
-                        return "kaniko ran out of memory (OOMKilled): raise OPBOX_KANIKO_MEMORY"
-                    return f"kaniko exited with code {ended.get('exitCode')} (pod {pod['metadata']['name']})"
+                        return f"{self.tool} ran out of memory (OOMKilled): raise {self.memory_setting}"
+                    return f"{self.tool} exited with code {ended.get('exitCode')} (pod {pod['metadata']['name']})"
         return f"{condition.get('reason')}: {condition.get('message', '')}"
 
     # -- helpers ------------------------------------------------------------------------

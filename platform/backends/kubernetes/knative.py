@@ -94,7 +94,7 @@ class KnativeServices:
             namespace=namespace, workspace=info.workspace, job_id=version.job_id, version=version.version,
             image=version.artifact.image or "", gateway_url=self.backend.gateway_url,
             token_secret=token_secret, name=info.name, resource=version.resource, env=env,
-            service_account=settings.service_account, secrets=settings.secrets,
+            service_account=settings.service_account, secrets=self.backend.secret_refs(version),
             image_pull_secrets=settings.image_pull_secrets, image_pull_policy=settings.image_pull_policy,
             gpu_label_key=settings.gpu_label_key, min_scale=0 if info.scale_to_zero is not None else info.replicas,
             max_scale=max(info.replicas, 1), container_concurrency=info.concurrency,
@@ -107,7 +107,7 @@ class KnativeServices:
         check_limits(info)
         backend = self.backend
         namespace = backend.settings.namespace(info.workspace)
-        await backend.ensure_namespace(namespace)
+        await backend.ensure_namespace(namespace, info.workspace)
         name = render.service_name(info.name)
         token_secret = f"opbox-service-{name}-token"
         spec = self._spec(info, namespace, token_secret)

@@ -1,4 +1,5 @@
-"""What a workspace's namespace gets when the backend creates it, from the settings: PodSecurity
+"""What a workspace's namespace gets when the backend creates it, from the settings: its labels
+(``opbox.dev/workspace``, ``app.kubernetes.io/managed-by``, which label selectors pick it by), PodSecurity
 labels (``restricted`` by default: every pod opbox makes complies), a default-deny egress
 NetworkPolicy that lets pods reach DNS and the gateway only (not the cloud's metadata endpoint,
 the object store or other workspaces), and optionally a ResourceQuota and a LimitRange.
@@ -7,12 +8,16 @@ Plain manifests; the backend creates them (tolerating 409)."""
 from __future__ import annotations
 
 from .config import KubernetesSettings
+from .render import label_value
 
 MANAGED = {"app.kubernetes.io/managed-by": "opbox"}
 
 
-def namespace_manifest(name: str, settings: KubernetesSettings) -> dict:
-    labels = dict(MANAGED)
+WORKSPACE_LABEL = "opbox.dev/workspace"
+
+
+def namespace_manifest(name: str, workspace: str, settings: KubernetesSettings) -> dict:
+    labels = {**MANAGED, WORKSPACE_LABEL: label_value(workspace)}
     if settings.pod_security:  # enforce, and warn and audit at the same level
         for mode in ("enforce", "warn", "audit"):
             labels[f"pod-security.kubernetes.io/{mode}"] = settings.pod_security

@@ -116,6 +116,18 @@ def service_name(name: str) -> str:
     return f"{cleaned}-{_digest(name)}"
 
 
+SECRET_PREFIX = "opbox-secret-"
+
+
+def secret_object_name(name: str) -> str:
+    """The Kubernetes Secret of the workspace secret ``name`` (``[a-z0-9][-a-z0-9_]*``): ``opbox-secret-<name>``,
+    with ``_`` (not allowed in object names) made ``-`` and a hash suffix, so ``a_b`` and ``a-b`` stay apart."""
+    cleaned = name.replace("_", "-")
+    if cleaned != name:
+        cleaned = f"{cleaned.rstrip('-')}-{_digest(name)}"
+    return check_dns_subdomain(SECRET_PREFIX + cleaned, "Secret name (from the secret's name)")
+
+
 def job_name(run_id: str, attempt: int = 0, disruption: int = 0) -> str:
     """The Job of a Job-Run's attempt: ``opbox-run-<run id lowercased>`` (``.`` of map items as
     ``-``), with ``-a<N>`` for retries: each attempt is a Job of its own; and ``-d<N>`` when it is
@@ -317,6 +329,8 @@ class WorkloadSpec:
             "gpu_label_key": self.gpu_label_key,
             "run_as_non_root": self.run_as_non_root,
             "run_as_user": self.run_as_user,
+            "field_env": [],  # (name, fieldPath) from the downward API, before the others
+            "indexed": None,  # a worker pool's Job: completions = parallelism = this
         }
 
 
@@ -369,45 +383,49 @@ class JobSpec(WorkloadSpec):
         }
 
 
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # the job controller's, on each pod
+
+
 @dataclass(frozen=True, kw_only=True)
 class WorkerSpec(WorkloadSpec):
-    """A warm worker of a job version's pool, as a batch/v1 Job of one pod running
-    ``python -m opbox.runtime worker``: it pulls map items from the gateway until the pool lets
-    it go (it exits 0, the Job completes). Its token (its own, as every worker's) comes from
-    ``token_secret``; run timeouts are the pool's, so the Job has no deadline."""
+    """The warm workers of a job version's pool as ONE batch/v1 Job in ``Indexed`` completion mode,
+    a pod per index, each running ``python -m opbox.runtime worker``: it pulls map items from the
+    gateway until the pool lets it go (it exits 0, its index completes). ``workers`` is both
+    ``completions`` and ``parallelism`` (an elastic Indexed Job: more workers are a patch of both);
+    ``backoffLimitPerIndex: 0``: a worker that fails is not run again and the others go on. A pod's
+    worker id is ``<name>-<its index>`` (the downward API); the token in ``token_secret`` is the
+    Job's, shared by its pods (one version's workers); run timeouts are the pool's: no deadline."""
 
+    name: str  # the Job's
     pool_id: str  # the version's key, "<job id>.v<N>"
-    worker_id: str
-    nonce: str = ""  # made part of the name: worker ids restart with the gateway, Job names must not
+    workers: int = 1
     ttl_seconds_after_finished: int | None = DEFAULT_TTL_AFTER_FINISHED
     termination_grace_period_seconds: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for what in ("pool_id", "worker_id"):
-            if not isinstance(getattr(self, what), str) or not getattr(self, what):
-                raise ValidationError(f"{what}: expected a non-empty string")
+        if not isinstance(self.pool_id, str) or not self.pool_id:
+            raise ValidationError("pool_id: expected a non-empty string")
+        _positive_int(self.workers, "workers")
         check_dns_label(self.name, "worker Job name")
-
-    @property
-    def name(self) -> str:
-        name = re.sub(r"[^a-z0-9-]+", "-", f"{self.worker_id}-{self.nonce}".lower()).strip("-")
-        return f"opbox-worker-{name}"
+        if len(self.name) > 50:  # its pods are named <name>-<index>-<5 characters>
+            raise ValidationError(f"worker Job name {self.name!r}: at most 50 characters")
 
     def labels(self) -> dict[str, str]:
-        return {**super().labels(), "opbox.dev/pool": label_value(self.pool_id),
-                "opbox.dev/worker": label_value(self.worker_id)}
+        return {**super().labels(), "opbox.dev/pool": label_value(self.pool_id), "opbox.dev/worker": "pool"}
 
     def platform_env(self) -> dict[str, str]:
-        return {**super().platform_env(), "OPBOX_POOL": self.pool_id, "OPBOX_WORKER_ID": self.worker_id}
+        return {**super().platform_env(), "OPBOX_POOL": self.pool_id,
+                "OPBOX_WORKER_ID": f"{self.name}-$(OPBOX_WORKER_INDEX)"}
 
     def context(self) -> dict[str, Any]:
         return {
             **super().context(),
             "name": self.name,
             "labels": self.labels(),
+            "field_env": [("OPBOX_WORKER_INDEX", f"metadata.annotations['{COMPLETION_INDEX}']")],
             "command": list(self.command or ("python", "-m", "opbox.runtime", "worker")),
-            "backoff_limit": 0,
+            "indexed": self.workers,
             "active_deadline_seconds": None,
             "ttl_seconds_after_finished": self.ttl_seconds_after_finished,
             "termination_grace_period_seconds": self.termination_grace_period_seconds,
@@ -506,7 +524,7 @@ def render_job(spec: JobSpec) -> dict:
 
 
 def render_worker(spec: WorkerSpec) -> dict:
-    """The batch/v1 Job of one warm pool worker (the Job-Run template, the worker's command)."""
+    """The batch/v1 Job of a pool's workers (the Job-Run template, Indexed, the worker's command)."""
     return _load(render_text("job.yaml.j2", **spec.context()), "job")
 
 

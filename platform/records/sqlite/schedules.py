@@ -86,6 +86,10 @@ class SqliteSecrets:
             "SELECT workspace, name, keys, data, created_at, updated_at FROM secrets WHERE workspace = ? "
             "ORDER BY name", (workspace,))]
 
+    def all(self) -> list[SecretRecord]:
+        return [_secret(r) for r in self.db.execute(
+            "SELECT workspace, name, keys, data, created_at, updated_at FROM secrets ORDER BY workspace, name")]
+
     def delete(self, workspace: str, name: str) -> bool:
         return self.db.execute("DELETE FROM secrets WHERE workspace = ? AND name = ?", (workspace, name)).rowcount > 0
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from opbox.config import credentials_path, opbox_home
+from opbox.errors import ConfigError
 
 from .backends.base import Serving, WorkerPools, require, supports
 from .backends.registry import make_backend, make_builder
@@ -45,14 +46,23 @@ def _secret(home: Path) -> bytes:
     return bytes.fromhex(path.read_text().strip())
 
 
-def open_records(home: Path) -> Records:
-    """The platform's records: the SQLite state file in its home, migrated to this version's schema."""
+def open_records(home: Path, database_url: str | None = None) -> Records:
+    """The platform's records, migrated to this version's schema: the PostgreSQL database at ``database_url``
+    (OPBOX_DATABASE_URL), else the SQLite state file in its home."""
+    if database_url:
+        if not database_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"OPBOX_DATABASE_URL must be a postgresql:// URL, got {database_url.split(':')[0]}:...")
+        try:
+            from .records.postgres import open_postgres
+        except ImportError as exc:  # psycopg is an extra
+            raise ConfigError(f"OPBOX_DATABASE_URL needs PostgreSQL's driver: pip install 'opbox[postgres]' ({exc})") from None
+        return open_postgres(database_url)
     return open_sqlite(home / "state.db")
 
 
 def create_workspace(home: Path | None, name: str) -> dict:
     """``opbox workspace create``: a workspace and its admin token, written to the records directly."""
-    records = open_records(home or opbox_home())
+    records = open_records(home or opbox_home(), os.environ.get("OPBOX_DATABASE_URL") or None)
     try:
         return admin.create_workspace(records, name)
     finally:
@@ -62,7 +72,7 @@ def create_workspace(home: Path | None, name: str) -> dict:
 def collect_garbage(settings: Settings) -> dict:
     """``opbox gc``: expire, delete and collect now, on the platform's machine (beside a running gateway)."""
     home = settings.home
-    records = open_records(home)
+    records = open_records(home, settings.database_url)
     try:
         return asyncio.run(Retention(records, make_store(settings, _secret(home)), settings).collect()).to_dict()
     finally:
@@ -91,7 +101,7 @@ class Platform:
         home = settings.home
         home.mkdir(parents=True, exist_ok=True)
         self.secret = _secret(home)
-        self.records = open_records(home)
+        self.records = open_records(home, settings.database_url)
         self.auth = Auth(self.records, self.secret, RateLimit(settings.rate_limit, settings.rate_burst))
         self.store = make_store(settings, self.secret)
         self.backend = make_backend(settings, self.auth.internal_token, bound_url or settings.url)

@@ -84,6 +84,8 @@ class Settings:
     # runs as root with bwrap; else a warning), "required" (refuse to start without), "off"
     sandbox: str = setting("OPBOX_SANDBOX", "auto")
     store_url: str | None = setting("OPBOX_STORE_URL")  # default: a folder in home
+    # the records: postgresql://... for several gateways on one PostgreSQL; unset: the SQLite file home/state.db
+    database_url: str | None = setting("OPBOX_DATABASE_URL")
     workspace: str | None = setting("OPBOX_WORKSPACE")  # bootstrap workspace
     token: str | None = setting("OPBOX_TOKEN")  # bootstrap token
     max_workers: int = setting("OPBOX_MAX_WORKERS", factory=lambda: max(2, os.cpu_count() or 2), parse=int)

@@ -190,6 +190,10 @@ class Platform:
             self._save_credentials(data["workspace"], data["token"])
 
     async def start(self) -> None:
+        self.records.leadership.start()  # several gateways on one database: join them before starting runs
+        loop = asyncio.get_running_loop()
+        notifier = self.runs.notifier
+        notifier.publish = self.records.wakeups(lambda key: loop.call_soon_threadsafe(notifier.deliver, key))
         await self.backend.start(self.runs)
         await self.services.start()  # redeploys the services recorded before a restart
         failed_builds = self.deploys.recover()
@@ -198,12 +202,14 @@ class Platform:
         requeued = self.runs.recover()
         if requeued:
             log.info("requeued %d runs after restart", requeued)
-        self.schedules.start()
+        self.schedules.start(leads=self.records.leadership.held, shared=self.records.leadership.shared)
         self._collector = asyncio.ensure_future(self._collect_every(self.settings.gc_interval))
 
     async def _collect_every(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
+            if not self.records.leadership.held():
+                continue  # another gateway on the same database collects
             try:
                 done = await self.retention.collect()
             except Exception:  # storage trouble: say so, and try again next time

@@ -65,7 +65,7 @@ def test_a_run_is_created_once_started_once_and_finished_with_its_result(records
     assert runs.start("r-1", "w1", 2.0) is True
     assert runs.start("r-1", "w2", 3.0) is False, "a run is leased once"
     run = runs.get("r-1")
-    assert (run.status, run.worker, run.started_at) == ("running", "w1", 2.0)
+    assert (run.status, run.worker.split("/")[-1], run.started_at) == ("running", "w1", 2.0)
     ended, complete = runs.finish(run, "succeeded", 5.0, None, None, b"RESULT!")
     assert (ended.status, ended.finished_at, ended.started_at, complete) == ("succeeded", 5.0, 2.0, False)
     assert runs.result("r-1") == b"RESULT!" and records.usage.of("ws") == 11
@@ -367,3 +367,35 @@ def test_gateways_opening_one_postgres_database_at_once_migrate_it_once(pg_serve
     assert sorted(r.runs.start("r-1", f"w{i}", 1.0) for i, r in enumerate(opened)) == [False, False, False, True]
     for r in opened:
         r.close()
+
+
+def test_only_a_dead_gateway_s_runs_are_queued_again_and_its_builds_failed(pg_server):
+    """Gateways on one database: each holds a liveness lock while it lives; a gateway (re)starting queues
+    again the running runs of gateways that died, never those of live ones, and fails their builds only
+    when no other gateway lives."""
+    from opbox.platform.records.postgres import open_postgres
+
+    url = pg_server.database()
+    a, b = open_postgres(url), open_postgres(url)
+    try:
+        a.leadership.start()
+        b.leadership.start()
+        assert [a.leadership.held(), b.leadership.held()] == [True, False], "the first to look leads"
+        for records, run_id in ((a, "r-a"), (b, "r-b")):
+            records.runs.create(_run(run_id), b"")
+            assert records.runs.start(run_id, "w1", 1.0)
+        _version(a)
+        b.runs.requeue_running("restart")
+        assert a.runs.get("r-a").status == "running" and b.runs.get("r-b").status == "running"
+        assert b.jobs.fail_unfinished_builds("interrupted") == 0, "gateway a may be building it"
+        a.leadership.close()  # as a's process dying closes its connection: the server drops its locks
+        b.runs.requeue_running("its gateway died")
+        assert (a.runs.get("r-a").status, a.runs.get("r-a").exit_reason) == ("queued", "its gateway died")
+        assert b.runs.get("r-b").status == "running"
+        assert b.jobs.fail_unfinished_builds("interrupted") == 1
+        from conftest import wait_for
+
+        wait_for(b.leadership.held, timeout=10)
+    finally:
+        a.close()
+        b.close()

@@ -10,15 +10,19 @@ connection of its own: one gateway fires schedules and runs retention) and ``wak
 
 from __future__ import annotations
 
+from typing import Callable
+
 from .batches import PostgresBatches
 from .connection import Database
 from .items import PostgresItems
 from .jobs import PostgresJobs
+from .leadership import Lead
 from .runs import PostgresRuns
 from .schedules import PostgresSchedules, PostgresSecrets
 from .services import PostgresServices
 from .tokens import PostgresTokens
 from .usage import PostgresUsage
+from .wakeups import Wakeups
 
 
 class PostgresRecords:
@@ -26,7 +30,8 @@ class PostgresRecords:
 
     def __init__(self, database: Database):
         self.database = database
-        self.runs = PostgresRuns(database)
+        self.leadership = Lead(database.url)
+        self.runs = PostgresRuns(database, self.leadership.gateway)
         self.batches = PostgresBatches(database)
         self.jobs = PostgresJobs(database)
         self.tokens = PostgresTokens(database)
@@ -35,8 +40,17 @@ class PostgresRecords:
         self.schedules = PostgresSchedules(database)
         self.secrets = PostgresSecrets(database)
         self.items = PostgresItems(database)
+        self._wakeups: Wakeups | None = None
+
+    def wakeups(self, deliver: Callable[[str], None]) -> Callable[[str], None]:
+        if self._wakeups is None:
+            self._wakeups = Wakeups(self.database.url, self.leadership.gateway, deliver)
+        return self._wakeups.publish
 
     def close(self) -> None:
+        if self._wakeups is not None:
+            self._wakeups.close()
+        self.leadership.close()
         self.database.close()
 
 

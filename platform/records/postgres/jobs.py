@@ -11,6 +11,7 @@ from opbox.errors import Conflict
 from ...ids import new_id
 from ..base import Dropped, JobRecord, NewVersion, VersionRecord
 from .connection import Database, storage_errors
+from .leadership import GATEWAYS
 from .runs import drop_sql, dropped
 
 JOB_COLUMNS = "id, workspace, name, kind, created_at, latest_version"
@@ -112,7 +113,11 @@ class PostgresJobs:
                     (error, build_log, job_id, version))
 
     def fail_unfinished_builds(self, error: str) -> int:
-        return self.db.run("UPDATE versions SET status = 'failed', error = %s WHERE status = 'building'", (error,))
+        """Only when no other gateway is alive (holds its liveness lock): their builds are not unfinished."""
+        return self.db.run(
+            "UPDATE versions SET status = 'failed', error = %s WHERE status = 'building' AND (SELECT count(*) FROM "
+            "pg_locks WHERE locktype = 'advisory' AND classid = %s::int4::oid AND objsubid = 2 AND granted) <= 1",
+            (error, GATEWAYS))
 
     def version_ready(self, job_id: str, version: int, artifact: dict, requirements_sha256: str, build_log: str,
                       at: float) -> None:

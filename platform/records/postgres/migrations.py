@@ -137,7 +137,7 @@ def migrate(conn: psycopg.Connection, where: str, migrations: tuple[str, ...] = 
             return current  # the usual start: no lock taken
     while True:
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (MIGRATION_LOCK,))
             current = version_of(conn)  # another gateway may have migrated meanwhile
             if current is None:
                 tables = [r[0] for r in conn.execute(

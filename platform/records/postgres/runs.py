@@ -12,6 +12,7 @@ from psycopg import errors as pg_errors
 
 from ..base import AttemptRecord, Dropped, NewRun, Payload, RunFilter, RunRecord, StoredPayload, payload_size
 from .connection import Database, storage_errors
+from .leadership import GATEWAYS
 
 COLUMNS = ("id, workspace, job_id, version, status, trigger, created_at, started_at, finished_at, exit_reason, "
            "error_type, attempt, max_retries, timeout, batch_id, batch_index, done_seq, worker, log_bytes, expired_at, "
@@ -96,11 +97,18 @@ u AS (INSERT INTO usage(workspace, bytes) SELECT workspace, %(n)s FROM r {ADD_US
 SELECT count(*) FROM r"""
 
 
+# queued again: running runs whose gateway died (no session holds its liveness lock; see leadership.py)
+REQUEUE_ORPHANS = ("UPDATE runs SET status = 'queued', started_at = NULL, worker = NULL, exit_reason = %s "
+                   "WHERE status = 'running' AND (strpos(COALESCE(worker, ''), '/') = 0 OR "
+                   "pg_try_advisory_xact_lock(%s::int4, hashtext(split_part(worker, '/', 1))))")
+
+
 @storage_errors
 class PostgresRuns:
-    def __init__(self, database: Database):
+    def __init__(self, database: Database, gateway: str):
         self.db = database
         self.where = database.where
+        self.gateway = gateway  # a run this gateway starts names it: {gateway}/{worker}
 
     def get(self, run_id: str) -> RunRecord | None:
         row = self.db.one(f"{SELECT} WHERE id = %s", (run_id,))
@@ -121,7 +129,7 @@ class PostgresRuns:
 
     def start(self, run_id: str, worker: str, at: float) -> bool:
         return self.db.run("UPDATE runs SET status = 'running', started_at = %s, worker = %s, retry_at = NULL "
-                           "WHERE id = %s AND status = 'queued'", (at, worker, run_id)) == 1
+                           "WHERE id = %s AND status = 'queued'", (at, f"{self.gateway}/{worker}", run_id)) == 1
 
     def retry(self, run: RunRecord, status: str, reason: str | None, error_type: str | None, at: float,
               retry_at: float | None) -> None:
@@ -230,8 +238,8 @@ class PostgresRuns:
             "WHERE workspace = %s AND id >= %s GROUP BY job_id ORDER BY n DESC LIMIT %s", (workspace, since_id, limit))]
 
     def requeue_running(self, reason: str) -> None:
-        self.db.run("UPDATE runs SET status = 'queued', started_at = NULL, worker = NULL, exit_reason = %s "
-                    "WHERE status = 'running'", (reason,))
+        """Several gateways share the database: only the runs of gateways that died go back to the queue."""
+        self.db.run(REQUEUE_ORPHANS, (reason, GATEWAYS))
 
     def queued(self) -> list[RunRecord]:
         return [RunRecord(*r) for r in self.db.all(f"{SELECT} WHERE status = 'queued' ORDER BY id")]

@@ -37,7 +37,12 @@ from .settings import Settings
 log = logging.getLogger("opbox.platform")
 
 
-def _secret(home: Path) -> bytes:
+def _secret(home: Path, given: Path | None = None) -> bytes:
+    if given is not None:  # OPBOX_SECRET_FILE: shared by several gateways, never made here
+        try:
+            return bytes.fromhex(given.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"OPBOX_SECRET_FILE {given} must be a readable file of hex digits ({exc})") from None
     path = home / "secret"
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -74,7 +79,7 @@ def collect_garbage(settings: Settings) -> dict:
     home = settings.home
     records = open_records(home, settings.database_url)
     try:
-        return asyncio.run(Retention(records, make_store(settings, _secret(home)), settings).collect()).to_dict()
+        return asyncio.run(Retention(records, make_store(settings, _secret(home, settings.secret_file)), settings).collect()).to_dict()
     finally:
         records.close()
 
@@ -100,7 +105,7 @@ class Platform:
         self.settings = settings
         home = settings.home
         home.mkdir(parents=True, exist_ok=True)
-        self.secret = _secret(home)
+        self.secret = _secret(home, settings.secret_file)
         self.records = open_records(home, settings.database_url)
         self.auth = Auth(self.records, self.secret, RateLimit(settings.rate_limit, settings.rate_burst))
         self.store = make_store(settings, self.secret)

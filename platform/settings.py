@@ -123,6 +123,9 @@ class Settings:
     registry_insecure: tuple[str, ...] = ()  # registry hosts reached over plain HTTP (OPBOX_REGISTRY_INSECURE)
     # the key that encrypts workspace secrets; a file apart from the state file (default home/secrets.key)
     secrets_key_file: Path | None = setting("OPBOX_SECRETS_KEY_FILE", parse=Path)
+    # the platform's secret (signs runs' tokens, upload URLs, dashboard sessions): a file of 64 hex digits; default
+    # home/secret, made at first start. Several gateways on one database must share it (a Kubernetes Secret)
+    secret_file: Path | None = setting("OPBOX_SECRET_FILE", parse=Path)
     s3_endpoint_url: str | None = setting("OPBOX_S3_ENDPOINT_URL")  # S3-compatible server, if the store URL names none
     # Prometheus metrics: GET /metrics on the gateway with this bearer token, and/or on their own port (no
     # token; bind it where only the scraper reaches); with neither, /metrics answers 404

@@ -8,18 +8,15 @@ replicas share a bucket and a volume or image registry on a cluster; each has it
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from conftest import user_module, wait_for
+from platform_fixture import Gateway
 
 TOKEN = "opbox-gateways-test-token"
 CODE = """
@@ -41,44 +38,6 @@ def hold(marker):
 """
 
 
-class Gateway:
-    def __init__(self, home: Path, name: str, env: dict):
-        self.log_path = home / f"gateway-{name}.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "opbox.cli", "up", "--port", "0"], env=env,
-                                     stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            match = re.search(r"opbox gateway on (http://\S+)", self.log())
-            if match:
-                self.url = match.group(1)
-                try:
-                    if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
-            time.sleep(0.1)
-        self.http = httpx.Client(base_url=f"{self.url}/default", headers={"Authorization": f"Bearer {TOKEN}"},
-                                 timeout=120)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def leads(self) -> bool:
-        return "leads: it fires schedules" in self.log()
-
-    def stop(self) -> None:
-        self.http.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 @pytest.fixture
 def gateways(tmp_path, pg_server):
     home = tmp_path / "home"
@@ -86,8 +45,8 @@ def gateways(tmp_path, pg_server):
     env = {**os.environ, "OPBOX_HOME": str(home), "OPBOX_DATABASE_URL": pg_server.database(), "OPBOX_SANDBOX": "off",
            "OPBOX_TOKEN": TOKEN, "OPBOX_WORKSPACE": "default", "PYTHONUNBUFFERED": "1"}
     env.pop("OPBOX_URL", None)
-    started = [Gateway(home, "a", env)]
-    started.append(Gateway(home, "b", env))
+    started = [Gateway(home, "a", env, TOKEN)]
+    started.append(Gateway(home, "b", env, TOKEN))
     yield home, started
     for gateway in started:
         gateway.stop()

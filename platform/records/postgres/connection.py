@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -49,26 +50,45 @@ class Database:
         self.pool = ConnectionPool(url, min_size=POOL_MIN, max_size=max_size, timeout=POOL_TIMEOUT,
                                    kwargs={"autocommit": True}, open=True, name="opbox-records")
 
+        # the thread that opened the records (the gateway's event loop) keeps one connection of the pool for
+        # itself: taking one from the pool and giving it back costs more than the round trip it is used for
+        self._owner = threading.get_ident()
+        self._pinned: psycopg.Connection | None = None
+
     def close(self) -> None:
+        if self._pinned is not None:
+            self.pool.putconn(self._pinned)
+            self._pinned = None
         self.pool.close()
 
     @contextmanager
     def conn(self) -> Iterator[psycopg.Connection]:
-        with self.pool.connection() as conn:
+        if threading.get_ident() != self._owner:
+            with self.pool.connection() as conn:
+                yield conn
+            return
+        if self._pinned is None:
+            self._pinned = self.pool.getconn()
+        conn = self._pinned
+        try:
             yield conn
+        finally:
+            if conn.closed or conn.broken:  # the server went away: the pool makes a new one next time
+                self._pinned = None
+                self.pool.putconn(conn)
 
     # one statement, one round trip -----------------------------------------------------------
     def one(self, sql: str, params: Any = None) -> tuple | None:
-        with self.pool.connection() as conn:
+        with self.conn() as conn:
             return conn.execute(sql, params).fetchone()
 
     def all(self, sql: str, params: Any = None) -> list[tuple]:
-        with self.pool.connection() as conn:
+        with self.conn() as conn:
             return conn.execute(sql, params).fetchall()
 
     def run(self, sql: str, params: Any = None) -> int:
         """Rows changed."""
-        with self.pool.connection() as conn:
+        with self.conn() as conn:
             return conn.execute(sql, params).rowcount
 
 

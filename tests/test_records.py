@@ -399,3 +399,44 @@ def test_only_a_dead_gateway_s_runs_are_queued_again_and_its_builds_failed(pg_se
     finally:
         a.close()
         b.close()
+
+
+def test_the_database_url_and_the_shared_secret_are_checked(tmp_path, monkeypatch):
+    from opbox.platform.core import _secret, open_records
+
+    with pytest.raises(ConfigError, match="must be a postgresql:// URL"):
+        open_records(tmp_path, "mysql://db/opbox")
+    records = open_records(tmp_path, None)  # unset: the SQLite file in the home
+    try:
+        assert (tmp_path / "state.db").exists() and records.leadership.held() and records.wakeups(print) is None
+    finally:
+        records.close()
+    shared = tmp_path / "shared-secret"
+    shared.write_text("ab" * 32 + "\n")
+    assert _secret(tmp_path, shared) == bytes.fromhex("ab" * 32)
+    assert not (tmp_path / "secret").exists(), "a given secret is never made in the home"
+    shared.write_text("not hex")
+    with pytest.raises(ConfigError, match="OPBOX_SECRET_FILE"):
+        _secret(tmp_path, shared)
+
+
+def test_wakeups_reach_the_other_gateways_not_the_sender(pg_server):
+    import queue
+
+    from opbox.platform.records.postgres import open_postgres
+
+    url = pg_server.database()
+    a, b = open_postgres(url), open_postgres(url)
+    got_a, got_b = queue.SimpleQueue(), queue.SimpleQueue()
+    try:
+        publish_a = a.wakeups(got_a.put)
+        publish_b = b.wakeups(got_b.put)
+        publish_a("run-1")
+        publish_a("batch:b-1")
+        assert [got_b.get(timeout=30), got_b.get(timeout=30)] == ["run-1", "batch:b-1"]
+        publish_b("logs:run-2")
+        assert got_a.get(timeout=30) == "logs:run-2"
+        assert got_a.empty() and got_b.empty(), "a gateway does not wake itself twice"
+    finally:
+        a.close()
+        b.close()

@@ -53,9 +53,10 @@ class PostgresServer:
         if os.geteuid() == 0:
             entry = pwd.getpwnam(self.user)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
-        subprocess.run(self._as_user([str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user,
-                                      "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]),
-                       check=True, capture_output=True)
+        if not self.data.exists():
+            subprocess.run(self._as_user([str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user,
+                                          "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]),
+                           check=True, capture_output=True)
         log = open(self.root / "server.log", "ab")
         # fsync off and a small shared_buffers: a test server on a shared machine, not a durability test
         self.proc = subprocess.Popen(self._as_user([
@@ -93,6 +94,13 @@ class PostgresServer:
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
         return self.url(name)
+
+    def halt(self) -> None:
+        """Stop the server (fast shutdown: sessions are ended), keeping its data: ``start`` brings it back."""
+        if self.proc is not None and self.proc.poll() is None:
+            subprocess.run(self._as_user([str(self.bin / "pg_ctl"), "-D", str(self.data), "stop", "-m", "fast"]),
+                           check=True, capture_output=True)
+            self.proc.wait(30)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

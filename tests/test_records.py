@@ -440,3 +440,34 @@ def test_wakeups_reach_the_other_gateways_not_the_sender(pg_server):
     finally:
         a.close()
         b.close()
+
+
+def test_a_lost_database_is_a_storage_error_and_calls_work_again_once_it_is_back():
+    """The server goes away (a restart, a failover): calls fail with StorageError (502) within the pool's
+    patience instead of hanging the gateway, and the next calls after it is back use new connections."""
+    from conftest import require
+    from opbox.errors import StorageError
+    from opbox.platform.records.postgres import open_postgres
+    from pg_server import PostgresServer, find_bin
+
+    require(find_bin() is not None, "PostgreSQL's server is not installed (scripts/setup-postgres.sh)")
+    server = PostgresServer(find_bin()).start()
+    try:
+        records = open_postgres(server.database())
+        records.tokens.add_workspace("ws")
+        server.halt()
+        with pytest.raises(StorageError, match="could not be reached"):
+            records.tokens.workspace_exists("ws")
+        server.start()
+        from conftest import wait_for
+
+        def answers():
+            try:
+                return records.tokens.workspace_exists("ws")
+            except StorageError:
+                return False
+
+        assert wait_for(answers, timeout=30)
+        records.close()
+    finally:
+        server.stop()

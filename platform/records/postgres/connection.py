@@ -27,7 +27,9 @@ from .migrations import MIGRATIONS, migrate
 log = logging.getLogger("opbox.records")
 
 POOL_MIN, POOL_MAX = 1, 8  # the event loop uses one at a time; threads (retention, the CLI) a few more
-POOL_TIMEOUT = 10.0  # seconds a call waits for a connection (the server unreachable) before StorageError
+POOL_TIMEOUT = 3.0  # seconds a call waits for a connection (the server unreachable) before StorageError
+# a dead server or node ends a connection in about 10 s, not the kernel's two hours
+KEEPALIVE = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
 
 
 def redact(url: str) -> str:
@@ -47,8 +49,8 @@ class Database:
                 self.version = migrate(conn, self.where, migrations)
         except psycopg.OperationalError as exc:
             raise ConfigError(f"cannot reach the database {self.where} ({str(exc).strip()})") from None
-        self.pool = ConnectionPool(url, min_size=POOL_MIN, max_size=max_size, timeout=POOL_TIMEOUT,
-                                   kwargs={"autocommit": True}, open=True, name="opbox-records")
+        self.pool = ConnectionPool(url, min_size=POOL_MIN, max_size=max_size, timeout=POOL_TIMEOUT, open=True,
+                                   kwargs={"autocommit": True, "connect_timeout": 10, **KEEPALIVE}, name="opbox-records")
 
         # the thread that opened the records (the gateway's event loop) keeps one connection of the pool for
         # itself: taking one from the pool and giving it back costs more than the round trip it is used for

@@ -19,12 +19,13 @@ import threading
 
 import psycopg
 
+from .connection import KEEPALIVE
+
 log = logging.getLogger("opbox.records")
 
 LEADER = 0x6F70626F786C6561  # the lock whoever leads holds
 GATEWAYS = 0x6F70  # the class of the gateways' liveness locks (two-key form: a space apart from LEADER)
 LEAD_POLL = 1.0  # seconds between tries (followers) and connection checks (the leader)
-KEEPALIVE = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
 
 
 class Lead:

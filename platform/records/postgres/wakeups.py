@@ -17,7 +17,7 @@ from typing import Callable
 
 import psycopg
 
-from .leadership import KEEPALIVE
+from .connection import KEEPALIVE
 
 log = logging.getLogger("opbox.records")
 
@@ -60,10 +60,16 @@ class Wakeups:
                         for notice in conn.notifies(timeout=1.0):
                             sender, _, key = notice.payload.partition(" ")
                             if sender + " " != prefix and key:
-                                self.deliver(key)
+                                self._deliver(key)
             except psycopg.Error as exc:
                 log.warning("listening for other gateways' wake-ups failed (%s); trying again", str(exc).strip())
                 self._stop.wait(RETRY)
+
+    def _deliver(self, key: str) -> None:
+        try:
+            self.deliver(key)
+        except RuntimeError:  # the gateway's loop has closed: it is stopping
+            self._stop.set()
 
     def _send(self) -> None:
         conn: psycopg.Connection | None = None

@@ -111,7 +111,7 @@ class Platform:
         self.store = make_store(settings, self.secret)
         self.backend = make_backend(settings, self.auth.internal_token, bound_url or settings.url)
         self.secrets = Secrets(self.records, load_key(settings.secrets_key_file or home / "secrets.key"),
-                               on_change=lambda workspace: self.runs.forget_versions(workspace))
+                               on_change=self._secrets_changed)
         self.runs = Runs(self.records, self.backend, Limits(
             max_payload=settings.max_payload, max_log_bytes=settings.max_log_bytes, cancel_grace=settings.cancel_grace,
             max_open_runs=settings.max_open_runs, storage_quota=settings.storage_quota), secret_env=self.secrets.env)
@@ -131,6 +131,18 @@ class Platform:
         self.metrics = self.runs.metrics
         self.metrics.gauges(self._levels)  # the runs API across jobs, maps' progress, the dashboard's overview
         self._collector: asyncio.Task | None = None  # runs the retention every gc_interval
+
+    def _secrets_changed(self, workspace: str) -> None:
+        """Resolve the workspace's versions again when next used, here and (``secrets:`` notice) on the other
+        gateways sharing the records."""
+        self.runs.forget_versions(workspace)
+        self.runs.notifier.notify(f"secrets:{workspace}")
+
+    def _delivered(self, key: str) -> None:
+        """A notice from another gateway: wake the waiters for it; a workspace's secrets changed there."""
+        if key.startswith("secrets:"):
+            self.runs.forget_versions(key.removeprefix("secrets:"))
+        self.runs.notifier.deliver(key)
 
     def _schedule_from_deploy(self, workspace: str, job, spec: dict) -> None:
         """A deploy that carries a schedule sets the job's (one without leaves the job's as it is)."""
@@ -197,8 +209,7 @@ class Platform:
     async def start(self) -> None:
         self.records.leadership.start()  # several gateways on one database: join them before starting runs
         loop = asyncio.get_running_loop()
-        notifier = self.runs.notifier
-        notifier.publish = self.records.wakeups(lambda key: loop.call_soon_threadsafe(notifier.deliver, key))
+        self.runs.notifier.publish = self.records.wakeups(lambda key: loop.call_soon_threadsafe(self._delivered, key))
         await self.backend.start(self.runs)
         await self.services.start()  # redeploys the services recorded before a restart
         failed_builds = self.deploys.recover()

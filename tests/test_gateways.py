@@ -30,6 +30,10 @@ from opbox import Period, operator
 def beat():
     return os.getppid()
 
+@operator(secrets=["hf"])
+def read_secret():
+    return os.environ["HF_TOKEN"]
+
 @operator()
 def hold(marker):
     while not Path(marker).exists():
@@ -113,4 +117,17 @@ def test_a_long_poll_on_one_gateway_answers_when_the_run_ends_on_another(gateway
     assert answer["body"]["status"] == "cancelled"
     # woken by b's notice, not by the end of its 120 s wait
     assert answer["waited"] < 60, answer
+    client.close()
+
+
+def test_a_secret_changed_on_one_gateway_is_used_by_the_next_run_on_another(gateways, tmp_path):
+    home, (a, b) = gateways
+    client = _client(home, a)
+    assert b.http.request("PUT", "/secrets/hf", json={"values": {"HF_TOKEN": "first"}}).status_code == 200
+    (tmp_path / "proj").mkdir()
+    with user_module(tmp_path / "proj", "gwmod3", CODE) as mod:
+        fn = mod.read_secret.deploy(client=client, quiet=True)
+        assert fn() == "first"  # gateway a resolved the version with its secrets, and keeps it
+        assert b.http.request("PUT", "/secrets/hf", json={"values": {"HF_TOKEN": "second"}}).status_code == 200
+        assert wait_for(lambda: fn() == "second", timeout=30), "gateway a resolves the version again"
     client.close()

@@ -40,6 +40,29 @@ def square(x=2):
 """
 
 
+def records_calls(url: str, folder: Path, cycles: int) -> dict:
+    """The records alone, in this process: a call's five records calls (create, start, get, finish, result),
+    ``cycles`` times, on SQLite and on PostgreSQL (the gateway's event loop makes the same calls)."""
+    from opbox.platform.records.base import NewRun
+    from opbox.platform.records.postgres import open_postgres
+    from opbox.platform.records.sqlite import open_sqlite
+
+    out = {}
+    for name, records in (("sqlite", open_sqlite(folder / "records.db")), ("postgres", open_postgres(url))):
+        start = time.perf_counter()
+        for i in range(cycles):
+            run_id = f"r-{i:07d}"
+            records.runs.create(NewRun(run_id, "ws", "j", 1, "api", 1.0, 0, None), b"x" * 100)
+            records.runs.start(run_id, "w", 2.0)
+            run = records.runs.get(run_id)
+            records.runs.finish(run, "succeeded", 3.0, None, None, b"y" * 100)
+            records.runs.result(run_id)
+        elapsed = time.perf_counter() - start
+        out[name] = {"call_cycles_per_s": round(cycles / elapsed), "us_per_records_call": round(elapsed / cycles / 5 * 1e6)}
+        records.close()
+    return out
+
+
 def measure(gateways: list[Gateway], fns: list, calls: int, items: int, clients: int) -> dict:
     fns[0](3)  # warm
     start = time.perf_counter()
@@ -112,21 +135,29 @@ def main():
     parser.add_argument("--items", type=int, default=5000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--gateways", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--cycles", type=int, default=2000, help="records-only call cycles (in process)")
+    parser.add_argument("--records-only", action="store_true", help="only the in-process records figures")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     server = PostgresServer(find_bin()).start()
-    figures = []
+    figures, records = [], {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            figures.append(run("sqlite", {}, 1, args, folder))
-            print(json.dumps(figures[-1]), flush=True)
+            records = records_calls(server.database(), folder, args.cycles)
+            print(json.dumps({"records_in_process": records}), flush=True)
+            if args.records_only:
+                args.gateways = []
+            else:
+                figures.append(run("sqlite", {}, 1, args, folder))
+                print(json.dumps(figures[-1]), flush=True)
             for count in args.gateways:
                 figures.append(run(f"postgres-{count}", {"OPBOX_DATABASE_URL": server.database()}, count, args, folder))
                 print(json.dumps(figures[-1]), flush=True)
     finally:
         server.stop()
-    result = {"cpus": os.cpu_count(), "calls": args.calls, "items": args.items, "figures": figures,
+    result = {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "records_in_process": records,
+              "calls": args.calls, "items": args.items, "figures": figures,
               "caveat": "gateways, workers, PostgreSQL and clients share this machine's cores"}
     print(json.dumps(result, indent=2))
     if args.out:

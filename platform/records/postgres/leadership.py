@@ -5,9 +5,9 @@ On a connection of its own (never the pool's), a gateway holds two session advis
   carry its id in ``worker`` (``{gateway}/{worker}``), so another gateway can tell that their owner died
   (``pg_try_advisory_xact_lock`` on that key succeeds) and queue them again;
 - the *leader's* lock, ``LEADER``, tried every ``LEAD_POLL`` seconds by the gateways that do not hold it.
-When a gateway dies its connection closes and the server drops both locks at once (on a dead node, TCP
-keepalives end the connection within ``KEEPALIVE`` seconds or so): the next try of another gateway takes the
-lead, so leadership moves within about ``LEAD_POLL`` seconds. The leader checks its connection every
+When a gateway dies its connection closes and the server drops both locks at once (on a vanished node, the
+server's TCP keepalives on this connection, set per session, end it in about 11 s): the next try of another
+gateway takes the lead, so leadership moves within about ``LEAD_POLL`` seconds of that. The leader checks its connection every
 ``LEAD_POLL`` seconds; a lost one ends its lead (and a new connection tries again).
 """
 
@@ -25,6 +25,8 @@ log = logging.getLogger("opbox.records")
 
 LEADER = 0x6F70626F786C6561  # the lock whoever leads holds
 GATEWAYS = 0x6F70  # the class of the gateways' liveness locks (two-key form: a space apart from LEADER)
+SERVER_KEEPALIVE = ("SELECT set_config('tcp_keepalives_idle', '5', false), set_config('tcp_keepalives_interval', '2', "
+                    "false), set_config('tcp_keepalives_count', '3', false)")
 LEAD_POLL = 1.0  # seconds between tries (followers) and connection checks (the leader)
 
 
@@ -61,6 +63,8 @@ class Lead:
 
     def _connect(self) -> None:
         self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10, **KEEPALIVE)
+        # the server's side too: a gateway whose node vanished (no FIN) loses its locks in ~11 s, not hours
+        self._conn.execute(SERVER_KEEPALIVE)
         self._conn.execute("SELECT pg_advisory_lock(%s::int4, hashtext(%s))", (GATEWAYS, self.gateway))
 
     def _try(self) -> None:

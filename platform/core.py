@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from opbox.config import credentials_path, opbox_home
+from opbox.config import credentials_path
 from opbox.errors import ConfigError
 
 from .backends.base import Serving, WorkerPools, require, supports
@@ -56,18 +56,21 @@ def open_records(home: Path, database_url: str | None = None) -> Records:
     (OPBOX_DATABASE_URL), else the SQLite state file in its home."""
     if database_url:
         if not database_url.startswith(("postgresql://", "postgres://")):
-            raise ConfigError(f"OPBOX_DATABASE_URL must be a postgresql:// URL, got {database_url.split(':')[0]}:...")
+            scheme = database_url.split(":")[0]
+            raise ConfigError(f"OPBOX_DATABASE_URL must be a postgresql:// URL, got {scheme}:...")
         try:
             from .records.postgres import open_postgres
         except ImportError as exc:  # psycopg is an extra
-            raise ConfigError(f"OPBOX_DATABASE_URL needs PostgreSQL's driver: pip install 'opbox[postgres]' ({exc})") from None
+            raise ConfigError("OPBOX_DATABASE_URL needs PostgreSQL's driver: pip install 'opbox[postgres]' "
+                              f"({exc})") from None
         return open_postgres(database_url)
     return open_sqlite(home / "state.db")
 
 
 def create_workspace(home: Path | None, name: str) -> dict:
     """``opbox workspace create``: a workspace and its admin token, written to the records directly."""
-    records = open_records(home or opbox_home(), os.environ.get("OPBOX_DATABASE_URL") or None)
+    settings = Settings.from_env(home=home)
+    records = open_records(settings.home, settings.database_url)
     try:
         return admin.create_workspace(records, name)
     finally:
@@ -79,7 +82,8 @@ def collect_garbage(settings: Settings) -> dict:
     home = settings.home
     records = open_records(home, settings.database_url)
     try:
-        return asyncio.run(Retention(records, make_store(settings, _secret(home, settings.secret_file)), settings).collect()).to_dict()
+        store = make_store(settings, _secret(home, settings.secret_file))
+        return asyncio.run(Retention(records, store, settings).collect()).to_dict()
     finally:
         records.close()
 

@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS := platform,test,s3,kubernetes
+EXTRAS := platform,test,s3,kubernetes,postgres
 
 .PHONY: install run test lint demo bench bench-peers image clean
 
@@ -25,6 +25,7 @@ lint: install  ## import-linter contracts (layers; the platform never unpickles)
 test: install  ## everything: podman for the image tests, chromium for the dashboard's, import contracts, the whole suite
 	bash scripts/setup-podman.sh
 	bash scripts/setup-browser.sh
+	bash scripts/setup-postgres.sh
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 

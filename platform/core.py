@@ -12,7 +12,8 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from opbox.config import credentials_path, opbox_home
+from opbox.config import credentials_path
+from opbox.errors import ConfigError
 
 from .backends.base import MirrorsSecrets, Serving, WorkerPools, require, supports
 from .backends.registry import make_backend, make_builder
@@ -37,7 +38,12 @@ from .tracing import run_spans
 log = logging.getLogger("opbox.platform")
 
 
-def _secret(home: Path) -> bytes:
+def _secret(home: Path, given: Path | None = None) -> bytes:
+    if given is not None:  # OPBOX_SECRET_FILE: shared by several gateways, never made here
+        try:
+            return bytes.fromhex(given.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"OPBOX_SECRET_FILE {given} must be a readable file of hex digits ({exc})") from None
     path = home / "secret"
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -46,14 +52,26 @@ def _secret(home: Path) -> bytes:
     return bytes.fromhex(path.read_text().strip())
 
 
-def open_records(home: Path) -> Records:
-    """The platform's records: the SQLite state file in its home, migrated to this version's schema."""
+def open_records(home: Path, database_url: str | None = None) -> Records:
+    """The platform's records, migrated to this version's schema: the PostgreSQL database at ``database_url``
+    (OPBOX_DATABASE_URL), else the SQLite state file in its home."""
+    if database_url:
+        if not database_url.startswith(("postgresql://", "postgres://")):
+            scheme = database_url.split(":")[0]
+            raise ConfigError(f"OPBOX_DATABASE_URL must be a postgresql:// URL, got {scheme}:...")
+        try:
+            from .records.postgres import open_postgres
+        except ImportError as exc:  # psycopg is an extra
+            raise ConfigError("OPBOX_DATABASE_URL needs PostgreSQL's driver: pip install 'opbox[postgres]' "
+                              f"({exc})") from None
+        return open_postgres(database_url)
     return open_sqlite(home / "state.db")
 
 
 def create_workspace(home: Path | None, name: str) -> dict:
     """``opbox workspace create``: a workspace and its admin token, written to the records directly."""
-    records = open_records(home or opbox_home())
+    settings = Settings.from_env(home=home)
+    records = open_records(settings.home, settings.database_url)
     try:
         return admin.create_workspace(records, name)
     finally:
@@ -63,9 +81,10 @@ def create_workspace(home: Path | None, name: str) -> dict:
 def collect_garbage(settings: Settings) -> dict:
     """``opbox gc``: expire, delete and collect now, on the platform's machine (beside a running gateway)."""
     home = settings.home
-    records = open_records(home)
+    records = open_records(home, settings.database_url)
     try:
-        return asyncio.run(Retention(records, make_store(settings, _secret(home)), settings).collect()).to_dict()
+        store = make_store(settings, _secret(home, settings.secret_file))
+        return asyncio.run(Retention(records, store, settings).collect()).to_dict()
     finally:
         records.close()
 
@@ -91,13 +110,13 @@ class Platform:
         self.settings = settings
         home = settings.home
         home.mkdir(parents=True, exist_ok=True)
-        self.secret = _secret(home)
-        self.records = open_records(home)
+        self.secret = _secret(home, settings.secret_file)
+        self.records = open_records(home, settings.database_url)
         self.auth = Auth(self.records, self.secret, RateLimit(settings.rate_limit, settings.rate_burst))
         self.store = make_store(settings, self.secret)
         self.backend = make_backend(settings, self.auth.internal_token, bound_url or settings.url)
         self.secrets = Secrets(self.records, load_key(settings.secrets_key_file or home / "secrets.key"),
-                               on_change=lambda workspace: self.runs.forget_versions(workspace),
+                               on_change=self._secrets_changed,
                                mirror=require(self.backend, MirrorsSecrets) if supports(self.backend, MirrorsSecrets)
                                else None)
         self.runs = Runs(self.records, self.backend, Limits(
@@ -120,6 +139,18 @@ class Platform:
         self.runs.spans = run_spans()  # OTEL_EXPORTER_OTLP_ENDPOINT and opbox[otel]: a span per run, at its end
         self.metrics.gauges(self._levels)  # the runs API across jobs, maps' progress, the dashboard's overview
         self._collector: asyncio.Task | None = None  # runs the retention every gc_interval
+
+    def _secrets_changed(self, workspace: str) -> None:
+        """Resolve the workspace's versions again when next used, here and (``secrets:`` notice) on the other
+        gateways sharing the records."""
+        self.runs.forget_versions(workspace)
+        self.runs.notifier.notify(f"secrets:{workspace}")
+
+    def _delivered(self, key: str) -> None:
+        """A notice from another gateway: wake the waiters for it; a workspace's secrets changed there."""
+        if key.startswith("secrets:"):
+            self.runs.forget_versions(key.removeprefix("secrets:"))
+        self.runs.notifier.deliver(key)
 
     def _schedule_from_deploy(self, workspace: str, job, spec: dict) -> None:
         """A deploy that carries a schedule sets the job's (one without leaves the job's as it is)."""
@@ -184,6 +215,9 @@ class Platform:
             self._save_credentials(data["workspace"], data["token"])
 
     async def start(self) -> None:
+        self.records.leadership.start()  # several gateways on one database: join them before starting runs
+        loop = asyncio.get_running_loop()
+        self.runs.notifier.publish = self.records.wakeups(lambda key: loop.call_soon_threadsafe(self._delivered, key))
         await self.backend.start(self.runs)
         await self.secrets.sync()  # a backend keeping secrets of its own catches up
         await self.services.start()  # redeploys the services recorded before a restart
@@ -193,12 +227,14 @@ class Platform:
         requeued = self.runs.recover()
         if requeued:
             log.info("requeued %d runs after restart", requeued)
-        self.schedules.start()
+        self.schedules.start(leads=self.records.leadership.held, shared=self.records.leadership.shared)
         self._collector = asyncio.ensure_future(self._collect_every(self.settings.gc_interval))
 
     async def _collect_every(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
+            if not self.records.leadership.held():
+                continue  # another gateway on the same database collects
             try:
                 done = await self.retention.collect()
             except Exception:  # storage trouble: say so, and try again next time

@@ -84,6 +84,8 @@ class Settings:
     # runs as root with bwrap; else a warning), "required" (refuse to start without), "off"
     sandbox: str = setting("OPBOX_SANDBOX", "auto")
     store_url: str | None = setting("OPBOX_STORE_URL")  # default: a folder in home
+    # the records: postgresql://... for several gateways on one PostgreSQL; unset: the SQLite file home/state.db
+    database_url: str | None = setting("OPBOX_DATABASE_URL")
     workspace: str | None = setting("OPBOX_WORKSPACE")  # bootstrap workspace
     token: str | None = setting("OPBOX_TOKEN")  # bootstrap token
     max_workers: int = setting("OPBOX_MAX_WORKERS", factory=lambda: max(2, os.cpu_count() or 2), parse=int)
@@ -121,6 +123,9 @@ class Settings:
     registry_insecure: tuple[str, ...] = ()  # registry hosts reached over plain HTTP (OPBOX_REGISTRY_INSECURE)
     # the key that encrypts workspace secrets; a file apart from the state file (default home/secrets.key)
     secrets_key_file: Path | None = setting("OPBOX_SECRETS_KEY_FILE", parse=Path)
+    # the platform's secret (signs runs' tokens, upload URLs, dashboard sessions): a file of 64 hex digits; default
+    # home/secret, made at first start. Several gateways on one database must share it (a Kubernetes Secret)
+    secret_file: Path | None = setting("OPBOX_SECRET_FILE", parse=Path)
     s3_endpoint_url: str | None = setting("OPBOX_S3_ENDPOINT_URL")  # S3-compatible server, if the store URL names none
     # Prometheus metrics: GET /metrics on the gateway with this bearer token, and/or on their own port (no
     # token; bind it where only the scraper reaches); with neither, /metrics answers 404

@@ -50,6 +50,35 @@ def user_module(folder: Path, name: str, source: str):
         sys.modules.pop(name, None)
 
 
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL from the machine's packages (scripts/setup-postgres.sh installs it), for the session."""
+    from pg_server import PostgresServer, find_bin
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        psycopg = None
+    bin_dir = find_bin()
+    require(psycopg is not None, "psycopg is not installed (pip install 'opbox[postgres]')")
+    require(bin_dir is not None, "PostgreSQL's server is not installed (scripts/setup-postgres.sh)")
+    server = PostgresServer(bin_dir).start()
+    yield server
+    server.stop()
+
+
+STATE_KINDS = ("sqlite", "postgres")
+
+
+@pytest.fixture(scope="module", params=STATE_KINDS)
+def state_env(request) -> dict:
+    """The environment of a platform on SQLite (its home's state file) or on a fresh PostgreSQL database;
+    end-to-end modules that ask for it run once on each."""
+    if request.param == "sqlite":
+        return {}
+    return {"OPBOX_DATABASE_URL": request.getfixturevalue("pg_server").database()}
+
+
 @pytest.fixture(scope="module")
 def plat(tmp_path_factory):
     with running_platform(tmp_path_factory.mktemp("home")) as running:

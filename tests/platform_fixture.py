@@ -97,3 +97,46 @@ def running_platform(home: Path, **kwargs):
         yield plat
     finally:
         stop(plat)
+
+
+class Gateway:
+    """One of several gateways sharing a home and a database (OPBOX_DATABASE_URL in ``env``), with a log of its
+    own (``gateway-{name}.log``); ``http`` calls its workspace "default" with ``token``."""
+
+    def __init__(self, home: Path, name: str, env: dict, token: str):
+        self.log_path = home / f"gateway-{name}.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "opbox.cli", "up", "--port", "0"], env=env,
+                                     stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            match = re.search(r"opbox gateway on (http://\S+)", self.log())
+            if match:
+                self.url = match.group(1)
+                try:
+                    if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"gateway {name} did not start:\n{self.log()}")
+            time.sleep(0.1)
+        self.http = httpx.Client(base_url=f"{self.url}/default", headers={"Authorization": f"Bearer {token}"},
+                                 timeout=120)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def leads(self) -> bool:
+        return "leads: it fires schedules" in self.log()
+
+    def stop(self) -> None:
+        self.http.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)

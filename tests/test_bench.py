@@ -75,3 +75,18 @@ def test_quick_bench_prints_every_figure(quick):
     for goal in quick["goals"]:
         assert isinstance(goal["figure"], str) and isinstance(goal["goal"], str)
         assert goal["met"] in (True, False, None)
+
+
+def test_the_postgres_bench_measures_both_records_and_several_gateways(tmp_path, pg_server):
+    """`bench/bench_postgres.py` (small sizes): the records in process on both adapters, then calls and a map
+    through SQLite's gateway and through two gateways on PostgreSQL, each map's results checked."""
+    out = tmp_path / "pg.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_postgres.py"), "--cycles", "50", "--calls", "20",
+                           "--items", "40", "--clients", "2", "--gateways", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert set(figures["records_in_process"]) == {"sqlite", "postgres"}
+    assert all(f["call_cycles_per_s"] > 0 for f in figures["records_in_process"].values())
+    assert [(f["records"], f["gateways"]) for f in figures["figures"]] == [("sqlite", 1), ("postgres", 2)]
+    assert all(f["calls_per_s"] > 0 and f["map_items_per_s"] > 0 for f in figures["figures"])

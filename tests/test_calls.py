@@ -10,6 +10,7 @@ import pytest
 from opbox import RemoteError, SerializationError, serialization
 from opbox.outcome import RemoteTraceback
 from conftest import user_module
+from platform_fixture import running_platform
 
 CODE = """
 import time
@@ -70,6 +71,13 @@ def chatty(n, pause=0.0):
 def numpy_like(data):
     return {"n": len(data), "sum": sum(data), "blob": bytes(d % 256 for d in data)}
 """
+
+
+@pytest.fixture(scope="module")
+def plat(tmp_path_factory, state_env):
+    """This module runs on SQLite and on PostgreSQL (conftest.state_env)."""
+    with running_platform(tmp_path_factory.mktemp("home"), extra_env=state_env) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import user_module
+from platform_fixture import running_platform
 
 CODE = """
 import time
@@ -17,6 +18,13 @@ def fragile(x, fail_at=3, pause=0.05):
         raise ValueError(f"item {x} is bad")
     return x
 """
+
+
+@pytest.fixture(scope="module")
+def plat(tmp_path_factory, state_env):
+    """This module runs on SQLite and on PostgreSQL (conftest.state_env)."""
+    with running_platform(tmp_path_factory.mktemp("home"), extra_env=state_env) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

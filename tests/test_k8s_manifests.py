@@ -296,6 +296,52 @@ def test_rbac_grants_what_the_code_calls_and_no_more():
     assert called == granted
 
 
+POSTGRES_OVERLAY = MANIFESTS / "overlays" / "postgres"
+
+
+@pytest.fixture(scope="module")
+def built_postgres() -> list[dict]:
+    return kustomize_build(POSTGRES_OVERLAY)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_the_postgres_overlay_validates(kv, built_postgres, version):
+    for doc in built_postgres:
+        error = k8s_error(kv, doc, version)
+        assert error is None, f"{doc['kind']}/{doc['metadata']['name']} (Kubernetes {version}): {error}"
+
+
+def test_the_postgres_overlay_runs_several_gateways_on_a_database_from_a_secret(built, built_postgres):
+    deployment = by_kind(built_postgres, "Deployment")["opbox-gateway"]
+    assert deployment["spec"]["replicas"] >= 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    base_container = by_kind(built, "Deployment")["opbox-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == base_container["command"] and container["image"] == base_container["image"]
+    assert by_kind(built_postgres, "PersistentVolumeClaim") == {}, "no ReadWriteOnce volume ties it to one pod"
+    assert all("persistentVolumeClaim" not in v for v in spec["volumes"])
+    examples = {d["metadata"]["name"]: d for p in (MANIFESTS / "examples").glob("*.yaml") for d in load_docs(p)
+                if d["kind"] == "Secret"}
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["OPBOX_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] in examples[ref["name"]]["stringData"]
+    assert examples[ref["name"]]["stringData"][ref["key"]].startswith("postgresql://")
+    # every replica shares the platform's secret and the secrets' key, from a Secret mounted where the env says
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    for name in ("OPBOX_SECRET_FILE", "OPBOX_SECRETS_KEY_FILE"):
+        folder, _, key = env[name]["value"].rpartition("/")
+        secret = volumes[mounts[folder]]["secret"]
+        assert key in examples[secret["secretName"]]["stringData"] and not secret.get("optional")
+    budget = by_kind(built_postgres, "PodDisruptionBudget")["opbox-gateway"]
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert budget["spec"]["maxUnavailable"] < deployment["spec"]["replicas"], "a drain leaves a gateway serving"
+    service = by_kind(built_postgres, "Service")["opbox-gateway"]
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    for doc in built_postgres:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "opbox"
+
+
 def test_rbac_is_least_privilege(built):
     expected = {
         ("", "namespaces"): {"create"},

@@ -6,6 +6,7 @@ import pytest
 
 from opbox import RemoteError
 from conftest import user_module
+from platform_fixture import running_platform
 
 CODE = """
 import os, time
@@ -31,6 +32,13 @@ def picky(x):
 def pair(a, b):
     return a * 10 + b
 """
+
+
+@pytest.fixture(scope="module")
+def plat(tmp_path_factory, state_env):
+    """This module runs on SQLite and on PostgreSQL (conftest.state_env)."""
+    with running_platform(tmp_path_factory.mktemp("home"), extra_env=state_env) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -185,3 +185,30 @@ def test_an_unversioned_file_with_other_tables_is_refused_untouched(tmp_path):
     with pytest.raises(ConfigError, match="is not a valid opbox state file .*tables runs are not opbox's"):
         open_sqlite(path)
     assert path.read_bytes() == before
+
+
+def test_a_postgres_database_of_an_older_schema_migrates_and_keeps_its_rows(pg_server):
+    """PostgreSQL's migrations twin SQLite's: a database made by an older opbox (here: every migration
+    but the last) is brought up to date at start, one transaction per migration, its runs intact."""
+    import psycopg
+
+    from opbox.platform.records.base import NewRun
+    from opbox.platform.records.postgres import open_postgres
+    from opbox.platform.records.postgres.connection import Database
+    from opbox.platform.records.postgres.migrations import MIGRATIONS as PG_MIGRATIONS
+
+    url = pg_server.database()
+    older = Database(url, PG_MIGRATIONS[:-1])
+    assert older.version == len(PG_MIGRATIONS) - 1
+    older.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO runs(id, workspace, job_id, version, status, trigger, created_at) "
+                     "VALUES ('r-old', 'ws', 'j', 1, 'succeeded', 'api', 1.0)")
+    records = open_postgres(url)
+    try:
+        assert records.database.version == len(PG_MIGRATIONS)
+        assert records.runs.get("r-old").status == "succeeded"
+        records.runs.create(NewRun("r-new", "ws", "j", 1, "api", 2.0, 0, None), b"A")
+        assert {r.id for r in records.runs.of_job("j", None, None, 10)} == {"r-old", "r-new"}
+    finally:
+        records.close()

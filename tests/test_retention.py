@@ -42,8 +42,8 @@ def gc(plat, **env) -> dict:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    with running_platform(tmp_path_factory.mktemp("home"), extra_env=ENV) as plat:
+def setup(tmp_path_factory, state_env):  # on SQLite and on PostgreSQL
+    with running_platform(tmp_path_factory.mktemp("home"), extra_env={**ENV, **state_env}) as plat:
         client = plat.client()
         with user_module(tmp_path_factory.mktemp("retention_proj"), "retentionmod", CODE) as mod:
             yield plat, client, mod.short.deploy(client=client, quiet=True), mod.kept.deploy(client=client, quiet=True)

@@ -71,6 +71,13 @@ def test_retries_checks_its_arguments():
 
 
 @pytest.fixture(scope="module")
+def plat(tmp_path_factory, state_env):
+    """This module runs on SQLite and on PostgreSQL (conftest.state_env)."""
+    with running_platform(tmp_path_factory.mktemp("home"), extra_env=state_env) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
 def fns(plat, client, tmp_path_factory):
     from conftest import user_module
 
@@ -122,13 +129,15 @@ def test_a_poison_map_item_ends_failed_with_all_its_attempts_listed(fns, client)
     assert all("poison 2" in a["reason"] for a in attempts)
 
 
-def test_a_retry_waiting_out_its_backoff_survives_a_gateway_restart(tmp_path):
+@pytest.mark.parametrize("state", ["sqlite", "postgres"])
+def test_a_retry_waiting_out_its_backoff_survives_a_gateway_restart(tmp_path, state, request):
     from conftest import user_module
 
+    env = {"OPBOX_DATABASE_URL": request.getfixturevalue("pg_server").database()} if state == "postgres" else {}
     home = tmp_path / "home"
     (tmp_path / "proj").mkdir()
     marker = tmp_path / "slow_marker"
-    with running_platform(home) as plat, user_module(tmp_path / "proj", "slowmod", CODE) as mod:
+    with running_platform(home, extra_env=env) as plat, user_module(tmp_path / "proj", "slowmod", CODE) as mod:
         client = plat.client()
         fn = mod.slow_retry.deploy(client=client, quiet=True)
         handle = fn.submit(str(marker))
@@ -137,7 +146,7 @@ def test_a_retry_waiting_out_its_backoff_survives_a_gateway_restart(tmp_path):
         plat.kill()  # SIGKILL: nothing is flushed on the way out
         client.close()
     (home / "gateway.log").rename(home / "gateway.first.log")  # the fixture reads the new address from a new log
-    with running_platform(home) as plat:
+    with running_platform(home, extra_env=env) as plat:
         client = plat.client()
         after = client.get(f"/runs/{handle.id}").json()
         assert after["attempt"] == 1 and after["status"] in ("queued", "running", "succeeded")

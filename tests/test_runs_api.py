@@ -7,6 +7,7 @@ import time
 import pytest
 
 from conftest import user_module
+from platform_fixture import running_platform
 
 CODE = """
 from opbox import operator
@@ -19,6 +20,13 @@ def double(x):
 def boom(x):
     raise ValueError(f"no {x}")
 """
+
+
+@pytest.fixture(scope="module")
+def plat(tmp_path_factory, state_env):
+    """This module runs on SQLite and on PostgreSQL (conftest.state_env)."""
+    with running_platform(tmp_path_factory.mktemp("home"), extra_env=state_env) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from opbox import Cron, Jobs, Period, ValidationError
 from opbox.platform.control.schedules import Schedules
 from opbox.platform.records.base import JobRecord
 from opbox.platform.records.sqlite import open_sqlite
+from platform_fixture import running_platform
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -89,11 +90,16 @@ class FakeDeploys:
 JOB = JobRecord("j-1", "default", "nightly", "function", 0.0, 1)
 
 
-@pytest.fixture
-def stepped(tmp_path):
-    """Schedules over a real state file, with a clock the test moves."""
+@pytest.fixture(params=["sqlite", "postgres"])
+def stepped(tmp_path, request):
+    """Schedules over real records (a state file, or a PostgreSQL database), with a clock the test moves."""
     now = [1_000_000.0]
-    records = open_sqlite(tmp_path / "state.db")
+    if request.param == "sqlite":
+        records = open_sqlite(tmp_path / "state.db")
+    else:
+        from opbox.platform.records.postgres import open_postgres
+
+        records = open_postgres(request.getfixturevalue("pg_server").database())
     runs = FakeRuns()
 
     def make():
@@ -208,6 +214,13 @@ def later():
     return "later"
 """
 
+
+
+@pytest.fixture(scope="module")
+def plat(tmp_path_factory, state_env):
+    """This module runs on SQLite and on PostgreSQL (conftest.state_env)."""
+    with running_platform(tmp_path_factory.mktemp("home"), extra_env=state_env) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -97,8 +97,8 @@ ENV = {"OPBOX_PAYLOAD_INLINE": "2048", "OPBOX_RETENTION_DAYS": str(SECONDS / 864
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    with running_platform(tmp_path_factory.mktemp("home"), extra_env=ENV) as plat:
+def setup(tmp_path_factory, state_env):  # on SQLite and on PostgreSQL
+    with running_platform(tmp_path_factory.mktemp("home"), extra_env={**ENV, **state_env}) as plat:
         client = plat.client()
         with user_module(tmp_path_factory.mktemp("stream_proj"), "streammod", CODE) as mod:
             yield plat, client, {n: getattr(mod, n).deploy(client=client, quiet=True) for n in NAMES}

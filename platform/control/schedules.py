@@ -32,6 +32,7 @@ log = logging.getLogger("opbox.schedules")
 
 QUEUE_POLL = 1.0  # seconds: how often a queued fire looks whether the previous run has ended
 MAX_SLEEP = 60.0  # the loop looks again at least this often (a clock that jumped, a missed wake-up)
+SHARED_POLL = 1.0  # several gateways on one database: changes made on the others are seen this soon
 
 
 def next_fire(spec: Schedule, after: float, anchor: float) -> float:
@@ -133,22 +134,28 @@ class Schedules:
         if self._changed is not None:
             self._changed.set()
 
-    def start(self) -> None:
+    def start(self, leads: Callable[[], bool] = lambda: True, shared: bool = False) -> None:
+        """``leads``: whether this gateway fires schedules now (several gateways on one database: the one
+        that leads); ``shared``: other gateways change schedules too, so look again every SHARED_POLL."""
         self._changed = asyncio.Event()
-        self._task = asyncio.ensure_future(self._loop())
+        self._task = asyncio.ensure_future(self._loop(leads, SHARED_POLL if shared else MAX_SLEEP))
 
-    async def _loop(self) -> None:
+    async def _loop(self, leads: Callable[[], bool], max_sleep: float) -> None:
         starting = True
         while True:
             self._changed.clear()
+            if not leads():  # another gateway fires; a lead taken over later is no restart: no catch-up
+                starting = False
+                wake = self.clock() + SHARED_POLL
+            else:
+                try:
+                    wake = self.tick(self.clock(), starting)
+                except Exception:  # the state file is busy or full: look again soon
+                    log.exception("firing schedules failed")
+                    wake = self.clock() + QUEUE_POLL
+                starting = False
             try:
-                wake = self.tick(self.clock(), starting)
-            except Exception:  # the state file is busy or full: look again soon
-                log.exception("firing schedules failed")
-                wake = self.clock() + QUEUE_POLL
-            starting = False
-            try:
-                await asyncio.wait_for(self._changed.wait(), max(0.0, min(wake - self.clock(), MAX_SLEEP)))
+                await asyncio.wait_for(self._changed.wait(), max(0.0, min(wake - self.clock(), max_sleep)))
             except asyncio.TimeoutError:
                 pass
 

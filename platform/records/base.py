@@ -13,7 +13,7 @@ adapter passes to its driver as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 from ..payload import Payload, StoredPayload, payload_size  # noqa: F401 (part of this port)
 
@@ -455,6 +455,19 @@ class SecretRecords(Protocol):
         """False when there was no such secret."""
 
 
+class Leadership(Protocol):
+    """Which gateway does the singleton duties (firing schedules, retention) when several share the records.
+    Alone on its records (SQLite), a gateway always leads."""
+
+    shared: bool  # other gateways may write these records too
+
+    def start(self) -> None:
+        """Join the gateways on these records (a gateway serving requests calls it before it starts runs)."""
+
+    def held(self) -> bool:
+        """Whether this gateway leads now (a cheap check: the adapter keeps it up to date)."""
+
+
 class Records(Protocol):
     """The whole store, one attribute per aggregate; ``core`` opens it and closes it."""
 
@@ -467,5 +480,11 @@ class Records(Protocol):
     schedules: ScheduleRecords
     secrets: SecretRecords
     items: ItemRecords
+    leadership: Leadership
+
+    def wakeups(self, deliver: Callable[[str], None]) -> Callable[[str], None] | None:
+        """Wake-ups across the gateways sharing these records: returns ``publish(key)``, which sends a key the
+        notifier woke to the other gateways without blocking, and calls ``deliver(key)`` (from another thread)
+        for each key another gateway published. None when no other gateway can share them (SQLite)."""
 
     def close(self) -> None: ...

@@ -8,6 +8,7 @@ here: nothing above the port knows it is SQLite.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from .batches import SqliteBatches
 from .connection import Database
@@ -18,6 +19,18 @@ from .schedules import SqliteSchedules, SqliteSecrets
 from .services import SqliteServices
 from .tokens import SqliteTokens
 from .usage import SqliteUsage
+
+
+class AlwaysLeader:
+    """One gateway per state file: it always leads."""
+
+    shared = False
+
+    def start(self) -> None:
+        pass
+
+    def held(self) -> bool:
+        return True
 
 
 class SqliteRecords:
@@ -34,6 +47,10 @@ class SqliteRecords:
         self.schedules = SqliteSchedules(database)
         self.secrets = SqliteSecrets(database)
         self.items = SqliteItems(database)
+        self.leadership = AlwaysLeader()
+
+    def wakeups(self, deliver: Callable[[str], None]) -> None:
+        return None  # no other gateway shares the file
 
     def close(self) -> None:
         self.database.close()

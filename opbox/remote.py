@@ -10,16 +10,18 @@ from typing import Any, AsyncIterator, Iterable, Iterator
 
 import httpx
 
-from . import serialization
+from . import envelope, serialization
 from .client import Client, default_client, raise_for
 from .mapping import Mappable
+from .offload import acontent, aoutgoing, content, outgoing
 from .outcome import decode
 from .progress import progress_bar
 from .remote_map import ACCEPT_ENVELOPE, _AsyncMap, _Map
 from .streaming import aiter_items, iter_items
 from .twin import twin
 
-ENVELOPE = {"Content-Type": serialization.CONTENT_TYPE}
+# a stored result comes back as a signed URL to fetch it from (its bytes skip the gateway)
+ENVELOPE = {"Content-Type": serialization.CONTENT_TYPE, envelope.ACCEPT_URL_HEADER: "1"}
 LONG_POLL = 60.0
 _BACKGROUND: set = set()  # cancel requests sent on behalf of cancelled tasks (kept until they are done)
 
@@ -86,7 +88,7 @@ class RunHandle:
         for wait in _waits(timeout):
             resp = self.client.get(f"/runs/{self.id}/result", params={"wait": wait}, headers=ACCEPT_ENVELOPE)
             if resp.status_code == 200:
-                return self._decode(resp)
+                return self._decode(resp, content(resp))
         raise _not_finished(self.id, timeout)
 
     @result.aio
@@ -94,11 +96,11 @@ class RunHandle:
         for wait in _waits(timeout):
             resp = await self.client.aget(f"/runs/{self.id}/result", params={"wait": wait}, headers=ACCEPT_ENVELOPE)
             if resp.status_code == 200:
-                return self._decode(resp)
+                return self._decode(resp, await acontent(resp))
         raise _not_finished(self.id, timeout)
 
-    def _decode(self, resp: httpx.Response) -> Any:
-        return decode(resp.headers["x-opbox-status"], resp.content, self.id, _reason(resp))
+    def _decode(self, resp: httpx.Response, payload) -> Any:
+        return decode(resp.headers["x-opbox-status"], payload, self.id, _reason(resp))
 
     def logs(self, follow: bool = False) -> Iterator[str]:
         """The run's output; with ``follow``, streamed until the run ends."""
@@ -156,11 +158,11 @@ class RemoteFunction(Mappable):
         return extra
 
     def __call__(self, *args, **kwargs) -> Any:
-        payload = serialization.dump_args(args, kwargs)
+        payload = outgoing(self.client, serialization.dump_args(args, kwargs))
         resp = self.client.post(f"/job/{self.job_id}/runs", content=payload, headers=ENVELOPE,
                                 params=self._params(wait=LONG_POLL))
         if resp.status_code == 200:
-            return decode(resp.headers["x-opbox-status"], resp.content, resp.headers["x-opbox-run-id"], _reason(resp))
+            return decode(resp.headers["x-opbox-status"], content(resp), resp.headers["x-opbox-run-id"], _reason(resp))
         return RunHandle(resp.json()["id"], self.client).result()
 
     async def aio(self, *args, **kwargs) -> Any:
@@ -198,10 +200,12 @@ class RemoteFunction(Mappable):
         return await self._astart(serialization.dump_args(args, kwargs, stream=True))
 
     def _start(self, payload: bytes) -> RunHandle:
+        payload = outgoing(self.client, payload)
         resp = self.client.post(f"/job/{self.job_id}/runs", content=payload, headers=ENVELOPE, params=self._params())
         return RunHandle(resp.headers.get("x-opbox-run-id") or resp.json()["id"], self.client)
 
     async def _astart(self, payload: bytes) -> RunHandle:
+        payload = await aoutgoing(self.client, payload)
         resp = await self.client.apost(f"/job/{self.job_id}/runs", content=payload, headers=ENVELOPE,
                                        params=self._params())
         return RunHandle(resp.headers.get("x-opbox-run-id") or resp.json()["id"], self.client)
@@ -244,7 +248,7 @@ class RemoteFunction(Mappable):
         cancelled), unless ``return_exceptions`` puts exceptions in the list instead.
         """
         batch = self.client.post(f"/job/{self.job_id}/batches", json=self._batch(concurrency)).json()
-        mapper = _Map(self.client, batch["batch_id"], items, kwargs or {}, star)
+        mapper = _Map(self.client, batch["batch_id"], items, kwargs or {}, star, offload=outgoing)
         return mapper.results(return_exceptions, progress_bar(progress, mapper.size_hint, "run"))
 
     async def aimap(self, items, *, concurrency: int | None = None, return_exceptions: bool = False,

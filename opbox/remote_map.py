@@ -16,13 +16,14 @@ from typing import Any, AsyncIterator, Iterable, Iterator
 
 import httpx
 
-from . import serialization
+from . import envelope, serialization
 from .client import CONNECT_ERRORS, Client
 from .errors import Gone, Unavailable
 from .mapping import aiter_items
+from .offload import acontent, content
 from .outcome import decode, to_exception
 
-ACCEPT_ENVELOPE = {"Accept": serialization.CONTENT_TYPE}
+ACCEPT_ENVELOPE = {"Accept": serialization.CONTENT_TYPE, envelope.ACCEPT_URL_HEADER: "1"}
 OCTETS = {"Content-Type": "application/octet-stream"}
 _FRAME = struct.Struct(">I")
 STREAM_TIMEOUT = httpx.Timeout(30, read=60)
@@ -35,13 +36,15 @@ class _Chunks:
     ITEMS = 2000
     BYTES = 8 * 1024 * 1024
 
-    def __init__(self, kwargs: dict, star: bool):
-        self.kwargs, self.star = kwargs, star
+    def __init__(self, kwargs: dict, star: bool, offload=None):
+        self.kwargs, self.star, self.offload = kwargs, star, offload  # offload: a large item -> its reference
         self.start, self.frames, self.size = 0, [], 0
 
     def add(self, item) -> tuple[int, list[bytes]] | None:
         """Add one item; a full chunk ``(start, frames)`` to send comes back."""
         payload = serialization.dump_args(tuple(item) if self.star else (item,), self.kwargs)
+        if self.offload is not None:
+            payload = self.offload(payload)
         self.frames.append(_FRAME.pack(len(payload)) + payload)
         self.size += len(payload) + 4
         return self.take() if len(self.frames) >= self.ITEMS or self.size >= self.BYTES else None
@@ -115,9 +118,10 @@ def _stopped(batch_id: str) -> None:
 class _Map:
     """One map: a thread submits items in chunks; the caller's thread reads the results stream."""
 
-    def __init__(self, client: Client, batch_id: str, items: Iterable, kwargs: dict, star: bool):
+    def __init__(self, client: Client, batch_id: str, items: Iterable, kwargs: dict, star: bool, offload=None):
         self.client = client
         self.batch_id = batch_id
+        self.offload = None if offload is None else (lambda payload: offload(client, payload))  # large items
         self.size_hint = len(items) if hasattr(items, "__len__") else None
         self.total: int | None = None
         self.error: BaseException | None = None
@@ -130,7 +134,7 @@ class _Map:
 
     def _submit(self, items: Iterable, kwargs: dict, star: bool) -> None:
         try:
-            chunks = _Chunks(kwargs, star)
+            chunks = _Chunks(kwargs, star, self.offload)
             for item in items:
                 if self.stop.is_set():
                     return
@@ -189,7 +193,7 @@ class _Map:
                     continue
                 payload = None
                 if line.get("stored"):  # a large result: fetched from its run, streamed by the gateway
-                    payload = self.client.get(f"/runs/{line['run_id']}/result", headers=ACCEPT_ENVELOPE).content
+                    payload = content(self.client.get(f"/runs/{line['run_id']}/result", headers=ACCEPT_ENVELOPE))
                 failure = order.add(line, payload)
                 if failure is not None:
                     self._cancel()
@@ -295,7 +299,8 @@ class _AsyncMap:
                     continue
                 payload = None
                 if line.get("stored"):
-                    payload = (await self.client.aget(f"/runs/{line['run_id']}/result", headers=ACCEPT_ENVELOPE)).content
+                    payload = await acontent(await self.client.aget(f"/runs/{line['run_id']}/result",
+                                                                    headers=ACCEPT_ENVELOPE))
                 failure = order.add(line, payload)
                 if failure is not None:
                     await self._cancel()

@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 
+from . import transfer
 from .capture import OutputCapture
 from .channel import Channel, GatewayGone
 from .execute import Executor, within_limit
@@ -29,16 +30,18 @@ def main(run_id: str) -> int:
             return 2
         logs = Channel(env["OPBOX_GATEWAY_URL"], env["OPBOX_RUN_TOKEN"], socket.gethostname(), patience=10)
         capture = OutputCapture(lambda rid, data: _ok(logs.request("POST", f"/_internal/runs/{rid}/logs", data)))
+        uploads_path = f"/_internal/runs/{run_id}/payloads"  # signed uploads for large results
         execute = Executor(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR") or os.getcwd())
         become_subreaper()
         capture.start(run_id)
         try:
-            items = ItemShipper(channel, f"/_internal/runs/{run_id}/items", headers.get("X-Opbox-Result-Limit"))
-            outcome, payload = execute(args, items)
+            items = ItemShipper(channel, f"/_internal/runs/{run_id}/items", headers, uploads_path)
+            outcome, payload = transfer.call(execute, channel, headers, args, items)
         finally:
             end_leftovers()
             capture.stop()
         outcome, payload = within_limit(outcome, payload, headers.get("X-Opbox-Result-Limit"))
+        outcome, payload = transfer.outgoing(channel, uploads_path, headers, outcome, payload)
         status, _, data = channel.request("POST", f"/_internal/runs/{run_id}/result", payload,
                                           {"X-Opbox-Outcome": outcome, "Content-Type": "application/x-opbox-envelope"})
         if status >= 300:

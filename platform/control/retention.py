@@ -32,6 +32,7 @@ class Collected:
     payload_bytes: int = 0
     runs_deleted: int = 0
     payload_objects_deleted: int = 0
+    uploads_expired: int = 0
     archives_deleted: int = 0
     archive_bytes: int = 0
     folders_deleted: int = 0
@@ -55,6 +56,7 @@ class Retention:
             lambda: runs.delete_finished(self.settings.retention_run_days, now, BATCH))
         done.payload_bytes = expired_bytes + deleted_bytes
         older_than = now - self.settings.gc_min_age
+        done.uploads_expired = await self._expire_uploads(max(older_than, 0.0))
         stored = await asyncio.to_thread(lambda: list(self.store.list("")))
         payloads = [key for key in stored if _PAYLOAD.fullmatch(key)]
         referenced = self.records.runs.stored_keys(payloads)  # the records are read on the loop, never a thread
@@ -79,6 +81,14 @@ class Retention:
             await asyncio.to_thread(self._delete, dropped.object_keys)
             if dropped.runs < BATCH:
                 return runs, size
+
+    async def _expire_uploads(self, before: float) -> int:
+        """Payloads uploaded with a signed URL but never attached to a run, asked for before ``before``."""
+        count = 0
+        while keys := self.records.uploads.expire(before, BATCH):
+            await asyncio.to_thread(self._delete, keys)
+            count += len(keys)
+        return count
 
     def _delete(self, keys: list[str]) -> None:
         for key in keys:

@@ -451,6 +451,18 @@ class SecretRecords(Protocol):
         """False when there was no such secret."""
 
 
+class UploadRecords(Protocol):
+    """Payloads uploaded to the object store and not yet attached to a run."""
+
+    def add(self, key: str, workspace: str, at: float) -> None: ...
+
+    def claim(self, key: str, workspace: str) -> bool:
+        """Take the upload for one use: False when it is not the workspace's, was used, or has expired."""
+
+    def expire(self, before: float, limit: int) -> list[str]:
+        """Forget unclaimed uploads made before ``before``; their keys (the caller deletes the objects)."""
+
+
 class Records(Protocol):
     """The whole store, one attribute per aggregate; ``core`` opens it and closes it."""
 
@@ -463,5 +475,6 @@ class Records(Protocol):
     schedules: ScheduleRecords
     secrets: SecretRecords
     items: ItemRecords
+    uploads: UploadRecords
 
     def close(self) -> None: ...

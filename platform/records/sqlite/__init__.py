@@ -17,6 +17,7 @@ from .runs import SqliteRuns
 from .schedules import SqliteSchedules, SqliteSecrets
 from .services import SqliteServices
 from .tokens import SqliteTokens
+from .uploads import SqliteUploads
 from .usage import SqliteUsage
 
 
@@ -34,6 +35,7 @@ class SqliteRecords:
         self.schedules = SqliteSchedules(database)
         self.secrets = SqliteSecrets(database)
         self.items = SqliteItems(database)
+        self.uploads = SqliteUploads(database)
 
     def close(self) -> None:
         self.database.close()

@@ -117,6 +117,13 @@ CREATE TABLE run_items(
   PRIMARY KEY(run_id, seq));
 CREATE INDEX run_items_by_object ON run_items(object_key) WHERE object_key IS NOT NULL;
 """,
+    # 7: payloads uploaded straight to the object store (a presigned URL), not yet attached to a run: a run's
+    # create (or a runtime's result) claims one, once; retention deletes those left unclaimed
+    """
+CREATE TABLE uploads(
+  object_key TEXT PRIMARY KEY, workspace TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX uploads_by_age ON uploads(created_at);
+""",
 )
 
 

@@ -36,6 +36,11 @@ def digest(data):
     return hashlib.sha256(data).hexdigest()
 
 @operator()
+def chunks(count, size):
+    for i in range(count):
+        yield bytes([i]) * size
+
+@operator()
 def make(size, seed):
     block = hashlib.sha256(seed.encode()).digest() * (1024 * 1024 // 32)
     return block * (size // len(block))
@@ -63,11 +68,11 @@ def peak_rss(pid: int) -> int:
 def deployed(plat, folder, name: str):
     client = plat.client()
     with user_module(folder, name, CODE) as mod:
-        return client, {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("echo", "digest", "make")}
+        return client, {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("echo", "digest", "make", "chunks")}
 
 
 # -- the checks, on a platform with small limits ------------------------------------------------
-SMALL = {"OPBOX_MAX_PAYLOAD": str(4 * MiB), "OPBOX_STORAGE_QUOTA": str(24 * MiB), "OPBOX_GC_MIN_AGE": "0",
+SMALL = {"OPBOX_MAX_PAYLOAD": str(4 * MiB), "OPBOX_STORAGE_QUOTA": str(48 * MiB), "OPBOX_GC_MIN_AGE": "0",
          "OPBOX_METRICS_TOKEN": METRICS_TOKEN}
 
 
@@ -107,6 +112,28 @@ def test_a_3_mib_argument_goes_by_url_and_small_ones_take_no_extra_round_trip(sm
     assert metric(plat, "opbox_http_request_seconds_count", route="/{workspace}/payloads") == slots + 1
     assert metric(plat, "opbox_large_payload_bytes_total", via="url") >= via_url + 2 * len(data)  # argument, result
     assert metric(plat, "opbox_large_payload_bytes_total", via="gateway") == 0
+
+
+def test_a_map_and_a_generator_move_large_items_by_url(small):
+    plat, _, f = small
+    via_url = metric(plat, "opbox_large_payload_bytes_total", via="url")
+    items = [bytes([i]) * (2 * MiB) for i in range(3)]
+    assert list(f["echo"].map(items)) == items
+    assert list(f["chunks"].remote_gen(2, 2 * MiB)) == [bytes([0]) * (2 * MiB), bytes([1]) * (2 * MiB)]
+    assert metric(plat, "opbox_large_payload_bytes_total", via="url") >= via_url + 8 * 2 * MiB
+    assert metric(plat, "opbox_large_payload_bytes_total", via="gateway") == 0
+
+
+def test_one_shot_runs_fetch_and_upload_by_url_as_cluster_pods_do(tmp_path_factory):
+    """OPBOX_ISOLATION=run: a process per run, the contract of a Kubernetes Job's pod (runtime/batch.py)."""
+    env = {"OPBOX_ISOLATION": "run", "OPBOX_METRICS_TOKEN": METRICS_TOKEN}
+    with running_platform(tmp_path_factory.mktemp("home"), extra_env=env) as plat:
+        client, f = deployed(plat, tmp_path_factory.mktemp("proj"), "bigoneshotmod")
+        data = bytes(range(256)) * (3 * MiB // 256)
+        assert f["echo"](data) == data
+        assert metric(plat, "opbox_large_payload_bytes_total", via="url") >= 2 * len(data)
+        assert metric(plat, "opbox_large_payload_bytes_total", via="gateway") == 0
+        client.close()
 
 
 def test_too_large_is_refused_before_the_bytes_are_sent_and_the_error_names_the_setting(small):
@@ -161,7 +188,7 @@ def test_unused_uploads_expire_with_the_retention(small):
 def test_the_quota_is_checked_with_the_size_as_stored(small):
     plat, _, f = small
     answers = []
-    for _ in range(8):  # 28 MiB of arguments against a 24 MiB quota, each declared as 10 bytes
+    for _ in range(14):  # 49 MiB of arguments against a 48 MiB quota, each declared as 10 bytes
         resp = call_with_ref(plat, f["digest"], upload(plat, 10, serialization.dump_args((b"q" * int(3.5 * MiB),))))
         answers.append(resp)
         if resp.status_code != 200:
@@ -169,7 +196,7 @@ def test_the_quota_is_checked_with_the_size_as_stored(small):
     assert answers[-1].status_code == 507 and "OPBOX_STORAGE_QUOTA" in answers[-1].json()["message"]
     with plat.http() as http:
         storage = http.get(f"/{plat.workspace}/status").json()["storage"]
-    assert storage["bytes"] <= 24 * MiB  # the refused one is not counted
+    assert storage["bytes"] <= 48 * MiB  # the refused one is not counted
     resp = plat.http().post(f"/{plat.workspace}/payloads", json={"size": 4 * MiB})  # declared too large at once
     assert resp.status_code == 507 and "OPBOX_STORAGE_QUOTA" in resp.json()["message"]
 

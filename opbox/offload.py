@@ -16,9 +16,10 @@ import threading
 
 import httpx
 
-from . import envelope
+from . import envelope, serialization
 from .client import raise_for
 from .errors import StorageError
+from .files import using
 
 DEFAULT_INLINE = 1024 * 1024
 _store_http: httpx.Client | None = None  # no Authorization header: the URLs carry their own signature
@@ -88,3 +89,81 @@ def download(url: str) -> bytearray:
         if done != len(buffer):
             raise StorageError(f"the download of a stored payload broke off after {done} of {len(buffer)} bytes")
         return buffer
+
+
+# -- opbox.File / opbox.Dir: content-addressed files, uploaded once ----------------------------
+class ClientTransfer:
+    """Moves ``opbox.File`` contents for one client: ``POST /{ws}/files`` (upload unless stored), ``GET
+    /{ws}/files/{sha256}`` (a signed URL to fetch one)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def ensure(self, kind: str, sha256: str, size: int, source) -> None:
+        slot = self.client.post("/files", json={"sha256": sha256, "size": size}).json()
+        if not slot["exists"]:
+            upload = slot["upload"]
+            with open(source, "rb") as f:
+                resp = store_http().request(upload["method"], upload["url"], content=_chunks(f),
+                                            headers={**upload["headers"], "Content-Length": str(size)})
+            if resp.status_code >= 300:
+                raise StorageError(f"the object store refused the upload of {source}: HTTP {resp.status_code}: "
+                                   f"{resp.text[:300]}")
+
+    def fetch(self, sha256: str, dest) -> None:
+        url = self.client.get(f"/files/{sha256}").json()["url"]
+        download_to(url, dest)
+
+
+def _chunks(f):
+    while chunk := f.read(1024 * 1024):
+        yield chunk
+
+
+def download_to(url: str, dest) -> None:
+    """The object a signed GET URL names, into the file ``dest`` (replaced only once complete)."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=".opbox-download-")
+    try:
+        with os.fdopen(fd, "wb") as out, store_http().stream("GET", url) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                raise StorageError(f"the object store answered {resp.status_code}: {resp.text[:300]}")
+            for chunk in resp.iter_raw(1024 * 1024):
+                out.write(chunk)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def transfer_of(client) -> ClientTransfer:
+    found = getattr(client, "_file_transfer", None)
+    if found is None:
+        found = client._file_transfer = ClientTransfer(client)
+    return found
+
+
+def dump_call(client, args: tuple, kwargs: dict, stream: bool = False) -> bytes:
+    """A call's arguments as they are sent: pickled (opbox.File contents uploaded by hash), then offloaded
+    when large."""
+    with using(transfer_of(client)):
+        return outgoing(client, serialization.dump_args(args, kwargs, stream=stream))
+
+
+async def adump_call(client, args: tuple, kwargs: dict, stream: bool = False) -> bytes:
+    return await aoutgoing(client, dump_with_files(client, args, kwargs, stream))
+
+
+def dump_with_files(client, args: tuple, kwargs: dict, stream: bool = False) -> bytes:
+    """The pickled arguments, opbox.File contents uploaded by hash (never offloaded: for the event loop's map)."""
+    with using(transfer_of(client)):
+        return serialization.dump_args(args, kwargs, stream=stream)
+
+
+def decoding(client):
+    """Results unpickled inside fetch their opbox.File contents with ``client``."""
+    return using(transfer_of(client))

@@ -13,7 +13,7 @@ import httpx
 from . import envelope, serialization
 from .client import Client, default_client, raise_for
 from .mapping import Mappable
-from .offload import acontent, aoutgoing, content, outgoing
+from .offload import acontent, adump_call, content, decoding, dump_call
 from .outcome import decode
 from .progress import progress_bar
 from .remote_map import ACCEPT_ENVELOPE, _AsyncMap, _Map
@@ -100,7 +100,8 @@ class RunHandle:
         raise _not_finished(self.id, timeout)
 
     def _decode(self, resp: httpx.Response, payload) -> Any:
-        return decode(resp.headers["x-opbox-status"], payload, self.id, _reason(resp))
+        with decoding(self.client):  # opbox.File results fetch their contents with this client
+            return decode(resp.headers["x-opbox-status"], payload, self.id, _reason(resp))
 
     def logs(self, follow: bool = False) -> Iterator[str]:
         """The run's output; with ``follow``, streamed until the run ends."""
@@ -158,11 +159,13 @@ class RemoteFunction(Mappable):
         return extra
 
     def __call__(self, *args, **kwargs) -> Any:
-        payload = outgoing(self.client, serialization.dump_args(args, kwargs))
+        payload = dump_call(self.client, args, kwargs)
         resp = self.client.post(f"/job/{self.job_id}/runs", content=payload, headers=ENVELOPE,
                                 params=self._params(wait=LONG_POLL))
         if resp.status_code == 200:
-            return decode(resp.headers["x-opbox-status"], content(resp), resp.headers["x-opbox-run-id"], _reason(resp))
+            with decoding(self.client):
+                return decode(resp.headers["x-opbox-status"], content(resp), resp.headers["x-opbox-run-id"],
+                              _reason(resp))
         return RunHandle(resp.json()["id"], self.client).result()
 
     async def aio(self, *args, **kwargs) -> Any:
@@ -183,29 +186,27 @@ class RemoteFunction(Mappable):
     @twin
     def submit(self, *args, **kwargs) -> RunHandle:
         """Start a run and return at once (``await f.submit.aio(...)``: the same, awaitable)."""
-        return self._start(serialization.dump_args(args, kwargs))
+        return self._start(dump_call(self.client, args, kwargs))
 
     @submit.aio
     async def submit(self, *args, **kwargs) -> RunHandle:
-        return await self._astart(serialization.dump_args(args, kwargs))
+        return await self._astart(await adump_call(self.client, args, kwargs))
 
     @twin
     def submit_gen(self, *args, **kwargs) -> RunHandle:
         """Start a streaming run of a generator function and return its handle at once: read its values with
         ``run.items()`` (from any process, resuming with ``run.items(after=N)``)."""
-        return self._start(serialization.dump_args(args, kwargs, stream=True))
+        return self._start(dump_call(self.client, args, kwargs, stream=True))
 
     @submit_gen.aio
     async def submit_gen(self, *args, **kwargs) -> RunHandle:
-        return await self._astart(serialization.dump_args(args, kwargs, stream=True))
+        return await self._astart(await adump_call(self.client, args, kwargs, stream=True))
 
     def _start(self, payload: bytes) -> RunHandle:
-        payload = outgoing(self.client, payload)
         resp = self.client.post(f"/job/{self.job_id}/runs", content=payload, headers=ENVELOPE, params=self._params())
         return RunHandle(resp.headers.get("x-opbox-run-id") or resp.json()["id"], self.client)
 
     async def _astart(self, payload: bytes) -> RunHandle:
-        payload = await aoutgoing(self.client, payload)
         resp = await self.client.apost(f"/job/{self.job_id}/runs", content=payload, headers=ENVELOPE,
                                        params=self._params())
         return RunHandle(resp.headers.get("x-opbox-run-id") or resp.json()["id"], self.client)
@@ -248,7 +249,7 @@ class RemoteFunction(Mappable):
         cancelled), unless ``return_exceptions`` puts exceptions in the list instead.
         """
         batch = self.client.post(f"/job/{self.job_id}/batches", json=self._batch(concurrency)).json()
-        mapper = _Map(self.client, batch["batch_id"], items, kwargs or {}, star, offload=outgoing)
+        mapper = _Map(self.client, batch["batch_id"], items, kwargs or {}, star, dump=dump_call)
         return mapper.results(return_exceptions, progress_bar(progress, mapper.size_hint, "run"))
 
     async def aimap(self, items, *, concurrency: int | None = None, return_exceptions: bool = False,

@@ -19,6 +19,7 @@ from .backends.registry import make_backend, make_builder
 from .control import admin
 from .control.auth import Auth, RateLimit
 from .control.deploys import Deploys
+from .control.files import Files
 from .control.items import RunItems
 from .control.payloads import Payloads
 from .ids import check_workspace
@@ -104,6 +105,7 @@ class Platform:
             max_open_runs=settings.max_open_runs, storage_quota=settings.storage_quota), secret_env=self.secrets.env)
         self.payloads = Payloads(self.store, home / "spool", settings.payload_inline, self.records.uploads,
                                  self.runs.metrics)
+        self.files = Files(self.payloads, settings.max_payload)  # opbox.File contents, by hash
         self.items = RunItems(self.records, self.runs)  # streaming runs' items
         self.deploys = Deploys(self.records, self.store, make_builder(settings, self.store, self.backend), self.runs,
                                settings.max_upload, check_secrets=self.secrets.check)

@@ -11,6 +11,8 @@ import os
 import socket
 import sys
 
+from opbox import files
+
 from . import transfer
 from .capture import OutputCapture
 from .channel import Channel, GatewayGone
@@ -31,6 +33,8 @@ def main(run_id: str) -> int:
         logs = Channel(env["OPBOX_GATEWAY_URL"], env["OPBOX_RUN_TOKEN"], socket.gethostname(), patience=10)
         capture = OutputCapture(lambda rid, data: _ok(logs.request("POST", f"/_internal/runs/{rid}/logs", data)))
         uploads_path = f"/_internal/runs/{run_id}/payloads"  # signed uploads for large results
+        files.install(transfer.RuntimeFiles(Channel(env["OPBOX_GATEWAY_URL"], env["OPBOX_RUN_TOKEN"],
+                                                    socket.gethostname()), f"/_internal/runs/{run_id}/files"))
         execute = Executor(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR") or os.getcwd())
         become_subreaper()
         capture.start(run_id)

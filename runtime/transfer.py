@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import shutil
+import tempfile
+import threading
 from urllib.parse import urlsplit
 
 from opbox import envelope
@@ -29,7 +33,7 @@ def _open(channel, url: str) -> tuple[http.client.HTTPConnection, str]:
         https = parts.scheme == "https"
         host, port = parts.hostname, parts.port or (443 if https else 80)
     cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
-    return cls(host, port, timeout=TIMEOUT), target
+    return cls(host, port, timeout=TIMEOUT, blocksize=1024 * 1024), target
 
 
 def download(channel, url: str) -> bytearray:
@@ -99,3 +103,59 @@ def outgoing(channel, slot_path: str, headers, outcome: str, body: bytes) -> tup
     except Exception as exc:
         error = StorageError(f"the result ({len(body)} bytes) could not be uploaded to the object store: {exc}")
         return "failed", dump_error(error, "")
+
+
+class RuntimeFiles:
+    """``opbox.File`` contents for the runs of this process: fetched and uploaded with signed URLs asked of the
+    gateway at ``base`` (``/_internal/pools/{pool}/files`` or ``/_internal/runs/{run}/files``)."""
+
+    def __init__(self, channel, base: str):
+        self.channel, self.base = channel, base
+        self.lock = threading.Lock()  # user code may open files from several threads; the channel is one connection
+
+    def _ask(self, method: str, path: str, body: dict | None = None) -> dict:
+        with self.lock:
+            status, _, answer = self.channel.request(method, path, json.dumps(body).encode() if body else b"",
+                                                     {"Content-Type": "application/json"} if body else None)
+        if status != 200:
+            try:
+                error = from_response(status, json.loads(answer))
+            except ValueError:
+                error = StorageError(f"the gateway answered {status}: {answer[:300]!r}")
+            raise error
+        return json.loads(answer)
+
+    def ensure(self, kind: str, sha256: str, size: int, source) -> None:
+        slot = self._ask("POST", self.base, {"sha256": sha256, "size": size})
+        if slot["exists"]:
+            return
+        upload = slot["upload"]
+        conn, target = _open(self.channel, upload["url"])
+        try:
+            with open(source, "rb") as f:
+                conn.request(upload["method"], target, body=f, headers={**upload["headers"], "Content-Length": str(size)})
+            resp = conn.getresponse()
+            answer = resp.read()
+            if resp.status >= 300:
+                raise StorageError(f"the object store refused {source}: HTTP {resp.status}: {answer[:300]!r}")
+        finally:
+            conn.close()
+
+    def fetch(self, sha256: str, dest) -> None:
+        url = self._ask("GET", f"{self.base}/{sha256}")["url"]
+        conn, target = _open(self.channel, url)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".opbox-download-")
+        try:
+            conn.request("GET", target)
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise StorageError(f"the object store answered {resp.status}: {resp.read(300)!r}")
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(resp, out, 1024 * 1024)
+            os.replace(tmp, dest)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        finally:
+            conn.close()

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 
+from opbox import files
 from opbox.serialization import dump_error
 
 from . import transfer
@@ -62,6 +63,7 @@ def main() -> int:
     next_path = f"/_internal/pools/{pool}/next?wait=10"
     runs_path = f"/_internal/pools/{pool}/runs"
     uploads_path = f"/_internal/pools/{pool}/payloads"  # signed uploads for large results
+    files.install(transfer.RuntimeFiles(Channel(env["OPBOX_GATEWAY_URL"], token, worker), f"/_internal/pools/{pool}/files"))
     done_headers, body = None, b""
     while True:
         try:

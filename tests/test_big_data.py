@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -34,6 +35,25 @@ def echo(data):
 @operator()
 def digest(data):
     return hashlib.sha256(data).hexdigest()
+
+@operator()
+def count_lines(table):
+    path = table.path
+    return len(path.read_bytes().splitlines()), str(path), oct(path.stat().st_mode & 0o777)
+
+@operator()
+def list_dir(folder):
+    import os
+    names = sorted(os.path.relpath(os.path.join(r, n), folder.path) for r, _, ns in os.walk(folder.path) for n in ns)
+    return names, (folder.path / "sub" / "b.txt").read_text()
+
+@operator()
+def write_file(size):
+    import os, tempfile, opbox
+    path = os.path.join(tempfile.mkdtemp(), "out.bin")
+    with open(path, "wb") as f:
+        f.write(b"r" * size)
+    return opbox.File(path)
 
 @operator()
 def chunks(count, size):
@@ -68,7 +88,7 @@ def peak_rss(pid: int) -> int:
 def deployed(plat, folder, name: str):
     client = plat.client()
     with user_module(folder, name, CODE) as mod:
-        return client, {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("echo", "digest", "make", "chunks")}
+        return client, {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("echo", "digest", "make", "chunks", "count_lines", "list_dir", "write_file")}
 
 
 # -- the checks, on a platform with small limits ------------------------------------------------
@@ -134,6 +154,52 @@ def test_one_shot_runs_fetch_and_upload_by_url_as_cluster_pods_do(tmp_path_facto
         assert metric(plat, "opbox_large_payload_bytes_total", via="url") >= 2 * len(data)
         assert metric(plat, "opbox_large_payload_bytes_total", via="gateway") == 0
         client.close()
+
+
+def route_hits(plat, route: str, method: str | None = None) -> float:
+    return metric(plat, "opbox_http_request_seconds_count", route=route, **({"method": method} if method else {}))
+
+
+def test_a_file_goes_by_hash_once_and_is_a_read_only_path_cached_on_the_worker(small, tmp_path):
+    import opbox
+
+    plat, _, f = small
+    table = tmp_path / "table.csv"
+    table.write_bytes(os.urandom(8).hex().encode() + b"\n" + b"a,b\n" * (MiB // 4))  # a new content each time
+    slots, puts = route_hits(plat, "/{workspace}/files"), route_hits(plat, "/_store/{key:path}", "PUT")
+    fetches = route_hits(plat, "/_internal/pools/{pool}/files/{sha256}")
+    lines, path, mode = f["count_lines"](opbox.File(table))
+    assert lines == MiB // 4 + 1 and path.endswith("/table.csv") and mode == "0o444"
+    assert hashlib.sha256(table.read_bytes()).hexdigest() in path  # cached by hash on the worker's machine
+    again = f["count_lines"](opbox.File(table))
+    assert again == (lines, path, mode)
+    assert route_hits(plat, "/{workspace}/files") == slots + 2  # asked twice...
+    assert route_hits(plat, "/_store/{key:path}", "PUT") == puts + 1  # ...uploaded once
+    assert route_hits(plat, "/_internal/pools/{pool}/files/{sha256}") == fetches + 1  # fetched once
+    assert metric(plat, "opbox_large_payload_bytes_total", via="gateway") == 0
+    table.write_bytes(b"changed\n")  # a new content is a new hash
+    assert f["count_lines"](opbox.File(table))[0] == 1
+
+
+def test_a_dir_goes_by_hash_and_arrives_whole(small, tmp_path):
+    import opbox
+
+    plat, _, f = small
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "data" / "a.txt").write_text("A")
+    (tmp_path / "data" / "sub" / "b.txt").write_text("B")
+    names, b = f["list_dir"](opbox.Dir(tmp_path / "data"))
+    assert names == ["a.txt", "sub/b.txt"] and b == "B"
+
+
+def test_a_file_made_in_the_run_comes_back_as_a_file(small, tmp_path, monkeypatch):
+    plat, _, f = small
+    monkeypatch.setenv("OPBOX_FILE_CACHE", str(tmp_path / "client-files"))
+    result = f["write_file"](2 * MiB)
+    assert result.name == "out.bin" and result.size == 2 * MiB
+    assert result.read_bytes() == b"r" * (2 * MiB)
+    copy = result.download(tmp_path / "copy.bin")
+    assert copy.read_bytes() == b"r" * (2 * MiB)
 
 
 def test_too_large_is_refused_before_the_bytes_are_sent_and_the_error_names_the_setting(small):

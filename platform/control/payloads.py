@@ -92,7 +92,7 @@ class Payloads:
         key = object_key(workspace)
         signed = self.store.upload_url(key, expires=UPLOAD_EXPIRES, max_size=limit)
         self.uploads.add(key, workspace, time.time())
-        return {"ref": key, "url": self._for(signed.url, internal), "method": signed.method,
+        return {"ref": key, "url": self.reachable(signed.url, internal), "method": signed.method,
                 "headers": dict(signed.headers), "expires": int(time.time()) + UPLOAD_EXPIRES}
 
     async def attach(self, workspace: str, body: bytes, limit: int, what: str) -> StoredPayload:
@@ -133,9 +133,9 @@ class Payloads:
 
     def download_url(self, payload: StoredPayload, internal: bool = False) -> str:
         """A signed URL to GET a stored payload from (its bytes skip the gateway's routes)."""
-        return self._for(self.store.download_url(payload.key, expires=UPLOAD_EXPIRES).url, internal)
+        return self.reachable(self.store.download_url(payload.key, expires=UPLOAD_EXPIRES).url, internal)
 
-    def _for(self, url: str, internal: bool) -> str:
+    def reachable(self, url: str, internal: bool) -> str:
         """A runtime reaches a self-served store at the gateway URL it was given: the URL without its origin."""
         if not (internal and self.self_served):
             return url

@@ -24,6 +24,7 @@ from ..settings import Settings
 BATCH = 1000
 _ARCHIVE = re.compile(r"[a-z0-9-]+/code/[0-9a-f]{64}\.zip")
 _PAYLOAD = re.compile(r"[a-z0-9-]+/payloads/[0-9a-f]{32}")
+_FILE = re.compile(r"[a-z0-9-]+/files/[0-9a-f]{64}")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Collected:
     runs_deleted: int = 0
     payload_objects_deleted: int = 0
     uploads_expired: int = 0
+    files_deleted: int = 0
     archives_deleted: int = 0
     archive_bytes: int = 0
     folders_deleted: int = 0
@@ -63,6 +65,10 @@ class Retention:
         done.payload_objects_deleted, orphans = await asyncio.to_thread(
             self._delete_old, [key for key in payloads if key not in referenced], older_than)
         done.payload_bytes += orphans
+        files = [key for key in stored if _FILE.fullmatch(key)]  # opbox.File contents: by age (runs name them
+        done.files_deleted, file_bytes = await asyncio.to_thread(  # inside their pickles, which are not read)
+            self._delete_old, files, now - 86400.0 * self.settings.retention_days)
+        done.payload_bytes += file_bytes
         in_use, artifacts = self.records.jobs.in_use()
         archives = [key for key in stored if _ARCHIVE.fullmatch(key)]
         done.archives_deleted, done.archive_bytes = await asyncio.to_thread(

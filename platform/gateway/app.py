@@ -102,6 +102,8 @@ ROUTES = [
     Route(W + "/jobs", jobs.deploy, methods=["POST"]),
     Route(W + "/uploads", jobs.create_upload, methods=["POST"]),
     Route(W + "/payloads", payloads.create_payload_upload, methods=["POST"]),
+    Route(W + "/files", payloads.create_file_upload, methods=["POST"]),
+    Route(W + "/files/{sha256}", payloads.get_file),
     Route(W + "/job/{job}", jobs.get_job),
     Route(W + "/job/{job}", jobs.delete_job, methods=["DELETE"]),
     Route(W + "/job/{job}/versions", jobs.list_versions),
@@ -153,6 +155,10 @@ ROUTES = [
     Route("/_internal/runs/{run}/items", internal.run_items, methods=["POST"], include_in_schema=False),
     Route("/_internal/pools/{pool}/payloads", internal.worker_payload_upload, methods=["POST"], include_in_schema=False),
     Route("/_internal/runs/{run}/payloads", internal.run_payload_upload, methods=["POST"], include_in_schema=False),
+    Route("/_internal/pools/{pool}/files", internal.worker_files, methods=["POST"], include_in_schema=False),
+    Route("/_internal/pools/{pool}/files/{sha256}", internal.worker_files, include_in_schema=False),
+    Route("/_internal/runs/{run}/files", internal.run_files, methods=["POST"], include_in_schema=False),
+    Route("/_internal/runs/{run}/files/{sha256}", internal.run_files, include_in_schema=False),
 ]
 
 

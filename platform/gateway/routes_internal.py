@@ -157,3 +157,23 @@ async def run_payload_upload(request: Request):
     plat, run = _run_record(request)
     size = (await json_body(request)).get("size")
     return ok(_result_upload(request, plat, run.workspace, size))
+
+
+# -- opbox.File contents, for a run's arguments (fetch) and results (upload) --------------------
+async def _file_route(request: Request, workspace: str, plat):
+    if request.method == "GET":
+        return ok(await plat.files.download(workspace, request.path_params["sha256"], internal=True))
+    body = await json_body(request)
+    return ok(await plat.files.upload_slot(workspace, body.get("sha256"), body.get("size"), internal=True))
+
+
+async def worker_files(request: Request):
+    plat, _, worker = _worker(request)
+    if worker is None:
+        raise NotFound("this worker is not known to the platform any more")
+    return await _file_route(request, worker.pool.version.workspace, plat)
+
+
+async def run_files(request: Request):
+    plat, run = _run_record(request)
+    return await _file_route(request, run.workspace, plat)

@@ -47,11 +47,20 @@ def outgoing(client, payload: bytes) -> bytes:
     if len(payload) <= INLINE:
         return payload
     slot = client.post("/payloads", json={"size": len(payload)}).json()
-    resp = store_http().request(slot["method"], slot["url"], content=payload, headers=slot["headers"])
+    resp = store_http().request(slot["method"], slot["url"], content=_slices(payload),
+                                headers={**slot["headers"], "Content-Length": str(len(payload))})
     if resp.status_code >= 300:
         raise StorageError(f"the object store refused the upload of {len(payload)} bytes: HTTP {resp.status_code}: "
                            f"{resp.text[:300]}")
     return envelope.ref(slot["ref"])
+
+
+def _slices(data: bytes):
+    """``data`` in 1 MiB views: httpx sends one bytes body by re-slicing the rest after each socket write,
+    which copies a large body over and over (500 MiB took 24 s instead of 1)."""
+    view = memoryview(data)
+    for start in range(0, len(view), 1024 * 1024):
+        yield view[start:start + 1024 * 1024]
 
 
 async def aoutgoing(client, payload: bytes) -> bytes:

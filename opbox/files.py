@@ -181,7 +181,8 @@ class Dir(File):
         except BaseException:
             packed.unlink()
             raise
-        self._packed = packed  # the upload reads it; removed when the Dir goes
+        self.__del__()  # the tar of an earlier trip
+        self._packed = packed  # the upload reads it; removed when the Dir goes (or travels again)
         return packed
 
     def __del__(self):

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .config import ClientConfig
     from .decorator import Operator, operator
     from .deploying import deploy
+    from .files import Dir, File
     from .image import Image
     from .errors import (BuildError, OpboxError, RemoteError, RunCancelled, RunError, RunFailed, RunTimeout,
                          SerializationError, ServiceFailed, ValidationError)
@@ -45,10 +46,10 @@ _EXPORTS = {
     "OpboxError": "errors", "BuildError": "errors", "RemoteError": "errors", "RunError": "errors",
     "RunFailed": "errors", "RunTimeout": "errors", "RunCancelled": "errors", "SerializationError": "errors",
     "ValidationError": "errors", "ServiceFailed": "errors", "RemoteService": "serving", "serve_asgi": "serving",
-    "Retries": "retries", "Cron": "schedules", "Period": "schedules", "Image": "image",
+    "Retries": "retries", "Cron": "schedules", "Period": "schedules", "Image": "image", "File": "files", "Dir": "files",
 }
 __all__ = [
-    "BuildError", "Client", "ClientConfig", "Cron", "Image", "Period", "Retries", "Job", "Jobs", "OpboxError", "Operator", "RemoteError", "RemoteFunction",
+    "BuildError", "Client", "ClientConfig", "Cron", "Dir", "File", "Image", "Period", "Retries", "Job", "Jobs", "OpboxError", "Operator", "RemoteError", "RemoteFunction",
     "RemoteService", "Resource", "RunCancelled", "RunError", "RunFailed", "RunHandle", "RunTimeout",
     "SerializationError", "ServiceFailed", "ValidationError", "__version__", "configure", "deploy", "operator", "serve_asgi",
     "set_default_client",

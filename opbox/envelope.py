@@ -70,6 +70,26 @@ def head_length(prefix: bytes) -> int:
 PREFIX_SIZE = _PREFIX.size
 
 
+REF_MAGIC = b"OPBR"  # a reference to a payload uploaded to the object store: REF_MAGIC + its key (UTF-8)
+URL_HEADER = "X-Opbox-Payload-Url"  # an answer whose payload is fetched from this (signed) URL, not its body
+ACCEPT_URL_HEADER = "X-Opbox-Accept-Url"  # a request saying the client fetches a stored payload by URL itself
+
+
+def ref(key: str) -> bytes:
+    """The body that stands for a payload uploaded to the object store under ``key``."""
+    return REF_MAGIC + key.encode()
+
+
+def ref_key(data: bytes) -> str | None:
+    """The object key a reference body names; None when ``data`` is not a reference."""
+    if not data.startswith(REF_MAGIC):
+        return None
+    try:
+        return bytes(data[len(REF_MAGIC):]).decode()
+    except UnicodeDecodeError:
+        raise SerializationError("a payload reference's key is not UTF-8") from None
+
+
 def json_args(args: list | None = None, kwargs: dict | None = None) -> bytes:
     """An args envelope for calls made with JSON (curl, non-Python clients)."""
     if args is not None and not isinstance(args, list):

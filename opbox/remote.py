@@ -11,16 +11,19 @@ from urllib.parse import urlencode
 
 import httpx
 
-from . import serialization, tracecontext
+from . import envelope, serialization, tracecontext
 from .client import Client, default_client, raise_for
 from .mapping import Mappable
+from .offload import acontent, adump_call, content, decoding, dump_call
 from .outcome import decode
 from .progress import progress_bar
 from .remote_map import ACCEPT_ENVELOPE, _AsyncMap, _Map
 from .streaming import aiter_items, iter_items
 from .twin import twin
 
-ENVELOPE = {"Content-Type": serialization.CONTENT_TYPE}
+# a stored result comes back as a signed URL to fetch it from (its bytes skip the gateway)
+ACCEPT_URL = {envelope.ACCEPT_URL_HEADER: "1"}
+ENVELOPE = {"Content-Type": serialization.CONTENT_TYPE, **ACCEPT_URL}
 
 
 def run_headers() -> dict:
@@ -94,7 +97,7 @@ class RunHandle:
         for wait in _waits(timeout):
             resp = self.client.get(f"/runs/{self.id}/result", params={"wait": wait}, headers=ACCEPT_ENVELOPE)
             if resp.status_code == 200:
-                return self._decode(resp)
+                return self._decode(resp, content(resp))
         raise _not_finished(self.id, timeout)
 
     @result.aio
@@ -102,11 +105,12 @@ class RunHandle:
         for wait in _waits(timeout):
             resp = await self.client.aget(f"/runs/{self.id}/result", params={"wait": wait}, headers=ACCEPT_ENVELOPE)
             if resp.status_code == 200:
-                return self._decode(resp)
+                return self._decode(resp, await acontent(resp))
         raise _not_finished(self.id, timeout)
 
-    def _decode(self, resp: httpx.Response) -> Any:
-        return decode(resp.headers["x-opbox-status"], resp.content, self.id, _reason(resp))
+    def _decode(self, resp: httpx.Response, payload) -> Any:
+        with decoding(self.client):  # opbox.File results fetch their contents with this client
+            return decode(resp.headers["x-opbox-status"], payload, self.id, _reason(resp))
 
     def logs(self, follow: bool = False) -> Iterator[str]:
         """The run's output; with ``follow``, streamed until the run ends."""
@@ -168,11 +172,13 @@ class RemoteFunction(Mappable):
         return urlencode(self._params(wait=LONG_POLL))
 
     def __call__(self, *args, **kwargs) -> Any:
-        payload = serialization.dump_args(args, kwargs)
+        payload = dump_call(self.client, args, kwargs)
         resp = self.client.post_envelope(f"/job/{self.job_id}/runs", payload, self._call_query,
-                                         tracecontext.caller_headers())
+                                         tracecontext.caller_headers(ACCEPT_URL))
         if resp.status_code == 200:
-            return decode(resp.headers["x-opbox-status"], resp.content, resp.headers["x-opbox-run-id"], _reason(resp))
+            with decoding(self.client):
+                return decode(resp.headers["x-opbox-status"], content(resp), resp.headers["x-opbox-run-id"],
+                              _reason(resp))
         return RunHandle(resp.json()["id"], self.client).result()
 
     async def aio(self, *args, **kwargs) -> Any:
@@ -193,21 +199,21 @@ class RemoteFunction(Mappable):
     @twin
     def submit(self, *args, **kwargs) -> RunHandle:
         """Start a run and return at once (``await f.submit.aio(...)``: the same, awaitable)."""
-        return self._start(serialization.dump_args(args, kwargs))
+        return self._start(dump_call(self.client, args, kwargs))
 
     @submit.aio
     async def submit(self, *args, **kwargs) -> RunHandle:
-        return await self._astart(serialization.dump_args(args, kwargs))
+        return await self._astart(await adump_call(self.client, args, kwargs))
 
     @twin
     def submit_gen(self, *args, **kwargs) -> RunHandle:
         """Start a streaming run of a generator function and return its handle at once: read its values with
         ``run.items()`` (from any process, resuming with ``run.items(after=N)``)."""
-        return self._start(serialization.dump_args(args, kwargs, stream=True))
+        return self._start(dump_call(self.client, args, kwargs, stream=True))
 
     @submit_gen.aio
     async def submit_gen(self, *args, **kwargs) -> RunHandle:
-        return await self._astart(serialization.dump_args(args, kwargs, stream=True))
+        return await self._astart(await adump_call(self.client, args, kwargs, stream=True))
 
     def _start(self, payload: bytes) -> RunHandle:
         resp = self.client.post(f"/job/{self.job_id}/runs", content=payload, headers=run_headers(), params=self._params())
@@ -256,7 +262,7 @@ class RemoteFunction(Mappable):
         cancelled), unless ``return_exceptions`` puts exceptions in the list instead.
         """
         batch = self.client.post(f"/job/{self.job_id}/batches", json=self._batch(concurrency)).json()
-        mapper = _Map(self.client, batch["batch_id"], items, kwargs or {}, star)
+        mapper = _Map(self.client, batch["batch_id"], items, kwargs or {}, star, dump=dump_call)
         return mapper.results(return_exceptions, progress_bar(progress, mapper.size_hint, "run"))
 
     async def aimap(self, items, *, concurrency: int | None = None, return_exceptions: bool = False,

@@ -16,13 +16,14 @@ from typing import Any, AsyncIterator, Iterable, Iterator
 
 import httpx
 
-from . import serialization, tracecontext
+from . import envelope, serialization, tracecontext
 from .client import CONNECT_ERRORS, Client
 from .errors import Gone, Unavailable
 from .mapping import aiter_items
+from .offload import acontent, content, decoding, dump_with_files
 from .outcome import decode, to_exception
 
-ACCEPT_ENVELOPE = {"Accept": serialization.CONTENT_TYPE}
+ACCEPT_ENVELOPE = {"Accept": serialization.CONTENT_TYPE, envelope.ACCEPT_URL_HEADER: "1"}
 OCTETS = {"Content-Type": "application/octet-stream"}
 _FRAME = struct.Struct(">I")
 STREAM_TIMEOUT = httpx.Timeout(30, read=60)
@@ -35,13 +36,13 @@ class _Chunks:
     ITEMS = 2000
     BYTES = 8 * 1024 * 1024
 
-    def __init__(self, kwargs: dict, star: bool):
-        self.kwargs, self.star = kwargs, star
+    def __init__(self, kwargs: dict, star: bool, dump=serialization.dump_args):
+        self.kwargs, self.star, self.dump = kwargs, star, dump  # dump: (args, kwargs) -> what is sent
         self.start, self.frames, self.size = 0, [], 0
 
     def add(self, item) -> tuple[int, list[bytes]] | None:
         """Add one item; a full chunk ``(start, frames)`` to send comes back."""
-        payload = serialization.dump_args(tuple(item) if self.star else (item,), self.kwargs)
+        payload = self.dump(tuple(item) if self.star else (item,), self.kwargs)
         self.frames.append(_FRAME.pack(len(payload)) + payload)
         self.size += len(payload) + 4
         return self.take() if len(self.frames) >= self.ITEMS or self.size >= self.BYTES else None
@@ -120,9 +121,11 @@ def _stopped(batch_id: str) -> None:
 class _Map:
     """One map: a thread submits items in chunks; the caller's thread reads the results stream."""
 
-    def __init__(self, client: Client, batch_id: str, items: Iterable, kwargs: dict, star: bool):
+    def __init__(self, client: Client, batch_id: str, items: Iterable, kwargs: dict, star: bool, dump=None):
         self.client = client
         self.batch_id = batch_id
+        # pickles an item (large ones uploaded by URL, opbox.File contents by hash)
+        self.dump = serialization.dump_args if dump is None else (lambda args, kwargs: dump(client, args, kwargs))
         self.size_hint = len(items) if hasattr(items, "__len__") else None
         self.total: int | None = None
         self.error: BaseException | None = None
@@ -136,7 +139,7 @@ class _Map:
 
     def _submit(self, items: Iterable, kwargs: dict, star: bool) -> None:
         try:
-            chunks = _Chunks(kwargs, star)
+            chunks = _Chunks(kwargs, star, self.dump)
             for item in items:
                 if self.stop.is_set():
                     return
@@ -195,8 +198,9 @@ class _Map:
                     continue
                 payload = None
                 if line.get("stored"):  # a large result: fetched from its run, streamed by the gateway
-                    payload = self.client.get(f"/runs/{line['run_id']}/result", headers=ACCEPT_ENVELOPE).content
-                failure = order.add(line, payload)
+                    payload = content(self.client.get(f"/runs/{line['run_id']}/result", headers=ACCEPT_ENVELOPE))
+                with decoding(self.client):
+                    failure = order.add(line, payload)
                 if failure is not None:
                     self._cancel()
                     raise failure
@@ -241,7 +245,7 @@ class _AsyncMap:
 
     async def _submit(self) -> None:
         try:
-            chunks = _Chunks(self.kwargs, self.star)
+            chunks = _Chunks(self.kwargs, self.star, lambda args, kwargs: dump_with_files(self.client, args, kwargs))
             async for item in aiter_items(self.items):
                 chunk = chunks.add(item)
                 if chunk:
@@ -302,8 +306,10 @@ class _AsyncMap:
                     continue
                 payload = None
                 if line.get("stored"):
-                    payload = (await self.client.aget(f"/runs/{line['run_id']}/result", headers=ACCEPT_ENVELOPE)).content
-                failure = order.add(line, payload)
+                    payload = await acontent(await self.client.aget(f"/runs/{line['run_id']}/result",
+                                                                    headers=ACCEPT_ENVELOPE))
+                with decoding(self.client):
+                    failure = order.add(line, payload)
                 if failure is not None:
                     await self._cancel()
                     raise failure

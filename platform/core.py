@@ -20,6 +20,7 @@ from .backends.registry import make_backend, make_builder
 from .control import admin
 from .control.auth import Auth, RateLimit
 from .control.deploys import Deploys
+from .control.files import Files
 from .control.items import RunItems
 from .control.payloads import Payloads
 from .ids import check_workspace
@@ -96,6 +97,8 @@ def make_store(settings: Settings, secret: bytes):
         extra = {}
         if settings.s3_endpoint_url and "endpoint=" not in settings.store_url:
             extra["endpoint_url"] = settings.s3_endpoint_url
+        if settings.s3_public_endpoint and "public_endpoint=" not in settings.store_url:
+            extra["public_endpoint_url"] = settings.s3_public_endpoint
         return open_store(settings.store_url, secret=secret, base_url=settings.url, **extra)
     return LocalStore(settings.home / "store", secret=secret, base_url=settings.url)
 
@@ -122,7 +125,9 @@ class Platform:
         self.runs = Runs(self.records, self.backend, Limits(
             max_payload=settings.max_payload, max_log_bytes=settings.max_log_bytes, cancel_grace=settings.cancel_grace,
             max_open_runs=settings.max_open_runs, storage_quota=settings.storage_quota), secret_env=self.secrets.env)
-        self.payloads = Payloads(self.store, home / "spool", settings.payload_inline)
+        self.payloads = Payloads(self.store, home / "spool", settings.payload_inline, self.records.uploads,
+                                 self.runs.metrics)
+        self.files = Files(self.payloads, settings.max_payload)  # opbox.File contents, by hash
         self.items = RunItems(self.records, self.runs)  # streaming runs' items
         self.deploys = Deploys(self.records, self.store, make_builder(settings, self.store, self.backend), self.runs,
                                settings.max_upload, check_secrets=self.secrets.check)

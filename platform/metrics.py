@@ -44,6 +44,10 @@ class Metrics:
         self.build_failures = counter("opbox_build_failures", "Builds that failed", "workspace")
         self.storage_errors = counter("opbox_storage_errors", "Errors of the state file (state) and the object "
                                       "store (store), by kind (error, full)", "component kind")
+        self.large_payloads = counter("opbox_large_payload_bytes", "Bytes of payloads kept in the object store, by "
+                                      "how they got there: url (the SDK or runtime uploaded them with a signed "
+                                      "URL; they never passed through the gateway) or gateway (streamed through "
+                                      "it and spooled)", "via")
         self.requests = histogram("opbox_http_request_seconds", "Gateway requests by route template, until the "
                                   "answer is sent", "method route", REQUEST_BUCKETS)
 

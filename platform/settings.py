@@ -95,7 +95,8 @@ class Settings:
     pool_idle: float = setting("OPBOX_POOL_IDLE", 900.0, parse=float)
     max_upload: int = setting("OPBOX_MAX_UPLOAD", 200 * 1024**2, parse=int)
     max_request_body: int = setting("OPBOX_MAX_REQUEST_BODY", 80 * 1024**2, parse=int)
-    max_payload: int = setting("OPBOX_MAX_PAYLOAD", 64 * 1024**2, parse=int)
+    # the largest argument, result or item (large ones go straight to the object store, not through the gateway)
+    max_payload: int = setting("OPBOX_MAX_PAYLOAD", 1024**3, parse=int)
     max_log_bytes: int = setting("OPBOX_MAX_LOG_BYTES", 8 * 1024**2, parse=int)
     # arguments and results above this many bytes are kept in the object store, not in the state file
     payload_inline: int = setting("OPBOX_PAYLOAD_INLINE", 1024**2, parse=int)
@@ -127,6 +128,9 @@ class Settings:
     # home/secret, made at first start. Several gateways on one database must share it (a Kubernetes Secret)
     secret_file: Path | None = setting("OPBOX_SECRET_FILE", parse=Path)
     s3_endpoint_url: str | None = setting("OPBOX_S3_ENDPOINT_URL")  # S3-compatible server, if the store URL names none
+    # the S3 endpoint the signed URLs handed to clients and runtimes name, when they reach S3 at another address
+    # than the gateway does (the store URL's public_endpoint= wins)
+    s3_public_endpoint: str | None = setting("OPBOX_S3_PUBLIC_ENDPOINT")
     # Prometheus metrics: GET /metrics on the gateway with this bearer token, and/or on their own port (no
     # token; bind it where only the scraper reaches); with neither, /metrics answers 404
     metrics_token: str | None = setting("OPBOX_METRICS_TOKEN")

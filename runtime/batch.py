@@ -11,6 +11,9 @@ import os
 import socket
 import sys
 
+from opbox import files
+
+from . import transfer
 from .capture import OutputCapture
 from .channel import Channel, GatewayGone
 from .execute import Executor, within_limit
@@ -30,18 +33,22 @@ def main(run_id: str) -> int:
             return 2
         logs = Channel(env["OPBOX_GATEWAY_URL"], env["OPBOX_RUN_TOKEN"], socket.gethostname(), patience=10)
         capture = OutputCapture(lambda rid, data: _ok(logs.request("POST", f"/_internal/runs/{rid}/logs", data)))
+        uploads_path = f"/_internal/runs/{run_id}/payloads"  # signed uploads for large results
+        files.install(transfer.RuntimeFiles(Channel(env["OPBOX_GATEWAY_URL"], env["OPBOX_RUN_TOKEN"],
+                                                    socket.gethostname()), f"/_internal/runs/{run_id}/files"))
         execute = Executor(env["OPBOX_ENTRY"], env.get("OPBOX_CODE_DIR") or os.getcwd())
         become_subreaper()
         capture.start(run_id)
         try:
-            items = ItemShipper(channel, f"/_internal/runs/{run_id}/items", headers.get("X-Opbox-Result-Limit"))
+            items = ItemShipper(channel, f"/_internal/runs/{run_id}/items", headers, uploads_path)
             with run_context(headers.get("X-Opbox-Traceparent"), execute.entry, run_id) as traced:
-                outcome, payload = execute(args, items)
+                outcome, payload = transfer.call(execute, channel, headers, args, items)
                 traced(outcome)
         finally:
             end_leftovers()
             capture.stop()
         outcome, payload = within_limit(outcome, payload, headers.get("X-Opbox-Result-Limit"))
+        outcome, payload = transfer.outgoing(channel, uploads_path, headers, outcome, payload)
         status, _, data = channel.request("POST", f"/_internal/runs/{run_id}/result", payload,
                                           {"X-Opbox-Outcome": outcome, "Content-Type": "application/x-opbox-envelope"})
         if status >= 300:

@@ -11,8 +11,10 @@ import os
 import signal
 import sys
 
+from opbox import files
 from opbox.serialization import dump_error
 
+from . import transfer
 from .capture import OutputCapture
 from .channel import Channel, GatewayGone
 from .execute import Executor, within_limit
@@ -61,6 +63,8 @@ def main() -> int:
     execute.preload()  # before asking for work: the first run does not pay for the import
     next_path = f"/_internal/pools/{pool}/next?wait=10"
     runs_path = f"/_internal/pools/{pool}/runs"
+    uploads_path = f"/_internal/pools/{pool}/payloads"  # signed uploads for large results
+    files.install(transfer.RuntimeFiles(Channel(env["OPBOX_GATEWAY_URL"], token, worker), f"/_internal/pools/{pool}/files"))
     done_headers, body = None, b""
     while True:
         try:
@@ -80,9 +84,9 @@ def main() -> int:
         capture.start(run_id)
         _Lease.held = True
         try:
-            items = ItemShipper(channel, f"{runs_path}/{run_id}/items", headers.get("X-Opbox-Result-Limit"))
+            items = ItemShipper(channel, f"{runs_path}/{run_id}/items", headers, uploads_path)
             with run_context(headers.get("X-Opbox-Traceparent"), execute.entry, run_id) as traced:
-                outcome, body = execute(data, items)
+                outcome, body = transfer.call(execute, channel, headers, data, items)
                 traced(outcome)
         except RunCancelled as exc:  # the platform has ended the run already; this result is ignored
             outcome, body = "failed", dump_error(exc, "")
@@ -91,5 +95,6 @@ def main() -> int:
             end_leftovers()  # what the run started ends with it (before its last output is shipped)
             capture.stop()
         outcome, body = within_limit(outcome, body, headers.get("X-Opbox-Result-Limit"))
+        outcome, body = transfer.outgoing(channel, uploads_path, headers, outcome, body)
         done_headers = {"X-Opbox-Done": run_id, "X-Opbox-Outcome": outcome,
                         "Content-Type": "application/x-opbox-envelope"}

@@ -101,7 +101,7 @@ def test_every_documented_route_refuses_strangers(plat, client, deployed, other)
     revoked = client.post("/tokens", json={"name": "to-revoke"}).json()
     client.request("DELETE", f"/tokens/{revoked['id']}")
     values = {"workspace": plat.workspace, "job": remote.job_id, "run": run_id, "batch": batch,
-              "token": revoked["id"], "name": "secret", "path": "call", "seq": "1"}
+              "token": revoked["id"], "name": "secret", "path": "call", "seq": "1", "sha256": "0" * 64}
     doc = httpx.get(plat.url + "/openapi.json").json()
     credentials = {
         "none": ({}, {401}), "malformed": ({"Authorization": "Token abc"}, {401}),

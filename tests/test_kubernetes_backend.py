@@ -74,6 +74,10 @@ def hog(mb):
     return len(blocks)
 
 @operator()
+def echo(value):
+    return value
+
+@operator()
 def stubborn(seconds):
     def on_term(signum, frame):  # takes longer to clean up than the grace allows
         print("stubborn: got SIGTERM, cleaning up", flush=True)
@@ -83,7 +87,7 @@ def stubborn(seconds):
     time.sleep(seconds)
 """
 
-NAMES = ("score", "sleeper", "too_slow", "flaky", "crash", "crash_then_fail", "hog", "stubborn")
+NAMES = ("score", "sleeper", "too_slow", "flaky", "crash", "crash_then_fail", "hog", "stubborn", "echo")
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +139,16 @@ def test_call_runs_as_a_job_with_the_runs_image(fns, kube, client):
     assert kube.store.get("serviceaccounts", NAMESPACE, "opbox-runner") is not None
     wait_for(lambda: jobs_of(kube, run.id)[0]["status"].get("succeeded") == 1, 30, "the Job completing")
     assert fns["sleeper"](0).startswith("r-"), "the run id reaches the pod"
+
+
+def test_large_arguments_and_results_reach_pods_by_signed_url(fns, plat):
+    """Above the inline limit the pod fetches its arguments and uploads its result with signed URLs (a local
+    store's are served by the gateway, which pods reach at their OPBOX_GATEWAY_URL), in a Job and in a pool."""
+    data = bytes(range(256)) * (3 * 1024 * 1024 // 256)
+    assert fns["echo"](data) == data  # a Job's pod
+    assert list(fns["echo"].map([data, data[::-1]])) == [data, data[::-1]]  # worker pods
+    log = plat.log()
+    assert "could not be fetched" not in log and "could not be uploaded" not in log
 
 
 def worker_jobs(kube: FakeKube, job_id: str) -> list[dict]:

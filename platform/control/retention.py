@@ -24,6 +24,7 @@ from ..settings import Settings
 BATCH = 1000
 _ARCHIVE = re.compile(r"[a-z0-9-]+/code/[0-9a-f]{64}\.zip")
 _PAYLOAD = re.compile(r"[a-z0-9-]+/payloads/[0-9a-f]{32}")
+_FILE = re.compile(r"[a-z0-9-]+/files/[0-9a-f]{64}")
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Collected:
     payload_bytes: int = 0
     runs_deleted: int = 0
     payload_objects_deleted: int = 0
+    uploads_expired: int = 0
+    files_deleted: int = 0
     archives_deleted: int = 0
     archive_bytes: int = 0
     folders_deleted: int = 0
@@ -55,12 +58,17 @@ class Retention:
             lambda: runs.delete_finished(self.settings.retention_run_days, now, BATCH))
         done.payload_bytes = expired_bytes + deleted_bytes
         older_than = now - self.settings.gc_min_age
+        done.uploads_expired = await self._expire_uploads(max(older_than, 0.0))
         stored = await asyncio.to_thread(lambda: list(self.store.list("")))
         payloads = [key for key in stored if _PAYLOAD.fullmatch(key)]
         referenced = self.records.runs.stored_keys(payloads)  # the records are read on the loop, never a thread
         done.payload_objects_deleted, orphans = await asyncio.to_thread(
             self._delete_old, [key for key in payloads if key not in referenced], older_than)
         done.payload_bytes += orphans
+        files = [key for key in stored if _FILE.fullmatch(key)]  # opbox.File contents: by age (runs name them
+        done.files_deleted, file_bytes = await asyncio.to_thread(  # inside their pickles, which are not read)
+            self._delete_old, files, now - 86400.0 * self.settings.retention_days)
+        done.payload_bytes += file_bytes
         in_use, artifacts = self.records.jobs.in_use()
         archives = [key for key in stored if _ARCHIVE.fullmatch(key)]
         done.archives_deleted, done.archive_bytes = await asyncio.to_thread(
@@ -79,6 +87,14 @@ class Retention:
             await asyncio.to_thread(self._delete, dropped.object_keys)
             if dropped.runs < BATCH:
                 return runs, size
+
+    async def _expire_uploads(self, before: float) -> int:
+        """Payloads uploaded with a signed URL but never attached to a run, asked for before ``before``."""
+        count = 0
+        while keys := self.records.uploads.expire(before, BATCH):
+            await asyncio.to_thread(self._delete, keys)
+            count += len(keys)
+        return count
 
     def _delete(self, keys: list[str]) -> None:
         for key in keys:

@@ -30,7 +30,7 @@ from ..notify import Notifier
 from ..records.base import TERMINAL, AttemptRecord, BatchRecord, BatchResult, NewRun, Payload, Records, RunRecord, payload_size
 from ..settings import Settings
 from ..tracing import RunSpans
-from .payloads import head_of
+from .payloads import head_of, too_large
 
 log = logging.getLogger("opbox.runs")
 
@@ -121,7 +121,7 @@ class Runs:
     def _check_payload(self, payload: Payload) -> None:
         size = payload_size(payload)
         if size > self.limits.max_payload:
-            raise PayloadTooLarge(f"arguments are {size} bytes; the limit is {self.limits.max_payload}")
+            raise too_large("arguments", size, self.limits.max_payload)
         header = envelope.read_header(head_of(payload))
         if header["kind"] != envelope.ARGS:
             raise ValidationError(f"expected an args envelope, got {header['kind']!r}")
@@ -457,7 +457,7 @@ class Runs:
             return
         size = payload_size(payload)
         if size > self.limits.max_payload:
-            status, reason = "failed", f"result is {size} bytes; the limit is {self.limits.max_payload}"
+            status, reason = "failed", f"result is {size} bytes; the limit is {self.limits.max_payload} (OPBOX_MAX_PAYLOAD)"
             payload = envelope.error_envelope("opbox.PayloadTooLarge", reason)
         try:
             ended, complete = self.records.runs.finish(run, status, time.time(), reason, error_type, payload)

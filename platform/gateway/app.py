@@ -20,6 +20,7 @@ from ..core import Platform
 from . import routes_internal as internal
 from . import routes_items as items
 from . import routes_jobs as jobs
+from . import routes_payloads as payloads
 from . import routes_runs as runs
 from . import routes_schedules as schedules
 from . import routes_secrets as secrets
@@ -100,6 +101,9 @@ ROUTES = [
     Route(W + "/jobs", jobs.list_jobs),
     Route(W + "/jobs", jobs.deploy, methods=["POST"]),
     Route(W + "/uploads", jobs.create_upload, methods=["POST"]),
+    Route(W + "/payloads", payloads.create_payload_upload, methods=["POST"]),
+    Route(W + "/files", payloads.create_file_upload, methods=["POST"]),
+    Route(W + "/files/{sha256}", payloads.get_file),
     Route(W + "/job/{job}", jobs.get_job),
     Route(W + "/job/{job}", jobs.delete_job, methods=["DELETE"]),
     Route(W + "/job/{job}/versions", jobs.list_versions),
@@ -149,6 +153,12 @@ ROUTES = [
     Route("/_internal/runs/{run}/result", internal.run_result, methods=["POST"], include_in_schema=False),
     Route("/_internal/pools/{pool}/runs/{run}/items", internal.worker_items, methods=["POST"], include_in_schema=False),
     Route("/_internal/runs/{run}/items", internal.run_items, methods=["POST"], include_in_schema=False),
+    Route("/_internal/pools/{pool}/payloads", internal.worker_payload_upload, methods=["POST"], include_in_schema=False),
+    Route("/_internal/runs/{run}/payloads", internal.run_payload_upload, methods=["POST"], include_in_schema=False),
+    Route("/_internal/pools/{pool}/files", internal.worker_files, methods=["POST"], include_in_schema=False),
+    Route("/_internal/pools/{pool}/files/{sha256}", internal.worker_files, include_in_schema=False),
+    Route("/_internal/runs/{run}/files", internal.run_files, methods=["POST"], include_in_schema=False),
+    Route("/_internal/runs/{run}/files/{sha256}", internal.run_files, include_in_schema=False),
 ]
 
 

@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from opbox import envelope
 from opbox.errors import BadRequest, OpboxError, PayloadTooLarge, ValidationError
 
-from ..control.payloads import Payloads
+from ..control.payloads import Payloads, too_large
 from ..records.base import Payload, StoredPayload
 
 
@@ -37,9 +37,12 @@ async def read_payload(request: Request, payloads: Payloads, workspace: str, lim
     to disk as it arrives and kept in the object store, never whole in memory."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) <= payloads.inline:
-        return await read_body(request, limit)
+        body = await read_body(request, limit)
+        if body.startswith(envelope.REF_MAGIC):  # uploaded to the object store with a signed URL: claim it
+            return await payloads.attach(workspace, body, limit, what)
+        return body
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the {what} is {declared} bytes; the limit is {limit}")
+        raise too_large(what, int(declared), limit)
     spool = payloads.spool(workspace, limit, what)
     try:
         async for chunk in request.stream():
@@ -49,9 +52,15 @@ async def read_payload(request: Request, payloads: Payloads, workspace: str, lim
         spool.close()
 
 
-async def payload_response(payloads: Payloads, payload: Payload | None, headers: dict | None = None) -> Response:
-    """An envelope as the answer's body: streamed from the object store when it lives there."""
+async def payload_response(payloads: Payloads, payload: Payload | None, headers: dict | None = None,
+                           by_url: bool = False, internal: bool = False) -> Response:
+    """An envelope as the answer's body: streamed from the object store when it lives there, or, ``by_url``,
+    an empty answer whose header says where to fetch it (``internal``: for a runtime)."""
     if isinstance(payload, StoredPayload):
+        if by_url:
+            url = payloads.download_url(payload, internal)
+            return Response(b"", media_type=envelope.CONTENT_TYPE,
+                            headers={**(headers or {}), envelope.URL_HEADER: url, "X-Opbox-Payload-Size": str(payload.size)})
         body = await payloads.reader(payload)
         return StreamingResponse(body, media_type=envelope.CONTENT_TYPE,
                                  headers={**(headers or {}), "Content-Length": str(payload.size)})

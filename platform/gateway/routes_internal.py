@@ -10,10 +10,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from opbox import envelope
-from opbox.errors import AuthError, BadRequest, Conflict, NotFound, StorageError
+from opbox.errors import AuthError, BadRequest, Conflict, NotFound, OpboxError
 
 from ..backends.base import Completion, Lease, WorkerPools, require
-from .http import payload_response, query_number, read_body, read_payload
+from .http import json_body, ok, payload_response, query_number, read_body, read_payload
 from .routes_jobs import platform
 
 LOG_CHUNK_LIMIT = 2 * 1024 * 1024  # the runtime ships at most 1 MiB a request; the run's budget is applied after
@@ -42,12 +42,13 @@ async def worker_next(request: Request):
     wait = query_number(request, "wait", 10.0, 0, 60)
     answer = await pools.next_run(worker, done, wait)
     if isinstance(answer, Lease):
-        headers = {"X-Opbox-Run": answer.run_id, "X-Opbox-Result-Limit": str(plat.settings.max_payload)}
+        headers = {"X-Opbox-Run": answer.run_id, "X-Opbox-Result-Limit": str(plat.settings.max_payload),
+                   "X-Opbox-Inline": str(plat.payloads.inline)}
         if answer.timeout:
             headers["X-Opbox-Timeout"] = str(answer.timeout)
         if answer.traceparent:
             headers["X-Opbox-Traceparent"] = answer.traceparent
-        return await payload_response(plat.payloads, answer.args, headers)
+        return await payload_response(plat.payloads, answer.args, headers, by_url=True, internal=True)
     return Response(status_code=204, headers={"X-Opbox-Action": answer})
 
 
@@ -58,7 +59,7 @@ async def _result(request: Request, plat, workspace: str):
     try:
         return outcome, await read_payload(request, plat.payloads, workspace, plat.settings.max_payload + 1024**2,
                                            "result")
-    except StorageError as exc:
+    except OpboxError as exc:  # no room, or an uploaded result that cannot be used (too large, not there)
         return "failed", envelope.error_envelope(f"opbox.{type(exc).__name__}",
                                                  f"the run ended ({outcome}) but its result could not be stored: "
                                                  f"{exc.message}")
@@ -115,12 +116,12 @@ async def run_args(request: Request):
     if args is None:
         raise NotFound(f"run {run_id} has no arguments")
     run = plat.runs.find(run_id)
-    headers = {"X-Opbox-Result-Limit": str(plat.settings.max_payload)}
+    headers = {"X-Opbox-Result-Limit": str(plat.settings.max_payload), "X-Opbox-Inline": str(plat.payloads.inline)}
     if run is not None and run.timeout:
         headers["X-Opbox-Timeout"] = str(run.timeout)
     if run is not None and run.traceparent:
         headers["X-Opbox-Traceparent"] = run.traceparent
-    return await payload_response(plat.payloads, args, headers)
+    return await payload_response(plat.payloads, args, headers, by_url=True, internal=True)
 
 
 async def run_logs(request: Request):
@@ -140,3 +141,43 @@ async def run_items(request: Request):
     plat, run = _run_record(request)
     await _item(request, plat, run.id, run.workspace)
     return Response(status_code=204)
+
+
+# -- large results: the runtime puts them in the object store with a signed URL -------------
+def _result_upload(request: Request, plat, workspace: str, size) -> dict:
+    """A signed upload for a result (or a streamed item), whose reference the runtime then hands in."""
+    return plat.payloads.upload_slot(workspace, size, plat.settings.max_payload, "result", internal=True)
+
+
+async def worker_payload_upload(request: Request):
+    plat, _, worker = _worker(request)
+    if worker is None:
+        raise NotFound("this worker is not known to the platform any more")
+    size = (await json_body(request)).get("size")
+    return ok(_result_upload(request, plat, worker.pool.version.workspace, size))
+
+
+async def run_payload_upload(request: Request):
+    plat, run = _run_record(request)
+    size = (await json_body(request)).get("size")
+    return ok(_result_upload(request, plat, run.workspace, size))
+
+
+# -- opbox.File contents, for a run's arguments (fetch) and results (upload) --------------------
+async def _file_route(request: Request, workspace: str, plat):
+    if request.method == "GET":
+        return ok(await plat.files.download(workspace, request.path_params["sha256"], internal=True))
+    body = await json_body(request)
+    return ok(await plat.files.upload_slot(workspace, body.get("sha256"), body.get("size"), internal=True))
+
+
+async def worker_files(request: Request):
+    plat, _, worker = _worker(request)
+    if worker is None:
+        raise NotFound("this worker is not known to the platform any more")
+    return await _file_route(request, worker.pool.version.workspace, plat)
+
+
+async def run_files(request: Request):
+    plat, run = _run_record(request)
+    return await _file_route(request, run.workspace, plat)

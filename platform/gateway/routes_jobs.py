@@ -228,7 +228,9 @@ async def envelope_response(request: Request, run: RunRecord, result: Payload | 
     if run.exit_reason:
         headers["X-Opbox-Exit-Reason"] = json.dumps(run.exit_reason[:1000])
     plat = platform(request)
-    return await payload_response(plat.payloads, result if result is not None else plat.runs.result(run.id), headers)
+    payload = result if result is not None else plat.runs.result(run.id)
+    by_url = isinstance(payload, StoredPayload) and envelope.ACCEPT_URL_HEADER in request.headers
+    return await payload_response(plat.payloads, payload, headers, by_url)
 
 
 async def call(request: Request):
@@ -362,7 +364,8 @@ async def add_items(request: Request):
     if start is None:
         raise ValidationError("query parameter 'start' is required")
     frames = split_frames(await read_body(request, plat.settings.max_request_body))
-    frames = [await plat.payloads.keep(ws, frame) for frame in frames]  # large items go to the object store
+    # large items go to the object store (or are there already: a reference to a signed upload)
+    frames = [await plat.payloads.keep(ws, frame, plat.settings.max_payload) for frame in frames]
     added, accepted = plat.runs.add_items(ws, request.path_params["batch"], start, frames,
                                           request.headers.get("traceparent"))
     return ok({"added": added, "accepted": accepted, "received": len(frames)})

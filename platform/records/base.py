@@ -468,6 +468,18 @@ class Leadership(Protocol):
         """Whether this gateway leads now (a cheap check: the adapter keeps it up to date)."""
 
 
+class UploadRecords(Protocol):
+    """Payloads uploaded to the object store and not yet attached to a run."""
+
+    def add(self, key: str, workspace: str, at: float) -> None: ...
+
+    def claim(self, key: str, workspace: str) -> bool:
+        """Take the upload for one use: False when it is not the workspace's, was used, or has expired."""
+
+    def expire(self, before: float, limit: int) -> list[str]:
+        """Forget unclaimed uploads made before ``before``; their keys (the caller deletes the objects)."""
+
+
 class Records(Protocol):
     """The whole store, one attribute per aggregate; ``core`` opens it and closes it."""
 
@@ -481,6 +493,7 @@ class Records(Protocol):
     secrets: SecretRecords
     items: ItemRecords
     leadership: Leadership
+    uploads: UploadRecords
 
     def wakeups(self, deliver: Callable[[str], None]) -> Callable[[str], None] | None:
         """Wake-ups across the gateways sharing these records: returns ``publish(key)``, which sends a key the

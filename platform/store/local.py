@@ -283,13 +283,15 @@ class LocalStore:
         upload: _Upload | None = None
         try:
             upload = await to_thread.run_sync(_Upload.begin, key, path)
-            size, buffer, digest = 0, bytearray(), hashlib.sha256()
+            size, buffer = 0, bytearray()
+            digest = hashlib.sha256() if sha256 is not None else None  # hashed only when the URL binds a content
             async for chunk in request.stream():
                 size += len(chunk)
                 if max_size is not None and size > max_size:
                     raise PayloadTooLarge(f"the upload is larger than the {max_size} bytes allowed", max_size=max_size)
                 buffer += chunk
-                digest.update(chunk)
+                if digest is not None:
+                    digest.update(chunk)
                 if len(buffer) >= _WRITE_BUFFER:
                     await to_thread.run_sync(upload.write, bytes(buffer))
                     buffer.clear()
@@ -319,7 +321,11 @@ class LocalStore:
             st = None
         if st is None or not stat.S_ISREG(st.st_mode):
             return _error(NotFound(f"object {shorten(key)!r} not found", key=key))
-        return FileResponse(path, stat_result=st, media_type="application/octet-stream")
+        return _FileResponse(path, stat_result=st, media_type="application/octet-stream")
+
+
+class _FileResponse(FileResponse):
+    chunk_size = 1024 * 1024  # large objects (payloads) go out in fewer, larger writes
 
 
 class _Upload:

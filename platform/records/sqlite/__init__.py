@@ -18,6 +18,7 @@ from .runs import SqliteRuns
 from .schedules import SqliteSchedules, SqliteSecrets
 from .services import SqliteServices
 from .tokens import SqliteTokens
+from .uploads import SqliteUploads
 from .usage import SqliteUsage
 
 
@@ -47,6 +48,7 @@ class SqliteRecords:
         self.schedules = SqliteSchedules(database)
         self.secrets = SqliteSecrets(database)
         self.items = SqliteItems(database)
+        self.uploads = SqliteUploads(database)
         self.leadership = AlwaysLeader()
 
     def wakeups(self, deliver: Callable[[str], None]) -> None:

@@ -143,6 +143,13 @@ CREATE INDEX runs_by_workspace ON runs(workspace, id, job_id);
 CREATE INDEX runs_open ON runs(status, workspace, id, job_id) WHERE status IN ('queued', 'running');
 CREATE INDEX runs_ended_badly ON runs(status, workspace, id, job_id) WHERE status IN ('failed', 'timed_out', 'cancelled');
 """,
+    # 10: payloads uploaded straight to the object store (a presigned URL), not yet attached to a run: a run's
+    # create (or a runtime's result) claims one, once; retention deletes those left unclaimed
+    """
+CREATE TABLE uploads(
+  object_key TEXT PRIMARY KEY, workspace TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX uploads_by_age ON uploads(created_at);
+""",
 )
 
 

@@ -24,6 +24,8 @@ def run_json(run: RunRecord, base: str = "") -> dict:
         out["retry_at"] = run.retry_at  # queued: its next attempt starts then
     if run.schedule_id is not None:
         out["schedule_id"] = run.schedule_id
+    if run.parent_run_id is not None:
+        out["parent_run_id"] = run.parent_run_id  # the run whose code started it
     if base:
         out["links"] = {"self": f"{base}/runs/{run.id}", "result": f"{base}/runs/{run.id}/result",
                         "logs": f"{base}/runs/{run.id}/logs"}

@@ -45,6 +45,7 @@ class RunRecord:
     expired_at: float | None = None  # its arguments, result and log were dropped (retention)
     retry_at: float | None = None  # queued, waiting out its retry's backoff until then
     schedule_id: str | None = None  # the schedule that started it
+    parent_run_id: str | None = None  # the run whose code started it (jobs calling jobs)
 
 
 class NewRun(NamedTuple):
@@ -61,6 +62,7 @@ class NewRun(NamedTuple):
     batch_id: str | None = None
     batch_index: int | None = None
     schedule_id: str | None = None
+    parent_run_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,7 @@ class RunFilter(NamedTuple):
     batch_id: str | None = None
     since_id: str | None = None  # ids >= this
     before_id: str | None = None  # ids < this
+    parent_run_id: str | None = None  # the children of this run
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +206,8 @@ class TokenRecord:
     role: str
     created_at: float
     revoked_at: float | None
+    run_id: str | None = None  # a caller's token (role "run"): the run whose code calls, the parent of what it starts
+    deadline: float | None = None  # ... and when that run times out (epoch seconds), which bounds its children
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,12 @@ CREATE TABLE run_items(
   PRIMARY KEY(run_id, seq));
 CREATE INDEX run_items_by_object ON run_items(object_key) WHERE object_key IS NOT NULL;
 """,
+    # jobs calling jobs: a run started by another run's code (with the run's scoped token) names that run, its
+    # parent; a run's children by parent (the runs API's ?parent=, the dashboard's run page)
+    """
+ALTER TABLE runs ADD COLUMN parent_run_id TEXT;
+CREATE INDEX runs_by_parent ON runs(parent_run_id, id) WHERE parent_run_id IS NOT NULL;
+""",
 )
 
 

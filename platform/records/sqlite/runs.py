@@ -15,10 +15,10 @@ from .connection import Database, storage_errors
 
 COLUMNS = ("id, workspace, job_id, version, status, trigger, created_at, started_at, finished_at, exit_reason, "
            "error_type, attempt, max_retries, timeout, batch_id, batch_index, done_seq, worker, log_bytes, expired_at, "
-           "retry_at, schedule_id")
+           "retry_at, schedule_id, parent_run_id")
 SELECT = f"SELECT {COLUMNS} FROM runs"
 INSERT = ("INSERT OR IGNORE INTO runs(id, workspace, job_id, version, trigger, created_at, max_retries, timeout, "
-          "batch_id, batch_index, schedule_id, status) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued')")
+          "batch_id, batch_index, schedule_id, parent_run_id, status) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,'queued')")
 OPEN_SQL = "status IN ('queued', 'running')"  # base.OPEN, as literals: so the partial index runs_open applies
 INSERT_PAYLOAD = "INSERT OR REPLACE INTO payloads(run_id, kind, data, object_key, size) VALUES (?,?,?,?,?)"
 ADD_USAGE = ("INSERT INTO usage(workspace, bytes) VALUES (?, ?) "
@@ -180,10 +180,10 @@ class SqliteRuns:
         # SQLite walks one index backwards in id order and stops after ``limit`` rows: a map's or a job's
         # (the most selective; "+workspace" keeps the planner off the workspace's), else runs_by_status,
         # runs_by_trigger or runs_by_workspace
-        narrow = where.batch_id is not None or where.job_id is not None
+        narrow = where.batch_id is not None or where.job_id is not None or where.parent_run_id is not None
         sql, params = f"{SELECT} WHERE {'+' if narrow else ''}workspace = ?", [workspace]
         for column, value in (("job_id", where.job_id), ("status", where.status), ("trigger", where.trigger),
-                              ("batch_id", where.batch_id)):
+                              ("batch_id", where.batch_id), ("parent_run_id", where.parent_run_id)):
             if value is not None:
                 sql += f" AND {column} = ?"
                 params.append(value)

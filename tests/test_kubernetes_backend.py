@@ -74,6 +74,11 @@ def hog(mb):
     return len(blocks)
 
 @operator()
+def relay(x):  # jobs calling jobs: this run's pod calls the scorer, with the run's own token
+    from opbox import Operator
+    return Operator.from_job("scorer")(x)
+
+@operator()
 def stubborn(seconds):
     def on_term(signum, frame):  # takes longer to clean up than the grace allows
         print("stubborn: got SIGTERM, cleaning up", flush=True)
@@ -83,7 +88,7 @@ def stubborn(seconds):
     time.sleep(seconds)
 """
 
-NAMES = ("score", "sleeper", "too_slow", "flaky", "crash", "crash_then_fail", "hog", "stubborn")
+NAMES = ("score", "sleeper", "too_slow", "flaky", "crash", "crash_then_fail", "hog", "stubborn", "relay")
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +140,31 @@ def test_call_runs_as_a_job_with_the_runs_image(fns, kube, client):
     assert kube.store.get("serviceaccounts", NAMESPACE, "opbox-runner") is not None
     wait_for(lambda: jobs_of(kube, run.id)[0]["status"].get("succeeded") == 1, 30, "the Job completing")
     assert fns["sleeper"](0).startswith("r-"), "the run id reaches the pod"
+
+
+def test_a_run_pod_calls_another_job_with_a_token_scoped_to_its_run(fns, kube, plat):
+    """The pod's OPBOX_TOKEN comes from its run's token Secret: a caller token for that run only (never the
+    user's; nothing else in the pod's env holds one); the child it started names it as its parent."""
+    import base64
+
+    run = fns["relay"].submit(6)
+    assert run.result(timeout=120) == 12
+    (job,) = jobs_of(kube, run.id)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["OPBOX_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == f"opbox-run-{run.id.lower()}-token" and ref["key"] == "caller" and "value" not in env["OPBOX_TOKEN"]
+    assert not any(plat.token in json.dumps(e) for e in container["env"])
+    secret = kube.store.get("secrets", NAMESPACE, ref["name"])
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert set(data) == {"token", "caller"} and data["caller"].startswith(f"obc_r:{run.id}:")
+    assert data["caller"] != plat.token
+    with plat.http() as http:
+        (child,) = http.get(f"/{WORKSPACE}/runs", params={"parent": run.id}).json()["runs"]
+        assert child["job_id"] == fns["score"].job_id and child["status"] == "succeeded"
+        assert child["parent_run_id"] == run.id and child["trigger"] == "call"
+    with httpx.Client(base_url=plat.url, headers={"Authorization": f"Bearer {data['caller']}"}, timeout=30) as http:
+        assert http.get(f"/{WORKSPACE}/jobs").status_code == 401  # the run has ended: its token with it
 
 
 def worker_jobs(kube: FakeKube, job_id: str) -> list[dict]:

@@ -35,10 +35,9 @@ def runtime_env(version: VersionInfo, *, in_image: bool = False, gateway_url: st
     artifact = version.artifact
     env = dict(version.secret_env) if secrets else {}
     env |= {"PYTHONUNBUFFERED": "1", "OPBOX_ENTRY": version.entry,
-           "OPBOX_CODE_DIR": artifact.code_dir_in_image if in_image else artifact.code_dir,
-           "OPBOX_WORKSPACE": version.workspace}
-    if gateway_url is not None:
-        env["OPBOX_GATEWAY_URL"] = gateway_url
+           "OPBOX_CODE_DIR": artifact.code_dir_in_image if in_image else artifact.code_dir}
+    if gateway_url is not None:  # a cluster pod is told these by its template (identity_env)
+        env["OPBOX_GATEWAY_URL"], env["OPBOX_WORKSPACE"] = gateway_url, version.workspace
     if worker is not None:
         env["OPBOX_POOL"], env["OPBOX_WORKER_ID"], env["OPBOX_WORKER_TOKEN"] = worker
     if run is not None:

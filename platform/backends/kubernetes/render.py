@@ -41,6 +41,7 @@ MAX_SERVICE_NAME = 56
 # Env the platform sets itself; users may not override it.
 RESERVED_ENV = frozenset({
     "OPBOX_GATEWAY_URL", "OPBOX_WORKSPACE", "OPBOX_RUN_ID", "OPBOX_JOB_ID", "OPBOX_VERSION", "OPBOX_RUN_TOKEN",
+    "OPBOX_TOKEN",  # the pod's caller token (the token Secret's "caller" key): its SDK calls its own workspace
 })
 # Knative rejects user env with these names.
 KNATIVE_RESERVED_ENV = frozenset({"PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"})
@@ -222,7 +223,7 @@ class WorkloadSpec:
     version: int | str
     image: str
     gateway_url: str
-    token_secret: str  # Secret holding the run token, exposed as OPBOX_RUN_TOKEN
+    token_secret: str  # Secret holding the run token, exposed as OPBOX_RUN_TOKEN (its "caller" key as OPBOX_TOKEN)
     token_secret_key: str = "token"
     command: tuple[str, ...] | None = None  # default: the runtime entrypoint
     resource: Resource = field(default_factory=Resource)

@@ -28,6 +28,7 @@ import secrets
 import signal
 import time
 
+from ..base import worker_caller_token
 from ..pools import Worker
 from . import render
 
@@ -76,7 +77,8 @@ class PodSpawner:
         self.by_job[spec.name] = handle
         try:
             await backend.create_with_token(namespace, render.render_worker(spec), secret_name, spec.labels(),
-                                            worker.token)
+                                            worker.token,
+                                            caller=worker_caller_token(worker.pool.id, worker.id, worker.token))
         except Exception:
             self.by_job.pop(spec.name, None)
             raise

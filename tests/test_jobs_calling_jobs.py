@@ -7,6 +7,9 @@ Both local isolations: warm workers and one-shot processes."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -117,6 +120,10 @@ def test_a_job_maps_a_job_that_calls_a_service(calls):
         assert all(r["parent_run_id"] == top.id and r["trigger"] == "map" and r["status"] == "succeeded"
                    for r in items)
         assert "parent_run_id" not in http.get(f"/{plat.workspace}/runs/{top.id}").json()  # the user started it
+    env = {**os.environ, "OPBOX_URL": plat.url, "OPBOX_TOKEN": plat.token, "OPBOX_WORKSPACE": plat.workspace}
+    listed = subprocess.run([sys.executable, "-m", "opbox.cli", "runs", "--parent", top.id, "--json"], env=env,
+                            capture_output=True, text=True, check=True)
+    assert sorted(r["id"] for r in json.loads(listed.stdout)) == sorted(r["id"] for r in items)
     browser = login(plat)  # the dashboard's run page lists the runs it started, and each names its parent
     try:
         page = browser.get(f"/_ui/runs/{top.id}")

@@ -227,6 +227,9 @@ def test_a_running_runs_token_may_call_but_not_administer(calls, tmp_path):
                 assert answer.status_code == 403, (what, answer.status_code, answer.text)
             forged = token[:-3] + ("aaa" if not token.endswith("aaa") else "bbb")
             assert http.get(f"/{ws}/jobs", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+            kind, subject, rest = token.split(":", 2)  # the same proof for another run (or worker): refused
+            other = f"{kind}:{subject[:-2]}zz:{rest}" if kind == "obc_r" else f"{kind}:{subject}:w-other:{rest.split(':', 1)[1]}"
+            assert http.get(f"/{ws}/jobs", headers={"Authorization": f"Bearer {other}"}).status_code == 401
         with plat.http() as http:
             assert http.get(f"/{ws}/job/nap").status_code == 200  # nothing was deleted
     finally:
@@ -238,3 +241,25 @@ def test_a_service_handle_works_from_the_test_too(calls):
     """The doubler the items call is an ordinary service: the user's token reaches it as before."""
     plat, client, _, _ = calls
     assert RemoteService("doubler", client=client).double(5) == 10
+
+
+def test_the_readme_example_runs(calls, tmp_path):
+    from pathlib import Path
+
+    plat = calls[0]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Jobs calling jobs"):]
+    (tmp_path / "pipeline.py").write_text(section.split("```python\n", 1)[1].split("```", 1)[0])
+    env = {**plat.env, "OPBOX_URL": plat.url, "OPBOX_TOKEN": plat.token, "OPBOX_WORKSPACE": plat.workspace}
+    out = subprocess.run([sys.executable, "pipeline.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-1] == "5"
+    with plat.http() as http:  # the report it triggered names it, and outlives it (the parent succeeded)
+        (pipeline,) = runs_of(http, plat.workspace, job="pipeline")
+        children = runs_of(http, plat.workspace, parent=pipeline["id"])
+        assert {r["trigger"] for r in children} == {"map", "trigger"} and len(children) == 3
+        report = next(r for r in children if r["trigger"] == "trigger")
+        done = wait_for(lambda: (r := http.get(f"/{plat.workspace}/runs/{report['id']}").json())["status"]
+                        not in OPEN and r, timeout=60)
+        assert done["status"] == "succeeded"

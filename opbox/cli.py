@@ -213,12 +213,13 @@ def jobs_delete(job, yes, as_json):
 @click.option("--status", default=None, help="Only runs in this state (queued, running, succeeded, failed, ...).")
 @click.option("--trigger", default=None, help="Only runs made this way (call, trigger, map, schedule).")
 @click.option("--batch", default=None, help="Only the items of this map.")
+@click.option("--parent", default=None, help="Only the runs this run's code started (jobs calling jobs).")
 @click.option("--since", default=None, help="Only runs made since: a duration (30m, 6h, 2d) or epoch seconds.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1), help="How many (pages past 1,000).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def runs(job, status, trigger, batch, since, limit, as_json):
+def runs(job, status, trigger, batch, parent, since, limit, as_json):
     """List the workspace's runs (or JOB's, by id or name), newest first."""
-    params = {k: v for k, v in {"job": job, "status": status, "trigger": trigger, "batch": batch,
+    params = {k: v for k, v in {"job": job, "status": status, "trigger": trigger, "batch": batch, "parent": parent,
                                 "since": _since(since)}.items() if v is not None}
     client, rows, cursor = _client(), [], None
     if job is not None:

@@ -134,7 +134,10 @@ class Platform:
         self.schedules = Schedules(self.records, self.runs, self.deploys)
         self.deploys.on_ready.append(self._schedule_from_deploy)
         self.services = Services(self.records, self.backend, self.deploys, settings.max_payload,
-                                 base_url=lambda: self.settings.url)
+                                 base_url=lambda: self.settings.url, on_delete=self.auth.service_deleted)
+        self.runs.on_run_end = self.auth.run_ended  # a run's caller token lives while it runs (jobs calling jobs)
+        if supports(self.backend, WorkerPools):
+            self.auth.held_run = require(self.backend, WorkerPools).held_run
         if bound_url:
             self._refresh_credentials()
         self.proxy = Proxy(self.services)  # service calls: replica choice, in-flight counts, connections

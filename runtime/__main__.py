@@ -16,6 +16,15 @@ import os
 import sys
 
 
+def sdk_calls_home() -> None:
+    """The SDK in user code calls this process's own gateway and workspace with the token the platform gave
+    it (OPBOX_TOKEN, a caller's token scoped to this run or service: jobs calling jobs); never elsewhere with
+    it, whatever ``Resource.env`` set. Without one, user code has no token (and no credentials file)."""
+    env = os.environ
+    if env.get("OPBOX_TOKEN", "").startswith("obc_") and env.get("OPBOX_GATEWAY_URL"):
+        env["OPBOX_URL"] = env["OPBOX_GATEWAY_URL"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m opbox.runtime", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--code-dir", default=os.environ.get("OPBOX_CODE_DIR"), help="default: $OPBOX_CODE_DIR")
     args = parser.parse_args(argv)
     os.environ["OPBOX_RUNTIME"] = "1"  # user code can tell; deploy() refuses to run here
+    sdk_calls_home()
     if args.mode == "worker":
         from .worker import main as worker_main
 

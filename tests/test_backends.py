@@ -120,11 +120,12 @@ def _version(**artifact) -> VersionInfo:
 def test_runtime_env_is_the_contract_of_every_spawn_site():
     local = _version(code_dir="/code/abc", python="/envs/x/bin/python")
     base = {"PYTHONUNBUFFERED": "1", "OPBOX_ENTRY": "main:Model", "OPBOX_CODE_DIR": "/code/abc"}
-    assert runtime_env(local, gateway_url="http://gw", worker=("j1.v3", "w1", "tok")) == {
-        **base, "OPBOX_GATEWAY_URL": "http://gw", "OPBOX_POOL": "j1.v3", "OPBOX_WORKER_ID": "w1",
-        "OPBOX_WORKER_TOKEN": "tok"}
+    assert runtime_env(local, gateway_url="http://gw", worker=("j1.v3", "w1", "tok"), caller="obc_w:x") == {
+        **base, "OPBOX_GATEWAY_URL": "http://gw", "OPBOX_WORKSPACE": "ws", "OPBOX_POOL": "j1.v3",
+        "OPBOX_WORKER_ID": "w1", "OPBOX_WORKER_TOKEN": "tok", "OPBOX_TOKEN": "obc_w:x"}
     assert runtime_env(local, gateway_url="http://gw", run=("r1", "tok")) == {
-        **base, "OPBOX_GATEWAY_URL": "http://gw", "OPBOX_RUN_ID": "r1", "OPBOX_RUN_TOKEN": "tok"}
+        **base, "OPBOX_GATEWAY_URL": "http://gw", "OPBOX_WORKSPACE": "ws", "OPBOX_RUN_ID": "r1",
+        "OPBOX_RUN_TOKEN": "tok"}
     service = ServiceInfo(workspace="ws", name="model", version=local, init=b"\x01", concurrency=4, queue=8)
     assert runtime_env(local, serve=service, replica="r1-v3", init_file="/init") == {
         **base, "OPBOX_INIT_FILE": "/init", "OPBOX_CONCURRENCY": "4", "OPBOX_QUEUE": "8", "OPBOX_SERVICE": "model",

@@ -77,6 +77,11 @@ def hog(mb):
 def echo(value):
     return value
 
+
+def relay(x):  # jobs calling jobs: this run's pod calls the scorer, with the run's own token
+    from opbox import Operator
+    return Operator.from_job("scorer")(x)
+
 @operator()
 def stubborn(seconds):
     def on_term(signum, frame):  # takes longer to clean up than the grace allows
@@ -87,7 +92,7 @@ def stubborn(seconds):
     time.sleep(seconds)
 """
 
-NAMES = ("score", "sleeper", "too_slow", "flaky", "crash", "crash_then_fail", "hog", "stubborn", "echo")
+NAMES = ("score", "sleeper", "too_slow", "flaky", "crash", "crash_then_fail", "hog", "stubborn", "echo", "relay")
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +154,31 @@ def test_large_arguments_and_results_reach_pods_by_signed_url(fns, plat):
     assert list(fns["echo"].map([data, data[::-1]])) == [data, data[::-1]]  # worker pods
     log = plat.log()
     assert "could not be fetched" not in log and "could not be uploaded" not in log
+
+
+def test_a_run_pod_calls_another_job_with_a_token_scoped_to_its_run(fns, kube, plat):
+    """The pod's OPBOX_TOKEN comes from its run's token Secret: a caller token for that run only (never the
+    user's; nothing else in the pod's env holds one); the child it started names it as its parent."""
+    import base64
+
+    run = fns["relay"].submit(6)
+    assert run.result(timeout=120) == 12
+    (job,) = jobs_of(kube, run.id)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["OPBOX_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == f"opbox-run-{run.id.lower()}-token" and ref["key"] == "caller" and "value" not in env["OPBOX_TOKEN"]
+    assert not any(plat.token in json.dumps(e) for e in container["env"])
+    secret = kube.store.get("secrets", NAMESPACE, ref["name"])
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert set(data) == {"token", "caller"} and data["caller"].startswith(f"obc_r:{run.id}:")
+    assert data["caller"] != plat.token
+    with plat.http() as http:
+        (child,) = http.get(f"/{WORKSPACE}/runs", params={"parent": run.id}).json()["runs"]
+        assert child["job_id"] == fns["score"].job_id and child["status"] == "succeeded"
+        assert child["parent_run_id"] == run.id and child["trigger"] == "call"
+    with httpx.Client(base_url=plat.url, headers={"Authorization": f"Bearer {data['caller']}"}, timeout=30) as http:
+        assert http.get(f"/{WORKSPACE}/jobs").status_code == 401  # the run has ended: its token with it
 
 
 def worker_jobs(kube: FakeKube, job_id: str) -> list[dict]:

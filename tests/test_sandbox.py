@@ -99,7 +99,12 @@ def peek(path):
 @operator()
 def whoami():
     return {"uid": os.getuid(), "gid": os.getgid(), "cwd": os.getcwd(), "env": sorted(os.environ), "pid": os.getpid(),
-            "code": os.environ.get("OPBOX_CODE_DIR")}
+            "code": os.environ.get("OPBOX_CODE_DIR"), "token": os.environ.get("OPBOX_TOKEN", "")}
+
+@operator()
+def calls_whoami():  # jobs calling jobs, from inside the sandbox, with the run's own token
+    from opbox import Operator
+    return Operator.from_job("whoami")()["uid"]
 
 @operator()
 def plant():
@@ -125,10 +130,15 @@ def hog():
 class Teller:
     def whoami(self):
         return {"uid": os.getuid(), "pid": os.getpid()}
+
+    def calls_whoami(self):
+        from opbox import Operator
+        return Operator.from_job("whoami")()["uid"]
 """
 
 RUNTIME_VARS = {"OPBOX_ENTRY", "OPBOX_CODE_DIR", "OPBOX_GATEWAY_URL", "OPBOX_POOL", "OPBOX_WORKER_ID",
-                "OPBOX_WORKER_TOKEN", "OPBOX_RUN_ID", "OPBOX_RUN_TOKEN", "OPBOX_RUNTIME", "PYTHONUNBUFFERED"}
+                "OPBOX_WORKER_TOKEN", "OPBOX_RUN_ID", "OPBOX_RUN_TOKEN", "OPBOX_RUNTIME", "PYTHONUNBUFFERED",
+                "OPBOX_TOKEN", "OPBOX_URL", "OPBOX_WORKSPACE"}  # the last three: the run's own, for its SDK calls
 
 
 @pytest.fixture(scope="module", params=["worker", "run"])
@@ -141,7 +151,8 @@ def sealed(request, tmp_path_factory):
     with running_platform(tmp_path_factory.mktemp(f"sealed_{request.param}"), extra_env=env) as plat:
         client = plat.client()
         with user_module(tmp_path_factory.mktemp("sealed_proj"), "sealedmod", SEALED_CODE) as mod:
-            fns = {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("peek", "whoami", "plant", "nap", "hog")}
+            fns = {n: getattr(mod, n).deploy(client=client, quiet=True)
+                   for n in ("peek", "whoami", "plant", "nap", "hog", "calls_whoami")}
             yield plat, client, mod, fns
         client.close()
 
@@ -158,7 +169,9 @@ def test_a_run_has_its_workspaces_uid_an_allow_listed_environment_and_read_only_
     _, _, _, fns = sealed
     seen = fns["whoami"]()
     assert seen["uid"] == seen["gid"] >= 200_000 and seen["cwd"] == "/app" and seen["code"] == "/app"
-    assert "OPBOX_TOKEN" not in seen["env"] and "OPBOX_SECRET" not in seen["env"]
+    assert "OPBOX_SECRET" not in seen["env"]
+    plat = sealed[0]  # its token is the run's own caller token (jobs calling jobs), never the user's
+    assert seen["token"].startswith("obc_") and seen["token"] != plat.token
     leftovers = set(seen["env"]) - RUNTIME_VARS - set(PASSED) - {"HOME", "TMPDIR", "PWD"}
     assert not leftovers, leftovers
     assert fns["plant"]() in ("OSError", "PermissionError")  # the virtualenv is read-only to user code
@@ -176,6 +189,11 @@ def test_each_workspace_runs_as_its_own_uid(sealed, tmp_path):
     theirs = mod.whoami.deploy(client=other, quiet=True)()
     assert theirs["uid"] != fns["whoami"]()["uid"]
     other.close()
+
+
+def test_a_sealed_run_calls_another_job_of_its_workspace(sealed):
+    _, _, _, fns = sealed
+    assert fns["calls_whoami"]() == fns["whoami"]()["uid"] >= 200_000
 
 
 def test_cancel_and_memory_limits_reach_into_the_sandbox(sealed):
@@ -199,6 +217,7 @@ def test_a_served_class_runs_sealed(sealed):
     svc = mod.Teller.deploy(name="teller", client=client, quiet=True)
     try:
         assert svc.whoami()["uid"] >= 200_000
+        assert svc.calls_whoami() >= 200_000  # a sealed replica calls a job of its workspace
     finally:
         svc.delete()
 

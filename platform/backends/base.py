@@ -14,7 +14,7 @@ no layer above has to guess with ``hasattr``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple, Protocol, TypeVar
 
@@ -175,6 +175,10 @@ class WorkerPools(Protocol):
     def pool_sizes(self) -> list[PoolSize]:
         """Each pool's size now and its workers started so far (the platform's metrics)."""
 
+    def held_run(self, pool_id: str, worker_id: str, token: str) -> tuple[str, str, float | None] | None:
+        """(workspace, run id, seconds left before its timeout or None) of the run the worker holds now;
+        None when it holds none or is unknown; ``AuthError`` unless ``token`` is that worker's own."""
+
 
 class Serving(Protocol):
     """Classes (and ASGI apps) as HTTP endpoints; ``key`` is ``ServiceInfo.key``."""
@@ -244,3 +248,23 @@ def require(backend: Backend, ability: type[A]) -> A:
     if ability not in backend.abilities:
         raise NotSupported(f"the {backend.name} backend cannot {CANNOT[ability]}")
     return backend  # type: ignore[return-value]
+
+
+# -- callers' tokens: what the SDK in user code sends back to its own workspace (jobs calling jobs) ---------
+CALLER_PREFIX = "obc_"
+
+
+def run_caller_token(sign: Callable[[str], str], run_id: str) -> str:
+    """A one-shot run's (a local process, a cluster pod): valid while that run is running."""
+    return f"{CALLER_PREFIX}r:{run_id}:{sign('call:r:' + run_id)}"
+
+
+def worker_caller_token(pool_id: str, worker_id: str, worker_token: str) -> str:
+    """A warm worker's: valid while the worker holds a run, for that run (checked against the worker's own
+    random token, whose hash only the pool keeps)."""
+    return f"{CALLER_PREFIX}w:{pool_id}:{worker_id}:{worker_token}"
+
+
+def service_caller_token(sign: Callable[[str], str], key: str) -> str:
+    """A service replica's (``key``: ``workspace/name``): valid while the service exists."""
+    return f"{CALLER_PREFIX}s:{key}:{sign('call:s:' + key)}"

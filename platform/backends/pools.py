@@ -426,3 +426,10 @@ class PoolMethods:
 
     def pool_sizes(self) -> list[PoolSize]:
         return self.pools.sizes()
+
+    def held_run(self, pool_id: str, worker_id: str, token: str) -> tuple[str, str, float | None] | None:
+        worker = self.pools.find(pool_id, worker_id, token)
+        if worker is None or worker.run_id is None:
+            return None
+        left = worker.timer.when() - asyncio.get_running_loop().time() if worker.timer is not None else None
+        return worker.pool.version.workspace, worker.run_id, left

@@ -21,7 +21,7 @@ def runtime_env(version: VersionInfo, *, in_image: bool = False, gateway_url: st
                 worker: tuple[str, str, str] | None = None, run: tuple[str, str] | None = None,
                 serve: ServiceInfo | None = None, replica: str | None = None, init_file: str | None = None,
                 init_url: str | None = None, replica_token: str | None = None,
-                secrets: bool = False) -> dict[str, str]:
+                secrets: bool = False, caller: str | None = None) -> dict[str, str]:
     """The variables for one runtime process of ``version``.
 
     ``in_image``: the code is the image's (``Artifact.image_code_dir``), not a folder here.
@@ -32,19 +32,23 @@ def runtime_env(version: VersionInfo, *, in_image: bool = False, gateway_url: st
     ``secrets``: with the values of the version's workspace secrets (``version.secret_env``), for
     spawn sites that hand the environment to a process directly (not those that write it into a
     manifest or a command line); the runtime's own variables win over theirs.
+    ``caller``: the process's caller token (``backends/base.py``), ``OPBOX_TOKEN`` for the SDK in user code,
+    which the runtime points at ``OPBOX_GATEWAY_URL`` and the version's workspace (jobs calling jobs).
     """
     artifact = version.artifact
     env = dict(version.secret_env) if secrets else {}
     env |= {"PYTHONUNBUFFERED": "1", "OPBOX_ENTRY": version.entry,
            "OPBOX_CODE_DIR": artifact.code_dir_in_image if in_image else artifact.code_dir}
-    if gateway_url is not None:
-        env["OPBOX_GATEWAY_URL"] = gateway_url
+    if gateway_url is not None:  # a cluster pod is told these by its template (identity_env)
+        env["OPBOX_GATEWAY_URL"], env["OPBOX_WORKSPACE"] = gateway_url, version.workspace
     # the runtime's spans go where the gateway's do (the endpoints only: the exporter's headers may hold a secret)
     env |= {name: os.environ[name] for name in ENDPOINT_VARS if os.environ.get(name)}
     if worker is not None:
         env["OPBOX_POOL"], env["OPBOX_WORKER_ID"], env["OPBOX_WORKER_TOKEN"] = worker
     if run is not None:
         env["OPBOX_RUN_ID"], env["OPBOX_RUN_TOKEN"] = run
+    if caller is not None:
+        env["OPBOX_TOKEN"] = caller
     if init_file is not None:
         env["OPBOX_INIT_FILE"] = init_file
     if serve is not None:

@@ -2,6 +2,12 @@
 
 A request may only touch the workspace its token belongs to. A token of another
 workspace gets 404, as if the workspace did not exist, so nothing about it leaks.
+
+Callers' tokens (``obc_...``, ``backends/base.py``) are what the SDK in user code sends back to its own
+workspace: never stored, derived from the platform's secret (a one-shot run's, a service's) or from a warm
+worker's own token, and valid only while that run runs (while that service exists). Their role is
+``run`` (``service`` for a replica's): the gateway lets them call, map, trigger, read and cancel runs and
+call services, nothing else (``gateway/app.CALLER_ROUTES``).
 """
 
 from __future__ import annotations
@@ -11,11 +17,16 @@ import hmac
 import math
 import secrets
 import time
+from typing import Callable
 
-from opbox.errors import AuthError, NotFound, QuotaExceeded
+from opbox.errors import AuthError, Forbidden, NotFound, QuotaExceeded
 
+from ..backends.base import CALLER_PREFIX
 from ..ids import check_workspace, new_id
 from ..records.base import Records, TokenRecord
+
+CALLER_ROLES = ("run", "service")
+HeldRun = Callable[[str, str, str], "tuple[str, str, float | None] | None"]  # WorkerPools.held_run
 
 TOKEN_PREFIX = "obx_"
 
@@ -57,6 +68,9 @@ class Auth:
         self.secret = secret
         self.rate_limit = rate_limit
         self._cache: dict[str, TokenRecord] = {}
+        self.held_run: HeldRun | None = None  # the backend's warm workers (core sets it when it has them)
+        self._run_callers: dict[str, str] = {}  # run id -> the digest of its caller token, cached while it runs
+        self.service_exists: Callable[[str, str], bool] = lambda ws, name: records.services.get(ws, name) is not None
 
     def create_token(self, workspace: str, name: str = "default", role: str = "admin", token: str | None = None) -> tuple[str, str]:
         check_workspace(workspace)
@@ -114,11 +128,16 @@ class Auth:
         digest = hash_token(token)
         row = self._cache.get(digest)
         if row is None:
-            row = self.records.tokens.by_hash(digest)
-            if row is None:
-                raise AuthError("invalid or revoked token")
-            self._cache[digest] = row
+            if token.startswith(CALLER_PREFIX):
+                row = self._caller(token, digest)
+            else:
+                row = self.records.tokens.by_hash(digest)
+                if row is None:
+                    raise AuthError("invalid or revoked token")
+                self._cache[digest] = row
         if row.workspace != workspace:
+            if row.role in CALLER_ROLES:  # the same answer whether that workspace exists or not
+                raise Forbidden(f"a {row.role}'s own token is valid for its workspace {row.workspace} only")
             raise NotFound(f"no workspace {workspace!r}")
         if self.rate_limit is not None:
             self.rate_limit.take(digest, row.name)
@@ -132,3 +151,49 @@ class Auth:
         token = (authorization or "").partition(" ")[2].strip()
         if not token or not hmac.compare_digest(token, self.internal_token(scope)):
             raise AuthError("invalid internal token")
+
+    # -- callers' tokens (jobs calling jobs) ------------------------------------------------
+    def _caller(self, token: str, digest: str) -> TokenRecord:
+        """The record of a caller's token, or AuthError. A one-shot run's and a service's are cached until
+        the run ends (``run_ended``) or the service goes (``service_deleted``); a warm worker's is asked of
+        its pool each time (in memory), since the run it holds changes."""
+        kind, _, rest = token[len(CALLER_PREFIX):].partition(":")
+        if kind == "w" and self.held_run is not None:
+            pool, worker, secret = (rest.split(":") + ["", "", ""])[:3]
+            held = self.held_run(pool, worker, secret)
+            if held is None:
+                raise AuthError("this token is a warm worker's: it is valid only while the worker runs a run")
+            workspace, run_id, left = held
+            return TokenRecord(f"run:{run_id}", workspace, f"run {run_id}", digest, "run", time.time(), None,
+                               run_id, None if left is None else time.time() + left)
+        subject, _, mac = rest.rpartition(":")
+        if kind not in ("r", "s") or not subject or not hmac.compare_digest(
+                mac, self.internal_token(f"call:{kind}:{subject}")):
+            raise AuthError("invalid or revoked token")
+        if kind == "s":
+            workspace, _, name = subject.partition("/")
+            if not self.service_exists(workspace, name):
+                raise AuthError(f"this token was service {name}'s, which is gone")
+            row = TokenRecord(f"service:{subject}", workspace, f"service {name}", digest, "service", time.time(), None)
+        else:
+            run = self.records.runs.get(subject)
+            if run is None or run.status != "running":
+                raise AuthError(f"this token was run {subject}'s, which is not running any more")
+            deadline = run.started_at + run.timeout if run.timeout and run.started_at else None
+            row = TokenRecord(f"run:{subject}", run.workspace, f"run {subject}", digest, "run", run.started_at or 0.0,
+                              None, subject, deadline)
+            self._run_callers[subject] = digest
+        self._cache[digest] = row
+        return row
+
+    def run_ended(self, run_id: str) -> None:
+        """The run ended (or went back to the queue): its caller token is revoked."""
+        digest = self._run_callers.pop(run_id, None)
+        if digest is not None:
+            self._cache.pop(digest, None)
+
+    def service_deleted(self, workspace: str, name: str) -> None:
+        """The service went: its replicas' caller token is revoked."""
+        for digest, row in list(self._cache.items()):
+            if row.role == "service" and row.id == f"service:{workspace}/{name}":
+                del self._cache[digest]

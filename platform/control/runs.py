@@ -6,6 +6,12 @@ kept in the records, so a restart keeps the wait; the attempt that ended is reco
 reason and the last log chunk it wrote. Every change is written to the records before anyone is
 told about it; waiters (long-polls, map result streams, log followers) are woken through
 the notifier. This module never decodes payloads: it stores and hands over bytes.
+
+Jobs calling jobs: a run started with a running run's caller token is that run's child
+(``parent_run_id``). Its timeout is at most what is left of its parent's, and when an attempt of
+the parent ends other than succeeded (failed, timed out, cancelled), its open children and the
+maps it started are cancelled, and theirs in turn. Which runs have open children is kept in
+memory (rebuilt from the queued runs after a restart), so a run's end costs no query for it.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class BatchState:
     limit: int | None
     pending: deque = field(default_factory=deque)
     inflight: int = 0
+    parent: tuple[str, float | None] | None = None  # (run id, deadline) of the run whose code started it
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,14 @@ class Limits:
     max_open_runs: int = Settings.max_open_runs  # per workspace: queued + running; beyond it, 429 until some end
     cancel_grace: float = Settings.cancel_grace
     storage_quota: int | None = Settings.storage_quota  # per workspace: bytes of payloads, logs and code
+
+
+def bounded_timeout(own: float | None, parent_deadline: float | None) -> float | None:
+    """A child run's timeout: its own, or what is left of its parent's (at least a second), whichever is less."""
+    if parent_deadline is None:
+        return own
+    left = max(1.0, round(parent_deadline - time.time(), 3))
+    return left if own is None else min(own, left)
 
 
 SecretEnv = Callable[[str, tuple], dict]  # (workspace, secret names) -> their variables; MissingSecret if one is gone
@@ -81,6 +96,9 @@ class Runs:
         self._lost_log: dict[str, int] = {}  # per run: bytes of output a full disk refused
         self._retry_timer: asyncio.TimerHandle | None = None
         self._handoff: dict[str, tuple[RunRecord, Payload] | None] = {}  # runs a call waits for, and their ends
+        self.children: dict[str, set[str]] = {}  # parent run id -> its open child runs (not map items)
+        self.child_maps: dict[str, set[str]] = {}  # parent run id -> the maps it started
+        self.on_run_end: Callable[[str], None] | None = None  # an attempt ended: its caller token goes (Auth)
         self.metrics = Metrics()  # the platform's (core serves them)
         self.spans: RunSpans | None = None  # a span per ended run, when an OTLP endpoint is configured
 
@@ -144,33 +162,42 @@ class Runs:
         return {"bytes": self.records.usage.of(workspace), "quota": self.limits.storage_quota}
 
     def create(self, version: VersionInfo, payload: Payload, trigger: str, schedule_id: str | None = None,
-               traceparent: str | None = None) -> str:
-        """A run, queued and handed to the backend; ``traceparent``: the caller's (checked; else a new trace)."""
+               traceparent: str | None = None, parent: tuple[str, float | None] | None = None) -> str:
+        """A run, queued and handed to the backend; ``traceparent``: the caller's (checked; else a new trace);
+        ``parent``: (run id, its deadline) when a run's code started it."""
         self._check_payload(payload)
         self.check_quota(version.workspace, payload_size(payload))
         self._reserve(version.workspace, 1)
         run_id = new_id("r")
         res = version.resource
         trace, parent_span = tracecontext.start(traceparent)
+        timeout = res.timeout if parent is None else bounded_timeout(res.timeout, parent[1])
         run = NewRun(run_id, version.workspace, version.job_id, version.version, trigger, time.time(),
-                     res.max_retries, res.timeout, None, None, schedule_id, str(trace), parent_span)
+                     res.max_retries, timeout, None, None, schedule_id, str(trace), parent_span,
+                     parent[0] if parent is not None else None)
         try:
             self.records.runs.create(run, payload)
         except BaseException:
             self.open_runs[version.workspace] -= 1
             raise
         self.metrics.runs_created(version.workspace, version.job_name, trigger).inc()
-        self._dispatch(RunTicket(run_id, version.workspace, version.job_id, version.version, res.timeout,
+        if parent is not None:
+            self.children.setdefault(parent[0], set()).add(run_id)
+        self._dispatch(RunTicket(run_id, version.workspace, version.job_id, version.version, timeout,
                                  traceparent=run.traceparent), version)
         return run_id
 
-    def create_batch(self, version: VersionInfo, concurrency: int | None) -> str:
+    def create_batch(self, version: VersionInfo, concurrency: int | None,
+                     parent: tuple[str, float | None] | None = None) -> str:
+        """A map; ``parent``: (run id, deadline) when a run's code started it (its items are that run's children)."""
         if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
             raise ValidationError(f"concurrency must be a whole number >= 1, got {concurrency!r}")
         batch_id = new_id("b")
         self.records.batches.create(batch_id, version.workspace, version.job_id, version.version, concurrency,
                                     time.time())
-        self.batches[batch_id] = BatchState(batch_id, version, concurrency)
+        self.batches[batch_id] = BatchState(batch_id, version, concurrency, parent=parent)
+        if parent is not None:
+            self.child_maps.setdefault(parent[0], set()).add(batch_id)
         return batch_id
 
     def batch(self, workspace: str, batch_id: str) -> BatchRecord:
@@ -201,6 +228,9 @@ class Runs:
         state = self._batch_state(row)
         version = state.version
         res = version.resource
+        parent_id, timeout = None, res.timeout
+        if state.parent is not None:
+            parent_id, timeout = state.parent[0], bounded_timeout(res.timeout, state.parent[1])
         existing = self.records.batches.indexes(batch_id, start, start + len(payloads) - 1)
         room = self.limits.max_open_runs - self.open_runs.get(workspace, 0)
         wanted = min(len(payloads) - len(existing), MIN_ITEMS_ADDED, max(1, self.limits.max_open_runs // 10))
@@ -219,9 +249,9 @@ class Runs:
                 run_id = f"r-{batch_id[2:]}.{index}"  # time-ordered like other runs; unique per index
                 trace = f"00-{trace_id}-{tracecontext.new_span_id()}-{flags}"
                 rows.append(NewRun(run_id, workspace, version.job_id, version.version, "map", now,
-                                   res.max_retries, res.timeout, batch_id, index, None, trace, parent_span))
+                                   res.max_retries, timeout, batch_id, index, None, trace, parent_span, parent_id))
                 blobs.append(payload)
-                tickets.append(RunTicket(run_id, workspace, version.job_id, version.version, res.timeout,
+                tickets.append(RunTicket(run_id, workspace, version.job_id, version.version, timeout,
                                          batch_id=batch_id, traceparent=trace))
             accepted += 1
         if accepted == 0:
@@ -399,6 +429,8 @@ class Runs:
         if run is None or run.status in TERMINAL:
             return
         self.records.runs.requeue(run_id, reason)
+        if self.on_run_end is not None:
+            self.on_run_end(run_id)
         self._redispatch(run_id, resubmit=True)  # it keeps its map slot, as a retry does
 
     def append_log(self, run_id: str, data: bytes) -> None:
@@ -450,6 +482,7 @@ class Runs:
             self.append_log(run_id, f"\n[opbox: attempt {run.attempt + 1} of {run.max_retries + 1} {status}: {reason}; "
                                     f"the next starts in {delay:g} s]\n".encode())
             self.records.runs.retry(run, status, reason, error_type, now, now + delay if delay > 0 else None)
+            self._attempt_ended(run, status, final=False)
             if delay > 0:
                 self._retry_at(run_id, now + delay)
             else:
@@ -469,6 +502,7 @@ class Runs:
             payload = envelope.error_envelope(error_type, reason)
             ended, complete = self.records.runs.finish(run, status, time.time(), reason, error_type, payload)
         self.open_runs[run.workspace] = max(0, self.open_runs.get(run.workspace, 0) - 1)
+        self._attempt_ended(ended, status)
         if run_id in self._handoff:  # a call waits for it: it gets the record and result as written
             self._handoff[run_id] = (ended, payload)
         self._count_end(run, status)
@@ -546,26 +580,58 @@ class Runs:
     # -- cancelling ----------------------------------------------------------------
     async def cancel(self, workspace: str, run_id: str) -> RunRecord:
         run = self.get(workspace, run_id)
-        if run.status in TERMINAL:
-            return run
-        was_running = run.status == "running"
-        self._end(run_id, "cancelled", "cancelled by request",
-                  envelope.error_envelope("opbox.cancelled", "cancelled by request"), None, retriable=False,
-                  stall=False)
-        if was_running:
-            asyncio.ensure_future(self.backend.cancel(run_id, self.limits.cancel_grace))
+        self._cancel(run, "cancelled by request", stall=False)
         return self.get(workspace, run_id)
+
+    def _cancel(self, run: RunRecord, reason: str, stall: bool = True) -> None:
+        if run.status in TERMINAL:
+            return
+        was_running = run.status == "running"
+        self._end(run.id, "cancelled", reason, envelope.error_envelope("opbox.cancelled", reason), None,
+                  retriable=False, stall=stall)
+        if was_running:
+            asyncio.ensure_future(self.backend.cancel(run.id, self.limits.cancel_grace))
 
     async def cancel_batch(self, workspace: str, batch_id: str) -> BatchRecord:
         self.batch(workspace, batch_id)
+        self._cancel_batch(batch_id, "cancelled by request", stall=False)
+        return self.batch(workspace, batch_id)
+
+    def _cancel_batch(self, batch_id: str, reason: str, stall: bool = True) -> None:
         self.records.batches.cancel(batch_id)
         state = self.batches.get(batch_id)
         if state is not None:
             state.pending.clear()
         for run_id in self.records.batches.open_runs(batch_id):
-            await self.cancel(workspace, run_id)
+            run = self.records.runs.get(run_id)
+            if run is not None:
+                self._cancel(run, reason, stall)
         self.batches.pop(batch_id, None)
-        return self.batch(workspace, batch_id)
+
+    def _attempt_ended(self, run: RunRecord, status: str, final: bool = True) -> None:
+        """An attempt of ``run`` ended with ``status`` (its record says so already): its caller token goes; the
+        run's end (``final``) leaves its parent's open children; unless it succeeded, its open children and
+        maps are cancelled (a retried attempt's too: the next one starts them again)."""
+        if self.on_run_end is not None:
+            self.on_run_end(run.id)
+        if final and run.parent_run_id is not None and run.batch_id is None:
+            siblings = self.children.get(run.parent_run_id)
+            if siblings is not None:
+                siblings.discard(run.id)
+                if not siblings:
+                    del self.children[run.parent_run_id]
+        children, maps = self.children.pop(run.id, ()), self.child_maps.pop(run.id, ())
+        if status == "succeeded" or not (children or maps):
+            return  # what a run that succeeded started goes on (a trigger that outlives its parent)
+        reason = f"cancelled: its parent run {run.id} {status.replace('_', ' ')}"
+        for batch_id in maps:
+            row = self.records.batches.get(batch_id)
+            if row is not None and not row.cancelled and (row.total is None or row.done < row.total):
+                self._cancel_batch(batch_id, reason)
+        for child_id in children:
+            child = self.records.runs.get(child_id)
+            if child is not None:
+                self._cancel(child, reason)
 
     # -- restart -------------------------------------------------------------------
     def recover(self) -> int:
@@ -574,6 +640,11 @@ class Runs:
         rows = self.records.runs.queued()
         for run in rows:
             self.open_runs[run.workspace] = self.open_runs.get(run.workspace, 0) + 1
+            if run.parent_run_id is not None:  # which runs have open children, as before the restart
+                if run.batch_id is None:
+                    self.children.setdefault(run.parent_run_id, set()).add(run.id)
+                else:
+                    self.child_maps.setdefault(run.parent_run_id, set()).add(run.batch_id)
         for run in rows:
             try:
                 version = self.version_info(run.job_id, run.version)
@@ -583,7 +654,9 @@ class Runs:
                 continue
             if run.batch_id and run.batch_id not in self.batches:
                 batch = self.records.batches.get(run.batch_id)
-                self.batches[run.batch_id] = BatchState(run.batch_id, version, batch.concurrency if batch else None)
+                parent = (run.parent_run_id, None) if run.parent_run_id else None
+                self.batches[run.batch_id] = BatchState(run.batch_id, version, batch.concurrency if batch else None,
+                                                        parent=parent)
             if run.retry_at is not None:  # waiting out a retry's backoff: it keeps its map slot meanwhile
                 state = self.batches.get(run.batch_id) if run.batch_id else None
                 if state is not None and state.limit is not None:

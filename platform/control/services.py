@@ -30,8 +30,10 @@ DEFAULTS = defaults.SERVICE  # the same as the SDK's and the runtime's
 
 
 class Services:
-    def __init__(self, records: Records, backend, deploys, max_payload: int, base_url=lambda: ""):
+    def __init__(self, records: Records, backend, deploys, max_payload: int, base_url=lambda: "",
+                 on_delete=lambda workspace, name: None):
         self.records = records
+        self.on_delete = on_delete  # the service's caller token goes (Auth)
         self.backend = backend
         self.deploys = deploys
         self.max_payload = max_payload
@@ -155,6 +157,7 @@ class Services:
         self._row(workspace, name)
         self._check_supported()
         self.records.services.delete(workspace, name)
+        self.on_delete(workspace, name)
         self.kinds.pop(f"{workspace}/{name}", None)
         try:
             await self.backend.delete_service(f"{workspace}/{name}")

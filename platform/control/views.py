@@ -45,9 +45,10 @@ class Views:
 
     def runs(self, workspace: str, *, job: str | None = None, status: str | None = None,
              trigger: str | None = None, batch: str | None = None, since: float | None = None,
-             until: float | None = None, cursor: str | None = None, limit: int = 50) -> Page:
+             until: float | None = None, cursor: str | None = None, limit: int = 50, parent: str | None = None) -> Page:
         """Runs across the workspace's jobs, newest first. ``job`` is a job id or name; ``since``/``until``
-        are epoch seconds (creation time); ``cursor`` is the previous page's ``next``."""
+        are epoch seconds (creation time); ``cursor`` is the previous page's ``next``; ``parent``: the runs
+        a run's code started (its children, map items included)."""
         if status is not None and status not in STATUSES:
             raise ValidationError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
         if not 1 <= limit <= MAX_PAGE:
@@ -61,7 +62,8 @@ class Views:
         before = id_at("r", until) if until is not None else None
         if cursor is not None and (before is None or cursor < before):
             before = cursor
-        where = RunFilter(job_id, status, trigger, batch, id_at("r", since) if since is not None else None, before)
+        where = RunFilter(job_id, status, trigger, batch, id_at("r", since) if since is not None else None, before,
+                          parent)
         rows = self.records.runs.search(workspace, where, limit + 1)
         return Page(rows[:limit], rows[limit - 1].id if len(rows) > limit else None)
 

@@ -187,6 +187,17 @@ class HotRouter(Router):
         await route.handle(scope, receive, send)
 
 
+# what a caller's token (a run's or a service replica's own, for jobs calling jobs) may use: call, map, trigger,
+# read and cancel runs, call services; never deploy, delete, schedule, secrets, tokens (403)
+CALLER_ROUTES = frozenset({
+    jobs.list_jobs, jobs.get_job, jobs.list_versions, jobs.list_runs, jobs.call, jobs.trigger,
+    jobs.create_batch, jobs.get_batch, jobs.add_items, jobs.seal_batch, jobs.batch_results, jobs.cancel_batch,
+    views.list_batches, views.batch_progress, views.list_runs,
+    runs.get_run, runs.get_result, runs.get_logs, runs.get_attempts, runs.cancel_run, items.stream_items, items.get_item,
+    serve.service_openapi, serve.call, serve.list_services, serve.get_service,
+})
+
+
 def create_app(platform: Platform) -> Starlette:
     @asynccontextmanager
     async def lifespan(app):
@@ -205,5 +216,6 @@ def create_app(platform: Platform) -> Starlette:
     )
     app.router = HotRouter(app.router.routes, lifespan)
     app.state.platform = platform
+    app.state.caller_routes = CALLER_ROUTES
     app.state.sessions = Sessions(platform.secret, platform.settings.session_ttl)  # the dashboard's
     return app

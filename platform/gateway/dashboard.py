@@ -219,8 +219,10 @@ async def run(request: Request):
         result = _header(plat.runs.result(row.id)) if row.status in TERMINAL else {}
     job_row = plat.deploys.job(sess[0].workspace, row.job_id)
     text, cut = _log_tail(plat.runs, row)
+    children = plat.views.runs(sess[0].workspace, parent=row.id, limit=50)  # jobs calling jobs
+    names = {j.id: j.name for j in plat.deploys.jobs(sess[0].workspace)} if children.items else {}
     return page(request, "run.html", session=sess, nav="runs", run=row, job=job_row, args=args, result=result,
-                terminal=row.status in TERMINAL, text=text, cut=cut)
+                terminal=row.status in TERMINAL, text=text, cut=cut, children=children, names=names)
 
 
 def _log_tail(runs_, row) -> tuple[str, bool]:

@@ -26,6 +26,8 @@ def run_json(run: RunRecord, base: str = "") -> dict:
         out["schedule_id"] = run.schedule_id
     if run.traceparent is not None:  # W3C: the run's trace and its own span; parent_span_id: its caller's
         out["traceparent"], out["parent_span_id"] = run.traceparent, run.parent_span_id
+    if run.parent_run_id is not None:
+        out["parent_run_id"] = run.parent_run_id  # the run whose code started it
     if base:
         out["links"] = {"self": f"{base}/runs/{run.id}", "result": f"{base}/runs/{run.id}/result",
                         "logs": f"{base}/runs/{run.id}/logs"}

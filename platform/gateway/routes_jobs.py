@@ -12,9 +12,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from opbox import envelope
-from opbox.errors import BadRequest, BuildError, OpboxError, ValidationError
+from opbox.errors import BadRequest, BuildError, Forbidden, OpboxError, ValidationError
 
-from ..records.base import TERMINAL, Payload, RunRecord, StoredPayload
+from ..control.auth import CALLER_ROLES
+from ..records.base import TERMINAL, Payload, RunRecord, StoredPayload, TokenRecord
 from .http import json_body, ok, payload_response, query_number, read_body, read_payload
 from .follow import follow_ndjson
 from .render import batch_json, job_json, run_json, version_json
@@ -27,9 +28,22 @@ def platform(request: Request):
 
 
 def workspace(request: Request) -> str:
-    ws = request.path_params["workspace"]
-    platform(request).auth.check(request.headers.get("authorization"), ws)
-    return ws
+    return caller(request).workspace
+
+
+def caller(request: Request) -> TokenRecord:
+    """The request's token, checked for the workspace in its path; a caller's token (a run's or a
+    service's own) only for the routes a run may use (403 for the others)."""
+    row = platform(request).auth.check(request.headers.get("authorization"), request.path_params["workspace"])
+    if row.role in CALLER_ROLES and request.scope.get("endpoint") not in request.app.state.caller_routes:
+        raise Forbidden(f"a {row.role}'s own token may call, map, trigger and read runs and call services of its "
+                        "workspace, nothing else; use a user's token for this")
+    return row
+
+
+def parent_of(row: TokenRecord) -> tuple[str, float | None] | None:
+    """(run id, deadline) of the run whose code sends this request, if one does."""
+    return (row.run_id, row.deadline) if row.run_id is not None else None
 
 
 def build_counter(metrics, ws: str):
@@ -250,11 +264,13 @@ async def call(request: Request):
       202: {description: The run, still going}
       507: {description: No room for the arguments (storage_full, storage_quota_exceeded)}
     """
-    ws = workspace(request)
+    token = caller(request)
+    ws = token.workspace
     plat = platform(request)
     _, version = plat.deploys.resolve(ws, request.path_params["job"], _version_param(request))
     payload = await read_payload(request, plat.payloads, ws, plat.settings.max_payload, "arguments")
-    run_id = plat.runs.create(version, payload, trigger="call", traceparent=request.headers.get("traceparent"))
+    run_id = plat.runs.create(version, payload, trigger="call", traceparent=request.headers.get("traceparent"),
+                              parent=parent_of(token))
     wait = query_number(request, "wait", 0.0, 0, 300)
     run, result = await plat.runs.call(ws, run_id, wait)
     if run.status in TERMINAL:
@@ -279,7 +295,8 @@ async def trigger(request: Request):
       422: {description: 'JSON arguments that do not fit the function: missing or unknown ones (validation_error, naming the signature)'}
       507: {description: No room for the arguments (storage_full, storage_quota_exceeded)}
     """
-    ws = workspace(request)
+    token = caller(request)
+    ws = token.workspace
     plat = platform(request)
     ctype = request.headers.get("content-type", "")
     version_no = _version_param(request)
@@ -298,7 +315,8 @@ async def trigger(request: Request):
     _, version = plat.deploys.resolve(ws, request.path_params["job"], version_no)
     if not ctype.startswith(envelope.CONTENT_TYPE):
         plat.deploys.check_json_call(version, body.get("args"), body.get("kwargs"))
-    run_id = plat.runs.create(version, payload, trigger="trigger", traceparent=request.headers.get("traceparent"))
+    run_id = plat.runs.create(version, payload, trigger="trigger", traceparent=request.headers.get("traceparent"),
+                              parent=parent_of(token))
     run = plat.runs.get(ws, run_id)
     return JSONResponse({"run_id": run_id, **run_json(run, base_url(request, ws))}, status_code=202)
 
@@ -314,14 +332,15 @@ async def create_batch(request: Request):
     responses:
       201: {description: The batch}
     """
-    ws = workspace(request)
+    token = caller(request)
+    ws = token.workspace
     plat = platform(request)
     body = await json_body(request, required=False)
     version_no = body.get("version")
     if version_no is not None and (isinstance(version_no, bool) or not isinstance(version_no, int)):
         raise ValidationError("version must be a whole number")
     _, version = plat.deploys.resolve(ws, request.path_params["job"], version_no)
-    batch_id = plat.runs.create_batch(version, body.get("concurrency"))
+    batch_id = plat.runs.create_batch(version, body.get("concurrency"), parent=parent_of(token))
     return ok({"batch_id": batch_id, "job_id": version.job_id, "version": version.version}, 201)
 
 

@@ -10,7 +10,7 @@ from .http import ok, query_number
 from .render import batch_json, page_json, progress_json, run_json
 from .routes_jobs import base_url, platform, workspace
 
-FILTERS = ("job", "status", "trigger", "batch")
+FILTERS = ("job", "status", "trigger", "batch", "parent")
 
 
 def run_query(request: Request) -> dict:
@@ -42,6 +42,7 @@ async def list_runs(request: Request):
       - {name: status, in: query, schema: {type: string, enum: [queued, running, succeeded, failed, cancelled, timed_out]}}
       - {name: trigger, in: query, description: "how runs were made: call, trigger, map, ...", schema: {type: string}}
       - {name: batch, in: query, description: a map's batch id, schema: {type: string}}
+      - {name: parent, in: query, description: "a run id: the runs its code started (jobs calling jobs)", schema: {type: string}}
       - {name: since, in: query, description: created at or after (epoch seconds), schema: {type: number}}
       - {name: until, in: query, description: created before (epoch seconds), schema: {type: number}}
       - {name: cursor, in: query, description: the previous page's next, schema: {type: string}}

@@ -47,6 +47,7 @@ class RunRecord:
     schedule_id: str | None = None  # the schedule that started it
     traceparent: str | None = None  # W3C: its trace and its own span (what its environment's TRACEPARENT says)
     parent_span_id: str | None = None  # the caller's span in that trace (None: the trace began with the run)
+    parent_run_id: str | None = None  # the run whose code started it (jobs calling jobs)
 
 
 class NewRun(NamedTuple):
@@ -65,6 +66,7 @@ class NewRun(NamedTuple):
     schedule_id: str | None = None
     traceparent: str | None = None
     parent_span_id: str | None = None
+    parent_run_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,7 @@ class RunFilter(NamedTuple):
     batch_id: str | None = None
     since_id: str | None = None  # ids >= this
     before_id: str | None = None  # ids < this
+    parent_run_id: str | None = None  # the children of this run
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +210,8 @@ class TokenRecord:
     role: str
     created_at: float
     revoked_at: float | None
+    run_id: str | None = None  # a caller's token (role "run"): the run whose code calls, the parent of what it starts
+    deadline: float | None = None  # ... and when that run times out (epoch seconds), which bounds its children
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from opbox.errors import ConfigError
 
-from ..base import VersionInfo
+from ..base import VersionInfo, worker_caller_token
 from ..pools import Worker, file_tail
 from ..runtime_env import runtime_env
 from .envfile import SecretEnvFile
@@ -164,7 +164,8 @@ class PodmanSpawner:
         image = job_image(version)
         name = "opbox-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", f"{worker.pool.id}-{worker.id}-{secrets.token_hex(3)}")
         env = container_env(version, runtime_env(version, in_image=True, gateway_url=self.gateway_url,
-                                                 worker=(worker.pool.id, worker.id, worker.token)))
+                                                 worker=(worker.pool.id, worker.id, worker.token),
+                                                 caller=worker_caller_token(worker.pool.id, worker.id, worker.token)))
         secret_env = SecretEnvFile(version.secret_env) if version.secret_env else None
         cgroup = None
         if version.resource.memory_bytes and MemoryCgroup.usable():

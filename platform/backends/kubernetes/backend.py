@@ -51,7 +51,7 @@ from opbox.errors import ClusterRefused, ConfigError, ValidationError
 
 from ...settings import Settings
 from ..base import (InjectsSecrets, MirrorsSecrets, RunEvents, RunTicket, ServiceInfo, ServiceLogs, Serving, VersionInfo,
-                    WorkerPools)
+                    WorkerPools, run_caller_token)
 from ..pools import PoolManager, PoolMethods
 from ..runtime_env import runtime_env
 from . import namespaces, render
@@ -296,7 +296,8 @@ class KubernetesBackend(PoolMethods):
                 return labels.get("opbox.dev/run") == render.label_value(ticket.run_id)
 
             await self.create_with_token(attempt.namespace, job, secret_name, spec.labels(),
-                                         self.token_for(f"run:{ticket.run_id}"), adopt=ours)
+                                         self.token_for(f"run:{ticket.run_id}"), adopt=ours,
+                                         caller=run_caller_token(self.token_for, ticket.run_id))
             attempt.created_at = time.monotonic()
             if attempt.done or attempt.cancelled:  # cancelled while we were creating it
                 await self._delete_job(attempt)
@@ -351,15 +352,16 @@ class KubernetesBackend(PoolMethods):
                                      f"{api_error(exc)}", status=exc.status) from None
 
     async def create_with_token(self, namespace: str, job: dict, secret_name: str, labels: dict, token: str,
-                                adopt=None) -> dict:
-        """A Secret holding ``token`` (the pod's OPBOX_RUN_TOKEN), then ``job``, then the Secret tied to
+                                adopt=None, caller: str | None = None) -> dict:
+        """A Secret holding ``token`` (the pod's OPBOX_RUN_TOKEN) and ``caller`` (its OPBOX_TOKEN, for the SDK in
+        user code: jobs calling jobs), then ``job``, then the Secret tied to
         the Job (so it is garbage-collected with it). A refused Job takes its Secret with it. On 409,
         ``adopt(existing)`` says whether the Job of that name is ours to take over."""
         from kubernetes.client.exceptions import ApiException
 
         secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                   "metadata": {"name": secret_name, "namespace": namespace, "labels": labels},
-                  "stringData": {"token": token}}
+                  "stringData": {"token": token, **({"caller": caller} if caller else {})}}
         created_secret = await self.call(self.core.create_namespaced_secret, namespace, secret, conflict_ok=True)
         name = job["metadata"]["name"]
         try:

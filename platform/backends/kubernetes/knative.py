@@ -31,7 +31,7 @@ import logging
 
 from opbox.errors import ClusterRefused, NotFound, ServiceFailed, Unavailable, ValidationError
 
-from ..base import ServiceInfo
+from ..base import ServiceInfo, service_caller_token
 from ..runtime_env import runtime_env
 from . import render
 from .config import api_error
@@ -114,7 +114,8 @@ class KnativeServices:
         manifest = render.render_service(spec)
         secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                   "metadata": {"name": token_secret, "namespace": namespace, "labels": spec.labels()},
-                  "stringData": {"token": backend.token_for(f"service:{info.key}")}}
+                  "stringData": {"token": backend.token_for(f"service:{info.key}"),
+                                 "caller": service_caller_token(backend.token_for, info.key)}}
         previous = (self.services.get(info.key) or {}).get("info")
         entry = self.services.setdefault(info.key, {"changed": asyncio.Event()})
         entry.update(info=info, namespace=namespace, name=name, error=None)

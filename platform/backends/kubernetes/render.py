@@ -24,6 +24,7 @@ import yaml
 from opbox.errors import ConfigError, ValidationError
 from opbox.resource import Resource
 
+from ..base import worker_caller_token
 from ..runtime_env import identity_env
 
 # <package>/platform/backends/kubernetes/render.py -> <package>/templates/kubernetes
@@ -41,6 +42,7 @@ MAX_SERVICE_NAME = 56
 # Env the platform sets itself; users may not override it.
 RESERVED_ENV = frozenset({
     "OPBOX_GATEWAY_URL", "OPBOX_WORKSPACE", "OPBOX_RUN_ID", "OPBOX_JOB_ID", "OPBOX_VERSION", "OPBOX_RUN_TOKEN",
+    "OPBOX_TOKEN",  # the pod's caller token (the token Secret's "caller" key): its SDK calls its own workspace
 })
 # Knative rejects user env with these names.
 KNATIVE_RESERVED_ENV = frozenset({"PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"})
@@ -234,7 +236,7 @@ class WorkloadSpec:
     version: int | str
     image: str
     gateway_url: str
-    token_secret: str  # Secret holding the run token, exposed as OPBOX_RUN_TOKEN
+    token_secret: str  # Secret holding the run token, exposed as OPBOX_RUN_TOKEN (its "caller" key as OPBOX_TOKEN)
     token_secret_key: str = "token"
     command: tuple[str, ...] | None = None  # default: the runtime entrypoint
     resource: Resource = field(default_factory=Resource)
@@ -322,6 +324,7 @@ class WorkloadSpec:
                          **self.user_env}.items()),
             "token_secret": self.token_secret,
             "token_secret_key": self.token_secret_key,
+            "caller_token": None,  # None: the token Secret's "caller" key (a run's, a service's)
             "secrets": list(self.secrets),
             "service_account": self.service_account,
             "image_pull_secrets": list(self.image_pull_secrets),
@@ -424,6 +427,9 @@ class WorkerSpec(WorkloadSpec):
             "name": self.name,
             "labels": self.labels(),
             "field_env": [("OPBOX_WORKER_INDEX", f"metadata.annotations['{COMPLETION_INDEX}']")],
+            # each pod's own caller token, made by Kubernetes from its worker id and the Job's token (the env
+            # entries it names come before it): a Secret shared by the Job's pods cannot hold one per pod
+            "caller_token": worker_caller_token(self.pool_id, "$(OPBOX_WORKER_ID)", "$(OPBOX_RUN_TOKEN)"),
             "command": list(self.command or ("python", "-m", "opbox.runtime", "worker")),
             "indexed": self.workers,
             "active_deadline_seconds": None,

@@ -16,7 +16,8 @@ from pathlib import Path
 from ...settings import Settings
 from opbox.resource import Resource
 
-from ..base import ChecksResources, InjectsSecrets, RunEvents, RunTicket, ServiceLogs, Serving, VersionInfo, WorkerPools
+from ..base import (ChecksResources, InjectsSecrets, RunEvents, RunTicket, ServiceLogs, Serving, VersionInfo, WorkerPools,
+                    worker_caller_token)
 from ..pools import PoolManager, PoolMethods, Worker, file_tail
 from ..replicas import ServiceMethods
 from ..runtime_env import runtime_env
@@ -55,7 +56,8 @@ class ProcessSpawner:
         version = worker.pool.version
         log_path = self.log_dir / worker.pool.id / f"{worker.id}.log"
         runtime = runtime_env(version, gateway_url=self.gateway_url,
-                              worker=(worker.pool.id, worker.id, worker.token), secrets=True)
+                              worker=(worker.pool.id, worker.id, worker.token), secrets=True,
+                              caller=worker_caller_token(worker.pool.id, worker.id, worker.token))
         proc = await start_runtime(version, runtime, ["worker"], log_path, self.sandbox)
         return LocalProcess(proc, log_path)
 
@@ -86,7 +88,7 @@ class LocalBackend(PoolMethods, ServiceMethods):
                                      max_procs=max_workers, sandbox=self.sandbox)
         self.watchdog_interval = watchdog_interval
         self._watchdog: asyncio.Task | None = None
-        self.services = LocalServices(home, sandbox=self.sandbox)
+        self.services = LocalServices(home, sandbox=self.sandbox, gateway_url=gateway_url, token_for=token_for)
 
     async def start(self, events: RunEvents) -> None:
         self.pools.events = self.oneshot.events = events

@@ -12,7 +12,7 @@ import signal
 from collections import deque
 from pathlib import Path
 
-from ..base import RunEvents, RunTicket, VersionInfo
+from ..base import RunEvents, RunTicket, VersionInfo, run_caller_token
 from ..pools import describe_exit
 from ..runtime_env import runtime_env
 from .process import signal_runtime, start_runtime
@@ -53,7 +53,8 @@ class OneShotRunner:
     async def _run(self, one: OneShotProc) -> None:
         ticket, version = one.ticket, one.version
         runtime = runtime_env(version, gateway_url=self.gateway_url,
-                              run=(ticket.run_id, self.token_for(f"run:{ticket.run_id}")), secrets=True)
+                              run=(ticket.run_id, self.token_for(f"run:{ticket.run_id}")), secrets=True,
+                              caller=run_caller_token(self.token_for, ticket.run_id))
         log_path = self.log_dir / version.key / f"{ticket.run_id}.log"
         timer = None
         try:

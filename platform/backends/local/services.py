@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from ..base import service_caller_token
 from ..replicas import Replica, Replicas, loopback_listener
 from ..runtime_env import runtime_env
 from .process import signal_runtime, start_runtime
@@ -16,9 +17,12 @@ from .sandbox import Sandbox
 
 
 class LocalServices(Replicas):
-    def __init__(self, home, *, sandbox: Sandbox | None = None, **options):
+    def __init__(self, home, *, sandbox: Sandbox | None = None, gateway_url: str | None = None, token_for=None,
+                 **options):
         super().__init__(home, **options)
         self.sandbox = sandbox
+        self.gateway_url = gateway_url  # with token_for: replicas may call their workspace's jobs and services
+        self.token_for = token_for
 
     async def _spawn(self, replica: Replica) -> None:
         spec = replica.spec
@@ -28,8 +32,10 @@ class LocalServices(Replicas):
             os.chown(init, uid, uid)
         sock, replica.url = loopback_listener()
         try:
+            caller = service_caller_token(self.token_for, spec.key) if self.token_for else None
             runtime = runtime_env(spec.version, serve=spec, replica=replica.id, init_file=str(init),
-                                  replica_token=replica.token, secrets=True)
+                                  replica_token=replica.token, secrets=True, gateway_url=self.gateway_url,
+                                  caller=caller)
             replica.proc = await start_runtime(spec.version, runtime, ["serve", "--fd", str(sock.fileno())],
                                                replica.log_path, self.sandbox, readable=(str(init),),
                                                pass_fds=(sock.fileno(),))

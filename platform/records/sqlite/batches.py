@@ -10,8 +10,8 @@ from .runs import ADD_USAGE, INSERT_PAYLOAD, OPEN_SQL, as_payload, payload_row
 
 COLUMNS = "id, workspace, job_id, version, concurrency, total, submitted, done, cancelled, created_at"
 INSERT_ITEM = ("INSERT INTO runs(id, workspace, job_id, version, trigger, created_at, max_retries, timeout, "
-               "batch_id, batch_index, schedule_id, traceparent, parent_span_id, status) "
-               "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'queued')")
+               "batch_id, batch_index, schedule_id, traceparent, parent_span_id, parent_run_id, status) "
+               "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,'queued')")
 
 
 def _record(row: tuple) -> BatchRecord:

@@ -150,6 +150,12 @@ CREATE TABLE uploads(
   object_key TEXT PRIMARY KEY, workspace TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE INDEX uploads_by_age ON uploads(created_at);
 """,
+    # 11: jobs calling jobs: a run started by another run's code (with the run's scoped token) names that run, its
+    # parent; a run's children by parent (the runs API's ?parent=, the dashboard's run page)
+    """
+ALTER TABLE runs ADD COLUMN parent_run_id TEXT;
+CREATE INDEX runs_by_parent ON runs(parent_run_id, id) WHERE parent_run_id IS NOT NULL;
+""",
 )
 
 

@@ -27,11 +27,11 @@ def hour_of(run_id: str) -> int:
 
 COLUMNS = ("id, workspace, job_id, version, status, trigger, created_at, started_at, finished_at, exit_reason, "
            "error_type, attempt, max_retries, timeout, batch_id, batch_index, done_seq, worker, log_bytes, expired_at, "
-           "retry_at, schedule_id, traceparent, parent_span_id")
+           "retry_at, schedule_id, traceparent, parent_span_id, parent_run_id")
 SELECT = f"SELECT {COLUMNS} FROM runs"
 INSERT = ("INSERT OR IGNORE INTO runs(id, workspace, job_id, version, trigger, created_at, max_retries, timeout, "
-          "batch_id, batch_index, schedule_id, traceparent, parent_span_id, status) "
-          "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'queued')")
+          "batch_id, batch_index, schedule_id, traceparent, parent_span_id, parent_run_id, status) "
+          "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,'queued')")
 OPEN_SQL = "status IN ('queued', 'running')"  # base.OPEN, as literals: so the partial index runs_open applies
 ENDED_BADLY_SQL = "status IN ('failed', 'timed_out', 'cancelled')"  # as the partial index runs_ended_badly
 STATUSES = frozenset({"queued", "running", "succeeded", "failed", "cancelled", "timed_out"})
@@ -199,7 +199,7 @@ class SqliteRuns:
         # (the most selective; "+workspace" keeps the planner off the workspace's), else runs_open or
         # runs_ended_badly (a status written as a literal, so the planner sees the partial index applies),
         # runs_by_trigger or runs_by_workspace (succeeded runs: most runs, found soon in id order)
-        narrow = where.batch_id is not None or where.job_id is not None
+        narrow = where.batch_id is not None or where.job_id is not None or where.parent_run_id is not None
         index, implied = ("", "") if narrow else STATUS_INDEX.get(where.status, ("", ""))
         sql, params = f"{SELECT}{index} WHERE {'+' if narrow else ''}workspace = ?{implied}", [workspace]
         if where.status in STATUSES:
@@ -207,7 +207,8 @@ class SqliteRuns:
         elif where.status is not None:
             sql += " AND status = ?"
             params.append(where.status)
-        for column, value in (("job_id", where.job_id), ("trigger", where.trigger), ("batch_id", where.batch_id)):
+        for column, value in (("job_id", where.job_id), ("trigger", where.trigger), ("batch_id", where.batch_id),
+                              ("parent_run_id", where.parent_run_id)):
             if value is not None:
                 sql += f" AND {column} = ?"
                 params.append(value)

@@ -220,6 +220,24 @@ def test_a_reference_is_used_once(small):
     assert again.status_code == 404 and "used once" in again.json()["message"]
 
 
+def test_a_resent_map_request_with_references_is_idempotent(small):
+    import struct
+
+    plat, _, f = small
+    ref = upload(plat, 2 * MiB, serialization.dump_args((b"m" * (2 * MiB),)))
+    frame = envelope.ref(ref)
+    body = struct.pack(">I", len(frame)) + frame
+    with plat.http() as http:
+        batch = http.post(f"/{plat.workspace}/job/{f['digest'].job_id}/batches", json={}).json()["batch_id"]
+        first = http.post(f"/{plat.workspace}/batches/{batch}/items", params={"start": 0}, content=body).json()
+        again = http.post(f"/{plat.workspace}/batches/{batch}/items", params={"start": 0}, content=body)
+        assert again.status_code == 200, again.text  # the reference was claimed by the first: not an error
+        assert (first["added"], again.json()["added"], again.json()["accepted"]) == (1, 0, 1)
+        http.post(f"/{plat.workspace}/batches/{batch}/seal", json={"total": 1})
+        line = list(plat.client().stream_lines("GET", f"/batches/{batch}/results"))[-1]
+    assert line["status"] == "succeeded"
+
+
 def test_a_reference_of_another_workspace_is_refused(small):
     plat, _, f = small
     out = subprocess.run([sys.executable, "-m", "opbox.cli", "workspace", "create", "big-b", "--home", str(plat.home),

@@ -202,6 +202,26 @@ def test_a_file_made_in_the_run_comes_back_as_a_file(small, tmp_path, monkeypatc
     assert copy.read_bytes() == b"r" * (2 * MiB)
 
 
+def test_sealed_workers_move_large_payloads_and_files_by_url(tmp_path_factory):
+    """The sandbox (bubblewrap, the workspace's uid, a private /tmp) lets the runtime reach the store's URLs."""
+    import opbox
+    from conftest import require
+    from opbox.platform.backends.local.sandbox import find_sandbox, unsealed_reason
+
+    require(find_sandbox(tmp_path_factory.mktemp("probe")) is not None, f"no sandbox here: {unsealed_reason()}")
+    env = {"OPBOX_SANDBOX": "required", "OPBOX_METRICS_TOKEN": METRICS_TOKEN}
+    with running_platform(tmp_path_factory.mktemp("home"), extra_env=env) as plat:
+        client, f = deployed(plat, tmp_path_factory.mktemp("proj"), "bigsealedmod")
+        data = bytes(range(256)) * (3 * MiB // 256)
+        assert f["echo"](data) == data
+        table = tmp_path_factory.mktemp("data") / "t.csv"
+        table.write_bytes(os.urandom(8).hex().encode() + b"\nx\ny\n")
+        table.chmod(0o600)  # the platform's user only: the sealed run reads the copy it fetched
+        assert f["count_lines"](opbox.File(table))[0] == 3
+        assert metric(plat, "opbox_large_payload_bytes_total", via="gateway") == 0
+        client.close()
+
+
 def test_too_large_is_refused_before_the_bytes_are_sent_and_the_error_names_the_setting(small):
     plat, _, f = small
     puts = metric(plat, "opbox_http_request_seconds_count", method="PUT")

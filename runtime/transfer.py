@@ -141,7 +141,8 @@ class RuntimeFiles:
         conn, target = _open(self.channel, upload["url"])
         try:
             with open(source, "rb") as f:
-                conn.request(upload["method"], target, body=f, headers={**upload["headers"], "Content-Length": str(size)})
+                conn.request(upload["method"], target, body=f,
+                             headers={**upload["headers"], "Content-Length": str(size)})
             resp = conn.getresponse()
             answer = resp.read()
             if resp.status >= 300:

@@ -66,6 +66,8 @@ def make(size, seed):
     return block * (size // len(block))
 """
 
+FUNCTIONS = ("echo", "digest", "make", "chunks", "count_lines", "list_dir", "write_file")
+
 
 def metric(plat, name: str, **labels) -> float:
     """The sum of a metric's samples whose labels include ``labels`` (0 when there is none)."""
@@ -88,7 +90,7 @@ def peak_rss(pid: int) -> int:
 def deployed(plat, folder, name: str):
     client = plat.client()
     with user_module(folder, name, CODE) as mod:
-        return client, {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("echo", "digest", "make", "chunks", "count_lines", "list_dir", "write_file")}
+        return client, {n: getattr(mod, n).deploy(client=client, quiet=True) for n in FUNCTIONS}
 
 
 # -- the checks, on a platform with small limits ------------------------------------------------

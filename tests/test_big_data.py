@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -227,6 +228,23 @@ def test_sealed_workers_move_large_payloads_and_files_by_url(tmp_path_factory):
         assert f["count_lines"](opbox.File(table))[0] == 3
         assert metric(plat, "opbox_large_payload_bytes_total", via="gateway") == 0
         client.close()
+
+
+def test_the_readme_file_example_runs(small, tmp_path):
+    plat, _, _ = small
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Big data"):readme.index("### Serving classes as HTTP endpoints")]
+    example = section.split("```python\n")[2].split("```", 1)[0]  # the second block: File and Dir
+    (tmp_path / "files_example.py").write_text(example)
+    (tmp_path / "data.csv").write_text("a,b\n1,2\n3,4\n")
+    (tmp_path / "images").mkdir()
+    for name in ("b.png", "a.png"):
+        (tmp_path / "images" / name).write_bytes(b"\x89PNG")
+    env = {**plat.env, "OPBOX_URL": plat.url, "OPBOX_TOKEN": plat.token, "OPBOX_WORKSPACE": plat.workspace}
+    out = subprocess.run([sys.executable, "files_example.py"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["3", "a.png", "b.png"]
 
 
 def test_too_large_is_refused_before_the_bytes_are_sent_and_the_error_names_the_setting(small):

@@ -134,7 +134,12 @@ def test_a_3_mib_argument_goes_by_url_and_small_ones_take_no_extra_round_trip(sm
     data = bytes(range(256)) * (3 * MiB // 256)
     assert f["echo"](data) == data
     assert metric(plat, "opbox_http_request_seconds_count", route="/{workspace}/payloads") == slots + 1
-    assert metric(plat, "opbox_large_payload_bytes_total", via="url") >= via_url + 2 * len(data)  # argument, result
+    from opbox import Jobs
+
+    run = Jobs("digest", plat.client()).trigger(data)  # a trigger with pickled arguments: by URL as well
+    assert run.result(timeout=60) == hashlib.sha256(data).hexdigest()
+    assert metric(plat, "opbox_http_request_seconds_count", route="/{workspace}/payloads") == slots + 2
+    assert metric(plat, "opbox_large_payload_bytes_total", via="url") >= via_url + 3 * len(data)  # arguments, result
     assert metric(plat, "opbox_large_payload_bytes_total", via="gateway") == 0
 
 

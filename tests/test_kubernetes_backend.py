@@ -78,6 +78,7 @@ def echo(value):
     return value
 
 
+@operator()
 def relay(x):  # jobs calling jobs: this run's pod calls the scorer, with the run's own token
     from opbox import Operator
     return Operator.from_job("scorer")(x)

@@ -73,7 +73,7 @@ def hog(mb):
     blocks = [bytearray(1024 * 1024) for _ in range(mb)]
     return len(blocks)
 
-@operator()
+@operator(timeout=300)
 def relay(x):  # jobs calling jobs: this run's pod calls the scorer, with the run's own token
     from opbox import Operator
     return Operator.from_job("scorer")(x)
@@ -163,6 +163,10 @@ def test_a_run_pod_calls_another_job_with_a_token_scoped_to_its_run(fns, kube, p
         (child,) = http.get(f"/{WORKSPACE}/runs", params={"parent": run.id}).json()["runs"]
         assert child["job_id"] == fns["score"].job_id and child["status"] == "succeeded"
         assert child["parent_run_id"] == run.id and child["trigger"] == "call"
+    # the scorer has no timeout of its own: its Job's deadline is what was left of the relay's 300 s
+    assert child["timeout"] is not None and child["timeout"] <= 300
+    (child_job,) = jobs_of(kube, child["id"])
+    assert 1 <= child_job["spec"]["activeDeadlineSeconds"] <= 300
     with httpx.Client(base_url=plat.url, headers={"Authorization": f"Bearer {data['caller']}"}, timeout=30) as http:
         assert http.get(f"/{WORKSPACE}/jobs").status_code == 401  # the run has ended: its token with it
 

@@ -169,6 +169,13 @@ def test_a_run_pod_calls_another_job_with_a_token_scoped_to_its_run(fns, kube, p
     assert 1 <= child_job["spec"]["activeDeadlineSeconds"] <= 300
     with httpx.Client(base_url=plat.url, headers={"Authorization": f"Bearer {data['caller']}"}, timeout=30) as http:
         assert http.get(f"/{WORKSPACE}/jobs").status_code == 401  # the run has ended: its token with it
+    # map items run on worker pods: each calls with its worker's caller token, for the item it holds
+    assert fns["relay"].map([1, 2], progress=False) == [2, 4]
+    with plat.http() as http:
+        items = http.get(f"/{WORKSPACE}/runs", params={"job": fns["relay"].job_id, "trigger": "map"}).json()["runs"]
+        for item in items[:2]:
+            (child,) = http.get(f"/{WORKSPACE}/runs", params={"parent": item["id"]}).json()["runs"]
+            assert child["job_id"] == fns["score"].job_id and child["status"] == "succeeded"
 
 
 def worker_jobs(kube: FakeKube, job_id: str) -> list[dict]:

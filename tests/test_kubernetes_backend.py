@@ -389,13 +389,18 @@ class Scaler:
 
     def times(self, x: int) -> int:
         return x * self.scale
+
+    def via_job(self, x: int) -> int:  # a replica calls a job of its workspace, with the service's own token
+        from opbox import Operator
+        return Operator.from_job("scorer")(x)
 """
 
 
-def test_a_class_is_a_knative_service(plat, client, kube, tmp_path_factory):
+def test_a_class_is_a_knative_service(plat, client, kube, fns, tmp_path_factory):
     mod = e2e_code(tmp_path_factory.mktemp("kube_svc"), "kubesvc", SERVICE_CODE)
     model = mod.Scaler.deploy(3, client=client, quiet=True)
     assert model.times(x=5) == 15
+    assert model.via_job(x=4) == 8  # the scorer, called from the replica's pod
     info = model.info()
     assert info["status"] == "ready" and info["url"].startswith("http://127.0.0.1:"), info
     # the replica answers the gateway only: any other caller in the cluster is refused
@@ -412,6 +417,8 @@ def test_a_class_is_a_knative_service(plat, client, kube, tmp_path_factory):
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["OPBOX_ENTRY"] == "kubesvc:Scaler" and env["OPBOX_INIT_URL"].endswith("/Scaler/init")
     assert "OPBOX_INIT_B64" not in env
+    token_ref = next(e for e in container["env"] if e["name"] == "OPBOX_TOKEN")["valueFrom"]["secretKeyRef"]
+    assert token_ref["key"] == "caller" and token_ref["name"] == f"opbox-service-{name}-token"
     assert template["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] in ("0", "1")
 
     again = mod.Scaler.deploy(4, client=client, quiet=True)  # a new revision: replaced, not created

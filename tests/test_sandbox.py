@@ -138,7 +138,8 @@ class Teller:
 
 RUNTIME_VARS = {"OPBOX_ENTRY", "OPBOX_CODE_DIR", "OPBOX_GATEWAY_URL", "OPBOX_POOL", "OPBOX_WORKER_ID",
                 "OPBOX_WORKER_TOKEN", "OPBOX_RUN_ID", "OPBOX_RUN_TOKEN", "OPBOX_RUNTIME", "PYTHONUNBUFFERED",
-                "OPBOX_TOKEN", "OPBOX_URL", "OPBOX_WORKSPACE"}  # the last three: the run's own, for its SDK calls
+                "OPBOX_TOKEN", "OPBOX_URL", "OPBOX_WORKSPACE",  # these three: the run's own, for its SDK calls
+                "TRACEPARENT"}  # the run's W3C trace context
 
 
 @pytest.fixture(scope="module", params=["worker", "run"])

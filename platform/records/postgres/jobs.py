@@ -63,7 +63,8 @@ class PostgresJobs:
     def delete(self, job_id: str) -> Dropped:
         victims = "SELECT id, workspace, log_bytes FROM runs WHERE job_id = %(job)s FOR UPDATE"
         then = "".join(f",\nd{n} AS (DELETE FROM {table} WHERE {column} = %(job)s)" for n, (table, column) in enumerate(
-            (("batches", "job_id"), ("versions", "job_id"), ("schedules", "job_id"), ("jobs", "id"))))
+            (("run_hours", "job_id"), ("batches", "job_id"), ("versions", "job_id"), ("schedules", "job_id"),
+             ("jobs", "id"))))
         then += (",\nda AS (DELETE FROM attempts a USING victims v WHERE a.run_id = v.id),\n"
                  "dr AS (DELETE FROM runs USING victims v WHERE runs.id = v.id)")
         return dropped(self.db.one(drop_sql(victims, then), {"job": job_id}))

@@ -487,6 +487,40 @@ def test_the_database_url_and_the_shared_secret_are_checked(tmp_path, monkeypatc
         _secret(tmp_path, shared)
 
 
+def test_hours_counted_while_another_gateway_deletes_runs_are_kept_without_them(pg_server):
+    """An overview keeping an hour's counts waits for a delete of runs in flight (a job's delete, retention, on
+    another gateway), then counts what is left: counts made before the delete are never kept after it."""
+    import psycopg
+
+    from conftest import wait_for
+    from opbox.platform.records.postgres import open_postgres
+    from opbox.platform.records.postgres.runs import HOURS_LOCK
+
+    url = pg_server.database()
+    records = open_postgres(url)
+    try:
+        hour, now = 36_000, 50_000.0
+        for n, job in enumerate(("j1", "j2", "j2")):
+            run_id = _run_at(hour + 10 + n, n)
+            records.runs.create(NewRun(run_id, "ws", job, 1, "api", 1.0, 0, None), b"")
+            records.runs.finish(records.runs.get(run_id), "succeeded", 2.0, None, None, b"")
+        with psycopg.connect(url) as deleter:  # another gateway's delete, under way
+            deleter.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (HOURS_LOCK,))
+            deleter.execute("DELETE FROM runs WHERE job_id = 'j2'")
+            answer: dict = {}
+            reader = threading.Thread(target=lambda: answer.update(records.runs.hour_counts("ws", [hour], now)))
+            reader.start()
+            with psycopg.connect(url, autocommit=True) as look:
+                wait_for(lambda: look.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                              "AND NOT granted").fetchone()[0] == 1, timeout=10)
+            deleter.commit()
+            reader.join(10)
+        assert answer == {hour: [("j1", "succeeded", 1)]}
+        assert records.runs.hour_counts("ws", [hour], now) == {hour: [("j1", "succeeded", 1)]}, "as kept"
+    finally:
+        records.close()
+
+
 def test_wakeups_reach_the_other_gateways_not_the_sender(pg_server):
     import queue
 

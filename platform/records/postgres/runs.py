@@ -72,6 +72,14 @@ def dropped(row: tuple) -> Dropped:
     return Dropped(row[0], row[1], list(row[2]))
 
 
+def deleting(db: Database, sql: str, params: dict) -> Dropped:
+    """A statement that deletes runs and their hours' kept counts, after the lock of those counts (``HOURS_LOCK``):
+    its snapshot, taken then, sees every count kept before, and none is kept from a count made before it."""
+    with db.conn() as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (HOURS_LOCK,))
+        return dropped(conn.execute(sql, params).fetchone())
+
+
 INSERT_RUN = f"INSERT INTO runs({RUN_FIELDS}, status) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'queued')"
 CREATE = f"""
 WITH r AS ({INSERT_RUN} ON CONFLICT (id) DO NOTHING RETURNING id, workspace),
@@ -115,9 +123,8 @@ REQUEUE_ORPHANS = ("UPDATE runs SET status = 'queued', started_at = NULL, worker
                    "WHERE status = 'running' AND (strpos(COALESCE(worker, ''), '/') = 0 OR "
                    "pg_try_advisory_xact_lock(%s::int4, hashtext(split_part(worker, '/', 1))))")
 
-# the overview's hours (see ``hour_counts``): where runs may still change, then each hour's counts from three
-# indexes and none of the rows (each job's runs from runs_by_workspace, its open ones from runs_open and those
-# that ended badly from runs_ended_badly; the rest succeeded)
+# the overview's hours (see ``hour_counts``): where runs may still change, then each hour's counts: its open runs
+# (runs_open) and those that ended badly (runs_ended_badly), both index-only, and each job's runs; the rest succeeded
 UNSETTLED_FROM = """
 SELECT LEAST((SELECT MIN(id) FROM runs WHERE status = 'queued' AND workspace = %(ws)s),
              (SELECT MIN(id) FROM runs WHERE status = 'running' AND workspace = %(ws)s),
@@ -131,6 +138,9 @@ UNION ALL
 SELECT {_HOUR}, job_id, status, count(*) FROM runs WHERE {ENDED_BADLY_SQL} AND {_IN_RANGE} GROUP BY 1, 2, 3
 UNION ALL
 SELECT {_HOUR}, job_id, NULL, count(*) FROM runs WHERE {_IN_RANGE} GROUP BY 1, 2"""
+# held by whoever keeps hours' counts or deletes runs (and their hours' counts), to its transaction's end: counts
+# made before another gateway's delete committed are never kept after it (they would count deleted runs)
+HOURS_LOCK = 0x6F70626F7868
 KEEP_HOURS = ("INSERT INTO run_hours(workspace, hour, job_id, status, n) SELECT %s, * FROM unnest(%s::bigint[], "
               "%s::text[], %s::text[], %s::bigint[]) ON CONFLICT (workspace, hour, job_id, status) DO UPDATE SET n = excluded.n")
 
@@ -269,7 +279,8 @@ class PostgresRuns:
         """Each hour's runs as (job id, status, count): a settled hour's from ``run_hours`` (counted once, the
         first time it is read settled), the others' counted now, as in SQLite (``records/sqlite/runs.py``). An
         hour is settled when it ended a while ago, every run in it has ended and no map still taking items could
-        add runs to it; deleting runs drops their hours' rows. Four statements at most, whatever the hours."""
+        add runs to it; deleting runs drops their hours' rows. Three statements whatever the hours, in a short
+        transaction when hours are kept (after a lock no delete of runs holds meanwhile)."""
         if not hours:
             return {}
         (frontier,) = self.db.one(UNSETTLED_FROM, {"ws": workspace, "since": id_at("b", hours[0])})
@@ -286,28 +297,37 @@ class PostgresRuns:
         missing = [hour for hour in hours if hour not in found]
         if not missing:
             return {hour: found[hour] for hour in hours}
-        counted = self._count_hours(workspace, missing)
-        kept = []
-        for hour in missing:
-            found[hour] = rows = counted.get(hour, [])
-            if hour in settled:
-                kept += [(hour, "", "", 0), *((hour, *row) for row in rows)]
-        if kept:
+        if settled.isdisjoint(missing):  # nothing to keep: counted live
+            found.update(self._count_hours(self.db, workspace, missing))
+            return {hour: found.get(hour, []) for hour in hours}
+        with self.db.conn() as conn, conn.transaction():  # counted and kept with no delete in between
+            conn.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (HOURS_LOCK,))
+            counted = self._count_hours(conn, workspace, missing)
+            kept = []
+            for hour in missing:
+                if hour in settled:
+                    kept += [(hour, "", "", 0), *((hour, *row) for row in counted.get(hour, []))]
             try:
-                self.db.run(KEEP_HOURS, (workspace, *map(list, zip(*kept))))
-            except psycopg.Error as exc:  # keeping them is an optimisation: the counts stand
+                with conn.transaction():  # a savepoint: the counts stand when they cannot be kept
+                    conn.execute(KEEP_HOURS, (workspace, *map(list, zip(*kept))))
+            except psycopg.Error as exc:  # keeping them is an optimisation (a full disk): the counts stand
+                if conn.broken:
+                    raise
                 log.warning("could not keep the overview's counts of %d hours: %s", len(settled), exc)
-        return {hour: found[hour] for hour in hours}
+        found.update(counted)
+        return {hour: found.get(hour, []) for hour in hours}
 
-    def _count_hours(self, workspace: str, hours: list[int]) -> dict[int, list[tuple[str, str, int]]]:
-        """Each hour's (job id, status, count), counted now in one statement over the ids from the first hour's
-        to the last's (index-only scans: a range, not one scan per hour, which the planner would serve from the
-        table's rows)."""
+    @staticmethod
+    def _count_hours(db, workspace: str, hours: list[int]) -> dict[int, list[tuple[str, str, int]]]:
+        """Each hour's (job id, status, count), counted now in one statement (on ``db``: the pool, or a
+        connection in a transaction) over the ids from the first hour's to the last's: one range, not one
+        scan per hour (which the planner would rather serve from the table's rows)."""
         total: dict[tuple[int, str], int] = {}
         counted: dict[int, list[tuple[str, str, int]]] = {}
         wanted = set(hours)
-        for hour, job_id, status, n in self.db.all(COUNT_HOURS, {
-                "ws": workspace, "lo": id_at("r", min(hours)), "hi": id_at("r", max(hours) + 3600)}):
+        params = {"ws": workspace, "lo": id_at("r", min(hours)), "hi": id_at("r", max(hours) + 3600)}
+        rows = db.all(COUNT_HOURS, params) if isinstance(db, Database) else db.execute(COUNT_HOURS, params).fetchall()
+        for hour, job_id, status, n in rows:
             if hour not in wanted:
                 continue
             if status is None:
@@ -345,7 +365,7 @@ class PostgresRuns:
                 "dr AS (DELETE FROM runs USING victims v WHERE runs.id = v.id),\n"
                 f"dh AS (DELETE FROM run_hours WHERE (workspace, hour) IN "
                 f"(SELECT workspace, {HOUR_OF_ID.format(id='id')} FROM victims))")
-        return dropped(self.db.one(drop_sql(victims, then), {"before": now - 86400.0 * days, "limit": limit}))
+        return deleting(self.db, drop_sql(victims, then), {"before": now - 86400.0 * days, "limit": limit})
 
     def stored_keys(self, keys: Sequence[str]) -> set[str]:
         keys = list(keys)

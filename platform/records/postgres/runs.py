@@ -142,7 +142,8 @@ SELECT {_HOUR}, job_id, NULL, count(*) FROM runs WHERE {_IN_RANGE} GROUP BY 1, 2
 # made before another gateway's delete committed are never kept after it (they would count deleted runs)
 HOURS_LOCK = 0x6F70626F7868
 KEEP_HOURS = ("INSERT INTO run_hours(workspace, hour, job_id, status, n) SELECT %s, * FROM unnest(%s::bigint[], "
-              "%s::text[], %s::text[], %s::bigint[]) ON CONFLICT (workspace, hour, job_id, status) DO UPDATE SET n = excluded.n")
+              "%s::text[], %s::text[], %s::bigint[]) "
+              "ON CONFLICT (workspace, hour, job_id, status) DO UPDATE SET n = excluded.n")
 
 
 @storage_errors

@@ -12,7 +12,7 @@ from .errors import ValidationError
 def deploy(target: str, **options):
     """Deploy the function or class ``name`` of module ``module`` (importable from here: a notebook's folder
     is) and return its remote handle. The module is imported again first, so edits to its file are taken.
-    ``options`` go to ``.deploy()`` (``name``, ``resource``, ``client``, ``quiet``...; a class's constructor
+    ``options`` go to ``.deploy()`` (``name``, ``resource``, ``client``, ``quiet``, ``root``...; a class's constructor
     arguments too). A plain function (without ``@operator()``) is deployed with the defaults."""
     module_name, _, qualname = target.partition(":")
     if not module_name or not qualname:

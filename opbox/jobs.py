@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import serialization, tracecontext
 from .client import Client, default_client
+from .offload import dump_call
 from .remote import ENVELOPE, RemoteFunction, RunHandle
 from .schedules import Schedule
 
@@ -37,7 +38,7 @@ class Job:
         """Start a run of the latest version (or ``version``); without arguments, the function's defaults."""
         params = {"version": version} if version else {}
         if args or kwargs:
-            resp = self.client.post(f"/job/{self.ref}/trigger", content=serialization.dump_args(args, kwargs),
+            resp = self.client.post(f"/job/{self.ref}/trigger", content=dump_call(self.client, args, kwargs),
                                     headers=tracecontext.caller_headers(ENVELOPE), params=params)
         else:
             resp = self.client.post(f"/job/{self.ref}/trigger", json={}, params=params,

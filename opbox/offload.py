@@ -16,7 +16,7 @@ import threading
 
 import httpx
 
-from . import envelope, serialization
+from . import envelope, errors, serialization
 from .client import raise_for
 from .errors import StorageError
 from .files import using
@@ -50,9 +50,16 @@ def outgoing(client, payload: bytes) -> bytes:
     resp = store_http().request(slot["method"], slot["url"], content=_slices(payload),
                                 headers={**slot["headers"], "Content-Length": str(len(payload))})
     if resp.status_code >= 300:
-        raise StorageError(f"the object store refused the upload of {len(payload)} bytes: HTTP {resp.status_code}: "
-                           f"{resp.text[:300]}")
+        raise refused(resp, f"the upload of {len(payload)} bytes")
     return envelope.ref(slot["ref"])
+
+
+def refused(resp: httpx.Response, what: str) -> Exception:
+    """The store's refusal: the platform's own error when it says one (a local store's 507 storage_full)."""
+    try:
+        return errors.from_response(resp.status_code, resp.json())
+    except (ValueError, AttributeError):
+        return StorageError(f"the object store refused {what}: HTTP {resp.status_code}: {resp.text[:300]}")
 
 
 def _slices(data: bytes):
@@ -116,8 +123,7 @@ class ClientTransfer:
                 resp = store_http().request(upload["method"], upload["url"], content=_chunks(f),
                                             headers={**upload["headers"], "Content-Length": str(size)})
             if resp.status_code >= 300:
-                raise StorageError(f"the object store refused the upload of {source}: HTTP {resp.status_code}: "
-                                   f"{resp.text[:300]}")
+                raise refused(resp, f"the upload of {source}")
 
     def fetch(self, sha256: str, dest) -> None:
         url = self.client.get(f"/files/{sha256}").json()["url"]

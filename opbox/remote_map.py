@@ -20,7 +20,7 @@ from . import envelope, serialization, tracecontext
 from .client import CONNECT_ERRORS, Client
 from .errors import Gone, Unavailable
 from .mapping import aiter_items
-from .offload import acontent, content, decoding, dump_with_files
+from .offload import acontent, aoutgoing, content, decoding, dump_with_files
 from .outcome import decode, to_exception
 
 ACCEPT_ENVELOPE = {"Accept": serialization.CONTENT_TYPE, envelope.ACCEPT_URL_HEADER: "1"}
@@ -42,7 +42,13 @@ class _Chunks:
 
     def add(self, item) -> tuple[int, list[bytes]] | None:
         """Add one item; a full chunk ``(start, frames)`` to send comes back."""
-        payload = self.dump(tuple(item) if self.star else (item,), self.kwargs)
+        return self.add_payload(self.dump(self.args(item), self.kwargs))
+
+    def args(self, item) -> tuple:
+        return tuple(item) if self.star else (item,)
+
+    def add_payload(self, payload: bytes) -> tuple[int, list[bytes]] | None:
+        """Add one item's envelope (or its reference); a full chunk to send comes back."""
         self.frames.append(_FRAME.pack(len(payload)) + payload)
         self.size += len(payload) + 4
         return self.take() if len(self.frames) >= self.ITEMS or self.size >= self.BYTES else None
@@ -245,9 +251,10 @@ class _AsyncMap:
 
     async def _submit(self) -> None:
         try:
-            chunks = _Chunks(self.kwargs, self.star, lambda args, kwargs: dump_with_files(self.client, args, kwargs))
-            async for item in aiter_items(self.items):
-                chunk = chunks.add(item)
+            chunks = _Chunks(self.kwargs, self.star)
+            async for item in aiter_items(self.items):  # a large item is uploaded by URL in a thread
+                payload = await aoutgoing(self.client, dump_with_files(self.client, chunks.args(item), self.kwargs))
+                chunk = chunks.add_payload(payload)
                 if chunk:
                     await self._send(*chunk)
             if chunks.frames:

@@ -13,6 +13,7 @@ import time
 from typing import Any, AsyncIterator, Iterator
 
 from .errors import Unavailable
+from .offload import acontent, content, decoding
 from .outcome import decode
 from .remote_map import ACCEPT_ENVELOPE, RECONNECTABLE, STREAM_TIMEOUT, _Reconnects
 
@@ -51,8 +52,10 @@ def iter_items(run, after: int = 0) -> Iterator:
                 if cursor.take(line):
                     payload = None
                     if line.get("stored"):
-                        payload = client.get(f"{cursor.path}/{line['seq']}", headers=ACCEPT_ENVELOPE).content
-                    yield cursor.value(line, payload)
+                        payload = content(client.get(f"{cursor.path}/{line['seq']}", headers=ACCEPT_ENVELOPE))
+                    with decoding(client):
+                        value = cursor.value(line, payload)
+                    yield value
         except RECONNECTABLE as exc:
             time.sleep(cursor.reconnects.pause(exc))
     if cursor.status != "succeeded":
@@ -67,8 +70,11 @@ async def aiter_items(run, after: int = 0) -> AsyncIterator:
                 if cursor.take(line):
                     payload = None
                     if line.get("stored"):
-                        payload = (await client.aget(f"{cursor.path}/{line['seq']}", headers=ACCEPT_ENVELOPE)).content
-                    yield cursor.value(line, payload)
+                        payload = await acontent(await client.aget(f"{cursor.path}/{line['seq']}",
+                                                                   headers=ACCEPT_ENVELOPE))
+                    with decoding(client):
+                        value = cursor.value(line, payload)
+                    yield value
         except RECONNECTABLE as exc:
             await asyncio.sleep(cursor.reconnects.pause(exc))
     if cursor.status != "succeeded":

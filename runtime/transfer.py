@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 
 from opbox import envelope
 from opbox.errors import StorageError, from_response
-from opbox.serialization import dump_error
 
 TIMEOUT = 300.0  # seconds per socket operation of a transfer
 
@@ -74,10 +73,18 @@ def offload(channel, slot_path: str, data: bytes) -> bytes:
         resp = conn.getresponse()
         body = resp.read()
         if resp.status >= 300:
-            raise StorageError(f"the object store refused the upload: HTTP {resp.status}: {body[:300]!r}")
+            raise _refused(resp.status, body)
     finally:
         conn.close()
     return envelope.ref(slot["ref"])
+
+
+def _refused(status: int, body: bytes) -> Exception:
+    """The store's refusal: the platform's error when it says one (a local store: 507 storage_full)."""
+    try:
+        return from_response(status, json.loads(body))
+    except (ValueError, AttributeError):
+        return StorageError(f"the object store refused the upload: HTTP {status}: {body[:300]!r}")
 
 
 def call(execute, channel, headers, data: bytes, items) -> tuple[str, bytes]:
@@ -88,8 +95,8 @@ def call(execute, channel, headers, data: bytes, items) -> tuple[str, bytes]:
         try:
             data = download(channel, url)
         except Exception as exc:
-            error = StorageError(f"the run's arguments could not be fetched from the object store: {exc}")
-            return "failed", dump_error(error, "")
+            return "failed", envelope.error_envelope(
+                f"opbox.{type(exc).__name__}", f"the run's arguments could not be fetched from the object store: {exc}")
     return execute(data, items)
 
 
@@ -100,9 +107,10 @@ def outgoing(channel, slot_path: str, headers, outcome: str, body: bytes) -> tup
         return outcome, body
     try:
         return outcome, offload(channel, slot_path, body)
-    except Exception as exc:
-        error = StorageError(f"the result ({len(body)} bytes) could not be uploaded to the object store: {exc}")
-        return "failed", dump_error(error, "")
+    except Exception as exc:  # the run ends failed, saying so (as when the gateway cannot keep a result)
+        return "failed", envelope.error_envelope(
+            f"opbox.{type(exc).__name__}",
+            f"the run ended ({outcome}) but its result ({len(body)} bytes) could not be stored: {exc}")
 
 
 class RuntimeFiles:
@@ -133,7 +141,8 @@ class RuntimeFiles:
         conn, target = _open(self.channel, upload["url"])
         try:
             with open(source, "rb") as f:
-                conn.request(upload["method"], target, body=f, headers={**upload["headers"], "Content-Length": str(size)})
+                conn.request(upload["method"], target, body=f,
+                             headers={**upload["headers"], "Content-Length": str(size)})
             resp = conn.getresponse()
             answer = resp.read()
             if resp.status >= 300:

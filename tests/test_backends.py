@@ -179,3 +179,16 @@ def test_settings_defaults_are_written_once(monkeypatch):
     limits, settings = Limits(), Settings()
     assert (limits.max_payload, limits.max_log_bytes, limits.max_open_runs, limits.cancel_grace) == (
         settings.max_payload, settings.max_log_bytes, settings.max_open_runs, settings.cancel_grace)
+
+
+def test_podman_gets_the_runtimes_variables_in_its_environment_and_the_users_as_arguments():
+    """Tokens never on a command line; a user's Resource.env never in podman's own environment (an LD_PRELOAD
+    there would act on podman itself, on the platform's host)."""
+    from opbox.platform.backends.container.podman import container_env
+
+    version = dataclasses.replace(_version(), resource=Resource(env={"LD_PRELOAD": "/evil.so", "HF_HOME": "/cache",
+                                                                       "OPBOX_RUN_TOKEN": "forged"}))
+    args, podman_env = container_env(version, {"OPBOX_RUN_TOKEN": "secret-token", "PYTHONUNBUFFERED": "1"})
+    assert podman_env == {"OPBOX_RUN_TOKEN": "secret-token", "PYTHONUNBUFFERED": "1"}
+    assert args == ["-e", "LD_PRELOAD=/evil.so", "-e", "HF_HOME=/cache", "-e", "OPBOX_RUN_TOKEN", "-e", "PYTHONUNBUFFERED"]
+    assert not any("secret-token" in a or "forged" in a for a in args)

@@ -5,12 +5,14 @@ a single use, its real size against OPBOX_MAX_PAYLOAD, the storage quota."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -66,6 +68,8 @@ def make(size, seed):
     return block * (size // len(block))
 """
 
+FUNCTIONS = ("echo", "digest", "make", "chunks", "count_lines", "list_dir", "write_file")
+
 
 def metric(plat, name: str, **labels) -> float:
     """The sum of a metric's samples whose labels include ``labels`` (0 when there is none)."""
@@ -88,7 +92,7 @@ def peak_rss(pid: int) -> int:
 def deployed(plat, folder, name: str):
     client = plat.client()
     with user_module(folder, name, CODE) as mod:
-        return client, {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("echo", "digest", "make", "chunks", "count_lines", "list_dir", "write_file")}
+        return client, {n: getattr(mod, n).deploy(client=client, quiet=True) for n in FUNCTIONS}
 
 
 # -- the checks, on a platform with small limits ------------------------------------------------
@@ -131,7 +135,12 @@ def test_a_3_mib_argument_goes_by_url_and_small_ones_take_no_extra_round_trip(sm
     data = bytes(range(256)) * (3 * MiB // 256)
     assert f["echo"](data) == data
     assert metric(plat, "opbox_http_request_seconds_count", route="/{workspace}/payloads") == slots + 1
-    assert metric(plat, "opbox_large_payload_bytes_total", via="url") >= via_url + 2 * len(data)  # argument, result
+    from opbox import Jobs
+
+    run = Jobs("digest", plat.client()).trigger(data)  # a trigger with pickled arguments: by URL as well
+    assert run.result(timeout=60) == hashlib.sha256(data).hexdigest()
+    assert metric(plat, "opbox_http_request_seconds_count", route="/{workspace}/payloads") == slots + 2
+    assert metric(plat, "opbox_large_payload_bytes_total", via="url") >= via_url + 3 * len(data)  # arguments, result
     assert metric(plat, "opbox_large_payload_bytes_total", via="gateway") == 0
 
 
@@ -140,8 +149,12 @@ def test_a_map_and_a_generator_move_large_items_by_url(small):
     via_url = metric(plat, "opbox_large_payload_bytes_total", via="url")
     items = [bytes([i]) * (2 * MiB) for i in range(3)]
     assert list(f["echo"].map(items)) == items
+
+    async def amap():
+        return [value async for value in f["echo"].map.aio(items[:2])]
+    assert asyncio.run(amap()) == items[:2]
     assert list(f["chunks"].remote_gen(2, 2 * MiB)) == [bytes([0]) * (2 * MiB), bytes([1]) * (2 * MiB)]
-    assert metric(plat, "opbox_large_payload_bytes_total", via="url") >= via_url + 8 * 2 * MiB
+    assert metric(plat, "opbox_large_payload_bytes_total", via="url") >= via_url + 12 * 2 * MiB
     assert metric(plat, "opbox_large_payload_bytes_total", via="gateway") == 0
 
 
@@ -203,6 +216,43 @@ def test_a_file_made_in_the_run_comes_back_as_a_file(small, tmp_path, monkeypatc
     assert copy.read_bytes() == b"r" * (2 * MiB)
 
 
+def test_sealed_workers_move_large_payloads_and_files_by_url(tmp_path_factory):
+    """The sandbox (bubblewrap, the workspace's uid, a private /tmp) lets the runtime reach the store's URLs."""
+    import opbox
+    from conftest import require
+    from opbox.platform.backends.local.sandbox import find_sandbox, unsealed_reason
+
+    require(find_sandbox(tmp_path_factory.mktemp("probe")) is not None, f"no sandbox here: {unsealed_reason()}")
+    env = {"OPBOX_SANDBOX": "required", "OPBOX_METRICS_TOKEN": METRICS_TOKEN}
+    with running_platform(tmp_path_factory.mktemp("home"), extra_env=env) as plat:
+        client, f = deployed(plat, tmp_path_factory.mktemp("proj"), "bigsealedmod")
+        data = bytes(range(256)) * (3 * MiB // 256)
+        assert f["echo"](data) == data
+        table = tmp_path_factory.mktemp("data") / "t.csv"
+        table.write_bytes(os.urandom(8).hex().encode() + b"\nx\ny\n")
+        table.chmod(0o600)  # the platform's user only: the sealed run reads the copy it fetched
+        assert f["count_lines"](opbox.File(table))[0] == 3
+        assert metric(plat, "opbox_large_payload_bytes_total", via="gateway") == 0
+        client.close()
+
+
+def test_the_readme_file_example_runs(small, tmp_path):
+    plat, _, _ = small
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Big data"):readme.index("### Serving classes as HTTP endpoints")]
+    example = section.split("```python\n")[2].split("```", 1)[0]  # the second block: File and Dir
+    (tmp_path / "files_example.py").write_text(example)
+    (tmp_path / "data.csv").write_text("a,b\n1,2\n3,4\n")
+    (tmp_path / "images").mkdir()
+    for name in ("b.png", "a.png"):
+        (tmp_path / "images" / name).write_bytes(b"\x89PNG")
+    env = {**plat.env, "OPBOX_URL": plat.url, "OPBOX_TOKEN": plat.token, "OPBOX_WORKSPACE": plat.workspace}
+    out = subprocess.run([sys.executable, "files_example.py"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["3", "a.png", "b.png"]
+
+
 def test_too_large_is_refused_before_the_bytes_are_sent_and_the_error_names_the_setting(small):
     plat, _, f = small
     puts = metric(plat, "opbox_http_request_seconds_count", method="PUT")
@@ -219,6 +269,24 @@ def test_a_reference_is_used_once(small):
     assert first.status_code == 200 and first.headers["x-opbox-status"] == "succeeded", first.text
     again = call_with_ref(plat, f["digest"], ref)
     assert again.status_code == 404 and "used once" in again.json()["message"]
+
+
+def test_a_resent_map_request_with_references_is_idempotent(small):
+    import struct
+
+    plat, _, f = small
+    ref = upload(plat, 2 * MiB, serialization.dump_args((b"m" * (2 * MiB),)))
+    frame = envelope.ref(ref)
+    body = struct.pack(">I", len(frame)) + frame
+    with plat.http() as http:
+        batch = http.post(f"/{plat.workspace}/job/{f['digest'].job_id}/batches", json={}).json()["batch_id"]
+        first = http.post(f"/{plat.workspace}/batches/{batch}/items", params={"start": 0}, content=body).json()
+        again = http.post(f"/{plat.workspace}/batches/{batch}/items", params={"start": 0}, content=body)
+        assert again.status_code == 200, again.text  # the reference was claimed by the first: not an error
+        assert (first["added"], again.json()["added"], again.json()["accepted"]) == (1, 0, 1)
+        http.post(f"/{plat.workspace}/batches/{batch}/seal", json={"total": 1})
+        line = list(plat.client().stream_lines("GET", f"/batches/{batch}/results"))[-1]
+    assert line["status"] == "succeeded"
 
 
 def test_a_reference_of_another_workspace_is_refused(small):

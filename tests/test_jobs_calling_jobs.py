@@ -33,6 +33,9 @@ class Relay:  # a service whose method calls a job
     def through_job(self, x):
         return Operator.from_job("item")(x)
 
+    def token(self):
+        return os.environ.get("OPBOX_TOKEN")
+
 @operator()
 def item(x):  # level 3: a served class of the same workspace
     return RemoteService("doubler").double(x) + 1
@@ -143,8 +146,12 @@ def test_a_served_class_calls_a_job_with_its_own_token(calls):
     relay = mod.Relay.deploy(name="relay", client=client, quiet=True)
     try:
         assert relay.through_job(20) == 41  # the relay calls item, which calls doubler
+        token = relay.token()
+        assert token.startswith(f"obc_s:{plat.workspace}/relay:") and token != plat.token
     finally:
         relay.delete()
+    with httpx.Client(base_url=plat.url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+        assert http.get(f"/{plat.workspace}/jobs").status_code == 401  # the service is gone: its token too
 
 
 def test_cancelling_the_top_cancels_every_run_below_it(calls):

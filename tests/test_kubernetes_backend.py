@@ -78,6 +78,7 @@ def echo(value):
     return value
 
 
+@operator(timeout=300)
 def relay(x):  # jobs calling jobs: this run's pod calls the scorer, with the run's own token
     from opbox import Operator
     return Operator.from_job("scorer")(x)
@@ -177,8 +178,19 @@ def test_a_run_pod_calls_another_job_with_a_token_scoped_to_its_run(fns, kube, p
         (child,) = http.get(f"/{WORKSPACE}/runs", params={"parent": run.id}).json()["runs"]
         assert child["job_id"] == fns["score"].job_id and child["status"] == "succeeded"
         assert child["parent_run_id"] == run.id and child["trigger"] == "call"
+    # the scorer has no timeout of its own: its Job's deadline is what was left of the relay's 300 s
+    assert child["timeout"] is not None and child["timeout"] <= 300
+    (child_job,) = jobs_of(kube, child["id"])
+    assert 1 <= child_job["spec"]["activeDeadlineSeconds"] <= 300
     with httpx.Client(base_url=plat.url, headers={"Authorization": f"Bearer {data['caller']}"}, timeout=30) as http:
         assert http.get(f"/{WORKSPACE}/jobs").status_code == 401  # the run has ended: its token with it
+    # map items run on worker pods: each calls with its worker's caller token, for the item it holds
+    assert fns["relay"].map([1, 2], progress=False) == [2, 4]
+    with plat.http() as http:
+        items = http.get(f"/{WORKSPACE}/runs", params={"job": fns["relay"].job_id, "trigger": "map"}).json()["runs"]
+        for item in items[:2]:
+            (child,) = http.get(f"/{WORKSPACE}/runs", params={"parent": item["id"]}).json()["runs"]
+            assert child["job_id"] == fns["score"].job_id and child["status"] == "succeeded"
 
 
 def worker_jobs(kube: FakeKube, job_id: str) -> list[dict]:
@@ -402,13 +414,18 @@ class Scaler:
 
     def times(self, x: int) -> int:
         return x * self.scale
+
+    def via_job(self, x: int) -> int:  # a replica calls a job of its workspace, with the service's own token
+        from opbox import Operator
+        return Operator.from_job("scorer")(x)
 """
 
 
-def test_a_class_is_a_knative_service(plat, client, kube, tmp_path_factory):
+def test_a_class_is_a_knative_service(plat, client, kube, fns, tmp_path_factory):
     mod = e2e_code(tmp_path_factory.mktemp("kube_svc"), "kubesvc", SERVICE_CODE)
     model = mod.Scaler.deploy(3, client=client, quiet=True)
     assert model.times(x=5) == 15
+    assert model.via_job(x=4) == 8  # the scorer, called from the replica's pod
     info = model.info()
     assert info["status"] == "ready" and info["url"].startswith("http://127.0.0.1:"), info
     # the replica answers the gateway only: any other caller in the cluster is refused
@@ -425,6 +442,8 @@ def test_a_class_is_a_knative_service(plat, client, kube, tmp_path_factory):
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["OPBOX_ENTRY"] == "kubesvc:Scaler" and env["OPBOX_INIT_URL"].endswith("/Scaler/init")
     assert "OPBOX_INIT_B64" not in env
+    token_ref = next(e for e in container["env"] if e["name"] == "OPBOX_TOKEN")["valueFrom"]["secretKeyRef"]
+    assert token_ref["key"] == "caller" and token_ref["name"] == f"opbox-service-{name}-token"
     assert template["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] in ("0", "1")
 
     again = mod.Scaler.deploy(4, client=client, quiet=True)  # a new revision: replaced, not created

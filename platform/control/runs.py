@@ -222,8 +222,10 @@ class Runs:
             raise Conflict(f"batch {batch_id} is sealed at {row.total} items")
         if len(payloads) > self.limits.max_batch_items:
             raise PayloadTooLarge(f"at most {self.limits.max_batch_items} items per request, got {len(payloads)}")
-        for payload in payloads:
-            self._check_payload(payload)
+        existing = self.records.batches.indexes(batch_id, start, start + len(payloads) - 1)
+        for offset, payload in enumerate(payloads):
+            if start + offset not in existing:  # a resent item is not looked at again
+                self._check_payload(payload)
         self.check_quota(workspace, sum(map(payload_size, payloads)))
         state = self._batch_state(row)
         version = state.version
@@ -231,7 +233,6 @@ class Runs:
         parent_id, timeout = None, res.timeout
         if state.parent is not None:
             parent_id, timeout = state.parent[0], bounded_timeout(res.timeout, state.parent[1])
-        existing = self.records.batches.indexes(batch_id, start, start + len(payloads) - 1)
         room = self.limits.max_open_runs - self.open_runs.get(workspace, 0)
         wanted = min(len(payloads) - len(existing), MIN_ITEMS_ADDED, max(1, self.limits.max_open_runs // 10))
         if room < wanted:  # a handful at a time would cost a request each: 429 until a good part fits
@@ -267,6 +268,11 @@ class Runs:
             for ticket in tickets:
                 self._dispatch(ticket, version)
         return len(rows), accepted
+
+    def stored_items(self, workspace: str, batch_id: str, start: int, count: int) -> set[int]:
+        """Which of the map's items ``start .. start+count-1`` are stored already (a resent request's)."""
+        self.batch(workspace, batch_id)
+        return self.records.batches.indexes(batch_id, start, start + count - 1) if count else set()
 
     def seal_batch(self, workspace: str, batch_id: str, total: int) -> BatchRecord:
         row = self.batch(workspace, batch_id)

@@ -7,6 +7,7 @@ import json
 
 from starlette.requests import Request
 
+from opbox import envelope
 from opbox.errors import ValidationError
 
 from ..records.base import StoredPayload
@@ -69,4 +70,6 @@ async def get_item(request: Request):
     seq = request.path_params["seq"]
     if not seq.isdigit():
         raise ValidationError(f"an item number is a whole number, got {seq!r}")
-    return await payload_response(plat.payloads, plat.items.get(run_id, int(seq)))
+    item = plat.items.get(run_id, int(seq))
+    by_url = isinstance(item, StoredPayload) and envelope.ACCEPT_URL_HEADER in request.headers  # the SDK fetches it
+    return await payload_response(plat.payloads, item, by_url=by_url)

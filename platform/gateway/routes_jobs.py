@@ -383,10 +383,14 @@ async def add_items(request: Request):
     if start is None:
         raise ValidationError("query parameter 'start' is required")
     frames = split_frames(await read_body(request, plat.settings.max_request_body))
-    # large items go to the object store (or are there already: a reference to a signed upload)
-    frames = [await plat.payloads.keep(ws, frame, plat.settings.max_payload) for frame in frames]
-    added, accepted = plat.runs.add_items(ws, request.path_params["batch"], start, frames,
-                                          request.headers.get("traceparent"))
+    # large items go to the object store (or are there already: a reference to a signed upload, claimed once,
+    # so a resent request's references to items stored already are left as they are)
+    batch = request.path_params["batch"]
+    stored = plat.runs.stored_items(ws, batch, start, len(frames)) \
+        if any(frame.startswith(envelope.REF_MAGIC) for frame in frames) else ()
+    frames = [frame if start + i in stored else await plat.payloads.keep(ws, frame, plat.settings.max_payload)
+              for i, frame in enumerate(frames)]
+    added, accepted = plat.runs.add_items(ws, batch, start, frames, request.headers.get("traceparent"))
     return ok({"added": added, "accepted": accepted, "received": len(frames)})
 
 

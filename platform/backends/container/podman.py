@@ -98,11 +98,14 @@ def job_image(version: VersionInfo) -> str:
     return version.artifact.image
 
 
-def container_env(version: VersionInfo, runtime: dict[str, str]) -> dict[str, str]:
-    """A container's environment: the version's ``Resource.env``, then the runtime's variables.
-    Passed as ``-e NAME`` (the value from podman's own environment): tokens never appear on a
-    command line."""
-    return {**version.resource.env, **runtime}
+def container_env(version: VersionInfo, runtime: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """A container's environment as ``podman run`` flags, and the variables podman's own process must hold
+    for them. The runtime's variables (tokens among them) go as ``-e NAME``, the value read from podman's
+    environment, so they never appear on a command line; the version's ``Resource.env`` (settings, never
+    secrets, named by the user) as ``-e NAME=VALUE``, so they never reach podman's own environment, where
+    a name such as LD_PRELOAD would act on podman itself, on this host. The runtime's win over the user's."""
+    user = [a for name, value in version.resource.env.items() if name not in runtime for a in ("-e", f"{name}={value}")]
+    return [*user, *(a for name in runtime for a in ("-e", name))], runtime
 
 
 def container_args(resource, *, memory: bool = True, gpu_device: str = "nvidia.com/gpu=all") -> list[str]:
@@ -163,9 +166,9 @@ class PodmanSpawner:
         version = worker.pool.version
         image = job_image(version)
         name = "opbox-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", f"{worker.pool.id}-{worker.id}-{secrets.token_hex(3)}")
-        env = container_env(version, runtime_env(version, in_image=True, gateway_url=self.gateway_url,
-                                                 worker=(worker.pool.id, worker.id, worker.token),
-                                                 caller=worker_caller_token(worker.pool.id, worker.id, worker.token)))
+        env_args, env = container_env(version, runtime_env(
+            version, in_image=True, gateway_url=self.gateway_url, worker=(worker.pool.id, worker.id, worker.token),
+            caller=worker_caller_token(worker.pool.id, worker.id, worker.token)))
         secret_env = SecretEnvFile(version.secret_env) if version.secret_env else None
         cgroup = None
         if version.resource.memory_bytes and MemoryCgroup.usable():
@@ -174,7 +177,7 @@ class PodmanSpawner:
                "--label", f"{LABEL}=1", "--label", f"opbox.pool={worker.pool.id}",
                # conmon (and podman's exit cleanup) stay out of the limited cgroup: only the container counts
                *(["--cgroups=no-conmon", "--cgroup-parent", cgroup.rel] if cgroup else []), *container_args(version.resource, memory=not cgroup),
-               *(secret_env.args() if secret_env else []), *[a for key in env for a in ("-e", key)], image, "worker"]
+               *(secret_env.args() if secret_env else []), *env_args, image, "worker"]
         log_path = self.log_dir / worker.pool.id / f"{worker.id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         try:

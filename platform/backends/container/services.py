@@ -28,14 +28,14 @@ class ContainerServices(Replicas):
         version = spec.version
         image = job_image(version)
         name = "opbox-svc-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", f"{spec.key}-{replica.id}-{secrets.token_hex(3)}")
-        env = container_env(version, runtime_env(version, in_image=True, serve=spec, replica=replica.id, replica_token=replica.token,
+        env_args, env = container_env(version, runtime_env(version, in_image=True, serve=spec, replica=replica.id, replica_token=replica.token,
                                                  init_file="/opbox/init"))
         secret_env = SecretEnvFile(version.secret_env) if version.secret_env else None
         cmd = [self.podman._exe(), "run", "--rm", "--name", name, "--network=host", "--init", "--pull=never",
                "--label", f"{LABEL}=1", "--label", f"opbox.service={spec.key}",
                "--preserve-fds=1", "-v", f"{self._init_path(spec)}:/opbox/init:ro",
                *container_args(version.resource), *(secret_env.args() if secret_env else []),
-               *[a for key in env for a in ("-e", key)], image, "serve", "--fd", "3"]
+               *env_args, image, "serve", "--fd", "3"]
         sock, replica.url = loopback_listener()
         try:
             fd = sock.fileno()

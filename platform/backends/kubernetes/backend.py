@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import json
 import logging
@@ -287,8 +288,11 @@ class KubernetesBackend(PoolMethods):
         try:
             await self.ensure_namespace(attempt.namespace, attempt.workspace)
             secret_name = f"{attempt.name}-token"
-            spec = render.JobSpec(**self.workload(version, attempt.namespace, secret_name), run_id=ticket.run_id,
-                                  attempt=ticket.attempt, backoff_limit=0, disruption=attempt.disruption)
+            workload = self.workload(version, attempt.namespace, secret_name)
+            if ticket.timeout != version.resource.timeout:  # a child run's: bounded by its parent's deadline
+                workload["resource"] = dataclasses.replace(version.resource, timeout=ticket.timeout)
+            spec = render.JobSpec(**workload, run_id=ticket.run_id, attempt=ticket.attempt, backoff_limit=0,
+                                  disruption=attempt.disruption)
             job = render.render_job(spec)
 
             def ours(existing: dict) -> bool:  # a restarted gateway's run finds its Job: adopt it

@@ -101,8 +101,9 @@ SMALL = {"OPBOX_MAX_PAYLOAD": str(4 * MiB), "OPBOX_STORAGE_QUOTA": str(48 * MiB)
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    with running_platform(tmp_path_factory.mktemp("home"), extra_env=SMALL) as plat:
+def small(tmp_path_factory, state_env):
+    """On SQLite and on PostgreSQL (conftest.state_env): uploads are claimed and expired in the records."""
+    with running_platform(tmp_path_factory.mktemp("home"), extra_env={**SMALL, **state_env}) as plat:
         client, f = deployed(plat, tmp_path_factory.mktemp("proj"), "bigsmallmod")
         yield plat, client, f
         client.close()
@@ -291,7 +292,7 @@ def test_a_resent_map_request_with_references_is_idempotent(small):
 def test_a_reference_of_another_workspace_is_refused(small):
     plat, _, f = small
     out = subprocess.run([sys.executable, "-m", "opbox.cli", "workspace", "create", "big-b", "--home", str(plat.home),
-                          "--json"], capture_output=True, text=True, check=True)
+                          "--json"], capture_output=True, text=True, check=True, env=plat.env)
     other = json.loads(out.stdout)
     ref = upload(plat, MiB + 100, serialization.dump_args((b"b" * (MiB + 100),)), other["token"], "big-b")
     assert ref.startswith("big-b/")

@@ -85,10 +85,15 @@ FUNCTIONS = ("item", "fan", "nap", "nap_and_spawn", "tree", "fails_after_spawnin
 OPEN = ("queued", "running")
 
 
-@pytest.fixture(scope="module", params=["worker", "run"])
+@pytest.fixture(scope="module", params=[("worker", "sqlite"), ("run", "sqlite"), ("worker", "postgres")],
+                ids=lambda p: "-".join(p))
 def calls(request, tmp_path_factory):
-    env = {"OPBOX_ISOLATION": request.param, "OPBOX_MAX_WORKERS": "12", "OPBOX_MAX_RUNNING": "12"}
-    with running_platform(tmp_path_factory.mktemp(f"calls_{request.param}"), extra_env=env) as plat:
+    """Both isolations on SQLite; warm workers on PostgreSQL too (children found by parent_run_id in its records)."""
+    isolation, state = request.param
+    env = {"OPBOX_ISOLATION": isolation, "OPBOX_MAX_WORKERS": "12", "OPBOX_MAX_RUNNING": "12"}
+    if state == "postgres":
+        env["OPBOX_DATABASE_URL"] = request.getfixturevalue("pg_server").database()
+    with running_platform(tmp_path_factory.mktemp(f"calls_{isolation}"), extra_env=env) as plat:
         client = plat.client()
         with user_module(tmp_path_factory.mktemp("calls_proj"), "callsmod", CODE) as mod:
             fns = {name: getattr(mod, name).deploy(client=client, quiet=True) for name in FUNCTIONS}

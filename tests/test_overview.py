@@ -1,11 +1,13 @@
 """The dashboard's overview counts: settled hours are counted once and kept (``run_hours``), the rest live,
-and what is kept always equals a count of the runs as they are now, through every way runs change."""
+and what is kept always equals a count of the runs as they are now, through every way runs change; on SQLite and
+on PostgreSQL."""
 
 from __future__ import annotations
 
 import secrets
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,9 +22,32 @@ def run_id_at(when: float) -> str:
     return f"r-{int(when * 1000):011x}{secrets.token_hex(5)}"
 
 
-@pytest.fixture
-def world(tmp_path):
-    records = open_records(tmp_path)
+class Database:
+    """The records' own database, read and changed behind their back: the SQLite file or the PostgreSQL database."""
+
+    def __init__(self, state: Path | None, url: str | None):
+        self.state, self.url = state, url
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        if self.url is None:
+            db = sqlite3.connect(self.state)
+            try:
+                rows = db.execute(sql, params).fetchall()
+                db.commit()
+                return rows
+            finally:
+                db.close()
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            cur = conn.execute(sql.replace("?", "%s"), params)
+            return cur.fetchall() if cur.description else []
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def world(tmp_path, request):
+    url = request.getfixturevalue("pg_server").database() if request.param == "postgres" else None
+    records = open_records(tmp_path, url)
     now = (time.time() // HOUR) * HOUR + 1800.0  # the middle of the current hour
     jobs = []
     for name in ("etl", "train"):
@@ -30,7 +55,7 @@ def world(tmp_path):
             "m:f", "ws/code.zip", "0" * 64, "3.11", "3.1", {}, now - 30 * HOUR))
         records.jobs.version_ready(job.id, version, {}, "", "built", now - 30 * HOUR)
         jobs.append(job.id)
-    yield records, Views(records), now, jobs, tmp_path / "state.db"
+    yield records, Views(records), now, jobs, Database(tmp_path / "state.db", url)
     records.close()
 
 
@@ -42,20 +67,18 @@ def add_run(records, job: str, when: float, status: str | None, run_id: str | No
     return run_id
 
 
-def truth(state, now: float, hours: int = 24) -> tuple[dict, dict]:
+def truth(state: Database, now: float, hours: int = 24) -> tuple[dict, dict]:
     """The overview's per-hour status counts and per-job totals, counted from the runs table in full."""
-    db = sqlite3.connect(state)
     start = (int(now) // HOUR - hours + 1) * HOUR
     per_hour: dict[int, dict[str, int]] = {start + HOUR * h: {} for h in range(hours)}
     per_job: dict[str, list[int]] = {}
-    for run_id, job, status in db.execute("SELECT id, job_id, status FROM runs WHERE workspace = 'ws'"):
+    for run_id, job, status in state.query("SELECT id, job_id, status FROM runs WHERE workspace = 'ws'"):
         hour = int(run_id[2:13], 16) // 3_600_000 * HOUR
         if hour in per_hour:
             per_hour[hour][status] = per_hour[hour].get(status, 0) + 1
             counts = per_job.setdefault(job, [0, 0])
             counts[0] += 1
             counts[1] += status in ("failed", "timed_out")
-    db.close()
     return per_hour, per_job
 
 
@@ -72,12 +95,8 @@ def check(views: Views, state, now: float) -> dict:
     return got
 
 
-def kept_hours(state) -> set[int]:
-    db = sqlite3.connect(state)
-    try:
-        return {h for (h,) in db.execute("SELECT hour FROM run_hours WHERE workspace = 'ws' AND job_id = ''")}
-    finally:
-        db.close()
+def kept_hours(state: Database) -> set[int]:
+    return {h for (h,) in state.query("SELECT hour FROM run_hours WHERE workspace = 'ws' AND job_id = ''")}
 
 
 def test_settled_hours_are_kept_and_the_open_hour_counted_live(world):
@@ -92,11 +111,8 @@ def test_settled_hours_are_kept_and_the_open_hour_counted_live(world):
     add_run(records, etl, now + 10, "succeeded")  # the open hour moves on: counted live
     check(views, state, now + 20)
     # what is kept is what the overview shows: a change made behind its back to a kept hour shows (proof it is read)
-    db = sqlite3.connect(state)
-    db.execute("UPDATE run_hours SET n = n + 100 WHERE workspace = 'ws' AND hour = ? AND job_id = ?",
-               (this_hour - 2 * HOUR, etl))
-    db.commit()
-    db.close()
+    state.query("UPDATE run_hours SET n = n + 100 WHERE workspace = 'ws' AND hour = ? AND job_id = ?",
+                (this_hour - 2 * HOUR, etl))
     shown = views.overview("ws", now=now + 20)
     assert {h["start"]: h["counts"] for h in shown["hours"]}[this_hour - 2 * HOUR] == {"succeeded": 2 + 100}
 

@@ -129,10 +129,73 @@ def test_listing_searching_and_counting_runs(records):
     assert [r.id for r in runs.search("ws", RunFilter(job_id="j1", trigger="api"), 10)] == ["r-3", "r-0"]
     assert [r.id for r in runs.search("ws", RunFilter(status="failed"), 10)] == ["r-1"]
     assert [r.id for r in runs.search("ws", RunFilter(since_id="r-1", before_id="r-3"), 10)] == ["r-2", "r-1"]
-    assert runs.status_counts("ws", "r-0") == {"queued": 3, "failed": 1}
-    assert runs.status_counts("ws", "r-0", "r-2") == {"queued": 1, "failed": 1}
-    assert [tuple(r) for r in runs.busiest_jobs("ws", "r-0", 5)] == [("j1", 3, 1), ("j2", 1, 0)]
+    assert [r.id for r in runs.search("ws", RunFilter(status="queued"), 10)] == ["r-3", "r-2", "r-0"]
+    assert runs.search("ws", RunFilter(status="no such status"), 10) == []
     assert runs.open_counts("other") == {"queued": 1}
+    assert runs.open_counts("ws") == {"queued": 3}
+
+
+def test_children_of_a_run_and_its_trace_are_kept(records):
+    runs = records.runs
+    runs.create(NewRun("r-1", "ws", "j1", 1, "api", 1.0, 0, None, traceparent=f"00-{'a' * 32}-{'b' * 16}-01"), b"")
+    runs.create(NewRun("r-2", "ws", "j2", 1, "api", 2.0, 0, None, traceparent=f"00-{'a' * 32}-{'c' * 16}-01",
+                       parent_span_id="b" * 16, parent_run_id="r-1"), b"")
+    records.batches.create("b1", "ws", "j2", 1, None, 3.0)
+    records.batches.add_items("b1", [NewRun("r-3", "ws", "j2", 1, "map", 3.0, 0, None, "b1", 0,
+                                            traceparent=f"00-{'a' * 32}-{'d' * 16}-01", parent_span_id="b" * 16,
+                                            parent_run_id="r-1")], [b""])
+    child = runs.get("r-2")
+    assert (child.traceparent, child.parent_span_id, child.parent_run_id) == \
+        (f"00-{'a' * 32}-{'c' * 16}-01", "b" * 16, "r-1")
+    item = runs.get("r-3")
+    assert (item.traceparent[36:52], item.parent_span_id, item.parent_run_id) == ("d" * 16, "b" * 16, "r-1")
+    assert runs.get("r-1").parent_run_id is None
+    assert [r.id for r in runs.search("ws", RunFilter(parent_run_id="r-1"), 10)] == ["r-3", "r-2"]
+    assert [r.id for r in runs.search("ws", RunFilter(parent_run_id="r-1", job_id="j2", batch_id="b1"), 10)] == ["r-3"]
+    assert runs.search("ws", RunFilter(parent_run_id="r-2"), 10) == []
+
+
+def _run_at(when: float, n: int) -> str:
+    return f"r-{int(when * 1000):011x}{n:010x}"
+
+
+def test_hour_counts_keep_settled_hours_and_count_the_rest_live(records):
+    runs, hour = records.runs, 3600
+    now = 100 * hour + 1800.0
+    hours = [now // hour * hour - h * hour for h in (3, 2, 1, 0)]
+    ids = [_run_at(hours[0] + 10, 1), _run_at(hours[0] + 20, 2), _run_at(hours[1] + 10, 3), _run_at(hours[2] + 10, 4),
+           _run_at(hours[3] + 10, 5)]
+    for run_id, job in zip(ids, ("j1", "j1", "j2", "j1", "j1")):
+        runs.create(NewRun(run_id, "ws", job, 1, "api", 1.0, 0, None), b"")
+    runs.create(NewRun(_run_at(hours[0] + 30, 6), "other", "j9", 1, "api", 1.0, 0, None), b"")
+    for run_id, status in zip(ids[:3], ("succeeded", "failed", "timed_out")):
+        runs.finish(runs.get(run_id), status, 2.0, None, None, b"")
+    runs.start(ids[4], "w", 2.0)
+    counts = {h: sorted(rows) for h, rows in runs.hour_counts("ws", hours, now).items()}
+    assert counts == {hours[0]: [("j1", "failed", 1), ("j1", "succeeded", 1)], hours[1]: [("j2", "timed_out", 1)],
+                      hours[2]: [("j1", "queued", 1)], hours[3]: [("j1", "running", 1)]}
+    assert runs.hour_counts("ws", [], now) == {}
+    # the first two hours were settled (every run in them ended): kept, and read back as they were kept
+    assert {h: sorted(rows) for h, rows in runs.hour_counts("ws", hours, now).items()} == counts
+    runs.finish(runs.get(ids[3]), "cancelled", 3.0, None, None, b"")
+    counts = {h: sorted(rows) for h, rows in runs.hour_counts("ws", hours, now).items()}
+    assert counts[hours[2]] == [("j1", "cancelled", 1)] and counts[hours[3]] == [("j1", "running", 1)]
+    # deleting runs drops their hours' kept counts: the counts follow
+    assert runs.delete_finished(0.0, 10.0, 10).runs == 4
+    counts = {h: sorted(rows) for h, rows in runs.hour_counts("ws", hours, now).items()}
+    assert counts == {hours[0]: [], hours[1]: [], hours[2]: [], hours[3]: [("j1", "running", 1)]}
+
+
+def test_uploads_are_claimed_once_and_expire_unclaimed(records):
+    uploads = records.uploads
+    uploads.add("ws/uploads/a", "ws", 1.0)
+    uploads.add("ws/uploads/b", "ws", 2.0)
+    uploads.add("ws/uploads/c", "ws", 9.0)
+    assert not uploads.claim("ws/uploads/a", "other"), "another workspace's upload"
+    assert uploads.claim("ws/uploads/a", "ws") and not uploads.claim("ws/uploads/a", "ws"), "claimed once"
+    assert uploads.expire(5.0, 10) == ["ws/uploads/b"]
+    assert not uploads.claim("ws/uploads/b", "ws") and uploads.expire(5.0, 10) == []
+    assert uploads.claim("ws/uploads/c", "ws")
 
 
 def test_retention_expires_payloads_then_deletes_records(records):
@@ -389,12 +452,16 @@ def test_only_a_dead_gateway_s_runs_are_queued_again_and_its_builds_failed(pg_se
         assert a.runs.get("r-a").status == "running" and b.runs.get("r-b").status == "running"
         assert b.jobs.fail_unfinished_builds("interrupted") == 0, "gateway a may be building it"
         a.leadership.close()  # as a's process dying closes its connection: the server drops its locks
-        b.runs.requeue_running("its gateway died")
-        assert (a.runs.get("r-a").status, a.runs.get("r-a").exit_reason) == ("queued", "its gateway died")
-        assert b.runs.get("r-b").status == "running"
-        assert b.jobs.fail_unfinished_builds("interrupted") == 1
         from conftest import wait_for
 
+        def requeued() -> bool:  # the server ends a closed session's backend (and its locks) a moment later
+            b.runs.requeue_running("its gateway died")
+            return a.runs.get("r-a").status == "queued"
+
+        wait_for(requeued, timeout=10)
+        assert a.runs.get("r-a").exit_reason == "its gateway died"
+        assert b.runs.get("r-b").status == "running"
+        assert b.jobs.fail_unfinished_builds("interrupted") == 1
         wait_for(b.leadership.held, timeout=10)
     finally:
         a.close()
@@ -418,6 +485,40 @@ def test_the_database_url_and_the_shared_secret_are_checked(tmp_path, monkeypatc
     shared.write_text("not hex")
     with pytest.raises(ConfigError, match="OPBOX_SECRET_FILE"):
         _secret(tmp_path, shared)
+
+
+def test_hours_counted_while_another_gateway_deletes_runs_are_kept_without_them(pg_server):
+    """An overview keeping an hour's counts waits for a delete of runs in flight (a job's delete, retention, on
+    another gateway), then counts what is left: counts made before the delete are never kept after it."""
+    import psycopg
+
+    from conftest import wait_for
+    from opbox.platform.records.postgres import open_postgres
+    from opbox.platform.records.postgres.runs import HOURS_LOCK
+
+    url = pg_server.database()
+    records = open_postgres(url)
+    try:
+        hour, now = 36_000, 50_000.0
+        for n, job in enumerate(("j1", "j2", "j2")):
+            run_id = _run_at(hour + 10 + n, n)
+            records.runs.create(NewRun(run_id, "ws", job, 1, "api", 1.0, 0, None), b"")
+            records.runs.finish(records.runs.get(run_id), "succeeded", 2.0, None, None, b"")
+        with psycopg.connect(url) as deleter:  # another gateway's delete, under way
+            deleter.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (HOURS_LOCK,))
+            deleter.execute("DELETE FROM runs WHERE job_id = 'j2'")
+            answer: dict = {}
+            reader = threading.Thread(target=lambda: answer.update(records.runs.hour_counts("ws", [hour], now)))
+            reader.start()
+            with psycopg.connect(url, autocommit=True) as look:
+                wait_for(lambda: look.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                              "AND NOT granted").fetchone()[0] == 1, timeout=10)
+            deleter.commit()
+            reader.join(10)
+        assert answer == {hour: [("j1", "succeeded", 1)]}
+        assert records.runs.hour_counts("ws", [hour], now) == {hour: [("j1", "succeeded", 1)]}, "as kept"
+    finally:
+        records.close()
 
 
 def test_wakeups_reach_the_other_gateways_not_the_sender(pg_server):

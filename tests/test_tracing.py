@@ -124,8 +124,9 @@ def receiver():
 
 
 @pytest.fixture(scope="module")
-def plat(tmp_path_factory, receiver):
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+def plat(tmp_path_factory, receiver, state_env):
+    """On SQLite and on PostgreSQL (conftest.state_env): a run's trace context is kept in its record."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100", **state_env}
     with running_platform(tmp_path_factory.mktemp("home"), extra_env=env) as running:
         yield running
 

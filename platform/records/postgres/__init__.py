@@ -21,6 +21,7 @@ from .runs import PostgresRuns
 from .schedules import PostgresSchedules, PostgresSecrets
 from .services import PostgresServices
 from .tokens import PostgresTokens
+from .uploads import PostgresUploads
 from .usage import PostgresUsage
 from .wakeups import Wakeups
 
@@ -40,6 +41,7 @@ class PostgresRecords:
         self.schedules = PostgresSchedules(database)
         self.secrets = PostgresSecrets(database)
         self.items = PostgresItems(database)
+        self.uploads = PostgresUploads(database)
         self._wakeups: Wakeups | None = None
 
     def wakeups(self, deliver: Callable[[str], None]) -> Callable[[str], None]:

@@ -14,7 +14,8 @@ ADD_ITEMS = f"""
 WITH r AS (INSERT INTO runs({RUN_FIELDS}, status)
            SELECT *, 'queued' FROM unnest(%(id)s::text[], %(workspace)s::text[], %(job_id)s::text[], %(version)s::int[],
              %(trigger)s::text[], %(created_at)s::float8[], %(max_retries)s::int[], %(timeout)s::float8[],
-             %(batch_id)s::text[], %(batch_index)s::int[], %(schedule_id)s::text[])),
+             %(batch_id)s::text[], %(batch_index)s::int[], %(schedule_id)s::text[], %(traceparent)s::text[],
+             %(parent_span_id)s::text[], %(parent_run_id)s::text[])),
 p AS (INSERT INTO payloads(run_id, kind, data, object_key, size)
       SELECT id, 'args', data, key, size FROM unnest(%(id)s::text[], %(data)s::bytea[], %(key)s::text[], %(size)s::bigint[])
         AS a(id, data, key, size) {UPSERT_PAYLOAD}),

@@ -12,7 +12,7 @@ from ...ids import new_id
 from ..base import Dropped, JobRecord, NewVersion, VersionRecord
 from .connection import Database, storage_errors
 from .leadership import GATEWAYS
-from .runs import drop_sql, dropped
+from .runs import deleting, drop_sql
 
 JOB_COLUMNS = "id, workspace, name, kind, created_at, latest_version"
 JOB = f"SELECT {JOB_COLUMNS} FROM jobs"
@@ -63,10 +63,11 @@ class PostgresJobs:
     def delete(self, job_id: str) -> Dropped:
         victims = "SELECT id, workspace, log_bytes FROM runs WHERE job_id = %(job)s FOR UPDATE"
         then = "".join(f",\nd{n} AS (DELETE FROM {table} WHERE {column} = %(job)s)" for n, (table, column) in enumerate(
-            (("batches", "job_id"), ("versions", "job_id"), ("schedules", "job_id"), ("jobs", "id"))))
+            (("run_hours", "job_id"), ("batches", "job_id"), ("versions", "job_id"), ("schedules", "job_id"),
+             ("jobs", "id"))))
         then += (",\nda AS (DELETE FROM attempts a USING victims v WHERE a.run_id = v.id),\n"
                  "dr AS (DELETE FROM runs USING victims v WHERE runs.id = v.id)")
-        return dropped(self.db.one(drop_sql(victims, then), {"job": job_id}))
+        return deleting(self.db, drop_sql(victims, then), {"job": job_id})
 
     def add_version(self, workspace: str, name: str, kind: str, version: NewVersion) -> tuple[JobRecord, int]:
         params = {"id": new_id("j"), "ws": workspace, "name": name, "kind": kind, "at": version.created_at,

@@ -6,20 +6,33 @@ this runs them as data-modifying CTEs of one statement, which PostgreSQL applies
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
+import psycopg
 from psycopg import errors as pg_errors
 
+from ...ids import id_at
 from ..base import AttemptRecord, Dropped, NewRun, Payload, RunFilter, RunRecord, StoredPayload, payload_size
 from .connection import Database, storage_errors
 from .leadership import GATEWAYS
 
+log = logging.getLogger("opbox.records")
+SETTLE_AFTER = 120.0  # seconds after an hour's end before it may be kept counted (a run id made then, stored later)
+
 COLUMNS = ("id, workspace, job_id, version, status, trigger, created_at, started_at, finished_at, exit_reason, "
            "error_type, attempt, max_retries, timeout, batch_id, batch_index, done_seq, worker, log_bytes, expired_at, "
-           "retry_at, schedule_id")
+           "retry_at, schedule_id, traceparent, parent_span_id, parent_run_id")
 SELECT = f"SELECT {COLUMNS} FROM runs"
-RUN_FIELDS = "id, workspace, job_id, version, trigger, created_at, max_retries, timeout, batch_id, batch_index, schedule_id"
-OPEN_SQL = "status IN ('queued', 'running')"  # base.OPEN, as literals: so the partial index runs_open applies
+RUN_FIELDS = ("id, workspace, job_id, version, trigger, created_at, max_retries, timeout, batch_id, batch_index, "
+              "schedule_id, traceparent, parent_span_id, parent_run_id")
+# PostgreSQL uses a partial index only when a query's WHERE implies the index's, which it proves for constants
+# alone: the statuses are written as literals (a validated one in ``search``)
+OPEN_SQL = "status IN ('queued', 'running')"  # base.OPEN, as the partial index runs_open has it
+ENDED_BADLY_SQL = "status IN ('failed', 'timed_out', 'cancelled')"  # as the partial index runs_ended_badly
+STATUSES = frozenset({"queued", "running", "succeeded", "failed", "cancelled", "timed_out"})
+# the hour (its start, epoch seconds) a run id was made in: ids begin with their time in ms, in hex
+HOUR_OF_ID = "(('x' || lpad(substr({id}, 3, 11), 16, '0'))::bit(64)::bigint / 3600000 * 3600)"
 UPSERT_PAYLOAD = ("ON CONFLICT (run_id, kind) DO UPDATE SET data = excluded.data, object_key = excluded.object_key, "
                   "size = excluded.size")
 ADD_USAGE = "ON CONFLICT (workspace) DO UPDATE SET bytes = usage.bytes + excluded.bytes"
@@ -59,7 +72,15 @@ def dropped(row: tuple) -> Dropped:
     return Dropped(row[0], row[1], list(row[2]))
 
 
-INSERT_RUN = f"INSERT INTO runs({RUN_FIELDS}, status) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'queued')"
+def deleting(db: Database, sql: str, params: dict) -> Dropped:
+    """A statement that deletes runs and their hours' kept counts, after the lock of those counts (``HOURS_LOCK``):
+    its snapshot, taken then, sees every count kept before, and none is kept from a count made before it."""
+    with db.conn() as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (HOURS_LOCK,))
+        return dropped(conn.execute(sql, params).fetchone())
+
+
+INSERT_RUN = f"INSERT INTO runs({RUN_FIELDS}, status) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'queued')"
 CREATE = f"""
 WITH r AS ({INSERT_RUN} ON CONFLICT (id) DO NOTHING RETURNING id, workspace),
 p AS (INSERT INTO payloads(run_id, kind, data, object_key, size) SELECT id, 'args', %s, %s, %s FROM r {UPSERT_PAYLOAD}),
@@ -101,6 +122,28 @@ SELECT count(*) FROM r"""
 REQUEUE_ORPHANS = ("UPDATE runs SET status = 'queued', started_at = NULL, worker = NULL, exit_reason = %s "
                    "WHERE status = 'running' AND (strpos(COALESCE(worker, ''), '/') = 0 OR "
                    "pg_try_advisory_xact_lock(%s::int4, hashtext(split_part(worker, '/', 1))))")
+
+# the overview's hours (see ``hour_counts``): where runs may still change, then each hour's counts: its open runs
+# (runs_open) and those that ended badly (runs_ended_badly), both index-only, and each job's runs; the rest succeeded
+UNSETTLED_FROM = """
+SELECT LEAST((SELECT MIN(id) FROM runs WHERE status = 'queued' AND workspace = %(ws)s),
+             (SELECT MIN(id) FROM runs WHERE status = 'running' AND workspace = %(ws)s),
+             (SELECT 'r-' || substr(MIN(id), 3) FROM batches WHERE workspace = %(ws)s AND id >= %(since)s
+              AND cancelled = 0 AND (total IS NULL OR submitted < total)))"""
+_IN_RANGE = "workspace = %(ws)s AND id >= %(lo)s AND id < %(hi)s"
+_HOUR = HOUR_OF_ID.format(id="id")
+COUNT_HOURS = f"""
+SELECT {_HOUR}, job_id, status, count(*) FROM runs WHERE {OPEN_SQL} AND {_IN_RANGE} GROUP BY 1, 2, 3
+UNION ALL
+SELECT {_HOUR}, job_id, status, count(*) FROM runs WHERE {ENDED_BADLY_SQL} AND {_IN_RANGE} GROUP BY 1, 2, 3
+UNION ALL
+SELECT {_HOUR}, job_id, NULL, count(*) FROM runs WHERE {_IN_RANGE} GROUP BY 1, 2"""
+# held by whoever keeps hours' counts or deletes runs (and their hours' counts), to its transaction's end: counts
+# made before another gateway's delete committed are never kept after it (they would count deleted runs)
+HOURS_LOCK = 0x6F70626F7868
+KEEP_HOURS = ("INSERT INTO run_hours(workspace, hour, job_id, status, n) SELECT %s, * FROM unnest(%s::bigint[], "
+              "%s::text[], %s::text[], %s::bigint[]) "
+              "ON CONFLICT (workspace, hour, job_id, status) DO UPDATE SET n = excluded.n")
 
 
 @storage_errors
@@ -212,9 +255,15 @@ class PostgresRuns:
                                 "GROUP BY status", (workspace,)))
 
     def search(self, workspace: str, where: RunFilter, limit: int) -> list[RunRecord]:
+        # a known status as a literal: the planner may then walk runs_open or runs_ended_badly in id order
         sql, params = f"{SELECT} WHERE workspace = %s", [workspace]
-        for column, value in (("job_id", where.job_id), ("status", where.status), ("trigger", where.trigger),
-                              ("batch_id", where.batch_id)):
+        if where.status in STATUSES:
+            sql += f" AND status = '{where.status}'"
+        elif where.status is not None:
+            sql += " AND status = %s"
+            params.append(where.status)
+        for column, value in (("job_id", where.job_id), ("trigger", where.trigger), ("batch_id", where.batch_id),
+                              ("parent_run_id", where.parent_run_id)):
             if value is not None:
                 sql += f" AND {column} = %s"
                 params.append(value)
@@ -227,22 +276,77 @@ class PostgresRuns:
         params.append(limit)
         return [RunRecord(*r) for r in self.db.all(sql + " ORDER BY id DESC LIMIT %s", params)]
 
-    def status_counts(self, workspace: str, since_id: str, before_id: str | None = None) -> dict[str, int]:
-        return dict(self.db.all(
-            "SELECT status, COUNT(*) FROM runs WHERE workspace = %s AND id >= %s AND id < %s GROUP BY status",
-            (workspace, since_id, before_id or "\uffff")))
+    def hour_counts(self, workspace: str, hours: Sequence[int], now: float) -> dict[int, list[tuple[str, str, int]]]:
+        """Each hour's runs as (job id, status, count): a settled hour's from ``run_hours`` (counted once, the
+        first time it is read settled), the others' counted now, as in SQLite (``records/sqlite/runs.py``). An
+        hour is settled when it ended a while ago, every run in it has ended and no map still taking items could
+        add runs to it; deleting runs drops their hours' rows. Three statements whatever the hours, in a short
+        transaction when hours are kept (after a lock no delete of runs holds meanwhile)."""
+        if not hours:
+            return {}
+        (frontier,) = self.db.one(UNSETTLED_FROM, {"ws": workspace, "since": id_at("b", hours[0])})
+        frontier = frontier or "\uffff"
+        settled = {h for h in hours if h + 3600 <= now - SETTLE_AFTER and id_at("r", h + 3600) <= frontier}
+        found: dict[int, list[tuple[str, str, int]]] = {}
+        if settled:
+            for hour, job_id, status, n in self.db.all(
+                    "SELECT hour, job_id, status, n FROM run_hours WHERE workspace = %s AND hour = ANY(%s)",
+                    (workspace, sorted(settled))):
+                rows = found.setdefault(hour, [])
+                if job_id:  # '' marks the hour as counted
+                    rows.append((job_id, status, n))
+        missing = [hour for hour in hours if hour not in found]
+        if not missing:
+            return {hour: found[hour] for hour in hours}
+        if settled.isdisjoint(missing):  # nothing to keep: counted live
+            found.update(self._count_hours(self.db, workspace, missing))
+            return {hour: found.get(hour, []) for hour in hours}
+        with self.db.conn() as conn, conn.transaction():  # counted and kept with no delete in between
+            conn.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (HOURS_LOCK,))
+            counted = self._count_hours(conn, workspace, missing)
+            kept = []
+            for hour in missing:
+                if hour in settled:
+                    kept += [(hour, "", "", 0), *((hour, *row) for row in counted.get(hour, []))]
+            try:
+                with conn.transaction():  # a savepoint: the counts stand when they cannot be kept
+                    conn.execute(KEEP_HOURS, (workspace, *map(list, zip(*kept))))
+            except psycopg.Error as exc:  # keeping them is an optimisation (a full disk): the counts stand
+                if conn.broken:
+                    raise
+                log.warning("could not keep the overview's counts of %d hours: %s", len(settled), exc)
+        found.update(counted)
+        return {hour: found.get(hour, []) for hour in hours}
 
-    def busiest_jobs(self, workspace: str, since_id: str, limit: int) -> list[tuple[str, int, int]]:
-        return [tuple(r) for r in self.db.all(
-            "SELECT job_id, COUNT(*) AS n, COUNT(*) FILTER (WHERE status IN ('failed', 'timed_out')) FROM runs "
-            "WHERE workspace = %s AND id >= %s GROUP BY job_id ORDER BY n DESC LIMIT %s", (workspace, since_id, limit))]
+    @staticmethod
+    def _count_hours(db, workspace: str, hours: list[int]) -> dict[int, list[tuple[str, str, int]]]:
+        """Each hour's (job id, status, count), counted now in one statement (on ``db``: the pool, or a
+        connection in a transaction) over the ids from the first hour's to the last's: one range, not one
+        scan per hour (which the planner would rather serve from the table's rows)."""
+        total: dict[tuple[int, str], int] = {}
+        counted: dict[int, list[tuple[str, str, int]]] = {}
+        wanted = set(hours)
+        params = {"ws": workspace, "lo": id_at("r", min(hours)), "hi": id_at("r", max(hours) + 3600)}
+        rows = db.all(COUNT_HOURS, params) if isinstance(db, Database) else db.execute(COUNT_HOURS, params).fetchall()
+        for hour, job_id, status, n in rows:
+            if hour not in wanted:
+                continue
+            if status is None:
+                total[hour, job_id] = total.get((hour, job_id), 0) + n
+            else:
+                counted.setdefault(hour, []).append((job_id, status, n))
+                total[hour, job_id] = total.get((hour, job_id), 0) - n
+        for (hour, job_id), n in total.items():
+            if n:
+                counted.setdefault(hour, []).append((job_id, "succeeded", n))
+        return counted
 
     def requeue_running(self, reason: str) -> None:
         """Several gateways share the database: only the runs of gateways that died go back to the queue."""
         self.db.run(REQUEUE_ORPHANS, (reason, GATEWAYS))
 
     def queued(self) -> list[RunRecord]:
-        return [RunRecord(*r) for r in self.db.all(f"{SELECT} WHERE status = 'queued' ORDER BY id")]
+        return [RunRecord(*r) for r in self.db.all(f"{SELECT} WHERE {OPEN_SQL} AND status = 'queued' ORDER BY id")]
 
     # -- retention ---------------------------------------------------------------------------
     def expire(self, default_days: float, now: float, limit: int) -> Dropped:
@@ -259,8 +363,10 @@ class PostgresRuns:
         victims = ("SELECT id, workspace, log_bytes FROM runs WHERE finished_at IS NOT NULL AND finished_at < %(before)s "
                    "LIMIT %(limit)s FOR UPDATE SKIP LOCKED")
         then = (",\nda AS (DELETE FROM attempts a USING victims v WHERE a.run_id = v.id),\n"
-                "dr AS (DELETE FROM runs USING victims v WHERE runs.id = v.id)")
-        return dropped(self.db.one(drop_sql(victims, then), {"before": now - 86400.0 * days, "limit": limit}))
+                "dr AS (DELETE FROM runs USING victims v WHERE runs.id = v.id),\n"
+                f"dh AS (DELETE FROM run_hours WHERE (workspace, hour) IN "
+                f"(SELECT workspace, {HOUR_OF_ID.format(id='id')} FROM victims))")
+        return deleting(self.db, drop_sql(victims, then), {"before": now - 86400.0 * days, "limit": limit})
 
     def stored_keys(self, keys: Sequence[str]) -> set[str]:
         keys = list(keys)

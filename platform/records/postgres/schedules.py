@@ -80,6 +80,9 @@ class PostgresSecrets:
     def in_workspace(self, workspace: str) -> list[SecretRecord]:
         return [_secret(r) for r in self.db.all(f"{SECRET} WHERE workspace = %s ORDER BY name", (workspace,))]
 
+    def all(self) -> list[SecretRecord]:
+        return [_secret(r) for r in self.db.all(f"{SECRET} ORDER BY workspace, name")]
+
     def delete(self, workspace: str, name: str) -> bool:
         return self.db.run("DELETE FROM secrets WHERE workspace = %s AND name = %s", (workspace, name)) > 0
 

@@ -124,6 +124,15 @@ class Counter:
     def where(self) -> dict:
         return {"container": os.path.exists("/run/.containerenv") or os.path.exists("/.containerenv"),
                 "cwd": os.getcwd(), "replica": self.replica}
+
+    def add_doubled(self, x: int) -> int:  # jobs calling jobs: the replica calls a job of its workspace
+        from opbox import Operator
+        return self.start + Operator.from_job("double")(x)
+
+
+@operator()
+def double(x: int) -> int:
+    return 2 * x
 """
 
 
@@ -133,6 +142,8 @@ def test_a_class_is_served_from_containers(plat, client, podman, tmp_path_factor
     mod = e2e_code(tmp_path_factory.mktemp("podman_svc"), "podsvc", SERVICE_CODE)
     svc = mod.Counter.deploy(10, name="counter", client=client, quiet=True)
     assert svc.add(5) == 15
+    mod.double.deploy(client=client, quiet=True)
+    assert svc.add_doubled(4) == 18  # with the replica's own caller token, never the user's
     where = svc.where()
     assert where["container"] and where["cwd"] == "/app"
     resp = httpx.post(f"{plat.url}/{plat.workspace}/serve/counter/add", json={"x": 1},

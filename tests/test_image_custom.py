@@ -42,7 +42,7 @@ def test_render_image_layers_in_order():
         "RUN /opt/venv/bin/pip install --no-index --find-links /wheels/image -r /opbox/image-requirements.txt",
         "COPY requirements.txt",
         "RUN /opt/venv/bin/pip install --no-index --find-links /wheels/requirements -r",
-        "RUN /opt/venv/bin/pip install --no-index --find-links /wheels/runtime opbox",
+        "RUN /opt/venv/bin/pip install --no-index --find-links /wheels/runtime \"opbox[",  # the serve extra
         "FROM system",
         "COPY --from=deps /opt/venv /opt/venv",
         "RUN echo ready > /opt/marker",

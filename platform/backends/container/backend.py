@@ -31,7 +31,7 @@ class ContainerBackend(PoolMethods, ServiceMethods):
             PodmanSpawner(gateway_url, home / "logs" / "containers", podman), max_workers=max_workers,
             worker_idle=worker_idle, pool_idle=pool_idle, max_running=max_running,
         )
-        self.services = ContainerServices(home, self.pools.spawner)
+        self.services = ContainerServices(home, self.pools.spawner, token_for)
 
     async def start(self, events: RunEvents) -> None:
         self.pools.events = events

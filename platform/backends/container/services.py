@@ -12,15 +12,17 @@ import secrets
 import signal
 
 from ..replicas import Replica, Replicas, loopback_listener
+from ..base import service_caller_token
 from ..runtime_env import runtime_env
 from .envfile import SecretEnvFile
 from .podman import LABEL, container_args, container_env, job_image
 
 
 class ContainerServices(Replicas):
-    def __init__(self, home, podman, **options):
+    def __init__(self, home, podman, token_for=None, **options):
         super().__init__(home, **options)
         self.podman = podman  # the backend's PodmanSpawner: its podman binary and `podman` runner
+        self.token_for = token_for  # replicas call their workspace's jobs and services with a token of their own
         self.names: dict[str, str] = {}  # replica id -> container name
 
     async def _spawn(self, replica: Replica) -> None:
@@ -28,8 +30,10 @@ class ContainerServices(Replicas):
         version = spec.version
         image = job_image(version)
         name = "opbox-svc-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", f"{spec.key}-{replica.id}-{secrets.token_hex(3)}")
-        env_args, env = container_env(version, runtime_env(version, in_image=True, serve=spec, replica=replica.id, replica_token=replica.token,
-                                                 init_file="/opbox/init"))
+        caller = service_caller_token(self.token_for, spec.key) if self.token_for else None
+        env_args, env = container_env(version, runtime_env(
+            version, in_image=True, serve=spec, replica=replica.id, replica_token=replica.token,
+            init_file="/opbox/init", gateway_url=self.podman.gateway_url, caller=caller))
         secret_env = SecretEnvFile(version.secret_env) if version.secret_env else None
         cmd = [self.podman._exe(), "run", "--rm", "--name", name, "--network=host", "--init", "--pull=never",
                "--label", f"{LABEL}=1", "--label", f"opbox.service={spec.key}",

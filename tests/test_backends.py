@@ -105,7 +105,7 @@ def test_builders_are_refused_where_they_do_not_fit(tmp_path):
     settings = Settings(home=tmp_path, backend="container", builder="local")
     with pytest.raises(ConfigError, match="^the container backend runs images: use the podman builder, not 'local'$"):
         registry.make_builder(settings, None, None)
-    with pytest.raises(ConfigError, match="unknown builder 'buildah'; this build knows: local, podman, kaniko"):
+    with pytest.raises(ConfigError, match="unknown builder 'buildah'; this build knows: local, podman, buildkit, kaniko"):
         registry.make_builder(dataclasses.replace(settings, builder="buildah"), None, None)
     with pytest.raises(ConfigError, match="unknown backend 'slurm'; this build knows: local, container, kubernetes"):
         registry.make_backend(dataclasses.replace(settings, backend="slurm"), str, "http://gw")

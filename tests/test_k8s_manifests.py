@@ -1062,12 +1062,25 @@ def test_kaniko_settings_defaults_follow_the_platform_namespace(monkeypatch):
     ({"OPBOX_BACKEND": "kubernetes", "OPBOX_REGISTRY": "registry.example.com/opbox"}, "s3:// store"),
 ])
 def test_the_kaniko_builder_says_what_it_needs(monkeypatch, tmp_path, env, message):
+    check_builder_needs("kaniko", monkeypatch, tmp_path, env, message)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"OPBOX_BACKEND": "local"}, "the buildkit builder runs in the cluster: use it with OPBOX_BACKEND=kubernetes"),
+    ({"OPBOX_BACKEND": "kubernetes", "OPBOX_REGISTRY": ""}, "set OPBOX_REGISTRY to a registry"),
+    ({"OPBOX_BACKEND": "kubernetes", "OPBOX_REGISTRY": "r.example.com/o", "OPBOX_BUILD_MEMORY": "lots"}, "OPBOX_BUILD_MEMORY"),
+])
+def test_the_buildkit_builder_says_what_it_needs(monkeypatch, tmp_path, env, message):
+    check_builder_needs("buildkit", monkeypatch, tmp_path, env, message)
+
+
+def check_builder_needs(builder, monkeypatch, tmp_path, env, message):
     from opbox.errors import ConfigError
     from opbox.platform.backends.registry import make_backend, make_builder
     from opbox.platform.settings import Settings
     from opbox.platform.store import LocalStore
 
-    monkeypatch.setenv("OPBOX_BUILDER", "kaniko")
+    monkeypatch.setenv("OPBOX_BUILDER", builder)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = Settings.from_env(home=tmp_path)

@@ -686,3 +686,28 @@ def test_workspace_secrets_become_kubernetes_secrets_that_runs_and_workers_load(
     assert fn() == "second-value"
     client.request("DELETE", "/secrets/kube-hf")
     assert kube.store.get("secrets", NAMESPACE, "opbox-secret-kube-hf") is None
+
+
+def test_cancelling_a_map_deletes_its_busy_worker_pods(fns, kube, plat):
+    from concurrent.futures import ThreadPoolExecutor
+
+    http = plat.http()
+    job_id = fns["sleeper"].job_id
+    with ThreadPoolExecutor(1) as pool:
+        mapped = pool.submit(fns["sleeper"].map, [120] * 4, progress=False)  # two workers (2 items each)
+        batch = wait_for(lambda: [b for b in http.get(f"/{plat.workspace}/batches").json()["batches"]
+                                  if b["job_id"] == job_id and b["total"] == 4 and not b["cancelled"]
+                                  and b["done"] < 4][:1], 60, "the map's batch")[0]
+        progress = f"/{plat.workspace}/batches/{batch['id']}/progress"
+        wait_for(lambda: http.get(progress).json()["counts"].get("running", 0) >= 2, 90, "two items leased")
+        busy = {p["metadata"]["name"] for p in kube.store.list("pods", NAMESPACE)
+                if p["metadata"]["labels"].get("opbox.dev/job") == job_id.lower()
+                and p["metadata"]["labels"].get("opbox.dev/worker") == "pool" and p["status"].get("phase") == "Running"}
+        assert busy
+        assert http.post(f"/{plat.workspace}/batches/{batch['id']}/cancel").status_code == 200
+        with pytest.raises(Exception):
+            mapped.result(timeout=120)
+    wait_for(lambda: not busy & {p["metadata"]["name"] for p in kube.store.list("pods", NAMESPACE)}, 60,
+             "the busy worker pods deleted (a pod cannot be signalled)")
+    deleted = {path.rsplit("/", 1)[-1] for method, path in kube.store.requests if method == "DELETE" and "/pods/" in path}
+    assert busy <= deleted, "the gateway deleted them, not a Job's deletion"

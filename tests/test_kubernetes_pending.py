@@ -293,3 +293,47 @@ def test_the_gateway_reads_only_what_it_labelled(kube):
                                for path, query in event_reads)
     labels = kube.store.get("namespaces", None, "opbox-narrow")["metadata"]["labels"]
     assert labels["opbox.dev/workspace"] == "narrow" and labels["app.kubernetes.io/managed-by"] == "opbox"
+
+
+def test_a_pools_workers_are_one_indexed_job_grown_by_patches(kube):
+    """The spawner alone: a burst of workers is one Job; a worker asked for while the Job's workers are
+    the pool's joins it (completions and parallelism patched together); each pod is its index's worker."""
+    import hashlib
+
+    from opbox.platform.backends.pools import Pool, Worker
+
+    async def scenario(backend, events):
+        spawner = backend.spawner
+        pool = Pool(version=version("grow"))
+
+        def make() -> Worker:
+            worker_id, token = spawner.identity(pool)
+            worker = Worker(id=worker_id, pool=pool, token=token, token_hash=hashlib.sha256(token.encode()).digest())
+            pool.workers[worker.id] = worker
+            return worker
+
+        first = [make(), make()]
+        handles = await asyncio.gather(*(spawner.spawn(w) for w in first))
+        name = handles[0].job.name
+        assert [w.id for w in first] == [f"{name}-0", f"{name}-1"] and first[0].token == first[1].token
+        job = kube.store.get("jobs", "opbox-grow", name)
+        assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (2, 2)
+        third = make()
+        handles.append(await spawner.spawn(third))
+        assert third.id == f"{name}-2"
+        job = kube.store.get("jobs", "opbox-grow", name)
+        assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (3, 3), "one patch, not a new Job"
+        assert ("PATCH", f"/apis/batch/v1/namespaces/opbox-grow/jobs/{name}") in kube.store.requests
+        pods = await wait_for(lambda: len([p for p in kube.store.list("pods", "opbox-grow")
+                                           if p["metadata"]["labels"]["job-name"] == name]) == 3 and
+                              kube.store.list("pods", "opbox-grow"), 60, "a pod per index")
+        env = {e["name"]: e for e in pods[0]["spec"]["containers"][0]["env"]}
+        assert env["OPBOX_WORKER_ID"]["value"] == f"{name}-$(OPBOX_WORKER_INDEX)"
+        # the base image has no opbox: each worker's pod exits 1, ending its handle (index failed, not rerun)
+        codes = await asyncio.wait_for(asyncio.gather(*(h.wait() for h in handles)), 60)
+        assert all(code == 1 for code in codes)
+        for worker in [*first, third]:
+            pool.workers.pop(worker.id, None)
+        assert spawner.identity(pool)[0].rsplit("-", 1)[0] != name, "a Job whose workers all left takes no more"
+    run(kube, scenario, pending_timeout=600)
+    assert [c for c in kube.state()["rejected"] if "opbox-workers" in c] == []

@@ -187,8 +187,15 @@ class RemoteFunction(Mappable):
         submitting = asyncio.ensure_future(self.submit.aio(*args, **kwargs))
         try:
             run = await asyncio.shield(submitting)
-        except asyncio.CancelledError:  # the run may exist already: cancel it once its id is known
-            submitting.add_done_callback(lambda t: t.cancelled() or t.exception() or t.result().cancel_soon())
+        except asyncio.CancelledError:
+            # the run may exist already (and be running before its id is back): wait for the id and send the
+            # cancel before giving up, not from a callback, which an event loop ending now (asyncio.run
+            # cancels what is left) would drop
+            try:
+                made = await asyncio.shield(submitting)
+            except Exception:  # it was never made: nothing to cancel
+                raise asyncio.CancelledError from None
+            await asyncio.shield(made.cancel_soon())
             raise
         try:
             return await run.result.aio()

@@ -186,6 +186,34 @@ def test_cancelling_the_awaiting_task_cancels_the_run(fns, tmp_path):
     assert RunHandle(run["id"], hang.client).wait(timeout=60)["status"] == "cancelled"
 
 
+def test_a_task_cancelled_before_its_runs_id_is_back_still_cancels_the_run(fns, tmp_path, monkeypatch):
+    """The run starts before the submit's answer reaches the caller; cancelling then, with the event loop
+    ending right after (asyncio.run cancels what is left), still cancels it."""
+    marker = tmp_path / "started"
+    hang = fns["hang"]
+    before = {r["id"] for r in hang.runs(limit=100)}
+    apost = hang.client.apost
+
+    async def slow_answer(*args, **kwargs):  # the run is made and running; its id comes back late
+        resp = await apost(*args, **kwargs)
+        await _wait_until(marker)
+        await asyncio.sleep(0.5)
+        return resp
+
+    monkeypatch.setattr(hang.client, "apost", slow_answer)
+
+    async def main():
+        task = asyncio.ensure_future(hang.aio(str(marker)))
+        await _wait_until(marker)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    (run,) = [r for r in hang.runs(limit=100) if r["id"] not in before]
+    assert RunHandle(run["id"], hang.client).wait(timeout=60)["status"] == "cancelled"
+
+
 def test_cancelling_a_map_aio_cancels_its_runs(fns, tmp_path):
     hang = fns["hang"]
     before = {r["id"] for r in hang.runs(limit=100)}

@@ -165,23 +165,11 @@ class BuildKitBuilder(KanikoBuilder):
 
     tool, container, memory_setting = "buildkit", CONTAINER, "OPBOX_BUILD_MEMORY"
 
-    def __init__(self, settings: BuildKitSettings, *, store, registry, kube_settings, insecure_registries=(),
-                 api=None, poll_timeout: int = 60):
+    @staticmethod
+    def check_store(store) -> None:
         if not hasattr(store, "download_url"):
             raise ConfigError("the buildkit builder hands build pods a signed URL of their context: the object "
                               "store must make them (OPBOX_STORE_URL=s3://...)")
-        self.settings = settings
-        self.store = store
-        self.registry = registry
-        self.insecure_registries = tuple(insecure_registries)
-        self.poll_timeout = poll_timeout
-        self._kube_settings = kube_settings
-        self._api = api
-        self._clients = None
-        self._locks = {}
-        import threading
-
-        self._locks_guard = threading.Lock()
 
     def _build(self, context_dir: Path, tag: str, log: Callable[[str], None]) -> str:
         if not (context_dir / "Dockerfile").is_file():

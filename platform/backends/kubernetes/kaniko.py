@@ -211,9 +211,7 @@ class KanikoBuilder:
 
     def __init__(self, settings: KanikoSettings, *, store, registry, kube_settings, insecure_registries=(),
                  api=None, poll_timeout: int = 60):
-        if not hasattr(store, "location"):
-            raise ConfigError("the kaniko builder fetches its build context from S3: set OPBOX_STORE_URL to an "
-                              "s3:// store the cluster can reach")
+        self.check_store(store)
         self.settings = settings
         self.store = store
         self.registry = registry
@@ -224,6 +222,13 @@ class KanikoBuilder:
         self._clients = None
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+
+    @staticmethod
+    def check_store(store) -> None:
+        """ConfigError unless build pods can fetch their context from ``store``."""
+        if not hasattr(store, "location"):
+            raise ConfigError("the kaniko builder fetches its build context from S3: set OPBOX_STORE_URL to an "
+                              "s3:// store the cluster can reach")
 
     def _kube(self):
         if self._clients is None:

@@ -1,6 +1,6 @@
 """Serving figures, printed as JSON (never asserted in tests).
 
-    python bench/bench_serve.py [--seconds 3] [--clients 1,32] [--repeat 3]
+    python bench/bench_serve.py [--seconds 3] [--clients 1,32] [--repeat 3] [--cold-starts 3]
 
 Starts a fresh platform and deploys a class with a trivial method, then measures with a
 small asyncio HTTP/1.1 keep-alive load generator (JSON calls, as curl makes them):
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import PRODUCT_DEFAULTS, free_port, load, machine
+from harness import PRODUCT_DEFAULTS, cpu_seconds, descendants, free_port, load, machine
 
 CODE = '''
 from opbox import operator
@@ -38,6 +38,40 @@ BODY = b'{"x": 1}'
 
 def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+
+
+def replica_pids(gateway_pid: int) -> list[int]:
+    """The gateway's descendants that serve a class (the replicas, and a sandbox's wrapper around each)."""
+    pids = []
+    for pid in descendants(gateway_pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"opbox.runtime" in argv and b"serve" in argv:
+            pids.append(pid)
+    return pids
+
+
+def cpu_of(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            pass
+    return total
+
+
+def measured(pids: dict[str, list[int]], run) -> dict:
+    """``run()``'s figures with each process group's CPU per answered call, in microseconds: a figure
+    that other work on the machine moves far less than throughput does."""
+    before, client = {k: cpu_of(v) for k, v in pids.items()}, time.process_time()
+    figures = run()
+    calls = figures["requests"] + figures["warm_requests"] or 1  # the CPU was read around both
+    figures["cpu_us_per_call"] = {k: round((cpu_of(v) - before[k]) / calls * 1e6, 1) for k, v in pids.items()}
+    figures["cpu_us_per_call"]["load_generator"] = round((time.process_time() - client) / calls * 1e6, 1)
+    return figures
 
 
 def member_tokens(plat, count: int) -> list[str]:
@@ -80,11 +114,13 @@ def gateway_vs_direct(plat, folder: Path, clients: list[int], seconds: float, re
                 pass
             time.sleep(0.05)
         figures = {}
+        gateway_pids = {"gateway": [plat.proc.pid], "replica": replica_pids(plat.proc.pid)}
         for n in clients:
             runs_d, runs_g = [], []
             for _ in range(repeat):
-                runs_d.append(load(direct_base + "/call/ping", json_headers, BODY, n, seconds))
-                runs_g.append(load(gateway_url, per_client, BODY, n, seconds))
+                runs_d.append(measured({"replica": [direct.pid]},
+                                       lambda: load(direct_base + "/call/ping", json_headers, BODY, n, seconds)))
+                runs_g.append(measured(gateway_pids, lambda: load(gateway_url, per_client, BODY, n, seconds)))
             d, g = median_run(runs_d), median_run(runs_g)
             figures[f"{n}_clients"] = {
                 "direct": d, "gateway": g,
@@ -92,6 +128,7 @@ def gateway_vs_direct(plat, folder: Path, clients: list[int], seconds: float, re
                 "added_p50_ms": round(g["p50_ms"] - d["p50_ms"], 3),
                 "added_p95_ms": round(g["p95_ms"] - d["p95_ms"], 3),
                 "rps_of_each_run": {"direct": [r["rps"] for r in runs_d], "gateway": [r["rps"] for r in runs_g]},
+                "gateway_cpu_us_per_call_of_each_run": [r["cpu_us_per_call"]["gateway"] for r in runs_g],
             }
     finally:
         direct.terminate()
@@ -126,6 +163,7 @@ def main():
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--clients", default="1,32")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the median one is reported")
+    parser.add_argument("--cold-starts", type=int, default=3, help="scale-from-zero starts to time (0: none)")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
 
@@ -134,7 +172,8 @@ def main():
     out = {"machine": machine(), "seconds_per_figure": args.seconds}
     with tempfile.TemporaryDirectory() as tmp, running_platform(Path(tmp) / "home", extra_env=PRODUCT_DEFAULTS) as plat:
         out["throughput_and_latency"] = gateway_vs_direct(plat, Path(tmp) / "proj", clients, args.seconds, args.repeat)
-        out["cold_start_from_zero_s"] = cold_starts(plat)
+        if args.cold_starts:
+            out["cold_start_from_zero_s"] = cold_starts(plat, args.cold_starts)
     print(json.dumps(out, indent=2))
 
 

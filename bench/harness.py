@@ -132,7 +132,8 @@ async def _client(url: str, headers: dict, body: bytes, until: float, latencies:
 
 async def _load(url: str, headers: list[dict], body: bytes, clients: int, seconds: float, warm: float) -> dict:
     warm_until = time.perf_counter() + warm
-    await asyncio.gather(*(_client(url, headers[i % len(headers)], body, warm_until, [], []) for i in range(clients)))
+    warmed: list = []
+    await asyncio.gather(*(_client(url, headers[i % len(headers)], body, warm_until, warmed, []) for i in range(clients)))
     latencies, errors = [], []
     started = time.perf_counter()
     until = started + seconds
@@ -146,7 +147,8 @@ async def _load(url: str, headers: list[dict], body: bytes, clients: int, second
     return {"clients": clients, "seconds": round(elapsed, 2), "requests": len(latencies),
             "rps": round(answered / elapsed) if elapsed else 0,
             "p50_ms": pct(latencies, 0.50) if latencies else None, "p95_ms": pct(latencies, 0.95) if latencies else None,
-            "p99_ms": pct(latencies, 0.99) if latencies else None, "errors": len(errors), "error_kinds": kinds}
+            "p99_ms": pct(latencies, 0.99) if latencies else None, "errors": len(errors), "error_kinds": kinds,
+            "warm_requests": len(warmed)}
 
 
 def load(url: str, headers: dict | list[dict], body: bytes, clients: int, seconds: float, warm: float = 0.5) -> dict:

@@ -1,9 +1,12 @@
 """A lean HTTP/1.1 client for the proxy's hop to service replicas: pooled keep-alive connections.
 
 The hop is loopback (or in-cluster) HTTP/1.1 to uvicorn, on the hot path of every service
-call, so it is kept to asyncio streams: one write per request (TCP_NODELAY), the status line
-and headers parsed by hand, bodies passed through as bytes (``Content-Length``, chunked, or
-until close). httpx costs about a millisecond per call here and much more under load.
+call, so each connection is a bare ``asyncio.Protocol``: the request goes out in one write
+(TCP_NODELAY), the answer's bytes gather in one buffer, the status line and headers are parsed
+by hand, and a whole answer (``Content-Length`` up to ``WHOLE``, the usual case: it arrives in
+one read) is sliced out of that buffer with one wake-up of the caller. Larger answers, chunked
+ones and those that end at close stream through with flow control both ways. httpx costs about
+a millisecond per call here, asyncio's streams a wake-up and a copy per read.
 """
 
 from __future__ import annotations
@@ -15,26 +18,9 @@ from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 WHOLE = 1024 * 1024  # answers up to this size are read whole; larger ones stream
-
-
-def _stale(conn: "Connection") -> bool:
-    """Whether a kept-alive connection was closed or reset by the replica, asked of the kernel now
-    (the event loop may not have seen it yet): a replica killed a moment ago must not get the call."""
-    if conn.probe is None:
-        return False
-    try:
-        conn.probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        return True  # EOF, or bytes nobody asked for: either way not a connection to reuse
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
-
-def _buffered(conn: "Connection") -> bool:
-    """Bytes already read past the end of the last answer: the replica answered more than it was asked
-    (a smuggled or broken exchange), so whatever comes next on this connection belongs to no call."""
-    return bool(conn.reader._buffer)  # noqa: SLF001 (asyncio's StreamReader has no public peek)
+HEAD_LIMIT = 2 ** 20  # an answer's status line and headers; longer is a broken replica
+HIGH, LOW = 4 * 2 ** 20, 2 ** 20  # bytes buffered before reading from the replica pauses, and resumes
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int once: the flags are an enum, slow to combine
 
 
 class UpstreamError(Exception):
@@ -45,25 +31,182 @@ class UpstreamError(Exception):
         self.sent = sent
 
 
-class Connection:
-    __slots__ = ("reader", "writer", "base", "probe")
+class _Closed(Exception):
+    """The replica closed the connection (``partial`` bytes of what was awaited had come)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, base: str):
-        self.reader, self.writer, self.base = reader, writer, base
-        sock = writer.get_extra_info("socket")
-        # a second socket object on the same descriptor, made once, for _stale's peek (asyncio's own
-        # does not allow recv); detached, never closed, so the descriptor stays the transport's
-        self.probe = socket.socket(fileno=sock.fileno()) if sock is not None else None
+    def __init__(self, partial: int):
+        self.partial = partial
 
-    def close(self) -> None:
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection to a replica: what it has read and not yet handed out, and whether it ended."""
+
+    __slots__ = ("base", "transport", "buffer", "waiter", "ended", "error", "paused", "drained", "probe")
+
+    def __init__(self, base: str):
+        self.base = base
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future | None = None  # a reader waiting for bytes (or the end)
+        self.ended = False  # the replica closed its side, or the connection was lost
+        self.error: BaseException | None = None
+        self.paused = False  # reading paused: a streamed answer's reader is behind
+        self.drained: asyncio.Future | None = None  # a writer waiting for the replica to take its bytes
+        self.probe: socket.socket | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # a second socket object on the same descriptor, made once, for stale()'s peek (the transport's
+            # own allows no recv); detached, never closed, so the descriptor stays the transport's
+            self.probe = socket.socket(fileno=sock.fileno())
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > HIGH and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.ended = True
+        self._wake()
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc) -> None:
+        self.ended, self.error = True, exc
+        self._detach()
+        self._wake()
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        if self.drained is None:
+            self.drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        drained, self.drained = self.drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    # -- the caller's side ------------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _more(self, awaited: int) -> None:
+        """Wait for bytes beyond the buffer's (raises ``_Closed`` when none will come)."""
+        if self.ended:
+            if self.error is not None and awaited == 0:
+                raise self.error  # a reset (with nothing of an answer read): the caller tells what it means
+            raise _Closed(awaited)
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+        self.waiter = asyncio.get_running_loop().create_future()
+        await self.waiter
+
+    def _consumed(self) -> None:
+        if self.paused and len(self.buffer) < LOW:
+            self.paused = False
+            self.transport.resume_reading()
+
+    async def head(self) -> bytes:
+        """The answer's status line and headers (without the blank line that ends them)."""
+        start = 0
+        while True:
+            end = self.buffer.find(b"\r\n\r\n", start)
+            if end >= 0:
+                head = bytes(self.buffer[:end])
+                del self.buffer[:end + 4]
+                return head
+            if len(self.buffer) > HEAD_LIMIT:
+                raise ValueError(f"an answer's headers longer than {HEAD_LIMIT} bytes")
+            start = max(0, len(self.buffer) - 3)
+            await self._more(len(self.buffer))
+
+    async def exactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            await self._more(len(self.buffer))
+        if len(self.buffer) == n:
+            data = bytes(self.buffer)
+            self.buffer.clear()
+        else:
+            data = bytes(self.buffer[:n])
+            del self.buffer[:n]
+        self._consumed()
+        return data
+
+    async def some(self, at_most: int) -> bytes:
+        """Up to ``at_most`` bytes, at least one (b"" at the end of the connection)."""
+        while not self.buffer:
+            try:
+                await self._more(0)
+            except _Closed:
+                return b""
+        data = bytes(self.buffer[:at_most])
+        del self.buffer[:at_most]
+        self._consumed()
+        return data
+
+    async def line(self) -> bytes:
+        """A line with its CRLF (b"" at the end of the connection)."""
+        while (end := self.buffer.find(b"\n")) < 0:
+            if len(self.buffer) > HEAD_LIMIT:
+                raise ValueError("a chunk-size line too long")
+            try:
+                await self._more(len(self.buffer))
+            except _Closed:
+                return b""
+        data = bytes(self.buffer[:end + 1])
+        del self.buffer[:end + 1]
+        self._consumed()
+        return data
+
+    async def write(self, data: bytes) -> None:
+        """Write, waiting while the replica is behind (streamed request bodies)."""
+        if self.ended:
+            raise ConnectionResetError("the replica closed the connection")
+        self.transport.write(data)
+        if self.drained is not None:
+            await self.drained
+
+    def reusable(self) -> bool:
+        """Whether the connection can carry another call: still open, nothing unread, and, asked of the
+        kernel now (the event loop may not have seen it yet), not closed or reset by the replica since: a
+        replica killed a moment ago must not get the call. Bytes nobody asked for mean an exchange that
+        went wrong (the replica answered more than it was asked): they belong to no call."""
+        if self.ended or self.buffer or self.transport.is_closing():
+            return False
+        if self.probe is None:
+            return True
+        try:
+            self.probe.recv(1, _PEEK)
+            return False  # EOF, or bytes nobody asked for
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def _detach(self) -> None:
         if self.probe is not None:
             self.probe.detach()
             self.probe = None
-        self.writer.close()
+
+    def close(self) -> None:
+        self._detach()
+        self.ended = True
+        if self.transport is not None:
+            self.transport.close()
 
 
 class Answer:
     """A replica's answer: status, headers, and the body (``body`` when whole, else ``stream()``)."""
+
+    __slots__ = ("pool", "conn", "status", "headers", "body", "length", "_chunked", "_keep")
 
     def __init__(self, pool: "UpstreamPool", conn: Connection, status: int, headers: list, body: bytes | None,
                  length: int | None, chunked: bool, keep: bool):
@@ -71,38 +214,41 @@ class Answer:
         self.body, self.length, self._chunked, self._keep = body, length, chunked, keep
 
     async def stream(self) -> AsyncIterator[bytes]:
-        reader, done = self.conn.reader, False
+        conn, done = self.conn, False
         try:
             if self._chunked:
                 while True:
-                    size = int((await reader.readline()).split(b";")[0], 16)
+                    size = int((await conn.line()).split(b";")[0], 16)
                     if size == 0:
-                        while (await reader.readline()) not in (b"\r\n", b""):
+                        while (await conn.line()) not in (b"\r\n", b""):
                             pass
                         break
-                    yield await reader.readexactly(size)
-                    await reader.readexactly(2)
+                    yield await conn.exactly(size)
+                    await conn.exactly(2)
             elif self.length is not None:
                 left = self.length
                 while left:
-                    chunk = await reader.read(min(left, 65536))
+                    chunk = await conn.some(min(left, 65536))
                     if not chunk:
                         raise UpstreamError("the replica closed the connection mid-answer", True)
                     left -= len(chunk)
                     yield chunk
             else:
-                while chunk := await reader.read(65536):
+                while chunk := await conn.some(65536):
                     yield chunk
                 self._keep = False
             done = True
+        except _Closed:
+            raise UpstreamError("the replica closed the connection mid-answer", True) from None
         finally:
-            self.pool.release(self.conn, done and self._keep)
+            self.pool.release(conn, done and self._keep)
 
 
 class UpstreamPool:
     def __init__(self, max_idle: int = 256):
         self.idle: dict[str, list[Connection]] = defaultdict(list)
         self._heads: dict[str, bytes] = {}
+        self._addresses: dict[str, tuple[str, int]] = {}
         self.max_idle = max_idle
 
     def _head(self, base: str) -> bytes:
@@ -118,19 +264,19 @@ class UpstreamPool:
         return head
 
     async def _connect(self, base: str) -> Connection:
-        parts = urlsplit(base)
+        address = self._addresses.get(base)
+        if address is None:
+            parts = urlsplit(base)
+            address = self._addresses[base] = (parts.hostname, parts.port or 80)
         try:
-            reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80, limit=2 ** 20)
+            _, conn = await asyncio.get_running_loop().create_connection(lambda: Connection(base), *address)
         except OSError as exc:
             raise UpstreamError(f"cannot connect to {base}: {exc}", sent=False) from None
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return Connection(reader, writer, base)
+        return conn
 
     def release(self, conn: Connection, keep: bool) -> None:
         idle = self.idle[conn.base]
-        if keep and len(idle) < self.max_idle and not conn.writer.is_closing() and not _buffered(conn):
+        if keep and len(idle) < self.max_idle and not conn.ended and not conn.buffer:
             idle.append(conn)
         else:
             conn.close()
@@ -142,35 +288,34 @@ class UpstreamPool:
         conn = None
         while idle:
             conn = idle.pop()
-            if not (conn.reader.at_eof() or conn.writer.is_closing() or conn.reader.exception() or _buffered(conn)
-                    or _stale(conn)):
+            if conn.reusable():
                 break
             conn.close()  # the replica closed it meanwhile (idle timeout, drained, died)
             conn = None
         if conn is None:
             conn = await self._connect(base)
-        head = [self._head(conn.base) % (method.encode(), target.encode("latin-1"))]
+        head = [self._head(base) % (method.encode(), target.encode("latin-1"))]
         for k, v in headers:
-            head.append(k + b": " + v + b"\r\n")
+            head += (k, b": ", v, b"\r\n")
         whole = isinstance(body, (bytes, bytearray))
         head.append(b"content-length: %d\r\n\r\n" % len(body) if whole else b"transfer-encoding: chunked\r\n\r\n")
         try:
             if whole:
-                conn.writer.write(b"".join(head) + body)
+                head.append(body)
+                conn.transport.write(b"".join(head))
             else:
-                conn.writer.write(b"".join(head))
+                await conn.write(b"".join(head))
                 async for chunk in body:
                     if chunk:
-                        conn.writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                        await conn.writer.drain()
-                conn.writer.write(b"0\r\n\r\n")
+                        await conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await conn.write(b"0\r\n\r\n")
             try:
-                raw = await conn.reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError as exc:
-                # the connection was alive when the call went out (_stale checked it): the replica
-                # ended with the call in hand, so it may have run; say so rather than send it again
+                raw = await conn.head()
+            except _Closed as exc:
+                # the connection was alive when the call went out (reusable() asked): the replica ended
+                # with the call in hand, so it may have run; say so rather than send it again
                 raise UpstreamError(f"the replica closed the connection before answering "
-                                    f"({len(exc.partial)} bytes of an answer)", sent=True) from None
+                                    f"({exc.partial} bytes of an answer)", sent=True) from None
             except (ConnectionResetError, BrokenPipeError) as exc:
                 # a reset before any answer byte: the socket was closed with our call unread (a replica
                 # that had read it and died would have sent FIN), e.g. a dead replica's listen backlog
@@ -200,15 +345,22 @@ class UpstreamPool:
                 length = 0
             answer = Answer(self, conn, status, out, None, length, chunked, keep)
             if length is not None and length <= WHOLE:
-                answer.body = await conn.reader.readexactly(length) if length else b""
+                answer.body = await conn.exactly(length) if length else b""
                 self.release(conn, keep)
             return answer
         except UpstreamError:
             conn.close()
             raise
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as exc:
+        except _Closed as exc:
+            conn.close()
+            raise UpstreamError(f"the replica closed the connection mid-answer ({exc.partial} bytes)",
+                                sent=True) from None
+        except (OSError, ValueError, IndexError) as exc:
             conn.close()
             raise UpstreamError(f"the call to {base} failed: {type(exc).__name__}: {exc}", sent=True) from None
+        except BaseException:  # cancelled (the caller went away): the answer would reach the next call
+            conn.close()
+            raise
 
     async def close(self) -> None:
         for conns in self.idle.values():

@@ -199,6 +199,22 @@ CALLER_ROUTES = frozenset({
 })
 
 
+class GatewayApp(Starlette):
+    """The gateway's app: a call to a service (``routes_serve.fast_path``) goes straight to ``serve_call``, with
+    no middleware, router or request objects on its way; every other request goes through the app as usual."""
+
+    def __init__(self, platform: Platform, **kwargs):
+        super().__init__(**kwargs)
+        self.platform = platform
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            call = serve.fast_path(scope["path"])
+            if call is not None:
+                return await serve.serve_call(self.platform, scope, receive, send, *call)
+        await super().__call__(scope, receive, send)
+
+
 def create_app(platform: Platform) -> Starlette:
     @asynccontextmanager
     async def lifespan(app):
@@ -208,11 +224,12 @@ def create_app(platform: Platform) -> Starlette:
         finally:
             await platform.close()
 
-    app = Starlette(
+    app = GatewayApp(
+        platform,
         routes=platform.store.routes() + ROUTES,
         exception_handlers={OpboxError: opbox_error, Exception: unexpected_error},
-        # service calls skip the router (and the request metrics: they have their own)
-        middleware=[Middleware(serve.ServeFastPath, platform=platform), Middleware(RequestMetrics, platform=platform)],
+        # service calls skip all of this (and the request metrics: they have their own)
+        middleware=[Middleware(RequestMetrics, platform=platform)],
         lifespan=lifespan,
     )
     app.router = HotRouter(app.router.routes, lifespan)

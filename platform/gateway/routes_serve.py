@@ -1,17 +1,18 @@
 """Routes for services: their records and logs, and the one entry for calls to them.
 
-A call (``/{ws}/serve/{name}/...``, the hot path) is taken by the ``ServeFastPath`` middleware
-before the router: it checks the token, asks the serving proxy (``platform/proxy/proxy.py``)
+A call (``/{ws}/serve/{name}/...``, the hot path) is taken before the app's middleware and router
+(``fast_path``, ``GatewayApp`` in ``app.py``): it checks the token, asks the serving proxy (``platform/proxy/proxy.py``)
 once, and passes the replica's answer back as received, or renders the error. The routed
 ``call`` handler reaches the same ``serve_call``; it is there for the OpenAPI document.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from opbox.errors import OpboxError
 
@@ -19,6 +20,8 @@ from ..metrics import status_class
 from ..proxy.upstream import Answer
 from .http import error_response, json_body, ok, query_number
 from .routes_jobs import platform, workspace
+
+log = logging.getLogger("opbox.gateway")
 
 
 def _name(request: Request) -> str:
@@ -166,6 +169,12 @@ async def serve_call(plat, scope, receive, send, ws: str, name: str, rest: str) 
         count_call(plat.metrics, ws, name, exc.status, start)
         await error_response(exc)(scope, receive, send)
         return
+    except Exception as exc:  # what the app's handler for the unexpected does, for the way in that skips it
+        log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+        count_call(plat.metrics, ws, name, 500, start)
+        await JSONResponse({"error": "internal_error", "message": f"internal error: {type(exc).__name__}"},
+                           500)(scope, receive, send)
+        return
     count_call(plat.metrics, ws, name, answer.status, start)
     await send_answer(answer, send)
 
@@ -212,17 +221,11 @@ class ServeCall(Response):
         await serve_call(scope["app"].state.platform, scope, receive, send, self.ws, self.name, self.rest)
 
 
-class ServeFastPath:
-    """ASGI middleware: calls to services (``/{ws}/serve/{name}/...``, the hot path) skip the router,
-    the request objects and the exception middleware; everything else goes on to the app."""
-
-    def __init__(self, app, platform):
-        self.app = app
-        self.platform = platform
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            parts = scope["path"].split("/", 4)  # "", ws, "serve", name, rest
-            if len(parts) == 5 and parts[2] == "serve" and parts[3] and parts[4] != "openapi.json":
-                return await serve_call(self.platform, scope, receive, send, parts[1], parts[3], parts[4])
-        await self.app(scope, receive, send)
+def fast_path(path: str) -> tuple[str, str, str] | None:
+    """``(workspace, name, rest)`` when ``path`` is a call to a service (``/{ws}/serve/{name}/{rest}``, the hot
+    path), found by one split; ``GatewayApp`` (``gateway/app.py``) then sends it to ``serve_call`` before the
+    app's middleware, router, request objects and exception handlers (``serve_call`` renders its own errors)."""
+    parts = path.split("/", 4)  # "", ws, "serve", name, rest
+    if len(parts) == 5 and parts[2] == "serve" and parts[3] and parts[4] != "openapi.json":
+        return parts[1], parts[3], parts[4]
+    return None

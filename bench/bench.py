@@ -2,6 +2,7 @@
 printed as JSON. Never asserted in tests (tests/test_bench.py only checks the fields and their types).
 
     python bench/bench.py [--quick] [--million [--big-map-budget S]] [--no-peers] [--out FILE]
+    python bench/bench.py --only serve [--quick] [--out FILE]     (one figure alone: the served class)
 
 Runs the peers first (bench/peers.py in the .bench-peers virtualenv that `make bench-peers` makes, as a
 subprocess; without it the JSON says so and the ratios are null), then starts a fresh platform as
@@ -288,7 +289,9 @@ def served_class(plat, folder: Path, clients: int, seconds: float, repeat: int) 
     f = gateway_vs_direct(plat, folder, [clients], seconds, repeat)[f"{clients}_clients"]
     return {"clients": clients, "gateway_rps": f["gateway"]["rps"], "direct_rps": f["direct"]["rps"],
             "gateway_share_of_direct_rps": f["gateway_share_of_direct_rps"], "added_p50_ms": f["added_p50_ms"],
-            "added_p95_ms": f["added_p95_ms"], "errors": {"gateway": f["gateway"]["error_kinds"], "direct": f["direct"]["error_kinds"]}}
+            "added_p95_ms": f["added_p95_ms"], "rps_of_each_run": f["rps_of_each_run"],
+            "cpu_us_per_call": {"gateway": f["gateway"]["cpu_us_per_call"], "direct": f["direct"]["cpu_us_per_call"]},
+            "errors": {"gateway": f["gateway"]["error_kinds"], "direct": f["direct"]["error_kinds"]}}
 
 
 # -- status with many runs stored ------------------------------------------------------------
@@ -344,6 +347,16 @@ def status_with_stored_runs(home: Path, square_fn, count: int, calls: int) -> di
 
 
 # -- the ratios and the goals --------------------------------------------------------------------
+def goal(figure, value, target, met) -> dict:
+    return {"figure": figure, "value": value, "goal": target, "met": None if value is None else bool(met)}
+
+
+def served_goal(sv: dict) -> dict:
+    return goal(f"served class via gateway / direct, {sv['clients']} clients: throughput share, added p95 ms",
+                [sv["gateway_share_of_direct_rps"], sv["added_p95_ms"]], ">= 0.9, <= 1",
+                (sv["gateway_share_of_direct_rps"] or 0) >= 0.9 and sv["added_p95_ms"] <= 1)
+
+
 def ratios_and_goals(out: dict) -> tuple[dict, list[dict]]:
     ratios = {}
     for peer in ("ray", "dask"):
@@ -353,9 +366,6 @@ def ratios_and_goals(out: dict) -> tuple[dict, list[dict]]:
         ratios[f"warm_call_p99_vs_{peer}"] = ratio(out["warm_call_ms"]["p99"], p["warm_call_ms"]["p99"]) if ok else None
         ratios[f"map_runs_per_s_vs_{peer}"] = ratio(out["map"]["runs_per_s"], p["map"]["tasks_per_s"]) if ok else None
     big, cc, sv, st = out["map_large"], out["concurrent_callers"], out["served_class"], out["status_with_stored_runs"]
-
-    def goal(figure, value, target, met):
-        return {"figure": figure, "value": value, "goal": target, "met": None if value is None else bool(met)}
 
     pays = [out["payloads"][k].get("ratio_to_local") for k in ("bytes", "numpy", "dataframe")]
     big_ok = "items_per_s" in big
@@ -378,9 +388,7 @@ def ratios_and_goals(out: dict) -> tuple[dict, list[dict]]:
              ">= 2000, <= 50, 0", cc["calls_per_s"] >= 2000 and (cc["p99_ms"] or 1e9) <= 50 and cc["errors"] == 0),
         goal(f"{out['payloads']['mib']} MiB bytes/numpy/DataFrame round trip / 2x local pickle+unpickle", pays, "<= 3",
              all(p is not None and p <= 3 for p in pays)),
-        goal(f"served class via gateway / direct, {sv['clients']} clients: throughput share, added p95 ms",
-             [sv["gateway_share_of_direct_rps"], sv["added_p95_ms"]], ">= 0.9, <= 1",
-             (sv["gateway_share_of_direct_rps"] or 0) >= 0.9 and sv["added_p95_ms"] <= 1),
+        served_goal(sv),
         goal(f"status of one run with {st['stored_runs']:,} runs stored, p50 ms", st["p50_ms"], "<= 2", st["p50_ms"] <= 2),
     ]
     return ratios, goals
@@ -409,6 +417,31 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def write(out: dict, path: Path | None) -> None:
+    text = json.dumps(out, indent=2)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    print(text)
+
+
+def only_served(size: dict, path: Path | None) -> None:
+    """``--only serve``: the served-class figure alone, on a fresh platform, in a fraction of a minute."""
+    from platform_fixture import running_platform
+
+    out: dict = {"mode": "quick" if size is QUICK else "full", "only": "serve",
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine()}
+    with tempfile.TemporaryDirectory() as tmp, running_platform(Path(tmp) / "home", extra_env=PRODUCT_DEFAULTS) as plat:
+        out["served_class"] = served_class(plat, Path(tmp) / "serve", size["served_clients"], size["served_seconds"],
+                                           size["served_repeat"])
+    out["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    out["goals"] = [served_goal(out["served_class"])]
+    write(out, path)
+    g = out["goals"][0]
+    print(f"{g['figure']}: {json.dumps(g['value'])}, goal {g['goal']}: {'met' if g['met'] else 'NOT met'} "
+          f"(load average {out['machine']['loadavg'][0]:.2f} at start)", file=sys.stderr)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized versions of every figure (a smoke run)")
@@ -417,8 +450,11 @@ def main():
     parser.add_argument("--no-peers", action="store_true", help="skip Ray and Dask (ratios are null)")
     parser.add_argument("--peers-python", type=Path, default=PEERS_PYTHON)
     parser.add_argument("--out", type=Path, help="also write the JSON to this file")
+    parser.add_argument("--only", choices=["serve"], help="only this figure (no peers): serve, the served class")
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
+    if args.only == "serve":
+        return only_served(size, args.out)
 
     from platform_fixture import running_platform  # tests/platform_fixture.py
 
@@ -467,11 +503,7 @@ def main():
     out["machine"]["loadavg_at_end"] = list(os.getloadavg())
     out["bench_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out["ratios"], out["goals"] = ratios_and_goals(out)
-    text = json.dumps(out, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    write(out, args.out)
     print(table(out), file=sys.stderr)
 
 

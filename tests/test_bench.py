@@ -77,6 +77,29 @@ def test_quick_bench_prints_every_figure(quick):
         assert goal["met"] in (True, False, None)
 
 
+@pytest.mark.timeout(120)
+def test_only_serve_measures_the_served_class_alone(tmp_path):
+    """`bench.py --only serve`: the served-class figure by itself (no peers, no other figure), with the CPU each
+    process spent per call, both ways."""
+    out = tmp_path / "serve.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--only", "serve", "--quick", "--out",
+                           str(out)], capture_output=True, text=True, timeout=110, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    printed = json.loads(done.stdout)
+    assert printed == json.loads(out.read_text())
+    assert printed["only"] == "serve" and "peers" not in printed and "warm_call_ms" not in printed
+    served = printed["served_class"]
+    figures(served, "clients", "gateway_rps", "direct_rps", "gateway_share_of_direct_rps")
+    assert served["errors"] == {"gateway": {}, "direct": {}}
+    figures(served["cpu_us_per_call"]["gateway"], "gateway", "replica", "load_generator")
+    figures(served["cpu_us_per_call"]["direct"], "replica", "load_generator")
+    via = served["cpu_us_per_call"]["gateway"]
+    assert via["gateway"] > 0 and via["replica"] > 0  # the gateway's process and its replica were found and measured
+    [goal] = printed["goals"]
+    assert goal["figure"].startswith("served class") and goal["met"] in (True, False)
+    assert "served class via gateway / direct" in done.stderr
+
+
 def test_the_postgres_bench_measures_both_records_and_several_gateways(tmp_path, pg_server):
     """`bench/bench_postgres.py` (small sizes): the records in process on both adapters, then calls and a map
     through SQLite's gateway and through two gateways on PostgreSQL, each map's results checked."""

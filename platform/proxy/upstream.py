@@ -41,10 +41,10 @@ class _Closed(Exception):
 class Connection(asyncio.Protocol):
     """One keep-alive connection to a replica: what it has read and not yet handed out, and whether it ended."""
 
-    __slots__ = ("base", "transport", "buffer", "waiter", "ended", "error", "paused", "drained", "probe")
+    __slots__ = ("base", "loop", "transport", "buffer", "waiter", "ended", "error", "paused", "drained", "probe")
 
-    def __init__(self, base: str):
-        self.base = base
+    def __init__(self, base: str, loop: asyncio.AbstractEventLoop):
+        self.base, self.loop = base, loop  # the loop kept: asking for it costs a getpid() syscall each time
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.waiter: asyncio.Future | None = None  # a reader waiting for bytes (or the end)
@@ -84,7 +84,7 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.drained is None:
-            self.drained = asyncio.get_running_loop().create_future()
+            self.drained = self.loop.create_future()
 
     def resume_writing(self) -> None:
         drained, self.drained = self.drained, None
@@ -106,7 +106,7 @@ class Connection(asyncio.Protocol):
         if self.paused:
             self.paused = False
             self.transport.resume_reading()
-        self.waiter = asyncio.get_running_loop().create_future()
+        self.waiter = self.loop.create_future()
         await self.waiter
 
     def _consumed(self) -> None:
@@ -269,7 +269,8 @@ class UpstreamPool:
             parts = urlsplit(base)
             address = self._addresses[base] = (parts.hostname, parts.port or 80)
         try:
-            _, conn = await asyncio.get_running_loop().create_connection(lambda: Connection(base), *address)
+            loop = asyncio.get_running_loop()
+            _, conn = await loop.create_connection(lambda: Connection(base, loop), *address)
         except OSError as exc:
             raise UpstreamError(f"cannot connect to {base}: {exc}", sent=False) from None
         return conn

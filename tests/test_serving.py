@@ -121,6 +121,16 @@ def test_curl_json_call(model, plat):
     assert json.loads(out.stdout) == 18.5
 
 
+def test_a_proxied_answer_has_each_header_once(model, plat):
+    """The replica's date and server headers are not passed on beside the gateway's own; its length is re-stated."""
+    with plat.http() as http:
+        answer = http.post(url(plat, "serve", "Model", "predict"), json={"x": [1, 2, 3]})
+    assert answer.status_code == 200 and answer.json() == 18.5
+    names = [name.lower() for name, _ in answer.headers.raw]
+    assert names.count(b"date") == 1 and names.count(b"content-length") == 1 and names.count(b"server") <= 1
+    assert answer.headers["content-type"] == "application/json"
+
+
 def test_json_calls_args_kwargs_arrays_and_results(model, plat):
     with plat.http() as http:
         call = lambda m, body: http.post(url(plat, "serve", "Model", m), json=body)  # noqa: E731

@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 WHOLE = 1024 * 1024  # answers up to this size are read whole; larger ones stream
 HEAD_LIMIT = 2 ** 20  # an answer's status line and headers; longer is a broken replica
 HIGH, LOW = 4 * 2 ** 20, 2 ** 20  # bytes buffered before reading from the replica pauses, and resumes
+# hop-by-hop, or the gateway's own to send (its server adds date and server: a replica's would be a second one)
+_OWN = frozenset({b"keep-alive", b"date", b"server"})
 _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int once: the flags are an enum, slow to combine
 
 
@@ -339,7 +341,7 @@ class UpstreamPool:
                 elif name == b"connection":
                     keep = value.lower() != b"close"
                     continue
-                elif name == b"keep-alive":
+                elif name in _OWN:
                     continue
                 out.append((name, value))
             if method == "HEAD" or status in (204, 304) or 100 <= status < 200:

@@ -63,6 +63,8 @@ class Proxy:
             return "/" + (raw.decode("latin-1") if raw is not None else quote(rest, safe=_PATH_SAFE))
         if method != "POST":
             raise ValidationError(f"call a method with POST /{ws}/serve/{name}/<method>")
+        if rest.isascii() and rest.isidentifier():  # a method's name, as it nearly always is: nothing to quote
+            return "/call/" + rest
         if not rest or "/" in rest:
             raise NotFound(f"no method {rest!r}: call POST /{ws}/serve/{name}/<method>")
         return "/call/" + quote(rest, safe=_PATH_SAFE)
@@ -70,7 +72,7 @@ class Proxy:
     async def forward(self, scope: dict, receive, ws: str, name: str, path: str) -> Answer:
         """Send the request to ``path`` on a ready replica of service ``name``; resend it if it did not arrive."""
         declared = transfer = None
-        headers = [(b"x-forwarded-prefix", f"/{ws}/serve/{name}".encode())]
+        headers = [(b"x-forwarded-prefix", b"/%s/serve/%s" % (ws.encode(), name.encode()))]
         for k, v in scope["headers"]:
             if b"\r" in v or b"\n" in v:  # the server's parser refuses these; the hop must never carry one
                 raise BadRequest(f"header {k.decode('latin-1')!r} contains a line break")

@@ -68,6 +68,7 @@ class Auth:
         self.secret = secret
         self.rate_limit = rate_limit
         self._cache: dict[str, TokenRecord] = {}
+        self._digests: dict[str, str] = {}  # bearer token -> its hash, for tokens found active (not callers')
         self.held_run: HeldRun | None = None  # the backend's warm workers (core sets it when it has them)
         self._run_callers: dict[str, str] = {}  # run id -> the digest of its caller token, cached while it runs
         self.service_exists: Callable[[str, str], bool] = lambda ws, name: records.services.get(ws, name) is not None
@@ -125,7 +126,9 @@ class Auth:
         token = token.strip()
         if scheme.lower() != "bearer" or not token or len(token) > 200:
             raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
-        digest = hash_token(token)
+        digest = self._digests.get(token)  # a sha256 saved per request: the hash of a token never changes
+        if digest is None:
+            digest = hash_token(token)
         row = self._cache.get(digest)
         if row is None:
             if token.startswith(CALLER_PREFIX):
@@ -135,6 +138,9 @@ class Auth:
                 if row is None:
                     raise AuthError("invalid or revoked token")
                 self._cache[digest] = row
+                if len(self._digests) >= 10_000:  # bounded whatever the number of tokens
+                    self._digests.clear()
+                self._digests[token] = digest
         if row.workspace != workspace:
             if row.role in CALLER_ROLES:  # the same answer whether that workspace exists or not
                 raise Forbidden(f"a {row.role}'s own token is valid for its workspace {row.workspace} only")

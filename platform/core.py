@@ -24,7 +24,7 @@ from .control.files import Files
 from .control.items import RunItems
 from .control.payloads import Payloads
 from .ids import check_workspace
-from .control.runs import Limits, Runs
+from .control.runs import CANCEL_PREFIX, Limits, Runs
 from .control.retention import Retention
 from .control.schedules import Schedules
 from .control.secrets import Secrets, load_key
@@ -37,6 +37,7 @@ from .settings import Settings
 from .tracing import run_spans
 
 log = logging.getLogger("opbox.platform")
+CLAIM_EVERY = 1.0  # seconds between the leader's looks for the runs of gateways that died
 
 
 def _secret(home: Path, given: Path | None = None) -> bytes:
@@ -147,6 +148,7 @@ class Platform:
         self.runs.spans = run_spans()  # OTEL_EXPORTER_OTLP_ENDPOINT and opbox[otel]: a span per run, at its end
         self.metrics.gauges(self._levels)  # the runs API across jobs, maps' progress, the dashboard's overview
         self._collector: asyncio.Task | None = None  # runs the retention every gc_interval
+        self._claimer: asyncio.Task | None = None  # the leader's: takes over the runs of gateways that died
 
     def _secrets_changed(self, workspace: str) -> None:
         """Resolve the workspace's versions again when next used, here and (``secrets:`` notice) on the other
@@ -155,9 +157,12 @@ class Platform:
         self.runs.notifier.notify(f"secrets:{workspace}")
 
     def _delivered(self, key: str) -> None:
-        """A notice from another gateway: wake the waiters for it; a workspace's secrets changed there."""
+        """A notice from another gateway: wake the waiters for it; a workspace's secrets changed there; a run
+        was cancelled there (``cancel:``), which this gateway's worker may be running."""
         if key.startswith("secrets:"):
             self.runs.forget_versions(key.removeprefix("secrets:"))
+        elif key.startswith(CANCEL_PREFIX):
+            self.runs.stop_worker(key.removeprefix(CANCEL_PREFIX))
         self.runs.notifier.deliver(key)
 
     def _schedule_from_deploy(self, workspace: str, job, spec: dict) -> None:
@@ -232,11 +237,30 @@ class Platform:
         failed_builds = self.deploys.recover()
         if failed_builds:
             log.warning("%d builds were interrupted by a stop of the platform: their versions failed", failed_builds)
-        requeued = self.runs.recover()
-        if requeued:
-            log.info("requeued %d runs after restart", requeued)
-        self.schedules.start(leads=self.records.leadership.held, shared=self.records.leadership.shared)
+        leadership = self.records.leadership
+        if not leadership.shared or leadership.held():  # else the leader takes over what dead gateways left
+            requeued = self.runs.recover()
+            if requeued:
+                log.info("took over %d open runs at start", requeued)
+        self.schedules.start(leads=leadership.held, shared=leadership.shared)
         self._collector = asyncio.ensure_future(self._collect_every(self.settings.gc_interval))
+        if leadership.shared:
+            self._claimer = asyncio.ensure_future(self._claim_orphans_every(CLAIM_EVERY))
+
+    async def _claim_orphans_every(self, interval: float) -> None:
+        """Several gateways on one database: the leader takes over the open runs of gateways that died (their
+        queued runs, and their running ones, which lost their workers with them), so their maps finish here."""
+        while True:
+            await asyncio.sleep(interval)
+            if not self.records.leadership.held():
+                continue
+            try:
+                taken = self.runs.recover("requeued: the gateway that ran it stopped")
+            except Exception:  # the database is away: try again next time
+                log.exception("taking over the runs of stopped gateways failed")
+                continue
+            if taken:
+                log.warning("took over %d open runs of gateways that stopped", taken)
 
     async def _collect_every(self, interval: float) -> None:
         while True:
@@ -272,8 +296,9 @@ class Platform:
             log.warning("stopping with %d runs still running: they run again after the restart", pools.busy())
 
     async def close(self) -> None:
-        if self._collector is not None:
-            self._collector.cancel()
+        for task in (self._collector, self._claimer):
+            if task is not None:
+                task.cancel()
         self.schedules.close()
         await self.proxy.close()
         await self.backend.close()

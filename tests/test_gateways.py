@@ -8,6 +8,7 @@ replicas share a bucket and a volume or image registry on a cluster; each has it
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ import pytest
 
 from conftest import user_module, wait_for
 from platform_fixture import Gateway
+from tcp_proxy import Failover
 
 TOKEN = "opbox-gateways-test-token"
 CODE = """
@@ -35,6 +37,11 @@ def read_secret():
     return os.environ["HF_TOKEN"]
 
 @operator()
+def square(i):
+    time.sleep(0.002)
+    return i * i
+
+@operator()
 def hold(marker):
     while not Path(marker).exists():
         time.sleep(0.05)
@@ -43,10 +50,15 @@ def hold(marker):
 
 
 @pytest.fixture
-def gateways(tmp_path, pg_server):
+def database_url(pg_server) -> str:
+    return pg_server.database()
+
+
+@pytest.fixture
+def gateways(tmp_path, database_url):
     home = tmp_path / "home"
     home.mkdir()
-    env = {**os.environ, "OPBOX_HOME": str(home), "OPBOX_DATABASE_URL": pg_server.database(), "OPBOX_SANDBOX": "off",
+    env = {**os.environ, "OPBOX_HOME": str(home), "OPBOX_DATABASE_URL": database_url, "OPBOX_SANDBOX": "off",
            "OPBOX_TOKEN": TOKEN, "OPBOX_WORKSPACE": "default", "PYTHONUNBUFFERED": "1"}
     env.pop("OPBOX_URL", None)
     started = [Gateway(home, "a", env, TOKEN)]
@@ -117,6 +129,8 @@ def test_a_long_poll_on_one_gateway_answers_when_the_run_ends_on_another(gateway
         cancelled = b.http.post(f"/runs/{handle.id}/cancel").json()  # the run ends on gateway b
         assert cancelled["status"] == "cancelled"
         thread.join(130)
+        # b's cancel reached a, whose worker ran it: the worker stopped the run (the marker never came)
+        assert wait_for(lambda: all(p["busy"] == 0 for p in a.http.get("/status").json()["pools"]), timeout=30)
         marker.write_text("go")
     assert answer["body"]["status"] == "cancelled"
     # woken by b's notice, not by the end of its 120 s wait
@@ -134,4 +148,68 @@ def test_a_secret_changed_on_one_gateway_is_used_by_the_next_run_on_another(gate
         assert fn() == "first"  # gateway a resolved the version with its secrets, and keeps it
         assert b.http.request("PUT", "/secrets/hf", json={"values": {"HF_TOKEN": "second"}}).status_code == 200
         assert wait_for(lambda: fn() == "second", timeout=30), "gateway a resolves the version again"
+    client.close()
+
+
+def _address(gateway: Gateway) -> tuple[str, int]:
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+def _gateway_id(gateway: Gateway) -> str:
+    return re.search(r"gateway (g[0-9a-f]+) leads", gateway.log()).group(1)
+
+
+def test_the_leader_killed_mid_map_leaves_every_item_done_once_and_the_map_finishes_on_the_other(
+        gateways, database_url, tmp_path):
+    """10,000 items sent through a front that picks the first live gateway (a Service would spread them: this
+    puts the whole map on the leader), the leader SIGKILLed a fifth of the way: the other gateway takes its queued
+    and running items over and the map ends with each item's result once, in order, no run lost or doubled."""
+    import psycopg
+
+    from opbox.client import Client
+    from opbox.config import ClientConfig
+
+    items = 10_000
+    home, (a, b) = gateways
+    front = Failover([_address(a), _address(b)])
+    front.up()
+    client = Client(ClientConfig(front.url, TOKEN, "default"))
+    (tmp_path / "proj").mkdir()
+    with user_module(tmp_path / "proj", "gwmod4", CODE) as mod, psycopg.connect(database_url, autocommit=True) as db:
+        fn = mod.square.deploy(client=client, quiet=True)
+        out: dict = {}
+
+        def run_map():
+            try:
+                out["results"] = fn.map(range(items))
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                out["error"] = exc
+
+        thread = threading.Thread(target=run_map)
+        thread.start()
+        wait_for(lambda: (db.execute("SELECT max(done) FROM batches").fetchone()[0] or 0) >= items // 5, timeout=120)
+        gateway_a = _gateway_id(a)
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(10)
+        killed_at = time.time()
+        thread.join(300)
+        assert not thread.is_alive() and "error" not in out, out.get("error")
+        assert out["results"] == [i * i for i in range(items)]
+
+        (batch_id, total, submitted, done), = db.execute("SELECT id, total, submitted, done FROM batches").fetchall()
+        assert total == submitted == done == items
+        rows = db.execute("SELECT batch_index, status, done_seq, worker, finished_at FROM runs WHERE batch_id = %s",
+                          (batch_id,)).fetchall()
+        assert len(rows) == items and sorted(r[0] for r in rows) == list(range(items)), "every item is one run"
+        assert {r[1] for r in rows} == {"succeeded"}
+        assert sorted(r[2] for r in rows) == list(range(1, items + 1)), "each run ended once"
+        gateway_b = _gateway_id(b)
+        ran_on = {g: [r for r in rows if r[3].startswith(g + "/")] for g in (gateway_a, gateway_b)}
+        assert len(ran_on[gateway_a]) + len(ran_on[gateway_b]) == items
+        assert ran_on[gateway_a] and max(r[4] for r in ran_on[gateway_a]) < killed_at + 1
+        assert len(ran_on[gateway_b]) >= items // 2, "the map finished on the other gateway"
+        assert re.search(r"took over \d+ open runs of gateways that stopped", b.log()), b.log()[-3000:]
+    assert front.served[_address(b)] > 0 and front.served[_address(a)] > 0
+    front.down()
     client.close()

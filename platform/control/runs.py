@@ -44,6 +44,7 @@ LOG_DROPPED = b"[opbox: older output dropped: the run's log passed its size limi
 MIN_ITEMS_ADDED = 500  # a map's items are taken when this many (or all sent, or a tenth of the quota) fit in it
 SMALL_RESULT = 64 * 1024  # a result a full disk refused: above this size, the run ends failed saying so
 STALLED_RETRY = 1.0  # seconds between attempts to write what a full disk refused
+CANCEL_PREFIX = "cancel:"  # the notice to the other gateways that a running run was cancelled (its worker stops)
 
 
 @dataclass
@@ -596,7 +597,13 @@ class Runs:
         self._end(run.id, "cancelled", reason, envelope.error_envelope("opbox.cancelled", reason), None,
                   retriable=False, stall=stall)
         if was_running:
-            asyncio.ensure_future(self.backend.cancel(run.id, self.limits.cancel_grace))
+            self.stop_worker(run.id)
+            if self.notifier.publish is not None:  # its worker may be another gateway's
+                self.notifier.publish(f"{CANCEL_PREFIX}{run.id}")
+
+    def stop_worker(self, run_id: str) -> None:
+        """Stop the worker running ``run_id`` (cancelled), if this gateway's backend runs it."""
+        asyncio.ensure_future(self.backend.cancel(run_id, self.limits.cancel_grace))
 
     async def cancel_batch(self, workspace: str, batch_id: str) -> BatchRecord:
         self.batch(workspace, batch_id)
@@ -639,11 +646,13 @@ class Runs:
             if child is not None:
                 self._cancel(child, reason)
 
-    # -- restart -------------------------------------------------------------------
-    def recover(self) -> int:
-        """After a restart: runs that were running lost their workers; queue them again."""
-        self.records.runs.requeue_running("requeued: the platform restarted while it ran")
-        rows = self.records.runs.queued()
+    # -- restart, and gateways that died -------------------------------------------
+    def recover(self, reason: str = "requeued: the platform restarted while it ran") -> int:
+        """Take over the open runs no live gateway holds: after a restart (alone on its records) every one,
+        those that were running having lost their workers; several gateways on one database, the leader
+        calls it every second for the runs of gateways that died. Their maps' state, retry waits and open
+        children are rebuilt here, as they were on the gateway that held them."""
+        rows = self.records.runs.claim_orphans(reason)
         for run in rows:
             self.open_runs[run.workspace] = self.open_runs.get(run.workspace, 0) + 1
             if run.parent_run_id is not None:  # which runs have open children, as before the restart

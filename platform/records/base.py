@@ -288,11 +288,11 @@ class RunRecords(Protocol):
     def stored_keys(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` a payload still refers to (the others are objects nothing will read)."""
 
-    def requeue_running(self, reason: str) -> None:
-        """After a restart: every running run lost its worker; queue it again."""
-
-    def queued(self) -> list[RunRecord]:
-        """All queued runs, oldest first."""
+    def claim_orphans(self, reason: str) -> list[RunRecord]:
+        """The open runs no live gateway holds, now this gateway's, oldest first: running ones lost their
+        workers with their gateway and are queued again (``exit_reason``: ``reason``). Alone on its records
+        (SQLite), a gateway that starts claims every open run; several on one database, the leader claims
+        those of gateways that died."""
 
 
 class Dropped(NamedTuple):

@@ -33,7 +33,7 @@ class PostgresRecords:
         self.database = database
         self.leadership = Lead(database.url)
         self.runs = PostgresRuns(database, self.leadership.gateway)
-        self.batches = PostgresBatches(database)
+        self.batches = PostgresBatches(database, self.leadership.gateway)
         self.jobs = PostgresJobs(database)
         self.tokens = PostgresTokens(database)
         self.services = PostgresServices(database)

@@ -284,13 +284,13 @@ class SqliteRuns:
             "(total IS NULL OR submitted < total)", (workspace, id_at("b", since))).fetchone()
         return min(oldest_open or "\uffff", f"r-{open_map[2:]}" if open_map else "\uffff")
 
-    def requeue_running(self, reason: str) -> None:
-        self.db.execute("UPDATE runs INDEXED BY runs_open SET status = 'queued', started_at = NULL, worker = NULL, "
-                        f"exit_reason = ? WHERE {OPEN_SQL} AND status = 'running'", (reason,))
-
-    def queued(self) -> list[RunRecord]:
-        return [RunRecord(*r) for r in self.db.execute(
-            f"{SELECT} INDEXED BY runs_open WHERE {OPEN_SQL} AND status = 'queued' ORDER BY id")]
+    def claim_orphans(self, reason: str) -> list[RunRecord]:
+        """Alone on its file, a gateway that starts finds every open run orphaned: running ones lost their workers."""
+        with self.tx() as db:
+            db.execute("UPDATE runs INDEXED BY runs_open SET status = 'queued', started_at = NULL, worker = NULL, "
+                       f"exit_reason = ? WHERE {OPEN_SQL} AND status = 'running'", (reason,))
+            return [RunRecord(*r) for r in db.execute(
+                f"{SELECT} INDEXED BY runs_open WHERE {OPEN_SQL} AND status = 'queued' ORDER BY id")]
 
     # -- retention ---------------------------------------------------------------------------
     def expire(self, default_days: float, now: float, limit: int) -> Dropped:

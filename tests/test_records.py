@@ -347,8 +347,16 @@ def test_schedules(records):
     records.schedules.put(ScheduleRecord("s3", "ws", "j2", {"every": 10}, 0.0, 10.0, False, False, None, None, None,
                                          6.0, 6.0))
     assert [s.id for s in records.schedules.active()] == ["s3", "s1"]
-    records.schedules.fired("s1", 65.0, True, 35.0, "r-x", None)
-    records.schedules.fired("s1", 95.0, False, None, None, "no version")
+    seen = records.schedules.get("ws", "j1")
+    fire = NewRun("r-x", "ws", "j1", 1, "schedule", 35.0, 0, None, None, None, "s1")
+    assert records.schedules.fired(seen, 65.0, True, 35.0, "r-x", None, (fire, b"ARGS"))
+    assert records.runs.get("r-x").schedule_id == "s1" and records.runs.args("r-x") == b"ARGS"
+    # a second gateway that read the schedule before that fire fires nothing: the fire happened once
+    again = NewRun("r-y", "ws", "j1", 1, "schedule", 35.5, 0, None, None, None, "s1")
+    assert not records.schedules.fired(seen, 65.0, True, 35.5, "r-y", None, (again, b"ARGS"))
+    assert records.runs.get("r-y") is None and records.usage.of("ws") == 4
+    assert not records.schedules.fired(seen, 95.0, False, None, None, "no version")
+    assert records.schedules.fired(records.schedules.get("ws", "j1"), 95.0, False, None, None, "no version")
     got = records.schedules.get("ws", "j1")
     assert (got.next_fire_at, got.pending, got.last_fire_at, got.last_run_id, got.last_error) == \
         (95.0, False, 35.0, "r-x", "no version")

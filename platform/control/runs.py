@@ -163,9 +163,11 @@ class Runs:
         return {"bytes": self.records.usage.of(workspace), "quota": self.limits.storage_quota}
 
     def create(self, version: VersionInfo, payload: Payload, trigger: str, schedule_id: str | None = None,
-               traceparent: str | None = None, parent: tuple[str, float | None] | None = None) -> str:
+               traceparent: str | None = None, parent: tuple[str, float | None] | None = None,
+               write: Callable[[NewRun, Payload], bool] | None = None) -> str | None:
         """A run, queued and handed to the backend; ``traceparent``: the caller's (checked; else a new trace);
-        ``parent``: (run id, its deadline) when a run's code started it."""
+        ``parent``: (run id, its deadline) when a run's code started it; ``write``: records the run in place
+        of ``records.runs.create`` (a schedule's fire, with it), and may decline (False: no run, None back)."""
         self._check_payload(payload)
         self.check_quota(version.workspace, payload_size(payload))
         self._reserve(version.workspace, 1)
@@ -177,10 +179,13 @@ class Runs:
                      res.max_retries, timeout, None, None, schedule_id, str(trace), parent_span,
                      parent[0] if parent is not None else None)
         try:
-            self.records.runs.create(run, payload)
+            written = self.records.runs.create(run, payload) if write is None else write(run, payload)
         except BaseException:
             self.open_runs[version.workspace] -= 1
             raise
+        if written is False:
+            self.open_runs[version.workspace] -= 1
+            return None
         self.metrics.runs_created(version.workspace, version.job_name, trigger).inc()
         if parent is not None:
             self.children.setdefault(parent[0], set()).add(run_id)

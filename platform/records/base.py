@@ -438,8 +438,12 @@ class ScheduleRecords(Protocol):
     def active(self) -> list[ScheduleRecord]:
         """Schedules not paused, soonest first."""
 
-    def fired(self, schedule_id: str, next_fire_at: float, pending: bool, last_fire_at: float | None,
-              last_run_id: str | None, last_error: str | None) -> None: ...
+    def fired(self, seen: ScheduleRecord, next_fire_at: float, pending: bool, last_fire_at: float | None,
+              last_run_id: str | None, last_error: str | None, run: tuple[NewRun, Payload] | None = None) -> bool:
+        """Record a fire of the schedule as ``seen`` (its next fire time and pending flag as read), with the
+        run it starts (``run``: the run and its arguments, created with it, at once); False, and nothing
+        written, when the schedule has changed since it was read (another gateway fired it, or it was
+        set again): so a fire happens once, even when a leader dies in the middle of it."""
 
     def set_paused(self, schedule_id: str, paused: bool, next_fire_at: float, at: float) -> None: ...
 

@@ -38,7 +38,7 @@ class PostgresRecords:
         self.tokens = PostgresTokens(database)
         self.services = PostgresServices(database)
         self.usage = PostgresUsage(database)
-        self.schedules = PostgresSchedules(database)
+        self.schedules = PostgresSchedules(database, self.leadership.gateway)
         self.secrets = PostgresSecrets(database)
         self.items = PostgresItems(database)
         self.uploads = PostgresUploads(database)

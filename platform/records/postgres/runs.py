@@ -122,14 +122,17 @@ SELECT count(*) FROM r"""
 
 
 # the open runs of gateways that died (no session holds their liveness lock; see leadership.py), and any that name
-# no gateway, become the caller's; running ones are queued again (their workers went with their gateway)
+# no gateway, become the caller's; running ones are queued again (their workers went with their gateway). Rows
+# another transaction holds (a cancel, retention) are skipped (SKIP LOCKED): the next look takes them
 CLAIM_ORPHANS = f"""
 WITH owners AS (SELECT DISTINCT split_part(worker, '/', 1) AS g FROM runs
                 WHERE {OPEN_SQL} AND worker IS NOT NULL AND split_part(worker, '/', 1) <> %(gateway)s),
 dead AS (SELECT g FROM owners WHERE pg_try_advisory_xact_lock(%(cls)s::int4, hashtext(g)))
 UPDATE runs SET status = 'queued', started_at = NULL, worker = %(owner)s,
   exit_reason = CASE WHEN status = 'running' THEN %(reason)s ELSE exit_reason END
-WHERE {OPEN_SQL} AND (worker IS NULL OR strpos(worker, '/') = 0 OR split_part(worker, '/', 1) IN (SELECT g FROM dead))
+WHERE id IN (SELECT id FROM runs WHERE {OPEN_SQL} AND (worker IS NULL OR strpos(worker, '/') = 0
+             OR split_part(worker, '/', 1) IN (SELECT g FROM dead)) FOR UPDATE SKIP LOCKED)
+  AND {OPEN_SQL}
 RETURNING {COLUMNS}"""
 
 # the overview's hours (see ``hour_counts``): where runs may still change, then each hour's counts: its open runs

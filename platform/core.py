@@ -163,6 +163,8 @@ class Platform:
             self.runs.forget_versions(key.removeprefix("secrets:"))
         elif key.startswith(CANCEL_PREFIX):
             self.runs.stop_worker(key.removeprefix(CANCEL_PREFIX))
+        elif key.startswith("batch:"):  # an item of a map ended there: a slot of its concurrency may be free
+            self.runs.batch_progress(key.removeprefix("batch:"))
         self.runs.notifier.deliver(key)
 
     def _schedule_from_deploy(self, workspace: str, job, spec: dict) -> None:

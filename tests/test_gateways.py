@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import struct
 import threading
 import time
 from pathlib import Path
@@ -39,6 +40,11 @@ def read_secret():
 @operator()
 def square(i):
     time.sleep(0.002)
+    return i * i
+
+@operator()
+def slow_square(i):
+    time.sleep(0.4)
     return i * i
 
 @operator()
@@ -215,4 +221,45 @@ def test_the_leader_killed_mid_map_leaves_every_item_done_once_and_the_map_finis
         assert re.search(r"took over \d+ open runs of gateways that stopped", b.log()), b.log()[-3000:]
     assert front.served[_address(b)] > 0 and front.served[_address(a)] > 0
     front.down()
+    client.close()
+
+
+def _frames(values: range) -> bytes:
+    from opbox.serialization import dump_args
+
+    return b"".join(struct.pack(">I", len(p)) + p for p in (dump_args((i,), {}) for i in values))
+
+
+def test_a_maps_concurrency_holds_when_two_gateways_dispatch_its_items(gateways, database_url, tmp_path):
+    """A map with concurrency=2 whose items were stored half through one gateway and half through the other (a
+    Service spreading its requests): each gateway dispatches its own, and the records' count of the map's running
+    items keeps them at 2 at once in all, not 2 per gateway."""
+    import psycopg
+
+    home, (a, b) = gateways
+    client = _client(home, a)
+    (tmp_path / "proj").mkdir()
+    with user_module(tmp_path / "proj", "gwmod5", CODE) as mod, psycopg.connect(database_url, autocommit=True) as db:
+        fn = mod.slow_square.deploy(client=client, quiet=True)
+        batch = a.http.post(f"/job/{fn.job_id}/batches", json={"concurrency": 2}).json()["batch_id"]
+        octets = {"Content-Type": "application/octet-stream"}
+        assert a.http.post(f"/batches/{batch}/items", params={"start": 0}, content=_frames(range(0, 6)),
+                           headers=octets).status_code == 200
+        assert b.http.post(f"/batches/{batch}/items", params={"start": 6}, content=_frames(range(6, 12)),
+                           headers=octets).status_code == 200
+        assert a.http.post(f"/batches/{batch}/seal", json={"total": 12}).status_code == 200
+        wait_for(lambda: b.http.get(f"/batches/{batch}").json()["done"] == 12, timeout=120)
+        rows = db.execute("SELECT batch_index, status, started_at, finished_at, worker FROM runs WHERE batch_id = %s",
+                          (batch,)).fetchall()
+    assert sorted(r[0] for r in rows) == list(range(12)) and {r[1] for r in rows} == {"succeeded"}
+    assert len({r[4].split("/")[0] for r in rows}) == 2, "each gateway ran the items it stored"
+    # the most items running at once (each 0.4 s long), from the records' start and end times; an end and the
+    # start it made room for may be recorded a moment out of order (two gateways' clocks read before their
+    # statements), so each interval is taken from 0.1 s after its start
+    edges = sorted([(r[2] + 0.1, 1) for r in rows] + [(r[3], -1) for r in rows], key=lambda e: (e[0], e[1]))
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    assert peak == 2, edges
     client.close()

@@ -44,6 +44,7 @@ LOG_DROPPED = b"[opbox: older output dropped: the run's log passed its size limi
 MIN_ITEMS_ADDED = 500  # a map's items are taken when this many (or all sent, or a tenth of the quota) fit in it
 SMALL_RESULT = 64 * 1024  # a result a full disk refused: above this size, the run ends failed saying so
 STALLED_RETRY = 1.0  # seconds between attempts to write what a full disk refused
+HOLD_BACK_RETRY = 1.0  # seconds before an item held back by its map's concurrency tries again, notice or not
 CANCEL_PREFIX = "cancel:"  # the notice to the other gateways that a running run was cancelled (its worker stops)
 
 
@@ -57,6 +58,7 @@ class BatchState:
     pending: deque = field(default_factory=deque)
     inflight: int = 0
     parent: tuple[str, float | None] | None = None  # (run id, deadline) of the run whose code started it
+    retry: asyncio.TimerHandle | None = None  # items held back by the concurrency (several gateways) try again
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,17 @@ class Limits:
     max_open_runs: int = Settings.max_open_runs  # per workspace: queued + running; beyond it, 429 until some end
     cancel_grace: float = Settings.cancel_grace
     storage_quota: int | None = Settings.storage_quota  # per workspace: bytes of payloads, logs and code
+
+
+def item_run_id(batch_id: str, index: int) -> str:
+    """The run of a map's item: time-ordered like other runs, unique per index, and naming its map."""
+    return f"r-{batch_id[2:]}.{index}"
+
+
+def batch_of(run_id: str) -> str | None:
+    """The map whose item ``run_id`` is (``item_run_id``), or None."""
+    head, dot, _ = run_id.partition(".")
+    return f"b-{head[2:]}" if dot else None
 
 
 def bounded_timeout(own: float | None, parent_deadline: float | None) -> float | None:
@@ -253,7 +266,7 @@ class Runs:
             if index not in existing:
                 if len(rows) >= room:
                     break
-                run_id = f"r-{batch_id[2:]}.{index}"  # time-ordered like other runs; unique per index
+                run_id = item_run_id(batch_id, index)
                 trace = f"00-{trace_id}-{tracecontext.new_span_id()}-{flags}"
                 rows.append(NewRun(run_id, workspace, version.job_id, version.version, "map", now,
                                    res.max_retries, timeout, batch_id, index, None, trace, parent_span, parent_id))
@@ -387,14 +400,53 @@ class Runs:
     def run_args(self, run_id: str) -> Payload | None:
         return self.records.runs.args(run_id)
 
-    def run_started(self, run_id: str, worker: str) -> bool:
+    def run_started(self, run_id: str, worker: str, pooled: bool = False) -> bool:
         """False: the run was cancelled while it waited, or a full disk refused the change (then it is
-        dispatched again once there is room)."""
+        dispatched again once there is room), or (``pooled``) its map's concurrency is taken by items other
+        gateways run (then it waits in the map's pending items for a slot). A one-shot run's process has
+        started already: it is not held back (several gateways keep a map's concurrency for warm workers)."""
+        limit = self._shared_limit(run_id) if pooled else None
         try:
-            return self.records.runs.start(run_id, worker, time.time())
+            started = self.records.runs.start(run_id, worker, time.time(), limit)
         except StorageFull:
             self._stall(f"start:{run_id}", lambda: self._redispatch(run_id))
             return False
+        if not started and limit is not None:
+            self._hold_back(run_id)
+        return started
+
+    # -- a map's concurrency across gateways ---------------------------------------
+    def _shared_limit(self, run_id: str) -> tuple[str, int] | None:
+        """(map, concurrency) for an item of a map with a concurrency when several gateways share the records:
+        then the records count its running items across them; alone, this gateway's ``inflight`` is exact."""
+        if not self.records.leadership.shared or "." not in run_id:
+            return None
+        state = self.batches.get(batch_of(run_id))
+        return (state.id, state.limit) if state is not None and state.limit is not None else None
+
+    def _hold_back(self, run_id: str) -> None:
+        """The map's slots are taken by items other gateways run: the item waits, first in line, for a slot
+        to free (an item of the map ending anywhere: ``batch_progress``; or a second, in case a notice is lost)."""
+        run = self.records.runs.get(run_id)
+        state = self.batches.get(batch_of(run_id))
+        if run is None or run.status != "queued" or state is None:
+            return  # cancelled, or taken by another gateway, meanwhile
+        state.inflight = max(0, state.inflight - 1)
+        state.pending.appendleft(RunTicket(run.id, run.workspace, run.job_id, run.version, run.timeout, run.attempt,
+                                           run.batch_id, run.traceparent))
+        if state.retry is None:
+            state.retry = asyncio.get_running_loop().call_later(HOLD_BACK_RETRY, self._retry_held_back, state)
+
+    def _retry_held_back(self, state: BatchState) -> None:
+        state.retry = None
+        self.batch_progress(state.id)
+
+    def batch_progress(self, batch_id: str) -> None:
+        """An item of the map ended, maybe on another gateway: one held-back item tries for the freed slot."""
+        state = self.batches.get(batch_id)
+        if state is not None and state.pending and state.limit is not None and state.inflight < state.limit:
+            state.inflight += 1
+            self.backend.submit(state.pending.popleft(), state.version)
 
     def _redispatch(self, run_id: str, resubmit: bool = False) -> None:
         """Dispatch a queued run again; ``resubmit``: a retry, which keeps its map slot (straight to the backend)."""

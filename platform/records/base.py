@@ -240,8 +240,10 @@ class RunRecords(Protocol):
     def create(self, run: NewRun, args: Payload) -> None:
         """The run (queued) and its arguments, atomically; the bytes count in its workspace's usage."""
 
-    def start(self, run_id: str, worker: str, at: float) -> bool:
-        """queued -> running; False when the run is not queued (cancelled while it waited)."""
+    def start(self, run_id: str, worker: str, at: float, limit: tuple[str, int] | None = None) -> bool:
+        """queued -> running; False when the run is not queued (cancelled while it waited). ``limit``: (its map,
+        the map's concurrency) when several gateways may start the map's items: False too while that many of
+        them run (the run stays queued)."""
 
     def retry(self, run: RunRecord, status: str, reason: str | None, error_type: str | None, at: float,
               retry_at: float | None) -> None:

@@ -82,6 +82,8 @@ def deleting(db: Database, sql: str, params: dict) -> Dropped:
 
 # a queued run names the gateway whose queue holds it (``worker`` = "{gateway}/"), a running one the gateway and its
 # worker ("{gateway}/{worker}"): when that gateway dies, the leader takes its open runs over (``claim_orphans``)
+START = ("UPDATE runs SET status = 'running', started_at = %s, worker = %s, retry_at = NULL "
+         "WHERE id = %s AND status = 'queued' AND (worker IS NULL OR worker = %s)")
 INSERT_RUN = (f"INSERT INTO runs({RUN_FIELDS}, status, worker) "
               "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'queued',%s)")
 CREATE = f"""
@@ -183,11 +185,17 @@ class PostgresRuns:
     def create(self, run: NewRun, args: Payload) -> None:
         self.db.one(CREATE, (*run, self.owner, *payload_row(args), payload_size(args)))
 
-    def start(self, run_id: str, worker: str, at: float) -> bool:
+    def start(self, run_id: str, worker: str, at: float, limit: tuple[str, int] | None = None) -> bool:
         # only the gateway whose queue holds it: a run another gateway took over is never started twice
-        return self.db.run("UPDATE runs SET status = 'running', started_at = %s, worker = %s, retry_at = NULL "
-                           "WHERE id = %s AND status = 'queued' AND (worker IS NULL OR worker = %s)",
-                           (at, f"{self.gateway}/{worker}", run_id, self.owner)) == 1
+        params = (at, f"{self.gateway}/{worker}", run_id, self.owner)
+        if limit is None:
+            return self.db.run(START, params) == 1
+        # under its map's concurrency: the map's row lock orders the gateways starting its items, and the count
+        # is read after it (a statement of its own: a snapshot that sees every start committed before)
+        with self.db.conn() as conn, conn.transaction():
+            conn.execute("SELECT 1 FROM batches WHERE id = %s FOR UPDATE", (limit[0],))
+            return conn.execute(START + " AND (SELECT count(*) FROM runs WHERE batch_id = %s AND status = 'running') < %s",
+                                (*params, *limit)).rowcount == 1
 
     def retry(self, run: RunRecord, status: str, reason: str | None, error_type: str | None, at: float,
               retry_at: float | None) -> None:

@@ -107,7 +107,8 @@ class SqliteRuns:
                 db.execute(INSERT_PAYLOAD, payload_row(run.id, "args", args))
                 db.execute(ADD_USAGE, (run.workspace, payload_size(args)))
 
-    def start(self, run_id: str, worker: str, at: float) -> bool:
+    def start(self, run_id: str, worker: str, at: float, limit: tuple[str, int] | None = None) -> bool:
+        # ``limit`` is for several gateways on one database: alone on its file, the gateway's count is exact
         cur = self.db.execute(
             "UPDATE runs SET status = 'running', started_at = ?, worker = ?, retry_at = NULL WHERE id = ? "
             "AND status = 'queued'",

@@ -247,13 +247,18 @@ class Platform:
         self.schedules.start(leads=leadership.held, shared=leadership.shared)
         self._collector = asyncio.ensure_future(self._collect_every(self.settings.gc_interval))
         if leadership.shared:
-            self._claimer = asyncio.ensure_future(self._claim_orphans_every(CLAIM_EVERY))
+            self._claimer = asyncio.ensure_future(self._share_every(CLAIM_EVERY))
 
-    async def _claim_orphans_every(self, interval: float) -> None:
-        """Several gateways on one database: the leader takes over the open runs of gateways that died (their
+    async def _share_every(self, interval: float) -> None:
+        """Several gateways on one database: each counts the open runs of the others (the open-runs quota is
+        the workspace's, not a gateway's); the leader takes over the open runs of gateways that died (their
         queued runs, and their running ones, which lost their workers with them), so their maps finish here."""
         while True:
             await asyncio.sleep(interval)
+            try:
+                self.runs.count_open_elsewhere()
+            except Exception:  # the database is away: the last counts stand
+                log.exception("counting the other gateways' open runs failed")
             if not self.records.leadership.held():
                 continue
             try:

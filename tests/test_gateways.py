@@ -61,11 +61,12 @@ def database_url(pg_server) -> str:
 
 
 @pytest.fixture
-def gateways(tmp_path, database_url):
+def gateways(tmp_path, database_url, request):
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "OPBOX_HOME": str(home), "OPBOX_DATABASE_URL": database_url, "OPBOX_SANDBOX": "off",
-           "OPBOX_TOKEN": TOKEN, "OPBOX_WORKSPACE": "default", "PYTHONUNBUFFERED": "1"}
+           "OPBOX_TOKEN": TOKEN, "OPBOX_WORKSPACE": "default", "PYTHONUNBUFFERED": "1",
+           **getattr(request, "param", {})}
     env.pop("OPBOX_URL", None)
     started = [Gateway(home, "a", env, TOKEN)]
     started.append(Gateway(home, "b", env, TOKEN))
@@ -262,4 +263,24 @@ def test_a_maps_concurrency_holds_when_two_gateways_dispatch_its_items(gateways,
         running += step
         peak = max(peak, running)
     assert peak == 2, edges
+    client.close()
+
+
+@pytest.mark.parametrize("gateways", [{"OPBOX_MAX_OPEN_RUNS": "3"}], indirect=True)
+def test_the_open_runs_quota_counts_the_runs_of_every_gateway(gateways, tmp_path):
+    from opbox.serialization import dump_args
+
+    home, (a, b) = gateways
+    client = _client(home, a)
+    marker = tmp_path / "release"
+    (tmp_path / "proj").mkdir()
+    with user_module(tmp_path / "proj", "gwmod6", CODE) as mod:
+        fn = mod.hold.deploy(client=client, quiet=True)
+        args = {"content": dump_args((str(marker),), {}), "headers": {"Content-Type": "application/x-opbox-envelope"}}
+        assert [a.http.post(f"/job/{fn.job_id}/runs", **args).status_code for _ in range(2)] == [202, 202]
+        time.sleep(2.5)  # each gateway counts the others' open runs every second
+        answers = [b.http.post(f"/job/{fn.job_id}/runs", **args) for _ in range(2)]
+        assert [r.status_code for r in answers] == [202, 429], [r.text for r in answers]
+        assert "may have at most 3" in answers[1].json()["message"]
+        marker.write_text("go")
     client.close()

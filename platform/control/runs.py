@@ -106,6 +106,7 @@ class Runs:
         self.batches: dict[str, BatchState] = {}
         self._versions: dict[tuple[str, int], VersionInfo] = {}
         self.open_runs: dict[str, int] = {}  # per workspace, kept in step with the runs table
+        self.open_elsewhere: dict[str, int] = {}  # per workspace: other gateways' (several share the records)
         self.stalled: dict[str, Callable[[], None]] = {}  # writes a full disk refused, retried until it has room
         self._lost_log: dict[str, int] = {}  # per run: bytes of output a full disk refused
         self._retry_timer: asyncio.TimerHandle | None = None
@@ -118,7 +119,7 @@ class Runs:
 
     def _reserve(self, workspace: str, count: int) -> None:
         open_now = self.open_runs.get(workspace, 0)
-        if open_now + count > self.limits.max_open_runs:
+        if open_now + self.open_elsewhere.get(workspace, 0) + count > self.limits.max_open_runs:
             raise QuotaExceeded(
                 f"workspace {workspace} has {open_now} runs queued or running and may have at most "
                 f"{self.limits.max_open_runs}; retry when some have ended", retry_after=1)
@@ -252,7 +253,7 @@ class Runs:
         parent_id, timeout = None, res.timeout
         if state.parent is not None:
             parent_id, timeout = state.parent[0], bounded_timeout(res.timeout, state.parent[1])
-        room = self.limits.max_open_runs - self.open_runs.get(workspace, 0)
+        room = self.limits.max_open_runs - self.open_runs.get(workspace, 0) - self.open_elsewhere.get(workspace, 0)
         wanted = min(len(payloads) - len(existing), MIN_ITEMS_ADDED, max(1, self.limits.max_open_runs // 10))
         if room < wanted:  # a handful at a time would cost a request each: 429 until a good part fits
             self._reserve(workspace, wanted)
@@ -626,6 +627,13 @@ class Runs:
             if key in self.stalled:
                 return  # still full: the others wait for the next round
         log.info("the disk has room again: every refused write is recorded")
+
+    def count_open_elsewhere(self) -> None:
+        """Several gateways on one database: learn how many open runs each workspace has on the others, so the
+        open-runs quota counts them all (as of the last look: ``core`` asks every second)."""
+        totals = self.records.runs.open_totals()
+        self.open_elsewhere = {ws: n - self.open_runs.get(ws, 0) for ws, n in totals.items()
+                               if n > self.open_runs.get(ws, 0)}
 
     def maps_in_memory(self, workspace: str) -> int:
         """Maps of ``workspace`` whose dispatch state the gateway holds (those not yet complete)."""

@@ -273,6 +273,9 @@ class RunRecords(Protocol):
     def open_counts(self, workspace: str) -> dict[str, int]:
         """How many runs are queued and running, by status (statuses with none are absent)."""
 
+    def open_totals(self) -> dict[str, int]:
+        """How many runs are queued or running, by workspace (workspaces with none are absent)."""
+
     def search(self, workspace: str, where: RunFilter, limit: int) -> list[RunRecord]:
         """The workspace's runs that match, newest (highest id) first."""
 

@@ -277,6 +277,9 @@ class PostgresRuns:
         return dict(self.db.all(f"SELECT status, COUNT(*) FROM runs WHERE workspace = %s AND {OPEN_SQL} "
                                 "GROUP BY status", (workspace,)))
 
+    def open_totals(self) -> dict[str, int]:
+        return dict(self.db.all(f"SELECT workspace, COUNT(*) FROM runs WHERE {OPEN_SQL} GROUP BY workspace"))
+
     def search(self, workspace: str, where: RunFilter, limit: int) -> list[RunRecord]:
         # a known status as a literal: the planner may then walk runs_open or runs_ended_badly in id order
         sql, params = f"{SELECT} WHERE workspace = %s", [workspace]

@@ -195,6 +195,10 @@ class SqliteRuns:
         return dict(self.db.execute(f"SELECT status, COUNT(*) FROM runs INDEXED BY runs_open WHERE workspace = ? "
                                     f"AND {OPEN_SQL} GROUP BY status", (workspace,)).fetchall())
 
+    def open_totals(self) -> dict[str, int]:
+        return dict(self.db.execute(f"SELECT workspace, COUNT(*) FROM runs INDEXED BY runs_open WHERE {OPEN_SQL} "
+                                    "GROUP BY workspace").fetchall())
+
     def search(self, workspace: str, where: RunFilter, limit: int) -> list[RunRecord]:
         # SQLite walks one index backwards in id order and stops after ``limit`` rows: a map's or a job's
         # (the most selective; "+workspace" keeps the planner off the workspace's), else runs_open or

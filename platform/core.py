@@ -18,7 +18,7 @@ from opbox.errors import ConfigError
 from .backends.base import MirrorsSecrets, Serving, WorkerPools, require, supports
 from .backends.registry import make_backend, make_builder
 from .control import admin
-from .control.auth import Auth, RateLimit
+from .control.auth import SERVICE_DELETED, TOKENS_REVOKED, Auth, RateLimit
 from .control.deploys import Deploys
 from .control.files import Files
 from .control.items import RunItems
@@ -38,6 +38,7 @@ from .tracing import run_spans
 
 log = logging.getLogger("opbox.platform")
 CLAIM_EVERY = 1.0  # seconds between the leader's looks for the runs of gateways that died
+FORGET_TOKENS_EVERY = 5  # of those: several gateways read tokens from the records again this often
 
 
 def _secret(home: Path, given: Path | None = None) -> bytes:
@@ -137,6 +138,7 @@ class Platform:
         self.services = Services(self.records, self.backend, self.deploys, settings.max_payload,
                                  base_url=lambda: self.settings.url, on_delete=self.auth.service_deleted)
         self.runs.on_run_end = self.auth.run_ended  # a run's caller token lives while it runs (jobs calling jobs)
+        self.auth.publish = self.runs.notifier.notify  # and, several gateways sharing the records, to the others
         if supports(self.backend, WorkerPools):
             self.auth.held_run = require(self.backend, WorkerPools).held_run
         if bound_url:
@@ -157,14 +159,23 @@ class Platform:
         self.runs.notifier.notify(f"secrets:{workspace}")
 
     def _delivered(self, key: str) -> None:
-        """A notice from another gateway: wake the waiters for it; a workspace's secrets changed there; a run
-        was cancelled there (``cancel:``), which this gateway's worker may be running."""
+        """A notice from another gateway: wake the waiters for it, and act on what changed there: a workspace's
+        secrets, a run cancelled (``cancel:``: this gateway's worker may run it), an item of a map ended, a run
+        ended (its caller token and its children here), a token revoked, a service deleted."""
         if key.startswith("secrets:"):
             self.runs.forget_versions(key.removeprefix("secrets:"))
         elif key.startswith(CANCEL_PREFIX):
             self.runs.stop_worker(key.removeprefix(CANCEL_PREFIX))
         elif key.startswith("batch:"):  # an item of a map ended there: a slot of its concurrency may be free
             self.runs.batch_progress(key.removeprefix("batch:"))
+        elif key.startswith("r-"):  # a run ended there: its caller token is revoked here too, its children go
+            self.auth.run_ended(key)
+            self.runs.ended_elsewhere(key)
+        elif key == TOKENS_REVOKED:
+            self.auth.forget_cached()
+        elif key.startswith(SERVICE_DELETED):
+            workspace, _, name = key.removeprefix(SERVICE_DELETED).partition("/")
+            self.auth.service_deleted(workspace, name, here=False)
         self.runs.notifier.deliver(key)
 
     def _schedule_from_deploy(self, workspace: str, job, spec: dict) -> None:
@@ -253,12 +264,16 @@ class Platform:
         """Several gateways on one database: each counts the open runs of the others (the open-runs quota is
         the workspace's, not a gateway's); the leader takes over the open runs of gateways that died (their
         queued runs, and their running ones, which lost their workers with them), so their maps finish here."""
+        ticks = 0
         while True:
             await asyncio.sleep(interval)
             try:
                 self.runs.count_open_elsewhere()
             except Exception:  # the database is away: the last counts stand
                 log.exception("counting the other gateways' open runs failed")
+            ticks += 1
+            if ticks % FORGET_TOKENS_EVERY == 0:  # a revocation whose notice was lost holds this long at most
+                self.auth.forget_cached()
             if not self.records.leadership.held():
                 continue
             try:

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import user_module, wait_for
@@ -46,6 +47,25 @@ def square(i):
 def slow_square(i):
     time.sleep(0.4)
     return i * i
+
+@operator()
+def leak_token(path, marker):
+    Path(path).write_text(os.environ["OPBOX_TOKEN"])  # its caller token (jobs calling jobs)
+    while not Path(marker).exists():
+        time.sleep(0.05)
+    return "done"
+
+@operator()
+def start_child_then_fail(other_gateway, child_marker):
+    from opbox import Operator
+    from opbox.client import Client
+    from opbox.config import ClientConfig
+
+    elsewhere = Client(ClientConfig(other_gateway, os.environ["OPBOX_TOKEN"], os.environ["OPBOX_WORKSPACE"]))
+    child = Operator.from_job("hold", client=elsewhere).submit(child_marker)  # stored (and run) on the other gateway
+    while child.status()["status"] != "running":
+        time.sleep(0.05)
+    raise RuntimeError(f"failing with child {child.id} running")
 
 @operator()
 def hold(marker):
@@ -283,4 +303,50 @@ def test_the_open_runs_quota_counts_the_runs_of_every_gateway(gateways, tmp_path
         assert [r.status_code for r in answers] == [202, 429], [r.text for r in answers]
         assert "may have at most 3" in answers[1].json()["message"]
         marker.write_text("go")
+    client.close()
+
+
+def test_a_token_revoked_on_one_gateway_stops_working_on_the_other(gateways):
+    home, (a, b) = gateways
+    made = a.http.post("/tokens", json={"name": "temp", "role": "member"}).json()
+    with httpx.Client(base_url=f"{b.url}/default", headers={"Authorization": f"Bearer {made['token']}"}) as other:
+        assert other.get("/jobs").status_code == 200  # b knows it now (and keeps it cached)
+        assert a.http.delete(f"/tokens/{made['id']}").status_code == 200
+        assert wait_for(lambda: other.get("/jobs").status_code == 401, timeout=10)
+
+
+@pytest.mark.parametrize("gateways", [{"OPBOX_ISOLATION": "run"}], indirect=True)  # a one-shot run's token
+def test_a_runs_caller_token_ends_on_every_gateway_when_the_run_ends(gateways, tmp_path):
+    home, (a, b) = gateways
+    client = _client(home, a)
+    leaked, marker = tmp_path / "token", tmp_path / "release"
+    (tmp_path / "proj").mkdir()
+    with user_module(tmp_path / "proj", "gwmod7", CODE) as mod:
+        fn = mod.leak_token.deploy(client=client, quiet=True)
+        run = fn.submit(str(leaked), str(marker))  # runs on a
+        token = wait_for(lambda: leaked.exists() and leaked.read_text())
+        with httpx.Client(base_url=f"{b.url}/default", headers={"Authorization": f"Bearer {token}"}) as caller:
+            assert caller.get(f"/runs/{run.id}").status_code == 200, "valid on b while its run runs on a"
+            marker.write_text("go")
+            assert run.result(timeout=60) == "done"
+            assert wait_for(lambda: caller.get(f"/runs/{run.id}").status_code == 401, timeout=10)
+    client.close()
+
+
+@pytest.mark.parametrize("gateways", [{"OPBOX_ISOLATION": "run"}], indirect=True)  # a one-shot run's token
+def test_a_child_started_through_another_gateway_is_cancelled_when_its_parent_fails(gateways, tmp_path):
+    home, (a, b) = gateways
+    client = _client(home, a)
+    (tmp_path / "proj").mkdir()
+    with user_module(tmp_path / "proj", "gwmod8", CODE) as mod:
+        mod.hold.deploy(client=client, quiet=True)
+        parent = mod.start_child_then_fail.deploy(client=client, quiet=True)
+        run = parent.submit(b.url, str(tmp_path / "never"))  # the parent runs on a, its child on b
+        with pytest.raises(Exception, match="failing with child"):
+            run.result(timeout=60)
+        children = wait_for(lambda: b.http.get("/runs", params={"parent": run.id}).json()["runs"])
+        (child,) = children
+        done = wait_for(lambda: (c := b.http.get(f"/runs/{child['id']}").json())["status"] != "running" and c,
+                        timeout=30)
+        assert done["status"] == "cancelled" and f"parent run {run.id} failed" in done["exit_reason"], done
     client.close()

@@ -666,6 +666,15 @@ class Runs:
             if self.notifier.publish is not None:  # its worker may be another gateway's
                 self.notifier.publish(f"{CANCEL_PREFIX}{run.id}")
 
+    def ended_elsewhere(self, run_id: str) -> None:
+        """A run ended on another gateway: the runs and maps its code started through this one go as they would
+        had it ended here (cancelled, unless it succeeded). Only parents with children here cost a read."""
+        if run_id not in self.children and run_id not in self.child_maps:
+            return
+        run = self.records.runs.get(run_id)
+        if run is not None and run.status in TERMINAL:
+            self._attempt_ended(run, run.status, final=False)
+
     def stop_worker(self, run_id: str) -> None:
         """Stop the worker running ``run_id`` (cancelled), if this gateway's backend runs it."""
         asyncio.ensure_future(self.backend.cancel(run_id, self.limits.cancel_grace))

@@ -28,7 +28,7 @@ from .control.runs import CANCEL_PREFIX, Limits, Runs
 from .control.retention import Retention
 from .control.schedules import Schedules
 from .control.secrets import Secrets, load_key
-from .control.services import Services
+from .control.services import SERVICE_CHANGED, Services
 from .control.views import Views
 from .records.base import Records
 from .records.sqlite import open_sqlite
@@ -139,6 +139,7 @@ class Platform:
                                  base_url=lambda: self.settings.url, on_delete=self.auth.service_deleted)
         self.runs.on_run_end = self.auth.run_ended  # a run's caller token lives while it runs (jobs calling jobs)
         self.auth.publish = self.runs.notifier.notify  # and, several gateways sharing the records, to the others
+        self.services.publish = self.runs.notifier.notify
         if supports(self.backend, WorkerPools):
             self.auth.held_run = require(self.backend, WorkerPools).held_run
         if bound_url:
@@ -176,6 +177,10 @@ class Platform:
         elif key.startswith(SERVICE_DELETED):
             workspace, _, name = key.removeprefix(SERVICE_DELETED).partition("/")
             self.auth.service_deleted(workspace, name, here=False)
+            asyncio.ensure_future(self.services.follow(workspace, name))
+        elif key.startswith(SERVICE_CHANGED):  # deployed again there: replicas of this gateway's own follow
+            workspace, _, name = key.removeprefix(SERVICE_CHANGED).partition("/")
+            asyncio.ensure_future(self.services.follow(workspace, name))
         self.runs.notifier.deliver(key)
 
     def _schedule_from_deploy(self, workspace: str, job, spec: dict) -> None:

@@ -68,6 +68,14 @@ def start_child_then_fail(other_gateway, child_marker):
     raise RuntimeError(f"failing with child {child.id} running")
 
 @operator()
+class Greeter:
+    def __init__(self, greeting):
+        self.greeting = greeting
+
+    def hi(self, name):
+        return f"{self.greeting}, {name}"
+
+@operator()
 def hold(marker):
     while not Path(marker).exists():
         time.sleep(0.05)
@@ -349,4 +357,23 @@ def test_a_child_started_through_another_gateway_is_cancelled_when_its_parent_fa
         done = wait_for(lambda: (c := b.http.get(f"/runs/{child['id']}").json())["status"] != "running" and c,
                         timeout=30)
         assert done["status"] == "cancelled" and f"parent run {run.id} failed" in done["exit_reason"], done
+    client.close()
+
+
+def test_a_service_deployed_on_one_gateway_is_served_by_the_other_and_follows_its_changes(gateways, tmp_path):
+    home, (a, b) = gateways
+    client = _client(home, a)
+
+    def hi_through_b():
+        return b.http.post("/serve/Greeter/hi", json={"name": "b"})
+
+    (tmp_path / "proj").mkdir()
+    with user_module(tmp_path / "proj", "gwmod9", CODE) as mod:
+        mod.Greeter.deploy("hello", client=client, quiet=True)  # on a
+        answer = hi_through_b()  # b has no replica yet: it starts one from the record
+        assert answer.status_code == 200 and answer.json() == "hello, b", answer.text
+        mod.Greeter.deploy("bonjour", client=client, quiet=True)  # deployed again on a: b's replicas follow
+        assert wait_for(lambda: hi_through_b().json() == "bonjour, b", timeout=60)
+        assert a.http.delete("/services/Greeter").status_code in (200, 204)
+        assert wait_for(lambda: hi_through_b().status_code == 404, timeout=30)
     client.close()

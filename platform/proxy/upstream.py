@@ -13,6 +13,7 @@ here, asyncio's streams a wake-up and a copy per read.
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 from collections import defaultdict
 from typing import AsyncIterator
@@ -24,6 +25,8 @@ HIGH, LOW = 4 * 2 ** 20, 2 ** 20  # bytes buffered before reading from the repli
 # hop-by-hop, or the gateway's own to send (its server adds date and server: a replica's would be a second one)
 _OWN = frozenset({b"keep-alive", b"date", b"server"})
 _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int once: the flags are an enum, slow to combine
+# an idle connection that is readable (EOF, a reset, bytes nobody asked for) or hung up is not to be used
+_STALE = int(select.POLLIN | select.POLLPRI | select.POLLRDHUP)
 
 
 class UpstreamError(Exception):
@@ -45,7 +48,7 @@ class Connection(asyncio.Protocol):
     """One keep-alive connection to a replica: what it has read and not yet handed out, and whether it ended."""
 
     __slots__ = ("base", "loop", "transport", "buffer", "waiter", "ended", "error", "paused", "drained", "probe",
-                 "queued")
+                 "queued", "fd", "reused")
 
     def __init__(self, base: str, loop: asyncio.AbstractEventLoop):
         self.base, self.loop = base, loop  # the loop kept: asking for it costs a getpid() syscall each time
@@ -58,6 +61,8 @@ class Connection(asyncio.Protocol):
         self.drained: asyncio.Future | None = None  # a writer waiting for the replica to take its bytes
         self.probe: socket.socket | None = None
         self.queued: bytes | None = None  # a request waiting for the end of the event loop's step (not sent yet)
+        self.fd = -1
+        self.reused = False  # taken from the idle ones: the kernel is asked whether it still holds
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -68,6 +73,7 @@ class Connection(asyncio.Protocol):
             # a second socket object on the same descriptor, made once, for stale()'s peek (the transport's
             # own allows no recv); detached, never closed, so the descriptor stays the transport's
             self.probe = socket.socket(fileno=sock.fileno())
+            self.fd = sock.fileno()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -179,14 +185,15 @@ class Connection(asyncio.Protocol):
         if self.drained is not None:
             await self.drained
 
-    def reusable(self) -> bool:
+    def reusable(self, ask_kernel: bool = True) -> bool:
         """Whether the connection can carry another call: still open, nothing unread, and, asked of the
         kernel now (the event loop may not have seen it yet), not closed or reset by the replica since: a
         replica killed a moment ago must not get the call. Bytes nobody asked for mean an exchange that
-        went wrong (the replica answered more than it was asked): they belong to no call."""
+        went wrong (the replica answered more than it was asked): they belong to no call. (A call sent at
+        the step's end is asked of the kernel then, with the step's others: ``UpstreamPool._stale``.)"""
         if self.ended or self.buffer or self.transport.is_closing():
             return False
-        if self.probe is None:
+        if self.probe is None or not ask_kernel:
             return True
         try:
             self.probe.recv(1, _PEEK)
@@ -294,13 +301,17 @@ class UpstreamPool:
             conn.close()
 
     async def request(self, base: str, method: str, target: str, headers: list[tuple[bytes, bytes]],
-                      body: bytes | AsyncIterator[bytes]) -> Answer:
-        """Send one request; raises UpstreamError (``sent=False`` when it surely did not arrive)."""
+                      body: bytes | AsyncIterator[bytes], tries: int = 3) -> Answer:
+        """Send one request; raises UpstreamError (``sent=False`` when it surely did not arrive). A whole
+        request whose kept-alive connection turns out closed when it is to be sent goes on another
+        (``tries`` connections at most)."""
+        whole = isinstance(body, (bytes, bytearray))
         idle = self.idle.get(base)
         conn = None
         while idle:
             conn = idle.pop()
-            if conn.reusable():
+            if conn.reusable(ask_kernel=not whole):
+                conn.reused = True
                 break
             conn.close()  # the replica closed it meanwhile (idle timeout, drained, died)
             conn = None
@@ -309,7 +320,6 @@ class UpstreamPool:
         head = [self._head(base) % (method.encode(), target.encode("latin-1"))]
         for k, v in headers:
             head += (k, b": ", v, b"\r\n")
-        whole = isinstance(body, (bytes, bytearray))
         head.append(b"content-length: %d\r\n\r\n" % len(body) if whole else b"transfer-encoding: chunked\r\n\r\n")
         try:
             if whole:
@@ -324,6 +334,9 @@ class UpstreamPool:
             try:
                 raw = await conn.head()
             except _Closed as exc:
+                if conn.queued is not None and tries > 1:  # found closed at the step's end, never sent
+                    conn.close()
+                    return await self.request(base, method, target, headers, body, tries - 1)
                 # the connection was alive when the call went out (reusable() asked): the replica ended
                 # with the call in hand, so it may have run; say so rather than send it again (unless it ended
                 # before the call was written)
@@ -384,10 +397,27 @@ class UpstreamPool:
 
     def _send_queued(self) -> None:
         queued, self._queued = self._queued, []
+        stale = self._stale(queued)
         for conn in queued:
-            if not conn.ended:  # else it stays queued: the call fails as never sent, and is resent
-                request, conn.queued = conn.queued, None
-                conn.transport.write(request)
+            if conn.ended:  # it stays queued: the call fails as never sent, and goes on another connection
+                continue
+            if stale and conn.fd in stale:
+                conn.close()
+                continue
+            request, conn.queued = conn.queued, None
+            conn.transport.write(request)
+
+    @staticmethod
+    def _stale(conns: list[Connection]) -> set[int] | tuple:
+        """The descriptors of the kept-alive connections among ``conns`` that the replica closed or reset (or sent
+        bytes nobody asked for) since their last answer: one poll() for the step's calls, not a peek each."""
+        poller = None
+        for conn in conns:
+            if conn.reused and conn.fd >= 0 and not conn.ended:
+                if poller is None:
+                    poller = select.poll()
+                poller.register(conn.fd, _STALE)
+        return {fd for fd, _ in poller.poll(0)} if poller is not None else ()
 
     async def close(self) -> None:
         for conns in self.idle.values():

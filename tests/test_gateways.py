@@ -135,7 +135,7 @@ def test_the_lead_moves_when_the_leader_dies_and_no_fire_is_doubled(gateways, tm
                               and r["status"] == "succeeded"][:2], timeout=60)
     assert {b.http.get(f"/runs/{r['id']}/result").json()["result"] for r in after} == {b.proc.pid}
     # a gateway's runs run on its own workers: a ran nothing after its death; a fire a had open when it died was
-    # taken over by b. No fire was lost (every run ends) or doubled (fires are the period apart, never closer).
+    # taken over by b. No fire was lost (every run ends) or doubled (fires are about the period apart; a doubled one, ms).
     runs = wait_for(lambda: (r := _schedule_runs(b)) and all(x["status"] == "succeeded" for x in r) and r, timeout=60)
     ran_by = {"a": [], "b": []}
     for run in runs:
@@ -143,7 +143,7 @@ def test_the_lead_moves_when_the_leader_dies_and_no_fire_is_doubled(gateways, tm
         ran_by["a" if pid == a.proc.pid else "b"].append(run["created_at"])
     assert max(ran_by["a"]) < killed_at and ran_by["b"], ran_by
     created = [r["created_at"] for r in runs]
-    assert all(later - earlier > 1.0 for earlier, later in zip(created, created[1:])), created
+    assert all(later - earlier > 0.5 for earlier, later in zip(created, created[1:])), created
     client.close()
 
 

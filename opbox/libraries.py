@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
+import pickle
 import sys
 import types
 
@@ -23,8 +24,8 @@ def _recording_pickler():
         import cloudpickle
 
         class Recording(cloudpickle.Pickler):
-            def __init__(self, file):
-                super().__init__(file, protocol=5)
+            def __init__(self, file, buffer_callback=None):
+                super().__init__(file, protocol=5, buffer_callback=buffer_callback)
                 self.modules: set[str] = set()
 
             def reducer_override(self, obj):
@@ -42,6 +43,30 @@ def dumps(value) -> tuple[bytes, dict[str, str]]:
         pickler = _recording_pickler()(file)
         pickler.dump(value)
         return file.getvalue(), versions(pickler.modules)
+
+
+OUT_OF_BAND_MIN = 64 * 1024  # smaller buffers stay in the pickle stream: a piece of their own is not worth it
+
+
+def dumps_out_of_band(value) -> tuple[bytes, list[memoryview], dict[str, str]]:
+    """``dumps``, with the data of buffers of at least ``OUT_OF_BAND_MIN`` bytes (numpy arrays, pandas blocks;
+    pickle protocol 5) left out of the stream and returned as views of the objects' own memory, uncopied."""
+    buffers: list[memoryview] = []
+
+    def keep(buffer: pickle.PickleBuffer):
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: pickled in the stream
+            return True
+        if raw.nbytes < OUT_OF_BAND_MIN:
+            return True  # in the stream
+        buffers.append(raw)
+        return False
+
+    with io.BytesIO() as file:
+        pickler = _recording_pickler()(file, buffer_callback=keep)
+        pickler.dump(value)
+        return file.getvalue(), buffers, versions(pickler.modules)
 
 
 def versions(modules) -> dict[str, str]:

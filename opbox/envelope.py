@@ -54,10 +54,10 @@ class Pieces:
         return iter(self.parts)
 
 
-def pack_pieces(header: dict, body: bytes, buffers=()) -> Pieces:
-    """``pack``, as pieces: the head, ``body`` and ``buffers`` (whose sizes the header's ``oob`` lists) apart."""
+def pack_pieces(header: dict, body: list, buffers=()) -> Pieces:
+    """``pack``, as pieces: the head, the body's pieces and ``buffers`` (whose sizes the header's ``oob`` lists)."""
     raw = json.dumps(header, separators=(",", ":"), default=str).encode()
-    return Pieces([_PREFIX.pack(MAGIC, FORMAT, len(raw)) + raw, body, *buffers])
+    return Pieces([_PREFIX.pack(MAGIC, FORMAT, len(raw)) + raw, *body, *buffers])
 
 
 def unpack(data: bytes) -> tuple[dict, memoryview]:

@@ -48,9 +48,36 @@ def dumps(value) -> tuple[bytes, dict[str, str]]:
 OUT_OF_BAND_MIN = 64 * 1024  # smaller buffers stay in the pickle stream: a piece of their own is not worth it
 
 
-def dumps_out_of_band(value) -> tuple[bytes, list[memoryview], dict[str, str]]:
-    """``dumps``, with the data of buffers of at least ``OUT_OF_BAND_MIN`` bytes (numpy arrays, pandas blocks;
-    pickle protocol 5) left out of the stream and returned as views of the objects' own memory, uncopied."""
+class _Pieces:
+    """A file the pickler writes to that keeps large ``bytes`` objects it is handed as they are: the C pickler
+    writes a large bytes (or str's UTF-8) payload to its file in one call, the object itself, so a big
+    ``bytes`` value joins the stream uncopied. Anything else is copied (a view may outlive its memory)."""
+
+    def __init__(self):
+        self.pieces: list = []
+        self.small = bytearray()
+
+    def write(self, data) -> int:
+        if type(data) is bytes and len(data) >= OUT_OF_BAND_MIN:
+            if self.small:
+                self.pieces.append(bytes(self.small))
+                self.small.clear()
+            self.pieces.append(data)
+        else:
+            self.small += data
+        return len(data)
+
+    def parts(self) -> list:
+        if self.small:
+            self.pieces.append(bytes(self.small))
+            self.small.clear()
+        return self.pieces
+
+
+def dumps_out_of_band(value) -> tuple[list, list[memoryview], dict[str, str]]:
+    """``dumps`` as the pickle stream's pieces (large ``bytes`` values among them, uncopied), with the data of
+    buffers of at least ``OUT_OF_BAND_MIN`` bytes (numpy arrays, pandas blocks; pickle protocol 5) left out of
+    the stream and returned as views of the objects' own memory, uncopied."""
     buffers: list[memoryview] = []
 
     def keep(buffer: pickle.PickleBuffer):
@@ -63,10 +90,10 @@ def dumps_out_of_band(value) -> tuple[bytes, list[memoryview], dict[str, str]]:
         buffers.append(raw)
         return False
 
-    with io.BytesIO() as file:
-        pickler = _recording_pickler()(file, buffer_callback=keep)
-        pickler.dump(value)
-        return file.getvalue(), buffers, versions(pickler.modules)
+    file = _Pieces()
+    pickler = _recording_pickler()(file, buffer_callback=keep)
+    pickler.dump(value)
+    return file.parts(), buffers, versions(pickler.modules)
 
 
 def versions(modules) -> dict[str, str]:

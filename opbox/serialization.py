@@ -62,7 +62,7 @@ def dump_result_pieces(value, out_of_band: bool = True) -> Pieces:
     """A result envelope as pieces, large buffers (numpy, pandas) out of band unless told not to."""
     body, buffers, libs = _dumps(value, out_of_band)
     header = _pickle_header(RESULT, libs)
-    if not buffers and len(body) <= 2 * JSON_INLINE_LIMIT:  # a larger pickle has no JSON rendering that fits
+    if not buffers and sum(map(len, body)) <= 2 * JSON_INLINE_LIMIT:  # a larger pickle has no JSON rendering that fits
         try:
             rendered = json.dumps(value, allow_nan=False)
         except (TypeError, ValueError):
@@ -72,17 +72,18 @@ def dump_result_pieces(value, out_of_band: bool = True) -> Pieces:
     return _pack(header, body, buffers)
 
 
-def _dumps(value, out_of_band: bool) -> tuple[bytes, list, dict]:
+def _dumps(value, out_of_band: bool) -> tuple[list, list, dict]:
+    """The pickle stream's pieces, the out-of-band buffers, the libraries' versions."""
     if out_of_band:
         return dumps_out_of_band(value)
     body, libs = dumps(value)
-    return body, [], libs
+    return [body], [], libs
 
 
-def _pack(header: dict, body: bytes, buffers: list) -> Pieces:
+def _pack(header: dict, stream: list, buffers: list) -> Pieces:
     if buffers:
         header["oob"] = [buffer.nbytes for buffer in buffers]  # the body: the stream, then these buffers
-    return pack_pieces(header, body, buffers)
+    return pack_pieces(header, stream, buffers)
 
 
 def describe_exception(exc: BaseException) -> str:

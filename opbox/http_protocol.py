@@ -112,7 +112,8 @@ async def send_file(cycle, send, path: str) -> None:
             transport = transport.transport
         sock = transport.get_extra_info("socket")
         if cycle.chunked_encoding or size != cycle.expected_content_length or sock is None \
-                or transport.get_write_buffer_size() or not hasattr(os, "sendfile"):
+                or transport.get_extra_info("sslcontext") is not None or transport.get_write_buffer_size() \
+                or not hasattr(os, "sendfile"):  # (TLS: the bytes must go through the transport's encryption)
             await _send_chunks(send, file)
             return
         out = os.dup(sock.fileno())  # the loop watches its own fd; this one is for sendfile and waiting for room

@@ -40,9 +40,10 @@ class Pieces:
 
     __slots__ = ("parts", "size")
 
-    def __init__(self, parts):
-        self.parts = [part if isinstance(part, bytes) else memoryview(part).cast("B") for part in parts]
-        self.size = sum(len(part) if isinstance(part, bytes) else part.nbytes for part in self.parts)
+    def __init__(self, parts: list):
+        """``parts``: ``bytes`` and one-dimensional byte views (``PickleBuffer.raw()``), whose ``len`` is their size."""
+        self.parts = parts
+        self.size = sum(map(len, parts))
 
     def __len__(self) -> int:
         return self.size

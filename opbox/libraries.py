@@ -48,30 +48,14 @@ def dumps(value) -> tuple[bytes, dict[str, str]]:
 OUT_OF_BAND_MIN = 64 * 1024  # smaller buffers stay in the pickle stream: a piece of their own is not worth it
 
 
-class _Pieces:
-    """A file the pickler writes to that keeps large ``bytes`` objects it is handed as they are: the C pickler
-    writes a large bytes (or str's UTF-8) payload to its file in one call, the object itself, so a big
-    ``bytes`` value joins the stream uncopied. Anything else is copied (a view may outlive its memory)."""
-
-    def __init__(self):
-        self.pieces: list = []
-        self.small = bytearray()
+class _Pieces(list):
+    """A file the pickler writes to that keeps the ``bytes`` objects it is handed as they are: its frames (which it
+    gives away) and, written in one call as the object itself, a large ``bytes`` value, which so joins the stream
+    uncopied. Anything else is copied (a view's memory may go before the upload)."""
 
     def write(self, data) -> int:
-        if type(data) is bytes and len(data) >= OUT_OF_BAND_MIN:
-            if self.small:
-                self.pieces.append(bytes(self.small))
-                self.small.clear()
-            self.pieces.append(data)
-        else:
-            self.small += data
+        self.append(data if type(data) is bytes else bytes(data))
         return len(data)
-
-    def parts(self) -> list:
-        if self.small:
-            self.pieces.append(bytes(self.small))
-            self.small.clear()
-        return self.pieces
 
 
 def dumps_out_of_band(value) -> tuple[list, list[memoryview], dict[str, str]]:
@@ -93,7 +77,7 @@ def dumps_out_of_band(value) -> tuple[list, list[memoryview], dict[str, str]]:
     file = _Pieces()
     pickler = _recording_pickler()(file, buffer_callback=keep)
     pickler.dump(value)
-    return file.parts(), buffers, versions(pickler.modules)
+    return file, buffers, versions(pickler.modules)
 
 
 def versions(modules) -> dict[str, str]:

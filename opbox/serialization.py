@@ -132,8 +132,10 @@ def load_body(header: dict, body) -> object:
         return json.loads(bytes(body))
     check_compatible(header)
     try:
-        stream, buffers = _out_of_band(header, body)
-        return _cloudpickle().loads(stream, buffers=buffers)
+        if "oob" in header:
+            body, buffers = _out_of_band(header, body)
+            return _cloudpickle().loads(body, buffers=buffers)
+        return _cloudpickle().loads(body)
     except Exception as exc:
         kind = header.get("kind")
         differ = differences(header.get("libs"), pickled_by_caller=kind == ARGS)
@@ -154,7 +156,7 @@ def _out_of_band(header: dict, body) -> tuple[memoryview, list]:
     ``body``, so arrays are made on the received bytes without a copy; copied when ``body`` is read-only, as
     an unpickled array is writable."""
     view = memoryview(body)
-    sizes = header.get("oob") or []
+    sizes = header["oob"]
     if not (isinstance(sizes, list) and all(isinstance(n, int) and n >= 0 for n in sizes)) or sum(sizes) > len(view):
         raise SerializationError(f"the envelope's out-of-band sizes {sizes!r} do not fit its {len(view)} bytes")
     start = len(view) - sum(sizes)

@@ -86,7 +86,7 @@ def _slices(data):
 async def aoutgoing(client, payload) -> bytes:
     """``outgoing``, awaitable (a large upload runs in a thread)."""
     if len(payload) <= INLINE:
-        return payload
+        return bytes(payload)
     return await asyncio.to_thread(outgoing, client, payload)
 
 

@@ -137,7 +137,8 @@ class TestSignedUrls:
         head = httpx.head(store.download_url("here").url)
         assert head.status_code == 200 and head.headers["content-length"] == "5"
 
-    def test_broken_upload_leaves_nothing(self, store):
+    @pytest.mark.parametrize("sent", [5000, 3 * 1024 * 1024])  # before, and after, writes to the temp file began
+    def test_broken_upload_leaves_nothing(self, store, sent):
         url = urlsplit(store.upload_url("partial").url)
 
         def wait_for(condition) -> None:
@@ -147,8 +148,8 @@ class TestSignedUrls:
 
         with socket.create_connection((url.hostname, url.port)) as sock:
             sock.sendall(
-                f"PUT {url.path}?{url.query} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode()
-                + b"a" * 5000
+                f"PUT {url.path}?{url.query} HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * sent}\r\n\r\n".encode()
+                + b"a" * sent
             )
             wait_for(lambda: leftovers(store))
             assert leftovers(store), "the upload should be under way in a temp file"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import hmac
 import os
@@ -314,10 +315,10 @@ class LocalStore:
             return _error(BadRequest("the client disconnected before the upload was complete"))
         finally:
             if upload is not None:  # (no-op once committed)
-                if writing is not None and not writing.done():  # a write still in its thread: the file goes after
-                    writing.add_done_callback(lambda _: upload.abort())
-                else:
+                if writing is None:
                     upload.abort()
+                else:  # a refused or broken upload: the temp file goes once its last write is out of its thread
+                    writing.add_done_callback(functools.partial(_abandon, upload))
         return JSONResponse({"key": key, "size": size})
 
     async def _get_endpoint(self, request: Request) -> Response:
@@ -369,6 +370,12 @@ class _Upload:
                 self.file.close()
             with suppress(OSError):
                 os.unlink(self.tmp)
+
+
+def _abandon(upload: _Upload, write: asyncio.Future) -> None:
+    if not write.cancelled():
+        write.exception()  # its failure (a full disk) is no news: the upload is refused anyway
+    upload.abort()
 
 
 def _atomic_write(path: Path, fill: Callable[[BinaryIO], object]) -> None:

@@ -32,6 +32,35 @@ def pack(header: dict, body: bytes = b"") -> bytes:
     return _PREFIX.pack(MAGIC, FORMAT, len(raw)) + raw + body
 
 
+class Pieces:
+    """An envelope as the buffers it is made of, in order: its head, the pickle stream, then the pickle's
+    out-of-band buffers (numpy and pandas data, pickle protocol 5). Sent piece by piece, a large value's
+    data goes from its own memory to the socket, never copied into one bytes object first; ``bytes(p)``
+    joins them where one buffer is wanted (a payload small enough to travel inline)."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list):
+        """``parts``: ``bytes`` and one-dimensional byte views (``PickleBuffer.raw()``), whose ``len`` is their size."""
+        self.parts = parts
+        self.size = sum(map(len, parts))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def __iter__(self):
+        return iter(self.parts)
+
+
+def pack_pieces(header: dict, body: list, buffers=()) -> Pieces:
+    """``pack``, as pieces: the head, the body's pieces and ``buffers`` (whose sizes the header's ``oob`` lists)."""
+    raw = json.dumps(header, separators=(",", ":"), default=str).encode()
+    return Pieces([_PREFIX.pack(MAGIC, FORMAT, len(raw)) + raw, *body, *buffers])
+
+
 def unpack(data: bytes) -> tuple[dict, memoryview]:
     """Split an envelope into its header and (undecoded) body."""
     if len(data) < _PREFIX.size:

@@ -7,12 +7,18 @@ SDK, a worker long-polling for its next run). Both happen in the same step of th
 task, so the transport here gathers what one step of the event loop writes and sends it once,
 at the end of that step (``loop.call_soon``): same bytes, same order, one write. A streamed
 answer still goes out chunk by chunk, each as its step ends.
+
+On the paths it is given (the gateway's local store, ``/_store/``), a GET also gets the ASGI
+``http.response.pathsend`` extension, which starlette's ``FileResponse`` uses: the file then goes
+from the page cache to the socket with ``os.sendfile``, never read into Python (``send_file``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
+import os
 
 
 class CoalescingTransport:
@@ -57,9 +63,15 @@ class CoalescingTransport:
         return getattr(self.transport, name)
 
 
-def http_protocol():
+PATHSEND = "http.response.pathsend"
+SEND_TIMEOUT = 300.0  # seconds a reader may take to make room for more of a file before it is dropped
+CHUNK = 1024 * 1024  # bytes per read when a file cannot be sent with sendfile
+
+
+def http_protocol(sendfile_prefix: str | None = None):
     """uvicorn's ``http`` setting: its httptools protocol over a ``CoalescingTransport``, or "auto" where
-    httptools is not installed (uvicorn then uses h11, as it would)."""
+    httptools is not installed (uvicorn then uses h11, as it would). GETs of paths that start with
+    ``sendfile_prefix`` may answer a file with ``http.response.pathsend`` (sent with ``os.sendfile``)."""
     if importlib.util.find_spec("httptools") is None:
         return "auto"
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -68,4 +80,91 @@ def http_protocol():
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
 
+        if sendfile_prefix:
+            def on_headers_complete(self) -> None:
+                super().on_headers_complete()
+                scope, cycle = self.scope, self.cycle
+                if scope["method"] == "GET" and scope.get("path", "").startswith(sendfile_prefix) \
+                        and cycle is not None and cycle.scope is scope:
+                    scope["extensions"] = {PATHSEND: {}}
+                    cycle.send = functools.partial(_send_or_send_file, cycle, cycle.send)
+
     return CoalescingHttpToolsProtocol
+
+
+async def _send_or_send_file(cycle, send, message) -> None:
+    if message["type"] == PATHSEND:
+        await send_file(cycle, send, message["path"])
+    else:
+        await send(message)
+
+
+async def send_file(cycle, send, path: str) -> None:
+    """The body of an answer whose head is sent (with the file's Content-Length): the file, by ``os.sendfile``
+    from a thread, one socket buffer at a time; the event loop waits for room in between, so no thread waits
+    for a slow reader. Read and sent in chunks where sendfile cannot be used."""
+    file = await asyncio.to_thread(open, path, "rb")
+    try:
+        size = os.fstat(file.fileno()).st_size
+        transport = cycle.transport
+        if isinstance(transport, CoalescingTransport):
+            transport.flush()  # the head
+            transport = transport.transport
+        sock = transport.get_extra_info("socket")
+        if cycle.chunked_encoding or size != cycle.expected_content_length or sock is None \
+                or transport.get_extra_info("sslcontext") is not None or transport.get_write_buffer_size() \
+                or not hasattr(os, "sendfile"):  # (TLS: the bytes must go through the transport's encryption)
+            await _send_chunks(send, file)
+            return
+        out = os.dup(sock.fileno())  # the loop watches its own fd; this one is for sendfile and waiting for room
+        try:
+            sent = await _sendfile(out, file.fileno(), size)
+        finally:
+            os.close(out)
+        if sent < size:  # the reader left, or stalled past SEND_TIMEOUT: the answer cannot be finished
+            cycle.disconnected = True
+            transport.abort()
+            return
+        cycle.expected_content_length -= size
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        file.close()
+
+
+async def _sendfile(out: int, source: int, size: int) -> int:
+    """How many bytes of ``source`` went to the socket ``out`` (non-blocking) before the end or an error."""
+    loop = asyncio.get_running_loop()
+    offset = 0
+    while offset < size:
+        try:
+            sent = await asyncio.to_thread(os.sendfile, out, source, offset, size - offset)
+        except BlockingIOError:
+            if not await _writable(loop, out):
+                return offset
+            continue
+        except OSError:  # the reader is gone (EPIPE, ECONNRESET)
+            return offset
+        if sent == 0:  # the file is shorter than its size said
+            return offset
+        offset += sent
+    return offset
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> bool:
+    ready = loop.create_future()
+    loop.add_writer(fd, lambda: ready.done() or ready.set_result(True))
+    try:
+        return await asyncio.wait_for(ready, SEND_TIMEOUT)
+    except asyncio.TimeoutError:
+        return False
+    finally:
+        loop.remove_writer(fd)
+
+
+async def _send_chunks(send, file) -> None:
+    while True:
+        chunk = await asyncio.to_thread(file.read, CHUNK)
+        more = len(chunk) == CHUNK
+        await send({"type": "http.response.body", "body": chunk, "more_body": more})
+        if not more:
+            return

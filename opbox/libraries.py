@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
+import pickle
 import sys
 import types
 
@@ -23,8 +24,8 @@ def _recording_pickler():
         import cloudpickle
 
         class Recording(cloudpickle.Pickler):
-            def __init__(self, file):
-                super().__init__(file, protocol=5)
+            def __init__(self, file, buffer_callback=None):
+                super().__init__(file, protocol=5, buffer_callback=buffer_callback)
                 self.modules: set[str] = set()
 
             def reducer_override(self, obj):
@@ -42,6 +43,41 @@ def dumps(value) -> tuple[bytes, dict[str, str]]:
         pickler = _recording_pickler()(file)
         pickler.dump(value)
         return file.getvalue(), versions(pickler.modules)
+
+
+OUT_OF_BAND_MIN = 64 * 1024  # smaller buffers stay in the pickle stream: a piece of their own is not worth it
+
+
+class _Pieces(list):
+    """A file the pickler writes to that keeps the ``bytes`` objects it is handed as they are: its frames (which it
+    gives away) and, written in one call as the object itself, a large ``bytes`` value, which so joins the stream
+    uncopied. Anything else is copied (a view's memory may go before the upload)."""
+
+    def write(self, data) -> int:
+        self.append(data if type(data) is bytes else bytes(data))
+        return len(data)
+
+
+def dumps_out_of_band(value) -> tuple[list, list[memoryview], dict[str, str]]:
+    """``dumps`` as the pickle stream's pieces (large ``bytes`` values among them, uncopied), with the data of
+    buffers of at least ``OUT_OF_BAND_MIN`` bytes (numpy arrays, pandas blocks; pickle protocol 5) left out of
+    the stream and returned as views of the objects' own memory, uncopied."""
+    buffers: list[memoryview] = []
+
+    def keep(buffer: pickle.PickleBuffer):
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: pickled in the stream
+            return True
+        if raw.nbytes < OUT_OF_BAND_MIN:
+            return True  # in the stream
+        buffers.append(raw)
+        return False
+
+    file = _Pieces()
+    pickler = _recording_pickler()(file, buffer_callback=keep)
+    pickler.dump(value)
+    return file, buffers, versions(pickler.modules)
 
 
 def versions(modules) -> dict[str, str]:

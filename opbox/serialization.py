@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 
 from .envelope import (  # noqa: F401  (re-exported for the SDK and runtime)
-    ARGS, CONTENT_TYPE, ERROR, JSON_INLINE_LIMIT, PYTHON, RESULT, error_envelope, json_args, pack, read_header,
-    unpack,
+    ARGS, CONTENT_TYPE, ERROR, JSON_INLINE_LIMIT, PYTHON, RESULT, Pieces, error_envelope, json_args, pack,
+    pack_pieces, read_header, unpack,
 )
 from .errors import SerializationError
-from .libraries import differences, dumps
+from .libraries import differences, dumps, dumps_out_of_band
 
 
 def _cloudpickle():
@@ -35,26 +35,55 @@ def _pickle_header(kind: str, libs: dict | None = None) -> dict:
 
 def dump_args(args: tuple = (), kwargs: dict | None = None, stream: bool = False) -> bytes:
     """An args envelope; ``stream``: the call streams its generator's items (``remote_gen``)."""
+    return bytes(_dump_args(args, kwargs, stream, False))
+
+
+def dump_args_pieces(args: tuple = (), kwargs: dict | None = None, stream: bool = False) -> Pieces:
+    """``dump_args`` as pieces, large buffers (numpy, pandas) out of band: to be sent before the values change."""
+    return _dump_args(args, kwargs, stream, True)
+
+
+def _dump_args(args, kwargs, stream: bool, out_of_band: bool) -> Pieces:
     try:
-        body, libs = dumps((tuple(args), dict(kwargs or {})))
+        body, buffers, libs = _dumps((tuple(args), dict(kwargs or {})), out_of_band)
     except Exception as exc:
         raise SerializationError(f"arguments could not be pickled: {type(exc).__name__}: {exc}") from exc
     header = _pickle_header(ARGS, libs)
     if stream:
         header["stream"] = True
-    return pack(header, body)
+    return _pack(header, body, buffers)
 
 
 def dump_result(value) -> bytes:
-    body, libs = dumps(value)
+    return bytes(dump_result_pieces(value, out_of_band=False))
+
+
+def dump_result_pieces(value, out_of_band: bool = True) -> Pieces:
+    """A result envelope as pieces, large buffers (numpy, pandas) out of band unless told not to."""
+    body, buffers, libs = _dumps(value, out_of_band)
     header = _pickle_header(RESULT, libs)
-    try:
-        rendered = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        rendered = None
-    if rendered is not None and len(rendered) <= JSON_INLINE_LIMIT:
-        header["json"] = value
-    return pack(header, body)
+    if not buffers and sum(map(len, body)) <= 2 * JSON_INLINE_LIMIT:  # a larger pickle has no JSON rendering that fits
+        try:
+            rendered = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            rendered = None
+        if rendered is not None and len(rendered) <= JSON_INLINE_LIMIT:
+            header["json"] = value
+    return _pack(header, body, buffers)
+
+
+def _dumps(value, out_of_band: bool) -> tuple[list, list, dict]:
+    """The pickle stream's pieces, the out-of-band buffers, the libraries' versions."""
+    if out_of_band:
+        return dumps_out_of_band(value)
+    body, libs = dumps(value)
+    return [body], [], libs
+
+
+def _pack(header: dict, stream: list, buffers: list) -> Pieces:
+    if buffers:
+        header["oob"] = [buffer.nbytes for buffer in buffers]  # the body: the stream, then these buffers
+    return pack_pieces(header, stream, buffers)
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -103,6 +132,9 @@ def load_body(header: dict, body) -> object:
         return json.loads(bytes(body))
     check_compatible(header)
     try:
+        if "oob" in header:
+            body, buffers = _out_of_band(header, body)
+            return _cloudpickle().loads(body, buffers=buffers)
         return _cloudpickle().loads(body)
     except Exception as exc:
         kind = header.get("kind")
@@ -117,6 +149,23 @@ def load_body(header: dict, body) -> object:
             f"cloudpickle {header.get('cloudpickle')}; this side: Python {PYTHON}, cloudpickle "
             f"{cloudpickle_version()}): {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _out_of_band(header: dict, body) -> tuple[memoryview, list]:
+    """The pickle stream and its out-of-band buffers (the header's ``oob`` sizes, at the body's end): views of
+    ``body``, so arrays are made on the received bytes without a copy; copied when ``body`` is read-only, as
+    an unpickled array is writable."""
+    view = memoryview(body)
+    sizes = header["oob"]
+    if not (isinstance(sizes, list) and all(isinstance(n, int) and n >= 0 for n in sizes)) or sum(sizes) > len(view):
+        raise SerializationError(f"the envelope's out-of-band sizes {sizes!r} do not fit its {len(view)} bytes")
+    start = len(view) - sum(sizes)
+    buffers = []
+    for size in sizes:
+        part = view[start:start + size]
+        buffers.append(bytearray(part) if view.readonly else part)
+        start += size
+    return view[:len(view) - sum(sizes)], buffers
 
 
 def load_call(data: bytes) -> tuple[tuple, dict, bool]:

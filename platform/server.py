@@ -16,6 +16,7 @@ from .core import Platform
 from .gateway.app import create_app
 from .gateway.observe import metrics_app
 from .settings import Settings
+from .store.local import ROUTE_PREFIX as STORE_ROUTES
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -45,7 +46,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     platform = Platform(settings, bound_url=f"http://{host if ':' not in host else f'[{host}]'}:{port}")
     announce(platform.bootstrap(), platform)
     config = uvicorn.Config(create_app(platform), log_level="warning", access_log=False, lifespan="on",
-                            timeout_keep_alive=75, loop="auto", http=http_protocol(),
+                            timeout_keep_alive=75, loop="auto", http=http_protocol(sendfile_prefix(platform)),
                             timeout_graceful_shutdown=STRAGGLERS)
     server = _Server(config, platform)
     if settings.metrics_port is None:
@@ -61,6 +62,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     finally:
         side.should_exit = True
         await side_task
+
+
+def sendfile_prefix(platform: Platform) -> str | None:
+    """Where the local store serves its signed downloads, which go out with ``os.sendfile`` (none on S3)."""
+    return f"{STORE_ROUTES}/" if platform.payloads.self_served else None
 
 
 STRAGGLERS = 3.0  # seconds uvicorn then gives requests still in flight (streams have ended already)

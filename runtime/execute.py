@@ -67,7 +67,7 @@ def _user_traceback(exc: BaseException, skip: int) -> str:
             f"{type(exc).__qualname__}: {serialization.describe_exception(exc)}\n"
 
 
-def within_limit(outcome: str, payload: bytes, limit: str | None) -> tuple[str, bytes]:
+def within_limit(outcome: str, payload, limit: str | None) -> tuple[str, bytes | serialization.Pieces]:
     """The run's answer, or, when the result passes the platform's limit (``X-Opbox-Result-Limit``), a
     failure that names both sizes: the gateway would refuse the body, and the worker must live on."""
     if limit and limit.isdigit() and len(payload) > int(limit):
@@ -139,8 +139,9 @@ class Executor:
                             f"{type(value).__name__}, not a generator: call it with f(...) instead")
         return ship.count
 
-    def __call__(self, args_payload: bytes, ship=None) -> tuple[str, bytes]:
-        """One call; ``ship`` sends a streaming call's items (see ``items.ItemShipper``)."""
+    def __call__(self, args_payload: bytes, ship=None) -> tuple[str, bytes | serialization.Pieces]:
+        """One call; ``ship`` sends a streaming call's items (see ``items.ItemShipper``). A result is the
+        envelope's pieces, its large buffers (numpy, pandas) out of band, handed in before the next run."""
         try:
             if self.target is None:
                 if self.import_error is not None:
@@ -161,7 +162,7 @@ class Executor:
         except Exception as exc:
             return "failed", serialization.dump_error(exc, _user_tb(exc))
         try:
-            return "succeeded", serialization.dump_result(value)
+            return "succeeded", serialization.dump_result_pieces(value)
         except Exception as exc:
             error = SerializationError(f"the result could not be pickled: {type(exc).__name__}: {exc}")
             return "failed", serialization.dump_error(error, _user_traceback(exc, 0))

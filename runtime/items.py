@@ -28,7 +28,7 @@ class ItemShipper:
     def __call__(self, value) -> None:
         seq = self.count + 1
         try:
-            payload = serialization.dump_result(value)
+            payload = serialization.dump_result_pieces(value)  # sent before the generator resumes
         except Exception as exc:
             raise SerializationError(f"item {seq} could not be pickled: {type(exc).__name__}: {exc}") from exc
         if self.limit is not None and len(payload) > self.limit:
@@ -36,6 +36,8 @@ class ItemShipper:
                                   "(OPBOX_MAX_PAYLOAD): yield less, or write it to storage and yield where")
         if self.inline is not None and self.uploads_path and len(payload) > self.inline:
             payload = offload(self.channel, self.uploads_path, payload)  # its bytes skip the gateway
+        else:
+            payload = bytes(payload)
         status, _, data = self.channel.request("POST", f"{self.path}?seq={seq}", payload, ENVELOPE)
         if status >= 300:
             try:

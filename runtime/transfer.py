@@ -17,48 +17,26 @@ import tempfile
 import threading
 from urllib.parse import urlsplit
 
-from opbox import envelope
+from opbox import envelope, signed_http
 from opbox.errors import StorageError, from_response
-
-TIMEOUT = 300.0  # seconds per socket operation of a transfer
 
 
 def _open(channel, url: str) -> tuple[http.client.HTTPConnection, str]:
     parts = urlsplit(url)
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    if not parts.scheme:
-        host, port, https, target = channel.host, channel.port, channel.https, channel.base + target
-    else:
-        https = parts.scheme == "https"
-        host, port = parts.hostname, parts.port or (443 if https else 80)
-    cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
-    return cls(host, port, timeout=TIMEOUT, blocksize=1024 * 1024), target
+    if parts.scheme:
+        return signed_http.open_url(url)
+    target = channel.base + parts.path + (f"?{parts.query}" if parts.query else "")
+    return signed_http.connect(channel.host, channel.port, channel.https), target
 
 
 def download(channel, url: str) -> bytearray:
     """The object a signed GET URL names, read into one buffer of its size."""
-    conn, target = _open(channel, url)
-    try:
-        conn.request("GET", target)
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise StorageError(f"the object store answered {resp.status}: {resp.read(300)!r}")
-        if resp.length is None:
-            return bytearray(resp.read())
-        buffer = bytearray(resp.length)
-        view, done = memoryview(buffer), 0
-        while done < len(buffer):
-            got = resp.readinto(view[done:])
-            if not got:
-                raise StorageError(f"the download broke off after {done} of {len(buffer)} bytes")
-            done += got
-        return buffer
-    finally:
-        conn.close()
+    return signed_http.get(*_open(channel, url))
 
 
-def offload(channel, slot_path: str, data: bytes) -> bytes:
-    """Upload ``data`` with a signed URL asked of the gateway at ``slot_path``; the reference to hand in."""
+def offload(channel, slot_path: str, data) -> bytes:
+    """Upload ``data`` (bytes or ``Pieces``) with a signed URL asked of the gateway at ``slot_path``; the
+    reference to hand in."""
     status, _, answer = channel.request("POST", slot_path, json.dumps({"size": len(data)}).encode(),
                                         {"Content-Type": "application/json"})
     if status != 200:
@@ -67,15 +45,9 @@ def offload(channel, slot_path: str, data: bytes) -> bytes:
         except ValueError:
             raise StorageError(f"the gateway refused an upload: HTTP {status}: {answer[:300]!r}") from None
     slot = json.loads(answer)
-    conn, target = _open(channel, slot["url"])
-    try:
-        conn.request(slot["method"], target, body=data, headers=slot["headers"])
-        resp = conn.getresponse()
-        body = resp.read()
-        if resp.status >= 300:
-            raise _refused(resp.status, body)
-    finally:
-        conn.close()
+    status, body = signed_http.put(*_open(channel, slot["url"]), slot["method"], data, slot["headers"])
+    if status >= 300:
+        raise _refused(status, body)
     return envelope.ref(slot["ref"])
 
 
@@ -100,11 +72,12 @@ def call(execute, channel, headers, data: bytes, items) -> tuple[str, bytes]:
     return execute(data, items)
 
 
-def outgoing(channel, slot_path: str, headers, outcome: str, body: bytes) -> tuple[str, bytes]:
-    """The result to hand in: as is up to the gateway's inline limit, else a reference to its upload."""
+def outgoing(channel, slot_path: str, headers, outcome: str, body) -> tuple[str, bytes]:
+    """The result to hand in (bytes or ``Pieces``): as is up to the gateway's inline limit, else a reference to
+    its upload."""
     inline = headers.get("X-Opbox-Inline")
     if not inline or not inline.isdigit() or len(body) <= int(inline):
-        return outcome, body
+        return outcome, bytes(body)
     try:
         return outcome, offload(channel, slot_path, body)
     except Exception as exc:  # the run ends failed, saying so (as when the gateway cannot keep a result)

@@ -113,3 +113,23 @@ def test_the_postgres_bench_measures_both_records_and_several_gateways(tmp_path,
     assert all(f["call_cycles_per_s"] > 0 for f in figures["records_in_process"].values())
     assert [(f["records"], f["gateways"]) for f in figures["figures"]] == [("sqlite", 1), ("postgres", 2)]
     assert all(f["calls_per_s"] > 0 and f["map_items_per_s"] > 0 for f in figures["figures"])
+
+
+def test_the_big_data_profile_times_each_stage_of_a_round_trip(tmp_path):
+    """`bench/profile_big_data.py` (2 MiB: above the inline limit, so by signed URL): the caller's stages, and the
+    worker's and gateway's sampled ones where py-spy is there and may attach."""
+    out = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_big_data.py"), "--mib", "2", "--repeat", "1",
+                           "--kinds", "bytes", "--out", str(out)], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    printed = json.loads(done.stdout)
+    assert printed == json.loads(out.read_text()) and printed["mib"] == 2
+    caller = printed["bytes"]["caller_s_per_round_trip"]
+    figures(caller, "pickle the arguments", "upload the arguments (and ask where)", "wait for the run (gateway, worker)",
+            "download the result", "unpickle the result", "round_trip_s (median)")
+    sampled = printed["bytes"]["sampled_s_per_round_trip"]
+    if isinstance(sampled, dict):
+        assert set(sampled) == {"worker", "gateway"}
+        assert all(number(v) for proc in sampled.values() for k, v in proc.items() if not k.startswith("other, top"))
+    else:
+        assert "py-spy" in sampled

@@ -63,12 +63,17 @@ def chunks(count, size):
         yield bytes([i]) * size
 
 @operator()
+def flip(array):
+    array[0] ^= 0xFF  # an array's data comes out of band (pickle protocol 5) and must still arrive writable
+    return array, array[:4].tobytes()
+
+@operator()
 def make(size, seed):
     block = hashlib.sha256(seed.encode()).digest() * (1024 * 1024 // 32)
     return block * (size // len(block))
 """
 
-FUNCTIONS = ("echo", "digest", "make", "chunks", "count_lines", "list_dir", "write_file")
+FUNCTIONS = ("echo", "digest", "flip", "make", "chunks", "count_lines", "list_dir", "write_file")
 
 
 def metric(plat, name: str, **labels) -> float:
@@ -142,6 +147,28 @@ def test_a_3_mib_argument_goes_by_url_and_small_ones_take_no_extra_round_trip(sm
     assert metric(plat, "opbox_http_request_seconds_count", route="/{workspace}/payloads") == slots + 2
     assert metric(plat, "opbox_large_payload_bytes_total", via="url") >= via_url + 3 * len(data)  # arguments, result
     assert metric(plat, "opbox_large_payload_bytes_total", via="gateway") == 0
+
+
+def test_numpy_arrays_travel_out_of_band_uncopied_and_arrive_writable(small):
+    import numpy as np
+
+    plat, _, f = small
+    array = np.frombuffer(os.urandom(3 * MiB), dtype=np.uint8).copy()
+    pieces = serialization.dump_args_pieces((array,), {})
+    header, _ = envelope.unpack(bytes(pieces))
+    assert header["oob"] == [array.nbytes] and len(pieces.parts) == 3  # head, pickle stream, the array's data
+    assert np.shares_memory(np.asarray(pieces.parts[2]), array)  # sent from the array's own memory
+    (back,), _ = serialization.load_args(bytes(pieces))  # from read-only bytes: copied, so writable
+    assert np.array_equal(back, array) and back.flags.writeable
+    (back,), _ = serialization.load_args(received := bytearray(bytes(pieces)))  # from a download: read in place
+    assert np.shares_memory(back, np.frombuffer(received, dtype=np.uint8)) and back.flags.writeable
+
+    via_url = metric(plat, "opbox_large_payload_bytes_total", via="url")
+    result, head = f["flip"](array)  # argument and result both by URL, their data out of band
+    assert result.dtype == np.uint8 and result.shape == array.shape
+    assert result[0] == array[0] ^ 0xFF and np.array_equal(result[1:], array[1:]) and head == result[:4].tobytes()
+    result[1] ^= 0xFF  # the SDK's copy is writable too
+    assert metric(plat, "opbox_large_payload_bytes_total", via="url") >= via_url + 2 * array.nbytes
 
 
 def test_a_map_and_a_generator_move_large_items_by_url(small):

@@ -13,6 +13,7 @@ import pytest
 from starlette.applications import Starlette
 
 from opbox.errors import ConfigError, Conflict, ValidationError
+from opbox.http_protocol import http_protocol
 from opbox.platform.store import LocalStore, open_store
 from opbox.platform.store.local import TMP_PREFIX
 from servers import serve_app
@@ -21,13 +22,15 @@ from store_contract import StoreContract, send
 SECRET = b"local-store-test-secret"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory) -> tuple[Path, str]:
-    """A store folder and the base URL of a live server for it."""
+@pytest.fixture(scope="module", params=["uvicorn", "opbox"])
+def served(request, tmp_path_factory) -> tuple[Path, str]:
+    """A store folder and the base URL of a live server for it: uvicorn as it comes, and with the gateway's
+    HTTP protocol (downloads sent with os.sendfile)."""
     root = tmp_path_factory.mktemp("local-store")
     # The server side only needs the folder and the secret, as in a multi-process gateway.
     app = Starlette(routes=LocalStore(root, SECRET, "http://unused").routes())
-    with serve_app(app) as base_url:
+    protocol = {"http": http_protocol("/_store/")} if request.param == "opbox" else {}
+    with serve_app(app, **protocol) as base_url:
         yield root, base_url
 
 
@@ -134,7 +137,8 @@ class TestSignedUrls:
         head = httpx.head(store.download_url("here").url)
         assert head.status_code == 200 and head.headers["content-length"] == "5"
 
-    def test_broken_upload_leaves_nothing(self, store):
+    @pytest.mark.parametrize("sent", [5000, 3 * 1024 * 1024])  # before, and after, writes to the temp file began
+    def test_broken_upload_leaves_nothing(self, store, sent):
         url = urlsplit(store.upload_url("partial").url)
 
         def wait_for(condition) -> None:
@@ -144,8 +148,8 @@ class TestSignedUrls:
 
         with socket.create_connection((url.hostname, url.port)) as sock:
             sock.sendall(
-                f"PUT {url.path}?{url.query} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode()
-                + b"a" * 5000
+                f"PUT {url.path}?{url.query} HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * sent}\r\n\r\n".encode()
+                + b"a" * sent
             )
             wait_for(lambda: leftovers(store))
             assert leftovers(store), "the upload should be under way in a temp file"
@@ -194,3 +198,47 @@ class TestLocalSpecifics:
             open_store("ftp://host/x", secret="s", base_url="http://h")
         with pytest.raises(ConfigError, match="unknown"):
             open_store(str(tmp_path), secret="s", base_url="http://h", colour="red")
+
+
+class TestSendfile:
+    """On the gateway's protocol a download goes from the file to the socket with os.sendfile."""
+
+    @pytest.fixture
+    def sendfiles(self, monkeypatch) -> list[int]:
+        """The sizes sendfile sent, call by call (the server runs in this process)."""
+        import os
+
+        sent, real = [], os.sendfile
+
+        def counted(*args):
+            n = real(*args)
+            sent.append(n)
+            return n
+        monkeypatch.setattr(os, "sendfile", counted)
+        return sent
+
+    def test_a_download_is_sent_whole_by_sendfile(self, store, served, sendfiles, request):
+        data = bytes(range(256)) * (12 * 1024 * 1024 // 256 + 1)  # not a multiple of any buffer
+        store.put("big/blob", data)
+        got = httpx.get(store.download_url("big/blob").url, timeout=30)
+        assert got.status_code == 200 and got.headers["content-length"] == str(len(data))
+        assert got.content == data
+        if request.node.callspec.params["served"] == "opbox":
+            assert sum(sendfiles) == len(data)
+        else:
+            assert sendfiles == []  # plain uvicorn: starlette reads the file in chunks
+
+    def test_a_reader_that_leaves_midway_leaves_the_server_serving(self, store, served, sendfiles):
+        data = b"x" * (16 * 1024 * 1024)
+        store.put("big/left", data)
+        url = store.download_url("big/left").url
+        for _ in range(3):
+            with httpx.stream("GET", url, timeout=30) as resp:
+                assert resp.status_code == 200
+                next(resp.iter_raw(1024 * 1024))
+            # closed with most of the body unread
+        assert httpx.get(url, timeout=30).content == data
+        head = httpx.head(url, timeout=30)
+        assert head.status_code == 200 and head.headers["content-length"] == str(len(data)) and head.content == b""
+        ranged = httpx.get(url, headers={"Range": "bytes=10-19"}, timeout=30)
+        assert ranged.status_code == 206 and ranged.content == data[10:20]

@@ -8,7 +8,9 @@ only authority is the URL's signature (HMAC-SHA256 over op, key, expiry and size
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import functools
 import hashlib
 import hmac
 import os
@@ -281,21 +283,28 @@ class LocalStore:
             return _error(e)
 
         upload: _Upload | None = None
+        writing = None  # the write in flight: the next chunks are read while the disk takes these
         try:
             upload = await to_thread.run_sync(_Upload.begin, key, path)
-            size, buffer = 0, bytearray()
+            size, chunks, gathered = 0, [], 0
             digest = hashlib.sha256() if sha256 is not None else None  # hashed only when the URL binds a content
             async for chunk in request.stream():
                 size += len(chunk)
                 if max_size is not None and size > max_size:
                     raise PayloadTooLarge(f"the upload is larger than the {max_size} bytes allowed", max_size=max_size)
-                buffer += chunk
+                chunks.append(chunk)
+                gathered += len(chunk)
                 if digest is not None:
                     digest.update(chunk)
-                if len(buffer) >= _WRITE_BUFFER:
-                    await to_thread.run_sync(upload.write, bytes(buffer))
-                    buffer.clear()
-            await to_thread.run_sync(upload.write, bytes(buffer))
+                if gathered >= _WRITE_BUFFER:
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.get_running_loop().run_in_executor(None, upload.write, chunks)
+                    chunks, gathered = [], 0
+            if writing is not None:
+                await writing
+            writing = None
+            await to_thread.run_sync(upload.write, chunks)
             if sha256 is not None and digest.hexdigest() != sha256:
                 raise BadRequest(f"the upload's sha256 is {digest.hexdigest()}, not {sha256} as the signed URL "
                                  "says: nothing was stored", key=key)
@@ -305,8 +314,11 @@ class LocalStore:
         except ClientDisconnect:
             return _error(BadRequest("the client disconnected before the upload was complete"))
         finally:
-            if upload is not None:
-                upload.abort()  # no-op once committed
+            if upload is not None:  # (no-op once committed)
+                if writing is None:
+                    upload.abort()
+                else:  # a refused or broken upload: the temp file goes once its last write is out of its thread
+                    writing.add_done_callback(functools.partial(_abandon, upload))
         return JSONResponse({"key": key, "size": size})
 
     async def _get_endpoint(self, request: Request) -> Response:
@@ -342,9 +354,9 @@ class _Upload:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
         return cls(key, path, tmp, os.fdopen(fd, "wb"))
 
-    def write(self, data: bytes) -> None:
+    def write(self, chunks: list[bytes]) -> None:
         with _disk_errors("write", self.key):
-            self.file.write(data)
+            self.file.writelines(chunks)
 
     def commit(self) -> None:
         with _disk_errors("write", self.key):
@@ -358,6 +370,12 @@ class _Upload:
                 self.file.close()
             with suppress(OSError):
                 os.unlink(self.tmp)
+
+
+def _abandon(upload: _Upload, write: asyncio.Future) -> None:
+    if not write.cancelled():
+        write.exception()  # its failure (a full disk) is no news: the upload is refused anyway
+    upload.abort()
 
 
 def _atomic_write(path: Path, fill: Callable[[BinaryIO], object]) -> None:

@@ -333,6 +333,12 @@ class ImageBuilder(Protocol):
         takes ``network=True`` for the builds that need it (``Image(apt=...)``)."""
 
 
+# buildah's layer cache lookup fails when a layer it listed is removed before it reads it (another build's
+# cleanup, an image removed meanwhile): containers/buildah#5674 and #5615, fixed by ignoring it in #6688 (2026).
+# Nothing was built; the same build run again finds the cache as it is now.
+CACHE_RACE = "checking if cached image exists from a previous build: getting top layer info: layer not known"
+
+
 class PodmanBuilder:
     """Builds on this machine with ``podman build``.
 
@@ -380,6 +386,9 @@ class PodmanBuilder:
                    "--tag", tag, "--file", str(context_dir / "Dockerfile"), *self.extra_args, str(context_dir)]
             log("$ " + " ".join(cmd))
             code, output = self._stream(cmd, log)
+            if code != 0 and CACHE_RACE in output:
+                log(f"podman lost a cached layer while looking it up ({CACHE_RACE}): building again")
+                code, output = self._stream(cmd, log)
             if code != 0:
                 reason = "timed out" if code is None else f"exit {code}"
                 raise BuildError(f"building image {tag} failed ({reason})", log=output)

@@ -222,6 +222,41 @@ def test_podman_builder_is_an_image_builder():
     assert isinstance(PodmanBuilder(), ImageBuilder)
 
 
+FAKE_PODMAN = """#!/bin/sh
+# podman as buildah's cache race leaves it (containers/buildah#5615): the first build fails so, later ones work
+case "$1" in
+  image) exit 1 ;;
+  build)
+    echo build >> "$(dirname "$0")/calls"
+    if [ "$(wc -l < "$(dirname "$0")/calls")" -eq 1 ]; then
+      echo "Error: checking if cached image exists from a previous build: getting top layer info: layer not known"
+      exit 125
+    fi
+    echo "Successfully tagged $4"; exit 0 ;;
+esac
+"""
+
+
+def test_a_build_that_lost_a_cached_layer_while_looking_it_up_is_run_again(tmp_path):
+    fake = tmp_path / "bin" / "podman"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_PODMAN)
+    fake.chmod(0o755)
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "Dockerfile").write_text("FROM scratch\n")
+    lines: list[str] = []
+    builder = PodmanBuilder(str(fake), lock_dir=tmp_path / "locks")
+    assert builder.build(tmp_path / "ctx", "localhost/x:1", lines.append) == "localhost/x:1"
+    assert (tmp_path / "bin" / "calls").read_text().count("build") == 2
+    assert any("building again" in line for line in lines)
+    (tmp_path / "bin" / "calls").write_text("")  # any other failure is not retried
+    fake.write_text("#!/bin/sh\ncase \"$1\" in image) exit 1;; build) echo build >> \"$(dirname \"$0\")/calls\"; "
+                    "echo 'Error: no space left'; exit 125;; esac\n")
+    with pytest.raises(BuildError, match="exit 125"):
+        builder.build(tmp_path / "ctx", "localhost/x:2", lines.append)
+    assert (tmp_path / "bin" / "calls").read_text().count("build") == 1
+
+
 # --- real builds -----------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import itertools
 import os
 import sys
@@ -13,10 +14,14 @@ from pathlib import Path
 
 import pytest
 
+import platform_fixture
 from platform_fixture import running_platform
 
 _counter = itertools.count()
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# where the platforms the tests start keep their records: "sqlite" (each home's state file, the default) or
+# "postgres" (a fresh database per home on the session's PostgreSQL; `make test` runs the end-to-end modules so)
+TEST_DATABASE = os.environ.get("OPBOX_TEST_DATABASE") or "sqlite"
 
 
 def require(condition: bool, why: str) -> None:
@@ -50,6 +55,26 @@ def user_module(folder: Path, name: str, source: str):
         sys.modules.pop(name, None)
 
 
+def pytest_configure(config):
+    if TEST_DATABASE not in ("sqlite", "postgres"):
+        raise pytest.UsageError(f"OPBOX_TEST_DATABASE must be sqlite or postgres, got {TEST_DATABASE!r}")
+    if TEST_DATABASE == "postgres":  # asked for by name: missing parts are an error, not a session of skips
+        from pg_server import find_bin
+
+        if importlib.util.find_spec("psycopg") is None or find_bin() is None:
+            raise pytest.UsageError("OPBOX_TEST_DATABASE=postgres needs psycopg (pip install 'opbox[postgres]') and "
+                                    "PostgreSQL's server (scripts/setup-postgres.sh)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_database(request):
+    """Under OPBOX_TEST_DATABASE=postgres, every platform a test starts keeps its records on PostgreSQL."""
+    if TEST_DATABASE == "postgres":
+        platform_fixture.use_postgres(request.getfixturevalue("pg_server").database)
+    yield TEST_DATABASE
+    platform_fixture.use_postgres(None)
+
+
 @pytest.fixture(scope="session")
 def pg_server():
     """A real PostgreSQL from the machine's packages (scripts/setup-postgres.sh installs it), for the session."""
@@ -67,7 +92,8 @@ def pg_server():
     server.stop()
 
 
-STATE_KINDS = ("sqlite", "postgres")
+# under OPBOX_TEST_DATABASE=postgres everything runs on PostgreSQL: the SQLite half would be a second PostgreSQL run
+STATE_KINDS = ("postgres",) if TEST_DATABASE == "postgres" else ("sqlite", "postgres")
 
 
 @pytest.fixture(scope="module", params=STATE_KINDS)
@@ -75,7 +101,7 @@ def state_env(request) -> dict:
     """The environment of a platform on SQLite (its home's state file) or on a fresh PostgreSQL database;
     end-to-end modules that ask for it run once on each."""
     if request.param == "sqlite":
-        return {}
+        return dict(platform_fixture.ON_SQLITE)
     return {"OPBOX_DATABASE_URL": request.getfixturevalue("pg_server").database()}
 
 

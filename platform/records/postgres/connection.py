@@ -82,16 +82,38 @@ class Database:
     # one statement, one round trip -----------------------------------------------------------
     def one(self, sql: str, params: Any = None) -> tuple | None:
         with self.conn() as conn:
-            return conn.execute(sql, params).fetchone()
+            return _execute(conn, sql, params).fetchone()
 
     def all(self, sql: str, params: Any = None) -> list[tuple]:
         with self.conn() as conn:
-            return conn.execute(sql, params).fetchall()
+            return _execute(conn, sql, params).fetchall()
 
     def run(self, sql: str, params: Any = None) -> int:
         """Rows changed."""
         with self.conn() as conn:
-            return conn.execute(sql, params).rowcount
+            return _execute(conn, sql, params).rowcount
+
+
+def _execute(conn: psycopg.Connection, sql: str, params: Any) -> psycopg.Cursor:
+    """PostgreSQL's text cannot hold NUL, which a user's exception message, a build's output or a query string
+    may: U+FFFD stands in for it, written or looked up (psycopg refuses it before sending, so the statement is
+    sent again; nothing is checked on the way when there is none)."""
+    try:
+        return conn.execute(sql, params)
+    except pg_errors.DataError as exc:
+        if "NUL" not in str(exc):
+            raise
+        return conn.execute(sql, _without_nul(params))
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {k: _without_nul(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_without_nul(v) for v in value)
+    return value
 
 
 DISK_FULL = "53100"

@@ -481,6 +481,23 @@ def test_only_a_dead_gateway_s_runs_are_queued_again_and_its_builds_failed(pg_se
         b.close()
 
 
+def test_gateways_of_another_database_on_the_server_do_not_keep_builds_building(pg_server):
+    """Advisory locks are per database but pg_locks lists the whole server's: another opbox database's live
+    gateway (another module's platform, a staging database beside production) is not one of this database's."""
+    from opbox.platform.records.postgres import open_postgres
+
+    elsewhere, here = open_postgres(pg_server.database()), open_postgres(pg_server.database())
+    try:
+        elsewhere.leadership.start()
+        here.leadership.start()
+        assert here.leadership.held(), "each database has a leader of its own"
+        _version(here)
+        assert here.jobs.fail_unfinished_builds("interrupted") == 1
+    finally:
+        elsewhere.close()
+        here.close()
+
+
 def test_the_database_url_and_the_shared_secret_are_checked(tmp_path, monkeypatch):
     from opbox.platform.core import _secret, open_records
 

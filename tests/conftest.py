@@ -56,6 +56,14 @@ def user_module(folder: Path, name: str, source: str):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "sqlite_only: keeps its platforms on SQLite whatever OPBOX_TEST_DATABASE says "
+                                       "(the test is about the SQLite state file itself)")
+    config.addinivalue_line("markers", "both_databases: runs on SQLite and on PostgreSQL by its own parameters "
+                                       "(implied by the state_env and pg_server fixtures)")
+    config.addinivalue_line("markers", "image_builds: builds container images (podman, kaniko, BuildKit): minutes "
+                                       "of builds whose records test_deploy's and test_projects' make too")
+    config.addinivalue_line("markers", "postgres_pass: set here on the tests that start a platform and run on "
+                                       "SQLite alone by default; `make test` runs them with OPBOX_TEST_DATABASE=postgres")
     if TEST_DATABASE not in ("sqlite", "postgres"):
         raise pytest.UsageError(f"OPBOX_TEST_DATABASE must be sqlite or postgres, got {TEST_DATABASE!r}")
     if TEST_DATABASE == "postgres":  # asked for by name: missing parts are an error, not a session of skips
@@ -64,6 +72,33 @@ def pytest_configure(config):
         if importlib.util.find_spec("psycopg") is None or find_bin() is None:
             raise pytest.UsageError("OPBOX_TEST_DATABASE=postgres needs psycopg (pip install 'opbox[postgres]') and "
                                     "PostgreSQL's server (scripts/setup-postgres.sh)")
+
+
+_STARTERS = (platform_fixture.start, platform_fixture.running_platform, platform_fixture.Gateway)
+
+
+def _starts_a_platform(item) -> bool:
+    """It uses ``plat``, or its module starts platforms with platform_fixture's helpers."""
+    module = getattr(item, "module", None)
+    return "plat" in item.fixturenames or any(value in _STARTERS for value in vars(module or object).values())
+
+
+def _own_databases(item) -> bool:
+    return bool(item.get_closest_marker("both_databases") or {"state_env", "pg_server"} & set(item.fixturenames))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark for `make test`'s PostgreSQL pass the modules that start platforms and leave their database to the
+    switch; a module choosing its databases for some of its tests (state_env, pg_server, both_databases) chose
+    for all of them; sqlite_only and image_builds ones stay out. A test marked postgres_pass by hand is in."""
+    own = {getattr(item, "module", None) for item in items if _own_databases(item)}
+    for item in items:
+        if item.get_closest_marker("postgres_pass"):
+            continue
+        if item.get_closest_marker("sqlite_only") or item.get_closest_marker("image_builds") \
+                or getattr(item, "module", None) in own or not _starts_a_platform(item):
+            continue
+        item.add_marker(pytest.mark.postgres_pass)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytestmark = pytest.mark.sqlite_only  # the full disk is the one under the SQLite state file (ON_SQLITE below)
+
 from opbox import envelope
 from opbox.errors import OpboxError, RunFailed, StorageFull
 from opbox.platform.control.runs import Runs

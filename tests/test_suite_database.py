@@ -18,6 +18,7 @@ def on_postgres(pg_server, monkeypatch):
     monkeypatch.setattr(platform_fixture, "_fresh_database", pg_server.database)
 
 
+@pytest.mark.postgres_pass  # the module chooses PostgreSQL for the others: this one checks the switch
 def test_a_platform_keeps_its_records_where_the_session_says(plat, client):
     client.post("/tokens", json={"name": "where"})
     url = plat.env.get("OPBOX_DATABASE_URL")

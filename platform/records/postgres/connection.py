@@ -82,28 +82,34 @@ class Database:
     # one statement, one round trip -----------------------------------------------------------
     def one(self, sql: str, params: Any = None) -> tuple | None:
         with self.conn() as conn:
-            return _execute(conn, sql, params).fetchone()
+            try:
+                return conn.execute(sql, params).fetchone()
+            except pg_errors.DataError as exc:
+                return _without_nul_again(conn, sql, params, exc).fetchone()
 
     def all(self, sql: str, params: Any = None) -> list[tuple]:
         with self.conn() as conn:
-            return _execute(conn, sql, params).fetchall()
+            try:
+                return conn.execute(sql, params).fetchall()
+            except pg_errors.DataError as exc:
+                return _without_nul_again(conn, sql, params, exc).fetchall()
 
     def run(self, sql: str, params: Any = None) -> int:
         """Rows changed."""
         with self.conn() as conn:
-            return _execute(conn, sql, params).rowcount
+            try:
+                return conn.execute(sql, params).rowcount
+            except pg_errors.DataError as exc:
+                return _without_nul_again(conn, sql, params, exc).rowcount
 
 
-def _execute(conn: psycopg.Connection, sql: str, params: Any) -> psycopg.Cursor:
+def _without_nul_again(conn: psycopg.Connection, sql: str, params: Any, exc: Exception) -> psycopg.Cursor:
     """PostgreSQL's text cannot hold NUL, which a user's exception message, a build's output or a query string
-    may: U+FFFD stands in for it, written or looked up (psycopg refuses it before sending, so the statement is
-    sent again; nothing is checked on the way when there is none)."""
-    try:
-        return conn.execute(sql, params)
-    except pg_errors.DataError as exc:
-        if "NUL" not in str(exc):
-            raise
-        return conn.execute(sql, _without_nul(params))
+    may: U+FFFD stands in for it, written or looked up. psycopg refuses it before sending, so the statement is
+    sent again (nothing is checked on the way when there is none)."""
+    if "NUL" not in str(exc):
+        raise exc
+    return conn.execute(sql, _without_nul(params))
 
 
 def _without_nul(value: Any) -> Any:

@@ -18,17 +18,17 @@ from opbox.errors import ConfigError
 from .backends.base import MirrorsSecrets, Serving, WorkerPools, require, supports
 from .backends.registry import make_backend, make_builder
 from .control import admin
-from .control.auth import Auth, RateLimit
+from .control.auth import SERVICE_DELETED, TOKENS_REVOKED, Auth, RateLimit
 from .control.deploys import Deploys
 from .control.files import Files
 from .control.items import RunItems
 from .control.payloads import Payloads
 from .ids import check_workspace
-from .control.runs import Limits, Runs
+from .control.runs import CANCEL_PREFIX, Limits, Runs
 from .control.retention import Retention
 from .control.schedules import Schedules
 from .control.secrets import Secrets, load_key
-from .control.services import Services
+from .control.services import SERVICE_CHANGED, Services
 from .control.views import Views
 from .records.base import Records
 from .records.sqlite import open_sqlite
@@ -37,6 +37,8 @@ from .settings import Settings
 from .tracing import run_spans
 
 log = logging.getLogger("opbox.platform")
+CLAIM_EVERY = 1.0  # seconds between the leader's looks for the runs of gateways that died
+FORGET_TOKENS_EVERY = 5  # of those: several gateways read tokens from the records again this often
 
 
 def _secret(home: Path, given: Path | None = None) -> bytes:
@@ -136,6 +138,8 @@ class Platform:
         self.services = Services(self.records, self.backend, self.deploys, settings.max_payload,
                                  base_url=lambda: self.settings.url, on_delete=self.auth.service_deleted)
         self.runs.on_run_end = self.auth.run_ended  # a run's caller token lives while it runs (jobs calling jobs)
+        self.auth.publish = self.runs.notifier.notify  # and, several gateways sharing the records, to the others
+        self.services.publish = self.runs.notifier.notify
         if supports(self.backend, WorkerPools):
             self.auth.held_run = require(self.backend, WorkerPools).held_run
         if bound_url:
@@ -147,6 +151,7 @@ class Platform:
         self.runs.spans = run_spans()  # OTEL_EXPORTER_OTLP_ENDPOINT and opbox[otel]: a span per run, at its end
         self.metrics.gauges(self._levels)  # the runs API across jobs, maps' progress, the dashboard's overview
         self._collector: asyncio.Task | None = None  # runs the retention every gc_interval
+        self._claimer: asyncio.Task | None = None  # the leader's: takes over the runs of gateways that died
 
     def _secrets_changed(self, workspace: str) -> None:
         """Resolve the workspace's versions again when next used, here and (``secrets:`` notice) on the other
@@ -155,9 +160,27 @@ class Platform:
         self.runs.notifier.notify(f"secrets:{workspace}")
 
     def _delivered(self, key: str) -> None:
-        """A notice from another gateway: wake the waiters for it; a workspace's secrets changed there."""
+        """A notice from another gateway: wake the waiters for it, and act on what changed there: a workspace's
+        secrets, a run cancelled (``cancel:``: this gateway's worker may run it), an item of a map ended, a run
+        ended (its caller token and its children here), a token revoked, a service deleted."""
         if key.startswith("secrets:"):
             self.runs.forget_versions(key.removeprefix("secrets:"))
+        elif key.startswith(CANCEL_PREFIX):
+            self.runs.stop_worker(key.removeprefix(CANCEL_PREFIX))
+        elif key.startswith("batch:"):  # an item of a map ended there: a slot of its concurrency may be free
+            self.runs.batch_progress(key.removeprefix("batch:"))
+        elif key.startswith("r-"):  # a run ended there: its caller token is revoked here too, its children go
+            self.auth.run_ended(key)
+            self.runs.ended_elsewhere(key)
+        elif key == TOKENS_REVOKED:
+            self.auth.forget_cached()
+        elif key.startswith(SERVICE_DELETED):
+            workspace, _, name = key.removeprefix(SERVICE_DELETED).partition("/")
+            self.auth.service_deleted(workspace, name, here=False)
+            asyncio.ensure_future(self.services.follow(workspace, name))
+        elif key.startswith(SERVICE_CHANGED):  # deployed again there: replicas of this gateway's own follow
+            workspace, _, name = key.removeprefix(SERVICE_CHANGED).partition("/")
+            asyncio.ensure_future(self.services.follow(workspace, name))
         self.runs.notifier.deliver(key)
 
     def _schedule_from_deploy(self, workspace: str, job, spec: dict) -> None:
@@ -232,11 +255,39 @@ class Platform:
         failed_builds = self.deploys.recover()
         if failed_builds:
             log.warning("%d builds were interrupted by a stop of the platform: their versions failed", failed_builds)
-        requeued = self.runs.recover()
-        if requeued:
-            log.info("requeued %d runs after restart", requeued)
-        self.schedules.start(leads=self.records.leadership.held, shared=self.records.leadership.shared)
+        leadership = self.records.leadership
+        if not leadership.shared or leadership.held():  # else the leader takes over what dead gateways left
+            requeued = self.runs.recover()
+            if requeued:
+                log.info("took over %d open runs at start", requeued)
+        self.schedules.start(leads=leadership.held, shared=leadership.shared)
         self._collector = asyncio.ensure_future(self._collect_every(self.settings.gc_interval))
+        if leadership.shared:
+            self._claimer = asyncio.ensure_future(self._share_every(CLAIM_EVERY))
+
+    async def _share_every(self, interval: float) -> None:
+        """Several gateways on one database: each counts the open runs of the others (the open-runs quota is
+        the workspace's, not a gateway's); the leader takes over the open runs of gateways that died (their
+        queued runs, and their running ones, which lost their workers with them), so their maps finish here."""
+        ticks = 0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.runs.count_open_elsewhere()
+            except Exception:  # the database is away: the last counts stand
+                log.exception("counting the other gateways' open runs failed")
+            ticks += 1
+            if ticks % FORGET_TOKENS_EVERY == 0:  # a revocation whose notice was lost holds this long at most
+                self.auth.forget_cached()
+            if not self.records.leadership.held():
+                continue
+            try:
+                taken = self.runs.recover("requeued: the gateway that ran it stopped")
+            except Exception:  # the database is away: try again next time
+                log.exception("taking over the runs of stopped gateways failed")
+                continue
+            if taken:
+                log.warning("took over %d open runs of gateways that stopped", taken)
 
     async def _collect_every(self, interval: float) -> None:
         while True:
@@ -272,8 +323,9 @@ class Platform:
             log.warning("stopping with %d runs still running: they run again after the restart", pools.busy())
 
     async def close(self) -> None:
-        if self._collector is not None:
-            self._collector.cancel()
+        for task in (self._collector, self._claimer):
+            if task is not None:
+                task.cancel()
         self.schedules.close()
         await self.proxy.close()
         await self.backend.close()

@@ -13,6 +13,7 @@ class SwitchableProxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self.accepted = 0  # connections passed on
 
     @property
     def url(self) -> str:
@@ -56,8 +57,10 @@ class SwitchableProxy:
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # the timeout was for the connect: a long-poll may be silent for minutes
             with self._lock:
                 self._conns += [client, upstream]
+                self.accepted += 1
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -74,3 +77,37 @@ class SwitchableProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+class Failover(SwitchableProxy):
+    """A TCP front for several servers, as a Kubernetes Service is for a Deployment's replicas: each new
+    connection goes to the first target that accepts it (so one takes everything while it lives, and the
+    next once it has died); connections to a server that dies end when it does."""
+
+    def __init__(self, targets: list[tuple[str, int]]):
+        super().__init__(*targets[0])
+        self.targets = targets
+        self.served: dict[tuple[str, int], int] = {t: 0 for t in targets}  # connections each target took
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = None
+            for target in self.targets:
+                try:
+                    upstream = socket.create_connection(target, timeout=5)
+                except OSError:
+                    continue
+                upstream.settimeout(None)
+                self.served[target] += 1
+                break
+            if upstream is None:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()

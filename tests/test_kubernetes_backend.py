@@ -26,6 +26,7 @@ from opbox import Jobs, Operator, RunCancelled, RunFailed, RunHandle, RunTimeout
 from opbox.errors import Unavailable
 from opbox.platform.settings import Settings
 from platform_fixture import running_platform
+from tcp_proxy import SwitchableProxy
 from podman_env import e2e_code, podman, remove_images, wheelhouse  # noqa: F401 (fixtures)
 
 # one of its own per test process: the images are labelled with it, and removed by it at the end,
@@ -104,13 +105,25 @@ def kube(podman, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def plat(kube, podman, wheelhouse, tmp_path_factory):
-    env = {"OPBOX_BACKEND": "kubernetes", "KUBECONFIG": str(kube.kubeconfig), "OPBOX_WHEELHOUSE": str(wheelhouse),
+def worker_front():
+    """Where pool workers reach the gateway (OPBOX_K8S_WORKER_URL): another address of it, as a replica's pod IP is
+    beside its Service; pointed at the gateway once it listens."""
+    front = SwitchableProxy("127.0.0.1", 9)
+    front.up()
+    yield front
+    front.down()
+
+
+@pytest.fixture(scope="module")
+def plat(kube, podman, wheelhouse, tmp_path_factory, worker_front):
+    env = {"OPBOX_K8S_WORKER_URL": worker_front.url,"OPBOX_BACKEND": "kubernetes", "KUBECONFIG": str(kube.kubeconfig), "OPBOX_WHEELHOUSE": str(wheelhouse),
            "OPBOX_WORKSPACE": WORKSPACE, "OPBOX_K8S_MAX_INFLIGHT": "3", "OPBOX_K8S_WATCH_TIMEOUT": "20",
            "OPBOX_K8S_WORKSPACE_INFLIGHT": "3", "OPBOX_K8S_IMAGE_PULL_PATIENCE": "3",
            "OPBOX_K8S_POOL_WORKERS": "3", "OPBOX_K8S_ITEMS_PER_WORKER": "2", "OPBOX_WORKER_IDLE": "5",
            "OPBOX_K8S_ENV": json.dumps({"TEAM_SETTING": "from-operator"})}
     with running_platform(tmp_path_factory.mktemp("home"), extra_env=env, timeout=60) as running:
+        host, port = running.url.removeprefix("http://").rsplit(":", 1)
+        worker_front.target = (host, int(port))
         yield running
     remove_images(podman, WORKSPACE)
 
@@ -127,7 +140,7 @@ def jobs_of(kube: FakeKube, run_id: str) -> list[dict]:
             if res == "jobs" and ns == NAMESPACE and o["metadata"]["labels"].get("opbox.dev/run", "").lower() == label]
 
 
-def test_call_runs_as_a_job_with_the_runs_image(fns, kube, client):
+def test_call_runs_as_a_job_with_the_runs_image(fns, kube, client, plat):
     run = fns["score"].submit(4)
     assert run.result(timeout=60) == 8
     assert "scoring 4" in "".join(run.logs())
@@ -139,6 +152,7 @@ def test_call_runs_as_a_job_with_the_runs_image(fns, kube, client):
     assert container["image"].startswith(f"localhost/opbox-{WORKSPACE}-scorer:")
     env = {e["name"]: e for e in container["env"]}
     assert env["TEAM_SETTING"]["value"] == "from-operator"
+    assert env["OPBOX_GATEWAY_URL"]["value"] == plat.url, "a run's pod hands in through the gateway's Service"
     assert env["OPBOX_RUN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == f"opbox-run-{run.id.lower()}-token"
     secret = kube.store.get("secrets", NAMESPACE, f"opbox-run-{run.id.lower()}-token")
     assert secret["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
@@ -199,8 +213,9 @@ def worker_jobs(kube: FakeKube, job_id: str) -> list[dict]:
             and o["metadata"]["labels"]["opbox.dev/job"] == job_id.lower()]
 
 
-def test_map_items_go_to_a_pool_of_worker_pods_not_a_job_each(fns, kube, plat):
+def test_map_items_go_to_a_pool_of_worker_pods_not_a_job_each(fns, kube, plat, worker_front):
     before = {k for k in kube.store.objects if k[0] in ("jobs", "pods")}
+    through_front = worker_front.accepted
     out = fns["score"].map(range(7), progress=False)
     assert out == [x * 2 for x in range(7)]
     new_jobs = [kube.store.objects[k] for k in kube.store.objects if k[0] == "jobs" and k not in before]
@@ -217,6 +232,8 @@ def test_map_items_go_to_a_pool_of_worker_pods_not_a_job_each(fns, kube, plat):
     env = {e["name"]: e for e in container["env"]}
     assert env["OPBOX_POOL"]["value"] == f"{fns['score'].job_id}.v1" and "secretKeyRef" in env["OPBOX_RUN_TOKEN"]["valueFrom"]
     assert env["OPBOX_WORKER_ID"]["value"] == job["metadata"]["name"] + "-$(OPBOX_WORKER_INDEX)"
+    # workers reach the replica that holds their pool (OPBOX_K8S_WORKER_URL), and did: the items came through it
+    assert env["OPBOX_GATEWAY_URL"]["value"] == worker_front.url and worker_front.accepted > through_front
     secrets_made = [k for k in kube.store.objects if k[0] == "secrets" and k[2] == job["metadata"]["name"] + "-token"]
     assert len(secrets_made) == 1, "one token Secret for the Job"
     status = plat.client().get("/status").json()

@@ -31,7 +31,7 @@ class Events:
     def run_args(self, run_id):
         return None
 
-    def run_started(self, run_id, worker):
+    def run_started(self, run_id, worker, pooled=False):
         return True
 
     def run_finished(self, run_id, outcome, payload, error_type=None):

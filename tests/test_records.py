@@ -58,10 +58,10 @@ def test_a_run_is_created_once_started_once_and_finished_with_its_result(records
     runs.create(_run("r-1"), b"OTHER")  # a resend: ignored, its bytes not counted twice
     assert runs.args("r-1") == b"ARGS" and records.usage.of("ws") == 4
     run = runs.get("r-1")
-    assert (run.status, run.attempt, run.worker, run.done_seq) == ("queued", 0, None, None)
+    assert (run.status, run.attempt, run.done_seq) == ("queued", 0, None)
+    assert (run.worker or "/").endswith("/"), "no worker yet (PostgreSQL: the gateway whose queue holds it)"
     assert runs.get("r-missing") is None and runs.args("r-missing") is None
     assert runs.open_counts("ws") == {"queued": 1}
-    assert [r.id for r in runs.queued()] == ["r-1"]
     assert runs.start("r-1", "w1", 2.0) is True
     assert runs.start("r-1", "w2", 3.0) is False, "a run is leased once"
     run = runs.get("r-1")
@@ -69,7 +69,7 @@ def test_a_run_is_created_once_started_once_and_finished_with_its_result(records
     ended, complete = runs.finish(run, "succeeded", 5.0, None, None, b"RESULT!")
     assert (ended.status, ended.finished_at, ended.started_at, complete) == ("succeeded", 5.0, 2.0, False)
     assert runs.result("r-1") == b"RESULT!" and records.usage.of("ws") == 11
-    assert runs.open_counts("ws") == {} and runs.queued() == []
+    assert runs.open_counts("ws") == {}
 
 
 def test_stored_payloads_keep_their_key_size_and_head(records):
@@ -87,7 +87,7 @@ def test_retries_record_attempts_and_requeue(records):
     assert runs.append_log("r-1", b"first attempt\n", 1000, b"[dropped]", False)
     runs.retry(runs.get("r-1"), "failed", "ValueError: no", "ValueError", 3.0, 10.0)
     run = runs.get("r-1")
-    assert (run.status, run.attempt, run.retry_at, run.worker) == ("queued", 1, 10.0, None)
+    assert (run.status, run.attempt, run.retry_at) == ("queued", 1, 10.0) and (run.worker or "/").endswith("/")
     assert run.exit_reason == "attempt 1 failed: ValueError: no"
     (attempt,) = runs.attempts("r-1")
     assert (attempt.attempt, attempt.status, attempt.started_at, attempt.finished_at, attempt.log_seq) == \
@@ -97,8 +97,15 @@ def test_retries_record_attempts_and_requeue(records):
     run = runs.get("r-1")
     assert (run.status, run.exit_reason, run.attempt) == ("queued", "pod evicted", 1)
     runs.start("r-1", "w3", 12.0)
-    runs.requeue_running("restart")
-    assert runs.get("r-1").status == "queued" and runs.get("r-1").exit_reason == "restart"
+    runs.create(_run("r-2"), b"B")
+    runs.create(_run("r-3"), b"C")
+    runs.finish(runs.get("r-3"), "succeeded", 13.0, None, None, b"")
+    claimed = runs.claim_orphans("restart")
+    if records.leadership.shared:  # its own gateway lives: nothing of its is an orphan (see the gateways' test)
+        assert claimed == [] and runs.get("r-1").status == "running"
+    else:  # alone on its file, at start: every open run, the running ones queued again
+        assert [(r.id, r.status, r.exit_reason) for r in claimed] == [("r-1", "queued", "restart"), ("r-2", "queued", None)]
+        assert runs.get("r-1").status == "queued" and runs.get("r-3").status == "succeeded"
 
 
 def test_logs_append_in_order_and_drop_the_oldest_past_the_limit(records):
@@ -353,8 +360,16 @@ def test_schedules(records):
     records.schedules.put(ScheduleRecord("s3", "ws", "j2", {"every": 10}, 0.0, 10.0, False, False, None, None, None,
                                          6.0, 6.0))
     assert [s.id for s in records.schedules.active()] == ["s3", "s1"]
-    records.schedules.fired("s1", 65.0, True, 35.0, "r-x", None)
-    records.schedules.fired("s1", 95.0, False, None, None, "no version")
+    seen = records.schedules.get("ws", "j1")
+    fire = NewRun("r-x", "ws", "j1", 1, "schedule", 35.0, 0, None, None, None, "s1")
+    assert records.schedules.fired(seen, 65.0, True, 35.0, "r-x", None, (fire, b"ARGS"))
+    assert records.runs.get("r-x").schedule_id == "s1" and records.runs.args("r-x") == b"ARGS"
+    # a second gateway that read the schedule before that fire fires nothing: the fire happened once
+    again = NewRun("r-y", "ws", "j1", 1, "schedule", 35.5, 0, None, None, None, "s1")
+    assert not records.schedules.fired(seen, 65.0, True, 35.5, "r-y", None, (again, b"ARGS"))
+    assert records.runs.get("r-y") is None and records.usage.of("ws") == 4
+    assert not records.schedules.fired(seen, 95.0, False, None, None, "no version")
+    assert records.schedules.fired(records.schedules.get("ws", "j1"), 95.0, False, None, None, "no version")
     got = records.schedules.get("ws", "j1")
     assert (got.next_fire_at, got.pending, got.last_fire_at, got.last_run_id, got.last_error) == \
         (95.0, False, 35.0, "r-x", "no version")
@@ -445,10 +460,10 @@ def test_gateways_opening_one_postgres_database_at_once_migrate_it_once(pg_serve
         r.close()
 
 
-def test_only_a_dead_gateway_s_runs_are_queued_again_and_its_builds_failed(pg_server):
-    """Gateways on one database: each holds a liveness lock while it lives; a gateway (re)starting queues
-    again the running runs of gateways that died, never those of live ones, and fails their builds only
-    when no other gateway lives."""
+def test_only_a_dead_gateway_s_runs_are_taken_over_and_its_builds_failed(pg_server):
+    """Gateways on one database: each holds a liveness lock while it lives; the leader takes over the open runs
+    of gateways that died (running ones queued again), never those of live ones, and fails their builds only
+    when no other gateway lives. A run taken over is started by its new gateway only."""
     from opbox.platform.records.postgres import open_postgres
 
     url = pg_server.database()
@@ -460,19 +475,24 @@ def test_only_a_dead_gateway_s_runs_are_queued_again_and_its_builds_failed(pg_se
         for records, run_id in ((a, "r-a"), (b, "r-b")):
             records.runs.create(_run(run_id), b"")
             assert records.runs.start(run_id, "w1", 1.0)
+        a.runs.create(_run("r-a-queued"), b"")
+        a.batches.create("b-1", "ws", "j1", 1, None, 1.0)
+        a.batches.add_items("b-1", [_run("r-a-item", batch="b-1", index=0)], [b""])
+        assert not b.runs.start("r-a-queued", "w9", 1.0), "a queued run is started by the gateway whose queue holds it"
         _version(a)
-        b.runs.requeue_running("restart")
+        assert b.runs.claim_orphans("restart") == []
         assert a.runs.get("r-a").status == "running" and b.runs.get("r-b").status == "running"
         assert b.jobs.fail_unfinished_builds("interrupted") == 0, "gateway a may be building it"
         a.leadership.close()  # as a's process dying closes its connection: the server drops its locks
         from conftest import wait_for
 
-        def requeued() -> bool:  # the server ends a closed session's backend (and its locks) a moment later
-            b.runs.requeue_running("its gateway died")
-            return a.runs.get("r-a").status == "queued"
-
-        wait_for(requeued, timeout=10)
-        assert a.runs.get("r-a").exit_reason == "its gateway died"
+        # the server ends a closed session's backend (and its locks) a moment later
+        claimed = wait_for(lambda: b.runs.claim_orphans("its gateway died"), timeout=10)
+        assert [(r.id, r.status, r.exit_reason) for r in claimed] == [
+            ("r-a", "queued", "its gateway died"), ("r-a-item", "queued", None), ("r-a-queued", "queued", None)]
+        assert b.runs.claim_orphans("again") == [], "each run is taken over once"
+        assert not a.runs.start("r-a-item", "w1", 2.0), "what b took over, a no longer starts"
+        assert b.runs.start("r-a-item", "w2", 2.0) and b.runs.start("r-a", "w3", 2.0)
         assert b.runs.get("r-b").status == "running"
         assert b.jobs.fail_unfinished_builds("interrupted") == 1
         wait_for(b.leadership.held, timeout=10)

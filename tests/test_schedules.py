@@ -17,7 +17,7 @@ import pytest
 from conftest import wait_for
 from opbox import Cron, Jobs, Period, ValidationError
 from opbox.platform.control.schedules import Schedules
-from opbox.platform.records.base import JobRecord
+from opbox.platform.records.base import JobRecord, NewRun
 from opbox.platform.records.sqlite import open_sqlite
 from platform_fixture import running_platform
 
@@ -69,10 +69,14 @@ class FakeRuns:
     def __init__(self):
         self.made: list[FakeRun] = []
 
-    def create(self, version, payload, trigger, schedule_id=None):
+    def create(self, version, payload, trigger, schedule_id=None, write=None):
         assert trigger == "schedule" and schedule_id
-        self.made.append(FakeRun(f"r{len(self.made)}"))
-        return self.made[-1].id
+        run_id = f"r-{len(self.made):021x}"
+        if write is not None and not write(NewRun(run_id, "default", JOB.id, 1, trigger, 0.0, 0, None, None, None,
+                                                  schedule_id), payload):
+            return None  # Runs.create: the records declined (the schedule changed since it was read)
+        self.made.append(FakeRun(run_id))
+        return run_id
 
     def find(self, run_id):
         return next((r for r in self.made if r.id == run_id), None)
@@ -109,6 +113,23 @@ def stepped(tmp_path, request):
     records.close()
 
 
+def test_a_fire_happens_once_when_a_leader_fires_what_another_fired_after_reading_it(stepped):
+    """A leader reads a due schedule and stalls (or dies) before it fires; the next leader fires it. The first one's
+    fire, from what it read, starts nothing: the run is written with the fire, only if the schedule is unchanged."""
+    make, now, runs, records = stepped
+    stale, leader = make(), make()
+    row = leader.set("default", JOB, Period(minutes=15))
+    now[0] += 900
+    seen = records.schedules.get("default", JOB.id)
+    leader.tick(now[0])
+    assert len(runs.made) == 1
+    stale._fire(seen, 1, seen.next_fire_at + 900, now[0])
+    assert len(runs.made) == 1 and records.runs.get(f"r-{1:021x}") is None
+    after = records.schedules.get("default", JOB.id)
+    assert (after.last_run_id, after.next_fire_at) == (runs.made[0].id, row.next_fire_at + 900)
+    assert records.runs.get(runs.made[0].id).schedule_id == row.id
+
+
 def test_a_period_fires_on_time_and_its_next_fire_is_durable(stepped):
     make, now, runs, records = stepped
     schedules = make()
@@ -119,7 +140,7 @@ def test_a_period_fires_on_time_and_its_next_fire_is_durable(stepped):
     schedules.tick(now[0])
     assert len(runs.made) == 1
     after = records.schedules.get("default", JOB.id)
-    assert after.last_run_id == "r0" and after.next_fire_at == row.next_fire_at + 900
+    assert after.last_run_id == runs.made[0].id and after.next_fire_at == row.next_fire_at + 900
     runs.end_all()
     again = make()  # a restarted gateway reads the next fire time from the state file
     assert again.get("default", JOB).next_fire_at == after.next_fire_at

@@ -117,8 +117,9 @@ class RunEvents(Protocol):
 
     def run_args(self, run_id: str) -> Payload | None: ...
 
-    def run_started(self, run_id: str, worker: str) -> bool:
-        """Mark the run running; False means it is no longer wanted (cancelled): skip it."""
+    def run_started(self, run_id: str, worker: str, pooled: bool = False) -> bool:
+        """Mark the run running; False means skip it: it is no longer wanted (cancelled), or (``pooled``: a
+        warm worker's lease, which can wait) its map's concurrency is taken on other gateways and it waits."""
 
     def run_finished(self, run_id: str, outcome: str, payload: Payload, error_type: str | None = None) -> None: ...
 

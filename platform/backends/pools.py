@@ -308,7 +308,7 @@ class PoolManager:
     def _lease(self, worker: Worker, ticket: RunTicket) -> Lease | None:
         if not self.fair.admit(ticket):  # its workspace is at its share: it waits in FairShare
             return None
-        if not self.events.run_started(ticket.run_id, worker.id):
+        if not self.events.run_started(ticket.run_id, worker.id, pooled=True):
             self._release(ticket.workspace)
             return None
         args = self.events.run_args(ticket.run_id)

@@ -103,6 +103,7 @@ class ServiceMethods:
     """The ``Serving`` and ``ServiceLogs`` abilities, for backends whose ``services`` are ``Replicas``."""
 
     services: "Replicas"
+    replicas_per_gateway = True  # each gateway runs its own (processes, containers): several gateways each serve
 
     async def deploy_service(self, service: ServiceInfo, wait: float) -> dict:
         return await self.services.deploy(service, wait)

@@ -26,6 +26,9 @@ from ..ids import check_workspace, new_id
 from ..records.base import Records, TokenRecord
 
 CALLER_ROLES = ("run", "service")
+# the notices several gateways send each other (``Auth.publish``): a token was revoked; a service was deleted
+TOKENS_REVOKED = "tokens:revoked"
+SERVICE_DELETED = "service-deleted:"
 HeldRun = Callable[[str, str, str], "tuple[str, str, float | None] | None"]  # WorkerPools.held_run
 
 TOKEN_PREFIX = "obx_"
@@ -71,6 +74,8 @@ class Auth:
         self.held_run: HeldRun | None = None  # the backend's warm workers (core sets it when it has them)
         self._run_callers: dict[str, str] = {}  # run id -> the digest of its caller token, cached while it runs
         self.service_exists: Callable[[str, str], bool] = lambda ws, name: records.services.get(ws, name) is not None
+        # several gateways on one database: tells the others what they must forget (``core`` sets it)
+        self.publish: Callable[[str], None] | None = None
 
     def create_token(self, workspace: str, name: str = "default", role: str = "admin", token: str | None = None) -> tuple[str, str]:
         check_workspace(workspace)
@@ -82,7 +87,15 @@ class Auth:
     def revoke(self, workspace: str, token_id: str) -> None:
         if not self.records.tokens.revoke(workspace, token_id, time.time()):
             raise NotFound(f"no active token {token_id} in workspace {workspace}")
+        self.forget_cached()
+        if self.publish is not None:
+            self.publish(TOKENS_REVOKED)
+
+    def forget_cached(self) -> None:
+        """Read every token from the records again at its next use (one was revoked, maybe on another
+        gateway; or, several gateways sharing the records, every few seconds in case a notice was lost)."""
         self._cache.clear()
+        self._run_callers.clear()
 
     def tokens(self, workspace: str) -> list[TokenRecord]:
         """The workspace's tokens, oldest first, revoked ones included."""
@@ -192,8 +205,11 @@ class Auth:
         if digest is not None:
             self._cache.pop(digest, None)
 
-    def service_deleted(self, workspace: str, name: str) -> None:
-        """The service went: its replicas' caller token is revoked."""
+    def service_deleted(self, workspace: str, name: str, here: bool = True) -> None:
+        """The service went (``here``: on this gateway, which tells the others): its replicas' caller token
+        is revoked."""
+        if here and self.publish is not None:
+            self.publish(f"{SERVICE_DELETED}{workspace}/{name}")
         for digest, row in list(self._cache.items()):
             if row.role == "service" and row.id == f"service:{workspace}/{name}":
                 del self._cache[digest]

@@ -44,6 +44,8 @@ LOG_DROPPED = b"[opbox: older output dropped: the run's log passed its size limi
 MIN_ITEMS_ADDED = 500  # a map's items are taken when this many (or all sent, or a tenth of the quota) fit in it
 SMALL_RESULT = 64 * 1024  # a result a full disk refused: above this size, the run ends failed saying so
 STALLED_RETRY = 1.0  # seconds between attempts to write what a full disk refused
+HOLD_BACK_RETRY = 1.0  # seconds before an item held back by its map's concurrency tries again, notice or not
+CANCEL_PREFIX = "cancel:"  # the notice to the other gateways that a running run was cancelled (its worker stops)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class BatchState:
     pending: deque = field(default_factory=deque)
     inflight: int = 0
     parent: tuple[str, float | None] | None = None  # (run id, deadline) of the run whose code started it
+    retry: asyncio.TimerHandle | None = None  # items held back by the concurrency (several gateways) try again
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,17 @@ class Limits:
     max_open_runs: int = Settings.max_open_runs  # per workspace: queued + running; beyond it, 429 until some end
     cancel_grace: float = Settings.cancel_grace
     storage_quota: int | None = Settings.storage_quota  # per workspace: bytes of payloads, logs and code
+
+
+def item_run_id(batch_id: str, index: int) -> str:
+    """The run of a map's item: time-ordered like other runs, unique per index, and naming its map."""
+    return f"r-{batch_id[2:]}.{index}"
+
+
+def batch_of(run_id: str) -> str | None:
+    """The map whose item ``run_id`` is (``item_run_id``), or None."""
+    head, dot, _ = run_id.partition(".")
+    return f"b-{head[2:]}" if dot else None
 
 
 def bounded_timeout(own: float | None, parent_deadline: float | None) -> float | None:
@@ -92,6 +106,7 @@ class Runs:
         self.batches: dict[str, BatchState] = {}
         self._versions: dict[tuple[str, int], VersionInfo] = {}
         self.open_runs: dict[str, int] = {}  # per workspace, kept in step with the runs table
+        self.open_elsewhere: dict[str, int] = {}  # per workspace: other gateways' (several share the records)
         self.stalled: dict[str, Callable[[], None]] = {}  # writes a full disk refused, retried until it has room
         self._lost_log: dict[str, int] = {}  # per run: bytes of output a full disk refused
         self._retry_timer: asyncio.TimerHandle | None = None
@@ -104,7 +119,7 @@ class Runs:
 
     def _reserve(self, workspace: str, count: int) -> None:
         open_now = self.open_runs.get(workspace, 0)
-        if open_now + count > self.limits.max_open_runs:
+        if open_now + self.open_elsewhere.get(workspace, 0) + count > self.limits.max_open_runs:
             raise QuotaExceeded(
                 f"workspace {workspace} has {open_now} runs queued or running and may have at most "
                 f"{self.limits.max_open_runs}; retry when some have ended", retry_after=1)
@@ -162,9 +177,11 @@ class Runs:
         return {"bytes": self.records.usage.of(workspace), "quota": self.limits.storage_quota}
 
     def create(self, version: VersionInfo, payload: Payload, trigger: str, schedule_id: str | None = None,
-               traceparent: str | None = None, parent: tuple[str, float | None] | None = None) -> str:
+               traceparent: str | None = None, parent: tuple[str, float | None] | None = None,
+               write: Callable[[NewRun, Payload], bool] | None = None) -> str | None:
         """A run, queued and handed to the backend; ``traceparent``: the caller's (checked; else a new trace);
-        ``parent``: (run id, its deadline) when a run's code started it."""
+        ``parent``: (run id, its deadline) when a run's code started it; ``write``: records the run in place
+        of ``records.runs.create`` (a schedule's fire, with it), and may decline (False: no run, None back)."""
         self._check_payload(payload)
         self.check_quota(version.workspace, payload_size(payload))
         self._reserve(version.workspace, 1)
@@ -176,10 +193,13 @@ class Runs:
                      res.max_retries, timeout, None, None, schedule_id, str(trace), parent_span,
                      parent[0] if parent is not None else None)
         try:
-            self.records.runs.create(run, payload)
+            written = self.records.runs.create(run, payload) if write is None else write(run, payload)
         except BaseException:
             self.open_runs[version.workspace] -= 1
             raise
+        if written is False:
+            self.open_runs[version.workspace] -= 1
+            return None
         self.metrics.runs_created(version.workspace, version.job_name, trigger).inc()
         if parent is not None:
             self.children.setdefault(parent[0], set()).add(run_id)
@@ -233,7 +253,7 @@ class Runs:
         parent_id, timeout = None, res.timeout
         if state.parent is not None:
             parent_id, timeout = state.parent[0], bounded_timeout(res.timeout, state.parent[1])
-        room = self.limits.max_open_runs - self.open_runs.get(workspace, 0)
+        room = self.limits.max_open_runs - self.open_runs.get(workspace, 0) - self.open_elsewhere.get(workspace, 0)
         wanted = min(len(payloads) - len(existing), MIN_ITEMS_ADDED, max(1, self.limits.max_open_runs // 10))
         if room < wanted:  # a handful at a time would cost a request each: 429 until a good part fits
             self._reserve(workspace, wanted)
@@ -247,7 +267,7 @@ class Runs:
             if index not in existing:
                 if len(rows) >= room:
                     break
-                run_id = f"r-{batch_id[2:]}.{index}"  # time-ordered like other runs; unique per index
+                run_id = item_run_id(batch_id, index)
                 trace = f"00-{trace_id}-{tracecontext.new_span_id()}-{flags}"
                 rows.append(NewRun(run_id, workspace, version.job_id, version.version, "map", now,
                                    res.max_retries, timeout, batch_id, index, None, trace, parent_span, parent_id))
@@ -381,14 +401,53 @@ class Runs:
     def run_args(self, run_id: str) -> Payload | None:
         return self.records.runs.args(run_id)
 
-    def run_started(self, run_id: str, worker: str) -> bool:
+    def run_started(self, run_id: str, worker: str, pooled: bool = False) -> bool:
         """False: the run was cancelled while it waited, or a full disk refused the change (then it is
-        dispatched again once there is room)."""
+        dispatched again once there is room), or (``pooled``) its map's concurrency is taken by items other
+        gateways run (then it waits in the map's pending items for a slot). A one-shot run's process has
+        started already: it is not held back (several gateways keep a map's concurrency for warm workers)."""
+        limit = self._shared_limit(run_id) if pooled else None
         try:
-            return self.records.runs.start(run_id, worker, time.time())
+            started = self.records.runs.start(run_id, worker, time.time(), limit)
         except StorageFull:
             self._stall(f"start:{run_id}", lambda: self._redispatch(run_id))
             return False
+        if not started and limit is not None:
+            self._hold_back(run_id)
+        return started
+
+    # -- a map's concurrency across gateways ---------------------------------------
+    def _shared_limit(self, run_id: str) -> tuple[str, int] | None:
+        """(map, concurrency) for an item of a map with a concurrency when several gateways share the records:
+        then the records count its running items across them; alone, this gateway's ``inflight`` is exact."""
+        if not self.records.leadership.shared or "." not in run_id:
+            return None
+        state = self.batches.get(batch_of(run_id))
+        return (state.id, state.limit) if state is not None and state.limit is not None else None
+
+    def _hold_back(self, run_id: str) -> None:
+        """The map's slots are taken by items other gateways run: the item waits, first in line, for a slot
+        to free (an item of the map ending anywhere: ``batch_progress``; or a second, in case a notice is lost)."""
+        run = self.records.runs.get(run_id)
+        state = self.batches.get(batch_of(run_id))
+        if run is None or run.status != "queued" or state is None:
+            return  # cancelled, or taken by another gateway, meanwhile
+        state.inflight = max(0, state.inflight - 1)
+        state.pending.appendleft(RunTicket(run.id, run.workspace, run.job_id, run.version, run.timeout, run.attempt,
+                                           run.batch_id, run.traceparent))
+        if state.retry is None:
+            state.retry = asyncio.get_running_loop().call_later(HOLD_BACK_RETRY, self._retry_held_back, state)
+
+    def _retry_held_back(self, state: BatchState) -> None:
+        state.retry = None
+        self.batch_progress(state.id)
+
+    def batch_progress(self, batch_id: str) -> None:
+        """An item of the map ended, maybe on another gateway: one held-back item tries for the freed slot."""
+        state = self.batches.get(batch_id)
+        if state is not None and state.pending and state.limit is not None and state.inflight < state.limit:
+            state.inflight += 1
+            self.backend.submit(state.pending.popleft(), state.version)
 
     def _redispatch(self, run_id: str, resubmit: bool = False) -> None:
         """Dispatch a queued run again; ``resubmit``: a retry, which keeps its map slot (straight to the backend)."""
@@ -569,6 +628,13 @@ class Runs:
                 return  # still full: the others wait for the next round
         log.info("the disk has room again: every refused write is recorded")
 
+    def count_open_elsewhere(self) -> None:
+        """Several gateways on one database: learn how many open runs each workspace has on the others, so the
+        open-runs quota counts them all (as of the last look: ``core`` asks every second)."""
+        totals = self.records.runs.open_totals()
+        self.open_elsewhere = {ws: n - self.open_runs.get(ws, 0) for ws, n in totals.items()
+                               if n > self.open_runs.get(ws, 0)}
+
     def maps_in_memory(self, workspace: str) -> int:
         """Maps of ``workspace`` whose dispatch state the gateway holds (those not yet complete)."""
         return sum(1 for state in self.batches.values() if state.version.workspace == workspace)
@@ -596,7 +662,22 @@ class Runs:
         self._end(run.id, "cancelled", reason, envelope.error_envelope("opbox.cancelled", reason), None,
                   retriable=False, stall=stall)
         if was_running:
-            asyncio.ensure_future(self.backend.cancel(run.id, self.limits.cancel_grace))
+            self.stop_worker(run.id)
+            if self.notifier.publish is not None:  # its worker may be another gateway's
+                self.notifier.publish(f"{CANCEL_PREFIX}{run.id}")
+
+    def ended_elsewhere(self, run_id: str) -> None:
+        """A run ended on another gateway: the runs and maps its code started through this one go as they would
+        had it ended here (cancelled, unless it succeeded). Only parents with children here cost a read."""
+        if run_id not in self.children and run_id not in self.child_maps:
+            return
+        run = self.records.runs.get(run_id)
+        if run is not None and run.status in TERMINAL:
+            self._attempt_ended(run, run.status, final=False)
+
+    def stop_worker(self, run_id: str) -> None:
+        """Stop the worker running ``run_id`` (cancelled), if this gateway's backend runs it."""
+        asyncio.ensure_future(self.backend.cancel(run_id, self.limits.cancel_grace))
 
     async def cancel_batch(self, workspace: str, batch_id: str) -> BatchRecord:
         self.batch(workspace, batch_id)
@@ -639,11 +720,13 @@ class Runs:
             if child is not None:
                 self._cancel(child, reason)
 
-    # -- restart -------------------------------------------------------------------
-    def recover(self) -> int:
-        """After a restart: runs that were running lost their workers; queue them again."""
-        self.records.runs.requeue_running("requeued: the platform restarted while it ran")
-        rows = self.records.runs.queued()
+    # -- restart, and gateways that died -------------------------------------------
+    def recover(self, reason: str = "requeued: the platform restarted while it ran") -> int:
+        """Take over the open runs no live gateway holds: after a restart (alone on its records) every one,
+        those that were running having lost their workers; several gateways on one database, the leader
+        calls it every second for the runs of gateways that died. Their maps' state, retry waits and open
+        children are rebuilt here, as they were on the gateway that held them."""
+        rows = self.records.runs.claim_orphans(reason)
         for run in rows:
             self.open_runs[run.workspace] = self.open_runs.get(run.workspace, 0) + 1
             if run.parent_run_id is not None:  # which runs have open children, as before the restart

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import Callable
 
 from opbox import envelope
@@ -113,21 +114,34 @@ class Schedules:
         return run is not None and run.status not in TERMINAL
 
     def _fire(self, row: ScheduleRecord, count: int, next_at: float, now: float) -> None:
-        """Start ``count`` runs as the schedule's overlap allows, and record the next fire time."""
+        """Start ``count`` runs as the schedule's overlap allows, and record the next fire time. The first run
+        is written with the fire, only if the schedule is still as ``row`` read it: a fire happens once, even
+        when the leader dies in its middle and the next one looks again (the rest of a catch-up follow it)."""
         overlap = row.spec.get("overlap", "skip")
         pending, run_id, error = False, None, row.last_error
         if count and self._open(row.last_run_id) and overlap != "allow":
             pending, count = overlap == "queue", 0
-        for _ in range(count):
+        seen = row
+        for n in range(count):
+            def fire(run, args):
+                return self.records.schedules.fired(seen, next_at, pending, now, run.id, None, (run, args))
+
             try:
                 _, version = self.deploys.resolve(row.workspace, row.job_id)
-                run_id = self.runs.create(version, envelope.json_args(), "schedule", schedule_id=row.id)
+                run_id = self.runs.create(version, envelope.json_args(), "schedule", schedule_id=row.id,
+                                          write=fire if n == 0 else None)
                 error = None
             except OpboxError as exc:  # no ready version, a deleted secret, a quota: said on the schedule
                 error = f"{type(exc).__name__}: {exc.message}"
                 log.warning("schedule %s of job %s could not start a run: %s", row.id, row.job_id, error)
                 break
-        self.records.schedules.fired(row.id, next_at, pending, now if run_id else None, run_id, error)
+            if run_id is None:
+                return  # the schedule changed since it was read: another gateway fired it
+            if n == 0:
+                seen = replace(row, next_fire_at=next_at, pending=pending)
+        if count == 1 and run_id is not None:
+            return  # recorded with its run
+        self.records.schedules.fired(seen, next_at, pending, now if run_id else None, run_id, error)
 
     # -- the loop ------------------------------------------------------------------
     def _wake(self) -> None:

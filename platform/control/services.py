@@ -14,6 +14,7 @@ import base64
 import binascii
 import logging
 import time
+from typing import Callable
 
 from opbox import defaults, envelope
 from opbox.errors import ClusterRefused, NotFound, NotSupported, PayloadTooLarge, ServiceFailed, ValidationError
@@ -25,6 +26,7 @@ from ..records.base import Records, ServiceRecord
 log = logging.getLogger("opbox.services")
 
 SERVABLE = ("class", "asgi")
+SERVICE_CHANGED = "service:"  # the notice to the other gateways that a service was deployed again
 LIMITS = {"replicas": (1, 64), "concurrency": (0, 10_000), "queue": (0, 100_000)}
 DEFAULTS = defaults.SERVICE  # the same as the SDK's and the runtime's
 
@@ -39,6 +41,9 @@ class Services:
         self.max_payload = max_payload
         self.base_url = base_url
         self.kinds: dict[str, str] = {}
+        # several gateways on one database: a service changed here is told to the others (``core`` sets it);
+        # with replicas of each gateway's own (local, container), each serves it from its record
+        self.publish: Callable[[str], None] | None = None
 
     @property
     def supported(self) -> bool:
@@ -130,6 +135,8 @@ class Services:
                 self.records.services.put(old)  # the old version goes on serving: the record (and a restart) say so
                 self.kinds[f"{workspace}/{name}"] = old.kind
             raise
+        if self.publish is not None:
+            self.publish(f"{SERVICE_CHANGED}{workspace}/{name}")
         return self.get(workspace, name)
 
     def get(self, workspace: str, name: str) -> dict:
@@ -184,4 +191,37 @@ class Services:
         key = f"{workspace}/{name}"
         if key not in self.kinds:
             self.kind(workspace, name)  # NotFound for unknown services
-        return await self.backend.service_endpoints(key, wait)
+        try:
+            return await self.backend.service_endpoints(key, wait)
+        except NotFound:
+            if not self._own_replicas:
+                raise
+            # deployed through another gateway: this one serves it too, from its record (NotFound if none)
+            await self.backend.deploy_service(self._info(self._row(workspace, name)), 0)
+            return await self.backend.service_endpoints(key, wait)
+
+    @property
+    def _own_replicas(self) -> bool:
+        """Several gateways share the records and each runs replicas of its own (not one cluster's Services)."""
+        return self.records.leadership.shared and getattr(self.backend, "replicas_per_gateway", False)
+
+    async def follow(self, workspace: str, name: str) -> None:
+        """The service changed on another gateway: if this one serves it, it serves what the record says now
+        (the new version, or nothing once deleted); one that does not starts it at its first call here."""
+        key = f"{workspace}/{name}"
+        if not self._own_replicas:
+            return
+        try:
+            self.backend.service_status(key)
+        except NotFound:
+            return
+        row = self.records.services.get(workspace, name)
+        try:
+            if row is None:
+                self.kinds.pop(key, None)
+                await self.backend.delete_service(key)
+            else:
+                self.kinds[key] = row.kind
+                await self.backend.deploy_service(self._info(row), 0)
+        except Exception:  # its next call here says what is wrong
+            log.exception("following service %s changed on another gateway failed", key)

@@ -240,8 +240,10 @@ class RunRecords(Protocol):
     def create(self, run: NewRun, args: Payload) -> None:
         """The run (queued) and its arguments, atomically; the bytes count in its workspace's usage."""
 
-    def start(self, run_id: str, worker: str, at: float) -> bool:
-        """queued -> running; False when the run is not queued (cancelled while it waited)."""
+    def start(self, run_id: str, worker: str, at: float, limit: tuple[str, int] | None = None) -> bool:
+        """queued -> running; False when the run is not queued (cancelled while it waited). ``limit``: (its map,
+        the map's concurrency) when several gateways may start the map's items: False too while that many of
+        them run (the run stays queued)."""
 
     def retry(self, run: RunRecord, status: str, reason: str | None, error_type: str | None, at: float,
               retry_at: float | None) -> None:
@@ -271,6 +273,9 @@ class RunRecords(Protocol):
     def open_counts(self, workspace: str) -> dict[str, int]:
         """How many runs are queued and running, by status (statuses with none are absent)."""
 
+    def open_totals(self) -> dict[str, int]:
+        """How many runs are queued or running, by workspace (workspaces with none are absent)."""
+
     def search(self, workspace: str, where: RunFilter, limit: int) -> list[RunRecord]:
         """The workspace's runs that match, newest (highest id) first."""
 
@@ -288,11 +293,11 @@ class RunRecords(Protocol):
     def stored_keys(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` a payload still refers to (the others are objects nothing will read)."""
 
-    def requeue_running(self, reason: str) -> None:
-        """After a restart: every running run lost its worker; queue it again."""
-
-    def queued(self) -> list[RunRecord]:
-        """All queued runs, oldest first."""
+    def claim_orphans(self, reason: str) -> list[RunRecord]:
+        """The open runs no live gateway holds, now this gateway's, oldest first: running ones lost their
+        workers with their gateway and are queued again (``exit_reason``: ``reason``). Alone on its records
+        (SQLite), a gateway that starts claims every open run; several on one database, the leader claims
+        those of gateways that died."""
 
 
 class Dropped(NamedTuple):
@@ -438,8 +443,12 @@ class ScheduleRecords(Protocol):
     def active(self) -> list[ScheduleRecord]:
         """Schedules not paused, soonest first."""
 
-    def fired(self, schedule_id: str, next_fire_at: float, pending: bool, last_fire_at: float | None,
-              last_run_id: str | None, last_error: str | None) -> None: ...
+    def fired(self, seen: ScheduleRecord, next_fire_at: float, pending: bool, last_fire_at: float | None,
+              last_run_id: str | None, last_error: str | None, run: tuple[NewRun, Payload] | None = None) -> bool:
+        """Record a fire of the schedule as ``seen`` (its next fire time and pending flag as read), with the
+        run it starts (``run``: the run and its arguments, created with it, at once); False, and nothing
+        written, when the schedule has changed since it was read (another gateway fired it, or it was
+        set again): so a fire happens once, even when a leader dies in the middle of it."""
 
     def set_paused(self, schedule_id: str, paused: bool, next_fire_at: float, at: float) -> None: ...
 

@@ -131,6 +131,7 @@ class KubernetesBackend(PoolMethods):
         else:
             self.termination_grace = max(0, math.ceil(Settings.cancel_grace if cancel_grace is None else cancel_grace))
         self.gateway_url = settings.gateway_url or gateway_url
+        self.worker_url = settings.worker_url or self.gateway_url  # pool workers: their own replica
         self.token_for = token_for
         self._api = api
         self.events: RunEvents | None = None

@@ -26,6 +26,9 @@ class KubernetesSettings:
     create_namespaces: bool = True  # OPBOX_K8S_CREATE_NAMESPACES=0: they must exist (with the service account)
     service_account: str | None = render.DEFAULT_SERVICE_ACCOUNT  # OPBOX_RUNNER_SERVICE_ACCOUNT ("" for none)
     gateway_url: str | None = None  # OPBOX_K8S_GATEWAY_URL: how pods reach the gateway (default OPBOX_PUBLIC_URL)
+    # OPBOX_K8S_WORKER_URL: how a pool's worker pods reach the gateway replica that started them, whose
+    # memory holds their pool (several replicas: this pod's own address, http://$(POD_IP):8000); default gateway_url
+    worker_url: str | None = None
     max_inflight: int = 200  # OPBOX_K8S_MAX_INFLIGHT: Jobs at once; more runs wait in a queue
     # OPBOX_K8S_WORKSPACE_INFLIGHT: Jobs at once of one workspace (None: half of max_inflight), so
     # one workspace's stuck runs cannot hold every slot; free slots go to the workspace with fewest
@@ -80,6 +83,7 @@ class KubernetesSettings:
             create_namespaces=env.get("OPBOX_K8S_CREATE_NAMESPACES", "1") not in ("0", "false", "no"),
             service_account=account or None,
             gateway_url=env.get("OPBOX_K8S_GATEWAY_URL") or None,
+            worker_url=env.get("OPBOX_K8S_WORKER_URL") or None,
             max_inflight=max(1, env_int("OPBOX_K8S_MAX_INFLIGHT", cls.max_inflight)),
             workspace_inflight=max(1, env_int("OPBOX_K8S_WORKSPACE_INFLIGHT", 0)) if
             env.get("OPBOX_K8S_WORKSPACE_INFLIGHT") else None,

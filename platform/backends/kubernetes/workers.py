@@ -135,8 +135,8 @@ class PodSpawner:
         if job.created_at is None:
             await backend.ensure_namespace(job.namespace, version.workspace)
             secret_name = f"{job.name}-token"
-            spec = render.WorkerSpec(**backend.workload(version, job.namespace, secret_name), name=job.name,
-                                     pool_id=job.pool.id, workers=size)
+            workload = {**backend.workload(version, job.namespace, secret_name), "gateway_url": backend.worker_url}
+            spec = render.WorkerSpec(**workload, name=job.name, pool_id=job.pool.id, workers=size)
             await backend.create_with_token(job.namespace, render.render_worker(spec), secret_name, spec.labels(),
                                             job.token)
             job.created_at = time.monotonic()

@@ -11,8 +11,8 @@ from .runs import ADD_USAGE, OPEN_SQL, RUN_FIELDS, UPSERT_PAYLOAD, as_payload, p
 COLUMNS = "id, workspace, job_id, version, concurrency, total, submitted, done, cancelled, created_at"
 # a chunk of items in one statement: each column of the runs (and of their arguments) as one array
 ADD_ITEMS = f"""
-WITH r AS (INSERT INTO runs({RUN_FIELDS}, status)
-           SELECT *, 'queued' FROM unnest(%(id)s::text[], %(workspace)s::text[], %(job_id)s::text[], %(version)s::int[],
+WITH r AS (INSERT INTO runs({RUN_FIELDS}, status, worker)
+           SELECT *, 'queued', %(owner)s FROM unnest(%(id)s::text[], %(workspace)s::text[], %(job_id)s::text[], %(version)s::int[],
              %(trigger)s::text[], %(created_at)s::float8[], %(max_retries)s::int[], %(timeout)s::float8[],
              %(batch_id)s::text[], %(batch_index)s::int[], %(schedule_id)s::text[], %(traceparent)s::text[],
              %(parent_span_id)s::text[], %(parent_run_id)s::text[])),
@@ -30,9 +30,10 @@ def _record(row: tuple) -> BatchRecord:
 
 @storage_errors
 class PostgresBatches:
-    def __init__(self, database: Database):
+    def __init__(self, database: Database, gateway: str):
         self.db = database
         self.where = database.where
+        self.owner = f"{gateway}/"  # the gateway whose queue holds the items it adds (see runs.INSERT_RUN)
 
     def create(self, batch_id: str, workspace: str, job_id: str, version: int, concurrency: int | None,
                at: float) -> None:
@@ -55,7 +56,7 @@ class PostgresBatches:
         columns = {name: [getattr(run, name) for run in runs] for name in NewRun._fields}
         data, keys, sizes = zip(*map(payload_row, args)) if args else ((), (), ())
         self.db.one(ADD_ITEMS, {**columns, "data": list(data), "key": list(keys), "size": list(sizes), "n": len(runs),
-                                "batch": batch_id, "ws": runs[0].workspace if runs else "",
+                                "batch": batch_id, "owner": self.owner, "ws": runs[0].workspace if runs else "",
                                 "bytes": sum(map(payload_size, args))})
 
     def indexes(self, batch_id: str, first: int, last: int) -> set[int]:

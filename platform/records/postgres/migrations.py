@@ -140,6 +140,11 @@ CREATE INDEX uploads_by_age ON uploads(created_at);
 ALTER TABLE runs ADD COLUMN parent_run_id text COLLATE "C";
 CREATE INDEX runs_by_parent ON runs(parent_run_id, id) WHERE parent_run_id IS NOT NULL;
 """,
+    # 12: a map's running items, counted when a gateway starts one under the map's concurrency (several gateways
+    # may dispatch one map's items): small, as only running items are in it
+    """
+CREATE INDEX runs_running_by_batch ON runs(batch_id) WHERE status = 'running' AND batch_id IS NOT NULL;
+""",
 )
 
 MIGRATION_LOCK = 0x6F70626F78  # "opbox": the advisory lock gateways take to migrate one at a time

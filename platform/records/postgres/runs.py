@@ -80,7 +80,12 @@ def deleting(db: Database, sql: str, params: dict) -> Dropped:
         return dropped(conn.execute(sql, params).fetchone())
 
 
-INSERT_RUN = f"INSERT INTO runs({RUN_FIELDS}, status) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'queued')"
+# a queued run names the gateway whose queue holds it (``worker`` = "{gateway}/"), a running one the gateway and its
+# worker ("{gateway}/{worker}"): when that gateway dies, the leader takes its open runs over (``claim_orphans``)
+START = ("UPDATE runs SET status = 'running', started_at = %s, worker = %s, retry_at = NULL "
+         "WHERE id = %s AND status = 'queued' AND (worker IS NULL OR worker = %s)")
+INSERT_RUN = (f"INSERT INTO runs({RUN_FIELDS}, status, worker) "
+              "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'queued',%s)")
 CREATE = f"""
 WITH r AS ({INSERT_RUN} ON CONFLICT (id) DO NOTHING RETURNING id, workspace),
 p AS (INSERT INTO payloads(run_id, kind, data, object_key, size) SELECT id, 'args', %s, %s, %s FROM r {UPSERT_PAYLOAD}),
@@ -106,7 +111,7 @@ WITH a AS (INSERT INTO attempts(run_id, attempt, status, started_at, finished_at
              finished_at = excluded.finished_at, reason = excluded.reason, error_type = excluded.error_type,
              log_seq = excluded.log_seq)
 UPDATE runs SET status = 'queued', attempt = attempt + 1, exit_reason = %(exit_reason)s, started_at = NULL,
-  worker = NULL, retry_at = %(retry_at)s WHERE id = %(id)s"""
+  worker = %(owner)s, retry_at = %(retry_at)s WHERE id = %(id)s"""
 
 # the usual log append: within the budget, nothing dropped; the run's row lock orders appends to one run
 APPEND_LOG = f"""
@@ -118,10 +123,19 @@ u AS (INSERT INTO usage(workspace, bytes) SELECT workspace, %(n)s FROM r {ADD_US
 SELECT count(*) FROM r"""
 
 
-# queued again: running runs whose gateway died (no session holds its liveness lock; see leadership.py)
-REQUEUE_ORPHANS = ("UPDATE runs SET status = 'queued', started_at = NULL, worker = NULL, exit_reason = %s "
-                   "WHERE status = 'running' AND (strpos(COALESCE(worker, ''), '/') = 0 OR "
-                   "pg_try_advisory_xact_lock(%s::int4, hashtext(split_part(worker, '/', 1))))")
+# the open runs of gateways that died (no session holds their liveness lock; see leadership.py), and any that name
+# no gateway, become the caller's; running ones are queued again (their workers went with their gateway). Rows
+# another transaction holds (a cancel, retention) are skipped (SKIP LOCKED): the next look takes them
+CLAIM_ORPHANS = f"""
+WITH owners AS (SELECT DISTINCT split_part(worker, '/', 1) AS g FROM runs
+                WHERE {OPEN_SQL} AND worker IS NOT NULL AND split_part(worker, '/', 1) <> %(gateway)s),
+dead AS (SELECT g FROM owners WHERE pg_try_advisory_xact_lock(%(cls)s::int4, hashtext(g)))
+UPDATE runs SET status = 'queued', started_at = NULL, worker = %(owner)s,
+  exit_reason = CASE WHEN status = 'running' THEN %(reason)s ELSE exit_reason END
+WHERE id IN (SELECT id FROM runs WHERE {OPEN_SQL} AND (worker IS NULL OR strpos(worker, '/') = 0
+             OR split_part(worker, '/', 1) IN (SELECT g FROM dead)) FOR UPDATE SKIP LOCKED)
+  AND {OPEN_SQL}
+RETURNING {COLUMNS}"""
 
 # the overview's hours (see ``hour_counts``): where runs may still change, then each hour's counts: its open runs
 # (runs_open) and those that ended badly (runs_ended_badly), both index-only, and each job's runs; the rest succeeded
@@ -151,7 +165,8 @@ class PostgresRuns:
     def __init__(self, database: Database, gateway: str):
         self.db = database
         self.where = database.where
-        self.gateway = gateway  # a run this gateway starts names it: {gateway}/{worker}
+        self.gateway = gateway  # a run this gateway queues names it ({gateway}/), and one it starts: {gateway}/{worker}
+        self.owner = f"{gateway}/"
 
     def get(self, run_id: str) -> RunRecord | None:
         row = self.db.one(f"{SELECT} WHERE id = %s", (run_id,))
@@ -168,17 +183,25 @@ class PostgresRuns:
         return self._payload(run_id, "result")
 
     def create(self, run: NewRun, args: Payload) -> None:
-        self.db.one(CREATE, (*run, *payload_row(args), payload_size(args)))
+        self.db.one(CREATE, (*run, self.owner, *payload_row(args), payload_size(args)))
 
-    def start(self, run_id: str, worker: str, at: float) -> bool:
-        return self.db.run("UPDATE runs SET status = 'running', started_at = %s, worker = %s, retry_at = NULL "
-                           "WHERE id = %s AND status = 'queued'", (at, f"{self.gateway}/{worker}", run_id)) == 1
+    def start(self, run_id: str, worker: str, at: float, limit: tuple[str, int] | None = None) -> bool:
+        # only the gateway whose queue holds it: a run another gateway took over is never started twice
+        params = (at, f"{self.gateway}/{worker}", run_id, self.owner)
+        if limit is None:
+            return self.db.run(START, params) == 1
+        # under its map's concurrency: the map's row lock orders the gateways starting its items, and the count
+        # is read after it (a statement of its own: a snapshot that sees every start committed before)
+        with self.db.conn() as conn, conn.transaction():
+            conn.execute("SELECT 1 FROM batches WHERE id = %s FOR UPDATE", (limit[0],))
+            return conn.execute(START + " AND (SELECT count(*) FROM runs WHERE batch_id = %s AND status = 'running') < %s",
+                                (*params, *limit)).rowcount == 1
 
     def retry(self, run: RunRecord, status: str, reason: str | None, error_type: str | None, at: float,
               retry_at: float | None) -> None:
         self.db.run(RETRY, {"id": run.id, "attempt": run.attempt, "status": status, "started_at": run.started_at,
                             "at": at, "reason": reason, "error_type": error_type, "retry_at": retry_at,
-                            "exit_reason": f"attempt {run.attempt + 1} {status}: {reason}"})
+                            "exit_reason": f"attempt {run.attempt + 1} {status}: {reason}", "owner": self.owner})
 
     def attempts(self, run_id: str) -> list[AttemptRecord]:
         return [AttemptRecord(*r) for r in self.db.all(
@@ -186,8 +209,8 @@ class PostgresRuns:
             "WHERE run_id = %s ORDER BY attempt", (run_id,))]
 
     def requeue(self, run_id: str, reason: str) -> None:
-        self.db.run("UPDATE runs SET status = 'queued', exit_reason = %s, started_at = NULL, worker = NULL "
-                    f"WHERE id = %s AND {OPEN_SQL}", (reason, run_id))
+        self.db.run("UPDATE runs SET status = 'queued', exit_reason = %s, started_at = NULL, worker = %s "
+                    f"WHERE id = %s AND {OPEN_SQL}", (reason, self.owner, run_id))
 
     def finish(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
                result: Payload) -> tuple[RunRecord, bool]:
@@ -253,6 +276,9 @@ class PostgresRuns:
     def open_counts(self, workspace: str) -> dict[str, int]:
         return dict(self.db.all(f"SELECT status, COUNT(*) FROM runs WHERE workspace = %s AND {OPEN_SQL} "
                                 "GROUP BY status", (workspace,)))
+
+    def open_totals(self) -> dict[str, int]:
+        return dict(self.db.all(f"SELECT workspace, COUNT(*) FROM runs WHERE {OPEN_SQL} GROUP BY workspace"))
 
     def search(self, workspace: str, where: RunFilter, limit: int) -> list[RunRecord]:
         # a known status as a literal: the planner may then walk runs_open or runs_ended_badly in id order
@@ -341,12 +367,11 @@ class PostgresRuns:
                 counted.setdefault(hour, []).append((job_id, "succeeded", n))
         return counted
 
-    def requeue_running(self, reason: str) -> None:
-        """Several gateways share the database: only the runs of gateways that died go back to the queue."""
-        self.db.run(REQUEUE_ORPHANS, (reason, GATEWAYS))
-
-    def queued(self) -> list[RunRecord]:
-        return [RunRecord(*r) for r in self.db.all(f"{SELECT} WHERE {OPEN_SQL} AND status = 'queued' ORDER BY id")]
+    def claim_orphans(self, reason: str) -> list[RunRecord]:
+        """Several gateways share the database: the open runs of those that died become this one's."""
+        rows = self.db.all(CLAIM_ORPHANS, {"gateway": self.gateway, "cls": GATEWAYS, "owner": self.owner,
+                                           "reason": reason})
+        return sorted((RunRecord(*r) for r in rows), key=lambda r: r.id)
 
     # -- retention ---------------------------------------------------------------------------
     def expire(self, default_days: float, now: float, limit: int) -> Dropped:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from ..base import ScheduleRecord, SecretRecord
+from ..base import NewRun, Payload, ScheduleRecord, SecretRecord, payload_size
 from .connection import Database, storage_errors
+from .runs import CREATE, payload_row
 
 FIELDS = ("id", "workspace", "job_id", "spec", "anchor", "next_fire_at", "paused", "pending", "last_fire_at",
           "last_run_id", "last_error", "created_at", "updated_at")
@@ -26,9 +27,10 @@ def _schedule(row: tuple) -> ScheduleRecord:
 
 @storage_errors
 class PostgresSchedules:
-    def __init__(self, database: Database):
+    def __init__(self, database: Database, gateway: str):
         self.db = database
         self.where = database.where
+        self.owner = f"{gateway}/"  # the gateway whose queue holds the runs it fires (see runs.INSERT_RUN)
 
     def put(self, schedule: ScheduleRecord) -> ScheduleRecord:
         s = schedule
@@ -46,11 +48,19 @@ class PostgresSchedules:
     def active(self) -> list[ScheduleRecord]:
         return [_schedule(r) for r in self.db.all(f"{SELECT} WHERE paused = 0 ORDER BY next_fire_at")]
 
-    def fired(self, schedule_id: str, next_fire_at: float, pending: bool, last_fire_at: float | None,
-              last_run_id: str | None, last_error: str | None) -> None:
-        self.db.run("UPDATE schedules SET next_fire_at = %s, pending = %s, last_fire_at = COALESCE(%s, last_fire_at), "
-                    "last_run_id = COALESCE(%s, last_run_id), last_error = %s WHERE id = %s",
-                    (next_fire_at, int(pending), last_fire_at, last_run_id, last_error, schedule_id))
+    def fired(self, seen: ScheduleRecord, next_fire_at: float, pending: bool, last_fire_at: float | None,
+              last_run_id: str | None, last_error: str | None, run: tuple[NewRun, Payload] | None = None) -> bool:
+        with self.db.conn() as conn, conn.transaction():
+            if not conn.execute("UPDATE schedules SET next_fire_at = %s, pending = %s, last_fire_at = COALESCE(%s, "
+                                "last_fire_at), last_run_id = COALESCE(%s, last_run_id), last_error = %s "
+                                "WHERE id = %s AND next_fire_at = %s AND pending = %s",
+                                (next_fire_at, int(pending), last_fire_at, last_run_id, last_error, seen.id,
+                                 seen.next_fire_at, int(seen.pending))).rowcount:
+                return False
+            if run is not None:
+                new, args = run
+                conn.execute(CREATE, (*new, self.owner, *payload_row(args), payload_size(args)))
+        return True
 
     def set_paused(self, schedule_id: str, paused: bool, next_fire_at: float, at: float) -> None:
         self.db.run("UPDATE schedules SET paused = %s, pending = 0, next_fire_at = %s, updated_at = %s WHERE id = %s",

@@ -107,7 +107,8 @@ class SqliteRuns:
                 db.execute(INSERT_PAYLOAD, payload_row(run.id, "args", args))
                 db.execute(ADD_USAGE, (run.workspace, payload_size(args)))
 
-    def start(self, run_id: str, worker: str, at: float) -> bool:
+    def start(self, run_id: str, worker: str, at: float, limit: tuple[str, int] | None = None) -> bool:
+        # ``limit`` is for several gateways on one database: alone on its file, the gateway's count is exact
         cur = self.db.execute(
             "UPDATE runs SET status = 'running', started_at = ?, worker = ?, retry_at = NULL WHERE id = ? "
             "AND status = 'queued'",
@@ -193,6 +194,10 @@ class SqliteRuns:
     def open_counts(self, workspace: str) -> dict[str, int]:
         return dict(self.db.execute(f"SELECT status, COUNT(*) FROM runs INDEXED BY runs_open WHERE workspace = ? "
                                     f"AND {OPEN_SQL} GROUP BY status", (workspace,)).fetchall())
+
+    def open_totals(self) -> dict[str, int]:
+        return dict(self.db.execute(f"SELECT workspace, COUNT(*) FROM runs INDEXED BY runs_open WHERE {OPEN_SQL} "
+                                    "GROUP BY workspace").fetchall())
 
     def search(self, workspace: str, where: RunFilter, limit: int) -> list[RunRecord]:
         # SQLite walks one index backwards in id order and stops after ``limit`` rows: a map's or a job's
@@ -284,13 +289,13 @@ class SqliteRuns:
             "(total IS NULL OR submitted < total)", (workspace, id_at("b", since))).fetchone()
         return min(oldest_open or "\uffff", f"r-{open_map[2:]}" if open_map else "\uffff")
 
-    def requeue_running(self, reason: str) -> None:
-        self.db.execute("UPDATE runs INDEXED BY runs_open SET status = 'queued', started_at = NULL, worker = NULL, "
-                        f"exit_reason = ? WHERE {OPEN_SQL} AND status = 'running'", (reason,))
-
-    def queued(self) -> list[RunRecord]:
-        return [RunRecord(*r) for r in self.db.execute(
-            f"{SELECT} INDEXED BY runs_open WHERE {OPEN_SQL} AND status = 'queued' ORDER BY id")]
+    def claim_orphans(self, reason: str) -> list[RunRecord]:
+        """Alone on its file, a gateway that starts finds every open run orphaned: running ones lost their workers."""
+        with self.tx() as db:
+            db.execute("UPDATE runs INDEXED BY runs_open SET status = 'queued', started_at = NULL, worker = NULL, "
+                       f"exit_reason = ? WHERE {OPEN_SQL} AND status = 'running'", (reason,))
+            return [RunRecord(*r) for r in db.execute(
+                f"{SELECT} INDEXED BY runs_open WHERE {OPEN_SQL} AND status = 'queued' ORDER BY id")]
 
     # -- retention ---------------------------------------------------------------------------
     def expire(self, default_days: float, now: float, limit: int) -> Dropped:

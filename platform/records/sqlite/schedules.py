@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from ..base import ScheduleRecord, SecretRecord
+from ..base import NewRun, Payload, ScheduleRecord, SecretRecord, payload_size
 from .connection import Database, storage_errors
+from .runs import ADD_USAGE, INSERT, INSERT_PAYLOAD, payload_row
 
 COLUMNS = ("id, workspace, job_id, spec, anchor, next_fire_at, paused, pending, last_fire_at, last_run_id, "
            "last_error, created_at, updated_at")
@@ -48,11 +49,21 @@ class SqliteSchedules:
     def active(self) -> list[ScheduleRecord]:
         return [_schedule(r) for r in self.db.execute(f"{SELECT} WHERE paused = 0 ORDER BY next_fire_at")]
 
-    def fired(self, schedule_id: str, next_fire_at: float, pending: bool, last_fire_at: float | None,
-              last_run_id: str | None, last_error: str | None) -> None:
-        self.db.execute("UPDATE schedules SET next_fire_at = ?, pending = ?, last_fire_at = COALESCE(?, last_fire_at), "
-                        "last_run_id = COALESCE(?, last_run_id), last_error = ? WHERE id = ?",
-                        (next_fire_at, int(pending), last_fire_at, last_run_id, last_error, schedule_id))
+    def fired(self, seen: ScheduleRecord, next_fire_at: float, pending: bool, last_fire_at: float | None,
+              last_run_id: str | None, last_error: str | None, run: tuple[NewRun, Payload] | None = None) -> bool:
+        with self.tx() as db:
+            if not db.execute("UPDATE schedules SET next_fire_at = ?, pending = ?, last_fire_at = COALESCE(?, "
+                              "last_fire_at), last_run_id = COALESCE(?, last_run_id), last_error = ? "
+                              "WHERE id = ? AND next_fire_at = ? AND pending = ?",
+                              (next_fire_at, int(pending), last_fire_at, last_run_id, last_error, seen.id,
+                               seen.next_fire_at, int(seen.pending))).rowcount:
+                return False
+            if run is not None:
+                new, args = run
+                db.execute(INSERT, new)
+                db.execute(INSERT_PAYLOAD, payload_row(new.id, "args", args))
+                db.execute(ADD_USAGE, (new.workspace, payload_size(args)))
+        return True
 
     def set_paused(self, schedule_id: str, paused: bool, next_fire_at: float, at: float) -> None:
         self.db.execute("UPDATE schedules SET paused = ?, pending = 0, next_fire_at = ?, updated_at = ? WHERE id = ?",

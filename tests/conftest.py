@@ -102,7 +102,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def test_database(request):
+def records_database(request):
     """Under OPBOX_TEST_DATABASE=postgres, every platform a test starts keeps its records on PostgreSQL."""
     if TEST_DATABASE == "postgres":
         platform_fixture.use_postgres(request.getfixturevalue("pg_server").database)

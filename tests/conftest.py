@@ -63,7 +63,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "image_builds: builds container images (podman, kaniko, BuildKit): minutes "
                                        "of builds whose records test_deploy's and test_projects' make too")
     config.addinivalue_line("markers", "postgres_pass: set here on the tests that start a platform and run on "
-                                       "SQLite alone by default; `make test` runs them with OPBOX_TEST_DATABASE=postgres")
+                                       "SQLite alone by default; `make test` runs them again on PostgreSQL")
     if TEST_DATABASE not in ("sqlite", "postgres"):
         raise pytest.UsageError(f"OPBOX_TEST_DATABASE must be sqlite or postgres, got {TEST_DATABASE!r}")
     if TEST_DATABASE == "postgres":  # asked for by name: missing parts are an error, not a session of skips

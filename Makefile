@@ -22,12 +22,13 @@ run: install  ## start the platform (gateway, local backend, SQLite, local objec
 lint: install  ## import-linter contracts (layers; the platform never unpickles)
 	$(BIN)/lint-imports --no-cache
 
-test: install  ## everything: podman for the image tests, chromium for the dashboard's, import contracts, the whole suite
+test: install  ## everything: podman for the image tests, chromium for the dashboard's, import contracts, the whole suite, then its end-to-end modules again on PostgreSQL
 	bash scripts/setup-podman.sh
 	bash scripts/setup-browser.sh
 	bash scripts/setup-postgres.sh
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
+	OPBOX_TEST_DATABASE=postgres $(BIN)/python -m pytest -m postgres_pass
 
 image: install  ## the gateway's image (manifests/deployment.yaml runs it), built with podman
 	$(BIN)/python -m opbox.builder.gateway_image

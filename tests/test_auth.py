@@ -16,7 +16,7 @@ from opbox.errors import AuthError, Forbidden, NotFound
 @pytest.fixture(scope="module")
 def other(plat):
     out = subprocess.run([sys.executable, "-m", "opbox.cli", "workspace", "create", "team-b", "--home", str(plat.home),
-                          "--json"], capture_output=True, text=True, check=True)
+                          "--json"], capture_output=True, text=True, check=True, env=plat.env)
     return json.loads(out.stdout)
 
 
@@ -90,8 +90,7 @@ def test_tokens_can_be_made_listed_and_revoked(plat, client):
 
 def test_tokens_are_stored_hashed(plat, client):
     made = client.post("/tokens", json={"name": "hashcheck"}).json()
-    db = (plat.home / "state.db").read_bytes() + b"".join(p.read_bytes() for p in plat.home.glob("state.db-wal"))
-    assert made["token"].encode() not in db
+    assert made["token"].encode() not in plat.records_bytes()
 
 
 def test_every_documented_route_refuses_strangers(plat, client, deployed, other):

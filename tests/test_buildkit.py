@@ -27,6 +27,7 @@ from podman_env import e2e_code, podman, remove_images, wheelhouse  # noqa: F401
 from registry_server import require_registry, run_registry
 from s3server import seaweedfs_with_bucket
 
+pytestmark = pytest.mark.image_builds  # minutes of builds: not in `make test`'s PostgreSQL pass (conftest)
 WORKSPACE = "buildkit-e2e"
 NAMESPACE = f"opbox-{WORKSPACE}"
 BUILDS = "opbox-builds"

@@ -54,6 +54,8 @@ def fail(kind):
         raise QuotaError("out of quota for model-x")
     if kind == "value":
         raise ValueError("bad value 42")
+    if kind == "nul":
+        raise ValueError("a NUL \\x00 inside")
     raise Unpicklable("cannot travel", 2)
 
 
@@ -115,6 +117,22 @@ def test_remote_exception_is_reraised_as_its_type_with_remote_traceback(fns):
         f["fail"]("quota")
     assert type(custom.value).__name__ == "QuotaError" and "model-x" in str(custom.value)
     assert info.value.run_id.startswith("r-")
+
+
+def test_an_error_message_with_a_nul_character_ends_its_run_and_queries_with_one_are_answered(fns, plat):
+    """PostgreSQL's text cannot hold NUL: the run still ends failed, its reason with U+FFFD there."""
+    _, f = fns
+    with pytest.raises(ValueError, match="a NUL \x00 inside"):  # the envelope keeps the message as it was
+        f["fail"]("nul")
+    with plat.http() as http:
+        (run,) = http.get(f"/{plat.workspace}/job/fail/runs", params={"limit": 1}).json()["runs"]
+        assert run["status"] == "failed" and run["exit_reason"] in ("builtins.ValueError: a NUL \x00 inside",
+                                                                     "builtins.ValueError: a NUL \ufffd inside"), run
+        answer = http.get(f"/{plat.workspace}/job/fail/runs", params={"status": "fail\x00ed"})
+        assert answer.status_code == 200 and answer.json()["runs"] == [], answer.text
+        answer = http.get(f"/{plat.workspace}/job/fail/runs", params={"before": "r-\x00"})  # a page, whichever
+        assert answer.status_code == 200, answer.text
+        assert http.get(f"/{plat.workspace}/runs/r-%00").status_code == 404
 
 
 def test_unpicklable_exception_becomes_remote_error(fns):

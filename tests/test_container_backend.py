@@ -14,6 +14,7 @@ from opbox import Jobs, RunCancelled, RunFailed, RunTimeout
 from platform_fixture import running_platform
 from podman_env import e2e_code, podman, remove_images, wheelhouse  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.image_builds  # minutes of builds: not in `make test`'s PostgreSQL pass (conftest)
 WORKSPACE = "podman-e2e"
 
 CODE = """

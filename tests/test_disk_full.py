@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytestmark = pytest.mark.sqlite_only  # the full disk is the one under the SQLite state file (ON_SQLITE below)
+
 from opbox import envelope
 from opbox.errors import OpboxError, RunFailed, StorageFull
 from opbox.platform.control.runs import Runs
@@ -22,7 +24,7 @@ from opbox.platform.records.sqlite import open_sqlite
 from opbox.resource import Resource
 from opbox.serialization import dump_args
 from conftest import require, user_module
-from platform_fixture import running_platform
+from platform_fixture import ON_SQLITE, running_platform
 
 MiB = 1024 * 1024
 CODE = """
@@ -74,7 +76,8 @@ def tmpfs_platform(tmp_path_factory, size: str, env: dict | None = None):
     home = tmp_path_factory.mktemp("tmpfs-home")
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(home)], check=True)
     try:
-        with running_platform(home, extra_env=env) as plat, \
+        # on SQLite whatever OPBOX_TEST_DATABASE says: the full disk must be under the records' own state file
+        with running_platform(home, extra_env={**ON_SQLITE, **(env or {})}) as plat, \
                 user_module(tmp_path_factory.mktemp("proj"), f"fullmod{len(env or {})}", CODE) as mod:
             client = plat.client()
             fns = {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("blob", "echo", "nap")}

@@ -54,7 +54,7 @@ def test_two_busy_workspaces_each_get_half(tmp_path):
     env = {"OPBOX_MAX_RUNNING": "4", "OPBOX_MAX_WORKERS": "4"}
     with running_platform(tmp_path / "home", extra_env=env) as plat:
         out = subprocess.run([sys.executable, "-m", "opbox.cli", "workspace", "create", "team-b", "--home",
-                              str(plat.home), "--json"], capture_output=True, text=True, check=True)
+                              str(plat.home), "--json"], capture_output=True, text=True, check=True, env=plat.env)
         b = plat.client(token=json.loads(out.stdout)["token"], workspace="team-b")
         a = plat.client()
         (tmp_path / "proj").mkdir()

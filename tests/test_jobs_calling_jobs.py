@@ -83,6 +83,7 @@ def token(out_file=None, release_file=None):
 
 FUNCTIONS = ("item", "fan", "nap", "nap_and_spawn", "tree", "fails_after_spawning", "token")
 OPEN = ("queued", "running")
+pytestmark = pytest.mark.both_databases  # the calls fixture's parameters: on SQLite, and on PostgreSQL
 
 
 @pytest.fixture(scope="module", params=[("worker", "sqlite"), ("run", "sqlite"), ("worker", "postgres")],

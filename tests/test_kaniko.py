@@ -30,6 +30,7 @@ from podman_env import e2e_code, podman, wheelhouse  # noqa: F401 (fixtures)
 from registry_server import require_registry, run_registry
 from s3server import seaweedfs_with_bucket
 
+pytestmark = pytest.mark.image_builds  # minutes of builds: not in `make test`'s PostgreSQL pass (conftest)
 WORKSPACE = "kaniko-e2e"
 NAMESPACE = f"opbox-{WORKSPACE}"
 SYSTEM = "opbox-system"

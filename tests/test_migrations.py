@@ -17,7 +17,7 @@ from opbox.errors import ConfigError
 from opbox.platform.records.sqlite import open_sqlite
 from opbox.platform.records.sqlite.connection import Database
 from opbox.platform.records.sqlite.migrations import MIGRATIONS
-from platform_fixture import running_platform
+from platform_fixture import ON_SQLITE, running_platform
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OLD = FIXTURES / "state-0aef0a7.db"
@@ -79,7 +79,8 @@ def test_the_platform_serves_the_previous_release_runs(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     shutil.copyfile(OLD, home / "state.db")
-    env = {"OPBOX_TOKEN": maker.TOKEN, "OPBOX_WORKSPACE": maker.WORKSPACE}
+    # on SQLite whatever OPBOX_TEST_DATABASE says: this is the old release's state file migrating
+    env = {"OPBOX_TOKEN": maker.TOKEN, "OPBOX_WORKSPACE": maker.WORKSPACE, **ON_SQLITE}
     with running_platform(home, extra_env=env) as plat:
         answered = maker.answers(plat.url)
     assert answered == EXPECTED, "the new code answers about the old runs exactly as the old code did"

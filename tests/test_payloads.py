@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import sqlite3
 import threading
 
 import pytest
@@ -40,12 +39,8 @@ def big(tmp_path_factory):
         yield plat, {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("echo", "blob", "size_of")}
 
 
-def inline_sizes(home) -> list[int]:
-    db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True)
-    try:
-        return [r[0] for r in db.execute("SELECT length(data) FROM payloads")]
-    finally:
-        db.close()
+def inline_sizes(plat) -> list[int]:
+    return [r[0] for r in plat.records_rows("SELECT length(data) FROM payloads")]
 
 
 def stored_objects(plat) -> list:
@@ -63,7 +58,7 @@ def test_large_arguments_and_results_round_trip_through_the_object_store(big):
     after = stored_objects(plat)
     assert len(after) - before >= 3  # echo's argument and result, size_of's argument
     assert max(p.stat().st_size for p in after) >= 5 * MiB
-    assert max(inline_sizes(plat.home)) < MiB  # the state file holds references and heads only
+    assert max(inline_sizes(plat)) < MiB  # the records hold references and heads only
 
 
 def test_a_stored_result_reads_as_json_route_and_as_envelope(big):
@@ -83,7 +78,7 @@ def test_a_map_with_large_items_and_results(big):
     plat, f = big
     items = [bytes([i]) * (2 * MiB) for i in range(4)]
     assert list(f["echo"].map(items)) == items
-    assert max(inline_sizes(plat.home)) < MiB
+    assert max(inline_sizes(plat)) < MiB
 
 
 def test_twenty_readers_of_a_60_mib_result_keep_the_gateway_small(big):

@@ -26,7 +26,7 @@ def limited(tmp_path_factory):
 def test_a_flood_gets_429_with_retry_after_and_others_are_served(limited):
     plat = limited
     out = subprocess.run([sys.executable, "-m", "opbox.cli", "workspace", "create", "calm", "--home", str(plat.home),
-                          "--json"], capture_output=True, text=True, check=True)
+                          "--json"], capture_output=True, text=True, check=True, env=plat.env)
     calm = json.loads(out.stdout)
     with plat.http() as flood, httpx.Client(base_url=plat.url, headers={"Authorization": f"Bearer {calm['token']}"}) \
             as other:

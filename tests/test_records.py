@@ -142,6 +142,19 @@ def test_listing_searching_and_counting_runs(records):
     assert runs.open_counts("ws") == {"queued": 3}
 
 
+def test_a_nul_character_in_text_is_kept_or_stands_replaced_never_an_error(records):
+    """A user's exception message, a build's output or a query string may hold NUL, which PostgreSQL's text
+    cannot: U+FFFD stands in for it there (SQLite keeps it); a lookup by such a key finds nothing."""
+    runs = records.runs
+    runs.create(_run("r-1"), b"")
+    runs.start("r-1", "w", 1.0)
+    ended, _ = runs.finish(runs.get("r-1"), "failed", 2.0, "ValueError: a\x00b", "Value\x00Error", b"E")
+    assert ended.status == "failed" and ended.exit_reason in ("ValueError: a\x00b", "ValueError: a\ufffdb")
+    assert runs.get("r-1").error_type in ("Value\x00Error", "Value\ufffdError")
+    assert runs.get("r-\x00") is None and runs.of_job("j1", "fail\x00ed", None, 10) == []
+    assert records.jobs.get("ws", "fn\x00") is None
+
+
 def test_children_of_a_run_and_its_trace_are_kept(records):
     runs = records.runs
     runs.create(NewRun("r-1", "ws", "j1", 1, "api", 1.0, 0, None, traceparent=f"00-{'a' * 32}-{'b' * 16}-01"), b"")
@@ -486,6 +499,23 @@ def test_only_a_dead_gateway_s_runs_are_taken_over_and_its_builds_failed(pg_serv
     finally:
         a.close()
         b.close()
+
+
+def test_gateways_of_another_database_on_the_server_do_not_keep_builds_building(pg_server):
+    """Advisory locks are per database but pg_locks lists the whole server's: another opbox database's live
+    gateway (another module's platform, a staging database beside production) is not one of this database's."""
+    from opbox.platform.records.postgres import open_postgres
+
+    elsewhere, here = open_postgres(pg_server.database()), open_postgres(pg_server.database())
+    try:
+        elsewhere.leadership.start()
+        here.leadership.start()
+        assert here.leadership.held(), "each database has a leader of its own"
+        _version(here)
+        assert here.jobs.fail_unfinished_builds("interrupted") == 1
+    finally:
+        elsewhere.close()
+        here.close()
 
 
 def test_the_database_url_and_the_shared_secret_are_checked(tmp_path, monkeypatch):

@@ -185,7 +185,7 @@ def test_each_workspace_runs_as_its_own_uid(sealed, tmp_path):
 
     plat, _, mod, fns = sealed
     out = subprocess.run([sys.executable, "-m", "opbox.cli", "workspace", "create", "other-team", "--home",
-                          str(plat.home), "--json"], capture_output=True, text=True, check=True)
+                          str(plat.home), "--json"], capture_output=True, text=True, check=True, env=plat.env)
     other = plat.client(token=json.loads(out.stdout)["token"], workspace="other-team")
     theirs = mod.whoami.deploy(client=other, quiet=True)()
     assert theirs["uid"] != fns["whoami"]()["uid"]

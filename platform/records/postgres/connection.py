@@ -82,16 +82,44 @@ class Database:
     # one statement, one round trip -----------------------------------------------------------
     def one(self, sql: str, params: Any = None) -> tuple | None:
         with self.conn() as conn:
-            return conn.execute(sql, params).fetchone()
+            try:
+                return conn.execute(sql, params).fetchone()
+            except pg_errors.DataError as exc:
+                return _without_nul_again(conn, sql, params, exc).fetchone()
 
     def all(self, sql: str, params: Any = None) -> list[tuple]:
         with self.conn() as conn:
-            return conn.execute(sql, params).fetchall()
+            try:
+                return conn.execute(sql, params).fetchall()
+            except pg_errors.DataError as exc:
+                return _without_nul_again(conn, sql, params, exc).fetchall()
 
     def run(self, sql: str, params: Any = None) -> int:
         """Rows changed."""
         with self.conn() as conn:
-            return conn.execute(sql, params).rowcount
+            try:
+                return conn.execute(sql, params).rowcount
+            except pg_errors.DataError as exc:
+                return _without_nul_again(conn, sql, params, exc).rowcount
+
+
+def _without_nul_again(conn: psycopg.Connection, sql: str, params: Any, exc: Exception) -> psycopg.Cursor:
+    """PostgreSQL's text cannot hold NUL, which a user's exception message, a build's output or a query string
+    may: U+FFFD stands in for it, written or looked up. psycopg refuses it before sending, so the statement is
+    sent again (nothing is checked on the way when there is none)."""
+    if "NUL" not in str(exc):
+        raise exc
+    return conn.execute(sql, _without_nul(params))
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {k: _without_nul(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_without_nul(v) for v in value)
+    return value
 
 
 DISK_FULL = "53100"

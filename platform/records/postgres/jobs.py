@@ -114,10 +114,12 @@ class PostgresJobs:
                     (error, build_log, job_id, version))
 
     def fail_unfinished_builds(self, error: str) -> int:
-        """Only when no other gateway is alive (holds its liveness lock): their builds are not unfinished."""
+        """Only when no other gateway is alive (holds its liveness lock): their builds are not unfinished.
+        pg_locks lists the whole server's locks: only this database's gateways count."""
         return self.db.run(
             "UPDATE versions SET status = 'failed', error = %s WHERE status = 'building' AND (SELECT count(*) FROM "
-            "pg_locks WHERE locktype = 'advisory' AND classid = %s::int4::oid AND objsubid = 2 AND granted) <= 1",
+            "pg_locks WHERE locktype = 'advisory' AND classid = %s::int4::oid AND objsubid = 2 AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) <= 1",
             (error, GATEWAYS))
 
     def version_ready(self, job_id: str, version: int, artifact: dict, requirements_sha256: str, build_log: str,

@@ -52,9 +52,8 @@ class SwitchableProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
+            upstream = self._upstream()
+            if upstream is None:
                 client.close()
                 continue
             upstream.settimeout(None)  # the timeout was for the connect: a long-poll may be silent for minutes
@@ -63,6 +62,13 @@ class SwitchableProxy:
                 self.accepted += 1
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _upstream(self) -> socket.socket | None:
+        """A connection to the target (None: refused, so the client's is closed)."""
+        try:
+            return socket.create_connection(self.target, timeout=5)
+        except OSError:
+            return None
 
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket) -> None:
@@ -89,25 +95,12 @@ class Failover(SwitchableProxy):
         self.targets = targets
         self.served: dict[tuple[str, int], int] = {t: 0 for t in targets}  # connections each target took
 
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
+    def _upstream(self) -> socket.socket | None:
+        for target in self.targets:
             try:
-                client, _ = listener.accept()
+                upstream = socket.create_connection(target, timeout=5)
             except OSError:
-                return
-            upstream = None
-            for target in self.targets:
-                try:
-                    upstream = socket.create_connection(target, timeout=5)
-                except OSError:
-                    continue
-                upstream.settimeout(None)
-                self.served[target] += 1
-                break
-            if upstream is None:
-                client.close()
                 continue
-            with self._lock:
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            self.served[target] += 1
+            return upstream
+        return None

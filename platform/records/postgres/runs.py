@@ -7,6 +7,7 @@ this runs them as data-modifying CTEs of one statement, which PostgreSQL applies
 from __future__ import annotations
 
 import logging
+import time
 from typing import Sequence
 
 import psycopg
@@ -136,6 +137,10 @@ WHERE id IN (SELECT id FROM runs WHERE {OPEN_SQL} AND (worker IS NULL OR strpos(
              OR split_part(worker, '/', 1) IN (SELECT g FROM dead)) FOR UPDATE SKIP LOCKED)
   AND {OPEN_SQL}
 RETURNING {COLUMNS}"""
+# the liveness locks held now, in this database (pg_locks lists the whole server's): a gateway's, as its key's hash
+LIVE_GATEWAYS = ("SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s::int4::oid AND objsubid = 2 "
+                 "AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+CLAIM_RECHECK = 60.0  # seconds: a full look for orphans at least this often (and after a pause: a lead regained)
 
 # the overview's hours (see ``hour_counts``): where runs may still change, then each hour's counts: its open runs
 # (runs_open) and those that ended badly (runs_ended_badly), both index-only, and each job's runs; the rest succeeded
@@ -167,6 +172,8 @@ class PostgresRuns:
         self.where = database.where
         self.gateway = gateway  # a run this gateway queues names it ({gateway}/), and one it starts: {gateway}/{worker}
         self.owner = f"{gateway}/"
+        self._live: frozenset | None = None  # the liveness locks at the last claim_orphans
+        self._looked = 0.0
 
     def get(self, run_id: str) -> RunRecord | None:
         row = self.db.one(f"{SELECT} WHERE id = %s", (run_id,))
@@ -368,9 +375,17 @@ class PostgresRuns:
         return counted
 
     def claim_orphans(self, reason: str) -> list[RunRecord]:
-        """Several gateways share the database: the open runs of those that died become this one's."""
+        """Several gateways share the database: the open runs of those that died become this one's. The statement
+        reads every open run, so the leader runs it only when a gateway's liveness lock has gone since its last
+        look (a glance at pg_locks), and at its first look after CLAIM_RECHECK seconds without one."""
+        live = frozenset(r[0] for r in self.db.all(LIVE_GATEWAYS, (GATEWAYS,)))
+        now = time.monotonic()
+        if self._live is not None and live >= self._live and now - self._looked < CLAIM_RECHECK:
+            self._live, self._looked = live, now
+            return []
         rows = self.db.all(CLAIM_ORPHANS, {"gateway": self.gateway, "cls": GATEWAYS, "owner": self.owner,
                                            "reason": reason})
+        self._live, self._looked = live, now
         return sorted((RunRecord(*r) for r in rows), key=lambda r: r.id)
 
     # -- retention ---------------------------------------------------------------------------

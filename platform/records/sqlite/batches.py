@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..base import BatchRecord, BatchResult, NewRun, Payload, payload_size
-from .connection import Database, joins, storage_errors
+from .connection import Database, storage_errors
 from .runs import ADD_USAGE, INSERT_PAYLOAD, OPEN_SQL, as_payload, payload_row
 
 COLUMNS = "id, workspace, job_id, version, concurrency, total, submitted, done, cancelled, created_at"
@@ -31,23 +31,19 @@ class SqliteBatches:
             "INSERT INTO batches(id, workspace, job_id, version, concurrency, created_at) VALUES (?,?,?,?,?,?)",
             (batch_id, workspace, job_id, version, concurrency, at))
 
-    @joins
     def get(self, batch_id: str) -> BatchRecord | None:
         row = self.db.execute(f"SELECT {COLUMNS} FROM batches WHERE id = ?", (batch_id,)).fetchone()
         return None if row is None else _record(row)
 
-    @joins
     def in_workspace(self, workspace: str, before_id: str | None, limit: int) -> list[BatchRecord]:
         return [_record(r) for r in self.db.execute(
             f"SELECT {COLUMNS} FROM batches WHERE workspace = ? AND id < ? ORDER BY id DESC LIMIT ?",
             (workspace, before_id or "\uffff", limit))]
 
-    @joins
     def status_counts(self, batch_id: str) -> dict[str, int]:
         return dict(self.db.execute("SELECT status, COUNT(*) FROM runs WHERE batch_id = ? GROUP BY status",
                                     (batch_id,)).fetchall())
 
-    @joins
     def add_items(self, batch_id: str, runs: Sequence[NewRun], args: Sequence[Payload]) -> None:
         with self.tx() as db:
             db.executemany(INSERT_ITEM, runs)
@@ -56,7 +52,6 @@ class SqliteBatches:
             if runs:
                 db.execute(ADD_USAGE, (runs[0].workspace, sum(map(payload_size, args))))
 
-    @joins
     def indexes(self, batch_id: str, first: int, last: int) -> set[int]:
         return {r[0] for r in self.db.execute(
             "SELECT batch_index FROM runs WHERE batch_id = ? AND batch_index BETWEEN ? AND ?", (batch_id, first, last))}
@@ -67,11 +62,9 @@ class SqliteBatches:
     def cancel(self, batch_id: str) -> None:
         self.db.execute("UPDATE batches SET cancelled = 1 WHERE id = ?", (batch_id,))
 
-    @joins
     def open_runs(self, batch_id: str) -> list[str]:
         return [r[0] for r in self.db.execute(f"SELECT id FROM runs WHERE batch_id = ? AND {OPEN_SQL}", (batch_id,))]
 
-    @joins
     def results_after(self, batch_id: str, after: int, limit: int) -> list[BatchResult]:
         return [BatchResult(run_id, index, status, seq, reason, None if data is None else as_payload(data, key, size))
                 for run_id, index, status, seq, reason, data, key, size in self.db.execute(

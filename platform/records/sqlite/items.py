@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..base import Payload, payload_size
-from .connection import Database, joins, storage_errors
+from .connection import Database, storage_errors
 from .runs import ADD_USAGE, as_payload, payload_row
 
 
@@ -14,7 +14,6 @@ class SqliteItems:
         self.tx = database.tx
         self.path = database.path
 
-    @joins
     def add(self, run_id: str, workspace: str, seq: int, item: Payload) -> bool:
         _, _, data, key, size = payload_row(run_id, "item", item)
         with self.tx() as db:
@@ -24,18 +23,15 @@ class SqliteItems:
                 db.execute(ADD_USAGE, (workspace, payload_size(item)))
         return added
 
-    @joins
     def after(self, run_id: str, after: int, limit: int) -> list[tuple[int, Payload]]:
         rows = self.db.execute("SELECT seq, data, object_key, size FROM run_items WHERE run_id = ? AND seq > ? "
                                "ORDER BY seq LIMIT ?", (run_id, after, limit)).fetchall()
         return [(seq, as_payload(data, key, size)) for seq, data, key, size in rows]
 
-    @joins
     def get(self, run_id: str, seq: int) -> Payload | None:
         row = self.db.execute("SELECT data, object_key, size FROM run_items WHERE run_id = ? AND seq = ?",
                               (run_id, seq)).fetchone()
         return as_payload(*row) if row else None
 
-    @joins
     def count(self, run_id: str) -> int:
         return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM run_items WHERE run_id = ?", (run_id,)).fetchone()[0]

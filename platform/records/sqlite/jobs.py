@@ -9,7 +9,7 @@ from opbox.errors import Conflict
 
 from ...ids import new_id
 from ..base import Dropped, JobRecord, NewVersion, VersionRecord
-from .connection import Database, joins, storage_errors
+from .connection import Database, storage_errors
 from .runs import drop_run_data
 
 FOUND_MAX = 10_000  # jobs looked up kept in memory (emptied past it)
@@ -49,7 +49,6 @@ class SqliteJobs:
         row = self.db.execute(sql, params).fetchone()
         return JobRecord(*row) if row is not None else None
 
-    @joins
     def get(self, workspace: str, ref: str) -> JobRecord | None:
         job = self._found.get((workspace, ref))
         if job is None:
@@ -61,11 +60,9 @@ class SqliteJobs:
                 self._found[(workspace, ref)] = job
         return job
 
-    @joins
     def by_id(self, job_id: str) -> JobRecord | None:
         return self._job(f"{JOB} WHERE id = ?", (job_id,))
 
-    @joins
     def in_workspace(self, workspace: str) -> list[JobRecord]:
         return [JobRecord(*r) for r in self.db.execute(f"{JOB} WHERE workspace = ? ORDER BY created_at DESC",
                                                        (workspace,))]
@@ -103,16 +100,13 @@ class SqliteJobs:
                  json.dumps(version.signature) if version.signature else None))
         return job, number
 
-    @joins
     def version(self, job_id: str, version: int) -> VersionRecord | None:
         row = self.db.execute(f"{VERSION} WHERE job_id = ? AND version = ?", (job_id, version)).fetchone()
         return _version(row) if row is not None else None
 
-    @joins
     def code_in_use(self, code_key: str) -> bool:
         return self.db.execute("SELECT 1 FROM versions WHERE code_key = ? LIMIT 1", (code_key,)).fetchone() is not None
 
-    @joins
     def in_use(self) -> tuple[set[str], list[dict]]:
         keys, artifacts = set(), []
         for key, status, artifact in self.db.execute("SELECT code_key, status, artifact FROM versions"):
@@ -121,11 +115,9 @@ class SqliteJobs:
                 artifacts.append(json.loads(artifact))
         return keys, artifacts
 
-    @joins
     def versions(self, job_id: str) -> list[VersionRecord]:
         return [_version(r) for r in self.db.execute(f"{VERSION} WHERE job_id = ? ORDER BY version DESC", (job_id,))]
 
-    @joins
     def build_log(self, job_id: str, version: int) -> str | None:
         row = self.db.execute("SELECT build_log FROM versions WHERE job_id = ? AND version = ?",
                               (job_id, version)).fetchone()

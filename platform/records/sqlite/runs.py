@@ -14,7 +14,7 @@ from typing import Sequence
 
 from ...ids import id_at
 from ..base import AttemptRecord, Dropped, NewRun, Payload, RunFilter, RunRecord, StoredPayload, payload_size
-from .connection import Database, joins, storage_errors
+from .connection import Database, storage_errors
 
 log = logging.getLogger("opbox.records")
 SETTLE_AFTER = 120.0  # seconds after an hour's end before it may be kept counted (a run id made then, stored later)
@@ -40,8 +40,6 @@ STATUSES = frozenset({"queued", "running", "succeeded", "failed", "cancelled", "
 STATUS_INDEX = {**dict.fromkeys(("queued", "running"), (" INDEXED BY runs_open", f" AND {OPEN_SQL}")),
                 **dict.fromkeys(("failed", "cancelled", "timed_out"),
                                 (" INDEXED BY runs_ended_badly", f" AND {ENDED_BADLY_SQL}"))}
-START = ("UPDATE runs SET status = 'running', started_at = ?, worker = ?, retry_at = NULL WHERE id = ? "
-         "AND status = 'queued'")
 INSERT_PAYLOAD = "INSERT OR REPLACE INTO payloads(run_id, kind, data, object_key, size) VALUES (?,?,?,?,?)"
 ADD_USAGE = ("INSERT INTO usage(workspace, bytes) VALUES (?, ?) "
              "ON CONFLICT(workspace) DO UPDATE SET bytes = bytes + excluded.bytes")
@@ -88,7 +86,6 @@ class SqliteRuns:
         self.tx = database.tx
         self.path = database.path
 
-    @joins
     def get(self, run_id: str) -> RunRecord | None:
         row = self.db.execute(f"{SELECT} WHERE id = ?", (run_id,)).fetchone()
         return RunRecord(*row) if row is not None else None
@@ -98,29 +95,26 @@ class SqliteRuns:
                               (run_id, kind)).fetchone()
         return as_payload(*row) if row else None
 
-    @joins
     def args(self, run_id: str) -> Payload | None:
         return self._payload(run_id, "args")
 
-    @joins
     def result(self, run_id: str) -> Payload | None:
         return self._payload(run_id, "result")
 
-    @joins
     def create(self, run: NewRun, args: Payload) -> None:
         with self.tx() as db:
             if db.execute(INSERT, run).rowcount:
                 db.execute(INSERT_PAYLOAD, payload_row(run.id, "args", args))
                 db.execute(ADD_USAGE, (run.workspace, payload_size(args)))
 
-    @joins
     def start(self, run_id: str, worker: str, at: float, limit: tuple[str, int] | None = None) -> bool:
-        # ``limit`` is for several gateways on one database: alone on its file, the gateway's count is exact.
-        # Committed with the next transaction (the run's end, the next call's run) or within LAZY_COMMIT: nobody
-        # is told it durably, and a restart queues a running run again as it does a queued one
-        return self.db.lazy_write(START, (at, worker, run_id)) == 1
+        # ``limit`` is for several gateways on one database: alone on its file, the gateway's count is exact
+        cur = self.db.execute(
+            "UPDATE runs SET status = 'running', started_at = ?, worker = ?, retry_at = NULL WHERE id = ? "
+            "AND status = 'queued'",
+            (at, worker, run_id))
+        return cur.rowcount == 1
 
-    @joins
     def retry(self, run: RunRecord, status: str, reason: str | None, error_type: str | None, at: float,
               retry_at: float | None) -> None:
         with self.tx() as db:
@@ -132,7 +126,6 @@ class SqliteRuns:
                        "worker = NULL, retry_at = ? WHERE id = ?",
                        (f"attempt {run.attempt + 1} {status}: {reason}", retry_at, run.id))
 
-    @joins
     def attempts(self, run_id: str) -> list[AttemptRecord]:
         return [AttemptRecord(*r) for r in self.db.execute(
             "SELECT run_id, attempt, status, started_at, finished_at, reason, error_type, log_seq FROM attempts "
@@ -142,7 +135,6 @@ class SqliteRuns:
         self.db.execute("UPDATE runs SET status = 'queued', exit_reason = ?, started_at = NULL, worker = NULL "
                         "WHERE id = ? AND status IN ('queued', 'running')", (reason, run_id))
 
-    @joins
     def finish(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
                result: Payload) -> tuple[RunRecord, bool]:
         complete, seq = False, None
@@ -160,7 +152,6 @@ class SqliteRuns:
             db.execute(ADD_USAGE, (run.workspace, payload_size(result)))
         return ended, complete
 
-    @joins
     def append_log(self, run_id: str, data: bytes, limit: int, marker: bytes, dropped: bool) -> bool:
         row = self.db.execute("SELECT log_bytes, (SELECT COALESCE(MAX(seq), -1) + 1 FROM logs WHERE run_id = ?), "
                               "workspace FROM runs WHERE id = ?", (run_id, run_id)).fetchone()
@@ -185,12 +176,10 @@ class SqliteRuns:
             db.execute(ADD_USAGE, (workspace, size - before))
         return True
 
-    @joins
     def logs_after(self, run_id: str, after_seq: int) -> list[tuple[int, bytes]]:
         return self.db.execute("SELECT seq, data FROM logs WHERE run_id = ? AND seq > ? ORDER BY seq",
                                (run_id, after_seq)).fetchall()
 
-    @joins
     def of_job(self, job_id: str, status: str | None, before: str | None, limit: int) -> list[RunRecord]:
         sql, params = f"{SELECT} WHERE job_id = ?", [job_id]
         if status:
@@ -202,17 +191,14 @@ class SqliteRuns:
         params.append(limit)
         return [RunRecord(*r) for r in self.db.execute(sql + " ORDER BY id DESC LIMIT ?", params)]
 
-    @joins
     def open_counts(self, workspace: str) -> dict[str, int]:
         return dict(self.db.execute(f"SELECT status, COUNT(*) FROM runs INDEXED BY runs_open WHERE workspace = ? "
                                     f"AND {OPEN_SQL} GROUP BY status", (workspace,)).fetchall())
 
-    @joins
     def open_totals(self) -> dict[str, int]:
         return dict(self.db.execute(f"SELECT workspace, COUNT(*) FROM runs INDEXED BY runs_open WHERE {OPEN_SQL} "
                                     "GROUP BY workspace").fetchall())
 
-    @joins
     def search(self, workspace: str, where: RunFilter, limit: int) -> list[RunRecord]:
         # SQLite walks one index backwards in id order and stops after ``limit`` rows: a map's or a job's
         # (the most selective; "+workspace" keeps the planner off the workspace's), else runs_open or
@@ -240,7 +226,6 @@ class SqliteRuns:
         params.append(limit)
         return [RunRecord(*r) for r in self.db.execute(sql + " ORDER BY id DESC LIMIT ?", params)]
 
-    @joins
     def hour_counts(self, workspace: str, hours: Sequence[int], now: float) -> dict[int, list[tuple[str, str, int]]]:
         """Each hour's runs as (job id, status, count): a settled hour's from ``run_hours`` (counted once, the
         first time it is read settled), the others' counted now. An hour is settled when it ended a while ago,
@@ -304,7 +289,6 @@ class SqliteRuns:
             "(total IS NULL OR submitted < total)", (workspace, id_at("b", since))).fetchone()
         return min(oldest_open or "\uffff", f"r-{open_map[2:]}" if open_map else "\uffff")
 
-    @joins
     def claim_orphans(self, reason: str) -> list[RunRecord]:
         """Alone on its file, a gateway that starts finds every open run orphaned: running ones lost their workers."""
         with self.tx() as db:
@@ -314,7 +298,6 @@ class SqliteRuns:
                 f"{SELECT} INDEXED BY runs_open WHERE {OPEN_SQL} AND status = 'queued' ORDER BY id")]
 
     # -- retention ---------------------------------------------------------------------------
-    @joins
     def expire(self, default_days: float, now: float, limit: int) -> Dropped:
         rows = self.db.execute(
             "SELECT r.id FROM runs r JOIN versions v ON v.job_id = r.job_id AND v.version = r.version "
@@ -329,7 +312,6 @@ class SqliteRuns:
             db.executemany("UPDATE runs SET expired_at = ?, log_bytes = 0 WHERE id = ?", [(now, i) for (i,) in ids])
         return Dropped(len(ids), freed, keys)
 
-    @joins
     def delete_finished(self, days: float, now: float, limit: int) -> Dropped:
         ids = [(r[0],) for r in self.db.execute(
             "SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?",
@@ -343,7 +325,6 @@ class SqliteRuns:
             db.executemany("DELETE FROM run_hours WHERE hour = ?", [(h,) for h in {hour_of(i) for (i,) in ids}])
         return Dropped(len(ids), freed, keys)
 
-    @joins
     def stored_keys(self, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for start in range(0, len(keys), 500):

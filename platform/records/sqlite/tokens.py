@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..base import TokenRecord
-from .connection import Database, joins, storage_errors
+from .connection import Database, storage_errors
 
 TOKEN = "SELECT id, workspace, name, hash, role, created_at, revoked_at FROM tokens"
 
@@ -20,11 +20,9 @@ class SqliteTokens:
     def add_workspace(self, name: str) -> None:
         self.db.execute("INSERT OR IGNORE INTO workspaces(name, created_at) VALUES (?, ?)", (name, time.time()))
 
-    @joins
     def workspace_exists(self, name: str) -> bool:
         return self.db.execute("SELECT 1 FROM workspaces WHERE name = ?", (name,)).fetchone() is not None
 
-    @joins
     def add(self, token_id: str, workspace: str, name: str, token_hash: str, role: str) -> None:
         now = time.time()
         with self.tx() as db:
@@ -32,7 +30,6 @@ class SqliteTokens:
             db.execute("INSERT INTO tokens(id, workspace, name, hash, role, created_at) VALUES (?,?,?,?,?,?)",
                        (token_id, workspace, name, token_hash, role, now))
 
-    @joins
     def by_hash(self, token_hash: str, revoked_too: bool = False) -> TokenRecord | None:
         active = "" if revoked_too else " AND revoked_at IS NULL"
         row = self.db.execute(f"{TOKEN} WHERE hash = ?{active}", (token_hash,)).fetchone()
@@ -44,7 +41,6 @@ class SqliteTokens:
             (at, token_id, workspace))
         return cur.rowcount == 1
 
-    @joins
     def in_workspace(self, workspace: str) -> list[TokenRecord]:
         return [TokenRecord(*r) for r in self.db.execute(f"{TOKEN} WHERE workspace = ? ORDER BY created_at",
                                                          (workspace,))]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .connection import Database, joins, storage_errors
+from .connection import Database, storage_errors
 
 
 @storage_errors
@@ -12,18 +12,15 @@ class SqliteUploads:
         self.tx = database.tx
         self.path = database.path
 
-    @joins
     def add(self, key: str, workspace: str, at: float) -> None:
         with self.tx() as db:
             db.execute("INSERT INTO uploads(object_key, workspace, created_at) VALUES (?,?,?)", (key, workspace, at))
 
-    @joins
     def claim(self, key: str, workspace: str) -> bool:
         with self.tx() as db:
             return db.execute("DELETE FROM uploads WHERE object_key = ? AND workspace = ?",
                               (key, workspace)).rowcount == 1
 
-    @joins
     def expire(self, before: float, limit: int) -> list[str]:
         keys = [r[0] for r in self.db.execute("SELECT object_key FROM uploads WHERE created_at < ? LIMIT ?",
                                               (before, limit))]

@@ -3,7 +3,7 @@ transactions; code archives are added here when a deploy first refers to one."""
 
 from __future__ import annotations
 
-from .connection import Database, joins, storage_errors
+from .connection import Database, storage_errors
 from .runs import ADD_USAGE
 
 
@@ -13,7 +13,6 @@ class SqliteUsage:
         self.db = database.db
         self.path = database.path
 
-    @joins
     def of(self, workspace: str) -> int:
         row = self.db.execute("SELECT bytes FROM usage WHERE workspace = ?", (workspace,)).fetchone()
         return row[0] if row else 0

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -286,6 +287,17 @@ class TestLeanUploads:
         # (a body of up to ~300 KiB may have come whole with its head; uvicorn stops reading at 64 KiB)
         assert receivers[0] == sizes[0] and receivers[-1] == sizes[-1] and set(receivers) <= set(sizes)
         assert leftovers(lean) == []
+
+    def test_concurrent_uploads_each_arrive_whole(self, lean, receivers):
+        blobs = {f"lean/many/{n}": bytes([n]) * (2 * 1024 * 1024 + n) for n in range(6)}
+
+        def upload(key: str) -> int:
+            return send(lean.upload_url(key), blobs[key]).status_code
+
+        with ThreadPoolExecutor(len(blobs)) as pool:
+            assert list(pool.map(upload, blobs)) == [200] * len(blobs)
+        assert all(lean.get(key) == data for key, data in blobs.items())
+        assert sorted(receivers) == sorted(len(data) for data in blobs.values()) and leftovers(lean) == []
 
     def test_a_bound_digest_is_checked(self, lean):
         data = b"d" * (2 * 1024 * 1024)

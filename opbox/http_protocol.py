@@ -133,17 +133,19 @@ async def receive_into(protocol, cycle, length: int, write) -> int:
     what ``write`` raised (the rest of the body is then read and dropped)."""
     from opbox.http_body import BodyReceiver, ClientGone
 
-    if cycle.disconnected or protocol.cycle is not cycle or protocol.parser is None:
+    if cycle.disconnected:
         raise ClientGone("the client disconnected before the upload was complete")
+    head, cycle.body = cycle.body, bytearray()  # what the parser has handed over so far
+    if not cycle.more_body:  # the whole body came with the head (the parser may be on a next request now)
+        if head:
+            await asyncio.get_running_loop().run_in_executor(None, write, memoryview(head))
+        return len(head)
+    if protocol.cycle is not cycle or protocol.parser is None:  # (cannot be: the parser is in this body)
+        raise ClientGone("the connection is no longer reading this upload")
     transport = protocol.transport
     if cycle.waiting_for_100_continue and not transport.is_closing():
         transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         cycle.waiting_for_100_continue = False
-    head, cycle.body = cycle.body, bytearray()  # what the parser has handed over so far
-    if not cycle.more_body:  # the whole body came with the head
-        if head:
-            await asyncio.get_running_loop().run_in_executor(None, write, memoryview(head))
-        return len(head)
     if isinstance(transport, CoalescingTransport):
         transport.flush()
         transport = transport.transport

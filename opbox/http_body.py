@@ -29,7 +29,8 @@ class BodyReceiver(asyncio.BufferedProtocol):
 
     def __init__(self, owner, transport: asyncio.Transport, remaining: int, head: bytes | bytearray,
                  write: Callable[[memoryview], object], restore: Callable[[], None]):
-        self.owner, self.transport, self.remaining, self.write, self.restore = owner, transport, remaining, write, restore
+        self.owner, self.transport, self.remaining = owner, transport, remaining
+        self.write, self.restore = write, restore
         self.loop = asyncio.get_running_loop()
         size = min(BUFFER, remaining)
         self.buffers = [bytearray(size), bytearray(size)]

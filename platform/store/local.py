@@ -291,7 +291,8 @@ class LocalStore:
             upload = await to_thread.run_sync(_Upload.begin, key, path)
             digest = hashlib.sha256() if sha256 is not None else None  # hashed only when the URL binds a content
             if receive_into is not None:  # a body of known length, from the socket to the file in one pass
-                size = await receive_into(upload.write if digest is None else functools.partial(_hashed, digest, upload))
+                write = upload.write if digest is None else functools.partial(_hashed, digest, upload)
+                size = await receive_into(write)
                 return await self._commit(upload, key, size, sha256, digest)
             size, chunks, gathered = 0, [], 0
             async for chunk in request.stream():

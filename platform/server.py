@@ -14,8 +14,8 @@ from opbox.http_protocol import http_protocol
 
 from .core import Platform
 from .gateway.app import create_app
-from .gateway.routes_serve import lean_route
 from .gateway.observe import metrics_app
+from .gateway.routes_serve import lean_route
 from .settings import Settings
 from .store.local import ROUTE_PREFIX as STORE_ROUTES
 

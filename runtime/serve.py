@@ -22,13 +22,13 @@ import inspect
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 from opbox import defaults, serialization
 from opbox.errors import SerializationError
 
+from .call_threads import CallThreads
 from .execute import _user_tb, _user_traceback, collect, load_target
 from .schema import openapi_document, public_methods
 
@@ -137,24 +137,23 @@ class ServeApp:
         self.lifespan_state: dict = {}
         self.inflight = self.waiting = 0
         self.slots: asyncio.Semaphore | None = None
-        self.pool = ThreadPoolExecutor(max_workers=concurrency or 64, thread_name_prefix="opbox-call")
+        self.pool = CallThreads(concurrency or 64, "opbox-call")  # the user's sync code runs there
         self._user_lifespan: tuple | None = None
         self._openapi: dict[str, bytes] = {}
 
     # -- start-up ----------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            target = await loop.run_in_executor(self.pool, load_target, self.entry, self.code_dir)
+            target = await self.pool.run(load_target, self.entry, self.code_dir)
             if inspect.isclass(target):
                 args, kwargs = serialization.load_args(self.init) if self.init else ((), {})
-                self.instance = await loop.run_in_executor(self.pool, lambda: target(*args, **kwargs))
+                self.instance = await self.pool.run(lambda: target(*args, **kwargs))
                 hook = getattr(self.instance, "__remote_init__", None)
                 if hook is not None:
                     if inspect.iscoroutinefunction(hook):
                         await hook()
                     else:
-                        await loop.run_in_executor(self.pool, hook)
+                        await self.pool.run(hook)
                 self.methods = {n: getattr(self.instance, n) for n in public_methods(type(self.instance), RESERVED)}
             elif callable(target):
                 self.app = target
@@ -202,7 +201,7 @@ class ServeApp:
                 await asyncio.wait_for(outbox.get(), 30)
             except asyncio.TimeoutError:
                 task.cancel()
-        self.pool.shutdown(wait=False)
+        self.pool.shutdown()
 
     # -- ASGI ----------------------------------------------------------------------------
     async def __call__(self, scope, receive, send):
@@ -317,12 +316,11 @@ class ServeApp:
 
     async def _invoke(self, method, args, kwargs):
         """The method's value: ``async def`` ones run on the event loop (as many at once as ``concurrency``
-        lets in), others in the thread pool; a generator's values come as a list."""
-        loop = asyncio.get_running_loop()
+        lets in), others in the call threads; a generator's values come as a list."""
         if inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method):
             value = method(*args, **kwargs)
         else:
-            value = await loop.run_in_executor(self.pool, lambda: _listed(method(*args, **kwargs)))
+            value = await self.pool.run(lambda: _listed(method(*args, **kwargs)))
         if inspect.isasyncgen(value):
             return await collect(value)
         if inspect.isawaitable(value):
@@ -353,13 +351,13 @@ class ServeApp:
         return Reply(status, serialization.dump_error(exc, tb), ENVELOPE, {"x-opbox-status": "failed"})
 
     async def _values(self, values) -> AsyncIterator:
-        """A generator's values on the event loop: an async one's directly, a sync one's from the thread pool."""
+        """A generator's values on the event loop: an async one's directly, a sync one's from the call threads."""
         if inspect.isasyncgen(values):
             async for value in values:
                 yield value
             return
-        loop, end = asyncio.get_running_loop(), object()
-        while (value := await loop.run_in_executor(self.pool, next, values, end)) is not end:
+        end = object()
+        while (value := await self.pool.run(next, values, end)) is not end:
             yield value
 
     async def _call_json(self, method, name: str, body: bytes, scope_headers) -> Reply:

@@ -74,29 +74,22 @@ SEND_TIMEOUT = 300.0  # seconds a reader may take to make room for more of a fil
 CHUNK = 1024 * 1024  # bytes per read when a file cannot be sent with sendfile
 
 
-def http_protocol(sendfile_prefix: str | None = None, lean=None):
+def http_protocol(sendfile_prefix: str | None = None):
     """uvicorn's ``http`` setting: its httptools protocol over a ``CoalescingTransport``, or "auto" where
     httptools is not installed (uvicorn then uses h11, as it would). GETs of paths that start with
     ``sendfile_prefix`` may answer a file with ``http.response.pathsend`` (sent with ``os.sendfile``); PUTs
-    there may read their bodies with ``receive_into``. The requests ``lean`` (an ``http_lean.LeanRoute``)
-    matches skip the ASGI app: its handler answers them (``http_lean.take``)."""
+    there may read their bodies with ``receive_into``."""
     if importlib.util.find_spec("httptools") is None:
         return "auto"
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    if lean is not None:
-        from opbox.http_lean import take
-        marker = lean.marker
 
     class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
 
-        def on_headers_complete(self) -> None:
-            if lean is not None and marker in self.url and take(self, lean):
-                return
-            super().on_headers_complete()
-            if sendfile_prefix:
+        if sendfile_prefix:
+            def on_headers_complete(self) -> None:
+                super().on_headers_complete()
                 self.offer_store_extensions()
 
         def offer_store_extensions(self) -> None:

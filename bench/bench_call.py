@@ -1,7 +1,8 @@
 """Warm calls alone: p50/p99 and CPU per call of the gateway, its workers and this client (from /proc),
 for one deployed trivial function called one call after another. `--trees A B ...` measures several
 source trees (e.g. `git archive main` unpacked) alternately, each on a fresh platform, in one sitting:
-what survives a loaded machine is the CPU per call, not the wall time.
+what survives a loaded machine is the CPU per call, not the wall time. Each tree needs its own
+virtualenv (``TREE/.venv``, e.g. ``uv venv && uv pip install -e '.[platform]'``).
 
     python bench/bench_call.py [--calls 3000] [--rounds 1] [--trees DIR ...] [--out FILE]
 """
@@ -69,9 +70,10 @@ def main() -> None:
         out = {"machine": machine(), "runs": []}
         for round_ in range(args.rounds):
             for tree in args.trees:
-                env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
-                done = subprocess.run([sys.executable, __file__, "--calls", str(args.calls)], env=env,
-                                      capture_output=True, text=True, check=True)
+                # each tree with its own virtualenv (its workers import opbox from there), from the tree itself
+                python = tree / ".venv" / "bin" / "python"
+                done = subprocess.run([str(python), str(HERE / "bench_call.py"), "--calls", str(args.calls)],
+                                      cwd=tree, capture_output=True, text=True, check=True)
                 figures = json.loads(done.stdout)["warm_calls"]
                 out["runs"].append({"tree": str(tree), "round": round_, **figures})
                 print(json.dumps(out["runs"][-1]), file=sys.stderr)

@@ -46,11 +46,11 @@ async def read_payload(request: Request, payloads: Payloads, workspace: str, lim
     return await _payload(request.headers.get("content-length"), request.stream, payloads, workspace, limit, what)
 
 
-async def receive_payload(scope, receive, payloads: Payloads, workspace: str, limit: int,
+async def receive_payload(declared: str | None, receive, payloads: Payloads, workspace: str, limit: int,
                           what: str = "payload") -> Payload:
-    """``read_payload`` for a pure ASGI handler: the same limits and answers, without a ``Request``."""
-    return await _payload(header(scope, b"content-length"), lambda: receive_chunks(receive), payloads, workspace,
-                          limit, what)
+    """``read_payload`` for a pure ASGI handler (``declared``: its Content-Length header): the same limits and
+    answers, without a ``Request``."""
+    return await _payload(declared, lambda: receive_chunks(receive), payloads, workspace, limit, what)
 
 
 async def _payload(declared: str | None, stream, payloads: Payloads, workspace: str, limit: int,
@@ -83,14 +83,6 @@ async def receive_chunks(receive):
             yield body
         if not message.get("more_body", False):
             return
-
-
-def header(scope, name: bytes) -> str | None:
-    """The first value of a request header (``name`` in lower case, as ASGI servers give them), or None."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 def query_values(query_string: bytes) -> dict[str, str]:
@@ -142,7 +134,9 @@ async def json_body(request: Request, limit: int = 1024 * 1024, required: bool =
 
 
 def query_number(request: Request, name: str, default: float | None, low: float, high: float, kind=float):
-    return number(request.query_params.get(name), name, default, low, high, kind)
+    """``number`` of a query parameter, read from the raw query string as ``QueryParams`` would read it
+    (a worker's next has one: no ``QueryParams`` object made per request)."""
+    return number(query_values(request.scope["query_string"]).get(name), name, default, low, high, kind)
 
 
 def number(raw: str | None, name: str, default: float | None, low: float, high: float, kind=float):

@@ -297,12 +297,15 @@ async def call_asgi(plat, scope, receive, send, ws: str, job: str) -> None:
     objects on the way of a small result; the routed ``call`` and the fast path both end here. Errors are
     answered here as the app's handlers answer them (OpboxError as its JSON, anything else 500, logged)."""
     try:
-        authorization = traceparent = None
+        authorization = traceparent = length = None  # the first of each, as starlette's Headers.get gives it
         by_url = False
         for key, value in scope["headers"]:
             if key == b"authorization":
                 if authorization is None:
                     authorization = value.decode("latin-1")
+            elif key == b"content-length":
+                if length is None:
+                    length = value.decode("latin-1")
             elif key == b"traceparent":
                 if traceparent is None:
                     traceparent = value.decode("latin-1")
@@ -314,7 +317,7 @@ async def call_asgi(plat, scope, receive, send, ws: str, job: str) -> None:
         version_no = number(query.get("version"), "version", None, 1, 10**9, int)
         wait = number(query.get("wait"), "wait", 0.0, 0, 300)
         _, version = plat.deploys.resolve(ws, job, version_no)
-        payload = await receive_payload(scope, receive, plat.payloads, ws, plat.settings.max_payload, "arguments")
+        payload = await receive_payload(length, receive, plat.payloads, ws, plat.settings.max_payload, "arguments")
         run_id = plat.runs.create(version, payload, trigger="call", traceparent=traceparent, parent=parent_of(token))
         run, result = await plat.runs.call(ws, run_id, wait)
         if run.status not in TERMINAL:

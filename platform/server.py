@@ -15,6 +15,7 @@ from opbox.http_protocol import http_protocol
 from .core import Platform
 from .gateway.app import create_app
 from .gateway.observe import metrics_app
+from .gateway.routes_serve import lean_route
 from .settings import Settings
 from .store.local import ROUTE_PREFIX as STORE_ROUTES
 
@@ -45,8 +46,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     host, port = sock.getsockname()[:2]
     platform = Platform(settings, bound_url=f"http://{host if ':' not in host else f'[{host}]'}:{port}")
     announce(platform.bootstrap(), platform)
+    http = http_protocol(sendfile_prefix(platform), lean_route(platform))  # service calls skip the ASGI cycle
     config = uvicorn.Config(create_app(platform), log_level="warning", access_log=False, lifespan="on",
-                            timeout_keep_alive=75, loop="auto", http=http_protocol(sendfile_prefix(platform)),
+                            timeout_keep_alive=75, loop="auto", http=http,
                             timeout_graceful_shutdown=STRAGGLERS)
     server = _Server(config, platform)
     if settings.metrics_port is None:

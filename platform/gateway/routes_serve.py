@@ -8,6 +8,7 @@ once, and passes the replica's answer back as received, or renders the error. Th
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -153,9 +154,23 @@ async def call(request: Request):
     return ServeCall(params["workspace"], params["name"], params.get("path", ""))
 
 
-async def serve_call(plat, scope, receive, send, ws: str, name: str, rest: str) -> None:
+async def lean_call(plat, exchange, ws: str, name: str, rest: str) -> None:
+    """A service call taken by the gateway's HTTP protocol before uvicorn's ASGI cycle (``opbox.http_lean``):
+    ``serve_call``, with a whole answer sent by ``exchange.answer`` in one write."""
+    await serve_call(plat, exchange.scope, exchange.receive, exchange.send, ws, name, rest, exchange.answer)
+
+
+def lean_route(plat):
+    """The gateway protocol's lean way for service calls (``server.py``): the paths ``fast_path`` takes."""
+    from opbox.http_lean import LeanRoute
+
+    return LeanRoute(b"/serve/", fast_path, functools.partial(lean_call, plat))
+
+
+async def serve_call(plat, scope, receive, send, ws: str, name: str, rest: str, whole=None) -> None:
     """One call to service ``name``, from the request to the answer's last byte: the token, the proxy,
-    the answer passed through, or the error as the API's JSON. Both ways in end here."""
+    the answer passed through, or the error as the API's JSON. Every way in ends here; ``whole(status,
+    headers, body)``, when given, sends a whole answer at once (False: it could not, ``send`` must)."""
     start = time.perf_counter()
     try:
         authorization = None
@@ -176,7 +191,8 @@ async def serve_call(plat, scope, receive, send, ws: str, name: str, rest: str) 
                            500)(scope, receive, send)
         return
     count_call(plat.metrics, ws, name, answer.status, start)
-    await send_answer(answer, send)
+    if whole is None or answer.body is None or not whole(answer.status, answer.headers, answer.body):
+        await send_answer(answer, send)
 
 
 def count_call(metrics, ws: str, name: str, status: int, start: float) -> None:

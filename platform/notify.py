@@ -42,8 +42,8 @@ class Notifier:
         if futures is not None:
             _wake(futures, True)
 
-    async def wait(self, key: str, timeout: float) -> bool:
-        """True when notified, False on timeout. Check the condition *before* calling."""
+    async def wait(self, key: str, timeout: float | None) -> bool:
+        """True when notified, False on timeout (None: none). Check the condition *before* calling."""
         if self.closing:
             return False
         loop = asyncio.get_running_loop()
@@ -53,11 +53,12 @@ class Notifier:
             self._waiters[key] = [future]
         else:
             futures.append(future)
-        timer = loop.call_later(timeout, _wake, (future,), False)
+        timer = None if timeout is None else loop.call_later(timeout, _wake, (future,), False)
         try:
             return await future
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             futures = self._waiters.get(key)
             if futures is not None and future in futures:  # timed out or cancelled: not notified
                 futures.remove(future)

@@ -25,6 +25,11 @@ def test_a_wait_that_times_out_or_is_cancelled_leaves_nothing_behind():
     async def main():
         notifier = Notifier()
         assert await notifier.wait("k", 0.01) is False
+        forever = asyncio.ensure_future(notifier.wait("k", None))  # no timeout: until notified
+        await asyncio.sleep(0.02)
+        assert not forever.done()
+        notifier.notify("k")
+        assert await forever is True
         cancelled = asyncio.ensure_future(notifier.wait("k", 30))
         kept = asyncio.ensure_future(notifier.wait("k", 30))
         await asyncio.sleep(0)

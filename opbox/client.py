@@ -34,6 +34,20 @@ def raise_for(resp: httpx.Response) -> httpx.Response:
     raise errors.OpboxError(f"HTTP {resp.status_code} from {resp.request.url}: {resp.text[:300]}")
 
 
+class Answer:
+    """An answer of the call path (``Client.post_envelope``): its status, its headers by lower-case name
+    (the last of a repeated one) and its body."""
+
+    __slots__ = ("status_code", "headers", "content")
+
+    def __init__(self, status: int, headers, content: bytes):
+        self.status_code, self.content = status, content
+        self.headers = {name.lower(): value for name, value in headers}
+
+    def json(self):
+        return json.loads(self.content)
+
+
 class Client:
     def __init__(self, config: ClientConfig | None = None, *, retry_for: float = 30.0):
         self.config = config or ClientConfig.from_env()
@@ -72,12 +86,13 @@ class Client:
     def path(self, path: str) -> str:
         return f"/{self.config.workspace}{path}"
 
-    def post_envelope(self, path: str, body: bytes, query: str, headers: dict | None = None) -> httpx.Response:
+    def post_envelope(self, path: str, body: bytes, query: str, headers: dict | None = None) -> Answer:
         """POST an envelope (``path`` in the workspace, ``query`` made by the caller, ``headers`` beside the
         client's) and return the answer, or raise as ``request`` does: the call path, sent in one write over
-        the thread's keep-alive connection."""
+        the thread's keep-alive connection, its answer read with no httpx objects."""
         if self.wire is None:
-            return self.request("POST", f"{path}?{query}", content=body, headers={**ENVELOPE_TYPE, **(headers or {})})
+            resp = self.request("POST", f"{path}?{query}", content=body, headers={**ENVELOPE_TYPE, **(headers or {})})
+            return Answer(resp.status_code, resp.headers.items(), resp.content)
         head = (f"POST {self._target}{quote(path)}?{query} HTTP/1.1\r\n".encode("ascii") + self._head
                 + b"Content-Type: %s\r\nContent-Length: %d\r\n" % (ENVELOPE_TYPE_BYTES, len(body))
                 + "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items()).encode("latin-1")
@@ -87,11 +102,11 @@ class Client:
         except CONNECT_ERRORS as exc:  # as ``send`` without retry: the run may exist, never send it twice
             _Retries(self, False, 0.0).after_error(exc)
             raise
-        resp = httpx.Response(status, headers=answer_headers, content=content)
         if status >= 400:
-            resp.request = httpx.Request("POST", self.http.base_url.join(self.path(path)))
+            resp = httpx.Response(status, headers=answer_headers, content=content,
+                                  request=httpx.Request("POST", self.http.base_url.join(self.path(path))))
             raise_for(resp)
-        return resp
+        return Answer(status, answer_headers, content)
 
     def request(self, method: str, path: str, *, retry: bool = False, wait_quota: bool = False,
                 **kwargs) -> httpx.Response:

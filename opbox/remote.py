@@ -14,7 +14,7 @@ import httpx
 from . import envelope, serialization, tracecontext
 from .client import Client, default_client, raise_for
 from .mapping import Mappable
-from .offload import acontent, adump_call, content, decoding, dump_call
+from .offload import acontent, adump_call, content, decoding, download, dump_call
 from .outcome import decode
 from .progress import progress_bar
 from .remote_map import ACCEPT_ENVELOPE, _AsyncMap, _Map
@@ -32,6 +32,8 @@ def run_headers() -> dict:
 
 
 LONG_POLL = 60.0
+CALL_QUERY = urlencode({"wait": LONG_POLL})  # a call's query, made once (a pinned version adds its own)
+PAYLOAD_URL = envelope.URL_HEADER.lower()
 _BACKGROUND: set = set()  # cancel requests sent on behalf of cancelled tasks (kept until they are done)
 
 
@@ -169,17 +171,24 @@ class RemoteFunction(Mappable):
 
     @property
     def _call_query(self) -> str:
-        return urlencode(self._params(wait=LONG_POLL))
+        if self.version is None:
+            return CALL_QUERY
+        made = self.__dict__.get("_made_query")
+        if made is None or made[0] != self.version:  # made once per pinned version
+            made = self._made_query = (self.version, urlencode(self._params(wait=LONG_POLL)))
+        return made[1]
 
     def __call__(self, *args, **kwargs) -> Any:
         payload = dump_call(self.client, args, kwargs)
-        resp = self.client.post_envelope(f"/job/{self.job_id}/runs", payload, self._call_query,
-                                         tracecontext.caller_headers(ACCEPT_URL))
-        if resp.status_code == 200:
+        answer = self.client.post_envelope(f"/job/{self.job_id}/runs", payload, self._call_query,
+                                           tracecontext.caller_headers(ACCEPT_URL))
+        if answer.status_code == 200:
+            headers = answer.headers
+            url, reason = headers.get(PAYLOAD_URL), headers.get("x-opbox-exit-reason")
             with decoding(self.client):
-                return decode(resp.headers["x-opbox-status"], content(resp), resp.headers["x-opbox-run-id"],
-                              _reason(resp))
-        return RunHandle(resp.json()["id"], self.client).result()
+                return decode(headers["x-opbox-status"], download(url) if url else answer.content,
+                              headers["x-opbox-run-id"], json.loads(reason) if reason else None)
+        return RunHandle(answer.json()["id"], self.client).result()
 
     async def aio(self, *args, **kwargs) -> Any:
         """``f(*args, **kwargs)``, awaitable: the event loop runs on while the run does. Cancelling the

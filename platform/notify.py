@@ -15,42 +15,58 @@ from typing import Callable
 
 
 class Notifier:
+    """Each waiter is a bare future woken by ``notify`` (or by its timer), not an ``asyncio.Event`` awaited
+    through ``wait_for`` (a task per wait): a call's wake-up is one step of the event loop."""
+
     def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
+        self._waiters: dict[str, list[asyncio.Future]] = {}
         self.closing = False
         self.publish: Callable[[str], None] | None = None  # to the other gateways (never blocks)
 
     def close(self) -> None:
         self.closing = True
-        for event in self._events.values():
-            event.set()
-        self._events.clear()
+        for futures in self._waiters.values():
+            _wake(futures, True)
+        self._waiters.clear()
 
     def notify(self, key: str) -> None:
-        event = self._events.pop(key, None)
-        if event is not None:
-            event.set()
+        futures = self._waiters.pop(key, None)
+        if futures is not None:
+            _wake(futures, True)
         if self.publish is not None:
             self.publish(key)
 
     def deliver(self, key: str) -> None:
         """A key another gateway notified: wake the waiters here (on the loop)."""
-        event = self._events.pop(key, None)
-        if event is not None:
-            event.set()
+        futures = self._waiters.pop(key, None)
+        if futures is not None:
+            _wake(futures, True)
 
-    async def wait(self, key: str, timeout: float) -> bool:
-        """True when notified, False on timeout. Check the condition *before* calling."""
+    async def wait(self, key: str, timeout: float | None) -> bool:
+        """True when notified, False on timeout (None: none). Check the condition *before* calling."""
         if self.closing:
             return False
-        event = self._events.get(key)
-        if event is None:
-            event = self._events[key] = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        futures = self._waiters.get(key)
+        if futures is None:
+            self._waiters[key] = [future]
+        else:
+            futures.append(future)
+        timer = None if timeout is None else loop.call_later(timeout, _wake, (future,), False)
         try:
-            await asyncio.wait_for(event.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+            return await future
         finally:
-            if not event.is_set() and self._events.get(key) is event and not event._waiters:  # noqa: SLF001
-                self._events.pop(key, None)
+            if timer is not None:
+                timer.cancel()
+            futures = self._waiters.get(key)
+            if futures is not None and future in futures:  # timed out or cancelled: not notified
+                futures.remove(future)
+                if not futures:
+                    del self._waiters[key]
+
+
+def _wake(futures, value: bool) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(value)

@@ -35,6 +35,17 @@ class Recorder(http.server.BaseHTTPRequestHandler):
             for part in (b"one ", b"two ", b"three"):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
             self.wfile.write(b"0\r\n\r\n")
+        elif self.path.startswith("/w/eof"):  # no length: the answer ends with the connection
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"until the end")
+            self.close_connection = True
+        elif self.path.startswith("/w/interim"):  # an interim answer before the real one
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._answer(200, b"after 100")
+        elif self.path.startswith("/w/drop"):  # the connection closed, no answer
+            self.close_connection = True
         elif self.path.startswith("/w/error"):
             self._answer(404, b'{"error": "not_found", "message": "no such job: j1"}', ctype="application/json")
         else:
@@ -106,6 +117,29 @@ def test_an_answer_left_half_read_is_not_reused(server):
         next(resp.iter_raw(1))  # read a little, then leave
     assert client.http.post("/w/x", content=b"z").content == b"echo:z"
     assert len(Recorder.connections) == 2
+
+
+def test_the_call_paths_answers_are_read_whole_whatever_their_framing(server):
+    """``post_envelope`` reads answers itself (httptools): a length, chunks, an interim 100, or the end of the
+    connection; the connection is reused only when the answer said it may be."""
+    client = client_for(server)
+    first = client.post_envelope("/chunked", b"x", "a=1")
+    assert (first.status_code, first.content) == (200, b"one two three")
+    interim = client.post_envelope("/interim", b"x", "a=1")
+    assert (interim.status_code, interim.content) == (200, b"after 100")
+    assert client.post_envelope("/x", b"y", "a=1").headers["content-length"] == "6"  # names in lower case
+    assert len(Recorder.connections) == 1
+    assert client.post_envelope("/eof", b"x", "a=1").content == b"until the end"
+    assert client.post_envelope("/x", b"z", "a=1").content == b"echo:z"
+    assert len(Recorder.connections) == 2  # the closed one was not reused
+
+
+def test_a_connection_closed_without_an_answer_is_unavailable_and_never_resent(server):
+    client = client_for(server)
+    with pytest.raises(errors.Unavailable, match="RemoteProtocolError"):
+        client.post_envelope("/drop", b"x", "a=1")
+    assert [path for path, _, _ in Recorder.requests] == ["/w/drop?a=1"]  # sent once: the run may exist
+    assert client.post_envelope("/x", b"again", "a=1").content == b"echo:again"
 
 
 def test_error_answers_raise_the_platforms_errors(server):

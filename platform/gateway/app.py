@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -14,7 +15,7 @@ from starlette.routing import Route, Router
 from starlette.schemas import SchemaGenerator
 
 from opbox import __version__
-from opbox.errors import OpboxError, StorageError, StorageFull
+from opbox.errors import OpboxError
 
 from ..core import Platform
 from . import routes_internal as internal
@@ -28,7 +29,7 @@ from . import routes_serve as serve
 from . import routes_views as views
 from . import dashboard
 from .sessions import Sessions
-from .http import error_response
+from .http import count_error, error_response
 from .observe import RequestMetrics, metrics
 
 log = logging.getLogger("opbox.gateway")
@@ -77,9 +78,7 @@ def openapi_document(routes) -> dict:
 
 
 async def opbox_error(request: Request, exc: OpboxError):
-    if isinstance(exc, StorageError):
-        request.app.state.platform.metrics.storage_errors(
-            exc.details.get("component", "store"), "full" if isinstance(exc, StorageFull) else "error").inc()
+    count_error(request.app.state.platform.metrics, exc)
     return error_response(exc)
 
 
@@ -109,7 +108,7 @@ ROUTES = [
     Route(W + "/job/{job}/versions", jobs.list_versions),
     Route(W + "/job/{job}/build-log", jobs.build_log),
     Route(W + "/job/{job}/runs", jobs.list_runs),
-    Route(W + "/job/{job}/runs", jobs.call, methods=["POST"]),
+    CALL_ROUTE := Route(W + "/job/{job}/runs", jobs.call, methods=["POST"]),
     Route(W + "/job/{job}/trigger", jobs.trigger, methods=["POST"]),
     Route(W + "/job/{job}/batches", jobs.create_batch, methods=["POST"]),
     Route(W + "/job/{job}/schedule", schedules.get_schedule),
@@ -164,22 +163,19 @@ ROUTES = [
 
 
 class HotRouter(Router):
-    """The router, with the two hottest routes (a call, a worker's next) found by splitting the path
-    rather than by trying each route's pattern in turn; every other request is routed as usual."""
+    """The router, with a worker's next found by splitting the path rather than by trying each route's
+    pattern in turn (a call never gets here: ``GatewayApp`` takes it first); every other request is routed
+    as usual."""
 
     def __init__(self, routes: list, lifespan):
         super().__init__(routes=routes, lifespan=lifespan)
-        self.call = next(r for r in routes if getattr(r, "endpoint", None) is jobs.call)
         self.worker_next = next(r for r in routes if getattr(r, "endpoint", None) is internal.worker_next)
 
     async def app(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
             parts = scope["path"].split("/")  # "", a, b, c, d
-            if len(parts) == 5 and parts[1] and parts[3]:
-                if parts[2] == "job" and parts[4] == "runs" and parts[1][0] != "_":  # "_...": the dashboard, the store
-                    return await self._handle(self.call, {"workspace": parts[1], "job": parts[3]}, scope, receive, send)
-                if parts[1] == "_internal" and parts[2] == "pools" and parts[4] == "next":
-                    return await self._handle(self.worker_next, {"pool": parts[3]}, scope, receive, send)
+            if len(parts) == 5 and parts[1] == "_internal" and parts[2] == "pools" and parts[3] and parts[4] == "next":
+                return await self._handle(self.worker_next, {"pool": parts[3]}, scope, receive, send)
         await super().app(scope, receive, send)
 
     async def _handle(self, route: Route, params: dict, scope, receive, send) -> None:
@@ -200,18 +196,32 @@ CALLER_ROUTES = frozenset({
 
 
 class GatewayApp(Starlette):
-    """The gateway's app: a call to a service (``routes_serve.fast_path``) goes straight to ``serve_call``, with
-    no middleware, router or request objects on its way; every other request goes through the app as usual."""
+    """The gateway's app: the two hot paths go straight to their ASGI handlers, with no middleware, router or
+    request objects on their way: a call to a service (``routes_serve.fast_path``) to ``serve_call``, a call
+    of a job (``POST /{ws}/job/{job}/runs``, ``routes_jobs.call_target``) to ``call_asgi``, its time counted
+    in the request metrics as ``RequestMetrics`` counts the routed requests. Every other request goes
+    through the app as usual; the routes stay there too (the OpenAPI document, and a mounted gateway)."""
 
     def __init__(self, platform: Platform, **kwargs):
         super().__init__(**kwargs)
         self.platform = platform
+        self.call_seconds = platform.metrics.requests("POST", CALL_ROUTE.path)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
-            call = serve.fast_path(scope["path"])
+            path = scope["path"]
+            call = serve.fast_path(path)
             if call is not None:
                 return await serve.serve_call(self.platform, scope, receive, send, *call)
+            if scope["method"] == "POST" and not scope.get("root_path"):
+                target = jobs.call_target(path)
+                if target is not None:
+                    start = time.perf_counter()
+                    try:
+                        await jobs.call_asgi(self.platform, scope, receive, send, *target)
+                    finally:
+                        self.call_seconds.observe(time.perf_counter() - start)
+                    return
         await super().__call__(scope, receive, send)
 
 

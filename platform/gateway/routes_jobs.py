@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import struct
 import time
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from opbox import envelope
@@ -16,11 +17,13 @@ from opbox.errors import BadRequest, BuildError, Forbidden, OpboxError, Validati
 
 from ..control.auth import CALLER_ROLES
 from ..records.base import TERMINAL, Payload, RunRecord, StoredPayload, TokenRecord
-from .http import json_body, ok, payload_response, query_number, read_body, read_payload
+from .http import (count_error, error_response, json_body, number, ok, payload_response, query_number, query_values,
+                   read_body, read_payload, receive_payload)
 from .follow import follow_ndjson
 from .render import batch_json, job_json, run_json, version_json
 
 _FRAME = struct.Struct(">I")
+log = logging.getLogger("opbox.gateway")
 
 
 def platform(request: Request):
@@ -262,21 +265,96 @@ async def call(request: Request):
     responses:
       200: {description: The result envelope (the run ended)}
       202: {description: The run, still going}
+      422: {description: 'A wait or version that is not a number in its range'}
       507: {description: No room for the arguments (storage_full, storage_quota_exceeded)}
     """
-    token = caller(request)
-    ws = token.workspace
-    plat = platform(request)
-    _, version = plat.deploys.resolve(ws, request.path_params["job"], _version_param(request))
-    payload = await read_payload(request, plat.payloads, ws, plat.settings.max_payload, "arguments")
-    run_id = plat.runs.create(version, payload, trigger="call", traceparent=request.headers.get("traceparent"),
-                              parent=parent_of(token))
-    wait = query_number(request, "wait", 0.0, 0, 300)
-    run, result = await plat.runs.call(ws, run_id, wait)
-    if run.status in TERMINAL:
-        return await envelope_response(request, run, result)
-    return JSONResponse(run_json(run, base_url(request, ws)), status_code=202)
+    return CallResponse(request.path_params["workspace"], request.path_params["job"])
 
+
+class CallResponse(Response):
+    """The routed ``call``'s answer: ``call_asgi`` run as a response, so the router's way in answers as the
+    fast path (``GatewayApp``) does."""
+
+    def __init__(self, ws: str, job: str):
+        self.ws, self.job = ws, job
+        self.status_code, self.background = 200, None
+
+    async def __call__(self, scope, receive, send) -> None:
+        await call_asgi(scope["app"].state.platform, scope, receive, send, self.ws, self.job)
+
+
+def call_target(path: str) -> tuple[str, str] | None:
+    """``(workspace, job)`` when ``path`` is ``/{ws}/job/{job}/runs`` (a POST there is a call), by one split;
+    "_..." workspaces are the dashboard's and the store's paths."""
+    parts = path.split("/")  # "", ws, "job", job, "runs"
+    if len(parts) == 5 and parts[2] == "job" and parts[4] == "runs" and parts[1] and parts[3] and parts[1][0] != "_":
+        return parts[1], parts[3]
+    return None
+
+
+async def call_asgi(plat, scope, receive, send, ws: str, job: str) -> None:
+    """One call (``POST /{ws}/job/{job}/runs``) as a pure ASGI handler: no request, query, header or response
+    objects on the way of a small result; the routed ``call`` and the fast path both end here. Errors are
+    answered here as the app's handlers answer them (OpboxError as its JSON, anything else 500, logged)."""
+    try:
+        authorization = traceparent = length = None  # the first of each, as starlette's Headers.get gives it
+        by_url = False
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                if authorization is None:
+                    authorization = value.decode("latin-1")
+            elif key == b"content-length":
+                if length is None:
+                    length = value.decode("latin-1")
+            elif key == b"traceparent":
+                if traceparent is None:
+                    traceparent = value.decode("latin-1")
+            elif key == b"x-opbox-accept-url":
+                by_url = True
+        # a caller's (run's or service's) own token may call: jobs.call is one of its routes (CALLER_ROUTES)
+        token = plat.auth.check(authorization, ws)
+        query = query_values(scope["query_string"])
+        version_no = number(query.get("version"), "version", None, 1, 10**9, int)
+        wait = number(query.get("wait"), "wait", 0.0, 0, 300)
+        _, version = plat.deploys.resolve(ws, job, version_no)
+        payload = await receive_payload(length, receive, plat.payloads, ws, plat.settings.max_payload, "arguments")
+        run_id = plat.runs.create(version, payload, trigger="call", traceparent=traceparent, parent=parent_of(token))
+        run, result = await plat.runs.call(ws, run_id, wait)
+        if run.status not in TERMINAL:
+            response = JSONResponse(run_json(run, f"{plat.settings.url}/{ws}"), status_code=202)
+        else:
+            payload = result if result is not None else plat.runs.result(run.id)
+            response = await _result_answer(run, payload, plat.payloads, by_url)
+    except ClientDisconnect:
+        return  # the caller left: nobody to answer (its run goes on)
+    except OpboxError as exc:
+        count_error(plat.metrics, exc)
+        response = error_response(exc)
+    except Exception as exc:  # what the app's handler for the unexpected does, for the way in that skips it
+        log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+        response = JSONResponse({"error": "internal_error", "message": f"internal error: {type(exc).__name__}"}, 500)
+    if type(response) is tuple:  # an inline result: its headers and body
+        await send({"type": "http.response.start", "status": 200, "headers": response[0]})
+        await send({"type": "http.response.body", "body": response[1]})
+        return
+    await response(scope, receive, send)
+
+
+_ENVELOPE_TYPE = envelope.CONTENT_TYPE.encode()
+
+
+async def _result_answer(run: RunRecord, payload: Payload | None, payloads, by_url: bool) -> tuple | Response:
+    """A finished run's result envelope with its status in headers, as ``envelope_response`` answers it:
+    for an inline result, (its raw headers, its body), sent with no response object."""
+    headers = [(b"x-opbox-run-id", run.id.encode()), (b"x-opbox-status", run.status.encode()),
+               (b"x-opbox-version", b"%d" % run.version)]
+    if run.exit_reason:
+        headers.append((b"x-opbox-exit-reason", json.dumps(run.exit_reason[:1000]).encode()))
+    if isinstance(payload, StoredPayload):
+        return await payload_response(payloads, payload, {k.decode(): v.decode() for k, v in headers}, by_url)
+    body = payload or b""
+    headers += ((b"content-length", b"%d" % len(body)), (b"content-type", _ENVELOPE_TYPE))
+    return headers, body
 
 async def trigger(request: Request):
     """

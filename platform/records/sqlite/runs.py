@@ -115,6 +115,47 @@ class SqliteRuns:
             (at, worker, run_id))
         return cur.rowcount == 1
 
+    # -- a warm worker's group of a map's runs: each step for all of them in one transaction -------------------
+    def start_many(self, run_ids: Sequence[str], worker: str, at: float) -> list[bool]:
+        with self.tx() as db:
+            return [db.execute("UPDATE runs SET status = 'running', started_at = ?, worker = ?, retry_at = NULL "
+                               "WHERE id = ? AND status = 'queued'", (at, worker, run_id)).rowcount == 1
+                    for run_id in run_ids]
+
+    def args_many(self, run_ids: Sequence[str]) -> dict[str, Payload]:
+        found: dict[str, Payload] = {}
+        for start in range(0, len(run_ids), 500):
+            chunk = list(run_ids[start:start + 500])
+            for run_id, data, key, size in self.db.execute(
+                    "SELECT run_id, data, object_key, size FROM payloads WHERE kind = 'args' AND run_id IN "
+                    f"({','.join('?' * len(chunk))})", chunk):
+                found[run_id] = as_payload(data, key, size)
+        return found
+
+    def finish_many(self, ends: Sequence[tuple[str, str | None, str, Payload]], status: str,
+                    at: float) -> list[tuple[RunRecord, bool] | None]:
+        out: list[tuple[RunRecord, bool] | None] = []
+        usage: dict[str, int] = {}
+        with self.tx() as db:
+            for run_id, batch_id, workspace, result in ends:
+                if db.execute(f"SELECT 1 FROM runs WHERE id = ? AND {OPEN_SQL}", (run_id,)).fetchone() is None:
+                    out.append(None)  # ended meanwhile (cancelled)
+                    continue
+                complete, seq = False, None
+                if batch_id:
+                    seq, total = db.execute("UPDATE batches SET done = done + 1 WHERE id = ? RETURNING done, total",
+                                            (batch_id,)).fetchone()
+                    complete = total is not None and seq >= total
+                row = db.execute(
+                    "UPDATE runs SET status = ?, finished_at = ?, started_at = COALESCE(started_at, ?), retry_at = NULL, "
+                    f"error_type = NULL, done_seq = COALESCE(?, done_seq) WHERE id = ? RETURNING {COLUMNS}",
+                    (status, at, at, seq, run_id)).fetchone()
+                db.execute(INSERT_PAYLOAD, payload_row(run_id, "result", result))
+                usage[workspace] = usage.get(workspace, 0) + payload_size(result)
+                out.append((RunRecord(*row), complete))
+            db.executemany(ADD_USAGE, list(usage.items()))
+        return out
+
     def retry(self, run: RunRecord, status: str, reason: str | None, error_type: str | None, at: float,
               retry_at: float | None) -> None:
         with self.tx() as db:

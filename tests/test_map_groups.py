@@ -19,7 +19,7 @@ from platform_fixture import running_platform
 
 CODE = """
 import os, signal, time, uuid
-from opbox import operator
+from opbox import Operator, operator
 
 def _mark(folder, x, what):
     open(os.path.join(folder, f"{x}.{what}.{uuid.uuid4().hex}"), "w").close()
@@ -32,6 +32,15 @@ def marked(x, folder, pause=0.05, slow=(), slow_pause=30.0, die=()):
     time.sleep(slow_pause if x in slow else pause)
     _mark(folder, x, "end")
     return x
+
+@operator()
+def leaf(x):
+    return x
+
+@operator()
+def caller(x):  # a map's item calling another job: its child must name it as its parent
+    child = Operator.from_job("leaf").submit(x)
+    return x, child.id, child.result(timeout=60)
 
 @operator(timeout=2)
 def bounded(x, folder, slow=()):
@@ -51,7 +60,12 @@ def plat(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fns(plat, client, tmp_path_factory):
     with user_module(tmp_path_factory.mktemp("groups_proj"), "groupsmod", CODE) as mod:
-        yield {name: getattr(mod, name).deploy(client=client, quiet=True) for name in ("marked", "bounded")}
+        fns = {name: getattr(mod, name).deploy(client=client, quiet=True)
+               for name in ("marked", "bounded", "leaf", "caller")}
+        folder = tmp_path_factory.mktemp("warm")
+        for name in ("marked", "bounded"):  # a pool runs a few runs one at a time before it hands out groups
+            assert fns[name].map(range(4), kwargs={"folder": str(folder)}, progress=False) == [0, 1, 2, 3]
+        yield fns
 
 
 def _marks(folder, what: str) -> dict[int, int]:
@@ -180,3 +194,15 @@ def test_single_calls_are_never_grouped(fns, client, tmp_path):
     watcher.join(60)
     assert sorted(box_["out"] for _, box_ in calls) == [100, 101, 102, 103]
     assert seen and max(seen) == 1, seen
+
+
+def test_a_map_whose_items_call_other_jobs_gets_no_groups(fns, client):
+    """The gateway knows a group's run in hand one result late at worst; a child call names its parent by the
+    run in hand, so a pool whose runs call other jobs hands out its runs one at a time."""
+    items = 16
+    before = _newest_map(client, fns["caller"])
+    out = fns["caller"].map(range(items), progress=False)
+    ids = _item_ids(client, fns["caller"], items, before)
+    assert [(x, result) for x, _, result in out] == [(i, i) for i in range(items)]
+    for i, (_, child, _) in enumerate(out):
+        assert _run(client, child)["parent_run_id"] == ids[i]

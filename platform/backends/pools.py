@@ -34,6 +34,7 @@ from .fairshare import FairShare
 
 log = logging.getLogger("opbox.pools")
 MAX_GROUP = 32  # runs a worker takes at once, at most (a map's; only when its queue outnumbers the workers)
+GROUP_AFTER = 2  # runs per worker a pool runs one at a time first (whether they call other jobs shows then)
 HANDED_BACK = "requeued: its worker ended before starting it"
 
 
@@ -66,6 +67,8 @@ class Pool:
     failed_starts: int = 0  # workers in a row that died before asking for work
     generation: int = 0  # bumped when the version's secrets change: older workers leave at their next poll
     started: int = 0  # workers started, ever (the platform's metrics: cold starts)
+    calls_out: bool = False  # its runs call other jobs with the worker's token: never in groups (see held_run)
+    singles: int = 0  # runs its workers ran one at a time: groups only once each has run some that way
 
     @property
     def id(self) -> str:
@@ -355,7 +358,8 @@ class PoolManager:
         is there and none waits for work (latency first), and its queue outnumbers them; as many as their
         share of the queue (at most MAX_GROUP), each counted by FairShare (taken only while no other workspace
         has work). A single call never comes in a group."""
-        if ticket.batch_id is None or pool.parked or len(pool.workers) < self.max_workers or pool.starting:
+        if ticket.batch_id is None or pool.calls_out or pool.parked or len(pool.workers) < self.max_workers \
+                or pool.starting or pool.singles < GROUP_AFTER * len(pool.workers):
             return []
         count = min(MAX_GROUP - 1, (len(pool.queue) - 1) // len(pool.workers))
         extra: list[RunTicket] = []
@@ -475,6 +479,7 @@ class PoolManager:
         self._by_run.pop(done.run_id, None)
         worker.run_id = None
         worker.pool.last_active = time.monotonic()
+        worker.pool.singles += 1
         self.events.run_finished(done.run_id, done.outcome, done.payload, done.error_type)
         self._release(worker.pool.version.workspace)
 
@@ -569,5 +574,8 @@ class PoolMethods:
         worker = self.pools.find(pool_id, worker_id, token)
         if worker is None or worker.run_id is None:
             return None
+        # the run in hand as the gateway knows it, which in a group may lag the worker's by one result still on
+        # its way: a pool whose runs call other jobs gets no more groups, so their parent is always exact
+        worker.pool.calls_out = True
         left = worker.timer.when() - asyncio.get_running_loop().time() if worker.timer is not None else None
         return worker.pool.version.workspace, worker.run_id, left

@@ -275,6 +275,10 @@ class PoolManager:
                 ticket = fut.result() if not fut.cancelled() else None
                 if ticket is None:
                     return IDLE if not self.closing else EXIT
+            if pool.workers.get(worker.id) is not worker:  # it died while it asked (its end is settled already)
+                pool.queue.appendleft(ticket)
+                self._scale(pool)
+                return EXIT
             lease = self._lease(worker, ticket)
             if lease is not None:
                 return lease

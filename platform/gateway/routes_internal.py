@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import struct
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from opbox import envelope
 from opbox.errors import AuthError, BadRequest, Conflict, NotFound, OpboxError
 
-from ..backends.base import SKIPPED, Completion, GroupLease, Lease, WorkerPools, require
+from ..backends.base import EXIT, SKIPPED, Completion, GroupLease, Lease, WorkerPools, require
 from ..payload import StoredPayload
 from .http import json_body, ok, payload_response, query_number, read_body, read_payload
 from .routes_jobs import platform
@@ -45,7 +45,10 @@ async def worker_next(request: Request):
     done = None
     run_id = request.headers.get("x-opbox-done")
     if "x-opbox-group" in request.headers:  # the results of the group it holds, streamed as each run ends
-        await _group_results(request, plat, pools, worker)
+        try:
+            await _group_results(request, plat, pools, worker)
+        except ClientDisconnect:  # the worker is gone (killed): its runs are the pool's to settle, no next run
+            return Response(status_code=204, headers={"X-Opbox-Action": EXIT})
     elif run_id:
         outcome, payload = await _result(request, plat, worker.pool.version.workspace)
         done = Completion(run_id, outcome, payload)

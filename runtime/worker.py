@@ -119,8 +119,10 @@ def main() -> int:
     def run(run_id: str, headers, data: bytes, line: Channel) -> tuple[str, bytes]:
         """Run one leased run; its outcome and the result to hand in (``line``: for its items and uploads)."""
         capture.start(run_id)
-        _Lease.held = run_id
         try:
+            _Lease.held = run_id
+            if run_id in _Lease.skip:  # cancelled while it was being taken up (the signal came before ``held``)
+                raise RunCancelled("cancelled by request")
             items = ItemShipper(line, f"{runs_path}/{run_id}/items", headers, uploads_path)
             with run_context(headers.get("X-Opbox-Traceparent"), execute.entry, run_id) as traced:
                 outcome, body = transfer.call(execute, line, headers, data, items)

@@ -153,14 +153,18 @@ class SqliteRuns:
                 if row is None:
                     out.append(None)  # ended meanwhile (cancelled)
                     continue
-                run, seq, complete = RunRecord(*row), None, False
+                seq, complete = None, False
                 if batch_id:
                     seq, total = seqs[batch_id]
                     seqs[batch_id][0] += 1
                     complete = total is not None and seq >= total
-                out.append((replace(run, status=status, finished_at=at, error_type=None, retry_at=None,
-                                    started_at=at if run.started_at is None else run.started_at,
-                                    done_seq=run.done_seq if seq is None else seq), complete))
+                ended = list(row)  # the row as the UPDATE below leaves it (COLUMNS' order)
+                ended[4], ended[8], ended[10], ended[20] = status, at, None, None
+                if ended[7] is None:
+                    ended[7] = at
+                if seq is not None:
+                    ended[16] = seq
+                out.append((RunRecord(*ended), complete))
                 rows.append((status, at, at, seq, run_id))
                 payloads.append(payload_row(run_id, "result", result))
                 usage[workspace] = usage.get(workspace, 0) + payload_size(result)

@@ -78,6 +78,7 @@ def _ok(answer) -> None:
 LEASE_HEAD = struct.Struct(">HI")
 RESULT_HEAD = struct.Struct(">BHI")
 OUTCOME_CODES = {"failed": 0, "succeeded": 1, "skipped": 2}
+STOP_GROUP = "*stop"  # the gateway is stopping: start no other run of the group (hand them back skipped)
 
 
 def group_runs(headers, data: bytes) -> list[tuple[str, dict, bytes]]:
@@ -144,7 +145,7 @@ def main() -> int:
         """Run a group's runs in order, each result a frame sent as soon as it is there; a run cancelled before
         its turn is skipped (never started)."""
         for run_id, headers, data in runs:
-            if run_id in _Lease.skip:
+            if run_id in _Lease.skip or STOP_GROUP in _Lease.skip:
                 outcome, body = "skipped", b""
             else:
                 outcome, body = run(run_id, headers, data, side)

@@ -36,6 +36,7 @@ log = logging.getLogger("opbox.pools")
 MAX_GROUP = 32  # runs a worker takes at once, at most (a map's; only when its queue outnumbers the workers)
 GROUP_AFTER = 2  # runs per worker a pool runs one at a time first (whether they call other jobs shows then)
 HANDED_BACK = "requeued: its worker ended before starting it"
+STOP_GROUP = "*stop"  # in a worker's answer from cancelled_in_group: start no other run of the group
 
 
 @dataclass
@@ -198,12 +199,17 @@ class PoolManager:
             self.spawner.signal(worker, signal.SIGKILL)
 
     def release_parked(self) -> None:
-        """Answer every parked worker now (with EXIT): the platform is stopping."""
+        """Answer every parked worker now (with EXIT): the platform is stopping. A worker holding a group
+        finishes its run in hand and starts no other (it asks, ``cancelled_in_group``, on SIGUSR1): they
+        stay queued for the next start."""
         self.closing = True
         for pool in self.pools.values():
             for fut in pool.parked:
                 if not fut.done():
                     fut.set_result(None)
+            for worker in pool.workers.values():
+                if len(worker.group) > 1:
+                    self.spawner.signal(worker, signal.SIGUSR1)
 
     async def close(self) -> None:
         self.release_parked()
@@ -412,17 +418,19 @@ class PoolManager:
     def group_done(self, worker: Worker, dones) -> None:
         """Results of the worker's group, in its order: recorded together (one transaction); the next run of the
         group is in hand from now. A result for another run than the one in hand is ignored (a late one)."""
-        group, ends, left = worker.group, [], 0
+        group, ends, skipped, left = worker.group, [], [], 0
         for done in dones:
             if not group or group[0].run_id != done.run_id:
                 log.warning("ignoring a result for %s from %s: not its run in hand", done.run_id, worker.id)
                 continue
             ticket = group.popleft()
             self._by_run.pop(ticket.run_id, None)
-            worker.cancelled.discard(ticket.run_id)
             left += 1
             if done.outcome != SKIPPED:
                 ends.append((ticket, done.outcome, done.payload))
+            elif ticket.run_id not in worker.cancelled:  # not started (the platform stops): queued again
+                skipped.append(ticket.run_id)
+            worker.cancelled.discard(ticket.run_id)
         if not left:
             return
         if worker.timer:
@@ -436,13 +444,16 @@ class PoolManager:
         if ends:
             self.events.runs_finished(ends)
         workspace = worker.pool.version.workspace
+        for run_id in skipped:
+            self.events.run_disrupted(run_id, HANDED_BACK)
         for _ in range(left if group else left - 1):  # runs behind the one in hand left the group
             self._release_extra(workspace)
         if not group:
             self._release(workspace)
 
     def cancelled_in_group(self, worker: Worker) -> list[str]:
-        return sorted(worker.cancelled)
+        """The group's cancelled runs, and STOP_GROUP when the platform is stopping: start no other run of it."""
+        return [*sorted(worker.cancelled), *((STOP_GROUP,) if self.closing else ())]
 
     def _hand_back(self, worker: Worker) -> None:
         """The worker is gone: the runs of its group behind the one in hand were never started; they go back

@@ -93,7 +93,9 @@ class WorkerHandle(Protocol):
 class Spawner(Protocol):
     """Starts workers. It may also have ``identity(pool) -> (worker id, token)`` for the next worker it
     will be asked to spawn (the kubernetes backend: a pod of the pool's Job, named by its index, with
-    the Job's token); without it, a worker gets a random id and a token of its own."""
+    the Job's token); without it, a worker gets a random id and a token of its own. ``interrupts``
+    False: a signal ends the worker (a pod is deleted), so its workers never hold groups (a group's
+    cancels and the platform's stop are SIGUSR1 to a worker that goes on)."""
 
     async def spawn(self, worker: Worker) -> WorkerHandle:
         """Start a worker process (or container) for ``worker.pool``; return its handle."""
@@ -129,6 +131,7 @@ class PoolManager:
                  max_running: int | None = None, items_per_worker: int = 1, keep_warm: int = 1) -> None:
         self.fair = FairShare(max_running or max_workers)
         self.spawner = spawner
+        self.groups = getattr(spawner, "interrupts", True)  # whether its workers may hold a group of runs
         self.max_workers = max_workers
         # queued runs per worker started: 1 starts a worker per waiting run (processes are cheap);
         # a cluster's pods cost seconds each, so there a worker is started per this many
@@ -368,7 +371,7 @@ class PoolManager:
         is there and none waits for work (latency first), and its queue outnumbers them; as many as their
         share of the queue (at most MAX_GROUP), each counted by FairShare (taken only while no other workspace
         has work). A single call never comes in a group."""
-        if ticket.batch_id is None or pool.calls_out or pool.parked or len(pool.workers) < self.max_workers \
+        if ticket.batch_id is None or not self.groups or pool.calls_out or pool.parked or len(pool.workers) < self.max_workers \
                 or pool.starting or pool.singles < GROUP_AFTER * len(pool.workers):
             return []
         count = min(MAX_GROUP - 1, (len(pool.queue) - 1) // len(pool.workers))

@@ -34,6 +34,10 @@ def marked(x, folder, pause=0.05, slow=(), slow_pause=30.0, die=()):
     return x
 
 @operator()
+def grow(data, times=1):
+    return data * times
+
+@operator()
 def leaf(x):
     return x
 
@@ -53,7 +57,9 @@ def bounded(x, folder, slow=()):
 
 @pytest.fixture(scope="module")
 def plat(tmp_path_factory):
-    with running_platform(tmp_path_factory.mktemp("home"), extra_env={"OPBOX_MAX_WORKERS": "1"}) as running:
+    # payloads above 4 KiB go through the object store: a group's arguments by URL, its results by reference
+    env = {"OPBOX_MAX_WORKERS": "1", "OPBOX_PAYLOAD_INLINE": "4096"}
+    with running_platform(tmp_path_factory.mktemp("home"), extra_env=env) as running:
         yield running
 
 
@@ -61,8 +67,9 @@ def plat(tmp_path_factory):
 def fns(plat, client, tmp_path_factory):
     with user_module(tmp_path_factory.mktemp("groups_proj"), "groupsmod", CODE) as mod:
         fns = {name: getattr(mod, name).deploy(client=client, quiet=True)
-               for name in ("marked", "bounded", "leaf", "caller")}
+               for name in ("marked", "bounded", "leaf", "caller", "grow")}
         folder = tmp_path_factory.mktemp("warm")
+        fns["grow"].map([b"x"] * 4, progress=False)
         for name in ("marked", "bounded"):  # a pool runs a few runs one at a time before it hands out groups
             assert fns[name].map(range(4), kwargs={"folder": str(folder)}, progress=False) == [0, 1, 2, 3]
         yield fns
@@ -206,3 +213,14 @@ def test_a_map_whose_items_call_other_jobs_gets_no_groups(fns, client):
     assert [(x, result) for x, _, result in out] == [(i, i) for i in range(items)]
     for i, (_, child, _) in enumerate(out):
         assert _run(client, child)["parent_run_id"] == ids[i]
+
+
+def test_large_arguments_and_results_of_a_group_go_through_the_object_store(fns, client):
+    """Arguments above the inline limit reach the worker by URL in its group's frames; results above it are
+    uploaded and handed in by reference, each claimed as its frame arrives."""
+    items = [bytes([i]) * (10_000 if i % 3 == 0 else 10) for i in range(30)]
+    before = _newest_map(client, fns["grow"])
+    out = fns["grow"].map(items, kwargs={"times": 2}, progress=False)
+    assert out == [item * 2 for item in items]
+    ids = _item_ids(client, fns["grow"], 30, before)
+    assert {_run(client, run_id)["status"] for run_id in ids} == {"succeeded"}

@@ -86,13 +86,14 @@ async def _group_results(request: Request, plat, pools, worker) -> None:
     transaction), and the group's next run is in hand from then (its timeout, a cancel)."""
     workspace = worker.pool.version.workspace
     limit = plat.settings.max_payload + 1024**2
+    frame_limit = plat.payloads.inline + 65536  # larger results come as references to their uploads
     buf = bytearray()
     async for chunk in request.stream():
         buf += chunk
         dones, pos, head = [], 0, RESULT_HEAD.size
         while len(buf) - pos >= head:
             code, id_len, size = RESULT_HEAD.unpack_from(buf, pos)
-            if code >= len(OUTCOMES) or size > limit:
+            if code >= len(OUTCOMES) or size > frame_limit:
                 raise BadRequest(f"bad result frame from worker {worker.id} (outcome {code}, {size} bytes)")
             end = pos + head + id_len + size
             if len(buf) < end:

@@ -35,7 +35,7 @@ STAGES = {
                ("pickle the result", ("dump_result", "dumps_out_of_band", "dumps (opbox/libraries.py")),
                ("upload the result", ("offload (", "outgoing (transfer.py", "outgoing (runtime/transfer.py")),
                ("the user's function", ("echo (",))],
-    "gateway": [("store: receive an upload", ("LocalStore._put_endpoint", "_Upload.")),
+    "gateway": [("store: receive an upload", ("LocalStore._put_endpoint", "_Upload.", "BodyReceiver.", "receive_into (")),
                 ("store: send a download", ("send_file (", "_sendfile (", "FileResponse")),
                 ("threads: disk writes, fsync, sendfile (C calls)", ("_WorkItem.run (",)),
                 ("uvicorn: parsing request bodies", ("HttpToolsProtocol.data_received", "HttpToolsProtocol.on_body",

@@ -10,12 +10,16 @@ answer still goes out chunk by chunk, each as its step ends.
 
 On the paths it is given (the gateway's local store, ``/_store/``), a GET also gets the ASGI
 ``http.response.pathsend`` extension, which starlette's ``FileResponse`` uses: the file then goes
-from the page cache to the socket with ``os.sendfile``, never read into Python (``send_file``).
+from the page cache to the socket with ``os.sendfile``, never read into Python (``send_file``). A PUT there
+with one ``Content-Length`` of at least ``LEAN_BODY`` bytes gets ``opbox.receive_into``: an async function
+``receive_into(write)`` that reads the whole body into reused buffers, handing them to ``write`` in a thread
+(``http_body``), instead of uvicorn's ``receive``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib.util
 import os
@@ -64,6 +68,8 @@ class CoalescingTransport:
 
 
 PATHSEND = "http.response.pathsend"
+RECEIVE_INTO = "opbox.receive_into"
+LEAN_BODY = 256 * 1024  # bytes from which a body is worth the switch to http_body
 SEND_TIMEOUT = 300.0  # seconds a reader may take to make room for more of a file before it is dropped
 CHUNK = 1024 * 1024  # bytes per read when a file cannot be sent with sendfile
 
@@ -71,7 +77,8 @@ CHUNK = 1024 * 1024  # bytes per read when a file cannot be sent with sendfile
 def http_protocol(sendfile_prefix: str | None = None):
     """uvicorn's ``http`` setting: its httptools protocol over a ``CoalescingTransport``, or "auto" where
     httptools is not installed (uvicorn then uses h11, as it would). GETs of paths that start with
-    ``sendfile_prefix`` may answer a file with ``http.response.pathsend`` (sent with ``os.sendfile``)."""
+    ``sendfile_prefix`` may answer a file with ``http.response.pathsend`` (sent with ``os.sendfile``); PUTs
+    there may read their bodies with ``receive_into``."""
     if importlib.util.find_spec("httptools") is None:
         return "auto"
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -83,13 +90,78 @@ def http_protocol(sendfile_prefix: str | None = None):
         if sendfile_prefix:
             def on_headers_complete(self) -> None:
                 super().on_headers_complete()
-                scope, cycle = self.scope, self.cycle
-                if scope["method"] == "GET" and scope.get("path", "").startswith(sendfile_prefix) \
-                        and cycle is not None and cycle.scope is scope:
-                    scope["extensions"] = {PATHSEND: {}}
-                    cycle.send = functools.partial(_send_or_send_file, cycle, cycle.send)
+                self.offer_store_extensions()
+
+        def offer_store_extensions(self) -> None:
+            scope, cycle = self.scope, self.cycle
+            if not scope.get("path", "").startswith(sendfile_prefix) or cycle is None or cycle.scope is not scope:
+                return
+            if scope["method"] == "GET":
+                scope["extensions"] = {PATHSEND: {}}
+                cycle.send = functools.partial(_send_or_send_file, cycle, cycle.send)
+            elif scope["method"] == "PUT" and not self.pipeline:
+                length = _lean_body_length(self.headers)
+                if length is not None and self.transport.get_extra_info("sslcontext") is None:
+                    scope["extensions"] = {RECEIVE_INTO: functools.partial(receive_into, self, cycle, length)}
 
     return CoalescingHttpToolsProtocol
+
+
+def _lean_body_length(headers) -> int | None:
+    """The body's length when it is given once, and large enough, with no other framing."""
+    length = None
+    for name, value in headers:
+        if name == b"content-length":
+            if length is not None or not value.isdigit():
+                return None
+            length = int(value)
+        elif name == b"transfer-encoding":
+            return None
+    return length if length is not None and length >= LEAN_BODY else None
+
+
+async def receive_into(protocol, cycle, length: int, write) -> int:
+    """The request's whole body (``length`` bytes), handed to ``write`` piece by piece in a thread; call it
+    instead of ``receive``, never after it. Raises ``http_body.ClientGone`` if the client leaves first, or
+    what ``write`` raised (the rest of the body is then read and dropped)."""
+    from opbox.http_body import BodyReceiver, ClientGone
+
+    if cycle.disconnected:
+        raise ClientGone("the client disconnected before the upload was complete")
+    head, cycle.body = cycle.body, bytearray()  # what the parser has handed over so far
+    if not cycle.more_body:  # the whole body came with the head (the parser may be on a next request now)
+        if head:
+            await asyncio.get_running_loop().run_in_executor(None, write, memoryview(head))
+        return len(head)
+    if protocol.cycle is not cycle or protocol.parser is None:  # (cannot be: the parser is in this body)
+        raise ClientGone("the connection is no longer reading this upload")
+    transport = protocol.transport
+    if cycle.waiting_for_100_continue and not transport.is_closing():
+        transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        cycle.waiting_for_100_continue = False
+    if isinstance(transport, CoalescingTransport):
+        transport.flush()
+        transport = transport.transport
+
+    def restore() -> None:  # the body is in: back to HTTP, with a parser past this request
+        cycle.more_body = False
+        protocol.parser = _fresh_parser(protocol)
+        transport.set_protocol(protocol)
+
+    receiver = BodyReceiver(protocol, transport, length - len(head), head, write, restore)
+    transport.set_protocol(receiver)
+    protocol.flow.resume_reading()  # (uvicorn pauses reading while a body waits to be received)
+    await receiver.done
+    return length
+
+
+def _fresh_parser(protocol):
+    import httptools
+
+    parser = httptools.HttpRequestParser(protocol)
+    with contextlib.suppress(AttributeError):  # as uvicorn sets its own (httptools >= 0.6.3)
+        parser.set_dangerous_leniencies(lenient_data_after_close=True)
+    return parser
 
 
 async def _send_or_send_file(cycle, send, message) -> None:

@@ -22,13 +22,13 @@ import inspect
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 from opbox import defaults, serialization
 from opbox.errors import SerializationError
 
+from .call_threads import CallThreads
 from .execute import _user_tb, _user_traceback, collect, load_target
 from .schema import openapi_document, public_methods
 
@@ -137,24 +137,23 @@ class ServeApp:
         self.lifespan_state: dict = {}
         self.inflight = self.waiting = 0
         self.slots: asyncio.Semaphore | None = None
-        self.pool = ThreadPoolExecutor(max_workers=concurrency or 64, thread_name_prefix="opbox-call")
+        self.pool = CallThreads(concurrency or 64, "opbox-call")  # the user's sync code runs there
         self._user_lifespan: tuple | None = None
         self._openapi: dict[str, bytes] = {}
 
     # -- start-up ----------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            target = await loop.run_in_executor(self.pool, load_target, self.entry, self.code_dir)
+            target = await self.pool.run(load_target, self.entry, self.code_dir)
             if inspect.isclass(target):
                 args, kwargs = serialization.load_args(self.init) if self.init else ((), {})
-                self.instance = await loop.run_in_executor(self.pool, lambda: target(*args, **kwargs))
+                self.instance = await self.pool.run(lambda: target(*args, **kwargs))
                 hook = getattr(self.instance, "__remote_init__", None)
                 if hook is not None:
                     if inspect.iscoroutinefunction(hook):
                         await hook()
                     else:
-                        await loop.run_in_executor(self.pool, hook)
+                        await self.pool.run(hook)
                 self.methods = {n: getattr(self.instance, n) for n in public_methods(type(self.instance), RESERVED)}
             elif callable(target):
                 self.app = target
@@ -202,7 +201,7 @@ class ServeApp:
                 await asyncio.wait_for(outbox.get(), 30)
             except asyncio.TimeoutError:
                 task.cancel()
-        self.pool.shutdown(wait=False)
+        self.pool.shutdown()
 
     # -- ASGI ----------------------------------------------------------------------------
     async def __call__(self, scope, receive, send):
@@ -317,12 +316,11 @@ class ServeApp:
 
     async def _invoke(self, method, args, kwargs):
         """The method's value: ``async def`` ones run on the event loop (as many at once as ``concurrency``
-        lets in), others in the thread pool; a generator's values come as a list."""
-        loop = asyncio.get_running_loop()
+        lets in), others in the call threads; a generator's values come as a list."""
         if inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method):
             value = method(*args, **kwargs)
         else:
-            value = await loop.run_in_executor(self.pool, lambda: _listed(method(*args, **kwargs)))
+            value = await self.pool.run(lambda: _listed(method(*args, **kwargs)))
         if inspect.isasyncgen(value):
             return await collect(value)
         if inspect.isawaitable(value):
@@ -353,13 +351,13 @@ class ServeApp:
         return Reply(status, serialization.dump_error(exc, tb), ENVELOPE, {"x-opbox-status": "failed"})
 
     async def _values(self, values) -> AsyncIterator:
-        """A generator's values on the event loop: an async one's directly, a sync one's from the thread pool."""
+        """A generator's values on the event loop: an async one's directly, a sync one's from the call threads."""
         if inspect.isasyncgen(values):
             async for value in values:
                 yield value
             return
-        loop, end = asyncio.get_running_loop(), object()
-        while (value := await loop.run_in_executor(self.pool, next, values, end)) is not end:
+        end = object()
+        while (value := await self.pool.run(next, values, end)) is not end:
             yield value
 
     async def _call_json(self, method, name: str, body: bytes, scope_headers) -> Reply:
@@ -400,18 +398,40 @@ def _listed(value):
     return list(value) if inspect.isgenerator(value) else value
 
 
-def _signature(method, name: str) -> str:
+_SIGNATURES: dict = {}  # (function, kind of callable) -> its signature, or None when it has none
+_SIGNATURES_KEPT = 256  # a class whose methods are made anew per access must not grow it without end
+
+
+def _signature_of(method) -> inspect.Signature | None:
+    """``inspect.signature(method)`` (None where there is none), kept per function: computing it costs about
+    15 µs, as much as a fifth of a trivial call's whole cost in the replica."""
     try:
-        return f"{name}{inspect.signature(method)}"
+        key = (getattr(method, "__func__", method), type(method))
+        return _SIGNATURES[key]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable: not kept
+        key = None
+    try:
+        sig = inspect.signature(method)
     except (TypeError, ValueError):
-        return f"{name}(...)"
+        sig = None
+    if key is not None:
+        if len(_SIGNATURES) >= _SIGNATURES_KEPT:
+            _SIGNATURES.clear()
+        _SIGNATURES[key] = sig
+    return sig
+
+
+def _signature(method, name: str) -> str:
+    sig = _signature_of(method)
+    return f"{name}(...)" if sig is None else f"{name}{sig}"
 
 
 def _bind(method, name: str, args, kwargs) -> str | None:
     """None if the arguments fit the method; else a message naming its signature."""
-    try:
-        sig = inspect.signature(method)
-    except (TypeError, ValueError):
+    sig = _signature_of(method)
+    if sig is None:
         return None
     try:
         sig.bind(*args, **kwargs)
@@ -435,10 +455,8 @@ def _json_arguments(method, body: bytes) -> tuple[tuple, dict]:
         raise ValueError("expected a JSON object of keyword arguments (or an array of positional ones)")
     if data and set(data) <= {"args", "kwargs"} and isinstance(data.get("args", []), list) \
             and isinstance(data.get("kwargs", {}), dict):
-        try:
-            params = inspect.signature(method).parameters
-        except (TypeError, ValueError):
-            params = {}
+        sig = _signature_of(method)
+        params = sig.parameters if sig is not None else {}
         if not any(k in params and params[k].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
                    for k in data):
             return tuple(data.get("args", [])), dict(data.get("kwargs", {}))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import socket
+import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,6 +20,7 @@ from opbox.errors import ConfigError, Conflict, ValidationError
 from opbox.http_protocol import http_protocol
 from opbox.platform.store import LocalStore, open_store
 from opbox.platform.store.local import TMP_PREFIX
+from conftest import require
 from servers import serve_app
 from store_contract import StoreContract, send
 
@@ -242,3 +247,99 @@ class TestSendfile:
         assert head.status_code == 200 and head.headers["content-length"] == str(len(data)) and head.content == b""
         ranged = httpx.get(url, headers={"Range": "bytes=10-19"}, timeout=30)
         assert ranged.status_code == 206 and ranged.content == data[10:20]
+
+
+class TestLeanUploads:
+    """On the gateway's protocol a large PUT's body goes from the socket into reused buffers and on to the file
+    (``opbox.http_body``), not through uvicorn's ``receive``; the connection then carries the next request."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def lean(cls, tmp_path_factory) -> LocalStore:
+        root = tmp_path_factory.mktemp("lean-store")
+        app = Starlette(routes=LocalStore(root, SECRET, "http://unused").routes())
+        with serve_app(app, http=http_protocol("/_store/")) as base_url:
+            yield LocalStore(root, SECRET, base_url)
+
+    @pytest.fixture
+    def receivers(self, monkeypatch) -> list[int]:
+        """The body lengths the lean path took, upload by upload (the server runs in this process)."""
+        from opbox import http_body
+
+        taken, real = [], http_body.BodyReceiver.__init__
+
+        def counted(self, owner, transport, remaining, head, *rest):
+            taken.append(remaining + len(head))
+            real(self, owner, transport, remaining, head, *rest)
+        monkeypatch.setattr(http_body.BodyReceiver, "__init__", counted)
+        return taken
+
+    def test_uploads_on_one_connection_arrive_whole(self, lean, receivers):
+        sizes = [3 * 1024 * 1024 + 7, 256 * 1024, 1024 * 1024, 5 * 1024 * 1024 - 1]
+        with httpx.Client(timeout=30) as http:
+            for n, size in enumerate(sizes):
+                data = bytes(range(251)) * (size // 251) + b"e" * (size % 251)  # not a multiple of any buffer
+                req = lean.upload_url(f"lean/{n}", max_size=size)
+                answer = http.put(req.url, content=data, headers=req.headers)
+                assert answer.status_code == 200 and answer.json() == {"key": f"lean/{n}", "size": size}
+                assert lean.get(f"lean/{n}") == data
+                assert http.get(lean.download_url(f"lean/{n}").url).content == data  # the same connection goes on
+        # (a body of up to ~300 KiB may have come whole with its head; uvicorn stops reading at 64 KiB)
+        assert receivers[0] == sizes[0] and receivers[-1] == sizes[-1] and set(receivers) <= set(sizes)
+        assert leftovers(lean) == []
+
+    def test_concurrent_uploads_each_arrive_whole(self, lean, receivers):
+        blobs = {f"lean/many/{n}": bytes([n]) * (2 * 1024 * 1024 + n) for n in range(6)}
+
+        def upload(key: str) -> int:
+            return send(lean.upload_url(key), blobs[key]).status_code
+
+        with ThreadPoolExecutor(len(blobs)) as pool:
+            assert list(pool.map(upload, blobs)) == [200] * len(blobs)
+        assert all(lean.get(key) == data for key, data in blobs.items())
+        assert sorted(receivers) == sorted(len(data) for data in blobs.values()) and leftovers(lean) == []
+
+    def test_a_bound_digest_is_checked(self, lean):
+        data = b"d" * (2 * 1024 * 1024)
+        good = hashlib.sha256(data).hexdigest()
+        assert send(lean.upload_url("lean/sum", sha256=good), data).status_code == 200
+        wrong = send(lean.upload_url("lean/bad", sha256=good), data[:-1] + b"e")
+        assert wrong.status_code == 400 and "sha256" in wrong.json()["message"]
+        assert not lean.exists("lean/bad") and leftovers(lean) == []
+
+    def test_expect_continue_and_a_pipelined_request(self, lean, receivers):
+        data = b"c" * (1024 * 1024 + 3)
+        put = urlsplit(lean.upload_url("lean/continue").url)
+        lean.put("lean/small", b"small")
+        get = urlsplit(lean.download_url("lean/small").url)
+        with socket.create_connection((put.hostname, put.port), timeout=30) as sock:
+            sock.sendall(f"PUT {put.path}?{put.query} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+                         "Expect: 100-continue\r\n\r\n".encode())
+            assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(data + f"GET {get.path}?{get.query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            answers = b""
+            while answers.count(b"HTTP/1.1 200") < 2 or not answers.endswith(b"small"):
+                more = sock.recv(65536)
+                assert more, answers
+                answers += more
+        assert answers.startswith(b"HTTP/1.1 200") and b'"size":1048579' in answers
+        assert lean.get("lean/continue") == data and receivers == [len(data)]
+
+    def test_a_full_disk_answers_507_and_leaves_nothing(self, tmp_path):
+        require(os.geteuid() == 0, "mounting a small tmpfs for the store needs root")
+        root = tmp_path / "small"
+        root.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(root)], check=True)
+        try:
+            app = Starlette(routes=LocalStore(root, SECRET, "http://unused").routes())
+            with serve_app(app, http=http_protocol("/_store/")) as base_url, httpx.Client(timeout=30) as http:
+                store = LocalStore(root, SECRET, base_url)
+                req = store.upload_url("too/big")
+                answer = http.put(req.url, content=b"f" * (6 * 1024 * 1024), headers=req.headers)
+                assert answer.status_code == 507 and answer.json()["error"] == "storage_full"
+                assert not store.exists("too/big") and leftovers(store) == []
+                req = store.upload_url("fits")  # the same connection, and the disk's space, are usable again
+                assert http.put(req.url, content=b"g" * (1024 * 1024), headers=req.headers).status_code == 200
+                assert store.get("fits") == b"g" * (1024 * 1024)
+        finally:
+            subprocess.run(["umount", "-l", str(root)], check=False)

@@ -43,6 +43,8 @@ from opbox.errors import (
     StorageFull,
     ValidationError,
 )
+from opbox.http_body import ClientGone
+from opbox.http_protocol import RECEIVE_INTO
 
 from .base import SignedRequest, check_sha256, shorten, validate_expires, validate_key, validate_prefix
 
@@ -284,10 +286,15 @@ class LocalStore:
 
         upload: _Upload | None = None
         writing = None  # the write in flight: the next chunks are read while the disk takes these
+        receive_into = request.scope.get("extensions", {}).get(RECEIVE_INTO)  # the gateway's lean body path
         try:
             upload = await to_thread.run_sync(_Upload.begin, key, path)
-            size, chunks, gathered = 0, [], 0
             digest = hashlib.sha256() if sha256 is not None else None  # hashed only when the URL binds a content
+            if receive_into is not None:  # a body of known length, from the socket to the file in one pass
+                write = upload.write if digest is None else functools.partial(_hashed, digest, upload)
+                size = await receive_into(write)
+                return await self._commit(upload, key, size, sha256, digest)
+            size, chunks, gathered = 0, [], 0
             async for chunk in request.stream():
                 size += len(chunk)
                 if max_size is not None and size > max_size:
@@ -299,19 +306,16 @@ class LocalStore:
                 if gathered >= _WRITE_BUFFER:
                     if writing is not None:
                         await writing
-                    writing = asyncio.get_running_loop().run_in_executor(None, upload.write, chunks)
+                    writing = asyncio.get_running_loop().run_in_executor(None, upload.writelines, chunks)
                     chunks, gathered = [], 0
             if writing is not None:
                 await writing
             writing = None
-            await to_thread.run_sync(upload.write, chunks)
-            if sha256 is not None and digest.hexdigest() != sha256:
-                raise BadRequest(f"the upload's sha256 is {digest.hexdigest()}, not {sha256} as the signed URL "
-                                 "says: nothing was stored", key=key)
-            await to_thread.run_sync(upload.commit)
+            await to_thread.run_sync(upload.writelines, chunks)
+            return await self._commit(upload, key, size, sha256, digest)
         except OpboxError as e:
             return _error(e)
-        except ClientDisconnect:
+        except (ClientDisconnect, ClientGone):
             return _error(BadRequest("the client disconnected before the upload was complete"))
         finally:
             if upload is not None:  # (no-op once committed)
@@ -319,6 +323,13 @@ class LocalStore:
                     upload.abort()
                 else:  # a refused or broken upload: the temp file goes once its last write is out of its thread
                     writing.add_done_callback(functools.partial(_abandon, upload))
+
+    @staticmethod
+    async def _commit(upload: _Upload, key: str, size: int, sha256: str | None, digest) -> Response:
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise BadRequest(f"the upload's sha256 is {digest.hexdigest()}, not {sha256} as the signed URL "
+                             "says: nothing was stored", key=key)
+        await to_thread.run_sync(upload.commit)
         return JSONResponse({"key": key, "size": size})
 
     async def _get_endpoint(self, request: Request) -> Response:
@@ -354,9 +365,13 @@ class _Upload:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
         return cls(key, path, tmp, os.fdopen(fd, "wb"))
 
-    def write(self, chunks: list[bytes]) -> None:
+    def writelines(self, chunks: list[bytes]) -> None:
         with _disk_errors("write", self.key):
             self.file.writelines(chunks)
+
+    def write(self, data: memoryview) -> None:
+        with _disk_errors("write", self.key):
+            self.file.write(data)
 
     def commit(self) -> None:
         with _disk_errors("write", self.key):
@@ -370,6 +385,11 @@ class _Upload:
                 self.file.close()
             with suppress(OSError):
                 os.unlink(self.tmp)
+
+
+def _hashed(digest, upload: _Upload, data: memoryview) -> None:
+    digest.update(data)
+    upload.write(data)
 
 
 def _abandon(upload: _Upload, write: asyncio.Future) -> None:

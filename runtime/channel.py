@@ -79,6 +79,24 @@ class Channel:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    def stream(self, method: str, path: str, chunks, headers: dict | None = None,
+               timeout: float = 90.0) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """A request whose body is ``chunks``, each sent (chunked) as the iterator yields it. Never retried: what
+        was sent cannot be sent again, so a broken line is GatewayGone at once."""
+        try:
+            if self.conn is None:
+                self.conn = self._connect(timeout)
+            self.conn.request(method, self.base + path, body=chunks, headers={**self.headers, **(headers or {})},
+                              encode_chunked=True)
+            resp = self.conn.getresponse()
+            data = resp.read()
+            if resp.getheader("connection", "").lower() == "close":
+                self.close()
+            return resp.status, resp.headers, data
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise GatewayGone(f"gateway at {self.host}:{self.port} unreachable: {exc}") from exc
+
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.sqlite_only  # the full disk is the one under the SQLit
 
 from opbox import envelope
 from opbox.errors import OpboxError, RunFailed, StorageFull
+from opbox.platform.backends.base import RunTicket
 from opbox.platform.control.runs import Runs
 from opbox.platform.records.base import TERMINAL, NewRun, NewVersion
 from opbox.platform.records.sqlite import open_sqlite
@@ -109,6 +110,21 @@ def test_a_result_the_disk_cannot_hold_fails_the_run_saying_so(full):
     finally:
         filler.free()
     assert f["blob"](8 * MiB) == b"x" * (8 * MiB)
+
+
+def test_a_result_the_disk_cannot_hold_in_a_map_fails_that_item_saying_so(full):
+    """A map long enough to be handed out in groups: the item whose result does not fit fails, saying so;
+    the items around it succeed."""
+    plat, f, filler, _ = full
+    sizes = [10] * 24
+    sizes[7] = 8 * MiB
+    filler.fill(leave=3 * MiB)
+    try:
+        out = f["blob"].map(sizes, return_exceptions=True, progress=False)
+    finally:
+        filler.free()
+    assert [o for i, o in enumerate(out) if i != 7] == [b"x" * 10] * 23
+    assert isinstance(out[7], RunFailed) and "could not be stored" in str(out[7])
 
 
 def test_api_writes_answer_507_and_everything_recovers_without_a_restart(full, tmp_path):
@@ -221,6 +237,41 @@ def test_a_run_end_the_records_refuse_is_written_once_space_returns(tmp_path):
         run = await waiter
         assert run.status == "succeeded" and not runs.stalled
         assert envelope.read_header(runs.result(run_id))["json"] == 7
+        records.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_group_the_records_refuse_is_written_run_by_run_once_space_returns(tmp_path):
+    """A warm worker's group: its start and its results go in one transaction each; when a full disk refuses
+    one, every run of it is dispatched again, or its end written, once there is room (as for a single run)."""
+    async def scenario():
+        records = open_sqlite(tmp_path / "state.db")
+        refusing = RefusingRuns(records.runs)
+        records.runs = refusing
+        backend = Recording()
+        runs = Runs(records, backend)
+        job, number = records.jobs.add_version("w", "job", "function", NewVersion(
+            "m:f", "w/code/x.zip", "0" * 64, "3.11", "3", Resource().to_dict(), time.time()))
+        records.jobs.version_ready(job.id, number, {}, "", "", time.time())
+        version = runs.version_info(job.id, number)
+        ids = [runs.create(version, envelope.json_args([i]), "call") for i in range(3)]
+        tickets = [RunTicket(run_id, "w", job.id, number, None) for run_id in ids]
+        refusing.full = True
+        assert runs.runs_started(tickets, "worker-1") == [False, False, False]
+        refusing.full = False
+        await asyncio.sleep(1.5)
+        assert backend.submitted == ids + ids  # each dispatched again once there is room
+        assert runs.runs_started(tickets, "worker-1") == [True, True, True]
+        assert set(runs.runs_args(ids)) == set(ids)
+        refusing.full = True
+        runs.runs_finished([(t, "succeeded", envelope.pack({"kind": "result", "json": i})) for i, t in enumerate(tickets)])
+        assert all(records.runs.get(run_id).status == "running" for run_id in ids) and len(runs.stalled) == 3
+        refusing.full = False
+        for run_id in ids:
+            assert (await runs.wait("w", run_id, 10)).status == "succeeded"
+        assert [envelope.read_header(runs.result(run_id))["json"] for run_id in ids] == [0, 1, 2]
+        assert not runs.stalled
         records.close()
 
     asyncio.run(scenario())

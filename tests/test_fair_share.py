@@ -50,6 +50,20 @@ def _overlap(spans: list) -> int:
     return peak
 
 
+def test_a_group_counts_every_run_but_only_while_its_workspace_is_alone():
+    fair = FairShare(2)
+    assert fair.admit(_ticket("a", 0)) and fair.admit_extra(_ticket("a", 1)) and fair.admit_extra(_ticket("a", 2))
+    assert fair.running == {"a": 3} and fair.extra == {"a": 2}  # every leased run is counted
+    assert fair.admit(_ticket("a", 3))  # the runs behind the one in hand do not take a's share
+    assert not fair.admit(_ticket("a", 4))  # two in progress: a's share; its next run waits
+    assert fair.admit(_ticket("b", 0))  # b arrives: its own share
+    assert not fair.admit_extra(_ticket("a", 5)) and "r-a-5" not in [t.run_id for q in fair.waiting.values() for t in q]
+    assert fair.release_extra("a") == []  # a group's run ends while the group goes on: in progress still two
+    assert fair.release_extra("a") == [] and fair.extra == {}
+    assert [t.run_id for t in fair.release("a")] == []  # a is at 2 in progress, over b's arrival share of 1
+    assert [t.run_id for t in fair.release("a")] == ["r-a-4"]  # below its share: its waiting run starts
+
+
 def test_two_busy_workspaces_each_get_half(tmp_path):
     env = {"OPBOX_MAX_RUNNING": "4", "OPBOX_MAX_WORKERS": "4"}
     with running_platform(tmp_path / "home", extra_env=env) as plat:

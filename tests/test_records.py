@@ -274,6 +274,32 @@ def test_a_map_numbers_its_completions_and_says_when_it_is_complete(records):
     assert [b.id for b in batches.in_workspace("ws", "b2", 10)] == ["b1"]
 
 
+def test_a_group_of_a_maps_runs_starts_and_finishes_in_one_go(records):
+    batches, runs = records.batches, records.runs
+    batches.create("b1", "ws", "j1", 1, None, 1.0)
+    items = [_run(f"r-b1.{i}", batch="b1", index=i) for i in range(4)]
+    batches.add_items("b1", items, [b"a0", b"a1", StoredPayload("ws/payloads/a2", 10, b"h"), b"a3"])
+    batches.seal("b1", 4)
+    runs.start("r-b1.3", "w0", 1.5)  # another worker has this one already
+    ids = [f"r-b1.{i}" for i in range(4)]
+    assert runs.start_many(ids, "w1", 2.0) == [True, True, True, False]
+    assert runs.args_many(ids + ["r-none"]) == {"r-b1.0": b"a0", "r-b1.1": b"a1", "r-b1.3": b"a3",
+                                               "r-b1.2": StoredPayload("ws/payloads/a2", 10, b"h")}
+    runs.finish(runs.get("r-b1.1"), "cancelled", 2.5, "cancelled by request", None, b"c")  # ended meanwhile
+    before = records.usage.of("ws")
+    out = runs.finish_many([(run_id, "b1", "ws", f"x{i}".encode()) for i, run_id in enumerate(ids)], "succeeded", 3.0)
+    assert out[1] is None, "a run that had ended is left as it was"
+    assert runs.get("r-b1.1").status == "cancelled" and runs.result("r-b1.1") == b"c"
+    assert [(e.id, e.done_seq, complete) for e, complete in (out[0], out[2], out[3])] == \
+        [("r-b1.0", 2, False), ("r-b1.2", 3, False), ("r-b1.3", 4, True)]
+    for ended, _ in (out[0], out[2], out[3]):
+        assert ended == runs.get(ended.id), "each as the records now hold it"
+        assert (ended.status, ended.finished_at) == ("succeeded", 3.0)
+    assert runs.get("r-b1.3").started_at == 1.5 and runs.get("r-b1.0").started_at == 2.0
+    assert [runs.result(run_id) for run_id in ("r-b1.0", "r-b1.2", "r-b1.3")] == [b"x0", b"x2", b"x3"]
+    assert records.usage.of("ws") == before + 6 and batches.get("b1").done == 4
+
+
 def test_jobs_versions_and_their_deletion(records):
     jobs = records.jobs
     job, number = _version(records)

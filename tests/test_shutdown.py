@@ -86,3 +86,43 @@ def test_sigterm_with_streams_long_polls_and_a_map_in_flight(tmp_path):
     finally:
         client.close()
         stop(plat)
+
+
+def test_sigterm_while_a_worker_holds_a_group_hands_back_the_runs_it_has_not_started(tmp_path):
+    """A map handed out in groups (one worker): on SIGTERM the worker finishes its run in hand and starts no
+    other of its group; those wait, queued, for the restart. Each item runs once (its tag file has one line)."""
+    home, tally = tmp_path / "home", tmp_path / "tally"
+    tally.mkdir()
+    env = {"OPBOX_SHUTDOWN_GRACE": str(GRACE), "OPBOX_MAX_WORKERS": "1"}
+    plat = start(home, extra_env=env)
+    port = int(plat.url.rsplit(":", 1)[1])
+    client = plat.client()
+    try:
+        (tmp_path / "proj").mkdir()
+        with user_module(tmp_path / "proj", "shutgroups", CODE) as mod:
+            nap = mod.nap.deploy(client=client, quiet=True)
+            assert nap.map([0.0] * 4, progress=False) == [0.0] * 4  # a few runs one at a time: groups from now on
+            answers: dict = {}
+            tags = [f"item{i}" for i in range(16)]
+            mapping = threading.Thread(target=lambda: answers.update(map=nap.starmap(
+                [(0.5, str(tally), tag) for tag in tags], progress=False)), daemon=True)
+            mapping.start()
+
+            def held() -> int:
+                return sum(p["held"] for p in client.get("/status").json()["pools"] if p["job_id"] == nap.job_id)
+
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not (held() > 1 and any(tally.iterdir())):
+                time.sleep(0.05)
+            assert held() > 1, "the worker holds a group"
+            plat.proc.send_signal(signal.SIGTERM)
+            plat.proc.wait(GRACE + 10)
+            assert "still running" not in plat.log(), "the run in hand ended within the grace; no other started"
+            (home / "gateway.log").rename(home / "gateway.first.log")
+            plat = start(home, port=port, extra_env=env)
+            mapping.join(120)
+            assert answers.get("map") == tags
+            assert {p.name: p.read_text() for p in tally.iterdir()} == {tag: "ran\n" for tag in tags}
+    finally:
+        client.close()
+        stop(plat)

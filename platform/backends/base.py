@@ -14,7 +14,7 @@ no layer above has to guess with ``hasattr``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple, Protocol, TypeVar
 
@@ -91,6 +91,16 @@ class Completion:
     error_type: str | None = None
 
 
+@dataclass(frozen=True)
+class GroupLease:
+    """Several queued runs of a map handed to one warm worker at once (its pool's queue is longer than its
+    workers): the worker runs them in order and hands in each result as it finishes (``Completion``s on one
+    streamed request), so the platform always knows which run is in hand."""
+
+    leases: tuple[Lease, ...]
+
+
+SKIPPED = "skipped"  # a group's run the worker did not start: it was cancelled before its turn
 IDLE, EXIT = "idle", "exit"  # a poll's answers other than a Lease: ask again, or leave
 
 
@@ -122,6 +132,15 @@ class RunEvents(Protocol):
         warm worker's lease, which can wait) its map's concurrency is taken on other gateways and it waits."""
 
     def run_finished(self, run_id: str, outcome: str, payload: Payload, error_type: str | None = None) -> None: ...
+
+    def runs_started(self, tickets: Sequence[RunTicket], worker: str) -> list[bool]:
+        """``run_started`` (pooled) for a group of runs leased together: one transaction where it can."""
+
+    def runs_args(self, run_ids: Sequence[str]) -> dict[str, Payload]:
+        """The arguments of several runs (those that have them), in one read."""
+
+    def runs_finished(self, ends: Sequence[tuple[RunTicket, str, Payload]]) -> None:
+        """``run_finished`` for several runs' (ticket, outcome, result): recorded in one transaction."""
 
     def run_lost(self, run_id: str, reason: str, status: str = "failed") -> None:
         """The run's process ended without a result (crash, kill, OOM, timeout)."""
@@ -163,8 +182,14 @@ class WorkerPools(Protocol):
         """The worker, if this platform still knows it (None tells it to exit); ``AuthError`` unless
         ``token`` is that worker's own."""
 
-    async def next_run(self, worker: object, done: Completion | None, wait: float) -> Lease | str:
-        """Record ``done``, then the worker's next run, or IDLE after ``wait`` s, or EXIT."""
+    async def next_run(self, worker: object, done: Completion | None, wait: float) -> Lease | GroupLease | str:
+        """Record ``done``, then the worker's next run (or group of runs), or IDLE after ``wait`` s, or EXIT."""
+
+    def group_done(self, worker: object, dones: Sequence[Completion]) -> None:
+        """Results of the worker's group, in its order, as they arrive (the next run of it is in hand then)."""
+
+    def cancelled_in_group(self, worker: object) -> list[str]:
+        """The runs of the worker's group cancelled since it was leased (it skips those not started yet)."""
 
     def release_parked(self) -> None:
         """Answer every parked worker now (EXIT): the platform is stopping."""

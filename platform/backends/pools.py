@@ -5,6 +5,12 @@ just finished, and gets its next run back in the same answer, so a busy worker c
 HTTP request per run. The pool starts workers as its queue grows (up to ``max_workers``),
 lets surplus ones go after ``worker_idle`` seconds and the last one after ``pool_idle``
 seconds (scale to zero). It also enforces each run's timeout and reports workers that die.
+
+Groups: when a map keeps every worker the pool may have busy and its queue is longer than its
+workers, a worker's ``next`` takes several of its queued runs at once (``GroupLease``). The worker
+runs them in order and streams each result back as it finishes (``group_done``), so the run in hand
+is always known: its timeout timer and a cancel act on it alone; a cancelled run not yet started is
+skipped; when the worker dies, the runs it had not started go back to the queue, no retry spent.
 """
 
 from __future__ import annotations
@@ -23,10 +29,14 @@ from typing import Protocol
 
 from opbox.errors import AuthError
 
-from .base import EXIT, IDLE, Completion, Lease, PoolSize, RunEvents, RunTicket, VersionInfo
+from .base import EXIT, IDLE, SKIPPED, Completion, GroupLease, Lease, PoolSize, RunEvents, RunTicket, VersionInfo
 from .fairshare import FairShare
 
 log = logging.getLogger("opbox.pools")
+MAX_GROUP = 32  # runs a worker takes at once, at most (a map's; only when its queue outnumbers the workers)
+GROUP_AFTER = 2  # runs per worker a pool runs one at a time first (whether they call other jobs shows then)
+HANDED_BACK = "requeued: its worker ended before starting it"
+STOP_GROUP = "*stop"  # in a worker's answer from cancelled_in_group: start no other run of the group
 
 
 @dataclass
@@ -43,6 +53,8 @@ class Worker:
     generation: int = 0  # the pool's generation it was started in
     lease_timeout: float | None = None  # the timeout of the run it holds
     lease_traceparent: str | None = None  # and its traceparent
+    group: deque = field(default_factory=deque)  # a group's tickets not handed in yet; the first is in hand
+    cancelled: set = field(default_factory=set)  # runs of its group cancelled meanwhile (it asks which)
 
 
 @dataclass
@@ -56,6 +68,8 @@ class Pool:
     failed_starts: int = 0  # workers in a row that died before asking for work
     generation: int = 0  # bumped when the version's secrets change: older workers leave at their next poll
     started: int = 0  # workers started, ever (the platform's metrics: cold starts)
+    calls_out: bool = False  # its runs call other jobs with the worker's token: never in groups (see held_run)
+    singles: int = 0  # runs its workers ran one at a time: groups only once each has run some that way
 
     @property
     def id(self) -> str:
@@ -79,7 +93,9 @@ class WorkerHandle(Protocol):
 class Spawner(Protocol):
     """Starts workers. It may also have ``identity(pool) -> (worker id, token)`` for the next worker it
     will be asked to spawn (the kubernetes backend: a pod of the pool's Job, named by its index, with
-    the Job's token); without it, a worker gets a random id and a token of its own."""
+    the Job's token); without it, a worker gets a random id and a token of its own. ``interrupts``
+    False: a signal ends the worker (a pod is deleted), so its workers never hold groups (a group's
+    cancels and the platform's stop are SIGUSR1 to a worker that goes on)."""
 
     async def spawn(self, worker: Worker) -> WorkerHandle:
         """Start a worker process (or container) for ``worker.pool``; return its handle."""
@@ -115,6 +131,7 @@ class PoolManager:
                  max_running: int | None = None, items_per_worker: int = 1, keep_warm: int = 1) -> None:
         self.fair = FairShare(max_running or max_workers)
         self.spawner = spawner
+        self.groups = getattr(spawner, "interrupts", True)  # whether its workers may hold a group of runs
         self.max_workers = max_workers
         # queued runs per worker started: 1 starts a worker per waiting run (processes are cheap);
         # a cluster's pods cost seconds each, so there a worker is started per this many
@@ -167,6 +184,14 @@ class PoolManager:
         worker = self._by_run.get(run_id)
         if worker is None:
             return  # queued runs are skipped at lease time (run_started says no)
+        if worker.group:  # it asks which of its group's runs are cancelled: it stops the one in hand, skips the rest
+            worker.cancelled.add(run_id)
+            self.spawner.signal(worker, signal.SIGUSR1)
+            await asyncio.sleep(grace)
+            if worker.run_id == run_id and worker.handle is not None and worker.id in worker.pool.workers:
+                worker.kill_reason = ("cancelled", "cancelled by request")
+                self.spawner.signal(worker, signal.SIGKILL)
+            return
         # SIGUSR1 cancels the run in hand (the runtime raises in the user's code, so finally blocks run,
         # and ignores it between runs); the kill after the grace only if the worker still holds this
         # lease: a worker that has moved on to another run must not lose that one
@@ -177,12 +202,17 @@ class PoolManager:
             self.spawner.signal(worker, signal.SIGKILL)
 
     def release_parked(self) -> None:
-        """Answer every parked worker now (with EXIT): the platform is stopping."""
+        """Answer every parked worker now (with EXIT): the platform is stopping. A worker holding a group
+        finishes its run in hand and starts no other (it asks, ``cancelled_in_group``, on SIGUSR1): they
+        stay queued for the next start."""
         self.closing = True
         for pool in self.pools.values():
             for fut in pool.parked:
                 if not fut.done():
                     fut.set_result(None)
+            for worker in pool.workers.values():
+                if len(worker.group) > 1:
+                    self.spawner.signal(worker, signal.SIGUSR1)
 
     async def close(self) -> None:
         self.release_parked()
@@ -203,6 +233,7 @@ class PoolManager:
             {
                 "pool": p.id, "job_id": p.version.job_id, "version": p.version.version, "queued": len(p.queue),
                 "workers": len(p.workers), "busy": sum(1 for w in p.workers.values() if w.run_id),
+                "held": sum(len(w.group) or (w.run_id is not None) for w in p.workers.values()),
             }
             for p in self.pools.values() if p.version.workspace == workspace
         ]
@@ -224,7 +255,7 @@ class PoolManager:
             raise AuthError("invalid worker token")
         return worker
 
-    async def next(self, worker: Worker, done: Completion | None, wait: float) -> Lease | str:
+    async def next(self, worker: Worker, done: Completion | None, wait: float) -> Lease | GroupLease | str:
         worker.polled = True
         worker.pool.failed_starts = 0
         if done is not None:
@@ -253,6 +284,10 @@ class PoolManager:
                 ticket = fut.result() if not fut.cancelled() else None
                 if ticket is None:
                     return IDLE if not self.closing else EXIT
+            if pool.workers.get(worker.id) is not worker:  # it died while it asked (its end is settled already)
+                pool.queue.appendleft(ticket)
+                self._scale(pool)
+                return EXIT
             lease = self._lease(worker, ticket)
             if lease is not None:
                 return lease
@@ -264,6 +299,7 @@ class PoolManager:
         if worker.timer:
             worker.timer.cancel()
         if worker.run_id is not None:
+            self._hand_back(worker)
             self._by_run.pop(worker.run_id, None)
             status, reason = worker.kill_reason or ("failed", describe_exit(returncode))
             self.events.run_lost(worker.run_id, reason, status)
@@ -289,6 +325,7 @@ class PoolManager:
             return
         if worker.timer:
             worker.timer.cancel()
+        self._hand_back(worker)
         self._by_run.pop(run_id, None)
         worker.run_id = None
         self._release(worker.pool.version.workspace)
@@ -305,9 +342,12 @@ class PoolManager:
         self.spawner.signal(worker, signal.SIGKILL)
 
     # -- internals ---------------------------------------------------------------------
-    def _lease(self, worker: Worker, ticket: RunTicket) -> Lease | None:
+    def _lease(self, worker: Worker, ticket: RunTicket) -> Lease | GroupLease | None:
         if not self.fair.admit(ticket):  # its workspace is at its share: it waits in FairShare
             return None
+        extra = self._group_extra(worker.pool, ticket)
+        if extra:
+            return self._lease_group(worker, [ticket, *extra])
         if not self.events.run_started(ticket.run_id, worker.id, pooled=True):
             self._release(ticket.workspace)
             return None
@@ -326,10 +366,118 @@ class PoolManager:
         worker.lease_timeout, worker.lease_traceparent = ticket.timeout, ticket.traceparent
         return Lease(ticket.run_id, args, ticket.timeout, ticket.traceparent)
 
-    def _lease_again(self, worker: Worker) -> Lease | str:
+    def _group_extra(self, pool: Pool, ticket: RunTicket) -> list[RunTicket]:
+        """More queued runs of a map for the worker taking ``ticket``: only while every worker the pool may have
+        is there and none waits for work (latency first), and its queue outnumbers them; as many as their
+        share of the queue (at most MAX_GROUP), each counted by FairShare (taken only while no other workspace
+        has work). A single call never comes in a group."""
+        if ticket.batch_id is None or not self.groups or pool.calls_out or pool.parked or len(pool.workers) < self.max_workers \
+                or pool.starting or pool.singles < GROUP_AFTER * len(pool.workers):
+            return []
+        count = min(MAX_GROUP - 1, (len(pool.queue) - 1) // len(pool.workers))
+        extra: list[RunTicket] = []
+        queue = pool.queue
+        while len(extra) < count and queue and queue[0].batch_id is not None and self.fair.admit_extra(queue[0]):
+            extra.append(queue.popleft())
+        return extra
+
+    def _lease_group(self, worker: Worker, tickets: list[RunTicket]) -> Lease | GroupLease | None:
+        """Start ``tickets`` (the first admitted as any run, the others as FairShare's extras) in one go and hand
+        them to ``worker``: a ``GroupLease``, or a plain ``Lease`` when only one could start."""
+        workspace = worker.pool.version.workspace
+        started = [t for t, ok in zip(tickets, self.events.runs_started(tickets, worker.id)) if ok]
+        args = self.events.runs_args([t.run_id for t in started]) if started else {}
+        group = []
+        for ticket in started:
+            if ticket.run_id in args:
+                group.append(ticket)
+            else:
+                self.events.run_lost(ticket.run_id, "arguments missing from the store")
+        for _ in range(len(tickets) - max(1, len(group))):  # the group is one run in progress and its extras
+            self._release_extra(workspace)
+        if not group:
+            self._release(workspace)
+            return None
+        worker.kill_reason = None
+        for ticket in group:
+            self._by_run[ticket.run_id] = worker
+        if len(group) == 1:
+            self._hold(worker, group[0])
+            return Lease(group[0].run_id, args[group[0].run_id], group[0].timeout, group[0].traceparent)
+        worker.group = deque(group)
+        worker.cancelled = set()
+        self._hold(worker, group[0])
+        return GroupLease(tuple(Lease(t.run_id, args[t.run_id], t.timeout, t.traceparent) for t in group))
+
+    def _hold(self, worker: Worker, ticket: RunTicket) -> None:
+        """``ticket``'s run is the one in the worker's hands now: its timeout runs from here."""
+        worker.run_id = ticket.run_id
+        if ticket.timeout:
+            worker.timer = asyncio.get_running_loop().call_later(
+                ticket.timeout, self.kill, worker, "timed_out", f"timed out after {ticket.timeout:g} s"
+            )
+        worker.lease_timeout, worker.lease_traceparent = ticket.timeout, ticket.traceparent
+
+    def group_done(self, worker: Worker, dones) -> None:
+        """Results of the worker's group, in its order: recorded together (one transaction); the next run of the
+        group is in hand from now. A result for another run than the one in hand is ignored (a late one)."""
+        group, ends, skipped, left = worker.group, [], [], 0
+        for done in dones:
+            if not group or group[0].run_id != done.run_id:
+                log.warning("ignoring a result for %s from %s: not its run in hand", done.run_id, worker.id)
+                continue
+            ticket = group.popleft()
+            self._by_run.pop(ticket.run_id, None)
+            left += 1
+            if done.outcome != SKIPPED:
+                ends.append((ticket, done.outcome, done.payload))
+            elif ticket.run_id not in worker.cancelled:  # not started (the platform stops): queued again
+                skipped.append(ticket.run_id)
+            worker.cancelled.discard(ticket.run_id)
+        if not left:
+            return
+        if worker.timer:
+            worker.timer.cancel()
+            worker.timer = None
+        worker.run_id = None
+        worker.pool.last_active = time.monotonic()
+        if group:
+            worker.kill_reason = None
+            self._hold(worker, group[0])
+        if ends:
+            self.events.runs_finished(ends)
+        workspace = worker.pool.version.workspace
+        for run_id in skipped:
+            self.events.run_disrupted(run_id, HANDED_BACK)
+        for _ in range(left if group else left - 1):  # runs behind the one in hand left the group
+            self._release_extra(workspace)
+        if not group:
+            self._release(workspace)
+
+    def cancelled_in_group(self, worker: Worker) -> list[str]:
+        """The group's cancelled runs, and STOP_GROUP when the platform is stopping: start no other run of it."""
+        return [*sorted(worker.cancelled), *((STOP_GROUP,) if self.closing else ())]
+
+    def _hand_back(self, worker: Worker) -> None:
+        """The worker is gone: the runs of its group behind the one in hand were never started; they go back
+        to the queue without spending a retry (``run_disrupted``). The one in hand ends as a single run would."""
+        group, worker.group = worker.group, deque()
+        workspace = worker.pool.version.workspace
+        for ticket in list(group)[1:]:
+            self._by_run.pop(ticket.run_id, None)
+            self._release_extra(workspace)
+            self.events.run_disrupted(ticket.run_id, HANDED_BACK)
+
+    def _lease_again(self, worker: Worker) -> Lease | GroupLease | str:
         """The run a worker holds, handed to it again (the answer that leased it was lost on the way: a
         reset connection the worker's channel retried). Never a second run while it holds one: the first
-        would stay running with no one working on it."""
+        would stay running with no one working on it. A group is handed again as it is left."""
+        if worker.group:
+            args = self.events.runs_args([t.run_id for t in worker.group])
+            if all(t.run_id in args for t in worker.group):
+                return GroupLease(tuple(Lease(t.run_id, args[t.run_id], t.timeout, t.traceparent)
+                                        for t in worker.group))
+            self._hand_back(worker)  # some are gone meanwhile: the others are queued again, it keeps the one in hand
         args = self.events.run_args(worker.run_id)
         if args is None:  # expired or gone meanwhile: the run cannot be done
             run_id, worker.run_id = worker.run_id, None
@@ -349,8 +497,15 @@ class PoolManager:
         self._by_run.pop(done.run_id, None)
         worker.run_id = None
         worker.pool.last_active = time.monotonic()
+        worker.pool.singles += 1
         self.events.run_finished(done.run_id, done.outcome, done.payload, done.error_type)
         self._release(worker.pool.version.workspace)
+
+    def _release_extra(self, workspace: str) -> None:
+        for ticket in self.fair.release_extra(workspace):
+            pool = self.pools.get(f"{ticket.job_id}.v{ticket.version}")
+            if pool is not None:
+                self.submit(ticket, pool.version)
 
     def _release(self, workspace: str) -> None:
         """A run's slot in its workspace's share is free: start what was waiting for one."""
@@ -418,6 +573,12 @@ class PoolMethods:
     def next_run(self, worker: Worker, done: Completion | None, wait: float):
         return self.pools.next(worker, done, wait)
 
+    def group_done(self, worker: Worker, dones) -> None:
+        self.pools.group_done(worker, dones)
+
+    def cancelled_in_group(self, worker: Worker) -> list[str]:
+        return self.pools.cancelled_in_group(worker)
+
     def release_parked(self) -> None:
         self.pools.release_parked()
 
@@ -431,5 +592,8 @@ class PoolMethods:
         worker = self.pools.find(pool_id, worker_id, token)
         if worker is None or worker.run_id is None:
             return None
+        # the run in hand as the gateway knows it, which in a group may lag the worker's by one result still on
+        # its way: a pool whose runs call other jobs gets no more groups, so their parent is always exact
+        worker.pool.calls_out = True
         left = worker.timer.when() - asyncio.get_running_loop().time() if worker.timer is not None else None
         return worker.pool.version.workspace, worker.run_id, left

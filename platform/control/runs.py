@@ -21,7 +21,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from opbox import envelope, tracecontext
 from opbox.builder.base import Artifact
@@ -416,6 +416,44 @@ class Runs:
             self._hold_back(run_id)
         return started
 
+    def runs_started(self, tickets: Sequence[RunTicket], worker: str) -> list[bool]:
+        """``run_started`` for a warm worker's group of runs, in one transaction; several gateways on the
+        records start each on its own (a map's concurrency is counted across them run by run)."""
+        if self.records.leadership.shared:
+            return [self.run_started(t.run_id, worker, pooled=True) for t in tickets]
+        try:
+            return self.records.runs.start_many([t.run_id for t in tickets], worker, time.time())
+        except StorageFull:
+            for ticket in tickets:
+                self._stall(f"start:{ticket.run_id}", lambda run_id=ticket.run_id: self._redispatch(run_id))
+            return [False] * len(tickets)
+
+    def runs_args(self, run_ids: Sequence[str]) -> dict[str, Payload]:
+        return self.records.runs.args_many(run_ids)
+
+    def runs_finished(self, ends: Sequence[tuple[RunTicket, str, Payload]]) -> None:
+        """Several runs' ends (a warm worker's group): those that succeeded with a result within the limit are
+        recorded in one transaction, the others (failures: retries; too large) as ``run_finished`` does. When
+        a full disk refuses the transaction, each is written on its own, as ``run_finished`` would."""
+        quick = []
+        for ticket, outcome, payload in ends:
+            if outcome == "succeeded" and payload_size(payload) <= self.limits.max_payload:
+                quick.append((ticket, payload))
+            else:
+                self.run_finished(ticket.run_id, outcome, payload)
+        if not quick:
+            return
+        try:
+            written = self.records.runs.finish_many(
+                [(t.run_id, t.batch_id, t.workspace, payload) for t, payload in quick], "succeeded", time.time())
+        except StorageFull:
+            for ticket, payload in quick:
+                self.run_finished(ticket.run_id, "succeeded", payload)
+            return
+        for (ticket, payload), row in zip(quick, written):
+            if row is not None:
+                self._ended(ticket.run_id, row[0], row[1], "succeeded", payload)
+
     # -- a map's concurrency across gateways ---------------------------------------
     def _shared_limit(self, run_id: str) -> tuple[str, int] | None:
         """(map, concurrency) for an item of a map with a concurrency when several gateways share the records:
@@ -566,20 +604,26 @@ class Runs:
             status, error_type = "failed", "opbox.StorageFull"
             payload = envelope.error_envelope(error_type, reason)
             ended, complete = self.records.runs.finish(run, status, time.time(), reason, error_type, payload)
-        self.open_runs[run.workspace] = max(0, self.open_runs.get(run.workspace, 0) - 1)
+        self._ended(run_id, ended, complete, status, payload, run)
+
+    def _ended(self, run_id: str, ended: RunRecord, complete: bool, status: str, payload: Payload,
+               before: RunRecord | None = None) -> None:
+        """What follows a run's end once it is written: counts, its waiters and its map's next items;
+        ``before``: its record as it was (its metrics count a start only if it had one)."""
+        self.open_runs[ended.workspace] = max(0, self.open_runs.get(ended.workspace, 0) - 1)
         self._attempt_ended(ended, status)
         if run_id in self._handoff:  # a call waits for it: it gets the record and result as written
             self._handoff[run_id] = (ended, payload)
-        self._count_end(run, status)
+        self._count_end(before or ended, status)
         if self.spans is not None:
-            self.spans(ended, self._job_name(run))
+            self.spans(ended, self._job_name(ended))
         self.notifier.notify(run_id)
         self.notifier.notify(f"logs:{run_id}")
-        if run.batch_id:
-            self._release_slot(run.batch_id)
-            self.notifier.notify(f"batch:{run.batch_id}")
+        if ended.batch_id:
+            self._release_slot(ended.batch_id)
+            self.notifier.notify(f"batch:{ended.batch_id}")
             if complete:  # the map's last item: its in-memory state goes (its record stays)
-                self.batches.pop(run.batch_id, None)
+                self.batches.pop(ended.batch_id, None)
 
     def _retry_delay(self, run: RunRecord, status: str, payload: Payload) -> float | None:
         """Seconds before the run's next attempt, or None when this attempt's end is final. Without

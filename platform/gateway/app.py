@@ -145,6 +145,7 @@ ROUTES = [
     Route(W + "/services/{name}", serve.delete_service, methods=["DELETE"]),
     Route(W + "/services/{name}/logs", serve.service_logs),
     Route("/_internal/pools/{pool}/next", internal.worker_next, methods=["POST"], include_in_schema=False),
+    Route("/_internal/pools/{pool}/cancelled", internal.worker_cancelled, include_in_schema=False),
     Route("/_internal/pools/{pool}/runs/{run}/logs", internal.worker_logs, methods=["POST"], include_in_schema=False),
     Route("/_internal/services/{workspace}/{name}/init", serve.service_init, include_in_schema=False),
     Route("/_internal/runs/{run}/args", internal.run_args, include_in_schema=False),

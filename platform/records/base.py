@@ -245,6 +245,19 @@ class RunRecords(Protocol):
         the map's concurrency) when several gateways may start the map's items: False too while that many of
         them run (the run stays queued)."""
 
+    def start_many(self, run_ids: Sequence[str], worker: str, at: float) -> list[bool]:
+        """``start`` for each of a warm worker's group of runs (no map concurrency across gateways), in one
+        transaction: whether each started."""
+
+    def args_many(self, run_ids: Sequence[str]) -> dict[str, Payload]:
+        """The arguments of the runs that have them."""
+
+    def finish_many(self, ends: Sequence[tuple[str, str | None, str, Payload]], status: str,
+                    at: float) -> list[tuple[RunRecord, bool] | None]:
+        """``finish`` with ``status`` (no reason, no error type) for each (run id, map id, workspace, result), in
+        one transaction; per run its record as ended and whether it completed its map, or None when it had
+        ended already (it is left as it is)."""
+
     def retry(self, run: RunRecord, status: str, reason: str | None, error_type: str | None, at: float,
               retry_at: float | None) -> None:
         """Back to queued for its next attempt (dispatched at ``retry_at`` when set), with the attempt that

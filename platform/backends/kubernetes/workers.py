@@ -95,6 +95,8 @@ class WorkerJob:
 class PodSpawner:
     """``Spawner`` for the PoolManager of a ``KubernetesBackend`` (``backend``: settings, calls, watches)."""
 
+    interrupts = False  # any signal ends the pod (it is deleted): its workers take a map's runs one at a time
+
     def __init__(self, backend):
         self.backend = backend
         self.by_job: dict[str, WorkerJob] = {}  # Job name -> its workers

@@ -204,6 +204,33 @@ class PostgresRuns:
             return conn.execute(START + " AND (SELECT count(*) FROM runs WHERE batch_id = %s AND status = 'running') < %s",
                                 (*params, *limit)).rowcount == 1
 
+    # -- a warm worker's group of a map's runs ---------------------------------------------------------------
+    def start_many(self, run_ids: Sequence[str], worker: str, at: float) -> list[bool]:
+        with self.db.conn() as conn, conn.transaction():
+            return [conn.execute(START, (at, f"{self.gateway}/{worker}", run_id, self.owner)).rowcount == 1
+                    for run_id in run_ids]
+
+    def args_many(self, run_ids: Sequence[str]) -> dict[str, Payload]:
+        return {run_id: as_payload(data, key, size) for run_id, data, key, size in self.db.all(
+            "SELECT run_id, data, object_key, size FROM payloads WHERE kind = 'args' AND run_id = ANY(%s)",
+            (list(run_ids),))}
+
+    def finish_many(self, ends: Sequence[tuple[str, str | None, str, Payload]], status: str,
+                    at: float) -> list[tuple[RunRecord, bool] | None]:
+        out: list[tuple[RunRecord, bool] | None] = []
+        with self.db.conn() as conn, conn.transaction():
+            for run_id, batch_id, workspace, result in ends:
+                if conn.execute(f"SELECT 1 FROM runs WHERE id = %s AND {OPEN_SQL} FOR UPDATE", (run_id,)).fetchone() is None:
+                    out.append(None)  # ended meanwhile (cancelled)
+                    continue
+                data, key, size = payload_row(result)
+                row = conn.execute(FINISH, {"batch": batch_id, "status": status, "at": at, "reason": None,
+                                            "error_type": None, "id": run_id, "data": data, "key": key, "size": size,
+                                            "workspace": workspace, "bytes": payload_size(result)}).fetchone()
+                ended, total = RunRecord(*row[:-1]), row[-1]
+                out.append((ended, batch_id is not None and total is not None and ended.done_seq >= total))
+        return out
+
     def retry(self, run: RunRecord, status: str, reason: str | None, error_type: str | None, at: float,
               retry_at: float | None) -> None:
         self.db.run(RETRY, {"id": run.id, "attempt": run.attempt, "status": status, "started_at": run.started_at,

@@ -115,6 +115,65 @@ class SqliteRuns:
             (at, worker, run_id))
         return cur.rowcount == 1
 
+    # -- a warm worker's group of a map's runs: each step for all of them in one transaction -------------------
+    def start_many(self, run_ids: Sequence[str], worker: str, at: float) -> list[bool]:
+        with self.tx() as db:
+            queued = {r[0] for r in db.execute(
+                f"SELECT id FROM runs WHERE id IN ({','.join('?' * len(run_ids))}) AND status = 'queued'", run_ids)}
+            db.executemany("UPDATE runs SET status = 'running', started_at = ?, worker = ?, retry_at = NULL WHERE id = ?",
+                           [(at, worker, run_id) for run_id in run_ids if run_id in queued])
+        return [run_id in queued for run_id in run_ids]
+
+    def args_many(self, run_ids: Sequence[str]) -> dict[str, Payload]:
+        return {run_id: as_payload(data, key, size) for run_id, data, key, size in self.db.execute(
+            "SELECT run_id, data, object_key, size FROM payloads WHERE kind = 'args' AND run_id IN "
+            f"({','.join('?' * len(run_ids))})", run_ids)}
+
+    def finish_many(self, ends: Sequence[tuple[str, str | None, str, Payload]], status: str,
+                    at: float) -> list[tuple[RunRecord, bool] | None]:
+        # the runs still open, read at once; each map's counter moved once for all of its runs here (their
+        # completion numbers in order); then every row written with one statement each (executemany)
+        ids = [end[0] for end in ends]
+        with self.tx() as db:
+            still = {row[0]: row for row in db.execute(
+                f"{SELECT} WHERE id IN ({','.join('?' * len(ids))}) AND {OPEN_SQL}", ids)}
+            per_map: dict[str, int] = {}
+            for run_id, batch_id, _, _ in ends:
+                if batch_id and run_id in still:
+                    per_map[batch_id] = per_map.get(batch_id, 0) + 1
+            seqs = {}
+            for batch_id, count in per_map.items():
+                done, total = db.execute("UPDATE batches SET done = done + ? WHERE id = ? RETURNING done, total",
+                                         (count, batch_id)).fetchone()
+                seqs[batch_id] = [done - count + 1, total]  # the next completion number to give, the map's total
+            out: list[tuple[RunRecord, bool] | None] = []
+            rows, payloads, usage = [], [], {}
+            for run_id, batch_id, workspace, result in ends:
+                row = still.get(run_id)
+                if row is None:
+                    out.append(None)  # ended meanwhile (cancelled)
+                    continue
+                seq, complete = None, False
+                if batch_id:
+                    seq, total = seqs[batch_id]
+                    seqs[batch_id][0] += 1
+                    complete = total is not None and seq >= total
+                ended = list(row)  # the row as the UPDATE below leaves it (COLUMNS' order)
+                ended[4], ended[8], ended[10], ended[20] = status, at, None, None
+                if ended[7] is None:
+                    ended[7] = at
+                if seq is not None:
+                    ended[16] = seq
+                out.append((RunRecord(*ended), complete))
+                rows.append((status, at, at, seq, run_id))
+                payloads.append(payload_row(run_id, "result", result))
+                usage[workspace] = usage.get(workspace, 0) + payload_size(result)
+            db.executemany("UPDATE runs SET status = ?, finished_at = ?, started_at = COALESCE(started_at, ?), "
+                           "retry_at = NULL, error_type = NULL, done_seq = COALESCE(?, done_seq) WHERE id = ?", rows)
+            db.executemany(INSERT_PAYLOAD, payloads)
+            db.executemany(ADD_USAGE, list(usage.items()))
+        return out
+
     def retry(self, run: RunRecord, status: str, reason: str | None, error_type: str | None, at: float,
               retry_at: float | None) -> None:
         with self.tx() as db:

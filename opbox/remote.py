@@ -277,7 +277,8 @@ class RemoteFunction(Mappable):
         caps how many run at once. A failed item raises its exception (the rest of the map is
         cancelled), unless ``return_exceptions`` puts exceptions in the list instead.
         """
-        batch = self.client.post(f"/job/{self.job_id}/batches", json=self._batch(concurrency)).json()
+        batch = self.client.post(f"/job/{self.job_id}/batches", json=self._batch(concurrency),
+                                 headers=tracecontext.caller_headers()).json()
         mapper = _Map(self.client, batch["batch_id"], items, kwargs or {}, star, dump=dump_call)
         return mapper.results(return_exceptions, progress_bar(progress, mapper.size_hint, "run"))
 
@@ -285,7 +286,8 @@ class RemoteFunction(Mappable):
                     progress: bool | None = None, kwargs: dict | None = None, star: bool = False) -> AsyncIterator:
         """``imap`` on the event loop (``items`` may be an async iterable); cancelling the task that
         iterates cancels the map's remaining runs."""
-        batch = (await self.client.apost(f"/job/{self.job_id}/batches", json=self._batch(concurrency))).json()
+        batch = (await self.client.apost(f"/job/{self.job_id}/batches", json=self._batch(concurrency),
+                                          headers=tracecontext.caller_headers())).json()
         mapper = _AsyncMap(self.client, batch["batch_id"], items, kwargs or {}, star)
         async for value in mapper.results(return_exceptions, progress_bar(progress, mapper.size_hint, "run")):
             yield value

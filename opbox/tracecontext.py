@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 HEADER = "traceparent"
 ENV = "TRACEPARENT"
+RUN_HEADER = "X-Opbox-Caller-Run"  # the id of the run whose code sends a request (the runtime puts it in RUN_ENV)
+RUN_ENV = "OPBOX_RUN_ID"
 _FORMAT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 
@@ -90,7 +92,16 @@ def from_caller() -> str | None:
 
 
 def caller_headers(headers: dict | None = None) -> dict:
-    """``headers`` with the caller's ``traceparent`` added, when it has one."""
-    traceparent = from_caller()
+    """``headers`` with the caller's ``traceparent`` added, when it has one, and, from inside a run, that run's
+    id: a warm worker running a group of runs names the one in hand, which the gateway may not know yet (its
+    result before is still on the way) and which a new run must name as its parent."""
+    traceparent, run_id = from_caller(), os.environ.get(RUN_ENV)
     headers = headers or {}
-    return headers if traceparent is None else {**headers, HEADER: traceparent}
+    if traceparent is None and run_id is None:
+        return headers
+    headers = dict(headers)
+    if traceparent is not None:
+        headers[HEADER] = traceparent
+    if run_id is not None:
+        headers[RUN_HEADER] = run_id
+    return headers

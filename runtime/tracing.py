@@ -35,7 +35,18 @@ def _untraced(outcome: str) -> None:
 @contextlib.contextmanager
 def run_context(traceparent: str | None, entry: str, run_id: str) -> Iterator[Callable[[str], None]]:
     """Around one run's call of the user's function (a warm worker sets it per run); gives a function to
-    call with the run's outcome (succeeded, failed...), which the span records."""
+    call with the run's outcome (succeeded, failed...), which the span records. The run's id is in
+    ``OPBOX_RUN_ID`` while it runs: the SDK sends it with the runs its code starts (their parent)."""
+    os.environ[tracecontext.RUN_ENV] = run_id
+    try:
+        with _traced(traceparent, entry, run_id) as ended:
+            yield ended
+    finally:
+        os.environ.pop(tracecontext.RUN_ENV, None)
+
+
+@contextlib.contextmanager
+def _traced(traceparent: str | None, entry: str, run_id: str) -> Iterator[Callable[[str], None]]:
     if traceparent:
         os.environ[tracecontext.ENV] = traceparent
     else:

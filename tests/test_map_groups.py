@@ -46,6 +46,14 @@ def caller(x):  # a map's item calling another job: its child must name it as it
     child = Operator.from_job("leaf").submit(x)
     return x, child.id, child.result(timeout=60)
 
+@operator()
+def late_caller(x, after):  # calls another job only from item ``after`` on: by then its runs come in groups
+    me = os.environ.get("OPBOX_RUN_ID")  # the run in hand, which the SDK names to the gateway
+    if x < after:
+        return x, None, x, me
+    child = Operator.from_job("leaf").submit(x)
+    return x, child.id, child.result(timeout=60), me
+
 @operator(timeout=2)
 def bounded(x, folder, slow=()):
     _mark(folder, x, "start")
@@ -67,7 +75,7 @@ def plat(tmp_path_factory):
 def fns(plat, client, tmp_path_factory):
     with user_module(tmp_path_factory.mktemp("groups_proj"), "groupsmod", CODE) as mod:
         fns = {name: getattr(mod, name).deploy(client=client, quiet=True)
-               for name in ("marked", "bounded", "leaf", "caller", "grow")}
+               for name in ("marked", "bounded", "leaf", "caller", "late_caller", "grow")}
         folder = tmp_path_factory.mktemp("warm")
         fns["grow"].map([b"x"] * 4, progress=False)
         for name in ("marked", "bounded"):  # a pool runs a few runs one at a time before it hands out groups
@@ -213,6 +221,20 @@ def test_a_map_whose_items_call_other_jobs_gets_no_groups(fns, client):
     assert [(x, result) for x, _, result in out] == [(i, i) for i in range(items)]
     for i, (_, child, _) in enumerate(out):
         assert _run(client, child)["parent_run_id"] == ids[i]
+
+
+def test_a_run_of_a_group_that_calls_another_job_is_its_childs_parent(fns, client):
+    """A pool's first call out comes from a run of a group, whose run before may still be on its way: the
+    worker's code names its run (X-Opbox-Caller-Run), and that run, one the worker holds, is the parent."""
+    items, after = 48, 12
+    fn = fns["late_caller"]
+    before = _newest_map(client, fn)
+    out = fn.map(range(items), kwargs={"after": after}, progress=False)
+    ids = _item_ids(client, fn, items, before)
+    assert [(x, result, me) for x, _, result, me in out] == [(i, i, ids[i]) for i in range(items)]
+    children = [(i, child) for i, (_, child, _, _) in enumerate(out) if child is not None]
+    assert len(children) == items - after
+    assert [(i, _run(client, child)["parent_run_id"]) for i, child in children] == [(i, ids[i]) for i, _ in children]
 
 
 def test_large_arguments_and_results_of_a_group_go_through_the_object_store(fns, client):

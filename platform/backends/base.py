@@ -201,9 +201,11 @@ class WorkerPools(Protocol):
     def pool_sizes(self) -> list[PoolSize]:
         """Each pool's size now and its workers started so far (the platform's metrics)."""
 
-    def held_run(self, pool_id: str, worker_id: str, token: str) -> tuple[str, str, float | None] | None:
-        """(workspace, run id, seconds left before its timeout or None) of the run the worker holds now;
-        None when it holds none or is unknown; ``AuthError`` unless ``token`` is that worker's own."""
+    def held_run(self, pool_id: str, worker_id: str, token: str,
+                 claimed: str | None = None) -> tuple[str, str, float | None] | None:
+        """(workspace, run id, seconds left before its timeout or None) of the run the worker holds now
+        (``claimed``, the run its code says it runs in, when the worker holds that one); None when it holds
+        none or is unknown; ``AuthError`` unless ``token`` is that worker's own."""
 
 
 class Serving(Protocol):

@@ -588,12 +588,19 @@ class PoolMethods:
     def pool_sizes(self) -> list[PoolSize]:
         return self.pools.sizes()
 
-    def held_run(self, pool_id: str, worker_id: str, token: str) -> tuple[str, str, float | None] | None:
+    def held_run(self, pool_id: str, worker_id: str, token: str,
+                 claimed: str | None = None) -> tuple[str, str, float | None] | None:
         worker = self.pools.find(pool_id, worker_id, token)
         if worker is None or worker.run_id is None:
             return None
-        # the run in hand as the gateway knows it, which in a group may lag the worker's by one result still on
-        # its way: a pool whose runs call other jobs gets no more groups, so their parent is always exact
+        # the pool's runs call other jobs: it hands out no more groups (one run at a time keeps the gateway's
+        # account of the run in hand current for the timeouts of their children too)
         worker.pool.calls_out = True
+        if claimed is not None and claimed != worker.run_id:
+            # in a group the gateway learns which run is in hand one result late at worst: the run the worker's
+            # code names is its parent when it is one of the worker's (its timer starts with that result)
+            ticket = next((t for t in worker.group if t.run_id == claimed), None)
+            if ticket is not None:
+                return worker.pool.version.workspace, claimed, ticket.timeout
         left = worker.timer.when() - asyncio.get_running_loop().time() if worker.timer is not None else None
         return worker.pool.version.workspace, worker.run_id, left

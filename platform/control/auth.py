@@ -29,7 +29,7 @@ CALLER_ROLES = ("run", "service")
 # the notices several gateways send each other (``Auth.publish``): a token was revoked; a service was deleted
 TOKENS_REVOKED = "tokens:revoked"
 SERVICE_DELETED = "service-deleted:"
-HeldRun = Callable[[str, str, str], "tuple[str, str, float | None] | None"]  # WorkerPools.held_run
+HeldRun = Callable[[str, str, str, "str | None"], "tuple[str, str, float | None] | None"]  # WorkerPools.held_run
 
 TOKEN_PREFIX = "obx_"
 
@@ -131,8 +131,10 @@ class Auth:
     def workspace_exists(self, workspace: str) -> bool:
         return self.records.tokens.workspace_exists(workspace)
 
-    def check(self, authorization: str | None, workspace: str) -> TokenRecord:
-        """The token for a request to ``workspace``; raises AuthError or NotFound."""
+    def check(self, authorization: str | None, workspace: str, caller_run: str | None = None) -> TokenRecord:
+        """The token for a request to ``workspace``; raises AuthError or NotFound. ``caller_run``: the run the
+        request says its code runs in (``X-Opbox-Caller-Run``), which a warm worker's token stands for when the
+        worker holds it (a group's run in hand, which the gateway may learn one result late)."""
         if not authorization:
             raise AuthError("missing bearer token: send 'Authorization: Bearer <OPBOX_TOKEN>'")
         scheme, _, token = authorization.partition(" ")
@@ -145,7 +147,7 @@ class Auth:
         row = self._cache.get(digest)
         if row is None:
             if token.startswith(CALLER_PREFIX):
-                row = self._caller(token, digest)
+                row = self._caller(token, digest, caller_run)
             else:
                 row = self.records.tokens.by_hash(digest)
                 if row is None:
@@ -172,14 +174,14 @@ class Auth:
             raise AuthError("invalid internal token")
 
     # -- callers' tokens (jobs calling jobs) ------------------------------------------------
-    def _caller(self, token: str, digest: str) -> TokenRecord:
+    def _caller(self, token: str, digest: str, caller_run: str | None = None) -> TokenRecord:
         """The record of a caller's token, or AuthError. A one-shot run's and a service's are cached until
         the run ends (``run_ended``) or the service goes (``service_deleted``); a warm worker's is asked of
         its pool each time (in memory), since the run it holds changes."""
         kind, _, rest = token[len(CALLER_PREFIX):].partition(":")
         if kind == "w" and self.held_run is not None:
             pool, worker, secret = (rest.split(":") + ["", "", ""])[:3]
-            held = self.held_run(pool, worker, secret)
+            held = self.held_run(pool, worker, secret, caller_run)
             if held is None:
                 raise AuthError("this token is a warm worker's: it is valid only while the worker runs a run")
             workspace, run_id, left = held

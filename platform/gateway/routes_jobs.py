@@ -37,7 +37,9 @@ def workspace(request: Request) -> str:
 def caller(request: Request) -> TokenRecord:
     """The request's token, checked for the workspace in its path; a caller's token (a run's or a
     service's own) only for the routes a run may use (403 for the others)."""
-    row = platform(request).auth.check(request.headers.get("authorization"), request.path_params["workspace"])
+    headers = request.headers
+    row = platform(request).auth.check(headers.get("authorization"), request.path_params["workspace"],
+                                       headers.get("x-opbox-caller-run"))
     if row.role in CALLER_ROLES and request.scope.get("endpoint") not in request.app.state.caller_routes:
         raise Forbidden(f"a {row.role}'s own token may call, map, trigger and read runs and call services of its "
                         "workspace, nothing else; use a user's token for this")
@@ -297,7 +299,7 @@ async def call_asgi(plat, scope, receive, send, ws: str, job: str) -> None:
     objects on the way of a small result; the routed ``call`` and the fast path both end here. Errors are
     answered here as the app's handlers answer them (OpboxError as its JSON, anything else 500, logged)."""
     try:
-        authorization = traceparent = length = None  # the first of each, as starlette's Headers.get gives it
+        authorization = traceparent = length = caller_run = None  # the first of each, as starlette's Headers.get gives it
         by_url = False
         for key, value in scope["headers"]:
             if key == b"authorization":
@@ -311,8 +313,11 @@ async def call_asgi(plat, scope, receive, send, ws: str, job: str) -> None:
                     traceparent = value.decode("latin-1")
             elif key == b"x-opbox-accept-url":
                 by_url = True
+            elif key == b"x-opbox-caller-run":
+                if caller_run is None:
+                    caller_run = value.decode("latin-1")
         # a caller's (run's or service's) own token may call: jobs.call is one of its routes (CALLER_ROUTES)
-        token = plat.auth.check(authorization, ws)
+        token = plat.auth.check(authorization, ws, caller_run)
         query = query_values(scope["query_string"])
         version_no = number(query.get("version"), "version", None, 1, 10**9, int)
         wait = number(query.get("wait"), "wait", 0.0, 0, 300)

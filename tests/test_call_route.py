@@ -10,7 +10,8 @@ import pytest
 
 from opbox import serialization
 from opbox.platform.core import Platform
-from opbox.platform.gateway.app import CALL_ROUTE, CALLER_ROUTES, create_app
+from opbox.platform.gateway.app import CALL_ROUTE, CALLER_ROUTES, NEXT_ROUTE, create_app
+from opbox.platform.gateway.routes_internal import next_target
 from opbox.platform.gateway.routes_jobs import call, call_target
 from opbox.platform.settings import Settings
 
@@ -87,3 +88,21 @@ def test_the_route_stays_for_the_schema_and_callers_may_use_it():
     assert call_target("/ws/job/j/runs") == ("ws", "j")
     for path in ("/_ui/job/j/runs", "/ws/job//runs", "/ws/job/j/runs/x", "/ws/jobs/j/runs", "//job/j/runs"):
         assert call_target(path) is None, path
+
+
+def test_a_workers_next_is_taken_first_and_counted_under_its_template(gateways):
+    """A worker's next skips the middleware and router too (GatewayApp): same answers (an unknown worker is
+    told to exit, a missing token 401), counted under the route's template; behind the root path the router
+    takes it."""
+    for (platform, http, token), template in zip(gateways, (NEXT_ROUTE.path, "/gw" + NEXT_ROUTE.path)):
+        unknown = http.post("/_internal/pools/nope/next?wait=0", headers={"Authorization": "Bearer x"})
+        assert unknown.status_code == 204 and unknown.headers["x-opbox-action"] == "exit"
+        missing = http.post("/_internal/pools/nope/next?wait=0")
+        assert missing.status_code == 401 and missing.json()["error"]
+        assert http.get("/_internal/pools/nope/next").status_code == 405
+        counted = {s.labels["route"]: s.value for m in platform.metrics.requests.metric.collect() for s in m.samples
+                   if s.name.endswith("_count") and s.labels["method"] == "POST" and s.value}
+        assert counted == {template: 2}
+    assert next_target("/_internal/pools/p1/next") == "p1"
+    for path in ("/_internal/pools//next", "/_internal/pools/p/next/x", "/x/pools/p/next", "/_internal/pool/p/next"):
+        assert next_target(path) is None, path

@@ -225,7 +225,7 @@ def test_concurrent_callers(fns):
 
 
 def test_the_hot_routes_answer_as_the_router_would(fns, plat, client):
-    """A call and a worker's next are routed by splitting the path (gateway/app.py HotRouter): the same
+    """A call and a worker's next are routed by splitting the path (gateway/app.py GatewayApp): the same
     answers as the routes' patterns give, and nothing else taken for them."""
     import httpx
 

@@ -9,9 +9,9 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route, Router
+from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
 from opbox import __version__
@@ -144,7 +144,7 @@ ROUTES = [
     Route(W + "/services/{name}", serve.put_service, methods=["PUT"]),
     Route(W + "/services/{name}", serve.delete_service, methods=["DELETE"]),
     Route(W + "/services/{name}/logs", serve.service_logs),
-    Route("/_internal/pools/{pool}/next", internal.worker_next, methods=["POST"], include_in_schema=False),
+    NEXT_ROUTE := Route("/_internal/pools/{pool}/next", internal.worker_next, methods=["POST"], include_in_schema=False),
     Route("/_internal/pools/{pool}/cancelled", internal.worker_cancelled, include_in_schema=False),
     Route("/_internal/pools/{pool}/runs/{run}/logs", internal.worker_logs, methods=["POST"], include_in_schema=False),
     Route("/_internal/services/{workspace}/{name}/init", serve.service_init, include_in_schema=False),
@@ -163,28 +163,6 @@ ROUTES = [
 ]
 
 
-class HotRouter(Router):
-    """The router, with a worker's next found by splitting the path rather than by trying each route's
-    pattern in turn (a call never gets here: ``GatewayApp`` takes it first); every other request is routed
-    as usual."""
-
-    def __init__(self, routes: list, lifespan):
-        super().__init__(routes=routes, lifespan=lifespan)
-        self.worker_next = next(r for r in routes if getattr(r, "endpoint", None) is internal.worker_next)
-
-    async def app(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            parts = scope["path"].split("/")  # "", a, b, c, d
-            if len(parts) == 5 and parts[1] == "_internal" and parts[2] == "pools" and parts[3] and parts[4] == "next":
-                return await self._handle(self.worker_next, {"pool": parts[3]}, scope, receive, send)
-        await super().app(scope, receive, send)
-
-    async def _handle(self, route: Route, params: dict, scope, receive, send) -> None:
-        scope["router"] = self
-        scope.update(route=route, endpoint=route.endpoint, path_params=params)
-        await route.handle(scope, receive, send)
-
-
 # what a caller's token (a run's or a service replica's own, for jobs calling jobs) may use: call, map, trigger,
 # read and cancel runs, call services; never deploy, delete, schedule, secrets, tokens (403)
 CALLER_ROUTES = frozenset({
@@ -197,16 +175,19 @@ CALLER_ROUTES = frozenset({
 
 
 class GatewayApp(Starlette):
-    """The gateway's app: the two hot paths go straight to their ASGI handlers, with no middleware, router or
-    request objects on their way: a call to a service (``routes_serve.fast_path``) to ``serve_call``, a call
-    of a job (``POST /{ws}/job/{job}/runs``, ``routes_jobs.call_target``) to ``call_asgi``, its time counted
-    in the request metrics as ``RequestMetrics`` counts the routed requests. Every other request goes
-    through the app as usual; the routes stay there too (the OpenAPI document, and a mounted gateway)."""
+    """The gateway's app: the three hot paths go straight to their handlers, with no middleware or router on
+    their way: a call to a service (``routes_serve.fast_path``) to ``serve_call``, a call of a job
+    (``POST /{ws}/job/{job}/runs``, ``routes_jobs.call_target``) to ``call_asgi``, and a worker's
+    ``POST /_internal/pools/{pool}/next`` to ``worker_next``; the last two are counted in the request metrics
+    as ``RequestMetrics`` counts the routed requests, and their errors answered as the app's handlers answer
+    them. Every other request goes through the app as usual; the routes stay there too (the OpenAPI
+    document, and a mounted gateway)."""
 
     def __init__(self, platform: Platform, **kwargs):
         super().__init__(**kwargs)
         self.platform = platform
         self.call_seconds = platform.metrics.requests("POST", CALL_ROUTE.path)
+        self.next_seconds = platform.metrics.requests("POST", NEXT_ROUTE.path)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
@@ -223,7 +204,29 @@ class GatewayApp(Starlette):
                     finally:
                         self.call_seconds.observe(time.perf_counter() - start)
                     return
+                pool = internal.next_target(path)
+                if pool is not None:
+                    return await self._worker_next(scope, receive, send, pool)
         await super().__call__(scope, receive, send)
+
+    async def _worker_next(self, scope, receive, send, pool: str) -> None:
+        start = time.perf_counter()
+        scope.update(app=self, route=NEXT_ROUTE, endpoint=internal.worker_next, path_params={"pool": pool})
+        try:
+            try:
+                response = await internal.worker_next(Request(scope, receive))
+            except ClientDisconnect:
+                return  # the worker is gone: nobody to answer
+            except OpboxError as exc:
+                count_error(self.platform.metrics, exc)
+                response = error_response(exc)
+            except Exception as exc:
+                log.exception("unhandled error on POST %s", scope["path"])
+                response = JSONResponse({"error": "internal_error", "message": f"internal error: {type(exc).__name__}"},
+                                        500)
+            await response(scope, receive, send)
+        finally:
+            self.next_seconds.observe(time.perf_counter() - start)
 
 
 def create_app(platform: Platform) -> Starlette:
@@ -243,7 +246,6 @@ def create_app(platform: Platform) -> Starlette:
         middleware=[Middleware(RequestMetrics, platform=platform)],
         lifespan=lifespan,
     )
-    app.router = HotRouter(app.router.routes, lifespan)
     app.state.platform = platform
     app.state.caller_routes = CALLER_ROUTES
     app.state.sessions = Sessions(platform.secret, platform.settings.session_ttl)  # the dashboard's

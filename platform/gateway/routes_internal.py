@@ -38,6 +38,14 @@ def _worker(request: Request):
     return plat, pools, worker
 
 
+def next_target(path: str) -> str | None:
+    """The pool when ``path`` is ``/_internal/pools/{pool}/next`` (a POST there is a worker's next), by one split."""
+    parts = path.split("/")  # "", "_internal", "pools", pool, "next"
+    if len(parts) == 5 and parts[4] == "next" and parts[1] == "_internal" and parts[2] == "pools" and parts[3]:
+        return parts[3]
+    return None
+
+
 async def worker_next(request: Request):
     plat, pools, worker = _worker(request)
     if worker is None:

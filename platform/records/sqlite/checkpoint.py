@@ -11,16 +11,13 @@ always left. So once the WAL holds ``RESTART_FRAMES``, the pass is followed by a
 it takes the write lock only while it copies and syncs the few frames committed since the pass (the
 pass copied the rest, and the database pages it wrote are synced beforehand, off the lock), and
 leaves every frame copied, so the writer's next transaction writes the WAL from its start again.
-Meanwhile the writer begins no transaction (``Database.tx`` waits for ``gate`` while ``pending``):
-without that a writer at full tilt holds the write lock nearly always and the checkpoint never gets
-it, and a writer that found it taken would sleep in SQLite's busy handler (1, 2, 5 ms steps) rather
-than wake when it is free. The checkpoint never waits in SQLite (busy timeout 0): the transaction in
-progress, or a reader of older frames: it tries again 0.2 ms later, ``FULL_TRIES`` times, and after
-``BACKOFF`` if all failed (a long reader, or a writer, in another process).
-The WAL so stays a few MB under any steady load. The gateway's own
-connection checkpoints only as a safety net, if the WAL ever grows past ``SAFETY_PAGES`` (this
-thread stuck, or a reader in another process holding old frames for long); ``JOURNAL_LIMIT`` then
-trims the file back once it restarts.
+It waits for the write lock in SQLite's busy handler, up to ``FULL_WAIT_MS`` (off the GIL: retried
+from Python it mostly found the lock taken, as the GIL passes to this thread while the event loop is
+inside SQLite); the event loop's next ``BEGIN IMMEDIATE`` may wait for it in turn (SQLite's busy
+handler: 1, 2, 5 ms steps). Unlike RESTART it does not wait for readers to leave the WAL.
+The gateway's own connection checkpoints only as a safety net, if the WAL ever grows past
+``SAFETY_PAGES`` (this thread stuck, or a reader in another process holding old frames for long);
+``JOURNAL_LIMIT`` then trims the file back once it restarts.
 This is an SQLite detail: nothing above the adapter knows about it.
 """
 
@@ -30,14 +27,12 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 
-CHECKPOINT_INTERVAL = 0.1  # seconds between background passes (one that finds nothing new costs no sync)
-RESTART_FRAMES = 1_000  # a WAL this long (about 4 MB) is restarted after the pass
+CHECKPOINT_INTERVAL = 0.25  # seconds between background passes (one that finds nothing new costs no sync)
+RESTART_FRAMES = 8_000  # a WAL this long (about 32 MB) is restarted after the pass
+FULL_WAIT_MS = 20  # how long a FULL checkpoint waits for the write lock (SQLite's busy handler)
 SAFETY_PAGES = 20_000  # the writer checkpoints itself past this (about 80 MB of WAL)
-FULL_TRIES, FULL_RETRY = 10, 0.0002  # a FULL checkpoint's attempts (busy timeout 0), seconds between them
-BACKOFF = 0.5  # seconds without FULL checkpoints after every attempt failed
-JOURNAL_LIMIT = 32 * 2**20  # bytes: a WAL file grown past this is trimmed to it when it restarts
+JOURNAL_LIMIT = 64 * 2**20  # bytes: a WAL file grown past this is trimmed to it when it restarts
 
 log = logging.getLogger("opbox.records")
 
@@ -55,9 +50,6 @@ class Checkpointer:
         self.checkpoints = 0
         self.restarts = 0
         self.largest_wal = 0
-        self.pending = False  # a FULL checkpoint is waiting or running: the writer waits for ``gate``
-        self.gate = threading.Lock()
-        self._full_after = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="opbox-sqlite-checkpoint", daemon=True)
 
@@ -72,33 +64,16 @@ class Checkpointer:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         database_file = os.open(self.path, os.O_RDONLY)
         try:
-            db.execute("PRAGMA busy_timeout=0")  # never hold the write lock while waiting for anyone
+            db.execute(f"PRAGMA busy_timeout={FULL_WAIT_MS}")
             while not self._stop.wait(self.interval):
                 if self._checkpoint(db, "PASSIVE")[1] >= self.restart_frames:
                     self._sync(database_file)  # the pages the passes copied: synced off the write lock
-                    self._full(db)
+                    self._checkpoint(db, "FULL")
             db.execute("PRAGMA busy_timeout=5000")
             self._checkpoint(db, "TRUNCATE")  # leave an empty WAL behind
         finally:
             os.close(database_file)
             db.close()
-
-    def _full(self, db: sqlite3.Connection) -> None:
-        """A FULL checkpoint while the writer begins no transaction (``Database.tx`` waits for the gate):
-        it gets the write lock as soon as the transaction in progress ends, even from a writer that never
-        pauses, and the writer waits exactly as long as the checkpoint takes (no busy-handler sleeps)."""
-        if time.monotonic() < self._full_after:
-            return
-        with self.gate:
-            self.pending = True
-            try:
-                for _ in range(FULL_TRIES):  # the transaction in progress, or a reader of older frames
-                    if not self._checkpoint(db, "FULL")[0]:
-                        return
-                    time.sleep(FULL_RETRY)
-                self._full_after = time.monotonic() + BACKOFF  # a long reader, or a writer in another process
-            finally:
-                self.pending = False
 
     def _sync(self, fd: int) -> None:
         try:

@@ -54,9 +54,6 @@ class Database:
     @contextmanager
     def tx(self):
         """One write transaction (taken at once, so it never fails half-way on a lock)."""
-        if self.checkpointer.pending:  # a FULL checkpoint (a few ms at most) goes first: checkpoint.py
-            with self.checkpointer.gate:
-                pass
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db

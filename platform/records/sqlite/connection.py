@@ -15,11 +15,11 @@ from pathlib import Path
 
 from opbox.errors import ConfigError, StorageError, StorageFull
 
-from .checkpoint import JOURNAL_LIMIT, SAFETY_PAGES, Checkpointer
+from .checkpoint import SAFETY_PAGES, Checkpointer
 from .migrations import MIGRATIONS, check_version, migrate, version_of
 
 PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=5000", "temp_store=MEMORY",
-           "cache_size=-32000", f"wal_autocheckpoint={SAFETY_PAGES}", f"journal_size_limit={JOURNAL_LIMIT}")
+           "cache_size=-32000", f"wal_autocheckpoint={SAFETY_PAGES}")
 
 
 class Database:

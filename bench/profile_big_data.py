@@ -79,7 +79,7 @@ class Timers:
 
 
 def caller_stages(echo, value, repeat: int) -> dict:
-    from opbox import client, offload, serialization
+    from opbox import client, offload, remote, serialization
 
     timers = Timers()
     for name in ("dump_args_pieces", "dump_args"):
@@ -87,6 +87,7 @@ def caller_stages(echo, value, repeat: int) -> dict:
     timers.wrap(offload, "outgoing", "upload the arguments (and ask where)")
     timers.wrap(client.Client, "post_envelope", "wait for the run (gateway, worker)")
     timers.wrap(offload, "download", "download the result")
+    timers.wrap(remote, "download", "download the result")  # (the call's own reference to it)
     timers.wrap(serialization, "load_body", "unpickle the result")
     walls = []
     try:

@@ -64,14 +64,7 @@ class Channel:
         delay = 0.05
         while True:
             try:
-                if self.conn is None:
-                    self.conn = self._connect(timeout)
-                self.conn.request(method, self.base + path, body=body, headers={**self.headers, **(headers or {})})
-                resp = self.conn.getresponse()
-                data = resp.read()
-                if resp.getheader("connection", "").lower() == "close":
-                    self.close()
-                return resp.status, resp.headers, data
+                return self._exchange(method, path, body, headers, timeout, False)
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 if time.monotonic() + delay > deadline:
@@ -84,18 +77,22 @@ class Channel:
         """A request whose body is ``chunks``, each sent (chunked) as the iterator yields it. Never retried: what
         was sent cannot be sent again, so a broken line is GatewayGone at once."""
         try:
-            if self.conn is None:
-                self.conn = self._connect(timeout)
-            self.conn.request(method, self.base + path, body=chunks, headers={**self.headers, **(headers or {})},
-                              encode_chunked=True)
-            resp = self.conn.getresponse()
-            data = resp.read()
-            if resp.getheader("connection", "").lower() == "close":
-                self.close()
-            return resp.status, resp.headers, data
+            return self._exchange(method, path, chunks, headers, timeout, True)
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             raise GatewayGone(f"gateway at {self.host}:{self.port} unreachable: {exc}") from exc
+
+    def _exchange(self, method: str, path: str, body, headers: dict | None, timeout: float,
+                  chunked: bool) -> tuple[int, http.client.HTTPMessage, bytes]:
+        if self.conn is None:
+            self.conn = self._connect(timeout)
+        self.conn.request(method, self.base + path, body=body, headers={**self.headers, **(headers or {})},
+                          encode_chunked=chunked)
+        resp = self.conn.getresponse()
+        data = resp.read()
+        if resp.getheader("connection", "").lower() == "close":
+            self.close()
+        return resp.status, resp.headers, data
 
     def close(self) -> None:
         if self.conn is not None:

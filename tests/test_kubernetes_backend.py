@@ -257,7 +257,8 @@ def test_an_evicted_worker_pods_item_runs_again_without_spending_a_retry(fns, ku
                                  and p["status"].get("phase") == "Running"], 60, "a worker pod running")[0]
         time.sleep(1.5)  # let it take an item (a pod evicted before that holds nothing)
         kube.evict(NAMESPACE, busy["metadata"]["name"], "The node was low on resource: memory.")
-        assert mapped.result(timeout=180) == [None, None]
+        ran = mapped.result(timeout=180)  # each item's own run id (OPBOX_RUN_ID), on worker pods too
+        assert [run_id.startswith("r-") and run_id.rsplit(".", 1)[1] for run_id in ran] == ["0", "1"]
     runs = plat.http().get(f"/{plat.workspace}/job/{fns['sleeper'].job_id}/runs", params={"limit": 5}).json()["runs"]
     evicted = [r for r in runs if (r.get("exit_reason") or "").startswith("evicted: ")]
     assert evicted and all(r["status"] == "succeeded" and r["attempt"] == 0 for r in evicted), runs

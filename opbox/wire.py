@@ -58,13 +58,7 @@ class KeepAliveTransport(httpx.BaseTransport):
         """One request whose head (request line and headers, ending in a blank line) is already made, and
         its whole answer: the caller's hot path, without building httpx's request and URL objects. ``method``
         is never HEAD (an answer's body is read as its headers say)."""
-        sock = self._socket(address, timeouts.get("connect"))
-        try:
-            sock.settimeout(timeouts.get("write"))
-            sock.sendall(head + body)
-        except OSError as exc:
-            self._drop(sock)
-            raise httpx.WriteError(str(exc) or type(exc).__name__) from exc
+        sock = self._sent(address, head + body, timeouts)
         self.local.busy = True
         answer = _Answer()
         try:
@@ -85,16 +79,22 @@ class KeepAliveTransport(httpx.BaseTransport):
             self._drop(sock)
         return answer.status, answer.headers, b"".join(answer.body)
 
-    def send(self, address: tuple[str, int], method: str, head: bytes, body: bytes, timeouts: dict,
-             request: httpx.Request | None = None) -> tuple[socket.socket, http.client.HTTPResponse]:
-        """Send a request in one write and read its answer's status line and headers."""
+    def _sent(self, address: tuple[str, int], data: bytes, timeouts: dict,
+              request: httpx.Request | None = None) -> socket.socket:
+        """A kept-alive (or new) connection to ``address`` with ``data`` written on it, in one write."""
         sock = self._socket(address, timeouts.get("connect"))
         try:
             sock.settimeout(timeouts.get("write"))
-            sock.sendall(head + body)
+            sock.sendall(data)
         except OSError as exc:
             self._drop(sock)
             raise httpx.WriteError(str(exc) or type(exc).__name__, request=request) from exc
+        return sock
+
+    def send(self, address: tuple[str, int], method: str, head: bytes, body: bytes, timeouts: dict,
+             request: httpx.Request | None = None) -> tuple[socket.socket, http.client.HTTPResponse]:
+        """Send a request in one write and read its answer's status line and headers."""
+        sock = self._sent(address, head + body, timeouts, request)
         answer = http.client.HTTPResponse(sock, method=method)
         try:
             sock.settimeout(timeouts.get("read"))

@@ -469,10 +469,11 @@ async def add_items(request: Request):
     # large items go to the object store (or are there already: a reference to a signed upload, claimed once,
     # so a resent request's references to items stored already are left as they are)
     batch = request.path_params["batch"]
-    stored = plat.runs.stored_items(ws, batch, start, len(frames)) \
-        if any(frame.startswith(envelope.REF_MAGIC) for frame in frames) else ()
-    frames = [frame if start + i in stored else await plat.payloads.keep(ws, frame, plat.settings.max_payload)
-              for i, frame in enumerate(frames)]
+    refs = any(frame.startswith(envelope.REF_MAGIC) for frame in frames)
+    stored = plat.runs.stored_items(ws, batch, start, len(frames)) if refs else ()
+    if refs or max(map(len, frames), default=0) > plat.payloads.inline:  # else each is kept as it is
+        frames = [frame if start + i in stored else await plat.payloads.keep(ws, frame, plat.settings.max_payload)
+                  for i, frame in enumerate(frames)]
     added, accepted = plat.runs.add_items(ws, batch, start, frames, request.headers.get("traceparent"))
     return ok({"added": added, "accepted": accepted, "received": len(frames)})
 

@@ -4,14 +4,24 @@ One connection, used from the gateway's event loop: each statement takes microse
 (WAL journal, synchronous=NORMAL: a commit appends to the WAL and does not fsync), which is
 cheaper than handing it to a thread. Rows come back as plain tuples; the aggregates build
 their records from them by position.
+
+Group commit: the call path's writes (a run's create, its end) may be handed to ``soon``: they wait in
+memory, unseen, until the event loop's next turn, when they all run in one transaction, each in a
+``SAVEPOINT`` of its own (an error in one undoes only its statements), and one COMMIT makes them
+durable. Each gets a future that resolves only after that COMMIT (its result, or its error: a failed
+COMMIT fails every write that was in it, and nothing of them is stored). Any other write (``tx``) runs
+the waiting ones first, in their own transaction, so writes keep their order; the write lock is held
+only while a transaction runs, never between them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Callable
 
 from opbox.errors import ConfigError, StorageError, StorageFull
 
@@ -44,16 +54,76 @@ class Database:
         except BaseException:
             self.db.close()
             raise
+        self.pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []  # see soon()
+        self.pending_keys: set[str] = set()  # what the waiting writes are about (run ids): reads of them flush
         self.checkpointer = Checkpointer(self.path)
         self.checkpointer.start()
 
     def close(self) -> None:
+        self.flush()
         self.checkpointer.stop()
         self.db.close()
 
+    def soon(self, write: Callable[[sqlite3.Connection], Any], key: str) -> asyncio.Future:
+        """Run ``write(db)`` with the other writes of this event-loop turn, in one transaction at the turn's
+        end; the future holds its result once committed, or the error that kept it out (StorageFull, ...).
+        Needs a running event loop. ``key``: what it writes (a run id), for ``flush_for``."""
+        loop = asyncio.get_running_loop()
+        if not self.pending:
+            loop.call_soon(self.flush)
+        done = loop.create_future()
+        self.pending.append((write, done))
+        self.pending_keys.add(key)
+        return done
+
+    def flush_for(self, key: str) -> None:
+        """Commit the waiting writes now if one of them is about ``key`` (a read of it sees it written)."""
+        if key in self.pending_keys:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the waiting writes (see ``soon``), and settle their futures."""
+        ops, self.pending = self.pending, []
+        self.pending_keys.clear()
+        if not ops:
+            return
+        db, outcomes = self.db, []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for write, _ in ops:
+                db.execute("SAVEPOINT grouped")
+                try:
+                    outcomes.append((write(db), None))
+                except Exception as exc:
+                    if not db.in_transaction:  # SQLite rolled the whole transaction back (a full disk may)
+                        raise
+                    db.execute("ROLLBACK TO grouped")
+                    outcomes.append((None, self.error(exc)))
+                db.execute("RELEASE grouped")
+            db.execute("COMMIT")
+        except Exception as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            failure = self.error(exc)
+            outcomes = [(None, failure)] * len(ops)  # nothing of them is stored
+        for (_, done), (result, exc) in zip(ops, outcomes):
+            if done.done():  # its waiter gave up (cancelled): the write stands or fails all the same
+                continue
+            if exc is None:
+                done.set_result(result)
+            else:
+                done.set_exception(exc)
+
+    def error(self, exc: Exception) -> Exception:
+        """The platform's error for SQLite's failure of the disk beneath (see ``storage_errors``), else ``exc``."""
+        return storage_error(exc, self.path) or exc
+
     @contextmanager
     def tx(self):
-        """One write transaction (taken at once, so it never fails half-way on a lock)."""
+        """One write transaction (taken at once, so it never fails half-way on a lock); the writes waiting
+        for the turn's end (``soon``) are committed first, so writes keep their order."""
+        if self.pending:
+            self.flush()
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
@@ -77,18 +147,27 @@ def storage_errors(cls):
     return cls
 
 
+def storage_error(exc: BaseException, path: str) -> StorageError | None:
+    """StorageFull for a full disk, StorageError for an I/O error; None for anything else."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return None
+    code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    if code == SQLITE_FULL:
+        return StorageFull(f"the disk holding the platform's state ({path}) is full: nothing new can be "
+                           "stored until space is freed (what was stored is intact)", component="state")
+    if code == SQLITE_IOERR:
+        return StorageError(f"the platform's state file {path} could not be written ({exc})", component="state")
+    return None
+
+
 def _translating(method):
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except sqlite3.OperationalError as exc:
-            code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
-            if code == SQLITE_FULL:
-                raise StorageFull(f"the disk holding the platform's state ({self.path}) is full: nothing new can be "
-                                  "stored until space is freed (what was stored is intact)", component="state") from None
-            if code == SQLITE_IOERR:
-                raise StorageError(f"the platform's state file {self.path} could not be written ({exc})",
-                                   component="state") from None
+            error = storage_error(exc, self.path)
+            if error is not None:
+                raise error from None
             raise
     return call

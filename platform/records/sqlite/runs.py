@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import asyncio
 from dataclasses import replace
 from typing import Sequence
 
@@ -79,14 +80,36 @@ def drop_run_data(db, ids: list[tuple[str]]) -> tuple[int, list[str]]:
     return sum(freed.values()), keys
 
 
+def _insert(db, run: NewRun, args: Payload) -> None:
+    if db.execute(INSERT, run).rowcount:
+        db.execute(INSERT_PAYLOAD, payload_row(run.id, "args", args))
+        db.execute(ADD_USAGE, (run.workspace, payload_size(args)))
+
+
+def _end(db, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
+         result: Payload) -> tuple[RunRecord, bool] | None:
+    """``finish`` of a run that is not a map's item, if it is still open (else None: it ended meanwhile)."""
+    row = db.execute(
+        "UPDATE runs SET status = ?, finished_at = ?, exit_reason = COALESCE(?, exit_reason), error_type = ?, "
+        f"started_at = COALESCE(started_at, ?), retry_at = NULL WHERE id = ? AND {OPEN_SQL} RETURNING {COLUMNS}",
+        (status, at, reason, error_type, at, run.id)).fetchone()
+    if row is None:
+        return None
+    db.execute(INSERT_PAYLOAD, payload_row(run.id, "result", result))
+    db.execute(ADD_USAGE, (run.workspace, payload_size(result)))
+    return RunRecord(*row), False
+
+
 @storage_errors
 class SqliteRuns:
     def __init__(self, database: Database):
         self.db = database.db
         self.tx = database.tx
         self.path = database.path
+        self.database = database
 
     def get(self, run_id: str) -> RunRecord | None:
+        self.database.flush_for(run_id)  # a write of it waiting for the turn's end: committed first
         row = self.db.execute(f"{SELECT} WHERE id = ?", (run_id,)).fetchone()
         return RunRecord(*row) if row is not None else None
 
@@ -103,9 +126,16 @@ class SqliteRuns:
 
     def create(self, run: NewRun, args: Payload) -> None:
         with self.tx() as db:
-            if db.execute(INSERT, run).rowcount:
-                db.execute(INSERT_PAYLOAD, payload_row(run.id, "args", args))
-                db.execute(ADD_USAGE, (run.workspace, payload_size(args)))
+            _insert(db, run, args)
+
+    def create_grouped(self, run: NewRun, args: Payload) -> asyncio.Future:
+        return self.database.soon(lambda db: _insert(db, run, args), run.id)
+
+    def finish_grouped(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
+                       result: Payload) -> asyncio.Future:
+        if run.batch_id is not None:
+            raise ValueError("a map's item ends with finish or finish_many, not grouped")
+        return self.database.soon(lambda db: _end(db, run, status, at, reason, error_type, result), run.id)
 
     def start(self, run_id: str, worker: str, at: float, limit: tuple[str, int] | None = None) -> bool:
         # ``limit`` is for several gateways on one database: alone on its file, the gateway's count is exact

@@ -200,19 +200,23 @@ class Runs:
         event-loop turn (group commit), then handed to the backend; returns its id once it is durable, or
         raises what kept it out (StorageFull: nothing of it is stored, nothing dispatched)."""
         run = self._new_run(version, payload, trigger, None, traceparent, parent)
+        durable = asyncio.get_running_loop().create_future()
+
+        def then(_, error: Exception | None) -> None:  # dispatched from here, even if the caller stops waiting
+            if error is not None:
+                self.open_runs[version.workspace] -= 1
+                if not durable.done():
+                    durable.set_exception(error)
+                return
+            self._created(run, version, parent)
+            if not durable.done():
+                durable.set_result(None)
         try:
-            written = self.records.runs.create_grouped(run, payload)
+            self.records.runs.create_grouped(run, payload, then)
         except BaseException:
             self.open_runs[version.workspace] -= 1
             raise
-
-        def durable(written) -> None:  # dispatched from here, even if the caller stops waiting
-            if written.exception() is not None:
-                self.open_runs[version.workspace] -= 1
-            else:
-                self._created(run, version, parent)
-        written.add_done_callback(durable)
-        await asyncio.shield(written)
+        await durable
         return run.id
 
     def _new_run(self, version: VersionInfo, payload: Payload, trigger: str, schedule_id: str | None,
@@ -630,9 +634,9 @@ class Runs:
             status, reason = "failed", f"result is {size} bytes; the limit is {self.limits.max_payload} (OPBOX_MAX_PAYLOAD)"
             payload = envelope.error_envelope("opbox.PayloadTooLarge", reason)
         if grouped and run.batch_id is None and asyncio._get_running_loop() is not None:
-            written = self.records.runs.finish_grouped(run, status, time.time(), reason, error_type, payload)
-            written.add_done_callback(lambda written: self._end_durable(written, run, status, reason, payload,
-                                                                        error_type, retriable))
+            self.records.runs.finish_grouped(
+                run, status, time.time(), reason, error_type, payload,
+                lambda row, error: self._end_durable(row, error, run, status, reason, payload, error_type, retriable))
             return
         try:
             ended, complete = self.records.runs.finish(run, status, time.time(), reason, error_type, payload)
@@ -645,15 +649,14 @@ class Runs:
             ended, complete = self.records.runs.finish(run, status, time.time(), reason, error_type, payload)
         self._ended(run_id, ended, complete, status, payload, run)
 
-    def _end_durable(self, written: asyncio.Future, run: RunRecord, status: str, reason: str | None,
-                     payload: Payload, error_type: str | None, retriable: bool) -> None:
+    def _end_durable(self, row: tuple[RunRecord, bool] | None, error: Exception | None, run: RunRecord, status: str,
+                     reason: str | None, payload: Payload, error_type: str | None, retriable: bool) -> None:
         """A grouped end's commit is over: what follows it, or (its commit failed) the end written on its own."""
-        if written.exception() is None:
-            if (row := written.result()) is not None:  # None: it ended another way meanwhile
+        if error is None:
+            if row is not None:  # None: it ended another way meanwhile
                 self._ended(run.id, row[0], row[1], status, payload, run)
             return
-        log.warning("the end of run %s was refused with its group (%s): written on its own", run.id,
-                    written.exception())
+        log.warning("the end of run %s was refused with its group (%s): written on its own", run.id, error)
         self._end(run.id, status, reason, payload, error_type, retriable)
 
     def _ended(self, run_id: str, ended: RunRecord, complete: bool, status: str, payload: Payload,

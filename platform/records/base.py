@@ -12,7 +12,6 @@ adapter passes to its driver as they are.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
@@ -22,15 +21,18 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 OPEN = ("queued", "running")
 
 
-def settled(write: Callable[[], Any]) -> asyncio.Future:
-    """For records that commit each write at once: a grouped write (``RunRecords.create_grouped``) as a future
-    that already holds the write's result or its error (needs a running event loop)."""
-    done = asyncio.get_running_loop().create_future()
+Then = Callable[[Any, "Exception | None"], None]  # a grouped write's outcome: (its result, None) or (None, error)
+
+
+def at_once(write: Callable[[], Any], then: Then) -> None:
+    """For records that commit each write at once: a grouped write (``RunRecords.create_grouped``) made now,
+    ``then`` told its outcome right away."""
     try:
-        done.set_result(write())
+        result = write()
     except Exception as exc:
-        done.set_exception(exc)
-    return done
+        then(None, exc)
+        return
+    then(result, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,15 +254,15 @@ class RunRecords(Protocol):
     def create(self, run: NewRun, args: Payload) -> None:
         """The run (queued) and its arguments, atomically; the bytes count in its workspace's usage."""
 
-    def create_grouped(self, run: NewRun, args: Payload) -> asyncio.Future:
+    def create_grouped(self, run: NewRun, args: Payload, then: Then) -> None:
         """``create``, committed with the other grouped writes of this event-loop turn (group commit; needs a
-        running loop). The future resolves once the run is durable, or holds the error that kept it out
-        (StorageFull, ...: then nothing of it is stored). Act on the run (dispatch it, name it to anyone) only
-        after it resolves. Records that commit each write at once resolve it at once."""
+        running loop); once the run is durable, ``then(None, None)``, or ``then(None, error)`` with what kept it
+        out (StorageFull, ...: nothing of it is stored). Act on the run (dispatch it, name it to anyone) only in
+        ``then``. Records that commit each write at once call ``then`` at once."""
 
     def finish_grouped(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
-                       result: Payload) -> asyncio.Future:
-        """``finish`` of a run that is not a map's item, grouped as ``create_grouped``: the future holds
+                       result: Payload, then: Then) -> None:
+        """``finish`` of a run that is not a map's item, grouped as ``create_grouped``: ``then`` gets
         ``finish``'s answer once durable, None when the run had ended meanwhile (left as it is), or the error."""
 
     def start(self, run_id: str, worker: str, at: float, limit: tuple[str, int] | None = None) -> bool:

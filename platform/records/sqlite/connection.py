@@ -8,8 +8,8 @@ their records from them by position.
 Group commit: the call path's writes (a run's create, its end) may be handed to ``soon``: they wait in
 memory, unseen, until the event loop's next turn, when they all run in one transaction, each in a
 ``SAVEPOINT`` of its own (an error in one undoes only its statements), and one COMMIT makes them
-durable. Each gets a future that resolves only after that COMMIT (its result, or its error: a failed
-COMMIT fails every write that was in it, and nothing of them is stored). Any other write (``tx``) runs
+durable. Each is then told its outcome (its result, or its error: a failed COMMIT fails every write that
+was in it, and nothing of them is stored); only then does its caller act on it. Any other write (``tx``) runs
 the waiting ones first, in their own transaction, so writes keep their order; the write lock is held
 only while a transaction runs, never between them.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,9 +26,11 @@ from typing import Any, Callable
 
 from opbox.errors import ConfigError, StorageError, StorageFull
 
+from ..base import Then
 from .checkpoint import SAFETY_PAGES, Checkpointer
 from .migrations import MIGRATIONS, check_version, migrate, version_of
 
+log = logging.getLogger("opbox.records")
 PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=5000", "temp_store=MEMORY",
            "cache_size=-32000", f"wal_autocheckpoint={SAFETY_PAGES}")
 
@@ -54,7 +57,7 @@ class Database:
         except BaseException:
             self.db.close()
             raise
-        self.pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []  # see soon()
+        self.pending: list[tuple[Callable[[sqlite3.Connection], Any], Then]] = []  # see soon()
         self.pending_keys: set[str] = set()  # what the waiting writes are about (run ids): reads of them flush
         self.checkpointer = Checkpointer(self.path)
         self.checkpointer.start()
@@ -64,17 +67,15 @@ class Database:
         self.checkpointer.stop()
         self.db.close()
 
-    def soon(self, write: Callable[[sqlite3.Connection], Any], key: str) -> asyncio.Future:
-        """Run ``write(db)`` with the other writes of this event-loop turn, in one transaction at the turn's
-        end; the future holds its result once committed, or the error that kept it out (StorageFull, ...).
-        Needs a running event loop. ``key``: what it writes (a run id), for ``flush_for``."""
-        loop = asyncio.get_running_loop()
+    def soon(self, write: Callable[[sqlite3.Connection], Any], key: str, then: Then) -> None:
+        """Run ``write(db)`` with the other writes of this event-loop turn, in one transaction early in the next
+        turn; then, once committed, ``then(its result, None)``, or ``then(None, the error that kept it out)``
+        (StorageFull, ...; nothing of it stored). Needs a running event loop. ``key``: what it writes (a run
+        id), for ``flush_for``."""
         if not self.pending:
-            loop.call_soon(self.flush)
-        done = loop.create_future()
-        self.pending.append((write, done))
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.pending.append((write, then))
         self.pending_keys.add(key)
-        return done
 
     def flush_for(self, key: str) -> None:
         """Commit the waiting writes now if one of them is about ``key`` (a read of it sees it written)."""
@@ -82,7 +83,7 @@ class Database:
             self.flush()
 
     def flush(self) -> None:
-        """Commit the waiting writes (see ``soon``), and settle their futures."""
+        """Commit the waiting writes (see ``soon``), then tell each how it went, in their order."""
         ops, self.pending = self.pending, []
         self.pending_keys.clear()
         if not ops:
@@ -104,15 +105,12 @@ class Database:
         except Exception as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            failure = self.error(exc)
-            outcomes = [(None, failure)] * len(ops)  # nothing of them is stored
-        for (_, done), (result, exc) in zip(ops, outcomes):
-            if done.done():  # its waiter gave up (cancelled): the write stands or fails all the same
-                continue
-            if exc is None:
-                done.set_result(result)
-            else:
-                done.set_exception(exc)
+            outcomes = [(None, self.error(exc))] * len(ops)  # nothing of them is stored
+        for (_, then), (result, exc) in zip(ops, outcomes):
+            try:
+                then(result, exc)
+            except Exception:
+                log.exception("acting on a grouped write failed")
 
     def error(self, exc: Exception) -> Exception:
         """The platform's error for SQLite's failure of the disk beneath (see ``storage_errors``), else ``exc``."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import asyncio
 from dataclasses import replace
 from typing import Sequence
 
 from ...ids import id_at
-from ..base import AttemptRecord, Dropped, NewRun, Payload, RunFilter, RunRecord, StoredPayload, payload_size
+from ..base import (AttemptRecord, Dropped, NewRun, Payload, RunFilter, RunRecord, StoredPayload, Then,
+                    payload_size)
 from .connection import Database, storage_errors
 
 log = logging.getLogger("opbox.records")
@@ -128,17 +128,18 @@ class SqliteRuns:
         with self.tx() as db:
             _insert(db, run, args)
 
-    def create_grouped(self, run: NewRun, args: Payload) -> asyncio.Future:
-        return self.database.soon(lambda db: _insert(db, run, args), run.id)
+    def create_grouped(self, run: NewRun, args: Payload, then: Then) -> None:
+        self.database.soon(lambda db: _insert(db, run, args), run.id, then)
 
     def finish_grouped(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
-                       result: Payload) -> asyncio.Future:
+                       result: Payload, then: Then) -> None:
         if run.batch_id is not None:
             raise ValueError("a map's item ends with finish or finish_many, not grouped")
-        return self.database.soon(lambda db: _end(db, run, status, at, reason, error_type, result), run.id)
+        self.database.soon(lambda db: _end(db, run, status, at, reason, error_type, result), run.id, then)
 
     def start(self, run_id: str, worker: str, at: float, limit: tuple[str, int] | None = None) -> bool:
         # ``limit`` is for several gateways on one database: alone on its file, the gateway's count is exact
+        self.database.flush_for(run_id)
         cur = self.db.execute(
             "UPDATE runs SET status = 'running', started_at = ?, worker = ?, retry_at = NULL WHERE id = ? "
             "AND status = 'queued'",
@@ -221,6 +222,7 @@ class SqliteRuns:
             "WHERE run_id = ? ORDER BY attempt", (run_id,))]
 
     def requeue(self, run_id: str, reason: str) -> None:
+        self.database.flush_for(run_id)
         self.db.execute("UPDATE runs SET status = 'queued', exit_reason = ?, started_at = NULL, worker = NULL "
                         "WHERE id = ? AND status IN ('queued', 'running')", (reason, run_id))
 

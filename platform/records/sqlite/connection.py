@@ -6,7 +6,9 @@ cheaper than handing it to a thread. Rows come back as plain tuples; the aggrega
 their records from them by position.
 
 Group commit: the call path's writes (a run's create, its end) may be handed to ``soon``: they wait in
-memory, unseen, until the event loop's next turn, when they all run in one transaction, each in a
+memory, unseen, until the end of the event loop's next turn (after that turn's events: the requests
+that arrived meanwhile join them; a turn with nothing to do takes microseconds), when they all run in
+one transaction, each in a
 ``SAVEPOINT`` of its own (an error in one undoes only its statements), and one COMMIT makes them
 durable. Each is then told its outcome (its result, or its error: a failed COMMIT fails every write that
 was in it, and nothing of them is stored); only then does its caller act on it. Any other write (``tx``) runs
@@ -68,12 +70,13 @@ class Database:
         self.db.close()
 
     def soon(self, write: Callable[[sqlite3.Connection], Any], key: str, then: Then) -> None:
-        """Run ``write(db)`` with the other writes of this event-loop turn, in one transaction early in the next
-        turn; then, once committed, ``then(its result, None)``, or ``then(None, the error that kept it out)``
+        """Run ``write(db)`` with the other writes of this event-loop turn and the next, in one transaction
+        after the next turn's events; then, once committed, ``then(its result, None)``, or ``then(None, the error that kept it out)``
         (StorageFull, ...; nothing of it stored). Needs a running event loop. ``key``: what it writes (a run
         id), for ``flush_for``."""
-        if not self.pending:
-            asyncio.get_running_loop().call_soon(self.flush)
+        if not self.pending:  # at the end of the next turn: the writes of two turns' events go together
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self.flush)
         self.pending.append((write, then))
         self.pending_keys.add(key)
 

@@ -182,7 +182,16 @@ class Runs:
         """A run, queued and handed to the backend; ``traceparent``: the caller's (checked; else a new trace);
         ``parent``: (run id, its deadline) when a run's code started it; ``write``: records the run in place
         of ``records.runs.create`` (a schedule's fire, with it), and may decline (False: no run, None back)."""
-        run = self._new_run(version, payload, trigger, schedule_id, traceparent, parent)
+        self._check_payload(payload)
+        self.check_quota(version.workspace, payload_size(payload))
+        self._reserve(version.workspace, 1)
+        run_id = new_id("r")
+        res = version.resource
+        trace, parent_span = tracecontext.start(traceparent)
+        timeout = res.timeout if parent is None else bounded_timeout(res.timeout, parent[1])
+        run = NewRun(run_id, version.workspace, version.job_id, version.version, trigger, time.time(),
+                     res.max_retries, timeout, None, None, schedule_id, str(trace), parent_span,
+                     parent[0] if parent is not None else None)
         try:
             written = self.records.runs.create(run, payload) if write is None else write(run, payload)
         except BaseException:
@@ -191,55 +200,12 @@ class Runs:
         if written is False:
             self.open_runs[version.workspace] -= 1
             return None
-        self._created(run, version, parent)
-        return run.id
-
-    async def create_grouped(self, version: VersionInfo, payload: Payload, trigger: str,
-                             traceparent: str | None = None, parent: tuple[str, float | None] | None = None) -> str:
-        """``create`` for the call path: the run is committed with the other runs created or ended in this
-        event-loop turn (group commit), then handed to the backend; returns its id once it is durable, or
-        raises what kept it out (StorageFull: nothing of it is stored, nothing dispatched)."""
-        run = self._new_run(version, payload, trigger, None, traceparent, parent)
-        durable = asyncio.get_running_loop().create_future()
-
-        def then(_, error: Exception | None) -> None:  # dispatched from here, even if the caller stops waiting
-            if error is not None:
-                self.open_runs[version.workspace] -= 1
-                if not durable.done():
-                    durable.set_exception(error)
-                return
-            self._created(run, version, parent)
-            if not durable.done():
-                durable.set_result(None)
-        try:
-            self.records.runs.create_grouped(run, payload, then)
-        except BaseException:
-            self.open_runs[version.workspace] -= 1
-            raise
-        await durable
-        return run.id
-
-    def _new_run(self, version: VersionInfo, payload: Payload, trigger: str, schedule_id: str | None,
-                 traceparent: str | None, parent: tuple[str, float | None] | None) -> NewRun:
-        """A new run's record, checked against the limits and counted as open (the caller uncounts it when it
-        is not written)."""
-        self._check_payload(payload)
-        self.check_quota(version.workspace, payload_size(payload))
-        self._reserve(version.workspace, 1)
-        res = version.resource
-        trace, parent_span = tracecontext.start(traceparent)
-        timeout = res.timeout if parent is None else bounded_timeout(res.timeout, parent[1])
-        return NewRun(new_id("r"), version.workspace, version.job_id, version.version, trigger, time.time(),
-                      res.max_retries, timeout, None, None, schedule_id, str(trace), parent_span,
-                      parent[0] if parent is not None else None)
-
-    def _created(self, run: NewRun, version: VersionInfo, parent: tuple[str, float | None] | None) -> None:
-        """What follows a run's creation once it is written: its count, its parent's children, its dispatch."""
-        self.metrics.runs_created(version.workspace, version.job_name, run.trigger).inc()
+        self.metrics.runs_created(version.workspace, version.job_name, trigger).inc()
         if parent is not None:
-            self.children.setdefault(parent[0], set()).add(run.id)
-        self._dispatch(RunTicket(run.id, version.workspace, version.job_id, version.version, run.timeout,
+            self.children.setdefault(parent[0], set()).add(run_id)
+        self._dispatch(RunTicket(run_id, version.workspace, version.job_id, version.version, timeout,
                                  traceparent=run.traceparent), version)
+        return run_id
 
     def create_batch(self, version: VersionInfo, concurrency: int | None,
                      parent: tuple[str, float | None] | None = None) -> str:
@@ -555,7 +521,7 @@ class Runs:
                 error_type = error_type or header.get("type")
             except Exception:
                 reason = "failed"
-        self._end(run_id, outcome, reason, payload, error_type, retriable=True, grouped=True)
+        self._end(run_id, outcome, reason, payload, error_type, retriable=True)
 
     def run_lost(self, run_id: str, reason: str, status: str = "failed") -> None:
         payload = envelope.error_envelope(f"opbox.{status}", reason)
@@ -597,12 +563,11 @@ class Runs:
 
     # -- ending runs ---------------------------------------------------------------
     def _end(self, run_id: str, status: str, reason: str | None, payload: Payload, error_type: str | None,
-             retriable: bool, stall: bool = True, grouped: bool = False) -> None:
+             retriable: bool, stall: bool = True) -> None:
         """Record a run's end (or its next attempt). When a full disk refuses it and ``stall`` is set, it is
-        kept and written as soon as there is room; without ``stall`` (an API request), StorageFull is raised.
-        ``grouped``: a final end may be committed with the turn's other writes (see ``_write_end``)."""
+        kept and written as soon as there is room; without ``stall`` (an API request), StorageFull is raised."""
         try:
-            self._write_end(run_id, status, reason, payload, error_type, retriable, grouped)
+            self._write_end(run_id, status, reason, payload, error_type, retriable)
         except StorageFull:
             if not stall:
                 raise
@@ -610,10 +575,7 @@ class Runs:
             self._stall(f"end:{run_id}", lambda: self._end(run_id, status, reason, payload, error_type, retriable))
 
     def _write_end(self, run_id: str, status: str, reason: str | None, payload: Payload, error_type: str | None,
-                   retriable: bool, grouped: bool = False) -> None:
-        """``grouped``: the end of a run that is not a map's item is committed with the event-loop turn's other
-        grouped writes, and what follows it (its waiters, counts: ``_ended``) only once it is durable; when its
-        commit fails, it is written again on its own at once, as any end is (StorageFull: see ``_end``)."""
+                   retriable: bool) -> None:
         run = self.records.runs.get(run_id)
         if run is None or run.status in TERMINAL:
             return
@@ -633,11 +595,6 @@ class Runs:
         if size > self.limits.max_payload:
             status, reason = "failed", f"result is {size} bytes; the limit is {self.limits.max_payload} (OPBOX_MAX_PAYLOAD)"
             payload = envelope.error_envelope("opbox.PayloadTooLarge", reason)
-        if grouped and run.batch_id is None and asyncio._get_running_loop() is not None:
-            self.records.runs.finish_grouped(
-                run, status, time.time(), reason, error_type, payload,
-                lambda row, error: self._end_durable(row, error, run, status, reason, payload, error_type, retriable))
-            return
         try:
             ended, complete = self.records.runs.finish(run, status, time.time(), reason, error_type, payload)
         except StorageFull as exc:
@@ -648,16 +605,6 @@ class Runs:
             payload = envelope.error_envelope(error_type, reason)
             ended, complete = self.records.runs.finish(run, status, time.time(), reason, error_type, payload)
         self._ended(run_id, ended, complete, status, payload, run)
-
-    def _end_durable(self, row: tuple[RunRecord, bool] | None, error: Exception | None, run: RunRecord, status: str,
-                     reason: str | None, payload: Payload, error_type: str | None, retriable: bool) -> None:
-        """A grouped end's commit is over: what follows it, or (its commit failed) the end written on its own."""
-        if error is None:
-            if row is not None:  # None: it ended another way meanwhile
-                self._ended(run.id, row[0], row[1], status, payload, run)
-            return
-        log.warning("the end of run %s was refused with its group (%s): written on its own", run.id, error)
-        self._end(run.id, status, reason, payload, error_type, retriable)
 
     def _ended(self, run_id: str, ended: RunRecord, complete: bool, status: str, payload: Payload,
                before: RunRecord | None = None) -> None:

@@ -323,7 +323,7 @@ async def call_asgi(plat, scope, receive, send, ws: str, job: str) -> None:
         wait = number(query.get("wait"), "wait", 0.0, 0, 300)
         _, version = plat.deploys.resolve(ws, job, version_no)
         payload = await receive_payload(length, receive, plat.payloads, ws, plat.settings.max_payload, "arguments")
-        run_id = await plat.runs.create_grouped(version, payload, "call", traceparent=traceparent, parent=parent_of(token))
+        run_id = plat.runs.create(version, payload, trigger="call", traceparent=traceparent, parent=parent_of(token))
         run, result = await plat.runs.call(ws, run_id, wait)
         if run.status not in TERMINAL:
             response = JSONResponse(run_json(run, f"{plat.settings.url}/{ws}"), status_code=202)

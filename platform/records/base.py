@@ -13,26 +13,12 @@ adapter passes to its driver as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 from ..payload import Payload, StoredPayload, payload_size  # noqa: F401 (part of this port)
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 OPEN = ("queued", "running")
-
-
-Then = Callable[[Any, "Exception | None"], None]  # a grouped write's outcome: (its result, None) or (None, error)
-
-
-def at_once(write: Callable[[], Any], then: Then) -> None:
-    """For records that commit each write at once: a grouped write (``RunRecords.create_grouped``) made now,
-    ``then`` told its outcome right away."""
-    try:
-        result = write()
-    except Exception as exc:
-        then(None, exc)
-        return
-    then(result, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,17 +239,6 @@ class RunRecords(Protocol):
 
     def create(self, run: NewRun, args: Payload) -> None:
         """The run (queued) and its arguments, atomically; the bytes count in its workspace's usage."""
-
-    def create_grouped(self, run: NewRun, args: Payload, then: Then) -> None:
-        """``create``, committed with the other grouped writes of this event-loop turn (group commit; needs a
-        running loop); once the run is durable, ``then(None, None)``, or ``then(None, error)`` with what kept it
-        out (StorageFull, ...: nothing of it is stored). Act on the run (dispatch it, name it to anyone) only in
-        ``then``. Records that commit each write at once call ``then`` at once."""
-
-    def finish_grouped(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
-                       result: Payload, then: Then) -> None:
-        """``finish`` of a run that is not a map's item, grouped as ``create_grouped``: ``then`` gets
-        ``finish``'s answer once durable, None when the run had ended meanwhile (left as it is), or the error."""
 
     def start(self, run_id: str, worker: str, at: float, limit: tuple[str, int] | None = None) -> bool:
         """queued -> running; False when the run is not queued (cancelled while it waited). ``limit``: (its map,

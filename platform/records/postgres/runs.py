@@ -14,8 +14,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from ...ids import id_at
-from ..base import (AttemptRecord, Dropped, NewRun, Payload, RunFilter, RunRecord, StoredPayload, payload_size,
-                    Then, at_once)
+from ..base import AttemptRecord, Dropped, NewRun, Payload, RunFilter, RunRecord, StoredPayload, payload_size
 from .connection import Database, storage_errors
 from .leadership import GATEWAYS
 
@@ -192,13 +191,6 @@ class PostgresRuns:
 
     def create(self, run: NewRun, args: Payload) -> None:
         self.db.one(CREATE, (*run, self.owner, *payload_row(args), payload_size(args)))
-
-    def create_grouped(self, run: NewRun, args: Payload, then: Then) -> None:
-        at_once(lambda: self.create(run, args), then)  # each statement commits at once: nothing to group
-
-    def finish_grouped(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
-                       result: Payload, then: Then) -> None:
-        at_once(lambda: self.finish(run, status, at, reason, error_type, result), then)
 
     def start(self, run_id: str, worker: str, at: float, limit: tuple[str, int] | None = None) -> bool:
         # only the gateway whose queue holds it: a run another gateway took over is never started twice

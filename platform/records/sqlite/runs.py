@@ -13,8 +13,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from ...ids import id_at
-from ..base import (AttemptRecord, Dropped, NewRun, Payload, RunFilter, RunRecord, StoredPayload, Then,
-                    payload_size)
+from ..base import AttemptRecord, Dropped, NewRun, Payload, RunFilter, RunRecord, StoredPayload, payload_size
 from .connection import Database, storage_errors
 
 log = logging.getLogger("opbox.records")
@@ -80,36 +79,14 @@ def drop_run_data(db, ids: list[tuple[str]]) -> tuple[int, list[str]]:
     return sum(freed.values()), keys
 
 
-def _insert(db, run: NewRun, args: Payload) -> None:
-    if db.execute(INSERT, run).rowcount:
-        db.execute(INSERT_PAYLOAD, payload_row(run.id, "args", args))
-        db.execute(ADD_USAGE, (run.workspace, payload_size(args)))
-
-
-def _end(db, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
-         result: Payload) -> tuple[RunRecord, bool] | None:
-    """``finish`` of a run that is not a map's item, if it is still open (else None: it ended meanwhile)."""
-    row = db.execute(
-        "UPDATE runs SET status = ?, finished_at = ?, exit_reason = COALESCE(?, exit_reason), error_type = ?, "
-        f"started_at = COALESCE(started_at, ?), retry_at = NULL WHERE id = ? AND {OPEN_SQL} RETURNING {COLUMNS}",
-        (status, at, reason, error_type, at, run.id)).fetchone()
-    if row is None:
-        return None
-    db.execute(INSERT_PAYLOAD, payload_row(run.id, "result", result))
-    db.execute(ADD_USAGE, (run.workspace, payload_size(result)))
-    return RunRecord(*row), False
-
-
 @storage_errors
 class SqliteRuns:
     def __init__(self, database: Database):
         self.db = database.db
         self.tx = database.tx
         self.path = database.path
-        self.database = database
 
     def get(self, run_id: str) -> RunRecord | None:
-        self.database.flush_for(run_id)  # a write of it waiting for the turn's end: committed first
         row = self.db.execute(f"{SELECT} WHERE id = ?", (run_id,)).fetchone()
         return RunRecord(*row) if row is not None else None
 
@@ -126,20 +103,12 @@ class SqliteRuns:
 
     def create(self, run: NewRun, args: Payload) -> None:
         with self.tx() as db:
-            _insert(db, run, args)
-
-    def create_grouped(self, run: NewRun, args: Payload, then: Then) -> None:
-        self.database.soon(lambda db: _insert(db, run, args), run.id, then)
-
-    def finish_grouped(self, run: RunRecord, status: str, at: float, reason: str | None, error_type: str | None,
-                       result: Payload, then: Then) -> None:
-        if run.batch_id is not None:
-            raise ValueError("a map's item ends with finish or finish_many, not grouped")
-        self.database.soon(lambda db: _end(db, run, status, at, reason, error_type, result), run.id, then)
+            if db.execute(INSERT, run).rowcount:
+                db.execute(INSERT_PAYLOAD, payload_row(run.id, "args", args))
+                db.execute(ADD_USAGE, (run.workspace, payload_size(args)))
 
     def start(self, run_id: str, worker: str, at: float, limit: tuple[str, int] | None = None) -> bool:
         # ``limit`` is for several gateways on one database: alone on its file, the gateway's count is exact
-        self.database.flush_for(run_id)
         cur = self.db.execute(
             "UPDATE runs SET status = 'running', started_at = ?, worker = ?, retry_at = NULL WHERE id = ? "
             "AND status = 'queued'",
@@ -222,7 +191,6 @@ class SqliteRuns:
             "WHERE run_id = ? ORDER BY attempt", (run_id,))]
 
     def requeue(self, run_id: str, reason: str) -> None:
-        self.database.flush_for(run_id)
         self.db.execute("UPDATE runs SET status = 'queued', exit_reason = ?, started_at = NULL, worker = NULL "
                         "WHERE id = ? AND status IN ('queued', 'running')", (reason, run_id))
 

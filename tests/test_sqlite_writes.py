@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -156,25 +157,60 @@ def _call(http: httpx.Client, plat, job: str, arg, wait: float) -> httpx.Respons
                      headers={"Content-Type": envelope.CONTENT_TYPE})
 
 
+@contextmanager
+def write_lock_held(path):
+    """Another process's write transaction: while it is open, nothing the gateway writes can commit."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
 def test_no_answer_leaves_before_the_commit_it_reports(gateway):
-    """50 concurrent callers: the moment each answer arrives, another process already reads its run (queued or
-    later for a 202, ended with its result for a 200)."""
+    """Calls (answered 202 at once, or 200 with their result) sent while another process holds the write lock:
+    none may be answered before the lock is released (its run could not be committed yet); once it is, each is
+    answered and another process reads what its answer reports. Then 50 concurrent callers: the moment each
+    answer arrives, another process reads its run (queued or later for a 202, ended with its result for a 200)."""
     plat = gateway
     problems: list[str] = []
+    released = threading.Event()
+
+    def check(resp: httpx.Response) -> None:
+        run_id = resp.headers.get("x-opbox-run-id") or resp.json().get("id")
+        if run_id is None:
+            problems.append(f"answered {resp.status_code}: {resp.text[:300]}")
+            return
+        rows = plat.records_rows(f"SELECT r.status, (SELECT COUNT(*) FROM payloads p WHERE p.run_id = r.id "
+                                 f"AND p.kind = 'result') FROM runs r WHERE r.id = '{run_id}'")
+        if resp.status_code == 200:
+            if rows != [("succeeded", 1)]:
+                problems.append(f"{run_id}: answered 200 but stored {rows}")
+        elif resp.status_code != 202 or not rows:
+            problems.append(f"{run_id}: answered {resp.status_code} but stored {rows}")
+
+    def held_caller(i: int) -> None:
+        with plat.http() as http:
+            resp = _call(http, plat, "square", i, 0 if i % 2 else 30)
+            if not released.is_set():
+                problems.append(f"answered {resp.status_code} while the write lock was held elsewhere")
+            check(resp)
+
+    with ThreadPoolExecutor(6) as pool:
+        with write_lock_held(plat.home / "state.db"):
+            answers = [pool.submit(held_caller, i) for i in range(6)]
+            time.sleep(0.5)  # room for a gateway that answers too early to do so
+            released.set()
+        for answer in answers:
+            answer.result()
+    assert problems == []
 
     def caller(n: int) -> None:
         with plat.http() as http:
             for i in range(8):
-                wait = 0 if i % 2 else 30
-                resp = _call(http, plat, "square", n * 100 + i, wait)
-                run_id = resp.headers.get("x-opbox-run-id") or resp.json()["id"]
-                rows = plat.records_rows(f"SELECT r.status, (SELECT COUNT(*) FROM payloads p WHERE p.run_id = r.id "
-                                         f"AND p.kind = 'result') FROM runs r WHERE r.id = '{run_id}'")
-                if resp.status_code == 200:
-                    if rows != [("succeeded", 1)]:
-                        problems.append(f"{run_id}: answered 200 but stored {rows}")
-                elif resp.status_code != 202 or not rows:
-                    problems.append(f"{run_id}: answered {resp.status_code} but stored {rows}")
+                check(_call(http, plat, "square", n * 100 + i, 0 if i % 2 else 30))
 
     with ThreadPoolExecutor(50) as pool:
         list(pool.map(caller, range(50)))
@@ -182,6 +218,8 @@ def test_no_answer_leaves_before_the_commit_it_reports(gateway):
 
 
 def test_a_killed_gateway_keeps_every_run_whose_id_a_caller_got(tmp_path_factory):
+    """Callers calling (answered 202 with their runs' ids) while the gateway is SIGKILLed; the kill comes while
+    another process holds the write lock, so that an answer sent before its commit would name a lost run."""
     home = tmp_path_factory.mktemp("writes-kill")
     with running_platform(home, extra_env=ON_SQLITE) as plat, \
             user_module(tmp_path_factory.mktemp("writes-kill-proj"), "writeskillmod", GATEWAY_CODE) as mod:
@@ -205,7 +243,9 @@ def test_a_killed_gateway_keeps_every_run_whose_id_a_caller_got(tmp_path_factory
         deadline = time.monotonic() + 30
         while len(told) < 300 and time.monotonic() < deadline:
             time.sleep(0.01)
-        plat.kill()  # SIGKILL, callers still calling
+        with write_lock_held(home / "state.db"):
+            time.sleep(0.5)
+            plat.kill()  # SIGKILL, callers still calling
         stop.set()
         for thread in threads:
             thread.join(30)

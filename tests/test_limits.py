@@ -63,6 +63,13 @@ def test_open_runs_quota_is_a_clear_429_that_map_waits_out(small):
     assert time.monotonic() - started < 60
 
 
+def local_address(resp: httpx.Response):
+    """The client's end of the connection an answer came on."""
+    address = resp.extensions["network_stream"].get_extra_info("client_addr")
+    assert isinstance(address, tuple) and address[1] > 0, address
+    return address
+
+
 def test_items_past_the_open_runs_quota_get_their_429_before_the_body_is_read(small):
     plat, _, f = small
     held = [f["nap"].submit(1.5) for _ in range(6)]
@@ -75,11 +82,12 @@ def test_items_past_the_open_runs_quota_get_their_429_before_the_body_is_read(sm
             # the quota said no before the body was parsed (parsed, it is a 400)
             assert resp.status_code == 429 and resp.headers["Retry-After"] == "1", resp.text
             assert resp.json()["error"] == "quota_exceeded"
+            connection = local_address(resp)
             resp = http.post(items, params={"start": 0}, content=truncated)  # no count: parsed first
             assert resp.status_code == 400 and "truncated" in resp.text
-            # the same connection goes on (the unread body did not break it); a map that is not there is a 404
+            assert local_address(resp) == connection  # the body left unread did not cost the connection
             assert http.post(f"/{plat.workspace}/batches/nope/items", params={"start": 0, "count": 3},
-                             content=truncated).status_code == 404
+                             content=truncated).status_code == 404  # a map that is not there is said first
             assert http.get(f"/{plat.workspace}/batches/{batch}").json()["submitted"] == 0
             http.post(f"/{plat.workspace}/batches/{batch}/cancel")
     finally:

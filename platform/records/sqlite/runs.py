@@ -135,8 +135,10 @@ class SqliteRuns:
         # completion numbers in order); then every row written with one statement each (executemany)
         ids = [end[0] for end in ends]
         with self.tx() as db:
+            # "+status": by the primary key; the planner would take the partial index runs_open and walk every
+            # open run (100,000 in a large map) for each group's results
             still = {row[0]: row for row in db.execute(
-                f"{SELECT} WHERE id IN ({','.join('?' * len(ids))}) AND {OPEN_SQL}", ids)}
+                f"{SELECT} WHERE id IN ({','.join('?' * len(ids))}) AND +{OPEN_SQL}", ids)}
             per_map: dict[str, int] = {}
             for run_id, batch_id, _, _ in ends:
                 if batch_id and run_id in still:

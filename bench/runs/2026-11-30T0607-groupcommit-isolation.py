@@ -1,4 +1,6 @@
-"""SQLite CPU per call (create + start + finish), eager against grouped in groups of k calls."""
+"""SQLite CPU per call (create + start + finish), eager against grouped in groups of k calls. Runs only at commit
+f7b9d08 (branch `groupcommit`), where `runs.create_grouped` / `finish_grouped` exist; kept as the record of what
+was measured (bench/PROFILE.md, "Group commit, built safely and measured")."""
 import asyncio, sys, tempfile, time, statistics
 from pathlib import Path
 from opbox.platform.records.base import NewRun

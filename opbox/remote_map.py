@@ -165,7 +165,8 @@ class _Map:
 
     def _send(self, start: int, frames: list[bytes]) -> None:
         while frames:  # under a quota the platform may take only a prefix; the rest goes again
-            answer = self.client.request("POST", f"/batches/{self.batch_id}/items", params={"start": start},
+            answer = self.client.request("POST", f"/batches/{self.batch_id}/items",
+                                         params={"start": start, "count": len(frames)},
                                          content=b"".join(frames), retry=True, wait_quota=True,
                                          headers=self.headers).json()
             start += answer["accepted"]
@@ -275,7 +276,8 @@ class _AsyncMap:
 
     async def _send(self, start: int, frames: list[bytes]) -> None:
         while frames:
-            answer = (await self.client.arequest("POST", f"/batches/{self.batch_id}/items", params={"start": start},
+            answer = (await self.client.arequest("POST", f"/batches/{self.batch_id}/items",
+                                                 params={"start": start, "count": len(frames)},
                                                  content=b"".join(frames), retry=True, wait_quota=True,
                                                  headers=self.headers)).json()
             start += answer["accepted"]

@@ -8,6 +8,7 @@ import errno
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,6 +45,11 @@ def echo(data):
 def nap(seconds):
     time.sleep(seconds)
     return "rested"
+
+@operator()
+def mark(path, data):
+    open(path, "w").write("ran")
+    return len(data)
 """
 
 
@@ -81,7 +87,7 @@ def tmpfs_platform(tmp_path_factory, size: str, env: dict | None = None):
         with running_platform(home, extra_env={**ON_SQLITE, **(env or {})}) as plat, \
                 user_module(tmp_path_factory.mktemp("proj"), f"fullmod{len(env or {})}", CODE) as mod:
             client = plat.client()
-            fns = {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("blob", "echo", "nap")}
+            fns = {n: getattr(mod, n).deploy(client=client, quiet=True) for n in ("blob", "echo", "nap", "mark")}
             filler = Filler(home / "filler")
             try:
                 yield plat, fns, filler, mod
@@ -176,6 +182,32 @@ def test_a_result_the_state_file_cannot_hold_fails_the_run_saying_so(full_state)
     finally:
         filler.free()
     assert f["blob"](8 * MiB) == b"x" * (8 * MiB)
+
+
+def test_concurrent_calls_a_full_state_disk_refuses_all_answer_507_and_none_is_stored_or_run(full_state, tmp_path):
+    """Calls arriving together (their runs' records written in the same moment, group commit or not) while the
+    state file's disk is full: every one is answered 507 storage_full, no run of them is stored, none runs."""
+    plat, f, filler, _ = full_state
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    before = plat.records_rows("SELECT COUNT(*) FROM runs")
+
+    def call(i: int) -> httpx.Response:
+        with plat.http() as http:  # 2 MiB of arguments, kept in the state file: more than its WAL has room for
+            return http.post(f"/{plat.workspace}/job/mark/runs", params={"wait": 30},
+                             content=dump_args((str(marks / str(i)), b"x" * (2 * MiB)), {}),
+                             headers={"Content-Type": envelope.CONTENT_TYPE})
+
+    filler.fill()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(call, range(8)))
+    finally:
+        filler.free()
+    assert [(a.status_code, a.json()["error"]) for a in answers] == [(507, "storage_full")] * 8, plat.log()[-3000:]
+    assert plat.records_rows("SELECT COUNT(*) FROM runs") == before
+    assert f["mark"](str(marks / "after"), b"y") == 1  # queued after any of them, had one been dispatched
+    assert sorted(p.name for p in marks.iterdir()) == ["after"]
 
 
 class RefusingRuns:

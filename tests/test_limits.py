@@ -63,6 +63,38 @@ def test_open_runs_quota_is_a_clear_429_that_map_waits_out(small):
     assert time.monotonic() - started < 60
 
 
+def local_address(resp: httpx.Response):
+    """The client's end of the connection an answer came on."""
+    address = resp.extensions["network_stream"].get_extra_info("client_addr")
+    assert isinstance(address, tuple) and address[1] > 0, address
+    return address
+
+
+def test_items_past_the_open_runs_quota_get_their_429_before_the_body_is_read(small):
+    plat, _, f = small
+    held = [f["nap"].submit(1.5) for _ in range(6)]
+    try:
+        with plat.http() as http:
+            batch = http.post(f"/{plat.workspace}/job/nap/batches", json={}).json()["batch_id"]
+            items = f"/{plat.workspace}/batches/{batch}/items"
+            truncated = b"\x00\x00\x10\x00" + b"x" * 10  # a frame header saying 4,096 bytes, then 10
+            resp = http.post(items, params={"start": 0, "count": 3}, content=truncated)
+            # the quota said no before the body was parsed (parsed, it is a 400)
+            assert resp.status_code == 429 and resp.headers["Retry-After"] == "1", resp.text
+            assert resp.json()["error"] == "quota_exceeded"
+            connection = local_address(resp)
+            resp = http.post(items, params={"start": 0}, content=truncated)  # no count: parsed first
+            assert resp.status_code == 400 and "truncated" in resp.text
+            assert local_address(resp) == connection  # the body left unread did not cost the connection
+            assert http.post(f"/{plat.workspace}/batches/nope/items", params={"start": 0, "count": 3},
+                             content=truncated).status_code == 404  # a map that is not there is said first
+            assert http.get(f"/{plat.workspace}/batches/{batch}").json()["submitted"] == 0
+            http.post(f"/{plat.workspace}/batches/{batch}/cancel")
+    finally:
+        for run in held:
+            run.result(timeout=30)
+
+
 def test_log_keeps_the_newest_output_within_its_budget(small):
     _, _, f = small
     run = f["shout"].submit(2000)  # ~100 KB of output against a 4 KB budget

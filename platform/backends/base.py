@@ -14,7 +14,7 @@ no layer above has to guess with ``hasattr``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple, Protocol, TypeVar
 
@@ -80,6 +80,10 @@ class Lease:
     timeout: float | None
     traceparent: str | None = None
 
+    @classmethod
+    def of(cls, ticket: RunTicket, args: Payload) -> Lease:
+        return cls(ticket.run_id, args, ticket.timeout, ticket.traceparent)
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -98,6 +102,10 @@ class GroupLease:
     streamed request), so the platform always knows which run is in hand."""
 
     leases: tuple[Lease, ...]
+
+    @classmethod
+    def of(cls, tickets: Iterable[RunTicket], args: Mapping[str, Payload]) -> GroupLease:
+        return cls(tuple(Lease.of(t, args[t.run_id]) for t in tickets))
 
 
 SKIPPED = "skipped"  # a group's run the worker did not start: it was cancelled before its turn

@@ -50,20 +50,12 @@ class FairShare:
 
     def release_extra(self, workspace: str) -> list[RunTicket]:
         """One run of a worker's group left it while others stay (its runs in progress do not change)."""
-        left = self.extra.get(workspace, 0) - 1
-        if left > 0:
-            self.extra[workspace] = left
-        else:
-            self.extra.pop(workspace, None)
+        _count_out(self.extra, workspace)
         return self.release(workspace)
 
     def release(self, workspace: str) -> list[RunTicket]:
         """A run of ``workspace`` ended (or never started): the waiting runs that may start now."""
-        left = self.running.get(workspace, 0) - 1
-        if left > 0:
-            self.running[workspace] = left
-        else:
-            self.running.pop(workspace, None)
+        _count_out(self.running, workspace)
         ready = []
         for ws in list(self.waiting):
             queue = self.waiting[ws]
@@ -72,3 +64,12 @@ class FairShare:
             if not queue:
                 del self.waiting[ws]
         return ready
+
+
+def _count_out(counts: dict[str, int], workspace: str) -> None:
+    """One less for ``workspace`` (none left: not there)."""
+    left = counts.get(workspace, 0) - 1
+    if left > 0:
+        counts[workspace] = left
+    else:
+        counts.pop(workspace, None)

@@ -356,15 +356,10 @@ class PoolManager:
             self._release(ticket.workspace)
             self.events.run_lost(ticket.run_id, "arguments missing from the store")
             return None
-        worker.run_id = ticket.run_id
         worker.kill_reason = None
         self._by_run[ticket.run_id] = worker
-        if ticket.timeout:
-            worker.timer = asyncio.get_running_loop().call_later(
-                ticket.timeout, self.kill, worker, "timed_out", f"timed out after {ticket.timeout:g} s"
-            )
-        worker.lease_timeout, worker.lease_traceparent = ticket.timeout, ticket.traceparent
-        return Lease(ticket.run_id, args, ticket.timeout, ticket.traceparent)
+        self._hold(worker, ticket)
+        return Lease.of(ticket, args)
 
     def _group_extra(self, pool: Pool, ticket: RunTicket) -> list[RunTicket]:
         """More queued runs of a map for the worker taking ``ticket``: only while every worker the pool may have
@@ -401,13 +396,12 @@ class PoolManager:
         worker.kill_reason = None
         for ticket in group:
             self._by_run[ticket.run_id] = worker
+        self._hold(worker, group[0])
         if len(group) == 1:
-            self._hold(worker, group[0])
-            return Lease(group[0].run_id, args[group[0].run_id], group[0].timeout, group[0].traceparent)
+            return Lease.of(group[0], args[group[0].run_id])
         worker.group = deque(group)
         worker.cancelled = set()
-        self._hold(worker, group[0])
-        return GroupLease(tuple(Lease(t.run_id, args[t.run_id], t.timeout, t.traceparent) for t in group))
+        return GroupLease.of(group, args)
 
     def _hold(self, worker: Worker, ticket: RunTicket) -> None:
         """``ticket``'s run is the one in the worker's hands now: its timeout runs from here."""
@@ -475,8 +469,7 @@ class PoolManager:
         if worker.group:
             args = self.events.runs_args([t.run_id for t in worker.group])
             if all(t.run_id in args for t in worker.group):
-                return GroupLease(tuple(Lease(t.run_id, args[t.run_id], t.timeout, t.traceparent)
-                                        for t in worker.group))
+                return GroupLease.of(worker.group, args)
             self._hand_back(worker)  # some are gone meanwhile: the others are queued again, it keeps the one in hand
         args = self.events.run_args(worker.run_id)
         if args is None:  # expired or gone meanwhile: the run cannot be done
@@ -604,3 +597,4 @@ class PoolMethods:
                 return worker.pool.version.workspace, claimed, ticket.timeout
         left = worker.timer.when() - asyncio.get_running_loop().time() if worker.timer is not None else None
         return worker.pool.version.workspace, worker.run_id, left
+

@@ -258,6 +258,7 @@ class Runs:
         if len(payloads) > self.limits.max_batch_items:
             raise PayloadTooLarge(f"at most {self.limits.max_batch_items} items per request, got {len(payloads)}")
         existing = self.records.batches.indexes(batch_id, start, start + len(payloads) - 1)
+        room = self.check_room(workspace, len(payloads) - len(existing))  # before the items are looked at
         self._check_items(payloads, [start + offset in existing for offset in range(len(payloads))]
                           if existing else None)
         self.check_quota(workspace, sum(map(payload_size, payloads)))
@@ -267,10 +268,6 @@ class Runs:
         parent_id, timeout = None, res.timeout
         if state.parent is not None:
             parent_id, timeout = state.parent[0], bounded_timeout(res.timeout, state.parent[1])
-        room = self.limits.max_open_runs - self.open_runs.get(workspace, 0) - self.open_elsewhere.get(workspace, 0)
-        wanted = min(len(payloads) - len(existing), MIN_ITEMS_ADDED, max(1, self.limits.max_open_runs // 10))
-        if room < wanted:  # a handful at a time would cost a request each: 429 until a good part fits
-            self._reserve(workspace, wanted)
         now = time.time()
         caller = tracecontext.parse(traceparent)
         trace_id, parent_span, flags = caller or (tracecontext.trace_id_of(batch_id), None, "01")
@@ -302,6 +299,18 @@ class Runs:
             for ticket in tickets:
                 self._dispatch(ticket, version)
         return len(rows), accepted
+
+    def check_room(self, workspace: str, new: int, batch_id: str | None = None) -> int:
+        """Room for ``new`` more items of a map in the workspace's open-runs quota: how many fit now (a prefix
+        may), or a 429 while fewer than a good part of them fit (a handful at a time would cost a request each).
+        With ``batch_id``, a map that is not there (or cancelled) is said first."""
+        if batch_id is not None and self.batch(workspace, batch_id).cancelled:
+            raise Conflict(f"batch {batch_id} was cancelled")
+        room = self.limits.max_open_runs - self.open_runs.get(workspace, 0) - self.open_elsewhere.get(workspace, 0)
+        wanted = min(new, MIN_ITEMS_ADDED, max(1, self.limits.max_open_runs // 10))
+        if room < wanted:
+            self._reserve(workspace, wanted)  # raises the quota's 429 (Retry-After)
+        return room
 
     def stored_items(self, workspace: str, batch_id: str, start: int, count: int) -> set[int]:
         """Which of the map's items ``start .. start+count-1`` are stored already (a resent request's)."""

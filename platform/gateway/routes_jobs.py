@@ -448,9 +448,11 @@ async def add_items(request: Request):
     description: >
       Answers how many items were new and how many from the front are stored ("accepted"). Under the
       workspace's open-runs quota only a prefix may be accepted: send the rest again from start+accepted.
-      429 when none fits.
+      429 when none fits, or fewer than a good part of them (Retry-After); with ``count`` (how many items the
+      body holds) that 429 comes before the body is read.
     parameters:
       - {name: start, in: query, required: true, schema: {type: integer, minimum: 0}}
+      - {name: count, in: query, required: false, schema: {type: integer, minimum: 1}, description: 'How many items the body holds: a 429 for want of room is then answered before the body is read'}
       - {name: traceparent, in: header, description: 'W3C trace context of the caller: the run joins its trace (invalid or absent: a new trace)', schema: {type: string}}
     requestBody:
       required: true
@@ -458,6 +460,7 @@ async def add_items(request: Request):
         application/octet-stream: {schema: {type: string, format: binary}}
     responses:
       200: {description: How many items were new}
+      429: {description: 'The open-runs quota has no room for them yet (quota_exceeded): send them again after Retry-After'}
       507: {description: No room for the items (storage_full, storage_quota_exceeded)}
     """
     ws = workspace(request)
@@ -465,10 +468,13 @@ async def add_items(request: Request):
     start = query_number(request, "start", None, 0, 10**12, int)
     if start is None:
         raise ValidationError("query parameter 'start' is required")
+    batch = request.path_params["batch"]
+    count = query_number(request, "count", None, 1, 10**9, int)
+    if count is not None:  # past the open-runs quota: the 429 before the body is read and parsed
+        plat.runs.check_room(ws, count, batch)
     frames = split_frames(await read_body(request, plat.settings.max_request_body))
     # large items go to the object store (or are there already: a reference to a signed upload, claimed once,
     # so a resent request's references to items stored already are left as they are)
-    batch = request.path_params["batch"]
     refs = any(frame.startswith(envelope.REF_MAGIC) for frame in frames)
     stored = plat.runs.stored_items(ws, batch, start, len(frames)) if refs else ()
     if refs or max(map(len, frames), default=0) > plat.payloads.inline:  # else each is kept as it is

@@ -57,7 +57,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for n in range(args.repeat):
-            print(json.dumps({"items": args.items, "cpu_us_per_item": one_map(os.path.join(tmp, f"{n}.db"), args.items)}))
+            per_item = one_map(os.path.join(tmp, f"{n}.db"), args.items)
+            print(json.dumps({"items": args.items, "cpu_us_per_item": per_item}))
 
 
 if __name__ == "__main__":

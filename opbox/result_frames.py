@@ -15,7 +15,7 @@ import struct
 from .errors import Unavailable
 
 MEDIA_TYPE = "application/x-opbox-frames"
-HEAD = struct.Struct(">BHI")  # kind, meta length, body length
+HEAD = struct.Struct(">BII")  # kind, meta length, body length (an exit reason is free text: no 64 KiB cap)
 RESULT, STORED, EXPIRED, HEARTBEAT, SHUTDOWN = range(5)  # STORED: read it from its run; EXPIRED: gone (retention)
 
 

@@ -90,3 +90,13 @@ def test_frames_cut_anywhere_read_the_same_and_a_stream_cut_mid_frame_is_reconne
     with pytest.raises(Unavailable, match="middle of a frame"):  # the SDK reconnects from the last seq it saw
         cut.finish()
 
+
+
+def test_a_frame_carries_any_exit_reason_whole():
+    reason = "ValueError: a message\twith tabs, ünïcode and more than 64 KiB " + "x" * 70_000
+    data = result_frames.result_frame(result_frames.RESULT, 7, 3, "failed", "r-b1.7", reason, body=b"OPBX...")
+    data += result_frames.result_frame(result_frames.STORED, 8, 4, "succeeded", "r-b1.8", None, 123)
+    assert result_frames.FrameReader().feed(data) == [
+        {"index": 7, "run_id": "r-b1.7", "status": "failed", "seq": 3, "exit_reason": reason, "payload": b"OPBX..."},
+        {"index": 8, "run_id": "r-b1.8", "status": "succeeded", "seq": 4, "exit_reason": None, "stored": True,
+         "size": 123}]

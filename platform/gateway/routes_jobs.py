@@ -531,8 +531,8 @@ async def batch_results(request: Request):
       "message"}: reconnect with after= the last seq seen.
 
       With `Accept: application/x-opbox-frames` (the SDK's form) the same stream comes as length-prefixed
-      frames instead: per frame 7 bytes (kind: 0 result, 1 stored, 2 expired, 3 heartbeat, 4 shutdown; the
-      meta's length, 2 bytes big-endian; the body's length, 4 bytes big-endian), the meta (UTF-8, tab-separated:
+      frames instead: per frame 9 bytes (kind: 0 result, 1 stored, 2 expired, 3 heartbeat, 4 shutdown; the
+      meta's length and the body's, 4 bytes each, big-endian), then the meta (UTF-8, tab-separated:
       index, seq, status, run_id, a stored result's size or empty, exit_reason or empty; a shutdown's message),
       then the body (a result's envelope bytes, not base64).
     parameters:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import sqlite3
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -198,6 +199,7 @@ def test_concurrent_calls_a_full_state_disk_refuses_all_answer_507_and_none_is_s
                              content=dump_args((str(marks / str(i)), b"x" * (2 * MiB)), {}),
                              headers={"Content-Type": envelope.CONTENT_TYPE})
 
+    empty_wal(plat.home / "state.db")
     filler.fill()
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -208,6 +210,20 @@ def test_concurrent_calls_a_full_state_disk_refuses_all_answer_507_and_none_is_s
     assert plat.records_rows("SELECT COUNT(*) FROM runs") == before
     assert f["mark"](str(marks / "after"), b"y") == 1  # queued after any of them, had one been dispatched
     assert sorted(p.name for p in marks.iterdir()) == ["after"]
+
+
+def empty_wal(state: Path) -> None:
+    """Checkpoint the state file's WAL and truncate it to nothing: a write must then grow it, which a full disk
+    refuses. (SQLite writes over a WAL's old frames once it restarts: a WAL left large by the tests before
+    takes megabytes of new writes with the disk full.)"""
+    db = sqlite3.connect(state, timeout=10)
+    try:
+        deadline = time.monotonic() + 10
+        while db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] and time.monotonic() < deadline:
+            time.sleep(0.05)  # busy: the gateway's checkpointer or a write in progress
+    finally:
+        db.close()
+    assert Path(f"{state}-wal").stat().st_size == 0
 
 
 class RefusingRuns:

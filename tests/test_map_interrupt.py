@@ -26,8 +26,9 @@ def nap(x, pause=1.0):
 """
 
 CALLER = """
-import sys
+import signal, sys
 from opbox import RemoteFunction
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if the suite's parent ignores it
 f = RemoteFunction(sys.argv[1])
 print("mapping", flush=True)
 f.map(range(40), concurrency=2, progress=False)

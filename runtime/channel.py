@@ -78,31 +78,35 @@ class Channel:
             self.timeout = timeout
         head = self._head(method, path)
         if headers:
-            head += "".join(f"{name}: {value}\r\n" for name, value in headers.items()
-                            if value is not None).encode("latin-1")
-        if chunked:
-            self._send_chunks(sock, head, body)
-        elif len(body) <= ONE_WRITE_MAX:
-            sock.sendall(b"%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body))
-        else:
-            sock.sendall(b"%bContent-Length: %d\r\n\r\n" % (head, len(body)))
-            sock.sendall(body)
+            lines = [f"{name}: {value}\r\n" for name, value in headers.items() if value is not None]
+            extra = "".join(lines)
+            if extra.count("\n") != len(lines):
+                raise ValueError(f"a request header holds a line break: {headers!r}")
+            head += extra.encode("latin-1")
         answer = Answer()
-        answer.read(sock)
+        try:
+            if chunked:
+                self._send_chunks(sock, head, body)
+            elif len(body) <= ONE_WRITE_MAX:
+                sock.sendall(b"%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body))
+            else:
+                sock.sendall(b"%bContent-Length: %d\r\n\r\n" % (head, len(body)))
+                sock.sendall(body)
+            answer.read(sock)
+        except BaseException:  # a request half-sent or an answer half-read (an error, a signal): the line is unusable
+            self.close()
+            raise
         if not answer.keep_alive:  # Connection: close, or an answer that ended with the connection
             self.close()
         return answer.status, Headers(answer.headers), b"".join(answer.body)
 
-    def _send_chunks(self, sock: socket.socket, head: bytes, chunks) -> None:
-        try:
-            sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
-            for chunk in chunks:
-                if chunk:
-                    sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            sock.sendall(b"0\r\n\r\n")
-        except BaseException:  # the iterator failed too: the request is half-sent, the line unusable
-            self.close()
-            raise
+    @staticmethod
+    def _send_chunks(sock: socket.socket, head: bytes, chunks) -> None:
+        sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        for chunk in chunks:
+            if chunk:
+                sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        sock.sendall(b"0\r\n\r\n")
 
     def _head(self, method: str, path: str) -> bytes:
         head = self.heads.get((method, path))

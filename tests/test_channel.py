@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import http.server
 import ipaddress
+import signal
 import socket
 import ssl
 import threading
@@ -52,6 +53,9 @@ class Gateway(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         elif self.path.startswith("/g/drop"):  # the connection closed, no answer
             self.close_connection = True
+        elif self.path.startswith("/g/slow"):
+            time.sleep(0.5)
+            self._answer(200, b"late answer")
         elif self.path.startswith("/g/hangup"):  # answered, then the idle keep-alive connection is closed
             self._answer(200, b"once")
             self.close_connection = True
@@ -181,6 +185,37 @@ def test_a_request_that_may_have_arrived_is_sent_again_within_patience(gateway):
     with pytest.raises(GatewayGone, match="before its answer|without sending a response"):
         channel.request("POST", "/drop", b"once")
     assert len(gateway.requests) >= 2 and {r[3] for r in gateway.requests} == {b"once"}
+
+
+def test_a_request_interrupted_by_a_signal_leaves_no_answer_behind(gateway):
+    """A run cancelled (SIGUSR1 raises in the worker) while its line waits for an answer: the next request
+    reads its own answer on a new connection, never the late one."""
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted()
+
+    channel = _channel(gateway)
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(Interrupted):
+            channel.request("POST", "/slow", b"")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert channel.sock is None
+    assert channel.request("POST", "/next", b"mine")[2] == b"echo:mine"
+    channel.close()
+
+
+def test_a_header_with_a_line_break_is_refused_before_anything_is_sent(gateway):
+    channel = _channel(gateway)
+    with pytest.raises(ValueError, match="line break"):
+        channel.request("POST", "/x", b"", {"X-Opbox-Done": "r-1\r\nX-Evil: 1"})
+    assert gateway.requests == []
 
 
 def test_stream_sends_chunks_as_yielded(gateway):

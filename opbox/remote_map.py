@@ -7,7 +7,6 @@ loop) share the pieces that do no I/O: ``_Chunks``, ``_Order`` and ``_Reconnects
 from __future__ import annotations
 
 import asyncio
-import base64
 import struct
 import sys
 import threading
@@ -16,7 +15,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator
 
 import httpx
 
-from . import envelope, serialization, tracecontext
+from . import envelope, result_frames, serialization, tracecontext
 from .client import CONNECT_ERRORS, Client
 from .errors import Gone, Unavailable
 from .mapping import aiter_items
@@ -25,6 +24,7 @@ from .outcome import decode, to_exception
 
 ACCEPT_ENVELOPE = {"Accept": serialization.CONTENT_TYPE, envelope.ACCEPT_URL_HEADER: "1"}
 OCTETS = {"Content-Type": "application/octet-stream"}
+FRAMES = {"Accept": result_frames.MEDIA_TYPE}  # the results stream as frames: the envelopes' bytes, no base64
 _FRAME = struct.Struct(">I")
 STREAM_TIMEOUT = httpx.Timeout(30, read=60)
 RECONNECTABLE = (*CONNECT_ERRORS, Unavailable, httpx.ReadTimeout)
@@ -77,7 +77,7 @@ class _Order:
 
     def add(self, line: dict, payload: bytes | None) -> BaseException | None:
         """Take one result (``payload``: None when it is inline); the exception to raise, if the map must stop."""
-        payload = base64.b64decode(line["payload"]) if payload is None else payload
+        payload = line["payload"] if payload is None else payload
         if line["status"] == "succeeded":
             self.done[line["index"]] = decode("succeeded", payload, line["run_id"])
         else:
@@ -178,8 +178,8 @@ class _Map:
         after, reconnects = 0, _Reconnects(self.client, f"map {self.batch_id}")
         while True:
             try:
-                for line in self.client.stream_lines("GET", f"/batches/{self.batch_id}/results",
-                                                     params={"after": after}, timeout=STREAM_TIMEOUT):
+                for line in self.client.stream_frames(f"/batches/{self.batch_id}/results", params={"after": after},
+                                                      headers=FRAMES, timeout=STREAM_TIMEOUT):
                     reconnects.connected()
                     if line.get("shutdown"):  # the gateway is stopping: reconnect (from `after`) to another start
                         raise Unavailable(line.get("message", "the platform is shutting down"))
@@ -288,8 +288,9 @@ class _AsyncMap:
         after, reconnects = 0, _Reconnects(self.client, f"map {self.batch_id}")
         while True:
             try:
-                async for line in self.client.astream_lines("GET", f"/batches/{self.batch_id}/results",
-                                                            params={"after": after}, timeout=STREAM_TIMEOUT):
+                async for line in self.client.astream_frames(f"/batches/{self.batch_id}/results",
+                                                             params={"after": after}, headers=FRAMES,
+                                                             timeout=STREAM_TIMEOUT):
                     reconnects.connected()
                     if line.get("shutdown"):
                         raise Unavailable(line.get("message", "the platform is shutting down"))

@@ -300,6 +300,20 @@ def test_a_group_of_a_maps_runs_starts_and_finishes_in_one_go(records):
     assert records.usage.of("ws") == before + 6 and batches.get("b1").done == 4
 
 
+
+def test_finish_many_of_runs_outside_maps_and_of_runs_all_ended_meanwhile(records):
+    runs = records.runs
+    runs.create(_run("r-solo"), b"args")
+    runs.create(_run("r-gone"), b"args")
+    runs.finish(runs.get("r-gone"), "cancelled", 2.0, "cancelled by request", None, b"c")
+    assert runs.finish_many([("r-gone", None, "ws", b"late")], "succeeded", 3.0) == [None]
+    assert runs.get("r-gone").status == "cancelled" and runs.result("r-gone") == b"c"
+    (ended, complete), gone = runs.finish_many([("r-solo", None, "ws", b"x"), ("r-gone", None, "ws", b"y")],
+                                               "succeeded", 3.0)
+    assert gone is None and complete is False and ended == runs.get("r-solo")
+    assert (ended.status, ended.done_seq, ended.started_at, ended.finished_at) == ("succeeded", None, 3.0, 3.0)
+    assert runs.result("r-solo") == b"x"
+
 def test_jobs_versions_and_their_deletion(records):
     jobs = records.jobs
     job, number = _version(records)

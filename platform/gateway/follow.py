@@ -1,4 +1,5 @@
-"""An NDJSON stream that follows rows as they are written (a map's results, a run's items), resumable."""
+"""A stream that follows rows as they are written (a map's results, a run's items), resumable: NDJSON, or the
+frames of ``opbox.result_frames`` for a map's results when the SDK asks for them."""
 
 from __future__ import annotations
 
@@ -20,16 +21,28 @@ def follow_ndjson(after: int, read: Callable[[int], list], render: Callable[[obj
     ``wait``s, with a heartbeat line every time the wait times out). A gateway that stops ends it with a
     "shutdown" line: the client reconnects from the last position it saw."""
 
-    async def stream() -> Iterable[str]:
+    def lines(rows: list) -> tuple[int, str]:
+        out = []
+        for row in rows:
+            position, line = render(row)
+            out.append(json.dumps(line))
+        return position, "\n".join(out) + "\n"
+
+    return follow(after, read, lines, end, wait, closing, "application/x-ndjson", HEARTBEAT, SHUTTING_DOWN_LINE)
+
+
+def follow(after: int, read: Callable[[int], list], encode: Callable[[list], tuple[int, str | bytes]],
+           end: Callable[[int], str | bytes | None], wait: Callable[[], Awaitable[bool]], closing: Callable[[], bool],
+           media_type: str, heartbeat: str | bytes, shutdown: str | bytes) -> StreamingResponse:
+    """``follow_ndjson`` for any encoding: ``encode(rows)`` is the position of the last row and their text."""
+
+    async def stream() -> Iterable[str | bytes]:
         position = after
         while True:
             rows = read(position)
             if rows:
-                lines = []
-                for row in rows:
-                    position, line = render(row)
-                    lines.append(json.dumps(line))
-                yield "\n".join(lines) + "\n"
+                position, data = encode(rows)
+                yield data
                 continue
             last = end(position)
             if last is not None:
@@ -37,9 +50,9 @@ def follow_ndjson(after: int, read: Callable[[int], list], render: Callable[[obj
                     yield last
                 return
             if closing():
-                yield SHUTTING_DOWN_LINE
+                yield shutdown
                 return
             if not await wait():
-                yield HEARTBEAT
+                yield heartbeat
 
-    return StreamingResponse(stream(), media_type="application/x-ndjson")
+    return StreamingResponse(stream(), media_type=media_type)

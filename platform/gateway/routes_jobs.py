@@ -12,14 +12,14 @@ import time
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from opbox import envelope
+from opbox import envelope, result_frames
 from opbox.errors import BadRequest, BuildError, Forbidden, OpboxError, ValidationError
 
 from ..control.auth import CALLER_ROLES
 from ..records.base import TERMINAL, Payload, RunRecord, StoredPayload, TokenRecord
 from .http import (count_error, error_response, json_body, number, ok, payload_response, query_number, query_values,
                    read_body, read_payload, receive_payload)
-from .follow import follow_ndjson
+from .follow import follow, follow_ndjson
 from .render import batch_json, job_json, run_json, version_json
 
 _FRAME = struct.Struct(">I")
@@ -475,10 +475,11 @@ async def add_items(request: Request):
     frames = split_frames(await read_body(request, plat.settings.max_request_body))
     # large items go to the object store (or are there already: a reference to a signed upload, claimed once,
     # so a resent request's references to items stored already are left as they are)
-    stored = plat.runs.stored_items(ws, batch, start, len(frames)) \
-        if any(frame.startswith(envelope.REF_MAGIC) for frame in frames) else ()
-    frames = [frame if start + i in stored else await plat.payloads.keep(ws, frame, plat.settings.max_payload)
-              for i, frame in enumerate(frames)]
+    refs = any(frame.startswith(envelope.REF_MAGIC) for frame in frames)
+    stored = plat.runs.stored_items(ws, batch, start, len(frames)) if refs else ()
+    if refs or max(map(len, frames), default=0) > plat.payloads.inline:  # else each is kept as it is
+        frames = [frame if start + i in stored else await plat.payloads.keep(ws, frame, plat.settings.max_payload)
+                  for i, frame in enumerate(frames)]
     added, accepted = plat.runs.add_items(ws, batch, start, frames, request.headers.get("traceparent"))
     return ok({"added": added, "accepted": accepted, "received": len(frames)})
 
@@ -520,22 +521,38 @@ async def cancel_batch(request: Request):
 
 async def batch_results(request: Request):
     """
-    summary: Stream a map's results as they complete (NDJSON)
+    summary: Stream a map's results as they complete (NDJSON, or frames with Accept application/x-opbox-frames)
     description: >
       One line per finished item, {"index", "run_id", "status", "seq", "exit_reason", "payload" (base64 envelope)},
       in completion order, from completion number after+1 on; ends when all items are done. A result kept in
       the object store (above OPBOX_PAYLOAD_INLINE) comes as {"stored": true, "size"} instead of "payload":
-      read it from GET /runs/{run_id}/result.
+      read it from GET /runs/{run_id}/result; one past its retention as {"expired": true}. While none comes a
+      {"heartbeat": true} line is sent every 15 s; a gateway that stops ends the stream with {"shutdown": true,
+      "message"}: reconnect with after= the last seq seen.
+
+      With `Accept: application/x-opbox-frames` (the SDK's form) the same stream comes as length-prefixed
+      frames instead: per frame 9 bytes (kind: 0 result, 1 stored, 2 expired, 3 heartbeat, 4 shutdown; the
+      meta's length and the body's, 4 bytes each, big-endian), then the meta (UTF-8, tab-separated:
+      index, seq, status, run_id, a stored result's size or empty, exit_reason or empty; a shutdown's message),
+      then the body (a result's envelope bytes, not base64).
     parameters:
       - {name: after, in: query, schema: {type: integer, minimum: 0}}
+      - {name: accept, in: header, schema: {type: string}, description: 'application/x-opbox-frames for frames'}
     responses:
-      200: {description: NDJSON stream}
+      200: {description: NDJSON stream (application/x-ndjson), or frames (application/x-opbox-frames)}
     """
     ws = workspace(request)
     runs = platform(request).runs
     batch_id = request.path_params["batch"]
     runs.batch(ws, batch_id)
     after = query_number(request, "after", 0, 0, 10**12, int)
+    read = lambda a: runs.batch_results(batch_id, a)  # noqa: E731
+    wait = lambda: runs.notifier.wait(f"batch:{batch_id}", 15.0)  # noqa: E731
+    closing = lambda: runs.notifier.closing  # noqa: E731
+    if result_frames.MEDIA_TYPE in request.headers.get("accept", ""):
+        return follow(after, read, _result_frames, lambda a: b"" if runs.batch_over(batch_id, a) else None, wait,
+                      closing, result_frames.MEDIA_TYPE, result_frames.frame(result_frames.HEARTBEAT),
+                      result_frames.frame(result_frames.SHUTDOWN, "the platform is shutting down: reconnect"))
 
     def render(r) -> tuple[int, dict]:
         line = {"index": r.index, "run_id": r.run_id, "status": r.status, "seq": r.seq, "exit_reason": r.exit_reason}
@@ -547,6 +564,21 @@ async def batch_results(request: Request):
             line["payload"] = base64.b64encode(r.payload).decode()
         return r.seq, line
 
-    return follow_ndjson(after, lambda a: runs.batch_results(batch_id, a), render,
-                         lambda a: "" if runs.batch_over(batch_id, a) else None,
-                         lambda: runs.notifier.wait(f"batch:{batch_id}", 15.0), lambda: runs.notifier.closing)
+    return follow_ndjson(after, read, render, lambda a: "" if runs.batch_over(batch_id, a) else None, wait, closing)
+
+
+def _result_frames(rows: list) -> tuple[int, bytes]:
+    """A map's results as frames (``opbox.result_frames``): the envelopes' bytes as stored."""
+    out = []
+    for r in rows:
+        payload = r.payload
+        if payload is None:  # kept past its retention: the record stays, the result is gone
+            out.append(result_frames.result_frame(result_frames.EXPIRED, r.index, r.seq, r.status, r.run_id,
+                                                  r.exit_reason))
+        elif isinstance(payload, StoredPayload):  # large: read it from the run's result route
+            out.append(result_frames.result_frame(result_frames.STORED, r.index, r.seq, r.status, r.run_id,
+                                                  r.exit_reason, payload.size))
+        else:
+            out.append(result_frames.result_frame(result_frames.RESULT, r.index, r.seq, r.status, r.run_id,
+                                                  r.exit_reason, body=payload))
+    return rows[-1].seq, b"".join(out)

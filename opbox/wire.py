@@ -25,8 +25,9 @@ import threading
 import httptools
 import httpx
 
+from .http_answer import READ_SIZE, Answer, Disconnected
+
 PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
-READ_SIZE = 65536
 
 
 def proxies_in_environment() -> bool:
@@ -60,14 +61,14 @@ class KeepAliveTransport(httpx.BaseTransport):
         is never HEAD (an answer's body is read as its headers say)."""
         sock = self._sent(address, head + body, timeouts)
         self.local.busy = True
-        answer = _Answer()
+        answer = Answer()
         try:
             sock.settimeout(timeouts.get("read"))
             answer.read(sock)
         except socket.timeout as exc:
             self._drop(sock)
             raise httpx.ReadTimeout("timed out waiting for the answer") from exc
-        except _Disconnected as exc:
+        except Disconnected as exc:
             self._drop(sock)
             raise httpx.RemoteProtocolError(str(exc)) from exc
         except (OSError, httptools.HttpParserError) as exc:
@@ -148,64 +149,6 @@ def _closed_by_peer(sock: socket.socket) -> bool:
     """An idle keep-alive connection the server closed (or sent something on) reads as ready: not reusable."""
     readable, _, _ = select.select([sock], [], [], 0)
     return bool(readable)
-
-
-class _Disconnected(Exception):
-    """The connection ended before the answer did."""
-
-
-class _Answer:
-    """One answer read off a socket by httptools (its callbacks fill this): status, headers, body, and
-    whether the connection may carry the next request. Interim (1xx) answers are skipped."""
-
-    __slots__ = ("parser", "status", "headers", "body", "done", "keep_alive", "headers_done")
-
-    def __init__(self):
-        self.parser = httptools.HttpResponseParser(self)
-        self.status, self.headers, self.body = 0, [], []
-        self.done = self.keep_alive = self.headers_done = False
-
-    def read(self, sock: socket.socket) -> None:
-        while not self.done:
-            data = sock.recv(READ_SIZE)
-            if not data:
-                if self.headers_done and self._until_close():  # an answer whose end is the connection's
-                    self.done, self.keep_alive = True, False
-                    return
-                raise _Disconnected("the server closed the connection before its answer was complete"
-                                    if self.headers_done or self.headers else
-                                    "Server disconnected without sending a response.")
-            self.parser.feed_data(data)
-
-    def _until_close(self) -> bool:
-        names = {name.lower() for name, _ in self.headers}
-        return "content-length" not in names and "transfer-encoding" not in names
-
-    # httptools' callbacks
-    def on_message_begin(self) -> None:
-        if self.done:  # bytes after the answer: not ours to read, and the connection is not reused
-            self.keep_alive = False
-            return
-        self.headers, self.body, self.headers_done = [], [], False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.done:
-            self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
-
-    def on_headers_complete(self) -> None:
-        self.headers_done = True
-
-    def on_body(self, body: bytes) -> None:
-        if not self.done:
-            self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        if self.done:
-            return
-        status = self.parser.get_status_code()
-        if 100 <= status < 200:  # interim: the answer follows
-            return
-        self.status, self.done, self.keep_alive = status, True, self.parser.should_keep_alive()
 
 
 class _AnswerStream(httpx.SyncByteStream):

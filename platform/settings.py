@@ -92,6 +92,9 @@ class Settings:
     # runs at once on this machine (warm workers' leases), shared evenly by the workspaces that have work
     max_running: int = setting("OPBOX_MAX_RUNNING", factory=lambda: max(2, os.cpu_count() or 2), parse=int)
     worker_idle: float = setting("OPBOX_WORKER_IDLE", 60.0, parse=float)
+    # while a pool's queue outnumbers its busy workers, a warm worker takes queued runs in groups of as many as its
+    # recent runs take this many seconds together (at most 32); 0: one run at a time
+    group_span: float = setting("OPBOX_GROUP_SPAN", 0.25, parse=float)
     pool_idle: float = setting("OPBOX_POOL_IDLE", 900.0, parse=float)
     max_upload: int = setting("OPBOX_MAX_UPLOAD", 200 * 1024**2, parse=int)
     max_request_body: int = setting("OPBOX_MAX_REQUEST_BODY", 80 * 1024**2, parse=int)

@@ -1,5 +1,5 @@
-"""Groups: a warm worker takes several of a map's queued runs at once when its pool's queue outnumbers
-its workers. Each run of a group keeps its own timeout and cancel; when the worker dies, the runs it had
+"""Groups: a warm worker takes several queued runs (a map's items, calls) at once when its pool's queue
+outnumbers its workers. Each run of a group keeps its own timeout and cancel; when the worker dies, the runs it had
 not started go back to the queue without spending a retry, and none runs twice.
 
 One worker per pool (OPBOX_MAX_WORKERS=1), so any map longer than two items is handed out in groups.
@@ -66,7 +66,8 @@ def bounded(x, folder, slow=()):
 @pytest.fixture(scope="module")
 def plat(tmp_path_factory):
     # payloads above 4 KiB go through the object store: a group's arguments by URL, its results by reference
-    env = {"OPBOX_MAX_WORKERS": "1", "OPBOX_PAYLOAD_INLINE": "4096"}
+    # groups as long as the queue allows, whatever the runs take (OPBOX_GROUP_SPAN): the mechanics, not the policy
+    env = {"OPBOX_MAX_WORKERS": "1", "OPBOX_PAYLOAD_INLINE": "4096", "OPBOX_GROUP_SPAN": "3600"}
     with running_platform(tmp_path_factory.mktemp("home"), extra_env=env) as running:
         yield running
 
@@ -187,28 +188,19 @@ def test_a_worker_that_dies_holding_a_group_hands_back_the_runs_it_had_not_start
     assert any("requeued: its worker ended before starting it" in (r["exit_reason"] or "") for r in after)
 
 
-def test_single_calls_are_never_grouped(fns, client, tmp_path):
-    """Calls queued behind a busy worker are handed out one at a time (only a map's runs come in groups)."""
+def test_calls_queued_behind_a_busy_worker_come_in_a_group_too(fns, client, tmp_path):
+    """Calls, as a map's items, are taken several at once when they wait behind a busy worker (a group's runs
+    start in one transaction: they share their start time)."""
     thread, box = _in_background(lambda: fns["marked"].map([0], kwargs={"folder": str(tmp_path), "slow": (0,),
                                                                         "slow_pause": 1.0}, progress=False))
     wait_for(lambda: _marks(tmp_path, "start").get(0), timeout=30)
-    seen = []
-
-    def watch():
-        while thread.is_alive() or len(seen) < 5:
-            pools = [p for p in client.get("/status").json()["pools"] if p["job_id"] == fns["marked"].job_id]
-            seen.extend(p["held"] for p in pools)
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    calls = [_in_background(lambda i=i: fns["marked"](100 + i, str(tmp_path))) for i in range(4)]
-    for call_thread, _ in calls:
-        call_thread.join(60)
+    calls = [fns["marked"].submit(100 + i, str(tmp_path)) for i in range(4)]
+    assert [call.result(timeout=60) for call in calls] == [100, 101, 102, 103]
     thread.join(60)
-    watcher.join(60)
-    assert sorted(box_["out"] for _, box_ in calls) == [100, 101, 102, 103]
-    assert seen and max(seen) == 1, seen
+    assert box["out"] == [0]
+    starts = [_run(client, call.id)["started_at"] for call in calls]
+    assert starts[0] == starts[1] == starts[2], "three of them started together (the fourth stays queued behind)"
+    assert _marks(tmp_path, "start") == {0: 1, 100: 1, 101: 1, 102: 1, 103: 1}
 
 
 def test_a_map_whose_items_call_other_jobs_gets_no_groups(fns, client):

@@ -33,8 +33,11 @@ from .base import EXIT, IDLE, SKIPPED, Completion, GroupLease, Lease, PoolSize, 
 from .fairshare import FairShare
 
 log = logging.getLogger("opbox.pools")
-MAX_GROUP = 32  # runs a worker takes at once, at most (a map's; only when its queue outnumbers the workers)
+MAX_GROUP = 32  # runs a worker takes at once, at most (only when its pool's queue outnumbers the workers)
 GROUP_AFTER = 2  # runs per worker a pool runs one at a time first (whether they call other jobs shows then)
+GROUP_SPAN = 0.25  # seconds of its pool's recent runs a group may hold (OPBOX_GROUP_SPAN): runs never wait longer
+# in one worker's hands than about that while another worker could have taken them
+RUN_TIME_WEIGHT = 0.1  # of a faster run in a pool's estimate of its runs' time (a slower one counts in full)
 HANDED_BACK = "requeued: its worker ended before starting it"
 STOP_GROUP = "*stop"  # in a worker's answer from cancelled_in_group: start no other run of the group
 
@@ -54,6 +57,7 @@ class Worker:
     lease_timeout: float | None = None  # the timeout of the run it holds
     lease_traceparent: str | None = None  # and its traceparent
     group: deque = field(default_factory=deque)  # a group's tickets not handed in yet; the first is in hand
+    held_at: float = 0.0  # when the run in hand came into it (monotonic)
     cancelled: set = field(default_factory=set)  # runs of its group cancelled meanwhile (it asks which)
 
 
@@ -70,6 +74,16 @@ class Pool:
     started: int = 0  # workers started, ever (the platform's metrics: cold starts)
     calls_out: bool = False  # its runs call other jobs with the worker's token: never in groups (see held_run)
     singles: int = 0  # runs its workers ran one at a time: groups only once each has run some that way
+    run_seconds: float | None = None  # its runs' time in a worker's hands: what groups are sized by
+
+    def ran(self, seconds: float, runs: int = 1) -> None:
+        """``runs`` runs took ``seconds`` each in a worker's hands. The estimate rises at once (slower runs
+        make smaller groups from the next lease on) and falls as a moving average (a few fast ones do not)."""
+        last = self.run_seconds
+        if last is None or seconds >= last:
+            self.run_seconds = seconds
+        else:
+            self.run_seconds = seconds + (last - seconds) * (1 - RUN_TIME_WEIGHT) ** runs
 
     @property
     def id(self) -> str:
@@ -128,10 +142,13 @@ def describe_exit(returncode: int | None) -> str:
 
 class PoolManager:
     def __init__(self, spawner: Spawner, *, max_workers: int, worker_idle: float, pool_idle: float,
-                 max_running: int | None = None, items_per_worker: int = 1, keep_warm: int = 1) -> None:
+                 max_running: int | None = None, items_per_worker: int = 1, keep_warm: int = 1,
+                 group_span: float = GROUP_SPAN) -> None:
         self.fair = FairShare(max_running or max_workers)
         self.spawner = spawner
-        self.groups = getattr(spawner, "interrupts", True)  # whether its workers may hold a group of runs
+        # whether its workers may hold a group of runs, and how many seconds of runs (0: never)
+        self.groups = getattr(spawner, "interrupts", True) and group_span > 0
+        self.group_span = group_span
         self.max_workers = max_workers
         # queued runs per worker started: 1 starts a worker per waiting run (processes are cheap);
         # a cluster's pods cost seconds each, so there a worker is started per this many
@@ -362,17 +379,18 @@ class PoolManager:
         return Lease.of(ticket, args)
 
     def _group_extra(self, pool: Pool, ticket: RunTicket) -> list[RunTicket]:
-        """More queued runs of a map for the worker taking ``ticket``: only while every worker the pool may have
-        is there and none waits for work (latency first), and its queue outnumbers them; as many as their
-        share of the queue (at most MAX_GROUP), each counted by FairShare (taken only while no other workspace
-        has work). A single call never comes in a group."""
-        if ticket.batch_id is None or not self.groups or pool.calls_out or pool.parked or len(pool.workers) < self.max_workers \
-                or pool.starting or pool.singles < GROUP_AFTER * len(pool.workers):
+        """More queued runs (a map's items, calls) for the worker taking ``ticket``: only while every worker the
+        pool may have is there and none waits for work (latency first), and its queue outnumbers them; as many
+        as their share of the queue, at most MAX_GROUP and as many as its recent runs take ``group_span`` seconds
+        (runs longer than half of it never come in groups), each counted by FairShare (taken only while no other
+        workspace has work)."""
+        if not self.groups or pool.calls_out or pool.parked or len(pool.workers) < self.max_workers \
+                or pool.starting or pool.singles < GROUP_AFTER * len(pool.workers) or not pool.run_seconds:
             return []
-        count = min(MAX_GROUP - 1, (len(pool.queue) - 1) // len(pool.workers))
+        count = min(MAX_GROUP - 1, (len(pool.queue) - 1) // len(pool.workers), int(self.group_span / pool.run_seconds) - 1)
         extra: list[RunTicket] = []
         queue = pool.queue
-        while len(extra) < count and queue and queue[0].batch_id is not None and self.fair.admit_extra(queue[0]):
+        while len(extra) < count and queue and self.fair.admit_extra(queue[0]):
             extra.append(queue.popleft())
         return extra
 
@@ -405,7 +423,7 @@ class PoolManager:
 
     def _hold(self, worker: Worker, ticket: RunTicket) -> None:
         """``ticket``'s run is the one in the worker's hands now: its timeout runs from here."""
-        worker.run_id = ticket.run_id
+        worker.run_id, worker.held_at = ticket.run_id, time.monotonic()
         if ticket.timeout:
             worker.timer = asyncio.get_running_loop().call_later(
                 ticket.timeout, self.kill, worker, "timed_out", f"timed out after {ticket.timeout:g} s"
@@ -434,7 +452,8 @@ class PoolManager:
             worker.timer.cancel()
             worker.timer = None
         worker.run_id = None
-        worker.pool.last_active = time.monotonic()
+        now = worker.pool.last_active = time.monotonic()
+        worker.pool.ran((now - worker.held_at) / left, left)  # the runs of this read, one after the other
         if group:
             worker.kill_reason = None
             self._hold(worker, group[0])
@@ -489,8 +508,9 @@ class PoolManager:
             worker.timer = None
         self._by_run.pop(done.run_id, None)
         worker.run_id = None
-        worker.pool.last_active = time.monotonic()
+        now = worker.pool.last_active = time.monotonic()
         worker.pool.singles += 1
+        worker.pool.ran(now - worker.held_at)
         self.events.run_finished(done.run_id, done.outcome, done.payload, done.error_type)
         self._release(worker.pool.version.workspace)
 

@@ -26,10 +26,10 @@ class ContainerBackend(PoolMethods, ServiceMethods):
 
     def __init__(self, *, gateway_url: str, home: Path, token_for, max_workers: int,
                  worker_idle: float = Settings.worker_idle, pool_idle: float = Settings.pool_idle,
-                 podman: str = "podman", max_running: int | None = None):
+                 podman: str = "podman", max_running: int | None = None, group_span: float = Settings.group_span):
         self.pools = PoolManager(
             PodmanSpawner(gateway_url, home / "logs" / "containers", podman), max_workers=max_workers,
-            worker_idle=worker_idle, pool_idle=pool_idle, max_running=max_running,
+            worker_idle=worker_idle, pool_idle=pool_idle, max_running=max_running, group_span=group_span,
         )
         self.services = ContainerServices(home, self.pools.spawner, token_for)
 
@@ -66,4 +66,4 @@ def create(settings: Settings, token_for, gateway_url: str) -> ContainerBackend:
     """The registry's factory (``OPBOX_BACKEND=container``)."""
     return ContainerBackend(gateway_url=gateway_url, home=settings.home, max_workers=settings.max_workers,
                             worker_idle=settings.worker_idle, pool_idle=settings.pool_idle,
-                            max_running=settings.max_running, token_for=token_for)
+                            max_running=settings.max_running, token_for=token_for, group_span=settings.group_span)

@@ -75,14 +75,15 @@ class LocalBackend(PoolMethods, ServiceMethods):
 
     def __init__(self, *, gateway_url: str, home: Path, token_for, max_workers: int, isolation: str = "worker",
                  worker_idle: float = Settings.worker_idle, pool_idle: float = Settings.pool_idle,
-                 watchdog_interval: float = 0.2, sandbox: str = Settings.sandbox, max_running: int | None = None):
+                 watchdog_interval: float = 0.2, sandbox: str = Settings.sandbox, max_running: int | None = None,
+                 group_span: float = Settings.group_span):
         if isolation not in ("worker", "run"):
             raise ValueError(f"isolation must be 'worker' or 'run', got {isolation!r}")
         self.isolation = isolation
         self.sandbox = open_sandbox(home, sandbox)
         self.pools = PoolManager(
             ProcessSpawner(gateway_url, home / "logs" / "workers", self.sandbox), max_workers=max_workers,
-            worker_idle=worker_idle, pool_idle=pool_idle, max_running=max_running,
+            worker_idle=worker_idle, pool_idle=pool_idle, max_running=max_running, group_span=group_span,
         )
         self.oneshot = OneShotRunner(gateway_url=gateway_url, log_dir=home / "logs" / "runs", token_for=token_for,
                                      max_procs=max_workers, sandbox=self.sandbox)
@@ -154,4 +155,5 @@ def create(settings: Settings, token_for, gateway_url: str) -> LocalBackend:
     """The registry's factory (``OPBOX_BACKEND=local``)."""
     return LocalBackend(gateway_url=gateway_url, home=settings.home, max_workers=settings.max_workers,
                         worker_idle=settings.worker_idle, pool_idle=settings.pool_idle, isolation=settings.isolation,
-                        sandbox=settings.sandbox, max_running=settings.max_running, token_for=token_for)
+                        sandbox=settings.sandbox, max_running=settings.max_running, token_for=token_for,
+                        group_span=settings.group_span)

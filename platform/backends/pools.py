@@ -35,8 +35,8 @@ from .fairshare import FairShare
 log = logging.getLogger("opbox.pools")
 MAX_GROUP = 32  # runs a worker takes at once, at most (only when its pool's queue outnumbers the workers)
 GROUP_AFTER = 2  # runs per worker a pool runs one at a time first (whether they call other jobs shows then)
-GROUP_SPAN = 0.25  # seconds of its pool's recent runs a group may hold (OPBOX_GROUP_SPAN): runs never wait longer
-# in one worker's hands than about that while another worker could have taken them
+GROUP_SPAN = 0.25  # seconds of its pool's recent runs a group may hold (OPBOX_GROUP_SPAN): while runs take about as
+# long as their recent ones, none waits longer than that in one worker's hands while another could have taken it
 RUN_TIME_WEIGHT = 0.1  # of a faster run in a pool's estimate of its runs' time (a slower one counts in full)
 HANDED_BACK = "requeued: its worker ended before starting it"
 STOP_GROUP = "*stop"  # in a worker's answer from cancelled_in_group: start no other run of the group
